@@ -1,0 +1,5 @@
+"""relay: a streaming file-download relay."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
