@@ -1,0 +1,78 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypedDict
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from relay.config import Config
+from relay.errors import ClientError
+from relay.headers import upstream_request_headers
+from relay.health import Readiness, healthz, readyz
+from relay.routing import RouteTable
+from relay.streaming import RelayResponse, error_response
+from relay.transports import make_transport
+from relay.upstream import Upstream
+
+
+class State(TypedDict):
+    upstream: Upstream
+    routes: RouteTable
+
+
+async def relay_endpoint(request: Request) -> Response:
+    scope = request.scope
+    routes: RouteTable = request.state.routes
+    raw_path = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
+    try:
+        target = routes.resolve(raw_path, scope.get("query_string", b""))
+    except ClientError as exc:
+        return error_response(exc)
+    client = scope.get("client")
+    headers = upstream_request_headers(
+        scope["headers"],
+        client_addr=client[0] if client else None,
+        scheme=scope.get("scheme", "http"),
+    )
+    upstream: Upstream = request.state.upstream
+    return RelayResponse(upstream, upstream.build_request(request.method, target.url, headers))
+
+
+def create_app(
+    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
+) -> Starlette:
+    """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches)."""
+    readiness = Readiness()
+    routes = RouteTable(config.routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        async with httpx.AsyncClient(
+            transport=transport if transport is not None else make_transport(config),
+            follow_redirects=False,
+            trust_env=False,
+        ) as client:
+            readiness.started = True
+            try:
+                yield {"upstream": Upstream(client, config), "routes": routes}
+            finally:
+                readiness.draining = True
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/{path:path}", relay_endpoint, methods=["GET", "HEAD"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.readiness = readiness
+    app.state.config = config
+    return app

@@ -1,0 +1,68 @@
+"""relay's exception tree.
+
+    RelayError                 an error answered with a short plain-text body
+    ├── ClientError            4xx: the client's mistake; the upstream is never contacted
+    │   ├── BadPath            400: traversal, bad encoding, bad request target
+    │   └── NoRoute            404: no configured route serves this path
+    └── UpstreamError          5xx: upstream trouble before the response started
+        ├── UpstreamUnavailable  502: refused, reset, DNS failure, bad framing
+        ├── PoolExhausted        503 + Retry-After: no free upstream connection in time
+        └── UpstreamTimeout      504: no response headers in time
+
+    TransferAborted            the upstream failed after the client response started; the
+                               client connection is aborted so the transfer is visibly
+                               incomplete (curl exits 18), never a clean short body.
+
+    ConfigError                a setting is invalid; names the key and where it came from.
+
+httpx errors are translated into UpstreamError in exactly one place:
+`relay.upstream.map_upstream_errors`.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    status_code: int = 500
+    headers: dict[str, str] = {}  # noqa: RUF012 - class-level default, never mutated
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ClientError(RelayError):
+    status_code = 400
+
+
+class BadPath(ClientError):
+    status_code = 400
+
+
+class NoRoute(ClientError):
+    status_code = 404
+
+
+class UpstreamError(RelayError):
+    status_code = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    status_code = 502
+
+
+class PoolExhausted(UpstreamError):
+    status_code = 503
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+
+
+class TransferAborted(Exception):
+    """Raised after the response started, to make the ASGI server drop the connection."""
+
+
+class ConfigError(ValueError):
+    pass

@@ -1,0 +1,123 @@
+"""Which headers cross relay, in each direction.
+
+Requests: an allow-list. Only headers that shape what the upstream sends (range, validators,
+encoding negotiation, user agent) go upstream; cookies and credentials never do by accident.
+Responses: everything but hop-by-hop headers, the headers named in `Connection`, and the few
+that relay or its server set themselves. Bodies pass unchanged, so Content-Length,
+Content-Encoding and ETag pass unchanged too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from relay import __version__
+from relay.types import RawHeaders
+
+VIA = b"1.1 relay"
+USER_AGENT = f"relay/{__version__}"
+
+# RFC 9110 7.6.1, plus the legacy ones that still appear in the wild.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        b"accept",
+        b"accept-encoding",
+        b"cache-control",
+        b"if-match",
+        b"if-modified-since",
+        b"if-none-match",
+        b"if-range",
+        b"if-unmodified-since",
+        b"range",
+        b"user-agent",
+    }
+)
+
+# Set by relay's server (date) or not revealed (server); upstream cookies are never set on
+# relay's own origin.
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {b"date", b"server", b"set-cookie"}
+
+# Statuses that never carry a body (RFC 9110 6.4.1); a Content-Length on them describes the
+# selected representation, which an ASGI server would take as a promise of body bytes.
+BODYLESS_STATUSES = frozenset({204, 304})
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in Connection, which are hop-by-hop for this message only."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def upstream_request_headers(
+    client_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    client_addr: str | None,
+    scheme: str,
+) -> list[tuple[str, str]]:
+    headers = list(client_headers)
+    named = connection_tokens(headers)
+    out: list[tuple[str, str]] = []
+    host = via = None
+    has_encoding = has_agent = False
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name == b"host":
+            host = raw_value
+        elif name == b"via":
+            via = raw_value
+        if name not in FORWARDED_REQUEST_HEADERS or name in named:
+            continue
+        if name == b"accept-encoding":
+            has_encoding = True
+        elif name == b"user-agent":
+            has_agent = True
+        out.append((name.decode("latin-1"), raw_value.decode("latin-1")))
+    if not has_encoding:
+        # httpx would otherwise ask for gzip and relay would hand the client a body it
+        # did not ask for; relay passes the representation through, it does not pick one.
+        out.append(("accept-encoding", "identity"))
+    if not has_agent:
+        out.append(("user-agent", USER_AGENT))
+    if client_addr:
+        out.append(("x-forwarded-for", client_addr))
+    out.append(("x-forwarded-proto", scheme))
+    if host is not None:
+        out.append(("x-forwarded-host", host.decode("latin-1")))
+    out.append(("via", (via + b", " + VIA if via else VIA).decode("latin-1")))
+    return out
+
+
+def downstream_response_headers(upstream_headers: RawHeaders, status_code: int) -> RawHeaders:
+    named = connection_tokens(upstream_headers)
+    dropped = DROPPED_RESPONSE_HEADERS | named
+    if status_code in BODYLESS_STATUSES:
+        dropped = dropped | {b"content-length"}
+    out: RawHeaders = []
+    via = None
+    for raw_name, value in upstream_headers:
+        name = raw_name.lower()
+        if name in dropped:
+            continue
+        if name == b"via":
+            via = value
+            continue
+        out.append((name, value))
+    out.append((b"via", via + b", " + VIA if via else VIA))
+    return out

@@ -1,0 +1,74 @@
+"""Mapping a raw request path onto an upstream URL, refusing anything that could escape it.
+
+The mapping works on the raw path bytes, never on a decoded path and never with `urljoin`
+(which switches host on `//evil`). Every segment is percent-decoded once, only to be checked:
+the bytes sent upstream are the client's own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relay.config import Route
+from relay.errors import BadPath, NoRoute
+
+# RFC 3986 pchar plus "/"; "%" only as the start of a valid escape (checked separately).
+_PATH_BYTES = re.compile(rb"^[A-Za-z0-9._~!$&'()*+,;=:@/%-]*$")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# Printable ASCII without space and '#'.
+_QUERY_BYTES = re.compile(rb"^[!-\"$-~]*$")
+# After decoding a segment, none of these may appear: a separator, a second round of
+# escaping, NUL or other control characters.
+_FORBIDDEN_DECODED = re.compile(rb"[/\\%\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    route: Route
+    url: str
+
+
+class RouteTable:
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        # Longest prefix first, so /a/b/ wins over /a/.
+        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._prefixes = [(r.prefix.encode("ascii"), r) for r in self._routes]
+
+    def resolve(self, raw_path: bytes, query_string: bytes = b"") -> Target:
+        if not raw_path.startswith(b"/") or raw_path.startswith(b"//"):
+            raise BadPath("request target must be a path starting with a single '/'")
+        route = next((r for p, r in self._prefixes if raw_path.startswith(p)), None)
+        if route is None:
+            raise NoRoute("no route for this path")
+        rest = raw_path[len(route.prefix) :]
+        check_relative_path(rest)
+        url = route.upstream + rest.decode("ascii")
+        if query_string:
+            if not _QUERY_BYTES.match(query_string):
+                raise BadPath("query string has characters that must be percent-encoded")
+            url += "?" + query_string.decode("ascii")
+        return Target(route=route, url=url)
+
+
+def check_relative_path(rest: bytes) -> None:
+    """Refuse a path remainder that could leave the route's base once an upstream decodes it."""
+    if not _PATH_BYTES.match(rest):
+        raise BadPath("path has characters that must be percent-encoded (e.g. '\\', space, NUL)")
+    if b"%" in rest and _BAD_ESCAPE.search(rest):
+        raise BadPath("path has a malformed percent-escape")
+    segments = rest.split(b"/")
+    for i, segment in enumerate(segments):
+        if not segment:
+            if i == len(segments) - 1:
+                continue  # a trailing slash
+            raise BadPath("path has an empty segment ('//')")
+        decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), segment)
+        if _FORBIDDEN_DECODED.search(decoded):
+            raise BadPath(
+                "path segment decodes to a separator, control character or another escape"
+            )
+        # "..;x" is ".." to servlet containers; judge the segment without its parameters.
+        if decoded.split(b";", 1)[0] in (b".", b".."):
+            raise BadPath("path has a '.' or '..' segment")

@@ -1,0 +1,143 @@
+"""Running relay under uvicorn: the pinned HTTP parser, graceful drain, quiet aborts."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Generator
+from contextlib import contextmanager
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from relay.app import create_app
+from relay.config import Config
+from relay.errors import TransferAborted
+from relay.health import Readiness
+
+logger = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RelayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, accepting origin-form request targets only.
+
+    httptools (llhttp) is pinned on purpose: it refuses Content-Length together with
+    Transfer-Encoding, where h11 accepted it when tried. Absolute-form targets
+    (`GET http://elsewhere/ HTTP/1.1`) are how clients talk to forward proxies; relay is not
+    one, so they are refused with 400 before any routing.
+    """
+
+    def on_headers_complete(self) -> None:
+        if not self.url.startswith(b"/"):
+            raise ValueError("request target is not origin-form")
+        super().on_headers_complete()
+
+
+class _QuietAborts(logging.Filter):
+    """Drop uvicorn's traceback for transfers relay aborted on purpose (already logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, TransferAborted)
+
+
+class RelayServer(uvicorn.Server):
+    """uvicorn's server with a not-ready window before the drain, and a clean exit code.
+
+    On SIGTERM or SIGINT: /readyz answers 503 at once; requests are still accepted for
+    `shutdown_delay` seconds (so load balancers see not-ready before the listener closes); then
+    the listener closes and in-flight downloads get up to `drain_timeout` seconds, after which
+    they are cancelled, which aborts their connections (never a clean short body).
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, *, readiness: Readiness, shutdown_delay: float
+    ) -> None:
+        super().__init__(config)
+        self._readiness = readiness
+        self._shutdown_delay = shutdown_delay
+        self._exit_requested_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._exit_requested_at is None:
+            self._exit_requested_at = time.monotonic()
+            self._readiness.draining = True
+            logger.info(
+                "shutdown requested: not ready; accepting for %.1fs, then draining for up to %.1fs",
+                self._shutdown_delay,
+                self.config.timeout_graceful_shutdown or 0,
+            )
+            if self._shutdown_delay <= 0:
+                self.should_exit = True
+        elif sig == signal.SIGINT:
+            # A second Ctrl-C skips the drain.
+            self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        requested = self._exit_requested_at
+        if requested is not None and time.monotonic() - requested >= self._shutdown_delay:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the captured signal after shutting down, which would make a clean
+        # drain exit with 143; relay exits 0 after a graceful shutdown.
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def uvicorn_config(config: Config, app: Starlette) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        http=RelayHttpToolsProtocol,
+        loop=config.loop,
+        lifespan="on",
+        ws="none",
+        interface="asgi3",
+        # relay decides which X-Forwarded-* to trust; uvicorn must not rewrite the peer.
+        proxy_headers=False,
+        server_header=False,
+        date_header=True,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=int(max(1, config.keepalive_timeout)),
+        timeout_graceful_shutdown=int(config.drain_timeout + 0.999),
+        backlog=2048,
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
+    # httpx logs every request at INFO: per-request work on the hot path, and noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def build_server(config: Config) -> RelayServer:
+    app = create_app(config)
+    return RelayServer(
+        uvicorn_config(config, app),
+        readiness=app.state.readiness,
+        shutdown_delay=config.shutdown_delay,
+    )
+
+
+def serve(config: Config) -> None:
+    configure_logging(config.log_level)
+    logger.info("relay starting with %s", config.describe())
+    build_server(config).run()

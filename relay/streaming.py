@@ -1,0 +1,135 @@
+"""The response that owns an upstream stream from the moment it is opened until it is closed.
+
+Cleanup is owned here, in a `finally`, not left to a `BackgroundTask`: Starlette skips those
+when streaming raises, and ASGI 2.4 servers raise on every disconnect. The upstream response is
+closed on normal end, client disconnect (while waiting for the upstream or mid-body), upstream
+error, timeout and cancellation.
+
+A disconnect is noticed two ways, so both ASGI code paths are covered: a watcher awaits
+`http.disconnect` on `receive` (ASGI 2.3 servers such as uvicorn silently drop sends after a
+disconnect, so without it relay would read the rest of the upstream body for nobody), and an
+`OSError` raised by `send` is taken as the client being gone (ASGI 2.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+from starlette.responses import Response
+
+from relay.errors import RelayError, TransferAborted, UpstreamError
+from relay.headers import BODYLESS_STATUSES, downstream_response_headers
+from relay.types import Receive, Scope, Send
+from relay.upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(exc: RelayError) -> Response:
+    """A short plain-text answer naming the cause; never a stack trace."""
+    body = f"{exc.status_code} {exc.reason}\n"
+    return Response(body, exc.status_code, headers=exc.headers, media_type="text/plain")
+
+
+class RelayResponse(Response):
+    def __init__(self, upstream: Upstream, request: httpx.Request) -> None:
+        # Response.__init__ would render a body; this response streams one instead.
+        self._upstream = upstream
+        self._request = request
+        self._response: httpx.Response | None = None
+        self._active = True
+        self._client_gone = False
+        self.status_code = 0
+        self.bytes_sent = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive, task))
+        try:
+            await self._relay(send)
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            task.uncancel()
+        except OSError:
+            # ASGI 2.4: send raises once the client is gone.
+            self._client_gone = True
+        finally:
+            self._active = False
+            watcher.cancel()
+            await self._close()
+        if self._client_gone:
+            logger.debug("client went away: %s", self._request.url.path)
+
+    async def _watch_disconnect(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if self._active:
+            self._client_gone = True
+            task.cancel()
+
+    async def _close(self) -> None:
+        response = self._response
+        if response is not None and not response.is_closed:
+            # Shielded: closing must finish even while this task is being cancelled.
+            await asyncio.shield(response.aclose())
+
+    async def _relay(self, send: Send) -> None:
+        try:
+            response = self._response = await self._upstream.open(self._request)
+        except UpstreamError as exc:
+            reply = error_response(exc)
+            self.status_code = reply.status_code
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": reply.status_code,
+                    "headers": reply.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+            return
+        status = self.status_code = response.status_code
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": downstream_response_headers(response.headers.raw, status),
+            }
+        )
+        if self._request.method == "HEAD" or status in BODYLESS_STATUSES:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await self._stream_body(response, send)
+
+    async def _stream_body(self, response: httpx.Response, send: Send) -> None:
+        declared = response.headers.get("content-length")
+        sent = 0
+        try:
+            async for chunk in response.aiter_raw():
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            self.bytes_sent = sent
+            logger.warning(
+                "upstream body failed after %d bytes, aborting the client transfer: %s (%s)",
+                sent,
+                exc,
+                self._request.url.path,
+            )
+            raise TransferAborted(str(exc)) from exc
+        self.bytes_sent = sent
+        if declared is not None and declared.isdigit() and int(declared) != sent:
+            # Defence in depth: the transport should have raised already.
+            logger.warning(
+                "upstream body ended at %d of %s bytes, aborting the client transfer",
+                sent,
+                declared,
+            )
+            raise TransferAborted(f"short body: {sent} of {declared} bytes")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
