@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Generator
 from contextlib import contextmanager
 from types import FrameType
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -88,6 +90,9 @@ class RelayServer(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         # uvicorn re-raises the captured signal after shutting down, which would make a clean
         # drain exit with 143; relay exits 0 after a graceful shutdown.
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals can only be handled on the main thread (embedded, tests)
+            return
         originals = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
         try:
             yield
@@ -128,8 +133,10 @@ def configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def build_server(config: Config) -> RelayServer:
-    app = create_app(config)
+def build_server(
+    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
+) -> RelayServer:
+    app = create_app(config, transport=transport)
     return RelayServer(
         uvicorn_config(config, app),
         readiness=app.state.readiness,

@@ -59,7 +59,7 @@ def _map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    __slots__ = ("_closed", "_release", "_request", "_response")
+    __slots__ = ("_closed", "_closed_future", "_release", "_request", "_response")
 
     def __init__(
         self,
@@ -71,6 +71,37 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._request = request
         self._release = release
         self._closed = False
+        self._closed_future = self._watch_connection()
+
+    def _watch_connection(self) -> asyncio.Future[None] | None:
+        """Fail the body if its connection closes before the body is complete.
+
+        aiohttp fails the body when the connection drops mid-body, but not when its parser
+        rejects the framing after the headers (a bad chunk size): the body would then wait
+        for more bytes until the read timeout. Watching the connection closes that gap.
+        """
+        connection = self._response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None:
+            return None  # no body on the wire (HEAD, 304) or already released
+        closed = protocol.closed
+        if closed is None:  # already lost
+            self._fail_incomplete_body()
+            return None
+        closed.add_done_callback(self._on_connection_closed)
+        return closed
+
+    def _on_connection_closed(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: the body carries the error
+        self._fail_incomplete_body()
+
+    def _fail_incomplete_body(self) -> None:
+        content = self._response.content
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(
+                aiohttp.ClientPayloadError("connection closed before the body was complete")
+            )
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         readchunk = self._response.content.readchunk
@@ -86,6 +117,8 @@ class _ResponseStream(httpx.AsyncByteStream):
         if self._closed:
             return
         self._closed = True
+        if self._closed_future is not None:
+            self._closed_future.remove_done_callback(self._on_connection_closed)
         # A response read to its end has already handed its connection back for reuse; any
         # other is closed here, so a half-read connection is never pooled.
         self._response.close()

@@ -1,0 +1,168 @@
+"""Running a real relay under uvicorn on loopback, and the clients tests drive it with."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from relay.config import Config, Route
+from relay.server import RelayServer, build_server
+from relay.transports import PooledTransport, PoolStats, make_transport
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> bool:
+    """Poll until predicate() is true; bounded, returns whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+class RelayThread:
+    """A relay served by uvicorn in a background thread with its own event loop."""
+
+    def __init__(self, config: Config, *, transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self.transport = transport if transport is not None else make_transport(config)
+        self.server: RelayServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RelayThread:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = build_server(self.config, transport=self.transport)
+        server = self.server
+
+        def run() -> None:
+            if self.config.loop == "asyncio":
+                loop = asyncio.new_event_loop()
+            else:
+                import uvloop
+
+                loop = uvloop.new_event_loop()
+            self.loop = loop
+            try:
+                loop.run_until_complete(server.serve(sockets=[sock]))
+            finally:
+                sock.close()
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="relay", daemon=True)
+        self._thread.start()
+        if not wait_until(lambda: server.started, timeout=15):
+            raise RuntimeError("relay did not start")
+        return self
+
+    def stop(self) -> None:
+        if self.server is None or self._thread is None:
+            return
+        self.server.should_exit = True
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise RuntimeError("relay thread did not stop")
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the relay's loop thread (to read state the loop mutates)."""
+        assert self.loop is not None
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    def pool_stats(self) -> PoolStats:
+        transport = self.transport
+        assert isinstance(transport, PooledTransport)
+        stats: PoolStats = self.call(transport.pool_stats)
+        return stats
+
+    def connections_in_use(self) -> int:
+        """Checked-out upstream connections, counted by relay and by the transport library."""
+        stats = self.pool_stats()
+        counted = getattr(self.transport, "connector_in_use", None)
+        library = self.call(counted) if counted is not None else 0
+        return max(stats.in_use, int(library))
+
+    def settled(self, *, timeout: float = 10.0) -> bool:
+        """True once no upstream connection is checked out."""
+        return wait_until(lambda: self.connections_in_use() == 0, timeout=timeout)
+
+
+def relay_config(origin_url: str, **overrides: Any) -> Config:
+    routes = overrides.pop(
+        "routes", (Route(prefix="/o/", upstream=origin_url + "/", allow_private=True),)
+    )
+    base = Config(routes=routes, log_level="warning")
+    return dataclasses.replace(base, **overrides)
+
+
+@contextlib.contextmanager
+def running_relay(config: Config, **kwargs: Any) -> Iterator[RelayThread]:
+    relay = RelayThread(config, **kwargs).start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+
+
+def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, return everything received until the server closes (or timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    line = response.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def sha256_stream(response: httpx.Response) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in response.iter_raw():
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+CURL = shutil.which("curl")
+
+
+def curl(url: str, *args: str, timeout: float = 120) -> tuple[int, str, int]:
+    """Run curl; return (exit code, sha256 of the body, body size)."""
+    assert CURL is not None
+    proc = subprocess.run(
+        [CURL, "-sS", "-o", "-", *args, url], capture_output=True, timeout=timeout, check=False
+    )
+    return proc.returncode, hashlib.sha256(proc.stdout).hexdigest(), len(proc.stdout)
