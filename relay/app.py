@@ -45,9 +45,7 @@ async def relay_endpoint(request: Request) -> Response:
     return RelayResponse(upstream, upstream.build_request(request.method, target.url, headers))
 
 
-def create_app(
-    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
-) -> Starlette:
+def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)

@@ -40,9 +40,7 @@ class Route:
 
     def __post_init__(self) -> None:
         prefix = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
-        if not _PREFIX_RE.match(prefix) or any(
-            seg in (".", "..") for seg in prefix.split("/")
-        ):
+        if not _PREFIX_RE.match(prefix) or any(seg in (".", "..") for seg in prefix.split("/")):
             raise ConfigError(
                 f"route prefix {self.prefix!r}: must start with '/' and contain only "
                 "unreserved URL characters, without '.' or '..' segments"
@@ -95,9 +93,7 @@ class Config:
     routes: tuple[Route, ...] = ()
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on", min=0, max=65535)
-    max_connections: int = _setting(
-        100, "upstream connections open at once (the pool size)", min=1
-    )
+    max_connections: int = _setting(100, "upstream connections open at once (the pool size)", min=1)
     max_keepalive: int = _setting(100, "idle upstream connections kept for reuse", min=0)
     keepalive_expiry: float = _setting(30.0, "seconds an idle upstream connection is kept", min=0)
     connect_timeout: float = _setting(10.0, "seconds to connect to an upstream", positive=True)
@@ -116,9 +112,7 @@ class Config:
     shutdown_delay: float = _setting(
         0.0, "seconds to keep accepting requests after SIGTERM (not ready meanwhile)", min=0
     )
-    transport: str = _setting(
-        "aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore")
-    )
+    transport: str = _setting("aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore"))
     loop: str = _setting("auto", "event loop", choices=("auto", "uvloop", "asyncio"))
     log_level: str = _setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -41,11 +42,25 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
 
 
 class _QuietAborts(logging.Filter):
-    """Drop uvicorn's traceback for transfers relay aborted on purpose (already logged)."""
+    """uvicorn logs a traceback for every request task that raised; two are expected.
+
+    TransferAborted: relay aborted the client on purpose and has logged why. CancelledError:
+    the drain timeout ran out and uvicorn cancelled the download, which aborts it; one line
+    says so.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, TransferAborted)
+        if isinstance(exc, TransferAborted):
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            record.msg, record.args, record.exc_info = (
+                "in-flight download aborted: drain timeout exceeded",
+                (),
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class RelayServer(uvicorn.Server):

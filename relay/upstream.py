@@ -47,9 +47,7 @@ class Upstream:
             pool=config.pool_timeout,
         ).as_dict()
 
-    def build_request(
-        self, method: str, url: str, headers: list[tuple[str, str]]
-    ) -> httpx.Request:
+    def build_request(self, method: str, url: str, headers: list[tuple[str, str]]) -> httpx.Request:
         # Built directly, not with client.build_request, so that httpx's default headers
         # (Accept-Encoding: gzip, its User-Agent) are never merged in.
         return httpx.Request(method, url, headers=headers, extensions={"timeout": self._timeout})

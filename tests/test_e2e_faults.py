@@ -109,7 +109,7 @@ def test_pool_exhausted_gives_503_with_retry_after(
     ],
 )
 def test_upstream_dying_mid_body_aborts_the_client(relay: RelayThread, fault: str) -> None:
-    """Every byte received is forwarded, then the client transfer is aborted, never ended cleanly."""
+    """Every byte received is forwarded, then the client transfer is aborted, never cleanly."""
     received = bytearray()
     with (
         pytest.raises(httpx.RemoteProtocolError),
@@ -196,7 +196,9 @@ def test_aborted_downloads_leave_no_connection_checked_out(
     for t in threads:
         t.join(30)
     assert relay.settled(), f"pool still has connections in use: {relay.pool_stats()}"
-    assert wait_until(lambda: origin.open_connections <= baseline_upstream + relay.pool_stats().idle)
+    assert wait_until(
+        lambda: origin.open_connections <= baseline_upstream + relay.pool_stats().idle
+    )
     response = httpx.get(f"{relay.url}/o/gen/1000")
     assert response.status_code == 200
     assert len(response.content) == 1000

@@ -45,9 +45,7 @@ def _map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
             "server disconnected without sending a complete response", request=request
         ) from exc
     except aiohttp.ClientPayloadError as exc:
-        raise httpx.RemoteProtocolError(
-            f"incomplete body: {exc}", request=request
-        ) from exc
+        raise httpx.RemoteProtocolError(f"incomplete body: {exc}", request=request) from exc
     except aiohttp.ClientResponseError as exc:
         raise httpx.RemoteProtocolError(
             f"invalid response: {exc.message}", request=request
@@ -220,9 +218,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 async with asyncio.timeout(timeouts.get("pool")):
                     await slots.acquire()
             except TimeoutError:
-                raise httpx.PoolTimeout(
-                    "no free upstream connection", request=request
-                ) from None
+                raise httpx.PoolTimeout("no free upstream connection", request=request) from None
         else:
             await slots.acquire()
         self._in_use += 1

@@ -1,0 +1,119 @@
+"""Configuration is validated once, names the bad key, and honours source precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main
+from relay.config import Config, Route
+from relay.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = Config()
+    assert config.port == 8000
+    assert config.transport == "aiohttp"
+    assert config.routes == ()
+
+
+def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'port = 9000\nread_timeout = 5\nhost = "0.0.0.0"\n'
+        '[[routes]]\nprefix = "/f/"\nupstream = "https://file.example/"\n',
+    )
+    config = Config.load(
+        cli={"port": "9002", "routes": None},
+        environ={"RELAY_PORT": "9001", "RELAY_READ_TIMEOUT": "7.5"},
+        config_file=path,
+    )
+    assert config.port == 9002
+    assert config.read_timeout == 7.5
+    assert config.host == "0.0.0.0"
+    assert config.routes == (Route(prefix="/f/", upstream="https://file.example/"),)
+
+
+def test_routes_come_whole_from_the_highest_source(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[routes]]\nprefix = "/f/"\nupstream = "https://file.example/"\n')
+    env = {"RELAY_ROUTES": "/e/=https://env.example/ /e2/=https://env2.example/x"}
+    config = Config.load(environ=env, config_file=path)
+    assert [r.prefix for r in config.routes] == ["/e/", "/e2/"]
+    assert config.routes[1].upstream == "https://env2.example/x/"
+    config = Config.load(cli={"routes": ["/c/=https://cli.example/"]}, environ=env)
+    assert [r.prefix for r in config.routes] == ["/c/"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"RELAY_PORT": "eighty"}, "port (RELAY_PORT): expected int"),
+        ({"RELAY_PORT": "70000"}, "port (RELAY_PORT): must be at most 65535"),
+        ({"RELAY_READ_TIMEOUT": "0"}, "read_timeout (RELAY_READ_TIMEOUT): must be greater than 0"),
+        ({"RELAY_TRANSPORT": "curl"}, "transport (RELAY_TRANSPORT): must be one of"),
+        ({"RELAY_PORT": "tcp://10.0.0.1:80"}, "enableServiceLinks"),
+        ({"RELAY_ROUTES": "/x/"}, "expected PREFIX=URL"),
+    ],
+)
+def test_env_errors_name_the_key(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config.load(environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "prot"),
+        ('port = "x"\n', "port"),
+        ("max_connections = 0\n", "max_connections"),
+        ('[[routes]]\nprefix = "/a/"\n', "routes[0]"),
+        ('[[routes]]\nprefix = "/a/"\nupstream = "ftp://x/"\n', "scheme must be http or https"),
+        ('[[routes]]\nprefix = "/a/"\nupstream = "https://u:p@x/"\n', "credentials"),
+        ('[[routes]]\nprefix = "/a/"\nupstream = "https://x/"\nextra = 1\n', "extra"),
+        ('[[routes]]\nprefix = "a"\nupstream = "https://x/"\n', "route prefix"),
+        ('[[routes]]\nprefix = "/a/../b/"\nupstream = "https://x/"\n', "route prefix"),
+        ("port = [\n", "config file"),
+    ],
+)
+def test_file_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Config.load(config_file=write(tmp_path, text))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file"):
+        Config.load(config_file=tmp_path / "nope.toml")
+
+
+def test_duplicate_prefixes_are_refused() -> None:
+    with pytest.raises(ConfigError, match="configured twice"):
+        Config.load(cli={"routes": ["/a/=https://x/", "/a=https://y/"]})
+
+
+def test_route_normalisation() -> None:
+    route = Route.parse("/gh=https://GitHub.com")
+    assert route.prefix == "/gh/"
+    assert route.upstream == "https://github.com/"
+
+
+def test_serve_without_routes_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--port", "0"]) == 2
+    assert "no routes configured" in capsys.readouterr().err
+
+
+def test_serve_with_bad_value_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--route", "/a/=https://x/", "--read-timeout", "soon"]) == 2
+    assert "read_timeout (--read-timeout)" in capsys.readouterr().err
+
+
+def test_describe_is_loggable() -> None:
+    config = Config(routes=(Route(prefix="/a/", upstream="https://x/"),))
+    described = config.describe()
+    assert described["routes"][0]["upstream"] == "https://x/"
