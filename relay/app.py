@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TypedDict
 
 import httpx
@@ -45,6 +46,10 @@ async def relay_endpoint(request: Request) -> Response:
     return RelayResponse(upstream, upstream.build_request(request.method, target.url, headers))
 
 
+def refuse_all_cookies() -> CookieJar:
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
 def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches)."""
     readiness = Readiness()
@@ -56,6 +61,8 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             transport=transport if transport is not None else make_transport(config),
             follow_redirects=False,
             trust_env=False,
+            # One client serves every user: it must never remember an upstream's cookies.
+            cookies=refuse_all_cookies(),
         ) as client:
             readiness.started = True
             try:

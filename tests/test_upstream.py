@@ -89,3 +89,19 @@ async def test_no_route_gives_404_without_contacting_upstream() -> None:
             await app(http_scope(state, "/elsewhere/x"), client.receive, client.send)
         assert not mock.calls
     assert client.status == 404
+
+
+async def test_upstream_cookies_are_never_stored_on_the_shared_client() -> None:
+    with respx.mock() as mock:
+        mock.get("http://upstream.test/base/a").mock(
+            return_value=httpx.Response(200, headers={"Set-Cookie": "s=secret; Path=/"})
+        )
+        route_b = mock.get("http://upstream.test/base/b").mock(return_value=httpx.Response(200))
+        app = create_app(Config(routes=ROUTES), transport=httpx.AsyncHTTPTransport())
+        async with lifespan_state(app) as state:
+            for path in ("/o/a", "/o/b"):
+                client = Client()
+                await app(http_scope(state, path), client.receive, client.send)
+                assert b"set-cookie" not in client.headers
+    assert "cookie" not in route_b.calls.last.request.headers
+    assert len(state["upstream"]._client.cookies.jar) == 0
