@@ -9,14 +9,20 @@ from typing import TypedDict
 
 import httpx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.config import Config
+from relay.downloads import open_downloads
+from relay.downloads import routes as download_routes
 from relay.errors import ClientError
+from relay.exchange import exchange_of
 from relay.headers import upstream_request_headers
 from relay.health import Readiness, healthz, readyz
+from relay.metrics import Metrics
+from relay.observe import ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
 from relay.transports import make_transport
@@ -26,16 +32,20 @@ from relay.upstream import Upstream
 class State(TypedDict):
     upstream: Upstream
     routes: RouteTable
+    downloads: object | None
 
 
 async def relay_endpoint(request: Request) -> Response:
     scope = request.scope
     routes: RouteTable = request.state.routes
     raw_path = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
+    exchange = exchange_of(scope)
     try:
         target = routes.resolve(raw_path, scope.get("query_string", b""))
     except ClientError as exc:
+        exchange.outcome = "rejected"
         return error_response(exc)
+    exchange.route = target.route.prefix
     client = scope.get("client")
     headers = upstream_request_headers(
         scope["headers"],
@@ -64,18 +74,24 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             # One client serves every user: it must never remember an upstream's cookies.
             cookies=refuse_all_cookies(),
         ) as client:
-            readiness.started = True
-            try:
-                yield {"upstream": Upstream(client, config), "routes": routes}
-            finally:
-                readiness.draining = True
+            upstream = Upstream(client, config)
+            async with open_downloads(config, upstream, routes) as downloads:
+                readiness.started = True
+                try:
+                    yield {"upstream": upstream, "routes": routes, "downloads": downloads}
+                finally:
+                    readiness.draining = True
 
+    metrics = Metrics()
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics.endpoint, methods=["GET"]),
+            *download_routes(),
             Route("/{path:path}", relay_endpoint, methods=["GET", "HEAD"]),
         ],
+        middleware=[Middleware(ObserveMiddleware, metrics=metrics)],
         lifespan=lifespan,
     )
     app.state.readiness = readiness

@@ -112,6 +112,13 @@ class Config:
     shutdown_delay: float = _setting(
         0.0, "seconds to keep accepting requests after SIGTERM (not ready meanwhile)", min=0
     )
+    resume_attempts: int = _setting(
+        3, "times a failed upstream body is resumed with Range before giving up", min=0
+    )
+    data_dir: str = _setting(
+        "", "directory for downloads to disk and GET /files/ (empty: disk features off)"
+    )
+    max_downloads: int = _setting(4, "downloads to disk running at once", min=1)
     transport: str = _setting("aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore"))
     loop: str = _setting("auto", "event loop", choices=("auto", "uvloop", "asyncio"))
     log_level: str = _setting(

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
 from starlette.responses import Response
 
 from relay.errors import RelayError, TransferAborted, UpstreamError
+from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
@@ -42,9 +44,10 @@ class RelayResponse(Response):
         self._active = True
         self._client_gone = False
         self.status_code = 0
-        self.bytes_sent = 0
+        self._exchange = Exchange()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._exchange = exchange_of(scope)
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, task))
@@ -57,11 +60,15 @@ class RelayResponse(Response):
         except OSError:
             # ASGI 2.4: send raises once the client is gone.
             self._client_gone = True
+        except TransferAborted:
+            self._exchange.outcome = "upstream_abort"
+            raise
         finally:
             self._active = False
             watcher.cancel()
             await self._close()
         if self._client_gone:
+            self._exchange.outcome = "client_abort"
             logger.debug("client went away: %s", self._request.url.path)
 
     async def _watch_disconnect(self, receive: Receive, task: asyncio.Task[object]) -> None:
@@ -80,9 +87,13 @@ class RelayResponse(Response):
             await asyncio.shield(response.aclose())
 
     async def _relay(self, send: Send) -> None:
+        exchange = self._exchange
+        sent_at = time.monotonic()
         try:
             response = self._response = await self._upstream.open(self._request)
         except UpstreamError as exc:
+            exchange.outcome = "upstream_error"
+            exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
             reply = error_response(exc)
             self.status_code = reply.status_code
             await send(
@@ -94,7 +105,9 @@ class RelayResponse(Response):
             )
             await send({"type": "http.response.body", "body": reply.body, "more_body": False})
             return
-        status = self.status_code = response.status_code
+        exchange.upstream_ttfb = time.monotonic() - sent_at
+        exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
+        status = self.status_code = exchange.upstream_status = response.status_code
         await send(
             {
                 "type": "http.response.start",
@@ -115,7 +128,6 @@ class RelayResponse(Response):
                 sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
-            self.bytes_sent = sent
             logger.warning(
                 "upstream body failed after %d bytes, aborting the client transfer: %s (%s)",
                 sent,
@@ -123,7 +135,8 @@ class RelayResponse(Response):
                 self._request.url.path,
             )
             raise TransferAborted(str(exc)) from exc
-        self.bytes_sent = sent
+        finally:
+            self._exchange.bytes_sent = sent
         if declared is not None and declared.isdigit() and int(declared) != sent:
             # Defence in depth: the transport should have raised already.
             logger.warning(

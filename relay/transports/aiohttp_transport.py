@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -214,11 +215,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         assert slots is not None
         timeouts = request.extensions.get("timeout", {})
         if slots.locked():
+            waited_from = time.monotonic()
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
                     await slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no free upstream connection", request=request) from None
+            finally:
+                request.extensions["relay.pool_wait"] = time.monotonic() - waited_from
         else:
             await slots.acquire()
         self._in_use += 1
