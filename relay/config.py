@@ -9,6 +9,7 @@ whole from the highest source that defines any (they are not merged across sourc
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import typing
@@ -24,6 +25,17 @@ ENV_PREFIX = "RELAY_"
 
 _PREFIX_RE = re.compile(r"^/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]+/)*$")
 _UPSTREAM_PATH_RE = re.compile(r"^/(?:[A-Za-z0-9._~!$&'()*+,;=:@%-]+/)*$")
+_HOST_PATTERN_RE = re.compile(
+    r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _read_secret_file(path: str, where: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where} {path!r}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +49,23 @@ class Route:
     prefix: str
     upstream: str
     allow_private: bool = False
+    """Reach loopback/private/link-local addresses (in-cluster upstreams, tests)."""
+    redirects: str = "pass"
+    """"pass": upstream redirects go to the client; "follow": relay follows them itself, only
+    to hosts in redirect_hosts."""
+    redirect_hosts: tuple[str, ...] = ()
+    """Hosts a followed redirect may go to: exact names or "*.example.com" suffixes."""
+    max_redirects: int = 5
+    auth_header: str = "Authorization"
+    """Header carrying the route's upstream credential."""
+    auth_env: str = ""
+    """Environment variable holding the credential (the whole header value)."""
+    auth_file: str = ""
+    """File holding the credential (the whole header value)."""
+    forward_client_auth: bool = False
+    """Forward the client's own Authorization and Cookie upstream."""
+    credential: str = field(default="", repr=False, compare=False)
+    """The resolved credential; never logged."""
 
     def __post_init__(self) -> None:
         prefix = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
@@ -47,6 +76,41 @@ class Route:
             )
         object.__setattr__(self, "prefix", prefix)
         object.__setattr__(self, "upstream", _normalise_upstream(self.upstream))
+        where = f"route {prefix}"
+        if self.redirects not in ("pass", "follow"):
+            raise ConfigError(f"{where}: redirects must be 'pass' or 'follow'")
+        if self.redirects == "follow" and not self.redirect_hosts:
+            raise ConfigError(f"{where}: redirects = 'follow' needs redirect_hosts")
+        for host in self.redirect_hosts:
+            if not _HOST_PATTERN_RE.match(host):
+                raise ConfigError(f"{where}: redirect_hosts entry {host!r} is not a host name")
+        if not 0 < self.max_redirects <= 20:
+            raise ConfigError(f"{where}: max_redirects must be between 1 and 20")
+        if not _TOKEN_RE.match(self.auth_header):
+            raise ConfigError(f"{where}: auth_header {self.auth_header!r} is not a header name")
+        if self.auth_env and self.auth_file:
+            raise ConfigError(f"{where}: give auth_env or auth_file, not both")
+        object.__setattr__(self, "redirect_hosts", tuple(h.lower() for h in self.redirect_hosts))
+
+    def resolve_credential(self, environ: Mapping[str, str]) -> Route:
+        """Read the credential named by auth_env/auth_file (at startup, never at import)."""
+        where = f"route {self.prefix}"
+        if self.auth_env:
+            if not environ.get(self.auth_env):
+                raise ConfigError(f"{where}: auth_env {self.auth_env} is not set")
+            value = environ[self.auth_env]
+        elif self.auth_file:
+            value = _read_secret_file(self.auth_file, f"{where}: auth_file")
+        else:
+            return self
+        if any(c in value for c in "\r\n\x00"):
+            raise ConfigError(f"{where}: the credential must be a single header value")
+        return dataclasses.replace(self, credential=value.strip())
+
+    def describe(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["credential"] = "***" if self.credential else ""
+        return out
 
     @classmethod
     def parse(cls, text: str) -> Route:
@@ -84,8 +148,10 @@ def _normalise_upstream(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}{path}"
 
 
-def _setting(default: Any, help: str, **checks: Any) -> Any:
-    return field(default=default, metadata={"help": help, **checks})
+def _setting(default: Any, help: str, *, secret: bool = False, **checks: Any) -> Any:
+    return field(
+        default=default, repr=not secret, metadata={"help": help, "secret": secret, **checks}
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,11 +185,39 @@ class Config:
         "", "directory for downloads to disk and GET /files/ (empty: disk features off)"
     )
     max_downloads: int = _setting(4, "downloads to disk running at once", min=1)
+    max_streams: int = _setting(
+        1000, "relayed streams at once; past it, 503 with Retry-After at once", min=1
+    )
+    send_timeout: float = _setting(
+        60.0, "seconds a client may stop reading before its download is cut", positive=True
+    )
+    header_timeout: float = _setting(
+        15.0, "seconds a client may take to send its request headers", positive=True
+    )
+    max_header_bytes: int = _setting(
+        16384, "largest request head (request line and headers) accepted; else 431", min=1024
+    )
+    trusted_proxies: str = _setting(
+        "", "comma-separated addresses/CIDRs whose X-Forwarded-* headers are trusted"
+    )
+    client_secret: str = _setting(
+        "", "shared secret clients must send in client_secret_header", secret=True
+    )
+    client_secret_file: str = _setting("", "file holding client_secret")
+    client_secret_header: str = _setting(
+        "X-Relay-Secret", "header carrying the shared secret (as CDNs send to origins)"
+    )
+    signing_key: str = _setting(
+        "", "key for HMAC-signed expiring URLs (?expires=&signature=)", secret=True
+    )
+    signing_key_file: str = _setting("", "file holding signing_key")
     transport: str = _setting("aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore"))
     loop: str = _setting("auto", "event loop", choices=("auto", "uvloop", "asyncio"))
     log_level: str = _setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
+    log_format: str = _setting("json", "log format", choices=("json", "text"))
+    access_log: bool = _setting(True, "log one record per request")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Config)
@@ -137,6 +231,16 @@ class Config:
                 raise ConfigError(f"routes: prefix {p!r} is configured twice")
         if self.max_keepalive > self.max_connections:
             object.__setattr__(self, "max_keepalive", self.max_connections)
+        try:
+            self.trusted_networks()
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {exc}") from None
+        if not _TOKEN_RE.match(self.client_secret_header):
+            raise ConfigError("client_secret_header: not a header name")
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = [t.strip() for t in self.trusted_proxies.split(",") if t.strip()]
+        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
 
     @classmethod
     def load(
@@ -161,12 +265,25 @@ class Config:
         values.update(_from_strings(cli, source=lambda k: "--" + k.replace("_", "-")))
         if cli_routes:
             routes = tuple(_parse_route_texts(cli_routes))
-        return cls(routes=routes or (), **values)
+        environ = environ or {}
+        routes = tuple(r.resolve_credential(environ) for r in routes or ())
+        for name in ("client_secret", "signing_key"):
+            path = values.get(f"{name}_file")
+            if path:
+                values[name] = _read_secret_file(path, f"{name}_file")
+        return cls(routes=routes, **values)
 
     def describe(self) -> dict[str, Any]:
-        """The effective settings, safe to log."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["routes"] = [dataclasses.asdict(r) for r in self.routes]
+        """The effective settings, safe to log: secrets are masked."""
+        out = {
+            f.name: (
+                "***"
+                if f.metadata.get("secret") and getattr(self, f.name)
+                else getattr(self, f.name)
+            )
+            for f in dataclasses.fields(self)
+        }
+        out["routes"] = [r.describe() for r in self.routes]
         return out
 
 
@@ -251,7 +368,28 @@ def _parse_route_texts(texts: Sequence[str]) -> list[Route]:
     return [Route.parse(t) for t in texts if t]
 
 
-_ROUTE_KEYS = {f.name for f in dataclasses.fields(Route)}
+_ROUTE_KEYS = {f.name for f in dataclasses.fields(Route)} - {"credential"}
+
+
+def _route_from_table(table: dict[str, Any], where: str) -> Route:
+    unknown = set(table) - _ROUTE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    for required in ("prefix", "upstream"):
+        if required not in table:
+            raise ConfigError(f"{where}.{required}: required")
+    hints = typing.get_type_hints(Route)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        kind = hints[key]
+        if kind == tuple[str, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{key}: expected a list of strings")
+            value = tuple(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+        values[key] = value
+    return Route(**values)
 
 
 def _from_toml(path: Path) -> tuple[dict[str, Any], tuple[Route, ...] | None]:
@@ -280,14 +418,6 @@ def _from_toml(path: Path) -> tuple[dict[str, Any], tuple[Route, ...] | None]:
             where = f"routes[{i}] ({path})"
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: expected a table")
-            unknown = set(table) - _ROUTE_KEYS
-            if unknown:
-                raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-            for required in ("prefix", "upstream"):
-                if not isinstance(table.get(required), str):
-                    raise ConfigError(f"{where}.{required}: required, a string")
-            if not isinstance(table.get("allow_private", False), bool):
-                raise ConfigError(f"{where}.allow_private: expected true or false")
-            parsed.append(Route(**table))
+            parsed.append(_route_from_table(table, where))
         routes = tuple(parsed)
     return values, routes
