@@ -14,19 +14,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from relay.auth import ClientAuth, ClientAuthMiddleware
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
-from relay.errors import ClientError
+from relay.errors import ClientError, Overloaded
 from relay.exchange import exchange_of
+from relay.forwarded import ForwardedPolicy
 from relay.headers import upstream_request_headers
 from relay.health import Readiness, healthz, readyz
+from relay.limits import StreamLimiter
 from relay.metrics import Metrics
 from relay.observe import ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
 from relay.transports import make_transport
 from relay.upstream import Upstream
+
+REQUEST_ID_KEY = "relay.request_id"
 
 
 class State(TypedDict):
@@ -35,25 +40,51 @@ class State(TypedDict):
     downloads: object | None
 
 
-async def relay_endpoint(request: Request) -> Response:
-    scope = request.scope
-    routes: RouteTable = request.state.routes
-    raw_path = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
-    exchange = exchange_of(scope)
-    try:
-        target = routes.resolve(raw_path, scope.get("query_string", b""))
-    except ClientError as exc:
-        exchange.outcome = "rejected"
-        return error_response(exc)
-    exchange.route = target.route.prefix
-    client = scope.get("client")
-    headers = upstream_request_headers(
-        scope["headers"],
-        client_addr=client[0] if client else None,
-        scheme=scope.get("scheme", "http"),
-    )
-    upstream: Upstream = request.state.upstream
-    return RelayResponse(upstream, upstream.build_request(request.method, target.url, headers))
+class Relay:
+    """The relay endpoint: maps the raw path, then hands over to a RelayResponse."""
+
+    def __init__(self, config: Config, routes: RouteTable) -> None:
+        self._routes = routes
+        self._forwarded = ForwardedPolicy(config.trusted_networks())
+        self._limiter = StreamLimiter(config.max_streams)
+        self._send_timeout = config.send_timeout
+
+    @property
+    def active_streams(self) -> int:
+        return self._limiter.active
+
+    async def endpoint(self, request: Request) -> Response:
+        scope = request.scope
+        exchange = exchange_of(scope)
+        raw_path = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
+        try:
+            target = self._routes.resolve(raw_path, scope.get("query_string", b""))
+        except ClientError as exc:
+            exchange.outcome = "rejected"
+            return error_response(exc)
+        exchange.route = target.route.prefix
+        if not self._limiter.try_acquire():
+            exchange.outcome = "rejected"
+            return error_response(Overloaded("too many downloads in progress; retry shortly"))
+        client = scope.get("client")
+        forwarded = self._forwarded.resolve(
+            client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
+        )
+        headers = upstream_request_headers(
+            scope["headers"],
+            forwarded=forwarded,
+            route=target.route,
+            request_id=scope.get(REQUEST_ID_KEY),
+        )
+        upstream: Upstream = request.state.upstream
+        return RelayResponse(
+            upstream,
+            upstream.build_request(request.method, target.url, headers, target.route),
+            route=target.route,
+            routes=self._routes,
+            limiter=self._limiter,
+            send_timeout=self._send_timeout,
+        )
 
 
 def refuse_all_cookies() -> CookieJar:
@@ -64,6 +95,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)
+    relay = Relay(config, routes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -83,17 +115,26 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
                     readiness.draining = True
 
     metrics = Metrics()
+    auth = ClientAuth(
+        secret=config.client_secret,
+        secret_header=config.client_secret_header,
+        signing_key=config.signing_key,
+    )
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics.endpoint, methods=["GET"]),
             *download_routes(),
-            Route("/{path:path}", relay_endpoint, methods=["GET", "HEAD"]),
+            Route("/{path:path}", relay.endpoint, methods=["GET", "HEAD"]),
         ],
-        middleware=[Middleware(ObserveMiddleware, metrics=metrics)],
+        middleware=[
+            Middleware(ObserveMiddleware, metrics=metrics),
+            Middleware(ClientAuthMiddleware, auth=auth),
+        ],
         lifespan=lifespan,
     )
     app.state.readiness = readiness
     app.state.config = config
+    app.state.relay = relay
     return app

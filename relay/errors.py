@@ -3,7 +3,10 @@
     RelayError                 an error answered with a short plain-text body
     ├── ClientError            4xx: the client's mistake; the upstream is never contacted
     │   ├── BadPath            400: traversal, bad encoding, bad request target
+    │   ├── Unauthorized       401: client authentication required and missing
+    │   ├── Forbidden          403: wrong secret, bad or expired signature
     │   └── NoRoute            404: no configured route serves this path
+    ├── Overloaded             503 + Retry-After: max_streams reached; answered at once
     └── UpstreamError          5xx: upstream trouble before the response started
         ├── UpstreamUnavailable  502: refused, reset, DNS failure, bad framing
         ├── PoolExhausted        503 + Retry-After: no free upstream connection in time
@@ -39,8 +42,21 @@ class BadPath(ClientError):
     status_code = 400
 
 
+class Unauthorized(ClientError):
+    status_code = 401
+
+
+class Forbidden(ClientError):
+    status_code = 403
+
+
 class NoRoute(ClientError):
     status_code = 404
+
+
+class Overloaded(RelayError):
+    status_code = 503
+    headers = {"Retry-After": "1"}  # noqa: RUF012
 
 
 class UpstreamError(RelayError):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from relay import __version__
+from relay.config import Route
+from relay.forwarded import Forwarded
 from relay.types import RawHeaders
 
 VIA = b"1.1 relay"
@@ -65,24 +67,31 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(tokens)
 
 
+# Forwarded only where a route says so.
+CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie"})
+
+
 def upstream_request_headers(
     client_headers: Iterable[tuple[bytes, bytes]],
     *,
-    client_addr: str | None,
-    scheme: str,
+    forwarded: Forwarded,
+    route: Route,
+    request_id: str | None = None,
 ) -> list[tuple[str, str]]:
     headers = list(client_headers)
     named = connection_tokens(headers)
+    allowed = FORWARDED_REQUEST_HEADERS
+    if route.forward_client_auth:
+        allowed = allowed | CLIENT_CREDENTIAL_HEADERS
+    credential_name = route.auth_header.lower().encode() if route.credential else None
     out: list[tuple[str, str]] = []
-    host = via = None
+    via = None
     has_encoding = has_agent = False
     for raw_name, raw_value in headers:
         name = raw_name.lower()
-        if name == b"host":
-            host = raw_value
-        elif name == b"via":
+        if name == b"via":
             via = raw_value
-        if name not in FORWARDED_REQUEST_HEADERS or name in named:
+        if name not in allowed or name in named or name == credential_name:
             continue
         if name == b"accept-encoding":
             has_encoding = True
@@ -95,12 +104,16 @@ def upstream_request_headers(
         out.append(("accept-encoding", "identity"))
     if not has_agent:
         out.append(("user-agent", USER_AGENT))
-    if client_addr:
-        out.append(("x-forwarded-for", client_addr))
-    out.append(("x-forwarded-proto", scheme))
-    if host is not None:
-        out.append(("x-forwarded-host", host.decode("latin-1")))
+    if forwarded.for_chain:
+        out.append(("x-forwarded-for", forwarded.for_chain))
+    out.append(("x-forwarded-proto", forwarded.proto))
+    if forwarded.host is not None:
+        out.append(("x-forwarded-host", forwarded.host))
     out.append(("via", (via + b", " + VIA if via else VIA).decode("latin-1")))
+    if request_id:
+        out.append(("x-request-id", request_id))
+    if route.credential:
+        out.append((route.auth_header, route.credential))
     return out
 
 

@@ -35,6 +35,11 @@ class RouteTable:
         # Longest prefix first, so /a/b/ wins over /a/.
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._prefixes = [(r.prefix.encode("ascii"), r) for r in self._routes]
+        self._by_upstream = sorted(routes, key=lambda r: len(r.upstream), reverse=True)
+
+    def by_upstream(self) -> list[Route]:
+        """Routes with the longest upstream base first."""
+        return self._by_upstream
 
     def resolve(self, raw_path: bytes, query_string: bytes = b"") -> Target:
         if not raw_path.startswith(b"/") or raw_path.startswith(b"//"):

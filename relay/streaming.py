@@ -20,9 +20,13 @@ import time
 import httpx
 from starlette.responses import Response
 
+from relay.config import Route
 from relay.errors import RelayError, TransferAborted, UpstreamError
 from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
+from relay.limits import StreamLimiter
+from relay.redirects import REDIRECT_STATUSES, rewrite_location
+from relay.routing import RouteTable
 from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
 
@@ -36,24 +40,59 @@ def error_response(exc: RelayError) -> Response:
 
 
 class RelayResponse(Response):
-    def __init__(self, upstream: Upstream, request: httpx.Request) -> None:
+    """Relays one upstream response. Holds a slot of the stream limiter until it is done."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        request: httpx.Request,
+        *,
+        route: Route,
+        routes: RouteTable,
+        limiter: StreamLimiter,
+        send_timeout: float,
+    ) -> None:
         # Response.__init__ would render a body; this response streams one instead.
         self._upstream = upstream
         self._request = request
+        self._route = route
+        self._routes = routes
+        self._limiter = limiter
+        self._send_timeout = send_timeout
         self._response: httpx.Response | None = None
         self._active = True
         self._client_gone = False
+        self._stalled = False
+        self._sending_since: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.status_code = 0
         self._exchange = Exchange()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._run(scope, receive, send)
+        finally:
+            self._limiter.release()
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._exchange = exchange_of(scope)
         task = asyncio.current_task()
         assert task is not None
+        loop = asyncio.get_running_loop()
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, task))
+        self._watchdog = loop.call_later(self._send_timeout, self._check_send, loop, task)
         try:
             await self._relay(send)
         except asyncio.CancelledError:
+            if self._stalled:
+                task.uncancel()
+                self._exchange.outcome = "client_abort"
+                logger.info(
+                    "client stopped reading for %.0fs, cutting the download: %s",
+                    self._send_timeout,
+                    self._request.url.path,
+                )
+                raise TransferAborted("client stopped reading") from None
             if not self._client_gone:
                 raise
             task.uncancel()
@@ -66,6 +105,8 @@ class RelayResponse(Response):
         finally:
             self._active = False
             watcher.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await self._close()
         if self._client_gone:
             self._exchange.outcome = "client_abort"
@@ -80,6 +121,23 @@ class RelayResponse(Response):
             self._client_gone = True
             task.cancel()
 
+    def _check_send(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
+        """Cut a client that stopped reading: a send blocked longer than send_timeout.
+
+        A timer re-armed from the last send, instead of a timeout around every send: the
+        streaming loop pays one clock read per chunk, not a timer per chunk.
+        """
+        if not self._active:
+            return
+        since = self._sending_since
+        now = loop.time()
+        if since is not None and now - since >= self._send_timeout:
+            self._stalled = True
+            task.cancel()
+            return
+        delay = self._send_timeout - (now - since) if since is not None else self._send_timeout
+        self._watchdog = loop.call_later(delay, self._check_send, loop, task)
+
     async def _close(self) -> None:
         response = self._response
         if response is not None and not response.is_closed:
@@ -90,7 +148,7 @@ class RelayResponse(Response):
         exchange = self._exchange
         sent_at = time.monotonic()
         try:
-            response = self._response = await self._upstream.open(self._request)
+            response = self._response = await self._upstream.open(self._request, self._route)
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
             exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
@@ -108,25 +166,34 @@ class RelayResponse(Response):
         exchange.upstream_ttfb = time.monotonic() - sent_at
         exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
         status = self.status_code = exchange.upstream_status = response.status_code
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": downstream_response_headers(response.headers.raw, status),
-            }
-        )
+        headers = downstream_response_headers(response.headers.raw, status)
+        if status in REDIRECT_STATUSES:
+            headers = [
+                (name, self._rewrite_location(value) if name == b"location" else value)
+                for name, value in headers
+            ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         if self._request.method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._stream_body(response, send)
 
+    def _rewrite_location(self, value: bytes) -> bytes:
+        assert self._response is not None
+        location = value.decode("latin-1")
+        rewritten = rewrite_location(location, self._response.request.url, self._routes)
+        return rewritten.encode("latin-1")
+
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
         declared = response.headers.get("content-length")
         sent = 0
+        clock = asyncio.get_running_loop().time
         try:
             async for chunk in response.aiter_raw():
                 sent += len(chunk)
+                self._sending_since = clock()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._sending_since = None
         except httpx.HTTPError as exc:
             logger.warning(
                 "upstream body failed after %d bytes, aborting the client transfer: %s (%s)",

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 
 import httpx
 
-from relay.config import Config
+from relay.config import Config, Route
 from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from relay.redirects import REDIRECT_STATUSES, next_hop
+from relay.transports import ALLOW_PRIVATE
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +49,60 @@ class Upstream:
             pool=config.pool_timeout,
         ).as_dict()
 
-    def build_request(self, method: str, url: str, headers: list[tuple[str, str]]) -> httpx.Request:
+    def build_request(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: list[tuple[str, str]],
+        route: Route,
+    ) -> httpx.Request:
         # Built directly, not with client.build_request, so that httpx's default headers
         # (Accept-Encoding: gzip, its User-Agent) are never merged in.
-        return httpx.Request(method, url, headers=headers, extensions={"timeout": self._timeout})
+        extensions: dict[str, object] = {"timeout": self._timeout}
+        if route.allow_private:
+            extensions[ALLOW_PRIVATE] = True
+        return httpx.Request(method, url, headers=headers, extensions=extensions)
 
-    async def open(self, request: httpx.Request) -> httpx.Response:
-        """Send the request and return once headers arrived; the caller must close the body."""
+    async def open(self, request: httpx.Request, route: Route) -> httpx.Response:
+        """Send the request and return once headers arrived; the caller must close the body.
+
+        With `redirects = "follow"` the route's redirects are followed here, to allowed hosts
+        only; the response returned is the first one that is not such a redirect.
+        """
         try:
-            with map_upstream_errors():
-                return await self._client.send(request, stream=True)
+            for _ in range(route.max_redirects + 1):
+                with map_upstream_errors():
+                    response = await self._client.send(request, stream=True)
+                if route.redirects != "follow" or response.status_code not in REDIRECT_STATUSES:
+                    return response
+                await response.aclose()
+                request = self._redirected(request, response, route)
+            raise UpstreamUnavailable(f"more than {route.max_redirects} redirects")
         except UpstreamError as exc:
             logger.warning(
-                "upstream %s %s failed: %s",
-                request.method,
-                _safe_url(request.url),
-                exc.reason,
+                "upstream %s %s failed: %s", request.method, _safe_url(request.url), exc.reason
             )
             raise
+
+    def _redirected(
+        self, request: httpx.Request, response: httpx.Response, route: Route
+    ) -> httpx.Request:
+        try:
+            url = next_hop(response, route)
+        except ValueError as exc:
+            raise UpstreamUnavailable(f"redirect not followed: {exc}") from None
+        credential = route.auth_header.lower() if route.credential else None
+        same_host = url.host == request.url.host
+        headers = [
+            (name, value)
+            for name, value in request.headers.multi_items()
+            # The route's credential is for its upstream, not for wherever it redirects.
+            if name != "host" and (same_host or name != credential)
+        ]
+        method = request.method
+        if response.status_code == 303 and method != "HEAD":
+            method = "GET"
+        return self.build_request(method, url, headers, route)
 
 
 def _safe_url(url: httpx.URL) -> str:

@@ -21,6 +21,10 @@ TRANSPORTS = {
 }
 
 
+# Request extension set by relay for routes that opted in to private addresses.
+ALLOW_PRIVATE = "relay.allow_private"
+
+
 class PoolStats(NamedTuple):
     in_use: int
     """Connections checked out: serving a response that has not been closed yet."""
@@ -43,4 +47,4 @@ def make_transport(config: Config) -> httpx.AsyncBaseTransport:
     return factory.from_config(config)
 
 
-__all__ = ["TRANSPORTS", "PoolStats", "PooledTransport", "make_transport"]
+__all__ = ["ALLOW_PRIVATE", "TRANSPORTS", "PoolStats", "PooledTransport", "make_transport"]

@@ -25,7 +25,8 @@ import httpx
 from yarl import URL
 
 from relay.config import Config
-from relay.transports import PoolStats
+from relay.egress import EgressRefused, GuardedResolver, check_literal
+from relay.transports import ALLOW_PRIVATE, PoolStats
 
 # Headers aiohttp would invent; relay sends exactly the headers it chose.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
@@ -40,6 +41,9 @@ def _map_aiohttp_errors(request: httpx.Request) -> Iterator[None]:
     except (TimeoutError, aiohttp.SocketTimeoutError) as exc:
         raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
     except aiohttp.ClientConnectorError as exc:
+        cause = exc.os_error
+        if isinstance(cause, EgressRefused):
+            raise httpx.ConnectError(f"refused by egress policy: {cause}", request=request) from exc
         raise httpx.ConnectError(str(exc), request=request) from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise httpx.RemoteProtocolError(
@@ -146,13 +150,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         max_connections: int = 100,
         keepalive_expiry: float = 30.0,
         read_bufsize: int = 2**16,
-        resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._read_bufsize = read_bufsize
-        self._resolver = resolver
-        self._session: aiohttp.ClientSession | None = None
+        # Two pools: one whose resolver enforces the egress policy, and one for routes that
+        # opted in to private addresses (opened only if such a route is used).
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
         self._slots: asyncio.Semaphore | None = None
         self._in_use = 0
 
@@ -163,15 +167,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_expiry=config.keepalive_expiry,
         )
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self, allow_private: bool) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             # The pool limit is our semaphore: one limit, one place that waits.
             limit=0,
             keepalive_timeout=self._keepalive_expiry,
-            resolver=self._resolver,
+            resolver=None if allow_private else GuardedResolver(),
         )
-        self._slots = asyncio.Semaphore(self._max_connections)
-        self._session = aiohttp.ClientSession(
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._max_connections)
+        session = self._sessions[allow_private] = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
@@ -181,16 +186,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             timeout=aiohttp.ClientTimeout(total=None),
             requote_redirect_url=False,
         )
-        return self._session
+        return session
 
     async def __aenter__(self) -> AiohttpTransport:
-        if self._session is None:
-            self._open()
+        if False not in self._sessions:
+            self._open(allow_private=False)
         return self
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
 
     def _release_slot(self) -> None:
         self._in_use -= 1
@@ -198,19 +203,29 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._slots.release()
 
     def pool_stats(self) -> PoolStats:
-        connector = self._session.connector if self._session else None
-        idle = 0
-        if connector is not None:
-            idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
+        idle = sum(
+            len(conns)
+            for session in self._sessions.values()
+            for conns in getattr(session.connector, "_conns", {}).values()
+        )
         return PoolStats(in_use=self._in_use, idle=idle)
 
     def connector_in_use(self) -> int:
         """Connections aiohttp itself counts as acquired: a cross-check of `pool_stats`."""
-        connector = self._session.connector if self._session else None
-        return len(getattr(connector, "_acquired", ())) if connector is not None else 0
+        return sum(
+            len(getattr(session.connector, "_acquired", ())) for session in self._sessions.values()
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open()
+        allow_private = bool(request.extensions.get(ALLOW_PRIVATE))
+        if not allow_private:
+            try:
+                check_literal(request.url.host)
+            except EgressRefused as exc:
+                raise httpx.ConnectError(
+                    f"refused by egress policy: {exc}", request=request
+                ) from None
+        session = self._sessions.get(allow_private) or self._open(allow_private)
         slots = self._slots
         assert slots is not None
         timeouts = request.extensions.get("timeout", {})
