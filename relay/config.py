@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,19 @@ _HOST_PATTERN_RE = re.compile(
     r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 )
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _literal_refusal(host: str) -> str | None:
+    """Why an IP-literal upstream host is refused (odd IPv4 spellings included), or None."""
+    from relay.egress import parse_ip, refusal
+
+    ip = parse_ip(host)
+    if ip is None and re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        try:  # 127.1, 2130706433, 0x7f.1: forms inet_aton (and so getaddrinfo) accepts
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return refusal(ip) if ip is not None else None
 
 
 def _read_secret_file(path: str, where: str) -> str:
@@ -91,6 +105,13 @@ class Route:
         if self.auth_env and self.auth_file:
             raise ConfigError(f"{where}: give auth_env or auth_file, not both")
         object.__setattr__(self, "redirect_hosts", tuple(h.lower() for h in self.redirect_hosts))
+        if not self.allow_private:
+            reason = _literal_refusal(urlsplit(self.upstream).hostname or "")
+            if reason:
+                raise ConfigError(
+                    f"{where}: upstream {self.upstream} is a {reason}; "
+                    "set allow_private = true to reach it deliberately"
+                )
 
     def resolve_credential(self, environ: Mapping[str, str]) -> Route:
         """Read the credential named by auth_env/auth_file (at startup, never at import)."""

@@ -26,19 +26,105 @@ logger = logging.getLogger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class RelayHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, accepting origin-form request targets only.
+class _Rejected(Exception):
+    """Raised inside a parser callback; uvicorn then calls send_400_response."""
 
-    httptools (llhttp) is pinned on purpose: it refuses Content-Length together with
-    Transfer-Encoding, where h11 accepted it when tried. Absolute-form targets
-    (`GET http://elsewhere/ HTTP/1.1`) are how clients talk to forward proxies; relay is not
-    one, so they are refused with 400 before any routing.
+
+class RelayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits a public-facing server needs.
+
+    - httptools (llhttp) is pinned on purpose: it refuses Content-Length together with
+      Transfer-Encoding, where h11 accepted it when tried.
+    - Absolute-form targets (`GET http://elsewhere/ HTTP/1.1`) are how clients talk to
+      forward proxies; relay is not one, so they get 400 before any routing.
+    - One limit on the request head (request line plus headers, and a header count): 431.
+    - A header-read timeout from the first byte of a request (or from the connection, for the
+      first one) to the end of its headers: a slowloris client gets 408 and is closed.
     """
 
+    max_head_bytes = 16384
+    max_header_count = 100
+    header_timeout = 15.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_bytes = 0
+        self._header_count = 0
+        self._rejected: tuple[int, str] | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if self.transport.is_closing() or busy:
+            return
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.close()
+
+    def _count(self, nbytes: int) -> None:
+        self._head_bytes += nbytes
+        if self._head_bytes > self.max_head_bytes or self._header_count > self.max_header_count:
+            self._rejected = (431, "Request Header Fields Too Large")
+            raise _Rejected
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        self._header_count = 0
+        self._arm_head_timer()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
         if not self.url.startswith(b"/"):
-            raise ValueError("request target is not origin-form")
+            raise _Rejected("request target is not origin-form")
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._rejected is None:
+            super().send_400_response(msg)
+            return
+        status, reason = self._rejected
+        body = f"{status} {reason}\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, reason.encode(), len(body), body)
+        )
+        self.transport.close()
+
+
+def protocol_class(config: Config) -> type[RelayHttpToolsProtocol]:
+    """The protocol with this config's limits (uvicorn instantiates the class itself)."""
+    return type(
+        "ConfiguredRelayHttpToolsProtocol",
+        (RelayHttpToolsProtocol,),
+        {"max_head_bytes": config.max_header_bytes, "header_timeout": config.header_timeout},
+    )
 
 
 class _QuietAborts(logging.Filter):
@@ -121,7 +207,7 @@ def uvicorn_config(config: Config, app: Starlette) -> uvicorn.Config:
         app,
         host=config.host,
         port=config.port,
-        http=RelayHttpToolsProtocol,
+        http=protocol_class(config),
         loop=config.loop,
         lifespan="on",
         ws="none",
