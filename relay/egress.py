@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpcore
@@ -56,8 +56,8 @@ def refusal(ip: IPAddress) -> str | None:
             reason = refusal(inner)
             if reason is not None:
                 return f"{reason} (embedded in {ip})"
-        if ip.ipv4_mapped is not None:
-            return None
+        if embedded:
+            return None  # a translation of a public IPv4 address
         if ip in _NAT64_LOCAL:
             return "local-use NAT64 address"
     for network, name in _NAMED:
@@ -107,14 +107,19 @@ def check_literal(host: str) -> None:
 class GuardedResolver(AbstractResolver):
     """aiohttp resolver returning only checked addresses; aiohttp connects to exactly these."""
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        inner: AbstractResolver | None = None,
+        check: Callable[[str, Iterable[str]], None] = check_addresses,
+    ) -> None:
         self._inner = inner if inner is not None else DefaultResolver()
+        self._check = check
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        check_addresses(host, (r["host"] for r in results))
+        self._check(host, [r["host"] for r in results])
         return results
 
     async def close(self) -> None:
