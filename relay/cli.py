@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from relay import __version__
 from relay.config import ENV_PREFIX, Config, settings
@@ -36,11 +36,106 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             p.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(), help=help_text)
 
 
+def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from relay import fetch  # the exit-code table and argument types live with the downloader
+
+    def arg_type(convert: Callable[[str], object], name: str) -> Callable[[str], object]:
+        def parse(value: str) -> object:
+            try:
+                return convert(value)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        parse.__name__ = name  # argparse names the type in its error message
+        return parse
+
+    def bounded(kind: Callable[[str], float], low: float, strict: bool) -> Callable[[str], float]:
+        def parse(value: str) -> float:
+            number = kind(value)
+            if number < low or (strict and number == low):
+                raise ValueError(f"must be {'>' if strict else '>='} {low:g}; got {value}")
+            return number
+
+        return parse
+
+    p = sub.add_parser(
+        "fetch",
+        help="download a URL to a file (resumable, verified)",
+        description="Download URL to FILE through FILE.part: resume an interrupted download\n"
+        "(Range + If-Range), retry dropped connections, verify the size and optionally the\n"
+        "sha256, and rename FILE.part to FILE only when complete. The body is saved as\n"
+        "sent (Accept-Encoding: identity is asked for; nothing is decompressed).",
+        epilog="exit codes:\n" + fetch.exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", metavar="URL", type=arg_type(fetch.url_arg, "URL"), help="http(s) URL")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="where to save; - for stdout (no resume). Default: the last segment of the URL "
+        "path, percent-decoded, in the current directory",
+    )
+    p.add_argument(
+        "--sha256",
+        metavar="HEX",
+        type=arg_type(fetch.sha256_arg, "sha256"),
+        help="expected sha256 of the body; on mismatch FILE is not written (exit 6)",
+    )
+    p.add_argument(
+        "--retries",
+        metavar="N",
+        type=arg_type(bounded(int, 0, strict=False), "retries"),
+        default=fetch.DEFAULT_RETRIES,
+        help="retries after a dropped connection, timeout or 408/429/5xx "
+        f"(default: {fetch.DEFAULT_RETRIES})",
+    )
+    p.add_argument(
+        "--retry-delay",
+        metavar="S",
+        type=arg_type(bounded(float, 0, strict=False), "retry-delay"),
+        default=fetch.DEFAULT_RETRY_DELAY,
+        help=f"first retry delay in seconds, doubled each retry up to {fetch.MAX_RETRY_DELAY:g} "
+        f"(default: {fetch.DEFAULT_RETRY_DELAY:g})",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=arg_type(bounded(float, 0, strict=True), "timeout"),
+        default=fetch.DEFAULT_TIMEOUT,
+        help="seconds to connect, and to wait for each read; no total limit "
+        f"(default: {fetch.DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        action="append",
+        metavar='"NAME: VALUE"',
+        type=arg_type(fetch.header_arg, "header"),
+        help="extra request header (repeatable); Range and If-Range are refused",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="discard an existing FILE.part and start over"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace FILE if it exists (only once complete)"
+    )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress", action="store_true", help="draw the progress bar even if stderr is no TTY"
+    )
+    shown.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar, notes or summary; only errors"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="Streaming file-download relay.")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
+    _fetch_parser(sub)
     return parser
 
 
@@ -48,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
+    if command == "fetch":
+        from relay.fetch import run_fetch
+
+        return run_fetch(args)
     if command == "serve":
         config_file = args.pop("config")
         try:

@@ -1,0 +1,787 @@
+"""relay fetch: download one URL to a file, resumably and verified; FILE is never half-written.
+
+The body is saved as the server sent it (`iter_raw`; `Accept-Encoding: identity` is asked
+for, so normally there is nothing to decode), into FILE.part next to FILE, hashed with sha256
+while it is written. Only when the size (Content-Length or the Content-Range total) and the
+optional --sha256 match is FILE.part fsynced and renamed over FILE, and the directory fsynced.
+FILE.part.json remembers the URL, the validator and the total, so a later run resumes the
+partial with Range + If-Range; within one run a dropped connection or a read timeout is
+retried the same way (resuming only with a strong validator and `Accept-Ranges: bytes`,
+otherwise starting over).
+
+Exit codes
+    0    ok: FILE complete; size and, with --sha256, checksum verified
+    1    local error: cannot write FILE, FILE.part or the directory; FILE.part in use
+    2    usage: invalid arguments, a URL that is not http(s), no file name in the URL
+    3    HTTP error: an error or unexpected status (408/429/5xx after the retries)
+    4    FILE exists (give --force to replace it)
+    5    transfer failed after the retries (refused, reset, dropped, read timeout,
+         short body) or an unusable 206/416; FILE.part kept for the next run
+    6    size or checksum mismatch; FILE.part removed
+    130  interrupted (Ctrl-C); FILE.part kept for the next run
+
+Errors (each carries its exit code)
+    FetchError
+    ├── LocalError       1
+    ├── UsageError       2
+    ├── HTTPStatusError  3
+    ├── OutputExists     4
+    ├── TransferFailed   5
+    ├── VerifyFailed     6
+    └── Interrupted      130
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol, TextIO
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from relay import __version__
+from relay.progress import Progress, format_size
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no advisory lock on the partial
+    fcntl = None  # type: ignore[assignment]
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    LOCAL_ERROR = 1
+    USAGE = 2
+    HTTP_ERROR = 3
+    OUTPUT_EXISTS = 4
+    TRANSFER_FAILED = 5
+    VERIFY_FAILED = 6
+    INTERRUPTED = 130
+
+
+EXIT_CODES: Mapping[ExitCode, str] = {
+    ExitCode.OK: "ok: FILE complete; size and, with --sha256, checksum verified",
+    ExitCode.LOCAL_ERROR: "local error: cannot write FILE, FILE.part or the directory; "
+    "FILE.part in use",
+    ExitCode.USAGE: "usage: invalid arguments, a URL that is not http(s), no file name in the URL",
+    ExitCode.HTTP_ERROR: "HTTP error: an error or unexpected status "
+    "(408/429/5xx after the retries)",
+    ExitCode.OUTPUT_EXISTS: "FILE exists (give --force to replace it)",
+    ExitCode.TRANSFER_FAILED: "transfer failed after the retries (refused, reset, dropped, read "
+    "timeout, short body) or an unusable 206/416; FILE.part kept for the next run",
+    ExitCode.VERIFY_FAILED: "size or checksum mismatch; FILE.part removed",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); FILE.part kept for the next run",
+}
+
+DEFAULT_RETRIES = 5
+DEFAULT_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 10.0
+DEFAULT_TIMEOUT = 30.0
+MAX_REDIRECTS = 10
+#: Transient statuses retried like a dropped connection (as curl --retry does).
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_READ_CHUNK = 1 << 20
+_PART, _META = ".part", ".part.json"
+
+
+def exit_code_table(width: int = 79) -> str:
+    """The exit codes as an aligned two-column table (for --help)."""
+    return "\n".join(
+        textwrap.fill(text, width, initial_indent=f"  {int(code):<4} ", subsequent_indent=" " * 7)
+        for code, text in EXIT_CODES.items()
+    )
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+class FetchError(Exception):
+    exit_code = ExitCode.LOCAL_ERROR
+
+
+class LocalError(FetchError):
+    exit_code = ExitCode.LOCAL_ERROR
+
+
+class UsageError(FetchError):
+    exit_code = ExitCode.USAGE
+
+
+class HTTPStatusError(FetchError):
+    exit_code = ExitCode.HTTP_ERROR
+
+
+class OutputExists(FetchError):
+    exit_code = ExitCode.OUTPUT_EXISTS
+
+
+class TransferFailed(FetchError):
+    exit_code = ExitCode.TRANSFER_FAILED
+
+
+class VerifyFailed(FetchError):
+    exit_code = ExitCode.VERIFY_FAILED
+
+
+class Interrupted(FetchError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+class _Retry(Exception):
+    """A transient failure: retry (within --retries), else raise `error`."""
+
+    def __init__(self, error: FetchError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+# Dropped, reset, refused, timed out, short or malformed body: worth another try.
+_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+# ---- options and argument parsing ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchOptions:
+    url: str
+    output: str  # a path, or "-" for stdout
+    sha256: str | None = None
+    retries: int = DEFAULT_RETRIES
+    retry_delay: float = DEFAULT_RETRY_DELAY
+    timeout: float = DEFAULT_TIMEOUT
+    headers: tuple[tuple[str, str], ...] = ()
+    resume: bool = True
+    force: bool = False
+
+    def backoff(self, retry: int) -> float:
+        """Seconds before retry number `retry` (0-based): retry_delay x 2^retry, capped."""
+        return float(min(self.retry_delay * 2**retry, MAX_RETRY_DELAY))
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+# The downloader owns these: a user value would break resuming and the size check.
+_RESERVED_HEADERS = frozenset({"range", "if-range"})
+
+
+def url_arg(value: str) -> str:
+    """argparse type: an absolute http(s) URL with a host."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid URL {value!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def header_arg(value: str) -> tuple[str, str]:
+    """argparse type: "Name: value" -> ("Name", "value")."""
+    name, colon, text = value.partition(":")
+    name, text = name.strip(), text.strip()
+    if not colon or not _TOKEN.fullmatch(name) or _CTL.search(text):
+        raise ValueError(f'expected "Name: value", got {value!r}')
+    if name.lower() in _RESERVED_HEADERS:
+        raise ValueError(f"{name} is set by relay fetch itself (for resuming)")
+    return name, text
+
+
+def sha256_arg(value: str) -> str:
+    """argparse type: 64 hex digits, returned lower-case."""
+    if not _HEX64.fullmatch(value.strip()):
+        raise ValueError("expected 64 hex digits")
+    return value.strip().lower()
+
+
+def output_name(url: str) -> str:
+    """The file name for a URL given no -o: its last path segment, percent-decoded.
+
+    Separators and control characters in the decoded name become "_"; "", "." and ".." are
+    refused (the query string is ignored; Content-Disposition is never trusted).
+    """
+    segment = urlsplit(url).path.rsplit("/", 1)[-1]
+    name = re.sub(r"[/\\\x00-\x1f\x7f]", "_", unquote(segment, errors="replace"))
+    if name in ("", ".", ".."):
+        raise UsageError(f"cannot derive a file name from {url!r}; give -o FILE")
+    return name
+
+
+# ---- the partial file ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What FILE.part.json remembers: the partial's bytes belong to this URL and validator."""
+
+    url: str
+    validator: str | None  # for If-Range; None: the server does not support resuming
+    total: int | None  # the full size, when the server said
+
+    def dumps(self) -> str:
+        return json.dumps({"url": self.url, "validator": self.validator, "total": self.total})
+
+    @classmethod
+    def loads(cls, text: str) -> Meta | None:
+        try:
+            doc = json.loads(text)
+            url, validator, total = doc["url"], doc["validator"], doc["total"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(url, str) or not isinstance(validator, str | None):
+            return None
+        if total is not None and (type(total) is not int or total < 0):
+            return None
+        return cls(url, validator, total)
+
+
+class Sink(Protocol):
+    size: int
+
+    def write(self, data: bytes) -> None: ...
+    def digest(self) -> str: ...
+    def restart(self) -> None: ...
+    def save_meta(self, meta: Meta) -> None: ...
+
+
+class PartialFile:
+    """FILE.part (locked while open) and its FILE.part.json; publishes to FILE atomically."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.path = final.with_name(final.name + _PART)
+        self.meta_path = final.with_name(final.name + _META)
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._file: IO[bytes] | None = None
+
+    def open(self, url: str, *, resume: bool, note: Callable[[str], None]) -> Meta | None:
+        """Create FILE.part exclusively, or take over an existing one.
+
+        Returns the saved Meta when the existing bytes can be resumed (same URL, a validator,
+        not longer than the total); they are re-hashed. Otherwise the partial is emptied.
+        """
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            fresh = True
+        except FileExistsError:
+            fd = os.open(self.path, flags)
+            fresh = False
+        self._file = os.fdopen(fd, "r+b")
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._file.close()
+                self._file = None
+                raise LocalError(f"{self.path} is in use by another relay fetch") from None
+        if fresh:
+            self._remove_meta()
+            return None
+        meta = self._load_meta()
+        why = None
+        if not resume:
+            why = "--no-resume"
+        elif meta is None:
+            why = f"no readable {self.meta_path.name}"
+        elif meta.url != url:
+            why = f"it was downloaded from {meta.url}"
+        elif meta.validator is None:
+            why = "the server gave no validator to resume it with"
+        if why is None and meta is not None:
+            while chunk := self._file.read(_READ_CHUNK):
+                self._hash.update(chunk)
+                self.size += len(chunk)
+            if meta.total is None or self.size <= meta.total:
+                if self.size:
+                    note(f"resuming {self.path.name} at {format_size(self.size)}")
+                return meta
+            why = "it is longer than the file"
+        if why and os.fstat(fd).st_size:
+            note(f"discarding {self.path.name} ({why})")
+        self.restart()
+        return None
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def restart(self) -> None:
+        """Empty the partial (durably, before any new Meta can describe it)."""
+        assert self._file is not None
+        self._remove_meta()
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def save_meta(self, meta: Meta) -> None:
+        tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(meta.dumps())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.meta_path)
+
+    def publish(self) -> None:
+        """fsync FILE.part, rename it over FILE, fsync the directory, drop the sidecar."""
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        os.replace(self.path, self.final)
+        _fsync_dir(self.final.parent)
+        self._file.close()  # the lock is held until FILE is in place
+        self._file = None
+        self._remove_meta()
+
+    def close(self, *, keep: bool) -> None:
+        """Close; keep the partial (and sidecar) for the next run, or remove both."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        finally:
+            self._file = None
+            if not keep:
+                self.path.unlink(missing_ok=True)
+                self._remove_meta()
+
+    def _load_meta(self) -> Meta | None:
+        try:
+            return Meta.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _remove_meta(self) -> None:
+        self.meta_path.unlink(missing_ok=True)
+
+
+class StdoutSink:
+    """`-o -`: bytes go straight out; a retry can append but never start over."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.size = 0
+        self._out = out
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def restart(self) -> None:
+        if self.size:
+            raise TransferFailed(
+                f"cannot start over: {self.size} bytes were already written to stdout"
+            )
+
+    def save_meta(self, meta: Meta) -> None:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- HTTP details -------------------------------------------------------------------------------
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
+
+
+def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """ "bytes 10-19/100" -> (10, 19, 100); "bytes */100" -> (None, None, 100); bad -> None."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if m is None:
+        return None
+    first, last, total = m.groups()
+    return (
+        None if first is None else int(first),
+        None if last is None else int(last),
+        None if total == "*" else int(total),
+    )
+
+
+def content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    if "transfer-encoding" in response.headers or not value.isdigit():
+        return None
+    return int(value)
+
+
+def resume_validator(headers: httpx.Headers) -> str | None:
+    """The If-Range value to resume with, or None when resuming is not safe.
+
+    Needs `Accept-Ranges: bytes` and a strong validator: a strong ETag, or a Last-Modified at
+    least a second before the response's Date (implicitly strong, RFC 9110 8.8.2.2).
+    """
+    ranges = {t.strip().lower() for t in headers.get("accept-ranges", "").split(",")}
+    if "bytes" not in ranges:
+        return None
+    etag: str = headers.get("etag", "").strip()
+    if etag.startswith('"') and etag.endswith('"') and len(etag) >= 2:
+        return etag
+    last_modified: str | None = headers.get("last-modified")
+    date: str | None = headers.get("date")
+    if last_modified and date:
+        lm, dt = email.utils.parsedate_tz(last_modified), email.utils.parsedate_tz(date)
+        if lm and dt and email.utils.mktime_tz(dt) - email.utils.mktime_tz(lm) >= 1:
+            return last_modified
+    return None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def _describe(exc: httpx.HTTPError, received: int = 0) -> str:
+    kinds: dict[type[httpx.HTTPError], str] = {
+        httpx.ConnectTimeout: "timed out connecting",
+        httpx.ReadTimeout: "timed out reading",
+        httpx.ConnectError: "cannot connect",
+        httpx.RemoteProtocolError: "connection lost",
+        httpx.ReadError: "connection lost",
+    }
+    kind = kinds.get(type(exc), type(exc).__name__)
+    if received:
+        kind += f" after {format_size(received)}"
+    detail = str(exc)
+    return f"{kind}: {detail}" if detail and detail != "timed out" else kind
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reporter:
+    """Notes, the progress bar and the summary on stderr; `quiet` leaves only errors."""
+
+    stream: TextIO
+    bar: Progress | None = None
+    quiet: bool = False
+    noted: set[str] = field(default_factory=set, init=False)
+
+    def note(self, message: str, *, once: bool = False) -> None:
+        if self.quiet or (once and message in self.noted):
+            return
+        self.noted.add(message)
+        self._print(f"relay fetch: {message}")
+
+    def error(self, message: str) -> None:
+        self._print(f"relay fetch: error: {message}")
+
+    def start(self, total: int | None, done: int) -> None:
+        if self.bar is not None:
+            self.bar.start(total, done)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done)
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        print(line, file=self.stream, flush=True)
+
+
+# ---- the download -------------------------------------------------------------------------------
+
+
+class Fetcher:
+    """Requests, retries and resumes until `sink` holds the whole representation."""
+
+    def __init__(
+        self,
+        options: FetchOptions,
+        sink: Sink,
+        client: httpx.Client,
+        reporter: Reporter,
+        *,
+        meta: Meta | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.options = options
+        self.sink = sink
+        self.client = client
+        self.reporter = reporter
+        self.meta = meta
+        self.received = 0  # body bytes received in this run
+        self._sleep = sleep
+
+    def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                if self._attempt():
+                    break
+                continue  # start over at once (a 416 that did not confirm the partial)
+            except _Retry as retry:
+                if failures >= self.options.retries:
+                    plural = "y" if failures == 1 else "ies"
+                    suffix = f" (gave up after {failures} retr{plural})" if failures else ""
+                    raise type(retry.error)(f"{retry.error}{suffix}") from retry.__cause__
+                delay = self.options.backoff(failures)
+                if retry.retry_after is not None:
+                    delay = max(delay, min(retry.retry_after, MAX_RETRY_DELAY))
+                failures += 1
+                resumable = self.meta is not None and self.meta.validator is not None
+                if self.sink.size and not resumable:
+                    try:
+                        self.sink.restart()
+                    except TransferFailed as exc:
+                        raise TransferFailed(f"{retry.error}; {exc}") from retry.__cause__
+                where = f", resuming at {format_size(self.sink.size)}" if self.sink.size else ""
+                self.reporter.note(
+                    f"{retry.error}; retrying in {delay:.1f} s "
+                    f"({failures}/{self.options.retries}){where}"
+                )
+                self._sleep(delay)
+        self._verify()
+
+    def _attempt(self) -> bool:
+        offset, meta = self.sink.size, self.meta
+        headers = {"Accept-Encoding": "identity", **dict(self.options.headers)}
+        ranged = offset > 0 and meta is not None and meta.validator is not None
+        if ranged:
+            assert meta is not None
+            assert meta.validator is not None
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = meta.validator
+        try:
+            with self.client.stream("GET", self.options.url, headers=headers) as response:
+                return self._handle(response, offset, ranged)
+        except _TRANSIENT as exc:
+            raise _Retry(TransferFailed(_describe(exc, self.sink.size))) from exc
+        except httpx.TooManyRedirects as exc:
+            raise HTTPStatusError(f"more than {MAX_REDIRECTS} redirects") from exc
+        except httpx.HTTPError as exc:
+            raise TransferFailed(_describe(exc)) from exc
+
+    def _handle(self, response: httpx.Response, offset: int, ranged: bool) -> bool:
+        status = response.status_code
+        if status == 200:
+            if offset:
+                self.reporter.note(
+                    "the server sent the whole file (it changed, or ignored the range); "
+                    "starting over"
+                )
+                self.sink.restart()
+            validator = resume_validator(response.headers)
+            self.meta = Meta(self.options.url, validator, content_length(response))
+            self.sink.save_meta(self.meta)
+            self._body(response)
+            return True
+        if status == 206 and ranged:
+            self._check_206(response, offset)
+            self._body(response)
+            return True
+        if status == 416 and ranged:
+            assert self.meta is not None
+            crange = parse_content_range(response.headers.get("content-range"))
+            total = crange[2] if crange else None
+            if total == offset and self.meta.total in (None, total):
+                self.meta = Meta(self.meta.url, self.meta.validator, total)
+                return True  # the partial already holds every byte
+            self.reporter.note(f"the server refused the range (416, total {total}); starting over")
+            self.sink.restart()
+            self.meta = None
+            return False
+        message = f"{status} {response.reason_phrase} from {response.url}"
+        if status in RETRY_STATUSES:
+            raise _Retry(HTTPStatusError(message), _retry_after(response))
+        if status == 206:
+            raise TransferFailed(f"unexpected {message} to a request without Range")
+        raise HTTPStatusError(message if status >= 400 else f"unexpected status {message}")
+
+    def _check_206(self, response: httpx.Response, offset: int) -> None:
+        """Append only the rest of the same representation: bytes offset..total-1."""
+        assert self.meta is not None
+        assert self.meta.validator is not None
+        value = response.headers.get("content-range")
+        first, last, total = parse_content_range(value) or (None, None, None)
+        known, validator = self.meta.total, self.meta.validator
+        etag = response.headers.get("etag")
+        ok = (
+            first == offset
+            and total is not None
+            and last == total - 1
+            and known in (None, total)
+            and not (etag and validator.startswith('"') and etag != validator)
+        )
+        if not ok or total is None:
+            raise TransferFailed(
+                f"unusable 206 from {response.url}: asked for bytes {offset}- of "
+                f"{'?' if known is None else known} bytes, got Content-Range {value!r}"
+            )
+        if known is None:
+            self.meta = Meta(self.meta.url, validator, total)
+            self.sink.save_meta(self.meta)
+
+    def _body(self, response: httpx.Response) -> None:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            self.reporter.note(f"saving the body as sent (Content-Encoding: {encoding})", once=True)
+        assert self.meta is not None
+        self.reporter.start(self.meta.total, self.sink.size)
+        for chunk in response.iter_raw():
+            self.sink.write(chunk)
+            self.received += len(chunk)
+            self.reporter.update(self.sink.size)
+
+    def _verify(self) -> None:
+        total = self.meta.total if self.meta is not None else None
+        if total is not None and self.sink.size != total:
+            raise VerifyFailed(f"size mismatch: got {self.sink.size} bytes, expected {total}")
+        expected, digest = self.options.sha256, self.sink.digest()
+        if expected is not None and digest != expected:
+            raise VerifyFailed(f"sha256 mismatch: got {digest}, expected {expected}")
+
+
+def fetch(
+    options: FetchOptions,
+    reporter: Reporter,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    stdout: IO[bytes] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Download `options.url` to `options.output`; returns the sha256. Raises FetchError."""
+    started = clock()
+    partial: PartialFile | None = None
+    out: IO[bytes] | None = None
+    sink: Sink
+    if options.output == "-":
+        out = stdout if stdout is not None else sys.stdout.buffer
+        sink = StdoutSink(out)
+    else:
+        final = Path(options.output)
+        if final.is_dir():
+            raise LocalError(f"{final} is a directory")
+        if os.path.lexists(final) and not options.force:
+            raise OutputExists(f"{final} exists (give --force to replace it)")
+        sink = partial = PartialFile(final)
+    meta: Meta | None = None
+    fetcher: Fetcher | None = None
+    try:
+        if partial is not None:
+            meta = partial.open(options.url, resume=options.resume, note=reporter.note)
+        with httpx.Client(
+            transport=transport,
+            headers={"User-Agent": f"relay-fetch/{__version__}"},
+            timeout=httpx.Timeout(options.timeout),
+            follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
+        ) as client:
+            fetcher = Fetcher(options, sink, client, reporter, meta=meta, sleep=sleep)
+            fetcher.run()
+        if partial is not None:
+            partial.publish()
+        elif out is not None:
+            out.flush()
+    except VerifyFailed:
+        if partial is not None:
+            partial.close(keep=False)
+        raise
+    except (FetchError, OSError, KeyboardInterrupt) as exc:
+        kept = ""
+        if partial is not None:
+            if fetcher is not None:
+                meta = fetcher.meta
+            keep = partial.size > 0 and meta is not None and meta.validator is not None
+            partial.close(keep=keep)
+            if keep:
+                kept = (
+                    f"; {format_size(partial.size)} kept in {partial.path}, "
+                    "run the same command again to resume"
+                )
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(f"interrupted{kept}") from None
+        if isinstance(exc, OSError):
+            raise LocalError(f"{exc}{kept}") from exc
+        raise type(exc)(f"{exc}{kept}") from exc
+    finally:
+        if reporter.bar is not None:
+            reporter.bar.clear()
+    if not reporter.quiet:
+        elapsed = max(clock() - started, 1e-6)
+        where = "stdout" if partial is None else str(partial.final)
+        resumed = sink.size - fetcher.received
+        extra = f", resumed at {format_size(resumed)}" if resumed > 0 else ""
+        print(
+            f"relay fetch: saved {where}: {format_size(sink.size)} in {elapsed:.2f} s "
+            f"({format_size(fetcher.received / elapsed)}/s{extra}), sha256 {sink.digest()}",
+            file=reporter.stream,
+            flush=True,
+        )
+    return sink.digest()
+
+
+def run_fetch(args: Mapping[str, Any]) -> int:
+    """`relay fetch`: the parsed options (see relay.cli) -> an exit code."""
+    stream = sys.stderr
+    quiet = bool(args.get("quiet"))
+    show_bar = not quiet and (bool(args.get("progress")) or stream.isatty())
+    bar = Progress(stream, width=_terminal_width(stream)) if show_bar else None
+    reporter = Reporter(stream, bar=bar, quiet=quiet)
+    try:
+        url: str = args["url"]
+        headers: Sequence[tuple[str, str]] = args.get("headers") or ()
+        options = FetchOptions(
+            url=url,
+            output=args.get("output") or output_name(url),
+            sha256=args.get("sha256"),
+            retries=args.get("retries", DEFAULT_RETRIES),
+            retry_delay=args.get("retry_delay", DEFAULT_RETRY_DELAY),
+            timeout=args.get("timeout", DEFAULT_TIMEOUT),
+            headers=tuple(headers),
+            resume=not args.get("no_resume"),
+            force=bool(args.get("force")),
+        )
+        fetch(options, reporter)
+    except FetchError as exc:
+        reporter.error(str(exc))
+        return int(exc.exit_code)
+    except KeyboardInterrupt:  # before or after the transfer: nothing to keep
+        return int(ExitCode.INTERRUPTED)
+    return int(ExitCode.OK)
+
+
+def _terminal_width(stream: TextIO) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        columns = 0
+    return columns if columns > 0 else shutil.get_terminal_size().columns
