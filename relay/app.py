@@ -48,6 +48,7 @@ class Relay:
         self._forwarded = ForwardedPolicy(config.trusted_networks())
         self._limiter = StreamLimiter(config.max_streams)
         self._send_timeout = config.send_timeout
+        self._resume_attempts = config.resume_attempts
 
     @property
     def active_streams(self) -> int:
@@ -84,6 +85,7 @@ class Relay:
             routes=self._routes,
             limiter=self._limiter,
             send_timeout=self._send_timeout,
+            resume_attempts=self._resume_attempts,
         )
 
 

@@ -26,11 +26,16 @@ from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.limits import StreamLimiter
 from relay.redirects import REDIRECT_STATUSES, rewrite_location
+from relay.resume import ResumePlan
 from relay.routing import RouteTable
 from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
 
 logger = logging.getLogger(__name__)
+
+# Seconds before the first resume attempt; doubled for each further one, up to the cap.
+RESUME_BACKOFF = 0.1
+RESUME_BACKOFF_CAP = 2.0
 
 
 def error_response(exc: RelayError) -> Response:
@@ -51,6 +56,7 @@ class RelayResponse(Response):
         routes: RouteTable,
         limiter: StreamLimiter,
         send_timeout: float,
+        resume_attempts: int = 0,
     ) -> None:
         # Response.__init__ would render a body; this response streams one instead.
         self._upstream = upstream
@@ -59,6 +65,7 @@ class RelayResponse(Response):
         self._routes = routes
         self._limiter = limiter
         self._send_timeout = send_timeout
+        self._resume_attempts = resume_attempts
         self._response: httpx.Response | None = None
         self._active = True
         self._client_gone = False
@@ -186,22 +193,31 @@ class RelayResponse(Response):
 
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
         declared = response.headers.get("content-length")
+        plan = ResumePlan.for_response(response) if self._resume_attempts else None
         sent = 0
+        failures = 0
         clock = asyncio.get_running_loop().time
         try:
-            async for chunk in response.aiter_raw():
-                sent += len(chunk)
-                self._sending_since = clock()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                self._sending_since = None
-        except httpx.HTTPError as exc:
-            logger.warning(
-                "upstream body failed after %d bytes, aborting the client transfer: %s (%s)",
-                sent,
-                exc,
-                self._request.url.path,
-            )
-            raise TransferAborted(str(exc)) from exc
+            while True:
+                try:
+                    async for chunk in response.aiter_raw():
+                        sent += len(chunk)
+                        self._sending_since = clock()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        self._sending_since = None
+                    break
+                except httpx.HTTPError as exc:
+                    failures += 1
+                    if plan is None or failures > self._resume_attempts:
+                        logger.warning(
+                            "upstream body failed after %d bytes, aborting the client transfer: "
+                            "%s (%s)",
+                            sent,
+                            exc,
+                            self._request.url.path,
+                        )
+                        raise TransferAborted(str(exc)) from exc
+                    response = await self._resume(plan, response, sent, failures, exc)
         finally:
             self._exchange.bytes_sent = sent
         if declared is not None and declared.isdigit() and int(declared) != sent:
@@ -213,3 +229,38 @@ class RelayResponse(Response):
             )
             raise TransferAborted(f"short body: {sent} of {declared} bytes")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _resume(
+        self,
+        plan: ResumePlan,
+        failed: httpx.Response,
+        sent: int,
+        attempt: int,
+        cause: Exception,
+    ) -> httpx.Response:
+        """Replace a failed upstream response by one that continues exactly after `sent`."""
+        path = self._request.url.path
+        logger.info(
+            "upstream body failed after %d bytes (%s); resuming with %s, attempt %d of %d (%s)",
+            sent,
+            cause,
+            plan.range_header(sent),
+            attempt,
+            self._resume_attempts,
+            path,
+        )
+        await failed.aclose()
+        await asyncio.sleep(min(RESUME_BACKOFF * 2 ** (attempt - 1), RESUME_BACKOFF_CAP))
+        request = self._upstream.build_request(
+            "GET", failed.request.url, plan.request_headers(failed.request, sent), self._route
+        )
+        try:
+            response = self._response = await self._upstream.open(request, self._route)
+        except UpstreamError as exc:
+            raise TransferAborted(f"resume failed: {exc.reason}") from exc
+        reason = plan.mismatch(response, sent)
+        if reason is not None:
+            logger.warning("cannot resume, aborting the client transfer: %s (%s)", reason, path)
+            raise TransferAborted(reason)
+        self._exchange.resumes += 1
+        return response

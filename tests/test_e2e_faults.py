@@ -108,8 +108,17 @@ def test_pool_exhausted_gives_503_with_retry_after(
         "lie_length=200000",  # declares more than it sends
     ],
 )
-def test_upstream_dying_mid_body_aborts_the_client(relay: RelayThread, fault: str) -> None:
-    """Every byte received is forwarded, then the client transfer is aborted, never cleanly."""
+@pytest.mark.parametrize("resume", ["off", "impossible"])
+def test_upstream_dying_mid_body_aborts_the_client(
+    make_relay: Callable[..., RelayThread], transport_name: str, fault: str, resume: str
+) -> None:
+    """Every byte received is forwarded, then the client transfer is aborted, never cleanly.
+
+    With resume off, or when the object changed (a new ETag each time, so If-Range fails).
+    """
+    relay = make_relay(transport=transport_name, resume_attempts=0 if resume == "off" else 3)
+    if resume == "impossible":
+        fault += "&etag_changes=1"
     received = bytearray()
     with (
         pytest.raises(httpx.RemoteProtocolError),
@@ -142,7 +151,7 @@ def test_bad_chunk_framing_is_never_a_clean_response(relay: RelayThread) -> None
 def test_upstream_stall_mid_body_aborts_after_read_timeout(
     make_relay: Callable[..., RelayThread], origin: Origin, transport_name: str
 ) -> None:
-    relay = make_relay(transport=transport_name, read_timeout=0.5)
+    relay = make_relay(transport=transport_name, read_timeout=0.5, resume_attempts=0)
     marker = uuid.uuid4().hex
     with (
         pytest.raises(httpx.RemoteProtocolError),
