@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from relay import __version__
 from relay.config import ENV_PREFIX, Config, settings
@@ -136,13 +138,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _fetch_parser(sub)
+    _sign_parser(sub)
     return parser
+
+
+def _sign_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sign",
+        help="print a signed, expiring URL path for relay's signing_key",
+        description="Sign PATH (e.g. /gh/org/repo/file.tar.gz) with the signing key from "
+        f"{ENV_PREFIX}SIGNING_KEY or --key-file, printing PATH?...&expires=..&signature=..",
+    )
+    p.add_argument("path", metavar="PATH", help="the path on relay, as the client will send it")
+    p.add_argument("--expires-in", type=int, default=3600, metavar="SECONDS")
+    p.add_argument("--key-file", metavar="FILE", help="file holding the signing key")
+
+
+def run_sign(args: dict[str, object]) -> int:
+    from relay.auth import sign
+
+    key_file = args.get("key_file")
+    if isinstance(key_file, str):
+        try:
+            key = Path(key_file).read_text().strip()
+        except OSError as exc:
+            print(f"relay: cannot read {key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    else:
+        key = os.environ.get(ENV_PREFIX + "SIGNING_KEY", "")
+    path = str(args["path"])
+    if not key or not path.startswith("/"):
+        print("relay: need a signing key and a PATH starting with '/'", file=sys.stderr)
+        return 2
+    base, _, query = path.partition("?")
+    expires = int(time.time()) + int(str(args["expires_in"]))
+    signed = sign(key, base, expires)
+    print(f"{base}?{query + '&' if query else ''}{signed}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
+    if command == "sign":
+        return run_sign(args)
     if command == "fetch":
         from relay.fetch import run_fetch
 
