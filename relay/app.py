@@ -25,13 +25,11 @@ from relay.headers import upstream_request_headers
 from relay.health import Readiness, healthz, readyz
 from relay.limits import StreamLimiter
 from relay.metrics import Metrics
-from relay.observe import ObserveMiddleware
+from relay.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
 from relay.transports import make_transport
 from relay.upstream import Upstream
-
-REQUEST_ID_KEY = "relay.request_id"
 
 
 class State(TypedDict):
@@ -116,7 +114,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
                 finally:
                     readiness.draining = True
 
-    metrics = Metrics()
+    metrics = Metrics(routes=[route.prefix for route in config.routes])
     auth = ClientAuth(
         secret=config.client_secret,
         secret_header=config.client_secret_header,
@@ -131,7 +129,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             Route("/{path:path}", relay.endpoint, methods=["GET", "HEAD"]),
         ],
         middleware=[
-            Middleware(ObserveMiddleware, metrics=metrics),
+            Middleware(ObserveMiddleware, metrics=metrics, access_log=config.access_log),
             Middleware(ClientAuthMiddleware, auth=auth),
         ],
         lifespan=lifespan,

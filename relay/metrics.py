@@ -1,17 +1,207 @@
-"""Prometheus metrics (stub: implemented in the observability change)."""
+"""Prometheus metrics, read from each request's Exchange once it is over.
+
+Every app has its own `CollectorRegistry`, so several apps (and tests) in one process never
+share or collide on series. Nothing here runs per body chunk: the middleware calls `started`
+when a request comes in and `observe` once when it is over.
+
+Label values are bounded: `route` is a configured prefix or "-" (health, metrics, no route,
+refused paths), `method` is GET, HEAD or other, `status` is the status sent (0 when none was:
+the client left before the response started).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 
 from relay.exchange import Exchange
-from relay.types import Scope
+
+NO_ROUTE = "-"
+
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+"""Upstream time to first byte: from in-cluster milliseconds to a read timeout's worth."""
+
+DURATION_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    *(60, 300, 900, 1800, 3600, 7200, 14400),
+)
+"""Whole requests: health checks in milliseconds up to multi-gigabyte downloads over hours."""
+
+POOL_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+_METHODS = {"GET": "GET", "HEAD": "HEAD"}
+
+
+def method_label(method: str) -> str:
+    return _METHODS.get(method, "other")
 
 
 class Metrics:
-    def observe(self, scope: Scope, exchange: Exchange, status: int) -> None:
-        pass
+    """relay's metrics and the /metrics endpoint serving them.
+
+    `routes` (the configured prefixes) creates their series up front at zero, so a rate over
+    a counter that has not moved yet is 0 rather than absent.
+    """
+
+    def __init__(self, routes: Iterable[str] = ()) -> None:
+        # prometheus_client's `*_created` series double every counter and histogram in the
+        # text format for nothing Prometheus needs. The switch is process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "relay_requests",
+            "Requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.body_bytes = Counter(
+            "relay_response_body_bytes",
+            "Response body bytes sent to clients.",
+            ["route"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "relay_request_duration_seconds",
+            "Seconds from receiving a request to the end of its response (or its abort).",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "relay_upstream_ttfb_seconds",
+            "Seconds from sending the upstream request to its response headers.",
+            ["route"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self.pool_wait = Histogram(
+            "relay_upstream_pool_wait_seconds",
+            "Seconds requests waited for a free upstream connection; only requests that had "
+            "to wait are observed.",
+            buckets=POOL_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "relay_resumes",
+            "Upstream bodies resumed with Range after failing mid-transfer.",
+            ["route"],
+            registry=registry,
+        )
+        self.client_aborts = Counter(
+            "relay_client_aborts",
+            "Transfers the client went away from before they were complete.",
+            ["route"],
+            registry=registry,
+        )
+        self.upstream_aborts = Counter(
+            "relay_upstream_aborts",
+            "Client transfers aborted because the upstream failed mid-body.",
+            ["route"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "relay_upstream_errors",
+            "Requests answered 502, 503 or 504 by relay: the upstream could not be reached, "
+            "had no free connection or sent no headers in time.",
+            ["route"],
+            registry=registry,
+        )
+        self._live: dict[int, Exchange] = {}
+        self._routes: set[str] = set()
+        registry.register(_ActiveStreams(self._live, self._routes))
+        ProcessCollector(registry=registry)
+        for route in routes:
+            self._add_route(route)
+
+    def _add_route(self, route: str) -> None:
+        self._routes.add(route)
+        for family in (
+            self.body_bytes,
+            self.duration,
+            self.ttfb,
+            self.resumes,
+            self.client_aborts,
+            self.upstream_aborts,
+            self.upstream_errors,
+        ):
+            family.labels(route)
+
+    def started(self, exchange: Exchange) -> None:
+        """A request came in; it counts as an active stream once routed, until `observe`."""
+        self._live[id(exchange)] = exchange
+
+    def observe(
+        self, exchange: Exchange, *, method: str, status: int, body_bytes: int, duration: float
+    ) -> None:
+        """Record a request that is over, once."""
+        self._live.pop(id(exchange), None)
+        route = exchange.route
+        if route != NO_ROUTE and route not in self._routes:
+            self._add_route(route)
+        self.requests.labels(route, method_label(method), str(status)).inc()
+        self.duration.labels(route).observe(duration)
+        if body_bytes:
+            self.body_bytes.labels(route).inc(body_bytes)
+        if exchange.upstream_ttfb is not None:
+            self.ttfb.labels(route).observe(exchange.upstream_ttfb)
+        if exchange.pool_wait is not None:
+            self.pool_wait.observe(exchange.pool_wait)
+        if exchange.resumes:
+            self.resumes.labels(route).inc(exchange.resumes)
+        outcome = exchange.outcome
+        if outcome == "client_abort":
+            self.client_aborts.labels(route).inc()
+        elif outcome == "upstream_abort":
+            self.upstream_aborts.labels(route).inc()
+        elif outcome == "upstream_error":
+            self.upstream_errors.labels(route).inc()
 
     async def endpoint(self, request: Request) -> Response:
-        return PlainTextResponse("")
+        return Response(
+            generate_latest(self.registry),
+            media_type=CONTENT_TYPE_LATEST,
+            headers={"Cache-Control": "no-store"},
+        )
+
+
+class _ActiveStreams(Collector):
+    """relay_active_streams{route}: requests in flight on each route, counted at scrape time.
+
+    Counted from the live requests rather than incremented and decremented: the route is only
+    known after routing, and a request must be counted from then (including while it waits for
+    the upstream) until it is over, whichever way it ends. Requests not routed to an upstream
+    (health, metrics, 404) are not streams and are left out, so a scrape never counts itself.
+    """
+
+    NAME = "relay_active_streams"
+    HELP = "Relayed requests in flight, from routing until the response is over."
+
+    def __init__(self, live: dict[int, Exchange], routes: set[str]) -> None:
+        self._live = live
+        self._routes = routes
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["route"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = dict.fromkeys(tuple(self._routes), 0)
+        for exchange in tuple(self._live.values()):
+            if exchange.route != NO_ROUTE:
+                counts[exchange.route] = counts.get(exchange.route, 0) + 1
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["route"])
+        for route, count in sorted(counts.items()):
+            family.add_metric([route], count)
+        yield family

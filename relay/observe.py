@@ -1,35 +1,183 @@
-"""Per-request observation: the access log record and the metrics, read from the Exchange.
+"""Per-request observation: request id, metrics and the access record, read from the Exchange.
 
-Plain ASGI middleware (not BaseHTTPMiddleware, which breaks streaming back-pressure). It wraps
-`send` only to see the status; everything else is read once, after the request is over.
+Plain ASGI middleware (not BaseHTTPMiddleware, which breaks streaming back-pressure). Its `send`
+wrapper runs for every body chunk, so for those it does one dict lookup and one comparison;
+it only acts on the response start (to add X-Request-ID and note the status). Everything else
+is read once, after the request is over: the metrics, then the access record.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
 from relay.exchange import SCOPE_KEY, Exchange
 from relay.metrics import Metrics
-from relay.types import ASGIApp, Message, Receive, Scope, Send
+from relay.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+
+REQUEST_ID_KEY = "relay.request_id"
+"""Scope key of the request id: the client's X-Request-ID when sane, else a new one."""
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_MAX_LOGGED_HEADER = 512
+_MAX_LOGGED_PATH = 2048
+_BODYLESS = frozenset({204, 304})
+
+access_logger = logging.getLogger("relay.access")
+
+
+def request_id_from(headers: RawHeaders) -> str:
+    """The client's X-Request-ID if it is short and plain, else a new random one."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if _SANE_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+def request_id_of(scope: Scope) -> str | None:
+    rid: str | None = scope.get(REQUEST_ID_KEY)
+    return rid
 
 
 class ObserveMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         exchange = scope[SCOPE_KEY] = Exchange()
-        status = 0
+        request_id = scope[REQUEST_ID_KEY] = request_id_from(scope["headers"])
+        id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        start: Message | None = None
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
+        # Runs for every body chunk: a plain function handing back send's own awaitable, so
+        # a chunk costs one call, one dict lookup and one comparison, and no extra coroutine.
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            nonlocal start
             if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+                # relay's id replaces any the upstream sent: one id per exchange, end to end.
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != id_header[0]]
+                headers.append(id_header)
+                message = start = {**message, "headers": headers}
+            return send(message)
 
+        self.metrics.started(exchange)
+        failure: BaseException | None = None
         try:
             await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
-            self.metrics.observe(scope, exchange, status)
+            self._finish(scope, exchange, start, failure)
+
+    def _finish(
+        self,
+        scope: Scope,
+        exchange: Exchange,
+        start: Message | None,
+        failure: BaseException | None,
+    ) -> None:
+        duration = time.monotonic() - exchange.started
+        method: str = scope["method"]
+        if start is not None:
+            status: int = start["status"]
+        elif isinstance(failure, Exception):
+            status = 500  # Starlette's ServerErrorMiddleware, outside this one, answers
+        else:
+            status = 0  # nothing was sent: the client left first, or the task was cancelled
+        outcome = exchange.outcome
+        if failure is not None and outcome == "ok":
+            outcome = "cancelled" if isinstance(failure, asyncio.CancelledError) else "error"
+        if exchange.upstream_status is not None:
+            body_bytes = exchange.bytes_sent
+        else:
+            # A response relay made itself (health, metrics, error line, stored file) is sent
+            # whole; count what it declared, as the relay loop is not there to count.
+            body_bytes = _declared_length(start, method) if start is not None else 0
+        self.metrics.observe(
+            exchange, method=method, status=status, body_bytes=body_bytes, duration=duration
+        )
+        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+            self._log(scope, exchange, status, outcome, body_bytes, duration)
+
+    def _log(
+        self,
+        scope: Scope,
+        exchange: Exchange,
+        status: int,
+        outcome: str,
+        body_bytes: int,
+        duration: float,
+    ) -> None:
+        range_header = user_agent = None
+        for name, value in scope["headers"]:
+            if name == b"range":
+                range_header = _printable(value, _MAX_LOGGED_HEADER)
+            elif name == b"user-agent":
+                user_agent = _printable(value, _MAX_LOGGED_HEADER)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
+        # Without the query string: queries can carry signatures and tokens.
+        path = _printable(raw_path.split(b"?", 1)[0], _MAX_LOGGED_PATH)
+        client = scope.get("client")
+        ttfb = exchange.upstream_ttfb
+        pool_wait = exchange.pool_wait
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": path,
+            "route": exchange.route,
+            "status": status,
+            "bytes": body_bytes,
+            "duration_ms": round(duration * 1000, 3),
+            "upstream_status": exchange.upstream_status,
+            "upstream_ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
+            "pool_wait_ms": None if pool_wait is None else round(pool_wait * 1000, 3),
+            "range": range_header,
+            "client": client[0] if client else None,
+            "request_id": scope[REQUEST_ID_KEY],
+            "outcome": outcome,
+            "resumes": exchange.resumes,
+            "user_agent": user_agent,
+        }
+        access_logger.info(
+            '%s "%s %s" %d %d %.1fms %s id=%s',
+            fields["client"] or "-",
+            fields["method"],
+            path,
+            status,
+            body_bytes,
+            fields["duration_ms"],
+            outcome,
+            fields["request_id"],
+            extra=fields,
+        )
+
+
+def _declared_length(start: Message, method: str) -> int:
+    status: int = start["status"]
+    if method == "HEAD" or status < 200 or status in _BODYLESS:
+        return 0
+    for name, value in start["headers"]:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _printable(raw: bytes, limit: int) -> str:
+    """Header or path bytes as log-safe text: bounded, control and non-ASCII bytes escaped."""
+    text = raw[:limit].decode("ascii", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

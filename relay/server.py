@@ -18,8 +18,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from relay.app import create_app
 from relay.config import Config
-from relay.errors import TransferAborted
 from relay.health import Readiness
+from relay.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -127,28 +127,6 @@ def protocol_class(config: Config) -> type[RelayHttpToolsProtocol]:
     )
 
 
-class _QuietAborts(logging.Filter):
-    """uvicorn logs a traceback for every request task that raised; two are expected.
-
-    TransferAborted: relay aborted the client on purpose and has logged why. CancelledError:
-    the drain timeout ran out and uvicorn cancelled the download, which aborts it; one line
-    says so.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, TransferAborted):
-            return False
-        if isinstance(exc, asyncio.CancelledError):
-            record.msg, record.args, record.exc_info = (
-                "in-flight download aborted: drain timeout exceeded",
-                (),
-                None,
-            )
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
 class RelayServer(uvicorn.Server):
     """uvicorn's server with a not-ready window before the drain, and a clean exit code.
 
@@ -224,16 +202,6 @@ def uvicorn_config(config: Config, app: Starlette) -> uvicorn.Config:
     )
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
-    # httpx logs every request at INFO: per-request work on the hot path, and noise.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def build_server(
     config: Config, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> RelayServer:
@@ -246,6 +214,6 @@ def build_server(
 
 
 def serve(config: Config) -> None:
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     logger.info("relay starting with %s", config.describe())
     build_server(config).run()

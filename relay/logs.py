@@ -1,0 +1,105 @@
+"""Logging setup: one JSON object per line (or a human format), and quiet expected aborts.
+
+JSON lines carry `timestamp` (RFC 3339, UTC), `level`, `logger`, `message`, `exception` when
+there is one, and every field passed with `extra=` (the access record's fields, for one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from relay.errors import TransferAborted
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("json", "text")
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, None, None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
+
+
+def rfc3339(created: float) -> str:
+    """2025-01-31T12:00:00.123Z"""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines in messages and tracebacks escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "timestamp": rfc3339(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in out:
+                out[key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
+
+
+class QuietAborts(logging.Filter):
+    """uvicorn logs a traceback for every request task that raised; two are expected.
+
+    TransferAborted: relay aborted the client on purpose and has logged why. CancelledError:
+    the drain timeout ran out and uvicorn cancelled the download, which aborts it; one line
+    says so.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TransferAborted):
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            record.msg, record.args, record.exc_info = (
+                "in-flight download aborted: drain timeout exceeded",
+                (),
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+class _RelayHandler(logging.StreamHandler[TextIO]):
+    """The handler configure_logging installs (and replaces when called again)."""
+
+
+def configure_logging(level: str, fmt: str = "json", *, stream: TextIO | None = None) -> None:
+    """Send every log record to stderr (or `stream`), as JSON lines or as text.
+
+    Idempotent: calling it again replaces relay's handler, leaving other handlers alone.
+    `level` applies to diagnostic logs; access records (logger `relay.access`, INFO) are
+    switched on and off by the middleware's `access_log` alone.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _RelayHandler)]:
+        root.removeHandler(old)
+        old.close()
+    handler = _RelayHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietAborts) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(QuietAborts())
+    logging.getLogger("relay.access").setLevel(logging.INFO)
+    # httpx logs every request at INFO: per-request work on the hot path, and noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
