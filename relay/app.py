@@ -28,7 +28,7 @@ from relay.metrics import Metrics
 from relay.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
-from relay.transports import make_transport
+from relay.transports import PooledTransport, make_transport
 from relay.upstream import Upstream
 
 
@@ -96,11 +96,15 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     readiness = Readiness()
     routes = RouteTable(config.routes)
     relay = Relay(config, routes)
+    metrics = Metrics(routes=[route.prefix for route in config.routes])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        upstream_transport = transport if transport is not None else make_transport(config)
+        if isinstance(upstream_transport, PooledTransport):
+            metrics.watch_pool(upstream_transport.pool_stats)
         async with httpx.AsyncClient(
-            transport=transport if transport is not None else make_transport(config),
+            transport=upstream_transport,
             follow_redirects=False,
             trust_env=False,
             # One client serves every user: it must never remember an upstream's cookies.
@@ -114,7 +118,6 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
                 finally:
                     readiness.draining = True
 
-    metrics = Metrics(routes=[route.prefix for route in config.routes])
     auth = ClientAuth(
         secret=config.client_secret,
         secret_header=config.client_secret_header,

@@ -11,7 +11,7 @@ the client left before the response started).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.exchange import Exchange
+from relay.transports import PoolStats
 
 NO_ROUTE = "-"
 
@@ -122,6 +123,8 @@ class Metrics:
         self._live: dict[int, Exchange] = {}
         self._routes: set[str] = set()
         registry.register(_ActiveStreams(self._live, self._routes))
+        self._pool = _UpstreamPool()
+        registry.register(self._pool)
         ProcessCollector(registry=registry)
         for route in routes:
             self._add_route(route)
@@ -169,12 +172,37 @@ class Metrics:
         elif outcome == "upstream_error":
             self.upstream_errors.labels(route).inc()
 
+    def watch_pool(self, source: Callable[[], PoolStats] | None) -> None:
+        """Report the upstream pool (the transport's pool_stats) at every scrape."""
+        self._pool.source = source
+
     async def endpoint(self, request: Request) -> Response:
         return Response(
             generate_latest(self.registry),
             media_type=CONTENT_TYPE_LATEST,
             headers={"Cache-Control": "no-store"},
         )
+
+
+class _UpstreamPool(Collector):
+    """Upstream connections in use and idle, read from the transport at scrape time."""
+
+    NAME = "relay_upstream_connections"
+    HELP = "Upstream connections by state: in_use (checked out for a response) or idle."
+
+    def __init__(self) -> None:
+        self.source: Callable[[], PoolStats] | None = None
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        if self.source is not None:
+            stats = self.source()
+            family.add_metric(["in_use"], stats.in_use)
+            family.add_metric(["idle"], stats.idle)
+        yield family
 
 
 class _ActiveStreams(Collector):

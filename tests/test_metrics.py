@@ -225,3 +225,21 @@ def test_metrics_active_streams_follow_a_download_in_flight(
         release.set()
         thread.join(10)
     assert wait_until(lambda: sample(scrape(relay), "relay_active_streams", route="/o/") == 0)
+
+
+def test_metrics_upstream_pool_gauge_tracks_connections(
+    make_relay: Callable[..., RelayThread],
+) -> None:
+    """relay_upstream_connections reports in_use while a stream holds its connection."""
+    from tests.test_e2e_faults import held_stream
+
+    relay = make_relay()
+
+    def scrape(state: str) -> float | None:
+        return sample(
+            parse(httpx.get(f"{relay.url}/metrics").text), "relay_upstream_connections", state=state
+        )
+
+    with held_stream(f"{relay.url}/o/gen/10m?stall_after=1000"):
+        assert scrape("in_use") == 1
+    assert wait_until(lambda: scrape("in_use") == 0)
