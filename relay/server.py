@@ -180,13 +180,25 @@ class RelayServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def event_loop(config: Config) -> str:
+    """The event loop for `loop = "auto"`: uvloop under aiohttp, asyncio under httpcore.
+
+    httpcore runs on anyio, whose stream reader on uvloop keeps reading ahead while relay's
+    client is slow; measured in bench/aborts.py, 500 aborted downloads left 488 MiB resident
+    on uvloop and 79 MiB on asyncio. aiohttp pauses its reads on either loop.
+    """
+    if config.loop != "auto":
+        return config.loop
+    return "uvloop" if config.transport == "aiohttp" else "asyncio"
+
+
 def uvicorn_config(config: Config, app: Starlette) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         http=protocol_class(config),
-        loop=config.loop,
+        loop=event_loop(config),
         lifespan="on",
         ws="none",
         interface="asgi3",

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from relay.config import Config, Route
-from relay.server import RelayServer, build_server
+from relay.server import RelayServer, build_server, event_loop
 from relay.transports import PooledTransport, PoolStats, make_transport
 
 
@@ -55,7 +55,7 @@ class RelayThread:
         server = self.server
 
         def run() -> None:
-            if self.config.loop == "asyncio":
+            if event_loop(self.config) == "asyncio":
                 loop = asyncio.new_event_loop()
             else:
                 import uvloop
