@@ -128,7 +128,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics.endpoint, methods=["GET"]),
-            *download_routes(),
+            *download_routes(config),
             Route("/{path:path}", relay.endpoint, methods=["GET", "HEAD"]),
         ],
         middleware=[

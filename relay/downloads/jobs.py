@@ -1,0 +1,287 @@
+"""The download manager: accepts jobs, runs at most `max_downloads` at once, survives restarts.
+
+Each job is one asyncio task that waits for a slot (state `queued`), then fetches into its
+partial file and publishes it (state `running`). The job store holds every job; the manager
+holds the active ones in memory (their progress changes by the chunk).
+
+Start: jobs left queued or running by the previous process are queued again and resume from
+their partial files (re-hashed first); partial files without a job are removed. A job that was
+publishing when the process died (final file present, partial gone) is checked and adopted.
+
+Stop (the lifespan ending): every task is cancelled; each closes its upstream response and
+its file on the way out. States stay `queued`/`running` in the store and partial files stay on
+disk, so the next start resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from relay.config import Config
+from relay.downloads.errors import Conflict, JobFailed, NotFound, Unavailable
+from relay.downloads.fetch import Fetcher
+from relay.downloads.intake import Order
+from relay.downloads.model import Job, State
+from relay.downloads.names import DataDir, new_job_id
+from relay.downloads.store import JobStore, StoreError
+from relay.downloads.writer import PartialFile, hash_file, remove_quietly
+from relay.errors import ClientError
+from relay.routing import RouteTable, Target
+from relay.upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+MAX_ACTIVE = 1000
+"""Jobs queued or running at once; beyond this POST /downloads answers 503."""
+
+
+class DownloadManager:
+    def __init__(
+        self, config: Config, upstream: Upstream, route_table: RouteTable, data: DataDir
+    ) -> None:
+        self.route_table = route_table
+        self._upstream = upstream
+        self._resume_attempts = config.resume_attempts
+        self._data = data
+        self._store = JobStore(data.store_path)
+        self._slots = asyncio.Semaphore(config.max_downloads)
+        self._active: dict[str, Job] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._submitting = asyncio.Lock()
+        self._closing = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._data.create)
+        await self._store.open()
+        unfinished = await self._store.unfinished()
+        orphans = await asyncio.to_thread(self._data.orphan_partials, {j.id for j in unfinished})
+        for orphan in orphans:
+            logger.info("removing partial file without a job: %s", orphan.name)
+            await asyncio.to_thread(remove_quietly, orphan)
+        for job in unfinished:
+            on_disk = await asyncio.to_thread(_size_of, self._data.partial(job.id))
+            if on_disk is None and await self._adopt(job):
+                continue
+            job.state = State.QUEUED
+            job.bytes_done = on_disk or 0
+            job.touch()
+            await self._store.save(job)
+            self._schedule(job)
+        if unfinished:
+            logger.info("resuming %d download(s) left by the previous run", len(unfinished))
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._store.close()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def submit(self, order: Order) -> Job:
+        """The job for `order`: an existing one for the same file, or a new queued one."""
+        async with self._submitting:
+            if self._closing:
+                raise Unavailable("relay is shutting down; retry shortly")
+            job = Job(
+                id=new_job_id(),
+                path=order.path,
+                url=order.url,
+                name=order.name,
+                expected_sha256=order.sha256,
+                expected_size=order.size,
+            )
+            existing = await self._existing(job)
+            if existing is not None:
+                return existing
+            if len(self._active) >= MAX_ACTIVE:
+                raise Unavailable("too many downloads queued; retry later")
+            await self._store.save(job)
+            self._schedule(job)
+            logger.info("download %s queued: %s -> %s", job.id, job.url.split("?")[0], job.name)
+            return job
+
+    async def _existing(self, job: Job) -> Job | None:
+        """A job to share instead of `job`; None when `job` may go ahead under its name.
+
+        Shared: an active job for the same key; a completed one whose file is still there;
+        the job that published a file under this name with the sha256 `job` expects. Any
+        other holder of the name (an active job, a different file) is a conflict.
+        """
+        same = next((j for j in self._active.values() if j.key == job.key), None)
+        if same is not None:
+            return same
+        done = await self._store.completed_with_key(job.key)
+        done_file = self._data.file(done.name) if done is not None else None
+        if done_file is not None and await asyncio.to_thread(_size_of, done_file) is not None:
+            return done
+        writer = next((j for j in self._active.values() if j.name == job.name), None)
+        if writer is not None:
+            raise Conflict(f"download {writer.id} is writing this name", field="name")
+        if not await asyncio.to_thread(os.path.lexists, self._data.file(job.name)):
+            return None
+        holder = await self._store.completed_with_name(job.name)
+        if holder is not None and holder.sha256 and job.expected_sha256 == holder.sha256:
+            return holder
+        hint = f"; DELETE /downloads/{holder.id} frees it" if holder is not None else ""
+        raise Conflict(f"a different file with this name exists{hint}", field="name")
+
+    async def get(self, job_id: str) -> Job:
+        job = self._active.get(job_id) or await self._store.get(job_id)
+        if job is None:
+            raise NotFound("no such download")
+        return job
+
+    async def latest(self, limit: int) -> list[Job]:
+        """Newest first; active jobs with their live progress."""
+        return [self._active.get(j.id, j) for j in await self._store.latest(limit)]
+
+    async def remove(self, job_id: str) -> Job | None:
+        """Cancel an active job (returning it) or forget a finished one and its file (None)."""
+        job = self._active.get(job_id)
+        if job is not None:
+            task = self._tasks.get(job_id)
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+            if job.state.active:
+                await asyncio.to_thread(remove_quietly, self._data.partial(job.id))
+                if await self._store.completed_with_name(job.name) is None:
+                    # Cancelled between the rename and its record: the name was reserved
+                    # for this job, so a file under it is this job's.
+                    await asyncio.to_thread(remove_quietly, self._data.file(job.name))
+                await self._finish(job, State.CANCELLED, "cancelled by request")
+            return job
+        stored = await self._store.get(job_id)
+        if stored is None:
+            raise NotFound("no such download")
+        if stored.state == State.COMPLETED:
+            holder = await self._store.completed_with_name(stored.name)
+            if holder is not None and holder.id == stored.id:
+                await asyncio.to_thread(remove_quietly, self._data.file(stored.name))
+        await self._store.delete(job_id)
+        logger.info("download %s deleted", job_id)
+        return None
+
+    async def published(self, name: str) -> tuple[Path, Job] | None:
+        """The file published under `name` and the job that verified it."""
+        job = await self._store.completed_with_name(name)
+        return (self._data.file(name), job) if job is not None else None
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def _schedule(self, job: Job) -> None:
+        self._active[job.id] = job
+        task = asyncio.create_task(self._run(job), name=f"download {job.id}")
+        self._tasks[job.id] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            self._tasks.pop(job.id, None)
+            self._active.pop(job.id, None)
+            if not done.cancelled() and done.exception() is not None:
+                logger.error("download %s ended abnormally", job.id, exc_info=done.exception())
+
+        task.add_done_callback(forget)
+
+    async def _run(self, job: Job) -> None:
+        async with self._slots:
+            job.state = State.RUNNING
+            job.rate.reset()
+            job.touch()
+            partial_path = self._data.partial(job.id)
+            try:
+                await self._store.save(job)
+                digest = await self._download(job, partial_path)
+            except (JobFailed, StoreError) as exc:
+                reason = exc.reason
+                logger.warning("download %s failed: %s", job.id, reason)
+            except Exception as exc:
+                reason = f"internal error ({type(exc).__name__})"
+                logger.exception("download %s failed unexpectedly", job.id)
+            else:
+                job.sha256 = digest
+                logger.info("download %s completed: %s (%s)", job.id, job.name, digest)
+                await self._finish(job, State.COMPLETED)
+                return
+            await asyncio.to_thread(remove_quietly, partial_path)
+            await self._finish(job, State.FAILED, reason)
+
+    async def _download(self, job: Job, partial_path: Path) -> str:
+        target = self._resolve(job)
+        partial = await PartialFile.open(partial_path)
+        try:
+            job.bytes_done = partial.size
+            fetcher = Fetcher(
+                self._upstream,
+                job,
+                target,
+                partial,
+                resume_attempts=self._resume_attempts,
+                checkpoint=lambda: self._store.save(job),
+            )
+            await fetcher.run()
+            return await partial.publish(
+                self._data.file(job.name),
+                expected_size=job.expected_size if job.total is None else job.total,
+                expected_sha256=job.expected_sha256,
+                upstream_sha256=job.upstream_sha256,
+            )
+        finally:
+            await partial.close()
+
+    def _resolve(self, job: Job) -> Target:
+        """The job's upstream URL under the routes configured now."""
+        raw_path, _, query = job.path.partition("?")
+        try:
+            target = self.route_table.resolve(raw_path.encode("ascii"), query.encode("ascii"))
+        except ClientError as exc:
+            raise JobFailed(f"path is no longer served: {exc.reason}") from None
+        job.url = target.url
+        return target
+
+    async def _finish(self, job: Job, state: State, error: str | None = None) -> None:
+        job.state = state
+        job.error = error
+        if state == State.COMPLETED:
+            job.bytes_done = job.total = job.total if job.total is not None else job.bytes_done
+        job.touch()
+        try:
+            await self._store.save(job)
+        except StoreError as exc:
+            # The store keeps the job's previous state: the next start runs it again.
+            logger.error("download %s: could not record %s: %s", job.id, state, exc.reason)
+
+    async def _adopt(self, job: Job) -> bool:
+        """Complete a job whose file was published just before the last process stopped."""
+        target = self._data.file(job.name)
+        if job.state != State.RUNNING or await asyncio.to_thread(_size_of, target) is None:
+            return False
+        if await self._store.completed_with_name(job.name) is not None:
+            return False
+        hasher, size = await asyncio.to_thread(hash_file, target)
+        digest = hasher.hexdigest()
+        digests = {job.expected_sha256, job.upstream_sha256} - {None}
+        sizes = {job.total, job.expected_size} - {None}
+        if digests - {digest} or sizes - {size}:
+            logger.warning("download %s: %s exists but does not match", job.id, target.name)
+            await self._finish(job, State.FAILED, "a different file with this name exists")
+            return True
+        job.sha256, job.total, job.bytes_done = digest, size, size
+        logger.info("download %s: adopting %s, published before the last stop", job.id, job.name)
+        await self._finish(job, State.COMPLETED)
+        return True
+
+
+def _size_of(path: Path) -> int | None:
+    """The size of the file at `path`, or None when there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
