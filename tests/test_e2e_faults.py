@@ -254,3 +254,21 @@ def test_error_bodies_are_short_and_plain(make_relay: Callable[..., RelayThread]
     head, _, body = response.partition(b"\r\n\r\n")
     assert 0 < len(body) < 300
     assert b"text/plain" in head
+
+
+@pytest.mark.parametrize("cut", [1_000_000, 33_333_333])
+def test_every_byte_received_is_forwarded_before_the_abort(
+    make_relay: Callable[..., RelayThread], transport_name: str, cut: int
+) -> None:
+    """Bytes the transport had buffered when the upstream died still reach the client."""
+    relay = make_relay(transport=transport_name, resume_attempts=0)
+    received = 0
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.Client(timeout=10) as client,
+        client.stream("GET", f"{relay.url}/o/gen/64m?close_after={cut}") as response,
+    ):
+        for chunk in response.iter_raw():
+            time.sleep(0.002)  # a slow client: relay often holds buffered upstream bytes
+            received += len(chunk)
+    assert received == cut
