@@ -10,8 +10,6 @@ reads relay's own gauges from /metrics and its RSS. Prints one Markdown table.
 from __future__ import annotations
 
 import argparse
-import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -20,18 +18,7 @@ from pathlib import Path
 
 from bench.procfs import process_tree, rss_kib
 from bench.procs import free_port, http_get, start_server
-
-
-def _abort_one(port: int, path: str, nbytes: int) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-        got = 0
-        while got < nbytes:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += len(chunk)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+from tests.harness import abort_download
 
 
 def _gauge(port: int, name: str, labels: str) -> float | None:
@@ -94,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         threads: list[threading.Thread] = []
         for i in range(args.count):
             t = threading.Thread(
-                target=_abort_one, args=(relay_port, f"/o/gen/64m?i={i}", 64 * 1024), daemon=True
+                target=abort_download,
+                args=(relay_port, f"/o/gen/64m?i={i}", 64 * 1024),
+                daemon=True,
             )
             t.start()
             threads.append(t)

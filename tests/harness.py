@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -139,6 +140,19 @@ def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
                     break
                 chunks.append(chunk)
         return b"".join(chunks)
+
+
+def abort_download(port: int, path: str, nbytes: int) -> None:
+    """Start a download and reset the connection (RST) after nbytes of the response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        got = 0
+        while got < nbytes:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += len(chunk)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def status_of(response: bytes) -> int:

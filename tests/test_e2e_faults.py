@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from relay.config import Route
-from tests.harness import RelayThread, raw_http, status_of, wait_until
+from tests.harness import RelayThread, abort_download, raw_http, status_of, wait_until
 from tests.origin import Origin
 
 pytestmark = pytest.mark.e2e
@@ -165,19 +165,6 @@ def test_upstream_stall_mid_body_aborts_after_read_timeout(
     assert relay.pool_stats().idle == 0
 
 
-def _abort_after(port: int, path: str, nbytes: int) -> None:
-    """Start a download and drop the socket after nbytes of the response."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-        got = 0
-        while got < nbytes:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += len(chunk)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-
-
 def _rss_kib() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -196,7 +183,7 @@ def test_aborted_downloads_leave_no_connection_checked_out(
     threads = []
     for i in range(200):
         t = threading.Thread(
-            target=_abort_after, args=(relay.port, f"/o/gen/64m?i={i}", 64 * 1024), daemon=True
+            target=abort_download, args=(relay.port, f"/o/gen/64m?i={i}", 64 * 1024), daemon=True
         )
         t.start()
         threads.append(t)

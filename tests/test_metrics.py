@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.exchange import Exchange
 from relay.metrics import Metrics
-from tests.harness import RelayThread, wait_until
+from tests.harness import RelayThread, abort_download, wait_until
 
 MiB = 1024 * 1024
 
@@ -137,19 +136,6 @@ def test_metrics_registries_are_per_instance() -> None:
     assert not [k for k in samples_of(second) if k[0] == "relay_requests_total"]
 
 
-def _abort_after(port: int, path: str, nbytes: int) -> None:
-    """Start a download and reset the connection after nbytes of the response."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-        got = 0
-        while got < nbytes:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += len(chunk)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-
-
 def scrape(relay: RelayThread) -> Samples:
     response = httpx.get(f"{relay.url}/metrics")
     assert response.status_code == 200
@@ -171,7 +157,7 @@ def test_metrics_scrape_after_download_aborts_and_no_route(
     ):
         for _ in response.iter_raw():
             pass
-    _abort_after(relay.port, "/o/gen/64m", 64 * 1024)
+    abort_download(relay.port, "/o/gen/64m", 64 * 1024)
     assert httpx.get(f"{relay.url}/nothing/here").status_code == 404
     assert wait_until(lambda: sample(scrape(relay), "relay_client_aborts_total", route="/o/") == 1)
     assert relay.settled()
