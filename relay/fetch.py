@@ -33,7 +33,6 @@ Errors (each carries its exit code)
 
 from __future__ import annotations
 
-import email.utils
 import enum
 import hashlib
 import json
@@ -51,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from relay import __version__
+from relay import __version__, ranges, validators
 from relay.progress import Progress, format_size
 
 try:
@@ -417,20 +416,14 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- HTTP details -------------------------------------------------------------------------------
 
-_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
-
 
 def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
     """ "bytes 10-19/100" -> (10, 19, 100); "bytes */100" -> (None, None, 100); bad -> None."""
-    m = _CONTENT_RANGE.fullmatch((value or "").strip())
-    if m is None:
-        return None
-    first, last, total = m.groups()
-    return (
-        None if first is None else int(first),
-        None if last is None else int(last),
-        None if total == "*" else int(total),
-    )
+    parsed = ranges.parse_content_range(value)
+    if parsed is not None:
+        return parsed.start, parsed.end, parsed.total
+    total = ranges.parse_unsatisfied_range(value)
+    return None if total is None else (None, None, total)
 
 
 def content_length(response: httpx.Response) -> int | None:
@@ -441,24 +434,8 @@ def content_length(response: httpx.Response) -> int | None:
 
 
 def resume_validator(headers: httpx.Headers) -> str | None:
-    """The If-Range value to resume with, or None when resuming is not safe.
-
-    Needs `Accept-Ranges: bytes` and a strong validator: a strong ETag, or a Last-Modified at
-    least a second before the response's Date (implicitly strong, RFC 9110 8.8.2.2).
-    """
-    ranges = {t.strip().lower() for t in headers.get("accept-ranges", "").split(",")}
-    if "bytes" not in ranges:
-        return None
-    etag: str = headers.get("etag", "").strip()
-    if etag.startswith('"') and etag.endswith('"') and len(etag) >= 2:
-        return etag
-    last_modified: str | None = headers.get("last-modified")
-    date: str | None = headers.get("date")
-    if last_modified and date:
-        lm, dt = email.utils.parsedate_tz(last_modified), email.utils.parsedate_tz(date)
-        if lm and dt and email.utils.mktime_tz(dt) - email.utils.mktime_tz(lm) >= 1:
-            return last_modified
-    return None
+    """The If-Range value to resume with (see relay.validators), or None when not safe."""
+    return validators.resume_validator(headers) if validators.accepts_byte_ranges(headers) else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:

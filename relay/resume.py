@@ -1,41 +1,27 @@
 """Transparent mid-stream resume: continuing a client response after the upstream failed.
 
 When the upstream dies or stalls mid-body, and it offered a strong validator (a strong ETag,
-or Last-Modified) and `Accept-Ranges: bytes`, relay asks for the rest with
-`Range: bytes=N-` and `If-Range: <validator>`. Only a 206 whose Content-Range starts exactly at
-N, ends where the original would have, and has the same total continues the client's response;
-anything else (a 200 because the object changed, a 416, another range) aborts the client
-transfer as before. The client never sees a seam: same headers, same bytes.
+or a Last-Modified a second or more older than its Date) and `Accept-Ranges: bytes`, relay
+asks for the rest with `Range: bytes=N-` and `If-Range: <validator>`. Only a 206 whose
+Content-Range starts exactly at N, ends where the original would have, and has the same total
+continues the client's response; anything else (a 200 because the object changed, a 416,
+another range) aborts the client transfer as before. The client never sees a seam: same
+headers, same bytes.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import httpx
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+from relay.ranges import parse_content_range
+from relay.validators import accepts_byte_ranges, resume_validator
+
 # Conditional headers that could turn the resumed request into a 304 or 412.
 _DROPPED_ON_RESUME = frozenset(
     {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
 )
-
-
-def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
-    match = _CONTENT_RANGE.match(value)
-    if match is None:
-        return None
-    first, last, total = match.groups()
-    return int(first), int(last), None if total == "*" else int(total)
-
-
-def strong_validator(response: httpx.Response) -> str | None:
-    etag: str | None = response.headers.get("etag")
-    if etag:
-        return None if etag.startswith("W/") else etag
-    modified: str | None = response.headers.get("last-modified")
-    return modified
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +37,9 @@ class ResumePlan:
     @classmethod
     def for_response(cls, response: httpx.Response) -> ResumePlan | None:
         """A plan if the response can be resumed, else None."""
-        if response.request.method != "GET":
+        if response.request.method != "GET" or not accepts_byte_ranges(response.headers):
             return None
-        if response.headers.get("accept-ranges", "").strip().lower() != "bytes":
-            return None
-        validator = strong_validator(response)
+        validator = resume_validator(response.headers)
         if validator is None:
             return None
         if response.status_code == 200:
@@ -64,11 +48,10 @@ class ResumePlan:
             end = total - 1 if total else None
             return cls(validator=validator, start=0, end=end, total=total)
         if response.status_code == 206:
-            parsed = parse_content_range(response.headers.get("content-range", ""))
+            parsed = parse_content_range(response.headers.get("content-range"))
             if parsed is None:
                 return None  # multipart/byteranges or malformed: not resumable
-            first, last, total = parsed
-            return cls(validator=validator, start=first, end=last, total=total)
+            return cls(validator=validator, start=parsed.start, end=parsed.end, total=parsed.total)
         return None
 
     def range_header(self, sent: int) -> str:
@@ -89,16 +72,15 @@ class ResumePlan:
         """Why response cannot continue the body after `sent` bytes, or None if it can."""
         if response.status_code != 206:
             return f"resume answered {response.status_code}, not 206"
-        parsed = parse_content_range(response.headers.get("content-range", ""))
+        parsed = parse_content_range(response.headers.get("content-range"))
         if parsed is None:
             return "resume answered without a single Content-Range"
-        first, last, total = parsed
-        if first != self.start + sent:
-            return f"resume started at byte {first}, not {self.start + sent}"
-        if self.end is not None and last != self.end:
-            return f"resume ends at byte {last}, not {self.end}"
-        if self.total is not None and total != self.total:
-            return f"resume total is {total}, not {self.total}"
-        if strong_validator(response) not in (None, self.validator):
+        if parsed.start != self.start + sent:
+            return f"resume started at byte {parsed.start}, not {self.start + sent}"
+        if self.end is not None and parsed.end != self.end:
+            return f"resume ends at byte {parsed.end}, not {self.end}"
+        if self.total is not None and parsed.total != self.total:
+            return f"resume total is {parsed.total}, not {self.total}"
+        if resume_validator(response.headers) not in (None, self.validator):
             return "validator changed"
         return None

@@ -17,19 +17,19 @@ from relay.downloads.fetch import Fetcher, backoff_delay, request_headers
 from relay.downloads.intake import parse_order, path_for_url
 from relay.downloads.model import Job, State
 from relay.downloads.names import DataDir, check_name, name_from_path, new_job_id
-from relay.downloads.ranges import (
+from relay.downloads.rate import RateMeter
+from relay.downloads.store import JobStore
+from relay.downloads.writer import WRITE_BLOCK, PartialFile
+from relay.errors import BadPath
+from relay.ranges import (
     Unsatisfiable,
     parse_content_range,
     parse_range,
     parse_unsatisfied_range,
 )
-from relay.downloads.rate import RateMeter
-from relay.downloads.store import JobStore
-from relay.downloads.validators import resume_validator
-from relay.downloads.writer import WRITE_BLOCK, PartialFile
-from relay.errors import BadPath
 from relay.routing import RouteTable, Target
 from relay.upstream import Upstream
+from relay.validators import resume_validator
 
 ROUTE = Route(prefix="/o/", upstream="http://upstream.test/base/")
 URL = "http://upstream.test/base/file.bin"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from relay.downloads.validators import format_http_date, parse_http_date
+from relay.validators import format_http_date, parse_http_date
 from tests.harness import RelayThread, raw_http, relay_config, status_of
 from tests.origin import Origin, body_bytes, expected_sha256
 from tests.test_downloads import marker, post, wait_done

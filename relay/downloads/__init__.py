@@ -8,7 +8,8 @@
     writer.py      the partial file: exclusive create, hash while writing, verified publish
     store.py       jobs in SQLite (WAL) on one thread
     model.py       Job and its states; rate.py the smoothed rate
-    digests.py     the upstream's announced sha256; ranges.py, validators.py HTTP helpers
+    digests.py     the upstream's announced sha256 (relay/ranges.py, relay/validators.py:
+                   the HTTP range and validator helpers shared with streams and `relay fetch`)
     names.py       ids, file names, the data directory layout; errors.py the error tree
 
 With `data_dir` empty the feature is off: `open_downloads` yields None and no endpoint is

@@ -29,13 +29,13 @@ from relay.config import Route
 from relay.downloads.digests import DigestConflict, upstream_sha256
 from relay.downloads.errors import JobFailed, UpstreamFailure
 from relay.downloads.model import Job
-from relay.downloads.ranges import parse_content_range, parse_unsatisfied_range
-from relay.downloads.validators import accepts_byte_ranges, resume_validator
 from relay.downloads.writer import PartialFile
 from relay.errors import UpstreamError
 from relay.headers import USER_AGENT, VIA
+from relay.ranges import parse_content_range, parse_unsatisfied_range
 from relay.routing import Target
 from relay.upstream import Upstream
+from relay.validators import accepts_byte_ranges, resume_validator
 
 logger = logging.getLogger(__name__)
 
