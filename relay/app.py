@@ -10,7 +10,6 @@ from typing import TypedDict
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -29,6 +28,7 @@ from relay.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
 from relay.transports import PooledTransport, make_transport
+from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
 
 
@@ -52,8 +52,13 @@ class Relay:
     def active_streams(self) -> int:
         return self._limiter.active
 
-    async def endpoint(self, request: Request) -> Response:
-        scope = request.scope
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Routed to as an ASGI app, not as a function: Starlette then builds no Request and
+        # skips its per-request exception wrapping (~8% of a small request's CPU). Nothing
+        # here raises HTTPException.
+        await self.response(scope)(scope, receive, send)
+
+    def response(self, scope: Scope) -> Response:
         exchange = exchange_of(scope)
         raw_path = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
         try:
@@ -75,10 +80,10 @@ class Relay:
             route=target.route,
             request_id=scope.get(REQUEST_ID_KEY),
         )
-        upstream: Upstream = request.state.upstream
+        upstream: Upstream = scope["state"]["upstream"]
         return RelayResponse(
             upstream,
-            upstream.build_request(request.method, target.url, headers, target.route),
+            upstream.build_request(scope["method"], target.url, headers, target.route),
             route=target.route,
             routes=self._routes,
             limiter=self._limiter,
@@ -129,7 +134,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics.endpoint, methods=["GET"]),
             *download_routes(config),
-            Route("/{path:path}", relay.endpoint, methods=["GET", "HEAD"]),
+            Route("/{path:path}", relay, methods=["GET", "HEAD"]),
         ],
         middleware=[
             Middleware(ObserveMiddleware, metrics=metrics, access_log=config.access_log),

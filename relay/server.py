@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -228,4 +229,11 @@ def build_server(
 def serve(config: Config) -> None:
     configure_logging(config.log_level, config.log_format)
     logger.info("relay starting with %s", config.describe())
-    build_server(config).run()
+    server = build_server(config)
+    # Everything alive now (modules, config, app) lives as long as the process: keep it out of
+    # the collector's scans. A small request allocates thousands of short-lived container
+    # objects; collecting the youngest generation every 700 of them cost ~8% of its CPU.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 1000)
+    server.run()

@@ -193,6 +193,7 @@ class RelayResponse(Response):
 
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
         declared = response.headers.get("content-length")
+        length = int(declared) if declared is not None and declared.isdigit() else None
         plan = ResumePlan.for_response(response) if self._resume_attempts else None
         sent = 0
         failures = 0
@@ -204,6 +205,14 @@ class RelayResponse(Response):
                         sent += len(chunk)
                         self._sending_since = clock()
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        if length is None or sent < length:
+                            # Back-pressure before pulling the next chunk: the server's send
+                            # waits while its transport is paused, so this returns once the
+                            # client has taken what it was sent. Pulling first would hold one
+                            # more chunk per slow client.
+                            await send(
+                                {"type": "http.response.body", "body": b"", "more_body": True}
+                            )
                         self._sending_since = None
                     break
                 except httpx.HTTPError as exc:
