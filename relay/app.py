@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TypedDict
 
 import httpx
@@ -92,8 +91,25 @@ class Relay:
         )
 
 
-def refuse_all_cookies() -> CookieJar:
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+class _NoCookies(httpx.Cookies):
+    def extract_cookies(self, response: httpx.Response) -> None:
+        """Nothing is stored; httpx would otherwise parse every response into a cookie jar."""
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """The one shared client. It serves every user, so it never remembers an upstream's
+    cookies: its jar is always empty and storing into it costs nothing."""
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        pass
+
+
+_NO_COOKIES = _NoCookies()
 
 
 def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -108,12 +124,8 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         upstream_transport = transport if transport is not None else make_transport(config)
         if isinstance(upstream_transport, PooledTransport):
             metrics.watch_pool(upstream_transport.pool_stats)
-        async with httpx.AsyncClient(
-            transport=upstream_transport,
-            follow_redirects=False,
-            trust_env=False,
-            # One client serves every user: it must never remember an upstream's cookies.
-            cookies=refuse_all_cookies(),
+        async with UpstreamClient(
+            transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
             upstream = Upstream(client, config)
             async with open_downloads(config, upstream, routes) as downloads:
