@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay.addresses import parse_ip, refusal
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
@@ -34,8 +35,6 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 def _literal_refusal(host: str) -> str | None:
     """Why an IP-literal upstream host is refused (odd IPv4 spellings included), or None."""
-    from relay.egress import parse_ip, refusal
-
     ip = parse_ip(host)
     if ip is None and re.fullmatch(r"[0-9a-fA-FxX.]+", host):
         try:  # 127.1, 2130706433, 0x7f.1: forms inet_aton (and so getaddrinfo) accepts

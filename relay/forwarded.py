@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from relay.egress import parse_ip
+from relay.addresses import parse_ip
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from relay.addresses import EgressRefused, check_addresses, refusal
 from relay.config import Route
-from relay.egress import EgressRefused, GuardedResolver, check_addresses, refusal
+from relay.egress import GuardedResolver
 from relay.errors import ConfigError
 from tests.origin import Origin
 

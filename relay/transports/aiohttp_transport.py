@@ -24,8 +24,9 @@ import aiohttp
 import httpx
 from yarl import URL
 
+from relay.addresses import EgressRefused, check_literal
 from relay.config import Config
-from relay.egress import EgressRefused, GuardedResolver, check_literal
+from relay.egress import GuardedResolver
 from relay.transports import ALLOW_PRIVATE, PoolStats
 
 # Headers aiohttp would invent; relay sends exactly the headers it chose.
