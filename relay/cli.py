@@ -39,7 +39,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from relay import fetch  # the exit-code table and argument types live with the downloader
+    from relay import fetch  # argument types and defaults live with the downloader
+    from relay.fetch_errors import exit_code_table
 
     def arg_type(convert: Callable[[str], object], name: str) -> Callable[[str], object]:
         def parse(value: str) -> object:
@@ -67,7 +68,7 @@ def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(Range + If-Range), retry dropped connections, verify the size and optionally the\n"
         "sha256, and rename FILE.part to FILE only when complete. The body is saved as\n"
         "sent (Accept-Encoding: identity is asked for; nothing is decompressed).",
-        epilog="exit codes:\n" + fetch.exit_code_table(),
+        epilog="exit codes:\n" + exit_code_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("url", metavar="URL", type=arg_type(fetch.url_arg, "URL"), help="http(s) URL")

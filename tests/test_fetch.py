@@ -20,18 +20,15 @@ import pytest
 
 from relay.cli import main
 from relay.fetch import (
-    EXIT_CODES,
     FetchOptions,
-    Meta,
     Reporter,
-    TransferFailed,
-    UsageError,
-    VerifyFailed,
     fetch,
     output_name,
     parse_content_range,
     resume_validator,
 )
+from relay.fetch_errors import EXIT_CODES, TransferFailed, UsageError, VerifyFailed
+from relay.partial import Meta
 from relay.progress import Progress, format_duration, format_size
 from tests.origin import Origin, RequestRecord, body_bytes, expected_sha256, gzip_body
 
