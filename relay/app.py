@@ -47,10 +47,6 @@ class Relay:
         self._send_timeout = config.send_timeout
         self._resume_attempts = config.resume_attempts
 
-    @property
-    def active_streams(self) -> int:
-        return self._limiter.active
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Routed to as an ASGI app, not as a function: Starlette then builds no Request and
         # skips its per-request exception wrapping (~8% of a small request's CPU). Nothing
@@ -155,6 +151,4 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         lifespan=lifespan,
     )
     app.state.readiness = readiness
-    app.state.config = config
-    app.state.relay = relay
     return app

@@ -33,6 +33,10 @@ from relay.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
+# An empty body message: sent after each chunk, it returns once the server's transport has
+# drained (a constant, so the streaming loop allocates no second message per chunk).
+_WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
+
 # Seconds before the first resume attempt; doubled for each further one, up to the cap.
 RESUME_BACKOFF = 0.1
 RESUME_BACKOFF_CAP = 2.0
@@ -210,9 +214,7 @@ class RelayResponse(Response):
                             # waits while its transport is paused, so this returns once the
                             # client has taken what it was sent. Pulling first would hold one
                             # more chunk per slow client.
-                            await send(
-                                {"type": "http.response.body", "body": b"", "more_body": True}
-                            )
+                            await send(_WAIT_FOR_CLIENT)
                         self._sending_since = None
                     break
                 except httpx.HTTPError as exc:
@@ -229,14 +231,14 @@ class RelayResponse(Response):
                     response = await self._resume(plan, response, sent, failures, exc)
         finally:
             self._exchange.bytes_sent = sent
-        if declared is not None and declared.isdigit() and int(declared) != sent:
+        if length is not None and length != sent:
             # Defence in depth: the transport should have raised already.
             logger.warning(
                 "upstream body ended at %d of %s bytes, aborting the client transfer",
                 sent,
-                declared,
+                length,
             )
-            raise TransferAborted(f"short body: {sent} of {declared} bytes")
+            raise TransferAborted(f"short body: {sent} of {length} bytes")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _resume(
