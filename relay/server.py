@@ -53,6 +53,10 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         self._rejected: tuple[int, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
+        # Pause the response as soon as the kernel has not taken all of a chunk (uvloop's
+        # default waits for 64 KiB more): relay's back-pressure wait then returns only once
+        # the client has taken the whole chunk, so a slow client holds one chunk, not two.
+        transport.set_write_buffer_limits(high=0)
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:

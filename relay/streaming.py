@@ -25,9 +25,11 @@ from relay.errors import RelayError, TransferAborted, UpstreamError
 from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.limits import StreamLimiter
+from relay.pacing import ReadPacer
 from relay.redirects import REDIRECT_STATUSES, rewrite_location
 from relay.resume import ResumePlan
 from relay.routing import RouteTable
+from relay.transports import READ_PACE
 from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
 
@@ -204,10 +206,14 @@ class RelayResponse(Response):
         clock = asyncio.get_running_loop().time
         try:
             while True:
+                pace = response.extensions.get(READ_PACE)
+                pacer = ReadPacer(pace, clock()) if pace is not None else None
                 try:
                     async for chunk in response.aiter_raw():
                         sent += len(chunk)
-                        self._sending_since = clock()
+                        now = self._sending_since = clock()
+                        if pacer is not None:
+                            pacer.sent(len(chunk), now)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         if length is None or sent < length:
                             # Back-pressure before pulling the next chunk: the server's send

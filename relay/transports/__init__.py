@@ -24,6 +24,11 @@ TRANSPORTS = {
 # Request extension set by relay for routes that opted in to private addresses.
 ALLOW_PRIVATE = "relay.allow_private"
 
+# Response extension a transport may set: a callable taking `True` for small socket reads (a slow
+# stream: less held in memory) and `False` for large ones (a fast stream: fewer iterations per
+# GiB). relay/pacing.py decides which.
+READ_PACE = "relay.read_pace"
+
 
 class PoolStats(NamedTuple):
     in_use: int
@@ -47,4 +52,11 @@ def make_transport(config: Config) -> httpx.AsyncBaseTransport:
     return factory.from_config(config)
 
 
-__all__ = ["ALLOW_PRIVATE", "TRANSPORTS", "PoolStats", "PooledTransport", "make_transport"]
+__all__ = [
+    "ALLOW_PRIVATE",
+    "READ_PACE",
+    "TRANSPORTS",
+    "PoolStats",
+    "PooledTransport",
+    "make_transport",
+]

@@ -17,20 +17,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import httpx
+from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from relay.addresses import EgressRefused, check_literal
 from relay.config import Config
 from relay.egress import GuardedResolver
-from relay.transports import ALLOW_PRIVATE, PoolStats
+from relay.transports import ALLOW_PRIVATE, READ_PACE, PoolStats
+from relay.transports.reads import SizedReads
 
 # Headers aiohttp would invent; relay sends exactly the headers it chose.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+
+# aiohttp's per-response buffer: reading pauses above twice this and resumes below it. Small, so
+# that a paused stream holds about one socket read (see reads.py), not a read plus 128 KiB.
+READ_BUFSIZE = 16 * 1024
+
+
+class _Handler(ResponseHandler):
+    """aiohttp's protocol, with socket reads sized by relay (`SizedReads`)."""
+
+    reads: SizedReads | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.reads = SizedReads(self)
+        transport.set_protocol(self.reads)
+
+
+def _sized_reads(response: aiohttp.ClientResponse) -> SizedReads | None:
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    return protocol.reads if isinstance(protocol, _Handler) else None
 
 
 @contextlib.contextmanager
@@ -150,7 +174,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         *,
         max_connections: int = 100,
         keepalive_expiry: float = 30.0,
-        read_bufsize: int = 2**16,
+        read_bufsize: int = READ_BUFSIZE,
     ) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
@@ -175,6 +199,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=self._keepalive_expiry,
             resolver=None if allow_private else GuardedResolver(),
         )
+        # aiohttp has no public hook for the protocol of its connections; `_factory` is where
+        # every aiohttp 3 connector makes them. tests/test_reads.py fails if that changes.
+        connector._factory = functools.partial(_Handler, loop=connector._loop)  # type: ignore[assignment]
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._max_connections)
         session = self._sessions[allow_private] = aiohttp.ClientSession(
@@ -260,13 +287,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except BaseException:
             release()
             raise
+        extensions: dict[str, object] = {
+            "http_version": b"HTTP/1.1",
+            "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+        }
+        reads = _sized_reads(response)
+        if reads is not None:
+            reads.read_small(False)  # a kept-alive connection starts each response afresh
+            extensions[READ_PACE] = reads.read_small
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response, request, release),
             request=request,
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
-            },
+            extensions=extensions,
         )

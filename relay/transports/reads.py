@@ -1,0 +1,75 @@
+"""Upstream socket reads of a size relay chooses.
+
+For a plain protocol, uvloop and asyncio read up to 256 KiB per `recv`, and aiohttp's protocol
+is a plain one. Whatever one read returns stays in memory until relay's client has taken it, so
+with a client slower than the upstream every stream held about two such reads (one being written
+to the client, one read ahead). `SizedReads` makes the transport read into a buffer of ours
+(`asyncio.BufferedProtocol`, which both loops support), so relay picks the size per connection:
+large while the client keeps up, so a fast stream costs few iterations per GiB, and small while
+it does not, so a slow stream holds little. The TCP window is not touched: a slow client does not
+slow the upstream connection's kernel buffering, only how much of it relay copies out at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+LARGE_READ = 256 * 1024
+"""Bytes per read while the client keeps up: what uvloop and asyncio read on their own."""
+
+SMALL_READ = 64 * 1024
+"""Bytes per read while the client is slower than the upstream."""
+
+
+class _Buffers(threading.local):
+    """One read buffer per thread (per event loop): a read is copied out before the next."""
+
+    def __init__(self) -> None:
+        self.large = memoryview(bytearray(LARGE_READ))
+        self.small = self.large[:SMALL_READ]
+
+
+_BUFFERS = _Buffers()
+
+
+class SizedReads(asyncio.BufferedProtocol):
+    """Stands between a transport and a plain protocol: the transport reads into this thread's
+    buffer, at most `SMALL_READ` or `LARGE_READ` bytes, and the protocol gets a copy of what
+    arrived, as `data_received` would have given it.
+
+    Installed with `transport.set_protocol(SizedReads(protocol))` once the connection is made;
+    the protocol keeps its transport and still pauses and resumes reading on it.
+    """
+
+    __slots__ = ("_buffer", "_protocol")
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        self._protocol = protocol
+        self._buffer = _BUFFERS.large
+
+    @property
+    def small(self) -> bool:
+        return len(self._buffer) == SMALL_READ
+
+    def read_small(self, small: bool) -> None:
+        """Small reads from now on (the client is slow), or large ones again."""
+        self._buffer = _BUFFERS.small if small else _BUFFERS.large
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._protocol.data_received(self._buffer[:nbytes].tobytes())
+
+    def eof_received(self) -> bool | None:
+        return self._protocol.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
