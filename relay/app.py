@@ -10,9 +10,10 @@ import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from relay.auth import ClientAuth, ClientAuthMiddleware
+from relay.client import UpstreamClient
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
@@ -27,7 +28,7 @@ from relay.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
 from relay.transports import PooledTransport, make_transport
-from relay.types import Receive, Scope, Send
+from relay.types import ASGIApp, Receive, Scope, Send
 from relay.upstream import Upstream
 
 
@@ -87,25 +88,34 @@ class Relay:
         )
 
 
-class _NoCookies(httpx.Cookies):
-    def extract_cookies(self, response: httpx.Response) -> None:
-        """Nothing is stored; httpx would otherwise parse every response into a cookie jar."""
+class RelayFirst:
+    """Hands relayed requests straight to the relay endpoint, everything else to the router.
+
+    A GET or HEAD whose path is not under one of relay's own routes (health, metrics,
+    downloads) can only end at the relay catch-all; going there directly skips Starlette's
+    exception middleware, a regex match per route and the endpoint wrapper (~5% of a small
+    request's CPU). Other requests (other methods: 405 with Allow) take the router as before.
+    """
+
+    def __init__(self, app: ASGIApp, relay: Relay, own_routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.relay = relay
+        self.own_paths = tuple(
+            route.path.partition("{")[0] for route in own_routes if isinstance(route, Route)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in _RELAYED_METHODS
+            and not scope["path"].startswith(self.own_paths)
+        ):
+            await self.relay(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
-class UpstreamClient(httpx.AsyncClient):
-    """The one shared client. It serves every user, so it never remembers an upstream's
-    cookies: its jar is always empty and storing into it costs nothing."""
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return _NO_COOKIES
-
-    @cookies.setter
-    def cookies(self, cookies: object) -> None:
-        pass
-
-
-_NO_COOKIES = _NoCookies()
+_RELAYED_METHODS = frozenset({"GET", "HEAD"})
 
 
 def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -136,17 +146,18 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         secret_header=config.client_secret_header,
         signing_key=config.signing_key,
     )
+    own_routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        *download_routes(config),
+    ]
     app = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics.endpoint, methods=["GET"]),
-            *download_routes(config),
-            Route("/{path:path}", relay, methods=["GET", "HEAD"]),
-        ],
+        routes=[*own_routes, Route("/{path:path}", relay, methods=["GET", "HEAD"])],
         middleware=[
             Middleware(ObserveMiddleware, metrics=metrics, access_log=config.access_log),
             Middleware(ClientAuthMiddleware, auth=auth),
+            Middleware(RelayFirst, relay=relay, own_routes=own_routes),
         ],
         lifespan=lifespan,
     )
