@@ -7,6 +7,7 @@ there is one, and every field passed with `extra=` (the access record's fields, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sys
@@ -28,8 +29,12 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, None, None, Non
 
 def rfc3339(created: float) -> str:
     """2025-01-31T12:00:00.123Z"""
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+    return f"{_utc_seconds(int(created))}.{int(created % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 class JsonFormatter(logging.Formatter):
@@ -77,7 +82,52 @@ class QuietAborts(logging.Filter):
 
 
 class _RelayHandler(logging.StreamHandler[TextIO]):
-    """The handler configure_logging installs (and replaces when called again)."""
+    """The handler configure_logging installs (and replaces when called again).
+
+    On an event loop's thread, lines are collected and written once per loop iteration: one
+    write (one system call) for all the access records of a busy iteration instead of one
+    each, and nothing waits longer than the iteration. Elsewhere, and on `flush()`, they are
+    written at once, after any collected ones, so the order is kept.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._pending.append(line)
+                self._write_pending()
+                return
+            self._pending.append(line)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_soon)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _flush_soon(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._flush_scheduled = False
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self.stream.write(text)
+        super().flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
 
 
 def configure_logging(level: str, fmt: str = "json", *, stream: TextIO | None = None) -> None:

@@ -161,3 +161,28 @@ def test_configure_logging_keeps_expected_aborts_quiet() -> None:
 def test_configure_logging_refuses_unknown_format() -> None:
     with pytest.raises(ValueError, match="log format"):
         configure_logging("info", "xml")
+
+
+async def test_records_logged_on_an_event_loop_are_written_once_per_iteration() -> None:
+    """One write for a burst of records, after the loop iteration, in order; flush() and
+    records from outside a loop write at once, after anything pending."""
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    configure_logging("info", "text", stream=Recording())
+    log = logging.getLogger("relay.test.batch")
+    log.warning("one")
+    log.warning("two")
+    assert writes == []  # not yet: the loop has not turned
+    await asyncio.sleep(0)
+    assert len(writes) == 1
+    assert writes[0].index("one") < writes[0].index("two")
+    log.warning("three")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert "three" in writes[-1]
+    assert len(writes) == 2

@@ -283,3 +283,11 @@ async def test_observe_passes_other_scope_types_through() -> None:
     await observed(app)(scope, receive, send)
     assert calls == ["lifespan"]
     assert REQUEST_ID_KEY not in scope
+
+
+def test_generated_request_ids_are_unique_32_hex_digits() -> None:
+    from relay.observe import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert all(GENERATED_ID.fullmatch(i) for i in ids)
+    assert len(set(ids)) == len(ids)
