@@ -6,6 +6,7 @@ checks run on connections: relay/egress.py.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -83,8 +84,13 @@ def check_addresses(host: str, addresses: Iterable[str]) -> None:
 
 def check_literal(host: str) -> None:
     """Refuse an IP-literal host that may not be reached; names are checked on resolution."""
+    reason = _literal_refusal(host)
+    if reason is not None:
+        raise EgressRefused(f"{host} is a {reason}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_refusal(host: str) -> str | None:
+    """Per request otherwise; hosts are the few configured upstreams and their redirects."""
     ip = parse_ip(host)
-    if ip is not None:
-        reason = refusal(ip)
-        if reason is not None:
-            raise EgressRefused(f"{host} is a {reason}")
+    return refusal(ip) if ip is not None else None

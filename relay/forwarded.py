@@ -25,6 +25,8 @@ class ForwardedPolicy:
         self._trusted = tuple(trusted)
 
     def is_trusted(self, address: str | None) -> bool:
+        if not self._trusted:
+            return False  # the default: no address to parse, per request
         ip = parse_ip(address) if address else None
         if ip is None:
             return False
