@@ -79,7 +79,9 @@ class Relay:
         upstream: Upstream = scope["state"]["upstream"]
         return RelayResponse(
             upstream,
-            upstream.build_request(scope["method"], target.url, headers, target.route),
+            upstream.build_request(
+                scope["method"], upstream.url_for(target), headers, target.route
+            ),
             route=target.route,
             routes=self._routes,
             limiter=self._limiter,

@@ -28,6 +28,10 @@ _FORBIDDEN_DECODED = re.compile(rb"[/\\%\x00-\x1f\x7f]")
 class Target:
     route: Route
     url: str
+    """The upstream URL: the route's upstream base, the rest of the path, the query."""
+    rest: str = ""
+    """The request path after the route's prefix, as the client sent it."""
+    query: str | None = None
 
 
 class RouteTable:
@@ -49,12 +53,15 @@ class RouteTable:
             raise NoRoute("no route for this path")
         rest = raw_path[len(route.prefix) :]
         check_relative_path(rest)
-        url = route.upstream + rest.decode("ascii")
+        path = rest.decode("ascii")
+        url = route.upstream + path
+        query = None
         if query_string:
             if not _QUERY_BYTES.match(query_string):
                 raise BadPath("query string has characters that must be percent-encoded")
-            url += "?" + query_string.decode("ascii")
-        return Target(route=route, url=url)
+            query = query_string.decode("ascii")
+            url += "?" + query
+        return Target(route=route, url=url, rest=path, query=query)
 
 
 def check_relative_path(rest: bytes) -> None:
