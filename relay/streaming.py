@@ -8,7 +8,8 @@ error, timeout and cancellation.
 A disconnect is noticed two ways, so both ASGI code paths are covered: a watcher awaits
 `http.disconnect` on `receive` (ASGI 2.3 servers such as uvicorn silently drop sends after a
 disconnect, so without it relay would read the rest of the upstream body for nobody), and an
-`OSError` raised by `send` is taken as the client being gone (ASGI 2.4).
+`OSError` raised by `send` is taken as the client being gone (ASGI 2.4). The watcher starts
+after a body's first chunk or `WATCH_AFTER` into the exchange, so small responses need none.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ logger = logging.getLogger(__name__)
 # An empty body message: sent after each chunk, it returns once the server's transport has
 # drained (a constant, so the streaming loop allocates no second message per chunk).
 _WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
+
+# Seconds into an exchange before relay starts watching for the client's disconnect if no body
+# has started (a slow upstream): a client gone before that is noticed this much later, the
+# upstream attempt running on meanwhile. A body longer than one chunk starts the watcher at once.
+WATCH_AFTER = 0.05
 
 # Seconds before the first resume attempt; doubled for each further one, up to the cap.
 RESUME_BACKOFF = 0.1
@@ -78,6 +84,8 @@ class RelayResponse(Response):
         self._stalled = False
         self._sending_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Future[None] | None = None
+        self._watch_with: tuple[Receive, asyncio.Task[object]] | None = None
         self.status_code = 0
         self._exchange = Exchange()
 
@@ -92,7 +100,11 @@ class RelayResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        watcher = asyncio.ensure_future(self._watch_disconnect(receive, task))
+        # The disconnect watcher starts once a body outlasts its first chunk, or when the
+        # exchange is still going WATCH_AFTER in (a slow upstream): a small response never
+        # needs one, and a task per request (created, stepped, cancelled) cost ~4% of its CPU.
+        self._watch_with = (receive, task)
+        watching = loop.call_later(WATCH_AFTER, self._start_watcher)
         self._watchdog = loop.call_later(self._send_timeout, self._check_send, loop, task)
         try:
             await self._relay(send)
@@ -117,13 +129,20 @@ class RelayResponse(Response):
             raise
         finally:
             self._active = False
-            watcher.cancel()
+            watching.cancel()
+            self._watch_with = None
+            if self._watcher is not None:
+                self._watcher.cancel()
             if self._watchdog is not None:
                 self._watchdog.cancel()
             await self._close()
         if self._client_gone:
             self._exchange.outcome = "client_abort"
             logger.debug("client went away: %s", self._request.url.path)
+
+    def _start_watcher(self) -> None:
+        if self._active and self._watcher is None and self._watch_with is not None:
+            self._watcher = asyncio.ensure_future(self._watch_disconnect(*self._watch_with))
 
     async def _watch_disconnect(self, receive: Receive, task: asyncio.Task[object]) -> None:
         while True:
@@ -221,6 +240,8 @@ class RelayResponse(Response):
                             # client has taken what it was sent. Pulling first would hold one
                             # more chunk per slow client.
                             await send(_WAIT_FOR_CLIENT)
+                            if self._watcher is None:
+                                self._start_watcher()
                         self._sending_since = None
                     break
                 except httpx.HTTPError as exc:

@@ -161,3 +161,46 @@ async def test_short_body_against_content_length_is_aborted() -> None:
         with pytest.raises(TransferAborted):
             await app(http_scope(state, "/o/f"), client.receive, client.send)
     assert not client.completed
+
+
+async def test_a_body_done_in_one_chunk_needs_no_disconnect_watcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watcher task starts only for a body longer than one chunk (or a slow upstream)."""
+    from relay.streaming import RelayResponse
+
+    started: list[bool] = []
+    original = RelayResponse._start_watcher
+
+    def counting(self: RelayResponse) -> None:
+        started.append(self._active)
+        original(self)
+
+    monkeypatch.setattr(RelayResponse, "_start_watcher", counting)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-length": "1024"}, stream=httpx.ByteStream(b"x" * 1024)
+        )
+
+    app = create_app(Config(routes=ROUTES), transport=httpx.MockTransport(handler))
+    async with lifespan_state(app) as state:
+        small = Client()
+        await app(http_scope(state, "/o/small"), small.receive, small.send)
+        assert small.completed
+        assert started == []
+
+        class Chunked(httpx.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                for _ in range(4):
+                    yield b"y" * 1024
+
+        async def chunked(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, headers={"content-length": "4096"}, stream=Chunked())
+
+    app = create_app(Config(routes=ROUTES), transport=httpx.MockTransport(chunked))
+    async with lifespan_state(app) as state:
+        big = Client()
+        await app(http_scope(state, "/o/big"), big.receive, big.send)
+        assert big.completed
+        assert started == [True]
