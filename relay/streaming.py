@@ -219,7 +219,10 @@ class RelayResponse(Response):
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
         declared = response.headers.get("content-length")
         length = int(declared) if declared is not None and declared.isdigit() else None
-        plan = ResumePlan.for_response(response) if self._resume_attempts else None
+        # Made when a body first fails (from the first response, which the plan is about):
+        # most bodies never need one.
+        first = response
+        plan: ResumePlan | None = None
         sent = 0
         failures = 0
         clock = asyncio.get_running_loop().time
@@ -246,6 +249,8 @@ class RelayResponse(Response):
                     break
                 except httpx.HTTPError as exc:
                     failures += 1
+                    if plan is None and self._resume_attempts:
+                        plan = ResumePlan.for_response(first)
                     if plan is None or failures > self._resume_attempts:
                         logger.warning(
                             "upstream body failed after %d bytes, aborting the client transfer: "

@@ -51,6 +51,12 @@ class _Handler(ResponseHandler):
         transport.set_protocol(self.reads)
 
 
+@functools.lru_cache(maxsize=64)
+def _client_timeout(connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for httpx's; relay has one pair (per config), so made once."""
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
+
+
 def _sized_reads(response: aiohttp.ClientResponse) -> SizedReads | None:
     connection = response.connection
     protocol = connection.protocol if connection is not None else None
@@ -277,12 +283,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     URL(str(request.url), encoded=True),
                     headers=request.headers.multi_items(),
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None,
-                        connect=timeouts.get("connect"),
-                        sock_connect=timeouts.get("connect"),
-                        sock_read=timeouts.get("read"),
-                    ),
+                    timeout=_client_timeout(timeouts.get("connect"), timeouts.get("read")),
                 )
         except BaseException:
             release()
