@@ -4,9 +4,9 @@ For a plain protocol, uvloop and asyncio read up to 256 KiB per `recv`, and aioh
 is a plain one. Whatever one read returns stays in memory until relay's client has taken it, so
 with a client slower than the upstream every stream held about two such reads (one being written
 to the client, one read ahead). `SizedReads` makes the transport read into a buffer of ours
-(`asyncio.BufferedProtocol`, which both loops support), so relay picks the size per connection:
-large while the client keeps up, so a fast stream costs few iterations per GiB, and small while
-it does not, so a slow stream holds little. The TCP window is not touched: a slow client does not
+(`asyncio.BufferedProtocol`, which both loops support), so relay picks the size per connection
+(relay/pacing.py decides): large for a fast stream, so it costs few iterations per GiB, and
+small for a slow one, so it holds little. The TCP window is not touched: a slow client does not
 slow the upstream connection's kernel buffering, only how much of it relay copies out at once.
 """
 
@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
-LARGE_READ = 256 * 1024
-"""Bytes per read while the client keeps up: what uvloop and asyncio read on their own."""
+LARGE_READ = 1024 * 1024
+"""Bytes per read for a fast stream. uvloop and asyncio read 256 KiB on their own; measured
+on 1 GiB streams (bench/, this machine): 256 KiB 1.2 GB/s at 0.89 CPU-s/GiB, 512 KiB 1.67 GB/s
+at 0.55, 1 MiB 1.88 GB/s at 0.47. A fast stream holds up to about two reads."""
 
 SMALL_READ = 64 * 1024
-"""Bytes per read while the client is slower than the upstream."""
+"""Bytes per read for a slow stream (relay/pacing.py): what a slow client makes relay hold."""
 
 
 class _Buffers(threading.local):
