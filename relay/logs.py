@@ -93,7 +93,9 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._flush_scheduled = False
+        # The loop a write is scheduled on; another loop schedules its own (a loop that
+        # stopped before running the callback must not hold later lines back).
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -105,8 +107,8 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
                 self._write_pending()
                 return
             self._pending.append(line)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
+            if self._flush_loop is not loop:
+                self._flush_loop = loop
                 loop.call_soon(self._flush_soon)
         except RecursionError:
             raise
@@ -115,7 +117,7 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
 
     def _flush_soon(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._flush_scheduled = False
+            self._flush_loop = None
             self._write_pending()
 
     def _write_pending(self) -> None:

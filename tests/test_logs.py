@@ -186,3 +186,31 @@ async def test_records_logged_on_an_event_loop_are_written_once_per_iteration() 
         handler.flush()
     assert "three" in writes[-1]
     assert len(writes) == 2
+
+
+def test_a_loop_that_stopped_before_writing_does_not_hold_later_lines_back() -> None:
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    configure_logging("info", "text", stream=Recording())
+    log = logging.getLogger("relay.test.batch")
+
+    first = asyncio.new_event_loop()
+    first.call_soon(first.stop)  # runs before the write the record schedules
+    first.call_soon(log.warning, "from a loop that stops at once")
+    first.run_forever()
+    first.close()  # its scheduled write never ran
+    with asyncio.Runner() as runner:
+
+        async def later() -> None:
+            log.warning("from the next loop")
+            await asyncio.sleep(0)
+
+        runner.run(later())
+    text = "".join(writes)
+    assert "from a loop that stops at once" in text
+    assert text.index("stops at once") < text.index("from the next loop")
