@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import re
 import socket
+import ssl
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -231,6 +232,9 @@ class Config:
         "", "key for HMAC-signed expiring URLs (?expires=&signature=)", secret=True
     )
     signing_key_file: str = _setting("", "file holding signing_key")
+    ca_file: str = _setting(
+        "", "PEM file of CA certificates trusted for https upstreams (empty: the defaults)"
+    )
     transport: str = _setting("aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore"))
     loop: str = _setting("auto", "event loop", choices=("auto", "uvloop", "asyncio"))
     log_level: str = _setting(
@@ -257,6 +261,19 @@ class Config:
             raise ConfigError(f"trusted_proxies: {exc}") from None
         if not _TOKEN_RE.match(self.client_secret_header):
             raise ConfigError("client_secret_header: not a header name")
+        if self.ca_file:
+            try:
+                self.upstream_ssl_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"ca_file: cannot load {self.ca_file}: {exc}") from None
+
+    def upstream_ssl_context(self) -> ssl.SSLContext | None:
+        """The context that verifies https upstreams against `ca_file`; None: the defaults."""
+        if not self.ca_file:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.set_alpn_protocols(["http/1.1"])  # as the transports' own contexts offer
+        return context
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         items = [t.strip() for t in self.trusted_proxies.split(",") if t.strip()]

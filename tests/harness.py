@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import shutil
 import socket
@@ -180,3 +181,46 @@ def curl(url: str, *args: str, timeout: float = 120) -> tuple[int, str, int]:
         [CURL, "-sS", "-o", "-", *args, url], capture_output=True, timeout=timeout, check=False
     )
     return proc.returncode, hashlib.sha256(proc.stdout).hexdigest(), len(proc.stdout)
+
+
+def _held_by_relay() -> tuple[int, int]:
+    """Body bytes relay holds (run on relay's loop): the most buffered by one upstream
+    response (aiohttp's reader) and the most unsent in one client transport."""
+    from aiohttp.streams import StreamReader
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    objects = gc.get_objects()
+    upstream = [o._size for o in objects if isinstance(o, StreamReader) and hasattr(o, "_size")]
+    downstream = [
+        o.transport.get_write_buffer_size()
+        for o in objects
+        if isinstance(o, HttpToolsProtocol) and not o.transport.is_closing()
+    ]
+    return max(upstream, default=0), max(downstream, default=0)
+
+
+def held_for_a_slow_client(relay: RelayThread, size: int = 256 * 1024 * 1024) -> tuple[int, int]:
+    """Download /o/gen/<size> slower than relay's SLOW_RATE (at most 16 KiB per 5 ms) for
+    4 MiB, stop reading, and return what relay holds once steady: (upstream, downstream)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", relay.port))
+        sock.sendall(f"GET /o/gen/{size} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        received = 0
+        while received < 4 * 1024 * 1024:
+            chunk = sock.recv(16 * 1024)
+            if not chunk:
+                raise AssertionError("relay closed the connection")
+            received += len(chunk)
+            time.sleep(0.005)
+        # The client stops reading; relay fills the socket buffers and then waits.
+        readings: list[tuple[int, int]] = []
+
+        def steady() -> bool:
+            readings.append(relay.call(_held_by_relay))
+            return len(readings) > 3 and len(set(readings[-3:])) == 1
+
+        if not wait_until(steady, timeout=20):
+            raise AssertionError(f"relay's buffers never settled: {readings[-5:]}")
+        return readings[-1]

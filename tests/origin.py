@@ -41,6 +41,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -453,9 +454,15 @@ def _q_float(req: _Request, name: str) -> float | None:
 class _Core:
     """The asyncio server; lives entirely in one event loop."""
 
-    def __init__(self, stats: _Stats, idle_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        stats: _Stats,
+        idle_timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.stats = stats
         self.idle_timeout = idle_timeout
+        self.tls = tls
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = False
@@ -463,7 +470,7 @@ class _Core:
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(
-            self._handle, host, port, limit=_LIMIT, backlog=1024
+            self._handle, host, port, limit=_LIMIT, backlog=1024, ssl=self.tls
         )
         sockname = self._server.sockets[0].getsockname()
         return int(sockname[1])
@@ -1002,8 +1009,11 @@ class Origin:
         *,
         record: bool = True,
         idle_timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: a server-side context; the origin then speaks https."""
         self.host = host
+        self._tls = tls
         self.port = port
         self._stats = _Stats(record)
         self._idle_timeout = idle_timeout
@@ -1016,7 +1026,8 @@ class Origin:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def url_for(self, path: str, **params: str | int | float) -> str:
         """``url_for("/gen/1m", close_after=10)`` -> ``http://127.0.0.1:PORT/gen/1m?close_after=10``."""
@@ -1074,7 +1085,7 @@ class Origin:
     async def _main(self) -> None:
         try:
             self._stop_event = asyncio.Event()
-            core = _Core(self._stats, self._idle_timeout)
+            core = _Core(self._stats, self._idle_timeout, self._tls)
             self.port = await core.start(self.host, self.port)
         except BaseException as exc:
             self._error = exc

@@ -117,3 +117,15 @@ def test_describe_is_loggable() -> None:
     config = Config(routes=(Route(prefix="/a/", upstream="https://x/"),))
     described = config.describe()
     assert described["routes"][0]["upstream"] == "https://x/"
+
+
+def test_ca_file_is_loaded_once_at_startup(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError, match="ca_file: cannot load"):
+        Config.load(cli={"routes": ["/o/=https://up.example/"], "ca_file": str(missing)})
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="ca_file"):
+        Config.load(
+            environ={"RELAY_ROUTES": "/o/=https://up.example/", "RELAY_CA_FILE": str(garbage)}
+        )

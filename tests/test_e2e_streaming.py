@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import gzip
 import hashlib
-import socket
-import time
 import uuid
 from collections.abc import Callable
 
@@ -15,7 +12,13 @@ import pytest
 
 from relay.transports.aiohttp_transport import READ_BUFSIZE
 from relay.transports.reads import SMALL_READ
-from tests.harness import RelayThread, raw_http, sha256_stream, status_of, wait_until
+from tests.harness import (
+    RelayThread,
+    held_for_a_slow_client,
+    raw_http,
+    sha256_stream,
+    status_of,
+)
 from tests.origin import Origin, RequestRecord, body_bytes, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -257,22 +260,6 @@ def test_sha256_helper_matches_body_bytes() -> None:
     assert hashlib.sha256(body_bytes(5000)).hexdigest() == expected_sha256(5000)
 
 
-def _held_by_relay() -> tuple[int, int]:
-    """Body bytes relay holds (runs on relay's loop): the largest amount buffered by one
-    upstream response (aiohttp's reader) and the largest unsent in one client transport."""
-    from aiohttp.streams import StreamReader
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    objects = gc.get_objects()
-    upstream = [o._size for o in objects if isinstance(o, StreamReader) and hasattr(o, "_size")]
-    downstream = [
-        o.transport.get_write_buffer_size()
-        for o in objects
-        if isinstance(o, HttpToolsProtocol) and not o.transport.is_closing()
-    ]
-    return max(upstream, default=0), max(downstream, default=0)
-
-
 def test_a_slow_client_holds_about_one_small_read_and_one_chunk(
     make_relay: Callable[..., RelayThread],
 ) -> None:
@@ -281,28 +268,9 @@ def test_a_slow_client_holds_about_one_small_read_and_one_chunk(
     the file size (uvloop alone reads 256 KiB at a time, and aiohttp's default buffer and
     uvicorn's default write limit would each have held more)."""
     relay = make_relay(transport="aiohttp")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.settimeout(30)
-        sock.connect(("127.0.0.1", relay.port))
-        sock.sendall(f"GET /o/gen/{256 * MiB} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-        received = 0
-        while received < 4 * MiB:  # at most 16 KiB per 5 ms: slower than SLOW_RATE
-            chunk = sock.recv(16 * 1024)
-            assert chunk, "relay closed the connection"
-            received += len(chunk)
-            time.sleep(0.005)
-        # The client stops reading; relay fills the socket buffers and then waits.
-        readings: list[tuple[int, int]] = []
-
-        def steady() -> bool:
-            readings.append(relay.call(_held_by_relay))
-            return len(readings) > 3 and len(set(readings[-3:])) == 1
-
-        assert wait_until(steady, timeout=20)
-        upstream, downstream = readings[-1]
-        # aiohttp pauses above 2 x 16 KiB and then holds at most one more read; the server
-        # pauses as soon as the kernel has not taken a whole chunk.
-        assert upstream <= 2 * READ_BUFSIZE + SMALL_READ
-        assert 0 < downstream <= SMALL_READ
+    upstream, downstream = held_for_a_slow_client(relay)
+    # aiohttp pauses above 2 x 16 KiB and then holds at most one more read; the server
+    # pauses as soon as the kernel has not taken a whole chunk.
+    assert upstream <= 2 * READ_BUFSIZE + SMALL_READ
+    assert 0 < downstream <= SMALL_READ
     assert relay.settled()

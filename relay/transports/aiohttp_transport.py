@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -181,10 +182,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         max_connections: int = 100,
         keepalive_expiry: float = 30.0,
         read_bufsize: int = READ_BUFSIZE,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._read_bufsize = read_bufsize
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         # Two pools: one whose resolver enforces the egress policy, and one for routes that
         # opted in to private addresses (opened only if such a route is used).
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
@@ -196,6 +199,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return cls(
             max_connections=config.max_connections,
             keepalive_expiry=config.keepalive_expiry,
+            ssl_context=config.upstream_ssl_context(),
         )
 
     def _open(self, allow_private: bool) -> aiohttp.ClientSession:
@@ -203,6 +207,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             # The pool limit is our semaphore: one limit, one place that waits.
             limit=0,
             keepalive_timeout=self._keepalive_expiry,
+            ssl=self._ssl,
             resolver=None if allow_private else GuardedResolver(),
         )
         # aiohttp has no public hook for the protocol of its connections; `_factory` is where

@@ -7,6 +7,7 @@ opted in to private addresses.
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
 
 import httpx
@@ -17,11 +18,12 @@ from relay.transports import ALLOW_PRIVATE, PoolStats
 
 
 class HttpcoreTransport(httpx.AsyncBaseTransport):
-    def __init__(self, limits: httpx.Limits) -> None:
-        self._guarded = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    def __init__(self, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None) -> None:
+        verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._guarded = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
         # httpx does not take a network backend; the pool it builds does.
         self._guarded._pool._network_backend = GuardedNetworkBackend()
-        self._open = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        self._open = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
 
     @classmethod
     def from_config(cls, config: Config) -> HttpcoreTransport:
@@ -30,7 +32,8 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
                 max_connections=config.max_connections,
                 max_keepalive_connections=config.max_keepalive,
                 keepalive_expiry=config.keepalive_expiry,
-            )
+            ),
+            ssl_context=config.upstream_ssl_context(),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
