@@ -11,7 +11,6 @@ import httpx
 import pytest
 import trustme
 
-from relay.config import Route
 from relay.transports.aiohttp_transport import READ_BUFSIZE
 from relay.transports.reads import SMALL_READ
 from tests.harness import (
@@ -48,17 +47,12 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def tls_routes(origin: Origin) -> tuple[Route, ...]:
-    return (Route(prefix="/o/", upstream=origin.url + "/", allow_private=True),)
-
-
 @pytest.fixture(params=["aiohttp", "httpcore"])
 def tls_relay(
     request: pytest.FixtureRequest, tls_origin: Origin, ca_file: str
 ) -> Iterator[RelayThread]:
     config = relay_config(
         tls_origin.url,
-        routes=tls_routes(tls_origin),
         ca_file=ca_file,
         transport=request.param,
         resume_attempts=0,  # a cut body is aborted, not resumed (tested elsewhere)
@@ -101,7 +95,7 @@ def test_https_upstream_dying_mid_body_aborts_the_client(
 def test_an_untrusted_certificate_is_a_502_without_ca_file(
     tls_origin: Origin, transport: str
 ) -> None:
-    config = relay_config(tls_origin.url, routes=tls_routes(tls_origin), transport=transport)
+    config = relay_config(tls_origin.url, transport=transport)
     with running_relay(config) as relay:
         response = httpx.get(f"{relay.url}/o/gen/10", timeout=10)
         assert response.status_code == 502
@@ -109,7 +103,7 @@ def test_an_untrusted_certificate_is_a_502_without_ca_file(
 
 
 def test_a_slow_client_holds_little_over_tls_too(tls_origin: Origin, ca_file: str) -> None:
-    config = relay_config(tls_origin.url, routes=tls_routes(tls_origin), ca_file=ca_file)
+    config = relay_config(tls_origin.url, ca_file=ca_file)
     with running_relay(config) as relay:
         upstream, downstream = held_for_a_slow_client(relay)
         assert upstream <= 2 * READ_BUFSIZE + SMALL_READ

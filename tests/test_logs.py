@@ -163,17 +163,23 @@ def test_configure_logging_refuses_unknown_format() -> None:
         configure_logging("info", "xml")
 
 
+class RecordingStream(io.StringIO):
+    """Keeps each write() apart, to count how many there were."""
+
+    def __init__(self, writes: list[str]) -> None:
+        super().__init__()
+        self.writes = writes
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+
 async def test_records_logged_on_an_event_loop_are_written_once_per_iteration() -> None:
     """One write for a burst of records, after the loop iteration, in order; flush() and
     records from outside a loop write at once, after anything pending."""
     writes: list[str] = []
-
-    class Recording(io.StringIO):
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-    configure_logging("info", "text", stream=Recording())
+    configure_logging("info", "text", stream=RecordingStream(writes))
     log = logging.getLogger("relay.test.batch")
     log.warning("one")
     log.warning("two")
@@ -190,13 +196,7 @@ async def test_records_logged_on_an_event_loop_are_written_once_per_iteration() 
 
 def test_a_loop_that_stopped_before_writing_does_not_hold_later_lines_back() -> None:
     writes: list[str] = []
-
-    class Recording(io.StringIO):
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-    configure_logging("info", "text", stream=Recording())
+    configure_logging("info", "text", stream=RecordingStream(writes))
     log = logging.getLogger("relay.test.batch")
 
     first = asyncio.new_event_loop()
