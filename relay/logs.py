@@ -131,6 +131,11 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
         with self.lock:  # type: ignore[union-attr]
             self._write_pending()
 
+    def close(self) -> None:
+        """Replaced by configure_logging, or at exit: lines still collected are written."""
+        self.flush()
+        super().close()
+
 
 def configure_logging(level: str, fmt: str = "json", *, stream: TextIO | None = None) -> None:
     """Send every log record to stderr (or `stream`), as JSON lines or as text.

@@ -214,3 +214,12 @@ def test_a_loop_that_stopped_before_writing_does_not_hold_later_lines_back() -> 
     text = "".join(writes)
     assert "from a loop that stops at once" in text
     assert text.index("stops at once") < text.index("from the next loop")
+
+
+async def test_replacing_the_handler_writes_the_lines_it_still_held() -> None:
+    writes: list[str] = []
+    configure_logging("info", "text", stream=RecordingStream(writes))
+    logging.getLogger("relay.test.batch").warning("held until the iteration ends")
+    assert writes == []
+    configure_logging("info", "text", stream=io.StringIO())  # closes the first handler
+    assert "held until the iteration ends" in "".join(writes)
