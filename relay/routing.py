@@ -27,11 +27,15 @@ _FORBIDDEN_DECODED = re.compile(rb"[/\\%\x00-\x1f\x7f]")
 @dataclass(frozen=True, slots=True)
 class Target:
     route: Route
-    url: str
-    """The upstream URL: the route's upstream base, the rest of the path, the query."""
     rest: str = ""
     """The request path after the route's prefix, as the client sent it."""
     query: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The upstream URL: the route's upstream base, the rest of the path, the query."""
+        url = self.route.upstream + self.rest
+        return url if self.query is None else f"{url}?{self.query}"
 
 
 class RouteTable:
@@ -53,15 +57,12 @@ class RouteTable:
             raise NoRoute("no route for this path")
         rest = raw_path[len(route.prefix) :]
         check_relative_path(rest)
-        path = rest.decode("ascii")
-        url = route.upstream + path
         query = None
         if query_string:
             if not _QUERY_BYTES.match(query_string):
                 raise BadPath("query string has characters that must be percent-encoded")
             query = query_string.decode("ascii")
-            url += "?" + query
-        return Target(route=route, url=url, rest=path, query=query)
+        return Target(route=route, rest=rest.decode("ascii"), query=query)
 
 
 def check_relative_path(rest: bytes) -> None:

@@ -452,7 +452,7 @@ async def run_fetch(
         fetcher = Fetcher(
             upstream,
             job,
-            Target(route=ROUTE, url=URL),
+            Target(route=ROUTE, rest=URL.removeprefix(ROUTE.upstream)),
             partial,
             resume_attempts=attempts,
             checkpoint=_nothing,
