@@ -22,7 +22,14 @@ import httpx
 from starlette.responses import Response
 
 from relay.config import Route
-from relay.continuation import STREAM_BACKOFF, Continuation, Next, Retries, content_length
+from relay.continuation import (
+    STREAM_BACKOFF,
+    Continuation,
+    Next,
+    Retries,
+    content_length,
+    retry_after,
+)
 from relay.errors import RelayError, TransferAborted, UpstreamError
 from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
@@ -284,6 +291,7 @@ class RelayResponse(Response):
         """
         path = self._request.url.path
         await failed.aclose()
+        wait_at_least: float | None = None  # a transient status's Retry-After
         while True:
             logger.info(
                 "upstream body failed after %d bytes (%s); resuming with %s, attempt %d of %d (%s)",
@@ -294,7 +302,7 @@ class RelayResponse(Response):
                 self._resume_attempts,
                 path,
             )
-            await asyncio.sleep(retries.delay())
+            await asyncio.sleep(retries.delay(wait_at_least))
             request = self._upstream.build_request(
                 "GET",
                 failed.request.url,
@@ -305,6 +313,7 @@ class RelayResponse(Response):
                 response = self._response = await self._upstream.open(request, self._route)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
+                wait_at_least = None
             else:
                 verdict = plan.judge(response.status_code, response.headers, sent)
                 if verdict.continues:
@@ -316,6 +325,7 @@ class RelayResponse(Response):
                         "cannot resume, aborting the client transfer: %s (%s)", cause, path
                     )
                     raise TransferAborted(cause)
+                wait_at_least = retry_after(response.headers)
                 await response.aclose()
             if not retries.fail():
                 logger.warning(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 
+from relay import Config, Route, create_app
 from relay.continuation import (
     DOWNLOAD_BACKOFF,
     FETCH_BACKOFF,
@@ -19,6 +23,8 @@ from relay.continuation import (
     validator_for,
     whole_range_total,
 )
+from relay.errors import TransferAborted
+from tests.asgi import Client, http_scope, lifespan_state
 
 ETAG = '"v1"'
 LM = "Wed, 01 Jan 2025 00:00:00 GMT"
@@ -314,3 +320,80 @@ def test_retries_with_progress_start_counting_again() -> None:
     assert retries.failures == 1
     assert retries.delay() == 0.2
     assert retries.fail(1600) is False
+
+
+# ---- a stream's resume requests, against a scripted upstream -------------------------------------
+
+BODY = bytes(range(256)) * 40
+ROUTES = (Route(prefix="/o/", upstream="http://upstream.test/"),)
+WHOLE = {"etag": ETAG, "accept-ranges": "bytes", "content-length": str(len(BODY))}
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, data: bytes, *, cut: bool = False) -> None:
+        self.data, self.cut, self.closed = data, cut, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.data), 1000):
+            yield self.data[i : i + 1000]
+        if self.cut:
+            raise httpx.ReadError("connection reset by peer")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class _Upstream:
+    """Answers each request with the next scripted (status, headers, body); records them."""
+
+    def __init__(self, *replies: tuple[int, dict[str, str], _Body]) -> None:
+        self.replies = list(replies)
+        self.bodies = [body for _, _, body in replies]
+        self.ranges: list[str | None] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.ranges.append(request.headers.get("range"))
+        status, headers, body = self.replies.pop(0)
+        return httpx.Response(status, headers=headers, stream=body)
+
+
+async def _relay(upstream: _Upstream, resume_attempts: int) -> Client:
+    config = Config(routes=ROUTES, resume_attempts=resume_attempts)
+    app = create_app(config, transport=httpx.MockTransport(upstream))
+    client = Client()
+    async with lifespan_state(app) as state:
+        await asyncio.wait_for(app(http_scope(state, "/o/f"), client.receive, client.send), 30)
+    return client
+
+
+def _body_of(client: Client) -> bytes:
+    return b"".join(m.get("body", b"") for m in client.messages if m["type"].endswith("body"))
+
+
+async def test_stream_resume_answered_503_is_retried_within_resume_attempts() -> None:
+    """A transient status to the resume request is one failed attempt; the next one continues."""
+    part = {"etag": ETAG, "content-range": f"bytes 3000-{len(BODY) - 1}/{len(BODY)}"}
+    upstream = _Upstream(
+        (200, WHOLE, _Body(BODY[:3000], cut=True)),
+        (503, {"retry-after": "0"}, _Body(b"busy")),
+        (206, part, _Body(BODY[3000:])),
+    )
+    client = await _relay(upstream, resume_attempts=2)
+    assert _body_of(client) == BODY
+    assert client.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    resume = f"bytes=3000-{len(BODY) - 1}"
+    assert upstream.ranges == [None, resume, resume]
+    assert all(body.closed for body in upstream.bodies)
+
+
+async def test_stream_resume_statuses_spend_resume_attempts_then_abort() -> None:
+    """The body's cut and each 503 to a resume count: resume_attempts=2 allows two resumes."""
+    upstream = _Upstream(
+        (200, WHOLE, _Body(BODY[:3000], cut=True)),
+        (503, {}, _Body(b"busy")),
+        (503, {}, _Body(b"busy")),
+    )
+    with pytest.raises(TransferAborted, match="resume answered 503"):
+        await _relay(upstream, resume_attempts=2)
+    assert len(upstream.ranges) == 3
+    assert all(body.closed for body in upstream.bodies)

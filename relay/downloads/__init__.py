@@ -4,12 +4,12 @@
     files.py       /files/{name}: validators, single ranges, FileResponse
     intake.py      a POST body -> Order (path or url mapped through the route table)
     jobs.py        DownloadManager: queue, concurrency limit, restart recovery, cancel
-    fetch.py       one job's upstream attempts: Range + If-Range resume, backoff
+    fetch.py       one job's upstream attempts: Range + If-Range resume (relay.continuation)
     writer.py      the partial file: exclusive create, hash while writing, verified publish
     store.py       jobs in SQLite (WAL) on one thread
     model.py       Job and its states; rate.py the smoothed rate
-    digests.py     the upstream's announced sha256 (relay/ranges.py, relay/validators.py:
-                   the HTTP range and validator helpers shared with streams and `relay fetch`)
+    digests.py     the upstream's announced sha256 (relay/continuation.py: when a body
+                   continues, the rule set shared with streams and `relay fetch`)
     names.py       ids, file names, the data directory layout; errors.py the error tree
 
 With `data_dir` empty the feature is off: `open_downloads` yields None and no endpoint is
