@@ -17,7 +17,7 @@ from relay.client import UpstreamClient
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
-from relay.errors import ClientError, Overloaded
+from relay.errors import ClientError, Overloaded, StartupError
 from relay.exchange import exchange_of
 from relay.forwarded import ForwardedPolicy
 from relay.headers import upstream_request_headers
@@ -28,7 +28,7 @@ from relay.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.routing import RouteTable
 from relay.streaming import RelayResponse, error_response
 from relay.transports import PooledTransport, make_transport
-from relay.types import ASGIApp, Receive, Scope, Send
+from relay.types import ASGIApp, Message, Receive, Scope, Send
 from relay.upstream import Upstream
 
 
@@ -120,6 +120,29 @@ class RelayFirst:
 _RELAYED_METHODS = frozenset({"GET", "HEAD"})
 
 
+class QuietStartupErrors:
+    """A StartupError is told in its one line, not in the traceback Starlette hands uvicorn.
+
+    The lifespan records it on `app.state.startup_error`; `relay serve` prints it and exits 1.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_quietly(message: Message) -> None:
+            failed = message["type"] == "lifespan.startup.failed"
+            if failed and getattr(scope["app"].state, "startup_error", None) is not None:
+                message = {"type": message["type"], "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_quietly)
+
+
 def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches)."""
     readiness = Readiness()
@@ -136,12 +159,16 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
             upstream = Upstream(client, config)
-            async with open_downloads(config, upstream, routes) as downloads:
-                readiness.started = True
-                try:
-                    yield {"upstream": upstream, "routes": routes, "downloads": downloads}
-                finally:
-                    readiness.draining = True
+            try:
+                async with open_downloads(config, upstream, routes) as downloads:
+                    readiness.started = True
+                    try:
+                        yield {"upstream": upstream, "routes": routes, "downloads": downloads}
+                    finally:
+                        readiness.draining = True
+            except StartupError as exc:
+                app.state.startup_error = exc
+                raise
 
     auth = ClientAuth(
         secret=config.client_secret,
@@ -157,6 +184,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     app = Starlette(
         routes=[*own_routes, Route("/{path:path}", relay, methods=["GET", "HEAD"])],
         middleware=[
+            Middleware(QuietStartupErrors),
             Middleware(ObserveMiddleware, metrics=metrics, access_log=config.access_log),
             Middleware(ClientAuthMiddleware, auth=auth),
             Middleware(RelayFirst, relay=relay, own_routes=own_routes),
@@ -164,4 +192,5 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         lifespan=lifespan,
     )
     app.state.readiness = readiness
+    app.state.startup_error = None
     return app

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from relay import __version__
 from relay.config import ENV_PREFIX, Config, settings
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StartupError
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -204,7 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from relay.server import serve  # imported late: uvicorn is not needed for --help
 
-        serve(config)
+        try:
+            serve(config)
+        except StartupError as exc:
+            print(f"relay: cannot start: {exc}", file=sys.stderr)
+            return 1
         return 0
     parser.error(f"unknown command {command}")  # pragma: no cover - argparse enforces choices
     return 2

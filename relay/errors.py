@@ -17,6 +17,9 @@
                                incomplete (curl exits 18), never a clean short body.
 
     ConfigError                a setting is invalid; names the key and where it came from.
+    StartupError               relay cannot start with what it found (data_dir in use by
+                               another process, an unusable job store): one line, no
+                               traceback, `relay serve` exits 1.
 
 httpx errors are translated into UpstreamError in exactly one place:
 `relay.upstream.map_upstream_errors`.
@@ -82,3 +85,7 @@ class TransferAborted(Exception):
 
 class ConfigError(ValueError):
     pass
+
+
+class StartupError(Exception):
+    """relay cannot start; the message names the file or directory and what to do."""

@@ -46,7 +46,8 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from relay import __version__, ranges, validators
+from relay import __version__, continuation, ranges
+from relay.continuation import FETCH_BACKOFF, RETRY_STATUSES, Backoff, Continuation, Next, Retries
 from relay.fetch_errors import (
     ExitCode,
     FetchError,
@@ -68,12 +69,10 @@ except ImportError:  # pragma: no cover - non-POSIX: no advisory lock on the par
 
 
 DEFAULT_RETRIES = 5
-DEFAULT_RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 10.0
+DEFAULT_RETRY_DELAY = FETCH_BACKOFF.first
+MAX_RETRY_DELAY = FETCH_BACKOFF.cap
 DEFAULT_TIMEOUT = 30.0
 MAX_REDIRECTS = 10
-#: Transient statuses retried like a dropped connection (as curl --retry does).
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class _Retry(Exception):
@@ -106,7 +105,10 @@ class FetchOptions:
 
     def backoff(self, retry: int) -> float:
         """Seconds before retry number `retry` (0-based): retry_delay x 2^retry, capped."""
-        return float(min(self.retry_delay * 2**retry, MAX_RETRY_DELAY))
+        return self.backoff_policy().delay(retry + 1)
+
+    def backoff_policy(self) -> Backoff:
+        return Backoff(first=self.retry_delay, cap=MAX_RETRY_DELAY)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -171,20 +173,12 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None, int 
 
 
 def content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "")
-    if "transfer-encoding" in response.headers or not value.isdigit():
-        return None
-    return int(value)
+    return continuation.content_length(response.headers)
 
 
 def resume_validator(headers: httpx.Headers) -> str | None:
-    """The If-Range value to resume with (see relay.validators), or None when not safe."""
-    return validators.resume_validator(headers) if validators.accepts_byte_ranges(headers) else None
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "").strip()
-    return float(value) if value.isdigit() else None
+    """The If-Range value to resume with (see relay.continuation), or None when not safe."""
+    return continuation.validator_for(headers)
 
 
 def _describe(exc: httpx.HTTPError, received: int = 0) -> str:
@@ -262,21 +256,19 @@ class Fetcher:
         self._sleep = sleep
 
     def run(self) -> None:
-        failures = 0
+        retries = Retries(self.options.retries, self.options.backoff_policy())
         while True:
             try:
                 if self._attempt():
                     break
-                continue  # start over at once (a 416 that did not confirm the partial)
+                continue  # start over at once (the partial was of no use)
             except _Retry as retry:
-                if failures >= self.options.retries:
-                    plural = "y" if failures == 1 else "ies"
-                    suffix = f" (gave up after {failures} retr{plural})" if failures else ""
+                if not retries.fail():
+                    done = retries.failures - 1
+                    plural = "y" if done == 1 else "ies"
+                    suffix = f" (gave up after {done} retr{plural})" if done else ""
                     raise type(retry.error)(f"{retry.error}{suffix}") from retry.__cause__
-                delay = self.options.backoff(failures)
-                if retry.retry_after is not None:
-                    delay = max(delay, min(retry.retry_after, MAX_RETRY_DELAY))
-                failures += 1
+                delay = retries.delay(retry.retry_after)
                 resumable = self.meta is not None and self.meta.validator is not None
                 if self.sink.size and not resumable:
                     try:
@@ -286,7 +278,7 @@ class Fetcher:
                 where = f", resuming at {format_size(self.sink.size)}" if self.sink.size else ""
                 self.reporter.note(
                     f"{retry.error}; retrying in {delay:.1f} s "
-                    f"({failures}/{self.options.retries}){where}"
+                    f"({retries.failures}/{self.options.retries}){where}"
                 )
                 self._sleep(delay)
         self._verify()
@@ -294,15 +286,13 @@ class Fetcher:
     def _attempt(self) -> bool:
         offset, meta = self.sink.size, self.meta
         headers = {"Accept-Encoding": "identity", **dict(self.options.headers)}
-        ranged = offset > 0 and meta is not None and meta.validator is not None
-        if ranged:
-            assert meta is not None
-            assert meta.validator is not None
-            headers["Range"] = f"bytes={offset}-"
-            headers["If-Range"] = meta.validator
+        plan: Continuation | None = None
+        if offset > 0 and meta is not None and meta.validator is not None:
+            plan = Continuation(validator=meta.validator, total=meta.total)
+            headers.update(plan.request_headers(offset))
         try:
             with self.client.stream("GET", self.options.url, headers=headers) as response:
-                return self._handle(response, offset, ranged)
+                return self._handle(response, offset, plan)
         except _TRANSIENT as exc:
             raise _Retry(TransferFailed(_describe(exc, self.sink.size))) from exc
         except httpx.TooManyRedirects as exc:
@@ -310,65 +300,53 @@ class Fetcher:
         except httpx.HTTPError as exc:
             raise TransferFailed(_describe(exc)) from exc
 
-    def _handle(self, response: httpx.Response, offset: int, ranged: bool) -> bool:
+    def _handle(self, response: httpx.Response, offset: int, plan: Continuation | None) -> bool:
         status = response.status_code
-        if status == 200:
-            if offset:
+        if plan is not None:
+            assert self.meta is not None
+            verdict = plan.judge(status, response.headers, offset)
+            if verdict.next is Next.APPEND:
+                if self.meta.total is None:
+                    self.meta = Meta(self.meta.url, self.meta.validator, verdict.total)
+                    self.sink.save_meta(self.meta)
+                self._body(response)
+                return True
+            if verdict.next is Next.COMPLETE:
+                self.meta = Meta(self.meta.url, self.meta.validator, verdict.total)
+                return True  # the partial already holds every byte
+            if verdict.next is Next.BAD_RANGE:
+                known = self.meta.total
+                raise TransferFailed(
+                    f"unusable 206 from {response.url}: asked for bytes {offset}- of "
+                    f"{'?' if known is None else known} bytes, got Content-Range "
+                    f"{response.headers.get('content-range')!r} ({verdict.reason})"
+                )
+            if verdict.next in (Next.CHANGED, Next.REFUSED):
+                what = (
+                    "file changed" if verdict.next is Next.CHANGED else "server refused the range"
+                )
+                self.reporter.note(f"the {what} ({verdict.reason}); starting over")
+                self.sink.restart()
+                self.meta = None
+                return False
+            if verdict.next is Next.RESTART:
                 self.reporter.note(
                     "the server sent the whole file (it changed, or ignored the range); "
                     "starting over"
                 )
                 self.sink.restart()
+        if status == 200:
             validator = resume_validator(response.headers)
             self.meta = Meta(self.options.url, validator, content_length(response))
             self.sink.save_meta(self.meta)
             self._body(response)
             return True
-        if status == 206 and ranged:
-            self._check_206(response, offset)
-            self._body(response)
-            return True
-        if status == 416 and ranged:
-            assert self.meta is not None
-            crange = parse_content_range(response.headers.get("content-range"))
-            total = crange[2] if crange else None
-            if total == offset and self.meta.total in (None, total):
-                self.meta = Meta(self.meta.url, self.meta.validator, total)
-                return True  # the partial already holds every byte
-            self.reporter.note(f"the server refused the range (416, total {total}); starting over")
-            self.sink.restart()
-            self.meta = None
-            return False
         message = f"{status} {response.reason_phrase} from {response.url}"
         if status in RETRY_STATUSES:
-            raise _Retry(HTTPStatusError(message), _retry_after(response))
+            raise _Retry(HTTPStatusError(message), continuation.retry_after(response.headers))
         if status == 206:
             raise TransferFailed(f"unexpected {message} to a request without Range")
         raise HTTPStatusError(message if status >= 400 else f"unexpected status {message}")
-
-    def _check_206(self, response: httpx.Response, offset: int) -> None:
-        """Append only the rest of the same representation: bytes offset..total-1."""
-        assert self.meta is not None
-        assert self.meta.validator is not None
-        value = response.headers.get("content-range")
-        first, last, total = parse_content_range(value) or (None, None, None)
-        known, validator = self.meta.total, self.meta.validator
-        etag = response.headers.get("etag")
-        ok = (
-            first == offset
-            and total is not None
-            and last == total - 1
-            and known in (None, total)
-            and not (etag and validator.startswith('"') and etag != validator)
-        )
-        if not ok or total is None:
-            raise TransferFailed(
-                f"unusable 206 from {response.url}: asked for bytes {offset}- of "
-                f"{'?' if known is None else known} bytes, got Content-Range {value!r}"
-            )
-        if known is None:
-            self.meta = Meta(self.meta.url, validator, total)
-            self.sink.save_meta(self.meta)
 
     def _body(self, response: httpx.Response) -> None:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()

@@ -20,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from relay.app import create_app
 from relay.config import Config
+from relay.errors import StartupError
 from relay.health import Readiness
 from relay.logs import configure_logging
 
@@ -216,6 +217,12 @@ class RelayServer(uvicorn.Server):
             # A second Ctrl-C skips the drain.
             self.should_exit = self.force_exit = True
 
+    @property
+    def startup_error(self) -> StartupError | None:
+        """Why the app refused to start (data_dir in use, unusable job store), if it did."""
+        error = getattr(getattr(self.config.app, "state", None), "startup_error", None)
+        return error if isinstance(error, StartupError) else None
+
     async def on_tick(self, counter: int) -> bool:
         requested = self._exit_requested_at
         if requested is not None and time.monotonic() - requested >= self._shutdown_delay:
@@ -284,6 +291,7 @@ def build_server(
 
 
 def serve(config: Config) -> None:
+    """Run relay until it is stopped; raises StartupError if it could not start."""
     configure_logging(config.log_level, config.log_format)
     logger.info("relay starting with %s", config.describe())
     server = build_server(config)
@@ -293,4 +301,10 @@ def serve(config: Config) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 1000)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits 3 when the lifespan fails; relay says why in one line instead.
+        if server.startup_error is not None:
+            raise server.startup_error from None
+        raise

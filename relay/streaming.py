@@ -22,13 +22,21 @@ import httpx
 from starlette.responses import Response
 
 from relay.config import Route
+from relay.continuation import (
+    STREAM_BACKOFF,
+    Continuation,
+    Next,
+    Retries,
+    content_length,
+    retry_after,
+)
 from relay.errors import RelayError, TransferAborted, UpstreamError
 from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.limits import StreamLimiter
 from relay.pacing import ReadPacer
 from relay.redirects import REDIRECT_STATUSES, rewrite_location
-from relay.resume import ResumePlan
+from relay.resume import resume_request_headers
 from relay.routing import RouteTable
 from relay.transports import READ_PACE
 from relay.types import Receive, Scope, Send
@@ -44,10 +52,6 @@ _WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True
 # has started (a slow upstream): a client gone before that is noticed this much later, the
 # upstream attempt running on meanwhile. A body longer than one chunk starts the watcher at once.
 WATCH_AFTER = 0.05
-
-# Seconds before the first resume attempt; doubled for each further one, up to the cap.
-RESUME_BACKOFF = 0.1
-RESUME_BACKOFF_CAP = 2.0
 
 
 def error_response(exc: RelayError) -> Response:
@@ -217,14 +221,13 @@ class RelayResponse(Response):
         return rewritten.encode("latin-1")
 
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
-        declared = response.headers.get("content-length")
-        length = int(declared) if declared is not None and declared.isdigit() else None
-        # Made when a body first fails (from the first response, which the plan is about):
-        # most bodies never need one.
+        length = content_length(response.headers)
+        # Made when a body first fails (from the first response, which every continuation is
+        # judged against): most bodies never need one.
         first = response
-        plan: ResumePlan | None = None
+        plan: Continuation | None = None
+        retries = Retries(self._resume_attempts, STREAM_BACKOFF)
         sent = 0
-        failures = 0
         clock = asyncio.get_running_loop().time
         try:
             while True:
@@ -248,10 +251,9 @@ class RelayResponse(Response):
                         self._sending_since = None
                     break
                 except httpx.HTTPError as exc:
-                    failures += 1
                     if plan is None and self._resume_attempts:
-                        plan = ResumePlan.for_response(first)
-                    if plan is None or failures > self._resume_attempts:
+                        plan = Continuation.for_response(first)
+                    if plan is None or not retries.fail():
                         logger.warning(
                             "upstream body failed after %d bytes, aborting the client transfer: "
                             "%s (%s)",
@@ -260,7 +262,7 @@ class RelayResponse(Response):
                             self._request.url.path,
                         )
                         raise TransferAborted(str(exc)) from exc
-                    response = await self._resume(plan, response, sent, failures, exc)
+                    response = await self._resume(plan, response, sent, retries, str(exc))
         finally:
             self._exchange.bytes_sent = sent
         if length is not None and length != sent:
@@ -275,35 +277,61 @@ class RelayResponse(Response):
 
     async def _resume(
         self,
-        plan: ResumePlan,
+        plan: Continuation,
         failed: httpx.Response,
         sent: int,
-        attempt: int,
-        cause: Exception,
+        retries: Retries,
+        cause: str,
     ) -> httpx.Response:
-        """Replace a failed upstream response by one that continues exactly after `sent`."""
+        """Replace a failed upstream response by one that continues exactly after `sent`.
+
+        A resume request that cannot connect, times out or meets a transient status is one
+        more failed attempt, retried while `retries` allows; any answer that is not the same
+        representation's next bytes aborts the client transfer.
+        """
         path = self._request.url.path
-        logger.info(
-            "upstream body failed after %d bytes (%s); resuming with %s, attempt %d of %d (%s)",
-            sent,
-            cause,
-            plan.range_header(sent),
-            attempt,
-            self._resume_attempts,
-            path,
-        )
         await failed.aclose()
-        await asyncio.sleep(min(RESUME_BACKOFF * 2 ** (attempt - 1), RESUME_BACKOFF_CAP))
-        request = self._upstream.build_request(
-            "GET", failed.request.url, plan.request_headers(failed.request, sent), self._route
-        )
-        try:
-            response = self._response = await self._upstream.open(request, self._route)
-        except UpstreamError as exc:
-            raise TransferAborted(f"resume failed: {exc.reason}") from exc
-        reason = plan.mismatch(response, sent)
-        if reason is not None:
-            logger.warning("cannot resume, aborting the client transfer: %s (%s)", reason, path)
-            raise TransferAborted(reason)
-        self._exchange.resumes += 1
-        return response
+        wait_at_least: float | None = None  # a transient status's Retry-After
+        while True:
+            logger.info(
+                "upstream body failed after %d bytes (%s); resuming with %s, attempt %d of %d (%s)",
+                sent,
+                cause,
+                plan.range_header(sent),
+                retries.failures,
+                self._resume_attempts,
+                path,
+            )
+            await asyncio.sleep(retries.delay(wait_at_least))
+            request = self._upstream.build_request(
+                "GET",
+                failed.request.url,
+                resume_request_headers(plan, failed.request, sent),
+                self._route,
+            )
+            try:
+                response = self._response = await self._upstream.open(request, self._route)
+            except UpstreamError as exc:
+                cause = f"resume failed: {exc.reason}"
+                wait_at_least = None
+            else:
+                verdict = plan.judge(response.status_code, response.headers, sent)
+                if verdict.continues:
+                    self._exchange.resumes += 1
+                    return response
+                cause = verdict.reason
+                if verdict.next is not Next.RETRY:
+                    logger.warning(
+                        "cannot resume, aborting the client transfer: %s (%s)", cause, path
+                    )
+                    raise TransferAborted(cause)
+                wait_at_least = retry_after(response.headers)
+                await response.aclose()
+            if not retries.fail():
+                logger.warning(
+                    "cannot resume after %d attempts, aborting the client transfer: %s (%s)",
+                    retries.failures,
+                    cause,
+                    path,
+                )
+                raise TransferAborted(cause)

@@ -21,6 +21,9 @@ Endpoints
     ``stall_after``, ``stall_headers``, ``reset_headers``, ``chunked_die``, ``bad_framing``
     (``cl_te`` | ``dup_cl`` | ``bad_chunk``), ``delay``, ``drop_once`` (+ ``key``),
     ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version.
+    Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
+    stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
+    does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
 ``GET /status/<code>``, ``GET /redirect?to=<url>&code=302``, ``ANY /echo`` (JSON of the
 request), ``GET /headers?set=Name:Value&set=...`` (extra response headers).
 """
@@ -815,6 +818,16 @@ class _Core:
         bad_framing = req.param("bad_framing")
         if bad_framing not in (None, "", "cl_te", "dup_cl", "bad_chunk"):
             raise _Param(f"bad bad_framing={bad_framing!r}")
+        # -- continuation faults: a resume's own request stalls; an upstream ignoring If-Range
+        if (
+            _q_flag(req, "stall_resume_once")
+            and req.header("range") is not None
+            and self.stats.first_drop((req.path + "#resume", 0, req.param("key")))
+        ):
+            await self._stall(reader)
+            return "abort"
+        ignore_if_range = _q_flag(req, "ignore_if_range")
+        bare_206 = _q_flag(req, "bare_206")
         version_s = req.param("v") or "1"
         if not version_s.isdigit():
             raise _Param(f"bad v={version_s!r}")
@@ -871,6 +884,7 @@ class _Core:
         if_range_ok = self._if_range_ok(req, etag, lm_ts) and not (
             etag_changes and req.header("if-range") is not None
         )
+        if_range_ok = if_range_ok or ignore_if_range
         if req.method == "GET" and range_h is not None and if_range_ok:
             parsed = _parse_range(range_h, length)
             if parsed == "unsatisfiable":
@@ -909,7 +923,10 @@ class _Core:
                 force_close = True  # HTTP/1.0: delimited by closing the connection
         else:
             headers.append(("Content-Length", str(count)))
-        headers += validators
+        if bare_206 and status == 206:
+            headers += [(k, v) for k, v in validators if k not in ("ETag", "Last-Modified")]
+        else:
+            headers += validators
         headers.append(("Accept-Ranges", "bytes"))
         if status == 206:
             headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{length}"))

@@ -581,6 +581,39 @@ def test_etag_changes(client: httpx.Client) -> None:
     assert r.status_code == 200
 
 
+def test_ignore_if_range_serves_the_new_version_as_a_206(client: httpx.Client) -> None:
+    """An upstream ignoring If-Range: a changed object's bytes come as a 206 of the new ETag."""
+    first = client.get("/gen/1000?etag_changes=1&ignore_if_range=1")
+    r = client.get(
+        "/gen/1000?etag_changes=1&ignore_if_range=1",
+        headers={"Range": "bytes=10-", "If-Range": first.headers["etag"]},
+    )
+    assert r.status_code == 206
+    assert r.headers["content-range"] == "bytes 10-999/1000"
+    assert r.headers["etag"] != first.headers["etag"]
+    assert r.content == body_bytes(1000, 10)
+
+
+def test_bare_206_has_no_validators(client: httpx.Client) -> None:
+    r = client.get("/gen/1000?bare_206=1", headers={"Range": "bytes=10-"})
+    assert r.status_code == 206
+    assert "etag" not in r.headers
+    assert "last-modified" not in r.headers
+    assert r.content == body_bytes(1000, 10)
+    assert "etag" in client.get("/gen/1000?bare_206=1").headers
+
+
+def test_stall_resume_once(origin: Origin, client: httpx.Client) -> None:
+    """The first ranged request (per key) stalls before its headers; later ones are served."""
+    url = "/gen/1000?stall_resume_once=1&key=test-stall-resume"
+    assert client.get(url).status_code == 200
+    with pytest.raises(httpx.ReadTimeout):
+        client.get(url, headers={"Range": "bytes=10-"}, timeout=0.3)
+    r = client.get(url, headers={"Range": "bytes=10-"})
+    assert r.status_code == 206
+    assert r.content == body_bytes(1000, 10)
+
+
 # --------------------------------------------------------------------------------------------
 # connections and request parsing
 # --------------------------------------------------------------------------------------------

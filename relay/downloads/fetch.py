@@ -1,20 +1,22 @@
 """Fetching a job's body into its partial file, resuming after upstream failures.
 
-One attempt is one upstream GET. When the upstream dies, stalls or answers 5xx, the next
-attempt asks for the rest: `Range: bytes=N-` with `If-Range` set to the object's strong
-validator, and only if the upstream said `Accept-Ranges: bytes`. Then:
+One attempt is one upstream GET. When the upstream dies, stalls or answers a transient status,
+the next attempt asks for the rest: `Range: bytes=N-` with `If-Range` set to the object's
+strong validator, and only if the upstream said `Accept-Ranges: bytes`. What the answer means
+is decided by `relay.continuation` (the rule set shared with streams and `relay fetch`):
 
-- 206 with `Content-Range: bytes N-(T-1)/T` (T the length seen before): appended;
+- a 206 continuing at N with the same validator and total: appended;
 - 200: the object changed (or the upstream ignores ranges): start again from byte 0;
-- any other 206 (wrong start, end or length) or a 416: the bytes on disk cannot be trusted to
-  continue; start again from zero once, and fail if it happens again. A 416's body is never
-  appended; a 416 saying the object is exactly N bytes long means the partial is complete.
+- a 206 of another version (an upstream ignoring If-Range), at the wrong offset or without a
+  usable Content-Range, or a 416: the bytes on disk cannot be trusted to continue; start again
+  from zero once, and fail if it happens again. A 416's body is never appended; a 416 saying
+  the object is exactly N bytes long means the partial is complete.
 
 Attempts that fail without real progress count against `resume_attempts`; one that took the
 partial file at least `MIN_PROGRESS` bytes further than any attempt before it resets the
 count, so a long download on a flaky link is not failed for arriving in several pieces, while
 an upstream that dies after every few bytes is given up on. Between attempts: 0.2 s x 2^k,
-capped.
+capped (`DOWNLOAD_BACKOFF`).
 """
 
 from __future__ import annotations
@@ -26,27 +28,32 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from relay.config import Route
+from relay.continuation import (
+    DOWNLOAD_BACKOFF,
+    RETRY_STATUSES,
+    Continuation,
+    Next,
+    Retries,
+    content_length,
+    whole_range_total,
+)
 from relay.downloads.digests import DigestConflict, upstream_sha256
 from relay.downloads.errors import JobFailed, UpstreamFailure
 from relay.downloads.model import Job
 from relay.downloads.writer import PartialFile
 from relay.errors import UpstreamError
 from relay.headers import USER_AGENT, VIA
-from relay.ranges import parse_content_range, parse_unsatisfied_range
 from relay.routing import Target
 from relay.upstream import Upstream
 from relay.validators import accepts_byte_ranges, resume_validator
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_BASE = 0.2
-BACKOFF_CAP = 10.0
 MIN_PROGRESS = 1024 * 1024
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def backoff_delay(failures: int) -> float:
-    return float(min(BACKOFF_BASE * 2 ** max(failures - 1, 0), BACKOFF_CAP))
+    return DOWNLOAD_BACKOFF.delay(failures)
 
 
 class BadResume(Exception):
@@ -76,8 +83,12 @@ class Fetcher:
 
     async def run(self) -> None:
         """Return once the partial file holds the whole body; raise JobFailed otherwise."""
-        failures = 0
-        furthest = self._partial.size
+        retries = Retries(
+            self._resume_attempts,
+            DOWNLOAD_BACKOFF,
+            progress=MIN_PROGRESS,
+            position=self._partial.size,
+        )
         restarted_after_bad_resume = False
         while True:
             try:
@@ -90,14 +101,11 @@ class Fetcher:
                 logger.warning("%s: %s; starting again from zero", self._where, exc.reason)
                 await self._restart()
             except UpstreamFailure as exc:
-                if self._partial.size >= furthest + MIN_PROGRESS:
-                    furthest, failures = self._partial.size, 0
-                failures += 1
-                if failures > self._resume_attempts:
+                if not retries.fail(self._partial.size):
                     raise JobFailed(
-                        f"{exc.reason} (gave up after {failures} attempts without progress)"
+                        f"{exc.reason} (gave up after {retries.failures} attempts without progress)"
                     ) from None
-                delay = backoff_delay(failures)
+                delay = backoff_delay(retries.failures)
                 logger.warning(
                     "%s: %s; resuming from byte %d in %.1fs",
                     self._where,
@@ -111,14 +119,15 @@ class Fetcher:
         job, partial = self._job, self._partial
         offset = partial.size
         route = self._target.route
-        headers: list[tuple[str, str]] = []
+        plan: Continuation | None = None
         if offset and (job.validator is None or not job.byte_ranges):
             logger.info("%s: no strong validator or no byte ranges: restarting", self._where)
             await self._restart()
             offset = 0
         if offset:
             assert job.validator is not None
-            headers += [("range", f"bytes={offset}-"), ("if-range", job.validator)]
+            plan = Continuation(validator=job.validator, total=job.total)
+        headers = plan.request_headers(offset) if plan is not None else []
         request = self._upstream.build_request(
             "GET", self._target.url, request_headers(route, headers), route
         )
@@ -128,7 +137,7 @@ class Fetcher:
         except UpstreamError as exc:
             raise UpstreamFailure(exc.reason) from exc
         try:
-            if await self._accept(response, offset):
+            if await self._accept(response, plan, offset):
                 await self._checkpoint()
                 await self._receive(response)
         finally:
@@ -139,55 +148,60 @@ class Fetcher:
         await self._partial.restart()
         self._job.bytes_done = 0
 
-    async def _accept(self, response: httpx.Response, offset: int) -> bool:
+    async def _accept(
+        self, response: httpx.Response, plan: Continuation | None, offset: int
+    ) -> bool:
         """Judge the response head; True when its body is to be appended."""
         job, status = self._job, response.status_code
-        if status == 200:
-            if offset:
+        if plan is not None:
+            verdict = plan.judge(status, response.headers, offset)
+            if verdict.next is Next.APPEND:
+                # The same representation: what this response says about it still holds.
+                job.total = verdict.total
+                job.upstream_sha256 = (
+                    self._announced_digest(response.headers) or job.upstream_sha256
+                )
+                return self._check_expected_size()
+            if verdict.next is Next.COMPLETE:
+                job.total = verdict.total
+                return False  # everything was already on disk
+            if verdict.next in (Next.CHANGED, Next.BAD_RANGE, Next.REFUSED):
+                value = response.headers.get("content-range")
+                raise BadResume(
+                    f"upstream cannot continue at byte {offset}: {verdict.reason} "
+                    f"(Content-Range {value!r}, length {job.total})"
+                )
+            if verdict.next is Next.RESTART:
                 logger.info("%s: whole object sent instead of a range: restarting", self._where)
                 await self._restart()
-            job.total = _content_length(response.headers)
+        if status == 200:
+            job.total = content_length(response.headers)
             job.validator = resume_validator(response.headers)
             job.byte_ranges = accepts_byte_ranges(response.headers)
             job.upstream_sha256 = self._announced_digest(response.headers)
-        elif status == 206:
-            self._check_content_range(response.headers.get("content-range"), offset)
-            # Same object (If-Range held): what this response says about it still holds.
-            job.validator = resume_validator(response.headers) or job.validator
+        elif status == 206 and plan is None:
+            # A 206 to a request without Range: usable only if it holds the whole object.
+            total = whole_range_total(response.headers)
+            if total is None:
+                value = response.headers.get("content-range")
+                raise BadResume(f"upstream sent Content-Range {value!r} to a request for it all")
+            job.total = total
+            job.validator = resume_validator(response.headers)
             job.byte_ranges = True
-            job.upstream_sha256 = self._announced_digest(response.headers) or job.upstream_sha256
-        elif status == 416 and offset:
-            total = parse_unsatisfied_range(response.headers.get("content-range"))
-            if job.total is not None and total is not None and total != job.total:
-                raise BadResume(f"the upstream's length changed from {job.total} to {total} bytes")
-            if total == offset:
-                job.total = total
-                return False  # everything was already on disk
-            raise BadResume(f"upstream refused bytes={offset}- (416, length {total})")
+            job.upstream_sha256 = self._announced_digest(response.headers)
         elif status in RETRY_STATUSES:
             raise UpstreamFailure(f"upstream answered {status}")
         else:
             raise JobFailed(f"upstream answered {status}")
+        return self._check_expected_size()
+
+    def _check_expected_size(self) -> bool:
+        job = self._job
         if job.expected_size is not None and job.total not in (None, job.expected_size):
             raise JobFailed(
                 f"size mismatch: the upstream has {job.total} bytes, {job.expected_size} expected"
             )
         return True
-
-    def _check_content_range(self, value: str | None, offset: int) -> None:
-        job = self._job
-        content_range = parse_content_range(value)
-        if (
-            content_range is None
-            or content_range.start != offset
-            or content_range.total is None
-            or content_range.end + 1 != content_range.total
-            or job.total not in (None, content_range.total)
-        ):
-            raise BadResume(
-                f"upstream sent Content-Range {value!r} for bytes={offset}- of {job.total}"
-            )
-        job.total = content_range.total
 
     def _announced_digest(self, headers: httpx.Headers) -> str | None:
         try:
@@ -197,7 +211,7 @@ class Fetcher:
 
     async def _receive(self, response: httpx.Response) -> None:
         job, partial = self._job, self._partial
-        declared = _content_length(response.headers)
+        declared = content_length(response.headers)
         limit = job.total if job.total is not None else job.expected_size
         received = 0
         try:
@@ -228,8 +242,3 @@ def request_headers(route: Route, extra: list[tuple[str, str]]) -> list[tuple[st
     if route.credential:
         headers.append((route.auth_header, route.credential))
     return headers
-
-
-def _content_length(headers: httpx.Headers) -> int | None:
-    value = headers.get("content-length", "").strip()
-    return int(value) if value.isascii() and value.isdigit() else None

@@ -17,10 +17,13 @@ from typing import Any, TypeVar
 
 from relay.downloads.errors import Unavailable
 from relay.downloads.model import Job, State
+from relay.errors import StartupError
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 5.0
+"""Seconds a statement waits for a lock another connection holds before failing."""
 _COLUMNS = (
     "id",
     "key",
@@ -84,8 +87,12 @@ class JobStore:
         self._db: sqlite3.Connection | None = None
 
     async def open(self) -> None:
+        """Open (or create) the store; StartupError naming the file when it cannot be used."""
         loop = asyncio.get_running_loop()
-        self._db = await loop.run_in_executor(self._executor, self._connect)
+        try:
+            self._db = await loop.run_in_executor(self._executor, self._connect)
+        except sqlite3.Error as exc:
+            raise StartupError(_unusable(self._path, exc)) from exc
 
     async def close(self) -> None:
         try:
@@ -144,18 +151,19 @@ class JobStore:
             raise StoreError(f"job store failed: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, isolation_level=None)
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: a commit survives a process crash; a power loss may lose the last
             # few commits, which only costs a re-hash of a partial file on the next start.
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self._path} was written by a newer relay (schema {version}); "
-                    f"this one understands schema {SCHEMA_VERSION}"
+                raise StartupError(
+                    f"job store {self._path} was written by a newer relay (schema {version}); "
+                    f"this one understands schema {SCHEMA_VERSION}: run the newer relay, or "
+                    "move the file aside (relay then starts with no jobs)"
                 )
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -163,6 +171,20 @@ class JobStore:
             db.close()
             raise
         return db
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> str:
+    """One line naming the job store, what is wrong with it and what to do."""
+    cause = str(exc) or type(exc).__name__
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in cause:
+        return (
+            f"job store {path} is locked ({cause}): another process is using it; stop that "
+            "process (each relay needs its own data_dir)"
+        )
+    return (
+        f"job store {path} cannot be read ({cause}); if it is damaged, move it aside "
+        "(relay then starts with no jobs) or restore it from a backup"
+    )
 
 
 def _row(job: Job) -> tuple[Any, ...]:
