@@ -8,6 +8,11 @@ Start: jobs left queued or running by the previous process are queued again and 
 their partial files (re-hashed first); partial files without a job are removed. A job that was
 publishing when the process died (final file present, partial gone) is checked and adopted.
 
+Bounds: at most `downloads_max_jobs` jobs are stored and `downloads_max_bytes` bytes of files
+(published, and partial or announced) kept; past either a new job is refused with 507, and a
+running job whose announced length would pass the byte quota fails. Finished jobs older than
+`downloads_retention` are deleted with their files by a sweep that runs in the background.
+
 Stop (the lifespan ending): every task is cancelled; each closes its upstream response and
 its file on the way out. States stay `queued`/`running` in the store and partial files stay on
 disk, so the next start resumes them.
@@ -16,12 +21,20 @@ disk, so the next start resumes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from relay.config import Config
-from relay.downloads.errors import Conflict, JobFailed, NotFound, Unavailable
+from relay.downloads.errors import (
+    Conflict,
+    InsufficientStorage,
+    JobFailed,
+    NotFound,
+    Unavailable,
+)
 from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
 from relay.downloads.model import Job, State
@@ -36,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ACTIVE = 1000
 """Jobs queued or running at once; beyond this POST /downloads answers 503."""
+SWEEP_BATCH = 500
+"""Expired jobs deleted per sweep step."""
 
 
 class DownloadManager:
@@ -52,6 +67,10 @@ class DownloadManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._submitting = asyncio.Lock()
         self._closing = False
+        self._max_jobs = config.downloads_max_jobs
+        self._max_bytes = config.downloads_max_bytes
+        self._retention = config.downloads_retention
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -74,10 +93,14 @@ class DownloadManager:
             self._schedule(job)
         if unfinished:
             logger.info("resuming %d download(s) left by the previous run", len(unfinished))
+        if self._retention:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="downloads retention")
 
     async def close(self) -> None:
         self._closing = True
         tasks = list(self._tasks.values())
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -103,6 +126,7 @@ class DownloadManager:
                 return existing
             if len(self._active) >= MAX_ACTIVE:
                 raise Unavailable("too many downloads queued; retry later")
+            await self._check_quotas(order.size)
             await self._store.save(job)
             self._schedule(job)
             logger.info("download %s queued: %s -> %s", job.id, job.url.split("?")[0], job.name)
@@ -224,7 +248,7 @@ class DownloadManager:
                 target,
                 partial,
                 resume_attempts=self._resume_attempts,
-                checkpoint=lambda: self._store.save(job),
+                checkpoint=lambda: self._checkpoint(job),
             )
             await fetcher.run()
             return await partial.publish(
@@ -245,6 +269,85 @@ class DownloadManager:
             raise JobFailed(f"path is no longer served: {exc.reason}") from None
         job.url = target.url
         return target
+
+    # ---- quotas and retention ---------------------------------------------------------------
+
+    async def _check_quotas(self, size: int | None) -> None:
+        """Refuse a new job with 507 when the store is full (after expired jobs are swept)."""
+        for sweep_first in (False, True):
+            if sweep_first:
+                if not self._retention:
+                    break
+                await self.sweep()
+            jobs = await self._store.count()
+            used = await self._bytes_used() if self._max_bytes else 0
+            if jobs < self._max_jobs and not self._over_bytes(used, size):
+                return
+        if jobs >= self._max_jobs:
+            raise InsufficientStorage(
+                f"{jobs} download jobs are stored, the most downloads_max_jobs allows; "
+                "DELETE finished ones"
+            )
+        raise InsufficientStorage(
+            f"downloads use {used} bytes of downloads_max_bytes ({self._max_bytes})"
+            + (f"; {size} more do not fit" if size else "")
+            + "; DELETE finished ones"
+        )
+
+    def _over_bytes(self, used: int, size: int | None) -> bool:
+        if not self._max_bytes:
+            return False
+        return used >= self._max_bytes or used + (size or 0) > self._max_bytes
+
+    async def _bytes_used(self) -> int:
+        """Published files, plus each active job's partial file or announced length."""
+        reserved = sum(
+            max(job.bytes_done, job.total or job.expected_size or 0)
+            for job in self._active.values()
+        )
+        return await self._store.completed_bytes() + reserved
+
+    async def _checkpoint(self, job: Job) -> None:
+        """Record the job's progress; fail it if its announced length passes the byte quota."""
+        await self._store.save(job)
+        if self._max_bytes and job.total is not None:
+            used = await self._bytes_used()
+            if used > self._max_bytes:
+                raise JobFailed(
+                    f"insufficient storage: {job.total} bytes would pass downloads_max_bytes "
+                    f"({self._max_bytes})"
+                )
+
+    async def sweep(self) -> int:
+        """Delete finished jobs older than downloads_retention, with their files."""
+        if not self._retention:
+            return 0
+        removed = 0
+        while True:
+            cutoff = time.time() - self._retention
+            expired = await self._store.finished_before(cutoff, SWEEP_BATCH)
+            batch = 0
+            for job in expired:
+                if job.id in self._active:
+                    continue  # finished a moment ago; its task is still ending
+                with contextlib.suppress(NotFound):
+                    await self.remove(job.id)
+                    batch += 1
+            removed += batch
+            if len(expired) < SWEEP_BATCH or not batch:
+                break
+        if removed:
+            logger.info("retention: deleted %d finished download job(s)", removed)
+        return removed
+
+    async def _sweep_forever(self) -> None:
+        interval = min(max(self._retention / 4, 0.05), 60.0)
+        while True:
+            try:
+                await self.sweep()
+            except StoreError as exc:
+                logger.warning("retention sweep failed: %s", exc.reason)
+            await asyncio.sleep(interval)
 
     async def _finish(self, job: Job, state: State, error: str | None = None) -> None:
         job.state = state
