@@ -11,12 +11,15 @@ passed on unchanged when not.
 
 from __future__ import annotations
 
+import re
+
 import httpx
 
 from relay.config import Route
 from relay.routing import RouteTable
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_UNSAFE_LOCATION = re.compile(r"[\\\x00-\x20\x7f]")
 
 
 def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
@@ -51,10 +54,19 @@ def next_hop(response: httpx.Response, route: Route) -> httpx.URL:
     location = response.headers.get("location")
     if not location:
         raise ValueError("redirect without Location")
+    # A backslash is a path separator to browsers (WHATWG) but userinfo to httpx
+    # ("http://h\\@127.0.0.1/" goes to 127.0.0.1 for one and "h" for the other): refused.
+    if _UNSAFE_LOCATION.search(location):
+        raise ValueError("malformed Location")
     try:
         url = response.request.url.join(location)
+        port = url.port
     except (httpx.InvalidURL, ValueError, UnicodeError):
         raise ValueError("malformed Location") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError("malformed Location")
+    if url.userinfo:
+        raise ValueError("redirect to a URL with credentials in it")
     if url.scheme not in ("http", "https"):
         raise ValueError("redirect to a URL that is not http(s)")
     if not url.host or not host_allowed(url.host, route.redirect_hosts):
