@@ -220,3 +220,24 @@ def test_finished_jobs_and_their_files_expire_after_retention(
     assert seen.get("state") == "completed"  # it did finish before it expired
     assert not (tmp_path / "files" / "old.bin").exists()
     assert httpx.get(f"{relay.url}/downloads", headers=ADMIN).json()["downloads"] == []
+
+
+def test_body_of_unannounced_length_is_stopped_past_the_byte_quota(
+    make_relay: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """Chunked, no length: the background check fails the job, its partial goes, the
+    upstream connection is released."""
+    quota = 1024 * 1024
+    relay = make_relay(
+        data_dir=str(tmp_path), downloads_open=False, admin_token=TOKEN, downloads_max_bytes=quota
+    )
+    path = f"/o/gen/{4 * quota}?cl=0&stall_after={2 * quota}&m={marker()}"
+    created = post(relay, path=path, name="endless.bin")
+    assert created.status_code == 202
+    job = wait_done(relay, created.json()["id"])
+    assert job["state"] == "failed"
+    assert "downloads_max_bytes" in job["error"]
+    assert job["bytes_done"] > quota
+    assert not (tmp_path / "files" / "endless.bin").exists()
+    assert partials(tmp_path) == []
+    assert relay.settled()

@@ -10,7 +10,8 @@ publishing when the process died (final file present, partial gone) is checked a
 
 Bounds: at most `downloads_max_jobs` jobs are stored and `downloads_max_bytes` bytes of files
 (published, and partial or announced) kept; past either a new job is refused with 507, and a
-running job whose announced length would pass the byte quota fails. Finished jobs older than
+running job whose announced length would pass the byte quota fails, as does (found by a check
+every second) one of unannounced length whose body passes it. Finished jobs older than
 `downloads_retention` are deleted with their files by a sweep that runs in the background.
 
 Stop (the lifespan ending): every task is cancelled; each closes its upstream response and
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ACTIVE = 1000
 """Jobs queued or running at once; beyond this POST /downloads answers 503."""
+WATCH_INTERVAL = 1.0
+"""Seconds between the background retention sweep and byte-quota checks (at most)."""
 SWEEP_BATCH = 500
 """Expired jobs deleted per sweep step."""
 
@@ -93,8 +96,8 @@ class DownloadManager:
             self._schedule(job)
         if unfinished:
             logger.info("resuming %d download(s) left by the previous run", len(unfinished))
-        if self._retention:
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="downloads retention")
+        if self._retention or self._max_bytes:
+            self._sweeper = asyncio.create_task(self._watch(), name="downloads quotas")
 
     async def close(self) -> None:
         self._closing = True
@@ -171,17 +174,7 @@ class DownloadManager:
         """Cancel an active job (returning it) or forget a finished one and its file (None)."""
         job = self._active.get(job_id)
         if job is not None:
-            task = self._tasks.get(job_id)
-            if task is not None:
-                task.cancel()
-                await asyncio.wait([task])
-            if job.state.active:
-                await asyncio.to_thread(remove_quietly, self._data.partial(job.id))
-                if await self._store.completed_with_name(job.name) is None:
-                    # Cancelled between the rename and its record: the name was reserved
-                    # for this job, so a file under it is this job's.
-                    await asyncio.to_thread(remove_quietly, self._data.file(job.name))
-                await self._finish(job, State.CANCELLED, "cancelled by request")
+            await self._stop(job, State.CANCELLED, "cancelled by request")
             return job
         stored = await self._store.get(job_id)
         if stored is None:
@@ -193,6 +186,20 @@ class DownloadManager:
         await self._store.delete(job_id)
         logger.info("download %s deleted", job_id)
         return None
+
+    async def _stop(self, job: Job, state: State, reason: str) -> None:
+        """End an active job's task and its files, recording it as `state` with `reason`."""
+        task = self._tasks.get(job.id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if job.state.active:
+            await asyncio.to_thread(remove_quietly, self._data.partial(job.id))
+            if await self._store.completed_with_name(job.name) is None:
+                # Stopped between the rename and its record: the name was reserved
+                # for this job, so a file under it is this job's.
+                await asyncio.to_thread(remove_quietly, self._data.file(job.name))
+            await self._finish(job, state, reason)
 
     async def published(self, name: str) -> tuple[Path, Job] | None:
         """The file published under `name` and the job that verified it."""
@@ -340,13 +347,36 @@ class DownloadManager:
             logger.info("retention: deleted %d finished download job(s)", removed)
         return removed
 
-    async def _sweep_forever(self) -> None:
-        interval = min(max(self._retention / 4, 0.05), 60.0)
+    async def _enforce_bytes(self) -> None:
+        """Fail running jobs of unannounced length, newest first, while over the byte quota."""
+        if not self._max_bytes:
+            return
+        used = await self._bytes_used()
+        newest_first = sorted(self._active.values(), key=lambda j: j.created, reverse=True)
+        for job in newest_first:
+            if used <= self._max_bytes:
+                return
+            if job.state != State.RUNNING or job.total is not None:
+                continue  # an announced length was checked when it was announced
+            used -= job.bytes_done
+            logger.warning("download %s: over downloads_max_bytes, stopping it", job.id)
+            await self._stop(
+                job,
+                State.FAILED,
+                f"insufficient storage: the body passed downloads_max_bytes ({self._max_bytes})",
+            )
+
+    async def _watch(self) -> None:
+        """Retention and the byte quota, checked in the background (at most every second)."""
+        interval = WATCH_INTERVAL
+        if self._retention:
+            interval = max(min(self._retention / 4, WATCH_INTERVAL), 0.05)
         while True:
             try:
                 await self.sweep()
+                await self._enforce_bytes()
             except StoreError as exc:
-                logger.warning("retention sweep failed: %s", exc.reason)
+                logger.warning("downloads quota check failed: %s", exc.reason)
             await asyncio.sleep(interval)
 
     async def _finish(self, job: Job, state: State, error: str | None = None) -> None:
