@@ -295,6 +295,8 @@ class Config:
             raise ConfigError("client_secret_header: not a header name")
         if not _TOKEN_RE.match(self.admin_header):
             raise ConfigError("admin_header: not a header name")
+        if self.admin_header.lower() == self.client_secret_header.lower():
+            raise ConfigError("admin_header: must differ from client_secret_header")
         if any(c in self.admin_token for c in "\r\n\x00"):
             raise ConfigError("admin_token: must be a single header value")
         if self.data_dir and not self.admin_token and not self.downloads_open:

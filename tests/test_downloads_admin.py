@@ -131,6 +131,8 @@ def test_data_dir_without_admin_credential_refuses_to_start(
         Config(routes=routes, data_dir=str(tmp_path))
     Config(routes=routes, data_dir=str(tmp_path), admin_token="t")
     Config(routes=routes, data_dir=str(tmp_path), downloads_open=True)
+    with pytest.raises(ConfigError, match="admin_header"):
+        Config(routes=routes, admin_token="t", admin_header="x-relay-secret")
     args = ["serve", "--route", "/o/=https://example.com/", "--data-dir", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err
