@@ -4,10 +4,16 @@ Two schemes, either accepted when both are configured:
 - a shared secret in a header (how CDNs authenticate to their origin), compared in constant
   time;
 - HMAC-signed expiring URLs: `?expires=<unix seconds>&signature=<hex>` where signature is
-  HMAC-SHA256(key, "<raw path>\\n<expires>"). The two parameters are removed from the query
-  before the request goes upstream.
+  HMAC-SHA256(key, "<METHOD>\\n<raw path>\\n<query>\\n<expires>"): the method, the raw path
+  as sent, and the raw query as sent minus every `expires` and `signature` parameter (the
+  other parameters' bytes in their order, joined by "&", empty parts dropped). A GET
+  signature is also valid for HEAD. The two parameters are removed from the query before
+  the request goes upstream.
 
 /healthz, /readyz and /metrics stay open: probes and scrapers do not carry credentials.
+
+Admin endpoints (the /downloads API) additionally need the admin credential: `admin_token`
+in `admin_header`, compared in constant time (`AdminAuth`).
 """
 
 from __future__ import annotations
@@ -25,14 +31,36 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _SIGNED_PARAMS = (b"expires", b"signature")
 
 
-def signature(key: str, raw_path: str, expires: int) -> str:
-    message = f"{raw_path}\n{expires}".encode()
+def signature(key: str, method: str, raw_path: str, query: str, expires: int) -> str:
+    message = b"\n".join(
+        [
+            _signed_method(method).encode("ascii"),
+            raw_path.encode("latin-1"),
+            canonical_query(query.encode("latin-1")),
+            str(expires).encode("ascii"),
+        ]
+    )
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
-def sign(key: str, raw_path: str, expires: int) -> str:
-    """The query string that makes raw_path valid until expires (unix seconds)."""
-    return f"expires={expires}&signature={signature(key, raw_path, expires)}"
+def sign(key: str, raw_path: str, expires: int, *, method: str = "GET", query: str = "") -> str:
+    """The parameters that make `method raw_path?query` valid until expires (unix seconds).
+
+    Append them to the query: `raw_path?query&<these>`.
+    """
+    return f"expires={expires}&signature={signature(key, method, raw_path, query, expires)}"
+
+
+def canonical_query(query: bytes) -> bytes:
+    """The query as signed: its parts in their order, minus signature params and empty parts."""
+    return b"&".join(
+        part for part in query.split(b"&") if part and part.partition(b"=")[0] not in _SIGNED_PARAMS
+    )
+
+
+def _signed_method(method: str) -> str:
+    method = method.upper()
+    return "GET" if method == "HEAD" else method
 
 
 class ClientAuth:
@@ -83,12 +111,36 @@ class ClientAuth:
             raise Forbidden("bad or missing expires")
         expires = int(expires_text)
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        expected = signature(self._key, raw_path, expires)
+        kept_query = b"&".join(kept)
+        expected = signature(
+            self._key, scope.get("method", "GET"), raw_path, kept_query.decode("latin-1"), expires
+        )
         if not hmac.compare_digest(params.get(b"signature", b"").decode("latin-1"), expected):
             raise Forbidden("bad signature")
         if expires < self._clock():
             raise Forbidden("signature expired")
-        return b"&".join(kept)
+        return kept_query
+
+
+class AdminAuth:
+    """The admin credential, for relay's admin endpoints; one for every such endpoint."""
+
+    def __init__(self, *, token: str, header: str = "X-Relay-Admin-Token") -> None:
+        self._token = token.encode()
+        self._header = header.lower().encode()
+
+    def __repr__(self) -> str:
+        return f"AdminAuth(header={self._header.decode()!r}, token=***)"
+
+    def check(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Accept the request or raise Unauthorized (no credential) or Forbidden (wrong one)."""
+        given = [value for name, value in headers if name.lower() == self._header]
+        if not given:
+            raise Unauthorized(f"admin credential required in {self._header.decode()}")
+        # An empty token (none configured) never matches: compare_digest of b"" and b"" is
+        # true, so that case is refused explicitly.
+        if len(given) != 1 or not self._token or not hmac.compare_digest(given[0], self._token):
+            raise Forbidden("wrong admin credential")
 
 
 class ClientAuthMiddleware:

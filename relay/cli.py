@@ -147,10 +147,24 @@ def _sign_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "sign",
         help="print a signed, expiring URL path for relay's signing_key",
-        description="Sign PATH (e.g. /gh/org/repo/file.tar.gz) with the signing key from "
-        f"{ENV_PREFIX}SIGNING_KEY or --key-file, printing PATH?...&expires=..&signature=..",
+        description="Sign METHOD and PATH with its query (e.g. /gh/org/repo/file.tar.gz?v=1) "
+        f"with the signing key from {ENV_PREFIX}SIGNING_KEY or --key-file, printing "
+        "PATH?...&expires=..&signature=.. The URL is valid only for that method (GET also "
+        "covers HEAD), that path and that exact query.",
     )
-    p.add_argument("path", metavar="PATH", help="the path on relay, as the client will send it")
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="the path on relay with its query, exactly as the client will send it",
+    )
+    p.add_argument(
+        "-X",
+        "--method",
+        default="GET",
+        type=str.upper,
+        choices=("GET", "HEAD", "POST", "DELETE"),
+        help="the method the URL is for (default: GET; a GET URL also serves HEAD)",
+    )
     p.add_argument("--expires-in", type=int, default=3600, metavar="SECONDS")
     p.add_argument("--key-file", metavar="FILE", help="file holding the signing key")
 
@@ -173,7 +187,7 @@ def run_sign(args: dict[str, object]) -> int:
         return 2
     base, _, query = path.partition("?")
     expires = int(time.time()) + int(str(args["expires_in"]))
-    signed = sign(key, base, expires)
+    signed = sign(key, base, expires, method=str(args["method"]), query=query)
     print(f"{base}?{query + '&' if query else ''}{signed}")
     return 0
 

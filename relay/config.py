@@ -85,7 +85,7 @@ class Route:
         prefix = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
         if not _PREFIX_RE.match(prefix) or any(seg in (".", "..") for seg in prefix.split("/")):
             raise ConfigError(
-                f"route prefix {self.prefix!r}: must start with '/' and contain only "
+                f"route prefix {mask_url(self.prefix)!r}: must start with '/' and contain only "
                 "unreserved URL characters, without '.' or '..' segments"
             )
         object.__setattr__(self, "prefix", prefix)
@@ -138,34 +138,45 @@ class Route:
         """Parse the command-line form PREFIX=URL."""
         prefix, sep, upstream = text.partition("=")
         if not sep or not prefix or not upstream:
-            raise ConfigError(f"route {text!r}: expected PREFIX=URL, e.g. /gh/=https://github.com/")
+            raise ConfigError(
+                f"route {mask_url(text)!r}: expected PREFIX=URL, e.g. /gh/=https://github.com/"
+            )
         return cls(prefix=prefix.strip(), upstream=upstream.strip())
 
 
+def mask_url(text: str) -> str:
+    """`text` with the user information of any URL in it replaced by "***" (for messages)."""
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
+_USERINFO_RE = re.compile(r"(//)[^/?#@\s]*@")
+
+
 def _normalise_upstream(url: str) -> str:
+    shown = mask_url(url)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"route upstream {url!r}: {exc}") from None
+        raise ConfigError(f"route upstream {shown!r}: {exc}") from None
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"route upstream {url!r}: scheme must be http or https")
+        raise ConfigError(f"route upstream {shown!r}: scheme must be http or https")
     if not parts.hostname:
-        raise ConfigError(f"route upstream {url!r}: no host")
+        raise ConfigError(f"route upstream {shown!r}: no host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(
-            f"route upstream {url!r}: credentials in the URL are not accepted "
+            f"route upstream {shown!r}: credentials in the URL are not accepted "
             "(they would end up in logs)"
         )
     if parts.query or parts.fragment:
-        raise ConfigError(f"route upstream {url!r}: must not have a query or fragment")
+        raise ConfigError(f"route upstream {shown!r}: must not have a query or fragment")
     if port == 0:
-        raise ConfigError(f"route upstream {url!r}: port 0 is not valid")
+        raise ConfigError(f"route upstream {shown!r}: port 0 is not valid")
     path = parts.path or "/"
     if not path.endswith("/"):
         path += "/"
     if not _UPSTREAM_PATH_RE.match(path) or any(seg in (".", "..") for seg in path.split("/")):
-        raise ConfigError(f"route upstream {url!r}: path has characters or segments not allowed")
+        raise ConfigError(f"route upstream {shown!r}: path has characters or segments not allowed")
     return f"{parts.scheme}://{parts.netloc.lower()}{path}"
 
 
@@ -206,6 +217,22 @@ class Config:
         "", "directory for downloads to disk and GET /files/ (empty: disk features off)"
     )
     max_downloads: int = _setting(4, "downloads to disk running at once", min=1)
+    downloads_open: bool = _setting(
+        False, "let every client use the /downloads API without admin_token (explicit opt-out)"
+    )
+    downloads_max_jobs: int = _setting(
+        1000, "download jobs kept (any state); past it POST /downloads answers 507", min=1
+    )
+    downloads_max_bytes: int = _setting(
+        10 * 1024**3,
+        "bytes of downloaded and partial files in data_dir; past it 507 (0: no limit)",
+        min=0,
+    )
+    downloads_retention: float = _setting(
+        7 * 24 * 3600.0,
+        "seconds a finished download job (and a completed job's file) is kept (0: forever)",
+        min=0,
+    )
     max_streams: int = _setting(
         1000, "relayed streams at once; past it, 503 with Retry-After at once", min=1
     )
@@ -232,6 +259,11 @@ class Config:
         "", "key for HMAC-signed expiring URLs (?expires=&signature=)", secret=True
     )
     signing_key_file: str = _setting("", "file holding signing_key")
+    admin_token: str = _setting(
+        "", "credential for relay's admin endpoints (the /downloads API)", secret=True
+    )
+    admin_token_file: str = _setting("", "file holding admin_token")
+    admin_header: str = _setting("X-Relay-Admin-Token", "header carrying admin_token")
     ca_file: str = _setting(
         "", "PEM file of CA certificates trusted for https upstreams (empty: the defaults)"
     )
@@ -261,6 +293,17 @@ class Config:
             raise ConfigError(f"trusted_proxies: {exc}") from None
         if not _TOKEN_RE.match(self.client_secret_header):
             raise ConfigError("client_secret_header: not a header name")
+        if not _TOKEN_RE.match(self.admin_header):
+            raise ConfigError("admin_header: not a header name")
+        if self.admin_header.lower() == self.client_secret_header.lower():
+            raise ConfigError("admin_header: must differ from client_secret_header")
+        if any(c in self.admin_token for c in "\r\n\x00"):
+            raise ConfigError("admin_token: must be a single header value")
+        if self.data_dir and not self.admin_token and not self.downloads_open:
+            raise ConfigError(
+                "data_dir: the /downloads API needs an admin credential; set admin_token "
+                "(or admin_token_file), or downloads_open = true to let every client use it"
+            )
         if self.ca_file:
             try:
                 self.upstream_ssl_context()
@@ -304,7 +347,7 @@ class Config:
             routes = tuple(_parse_route_texts(cli_routes))
         environ = environ or {}
         routes = tuple(r.resolve_credential(environ) for r in routes or ())
-        for name in ("client_secret", "signing_key"):
+        for name in ("client_secret", "signing_key", "admin_token"):
             path = values.get(f"{name}_file")
             if path:
                 values[name] = _read_secret_file(path, f"{name}_file")
@@ -340,7 +383,8 @@ def _check(f: dataclasses.Field[Any], kind: Any, value: Any, where: str) -> None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+        shown = "***" if meta.get("secret") else repr(value)
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {shown}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
     if meta.get("positive") and not value > 0:

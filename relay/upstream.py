@@ -11,7 +11,7 @@ import httpx
 
 from relay.config import Config, Route
 from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from relay.redirects import REDIRECT_STATUSES, next_hop
+from relay.redirects import REDIRECT_STATUSES, next_hop, same_origin
 from relay.routing import Target
 from relay.transports import ALLOW_PRIVATE
 
@@ -25,7 +25,11 @@ _PLAIN_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:/?@\[\]]|%[0-9A-Fa-f]{
 
 @contextlib.contextmanager
 def map_upstream_errors() -> Iterator[None]:
-    """The one place where httpx errors become the statuses relay answers with."""
+    """The one place where httpx errors become the statuses relay answers with.
+
+    The reason (the client's body) names the kind of failure only; the library's message,
+    which may name addresses and ports, stays on the exception's cause for the log.
+    """
     try:
         yield
     except httpx.PoolTimeout as exc:
@@ -34,14 +38,26 @@ def map_upstream_errors() -> Iterator[None]:
         phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "waiting for"
         raise UpstreamTimeout(f"timed out {phase} the upstream") from exc
     except httpx.ConnectError as exc:
-        raise UpstreamUnavailable(f"cannot connect to the upstream: {_cause(exc)}") from exc
+        # The transports say "refused by egress policy: <host> resolves to <address> ...".
+        if _EGRESS_REFUSED in str(exc):
+            raise UpstreamUnavailable(f"cannot connect to the upstream: {_EGRESS_REFUSED}") from exc
+        raise UpstreamUnavailable("cannot connect to the upstream") from exc
+    except httpx.RemoteProtocolError as exc:
+        raise UpstreamUnavailable("upstream sent an invalid or incomplete response") from exc
     except httpx.HTTPError as exc:
-        raise UpstreamUnavailable(f"upstream failed: {_cause(exc)}") from exc
+        raise UpstreamUnavailable("upstream connection failed") from exc
 
 
-def _cause(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+_EGRESS_REFUSED = "refused by egress policy"
+
+
+def cause_of(exc: BaseException) -> str:
+    """The detail behind a relay error, for the log only (it may name addresses)."""
+    cause = exc.__cause__
+    if cause is None:
+        return ""
+    text = str(cause).strip()
+    return text.splitlines()[0][:200] if text else type(cause).__name__
 
 
 class Upstream:
@@ -111,7 +127,11 @@ class Upstream:
             raise UpstreamUnavailable(f"more than {route.max_redirects} redirects")
         except UpstreamError as exc:
             logger.warning(
-                "upstream %s %s failed: %s", request.method, _safe_url(request.url), exc.reason
+                "upstream %s %s failed: %s (%s)",
+                request.method,
+                _safe_url(request.url),
+                exc.reason,
+                cause_of(exc) or "-",
             )
             raise
 
@@ -121,19 +141,29 @@ class Upstream:
         try:
             url = next_hop(response, route)
         except ValueError as exc:
+            logger.warning(
+                "not following the redirect from %s: %s (Location %r)",
+                _safe_url(request.url),
+                exc,
+                response.headers.get("location", "").split("?")[0][:200],
+            )
             raise UpstreamUnavailable(f"redirect not followed: {exc}") from None
-        credential = route.auth_header.lower() if route.credential else None
-        same_host = url.host == request.url.host
+        if same_origin(url, request.url):
+            dropped: frozenset[str] = frozenset({"host"})
+        else:
+            # Credentials are for their origin (scheme, host and port), not for wherever it
+            # redirects: the route's own, and the client's where the route forwards them.
+            dropped = _CREDENTIAL_HEADERS | {"host", route.auth_header.lower()}
         headers = [
-            (name, value)
-            for name, value in request.headers.multi_items()
-            # The route's credential is for its upstream, not for wherever it redirects.
-            if name != "host" and (same_host or name != credential)
+            (name, value) for name, value in request.headers.multi_items() if name not in dropped
         ]
         method = request.method
         if response.status_code == 303 and method != "HEAD":
             method = "GET"
         return self.build_request(method, url, headers, route)
+
+
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 
 def _safe_url(url: httpx.URL) -> str:

@@ -116,7 +116,7 @@ def relay_config(origin_url: str, **overrides: Any) -> Config:
     routes = overrides.pop(
         "routes", (Route(prefix="/o/", upstream=origin_url + "/", allow_private=True),)
     )
-    base = Config(routes=routes, log_level="warning")
+    base = Config(routes=routes, log_level="warning", downloads_open=True)
     return dataclasses.replace(base, **overrides)
 
 

@@ -22,7 +22,7 @@ def scope(path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | No
 
 def test_signed_url_is_accepted_until_it_expires_and_params_are_stripped() -> None:
     auth = ClientAuth(signing_key="k", clock=lambda: 1000.0)
-    s = scope("/gh/a.tgz", f"x=1&{sign('k', '/gh/a.tgz', 1001)}&y=2".encode())
+    s = scope("/gh/a.tgz", f"x=1&{sign('k', '/gh/a.tgz', 1001, query='x=1&y=2')}&y=2".encode())
     auth.check(s)
     assert s["query_string"] == b"x=1&y=2"
     with pytest.raises(Forbidden, match="expired"):

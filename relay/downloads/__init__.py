@@ -12,6 +12,10 @@
                    continues, the rule set shared with streams and `relay fetch`)
     names.py       ids, file names, the data directory layout; errors.py the error tree
 
+The /downloads API needs the admin credential (`admin_token` in `admin_header`) unless
+`downloads_open` is set; the store is bounded by `downloads_max_jobs`, `downloads_max_bytes`
+and `downloads_retention`.
+
 With `data_dir` empty the feature is off: `open_downloads` yields None and no endpoint is
 mounted, so /downloads and /files belong to the routes like any other path.
 
@@ -30,8 +34,9 @@ from pathlib import Path
 
 from starlette.routing import BaseRoute, Route
 
+from relay.auth import AdminAuth
 from relay.config import Config
-from relay.downloads.api import download, downloads
+from relay.downloads.api import admin_only, download, downloads
 from relay.downloads.files import serve_file
 from relay.downloads.jobs import DownloadManager
 from relay.downloads.names import DataDir
@@ -55,9 +60,16 @@ def routes(config: Config) -> list[BaseRoute]:
     """
     if not config.data_dir:
         return []
+    # The whole API needs the admin credential: listing and job details name other clients'
+    # URLs. /files stays under client authentication only, as relayed paths are.
+    admin = (
+        None
+        if config.downloads_open
+        else AdminAuth(token=config.admin_token, header=config.admin_header)
+    )
     return [
-        Route("/downloads", downloads, methods=["GET", "POST"]),
-        Route("/downloads/{job_id:path}", download, methods=["GET", "DELETE"]),
+        Route("/downloads", admin_only(downloads, admin), methods=["GET", "POST"]),
+        Route("/downloads/{job_id:path}", admin_only(download, admin), methods=["GET", "DELETE"]),
         Route("/files/{name:path}", serve_file, methods=["GET", "HEAD"]),
     ]
 

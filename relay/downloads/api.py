@@ -8,6 +8,9 @@
                              finished: record (and a completed job's file) removed -> 204
 
 Every error is a short JSON object, `{"error": "field: reason", "field": "field"}`.
+Without the admin credential every endpoint answers 401 (none sent) or 403 (a wrong one),
+unless `downloads_open` is set. A full store answers 507 (downloads_max_jobs,
+downloads_max_bytes).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from relay.auth import AdminAuth
 from relay.downloads.errors import DownloadsError, InvalidField, NotFound
 from relay.downloads.intake import parse_order
 from relay.downloads.jobs import DownloadManager
 from relay.downloads.names import is_job_id
+from relay.errors import ClientError
 
 MAX_BODY = 16 * 1024
 LIST_DEFAULT = 100
@@ -40,6 +45,22 @@ def json_errors(endpoint: Endpoint) -> Endpoint:
             return await endpoint(request)
         except DownloadsError as exc:
             return JSONResponse(exc.to_json(), exc.status_code, headers=NO_STORE)
+
+    return wrapper
+
+
+def admin_only(endpoint: Endpoint, admin: AdminAuth | None) -> Endpoint:
+    """`endpoint` behind the admin credential, checked before the body is read (None: open)."""
+    if admin is None:
+        return endpoint
+
+    @functools.wraps(endpoint)
+    async def wrapper(request: Request) -> Response:
+        try:
+            admin.check(request.headers.raw)
+        except ClientError as exc:
+            return JSONResponse({"error": exc.reason}, exc.status_code, headers=NO_STORE)
+        return await endpoint(request)
 
     return wrapper
 

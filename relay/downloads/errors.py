@@ -4,6 +4,7 @@ DownloadsError          answered as a short JSON error: {"error": ..., "field": 
 ├── InvalidField        400/422: a request field is malformed or refused
 ├── Conflict            409: the name is taken by another download or a different file
 ├── NotFound            404: no such job or file
+├── InsufficientStorage 507: the store is full (downloads_max_jobs, downloads_max_bytes)
 └── Unavailable         503 (or 404 when disk features are off)
 
 JobFailed               ends a job in state "failed" with a short reason (never retried)
@@ -48,6 +49,10 @@ class Conflict(DownloadsError):
 
 class NotFound(DownloadsError):
     status_code = 404
+
+
+class InsufficientStorage(DownloadsError):
+    status_code = 507
 
 
 class Unavailable(DownloadsError):

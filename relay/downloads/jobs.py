@@ -8,6 +8,12 @@ Start: jobs left queued or running by the previous process are queued again and 
 their partial files (re-hashed first); partial files without a job are removed. A job that was
 publishing when the process died (final file present, partial gone) is checked and adopted.
 
+Bounds: at most `downloads_max_jobs` jobs are stored and `downloads_max_bytes` bytes of files
+(published, and partial or announced) kept; past either a new job is refused with 507, and a
+running job whose announced length would pass the byte quota fails, as does (found by a check
+every second) one of unannounced length whose body passes it. Finished jobs older than
+`downloads_retention` are deleted with their files by a sweep that runs in the background.
+
 Stop (the lifespan ending): every task is cancelled; each closes its upstream response and
 its file on the way out. States stay `queued`/`running` in the store and partial files stay on
 disk, so the next start resumes them.
@@ -16,12 +22,20 @@ disk, so the next start resumes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from relay.config import Config
-from relay.downloads.errors import Conflict, JobFailed, NotFound, Unavailable
+from relay.downloads.errors import (
+    Conflict,
+    InsufficientStorage,
+    JobFailed,
+    NotFound,
+    Unavailable,
+)
 from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
 from relay.downloads.model import Job, State
@@ -36,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 MAX_ACTIVE = 1000
 """Jobs queued or running at once; beyond this POST /downloads answers 503."""
+WATCH_INTERVAL = 1.0
+"""Seconds between the background retention sweep and byte-quota checks (at most)."""
+SWEEP_BATCH = 500
+"""Expired jobs deleted per sweep step."""
 
 
 class DownloadManager:
@@ -52,6 +70,10 @@ class DownloadManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._submitting = asyncio.Lock()
         self._closing = False
+        self._max_jobs = config.downloads_max_jobs
+        self._max_bytes = config.downloads_max_bytes
+        self._retention = config.downloads_retention
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -74,10 +96,14 @@ class DownloadManager:
             self._schedule(job)
         if unfinished:
             logger.info("resuming %d download(s) left by the previous run", len(unfinished))
+        if self._retention or self._max_bytes:
+            self._sweeper = asyncio.create_task(self._watch(), name="downloads quotas")
 
     async def close(self) -> None:
         self._closing = True
         tasks = list(self._tasks.values())
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -103,6 +129,7 @@ class DownloadManager:
                 return existing
             if len(self._active) >= MAX_ACTIVE:
                 raise Unavailable("too many downloads queued; retry later")
+            await self._check_quotas(order.size)
             await self._store.save(job)
             self._schedule(job)
             logger.info("download %s queued: %s -> %s", job.id, job.url.split("?")[0], job.name)
@@ -147,17 +174,7 @@ class DownloadManager:
         """Cancel an active job (returning it) or forget a finished one and its file (None)."""
         job = self._active.get(job_id)
         if job is not None:
-            task = self._tasks.get(job_id)
-            if task is not None:
-                task.cancel()
-                await asyncio.wait([task])
-            if job.state.active:
-                await asyncio.to_thread(remove_quietly, self._data.partial(job.id))
-                if await self._store.completed_with_name(job.name) is None:
-                    # Cancelled between the rename and its record: the name was reserved
-                    # for this job, so a file under it is this job's.
-                    await asyncio.to_thread(remove_quietly, self._data.file(job.name))
-                await self._finish(job, State.CANCELLED, "cancelled by request")
+            await self._stop(job, State.CANCELLED, "cancelled by request")
             return job
         stored = await self._store.get(job_id)
         if stored is None:
@@ -169,6 +186,20 @@ class DownloadManager:
         await self._store.delete(job_id)
         logger.info("download %s deleted", job_id)
         return None
+
+    async def _stop(self, job: Job, state: State, reason: str) -> None:
+        """End an active job's task and its files, recording it as `state` with `reason`."""
+        task = self._tasks.get(job.id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if job.state.active:
+            await asyncio.to_thread(remove_quietly, self._data.partial(job.id))
+            if await self._store.completed_with_name(job.name) is None:
+                # Stopped between the rename and its record: the name was reserved
+                # for this job, so a file under it is this job's.
+                await asyncio.to_thread(remove_quietly, self._data.file(job.name))
+            await self._finish(job, state, reason)
 
     async def published(self, name: str) -> tuple[Path, Job] | None:
         """The file published under `name` and the job that verified it."""
@@ -224,7 +255,7 @@ class DownloadManager:
                 target,
                 partial,
                 resume_attempts=self._resume_attempts,
-                checkpoint=lambda: self._store.save(job),
+                checkpoint=lambda: self._checkpoint(job),
             )
             await fetcher.run()
             return await partial.publish(
@@ -245,6 +276,108 @@ class DownloadManager:
             raise JobFailed(f"path is no longer served: {exc.reason}") from None
         job.url = target.url
         return target
+
+    # ---- quotas and retention ---------------------------------------------------------------
+
+    async def _check_quotas(self, size: int | None) -> None:
+        """Refuse a new job with 507 when the store is full (after expired jobs are swept)."""
+        for sweep_first in (False, True):
+            if sweep_first:
+                if not self._retention:
+                    break
+                await self.sweep()
+            jobs = await self._store.count()
+            used = await self._bytes_used() if self._max_bytes else 0
+            if jobs < self._max_jobs and not self._over_bytes(used, size):
+                return
+        if jobs >= self._max_jobs:
+            raise InsufficientStorage(
+                f"{jobs} download jobs are stored, the most downloads_max_jobs allows; "
+                "DELETE finished ones"
+            )
+        raise InsufficientStorage(
+            f"downloads use {used} bytes of downloads_max_bytes ({self._max_bytes})"
+            + (f"; {size} more do not fit" if size else "")
+            + "; DELETE finished ones"
+        )
+
+    def _over_bytes(self, used: int, size: int | None) -> bool:
+        if not self._max_bytes:
+            return False
+        return used >= self._max_bytes or used + (size or 0) > self._max_bytes
+
+    async def _bytes_used(self) -> int:
+        """Published files, plus each active job's partial file or announced length."""
+        reserved = sum(
+            max(job.bytes_done, job.total or job.expected_size or 0)
+            for job in self._active.values()
+        )
+        return await self._store.completed_bytes() + reserved
+
+    async def _checkpoint(self, job: Job) -> None:
+        """Record the job's progress; fail it if its announced length passes the byte quota."""
+        await self._store.save(job)
+        if self._max_bytes and job.total is not None:
+            used = await self._bytes_used()
+            if used > self._max_bytes:
+                raise JobFailed(
+                    f"insufficient storage: {job.total} bytes would pass downloads_max_bytes "
+                    f"({self._max_bytes})"
+                )
+
+    async def sweep(self) -> int:
+        """Delete finished jobs older than downloads_retention, with their files."""
+        if not self._retention:
+            return 0
+        removed = 0
+        while True:
+            cutoff = time.time() - self._retention
+            expired = await self._store.finished_before(cutoff, SWEEP_BATCH)
+            batch = 0
+            for job in expired:
+                if job.id in self._active:
+                    continue  # finished a moment ago; its task is still ending
+                with contextlib.suppress(NotFound):
+                    await self.remove(job.id)
+                    batch += 1
+            removed += batch
+            if len(expired) < SWEEP_BATCH or not batch:
+                break
+        if removed:
+            logger.info("retention: deleted %d finished download job(s)", removed)
+        return removed
+
+    async def _enforce_bytes(self) -> None:
+        """Fail running jobs of unannounced length, newest first, while over the byte quota."""
+        if not self._max_bytes:
+            return
+        used = await self._bytes_used()
+        newest_first = sorted(self._active.values(), key=lambda j: j.created, reverse=True)
+        for job in newest_first:
+            if used <= self._max_bytes:
+                return
+            if job.state != State.RUNNING or job.total is not None:
+                continue  # an announced length was checked when it was announced
+            used -= job.bytes_done
+            logger.warning("download %s: over downloads_max_bytes, stopping it", job.id)
+            await self._stop(
+                job,
+                State.FAILED,
+                f"insufficient storage: the body passed downloads_max_bytes ({self._max_bytes})",
+            )
+
+    async def _watch(self) -> None:
+        """Retention and the byte quota, checked in the background (at most every second)."""
+        interval = WATCH_INTERVAL
+        if self._retention:
+            interval = max(min(self._retention / 4, WATCH_INTERVAL), 0.05)
+        while True:
+            try:
+                await self.sweep()
+                await self._enforce_bytes()
+            except StoreError as exc:
+                logger.warning("downloads quota check failed: %s", exc.reason)
+            await asyncio.sleep(interval)
 
     async def _finish(self, job: Job, state: State, error: str | None = None) -> None:
         job.state = state

@@ -122,6 +122,34 @@ class JobStore:
     async def latest(self, limit: int) -> list[Job]:
         return await self._select("ORDER BY created DESC LIMIT ?", limit)
 
+    # ---- quotas and retention -------------------------------------------------------------
+
+    async def count(self) -> int:
+        """Jobs stored, in any state."""
+        return int(
+            await self._run(lambda db: db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+        )
+
+    async def completed_bytes(self) -> int:
+        """Bytes of the files completed jobs published."""
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT COALESCE(SUM(total), 0) FROM jobs WHERE state = ?",
+                (State.COMPLETED.value,),
+            ).fetchone()
+        )
+        return int(row[0])
+
+    async def finished_before(self, updated: float, limit: int) -> list[Job]:
+        """Finished jobs (completed, failed, cancelled) last changed before `updated`."""
+        return await self._select(
+            "WHERE state NOT IN (?, ?) AND updated < ? ORDER BY updated LIMIT ?",
+            State.QUEUED.value,
+            State.RUNNING.value,
+            updated,
+            limit,
+        )
+
     async def completed_with_key(self, key: str) -> Job | None:
         rows = await self._select(
             "WHERE key = ? AND state = ? ORDER BY created DESC LIMIT 1", key, State.COMPLETED.value
