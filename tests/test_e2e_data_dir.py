@@ -121,7 +121,7 @@ def test_relay_serve_refuses_a_data_dir_held_by_another_process(
 ) -> None:
     """Two `relay serve` processes on one data_dir: the second exits 1 with one line."""
     data_dir = tmp_path / "data"
-    first = RelayProcess(origin, tmp_path, data_dir=str(data_dir)).start()
+    first = RelayProcess(origin, tmp_path, data_dir=str(data_dir), admin_token="admin").start()
     try:
         assert first.proc is not None
         second = serve_process(first.config, data_dir)
@@ -147,7 +147,7 @@ def test_relay_serve_with_a_corrupt_job_store_exits_with_one_line(
     data_dir.mkdir()
     store = data_dir / "jobs.sqlite3"
     store.write_bytes(GARBAGE)
-    config_file = RelayProcess(origin, tmp_path).config
+    config_file = RelayProcess(origin, tmp_path, admin_token="admin").config
     done = serve_process(config_file, data_dir)
     assert done.returncode == 1, done.stderr
     line = one_line_error(done.stderr)
