@@ -21,14 +21,14 @@ pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
 
 
-def requests_total(relay: RelayThread) -> dict[str, float]:
-    """relay_requests_total for route /o/, by status."""
+def route_samples(relay: RelayThread, name: str) -> dict[str, float]:
+    """Non-zero samples of metric `name` for route /o/, by status (or "" if unlabelled)."""
     text = httpx.get(f"{relay.url}/metrics").text
     return {
-        s.labels["status"]: s.value
+        s.labels.get("status", ""): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "relay_requests_total" and s.labels.get("route") == "/o/" and s.value
+        if s.name == name and s.labels.get("route") == "/o/" and s.value
     }
 
 
@@ -68,6 +68,7 @@ def test_hostile_reset_of_a_close_delimited_body_aborts_the_client(
     assert code in (18, 56), code
     assert size <= MiB
     assert relay.settled()
+    assert route_samples(relay, "relay_upstream_aborts_total") == {"": 1.0}
     # The same body ended by a FIN is complete and ends cleanly.
     code, digest, size = curl(f"{relay.url}/o/gen/4m?http10=1")
     assert (code, digest, size) == (0, expected_sha256(4 * MiB), 4 * MiB)
@@ -148,5 +149,5 @@ def test_hostile_malformed_head_gives_502_recorded_as_502(
     assert response.text.startswith("502 ")
     assert "Traceback" not in response.text
     assert "x-junk" not in response.headers
-    assert requests_total(relay) == {"502": 1.0}
+    assert route_samples(relay, "relay_requests_total") == {"502": 1.0}
     assert relay.settled()
