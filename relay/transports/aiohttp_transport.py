@@ -9,8 +9,13 @@ Guarantees this module owns:
   response stream is closed (normal end, client abort, upstream error, cancellation);
 - a response not read to its end closes its connection; one read to the end is reused;
 - the body is yielded as received (`aiter_raw`): no decompression, no re-chunking, no copy;
-- a body cut short (Content-Length not reached, chunked stream without its last chunk) raises
-  `httpx.RemoteProtocolError`, never a clean end.
+- a body cut short (Content-Length not reached, chunked stream without its last chunk, a
+  close-delimited body ended by a reset) raises `httpx.RemoteProtocolError`, never a clean end;
+- a connection that receives bytes while idle, or a second response behind a complete one, is
+  closed, never reused; a request is sent again (by aiohttp) only if no byte of its response
+  arrived;
+- a response head is complete within the read timeout and passes relay/transports/heads.py,
+  or the request fails (504 / 502) before anything reaches the client.
 """
 
 from __future__ import annotations
