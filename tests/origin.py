@@ -24,6 +24,15 @@ Endpoints
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
+    Hostile upstreams: ``smuggle=<seconds>`` (after a complete kept-alive response, wait, then
+    send a second, unrequested response carrying ``X-Smuggled: yes``), ``http10=1`` (answer
+    ``HTTP/1.0`` with no Content-Length: the body ends at close; with ``reset_after`` it ends
+    with an RST instead of a FIN), ``trickle_headers=<seconds>`` (the status line, then one
+    header line per interval, never completing the head, up to ``TRICKLE_LINES`` lines, then
+    close), ``bad_head=<kind>`` (a malformed response head, see ``BAD_HEADS``: ``status999``,
+    ``status600``, ``status099``, ``ctl01``, ``ctl7f`` (a control byte in a header value),
+    ``cl_space`` (``Content-Length : 5``), ``te_gzip`` (``Transfer-Encoding: gzip, chunked``
+    with a gzip body)).
 ``GET /status/<code>``, ``GET /redirect?to=<url>&code=302``, ``ANY /echo`` (JSON of the
 request), ``GET /headers?set=Name:Value&set=...`` (extra response headers).
 """
@@ -57,12 +66,15 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 __all__ = [
+    "BAD_HEADS",
     "BASE",
     "CHUNK",
     "ETAG_CHANGES_START",
     "GZIP_MAX",
     "LAST_MODIFIED",
     "LAST_MODIFIED_TS",
+    "SMUGGLED",
+    "TRICKLE_LINES",
     "Origin",
     "P",
     "RequestRecord",
@@ -274,6 +286,13 @@ _LIMIT = 64 * 1024
 _MAX_HEADERS = 100
 _LINGER = 2.0  # seconds to wait for the client's FIN after ours / for the send queue to drain
 _SERVER = "relay-test-origin"
+#: Header lines ``trickle_headers`` sends before giving up and closing.
+TRICKLE_LINES = 120
+#: The response ``smuggle`` sends unrequested after a complete one.
+SMUGGLED = (
+    b"HTTP/1.1 200 OK\r\nX-Smuggled: yes\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 9\r\n\r\nsmuggled\n"
+)
 _CACHE_CONTROL = "public, max-age=3600"
 
 try:  # unsent+unacked bytes in the kernel send queue (Linux); used before an RST
@@ -334,6 +353,29 @@ def _head_bytes(status: int, headers: Headers) -> bytes:
     lines.extend(f"{n}: {v}\r\n" for n, v in headers)
     lines.append("\r\n")
     return "".join(lines).encode("latin-1")
+
+
+def _bad_head(kind: str, body: bytes) -> bytes:
+    """A whole response (head and ``body``, delimited by closing) with a malformed head."""
+    status, extra = BAD_HEADS[kind]
+    if kind == "te_gzip":
+        packed = zlib.compressobj(6, zlib.DEFLATED, 31)
+        data = packed.compress(body) + packed.flush()
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    head = b"HTTP/1.1 %s Whatever\r\nContent-Type: application/octet-stream\r\n" % status
+    return head + extra + b"Connection: close\r\n\r\n" + body
+
+
+#: ``bad_head`` kinds: the status code as sent, and extra header lines.
+BAD_HEADS: dict[str, tuple[bytes, bytes]] = {
+    "status999": (b"999", b""),
+    "status600": (b"600", b""),
+    "status099": (b"099", b""),
+    "ctl01": (b"200", b"X-Junk: a\x01b\r\n"),
+    "ctl7f": (b"200", b"X-Junk: a\x7fb\r\n"),
+    "cl_space": (b"200", b"Content-Length : 5\r\n"),
+    "te_gzip": (b"200", b"Transfer-Encoding: gzip, chunked\r\n"),
+}
 
 
 def _std_headers(headers: Headers, keep_alive: bool) -> Headers:
@@ -807,6 +849,22 @@ class _Core:
         if _q_flag(req, "stall_headers"):
             await self._stall(reader)
             return "abort"
+        trickle = _q_float(req, "trickle_headers")
+        if trickle is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            for i in range(TRICKLE_LINES):
+                await writer.drain()
+                await asyncio.sleep(trickle)
+                writer.write(b"X-Trickle-%d: %d\r\n" % (i, i))
+            return "close"
+        bad_head = req.param("bad_head")
+        if bad_head is not None:
+            if bad_head not in BAD_HEADS:
+                raise _Param(f"bad bad_head={bad_head!r}")
+            writer.write(_bad_head(bad_head, body_bytes(min(size, 64 * 1024))))
+            return "close"
+        smuggle = _q_float(req, "smuggle")
+        http10 = _q_flag(req, "http10")
         close_after = _q_size(req, "close_after")
         reset_after = _q_size(req, "reset_after")
         stall_after = _q_size(req, "stall_after")
@@ -915,6 +973,8 @@ class _Core:
         elif lie_length is not None:
             headers.append(("Content-Length", str(lie_length)))
             force_close = True
+        elif http10:
+            force_close = True  # HTTP/1.0 without a length: delimited by closing
         elif chunked_die is not None or req.param("cl") == "0":
             if req.version >= (1, 1):
                 headers.append(("Transfer-Encoding", "chunked"))
@@ -951,7 +1011,10 @@ class _Core:
         if cut is not None or chunked_die is not None:
             force_close = True
         keep = req.keep_alive and not force_close
-        writer.write(_head_bytes(status, _std_headers(headers, keep)))
+        head = _head_bytes(status, _std_headers(headers, keep))
+        if http10:
+            head = b"HTTP/1.0" + head[len(b"HTTP/1.1") :]
+        writer.write(head)
         if req.method == "HEAD":
             await writer.drain()
             return "keep" if keep else "close"
@@ -992,6 +1055,10 @@ class _Core:
                 await self._stall(reader)
             return cut[1]
         await drain()
+        if smuggle is not None and keep:
+            await asyncio.sleep(smuggle)
+            write(SMUGGLED)
+            await drain()
         return "keep" if keep else "close"
 
     @staticmethod

@@ -9,8 +9,13 @@ Guarantees this module owns:
   response stream is closed (normal end, client abort, upstream error, cancellation);
 - a response not read to its end closes its connection; one read to the end is reused;
 - the body is yielded as received (`aiter_raw`): no decompression, no re-chunking, no copy;
-- a body cut short (Content-Length not reached, chunked stream without its last chunk) raises
-  `httpx.RemoteProtocolError`, never a clean end.
+- a body cut short (Content-Length not reached, chunked stream without its last chunk, a
+  close-delimited body ended by a reset) raises `httpx.RemoteProtocolError`, never a clean end;
+- a connection that receives bytes while idle, or a second response behind a complete one, is
+  closed, never reused; a request is sent again (by aiohttp) only if no byte of its response
+  arrived;
+- a response head is complete within the read timeout and passes relay/transports/heads.py,
+  or the request fails (504 / 502) before anything reaches the client.
 """
 
 from __future__ import annotations
@@ -18,20 +23,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import httpx
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawResponseMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 from yarl import URL
 
 from relay.addresses import EgressRefused, check_literal
 from relay.config import Config
 from relay.egress import GuardedResolver
-from relay.transports import ALLOW_PRIVATE, READ_PACE, PoolStats
+from relay.transports import ALLOW_PRIVATE, READ_PACE, PoolStats, aiohttp_compat
+from relay.transports.heads import check_head
 from relay.transports.reads import SizedReads
+
+logger = logging.getLogger(__name__)
 
 # Headers aiohttp would invent; relay sends exactly the headers it chose.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
@@ -41,15 +53,142 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 READ_BUFSIZE = 16 * 1024
 
 
+class IncompleteHead(aiohttp.ClientConnectionError):
+    """The upstream closed the connection in the middle of a response head.
+
+    Not one of the errors aiohttp answers by silently sending the request again: part of a
+    response arrived, so the upstream did act on this one (RFC 9112 9.3.1).
+    """
+
+
 class _Handler(ResponseHandler):
-    """aiohttp's protocol, with socket reads sized by relay (`SizedReads`)."""
+    """aiohttp's protocol, with socket reads sized by relay (`SizedReads`), and the rules that
+    make a kept-alive connection safe to reuse:
+
+    - a connection is idle from the end of one response until the next request; bytes
+      arriving then, or a second response after a complete one, are nobody's response: the
+      connection is closed, never reused (its data is dropped, not handed to the next request);
+    - `sock_read` measures waiting for the upstream during a request: it never runs while idle
+      (aiohttp re-arms it when a drained body resumes reading), so a connection idle longer
+      than the read timeout is not failed by it;
+    - a response head must be complete within the read timeout of the request being sent
+      (`sock_read` alone restarts with every byte, so a head trickled a line a second never
+      timed out);
+    - a body delimited by closing (no length, not chunked) ends only at a clean close: a reset
+      fails it.
+    """
 
     reads: SizedReads | None = None
+    # No request in flight (before the first, and after each complete response).
+    idle = True
+    unsolicited = False
+    _awaiting_head = False
+    _head_started = False
+    _head_deadline: asyncio.TimerHandle | None = None
+    _body: aiohttp.StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.reads = SizedReads(self)
         transport.set_protocol(self.reads)
+
+    def set_response_params(self, *args: Any, **kwargs: Any) -> None:
+        """Called by aiohttp as each request on this connection is about to be sent."""
+        super().set_response_params(*args, **kwargs)
+        self.idle = False
+        self._awaiting_head = True
+        self._head_started = False
+        self._body = None
+        timeout = kwargs.get("read_timeout")
+        if timeout:
+            loop = asyncio.get_running_loop()
+            self._head_deadline = loop.call_later(timeout, self._head_timed_out, timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if data and self.idle:
+            self._drop_unsolicited("bytes arrived on an idle upstream connection")
+            return
+        if data and self._awaiting_head:
+            self._head_started = True
+        super().data_received(data)
+
+    def feed_data(
+        self, data: tuple[RawResponseMessage, aiohttp.StreamReader], size: int = 0
+    ) -> None:
+        """A parsed response head and its body, on their way to the waiting request."""
+        message, payload = data
+        if not self._awaiting_head:
+            self._drop_unsolicited("a second response arrived after a complete one")
+            return
+        if 100 <= message.code < 200 and message.code != 101:
+            super().feed_data(data, size)  # interim: aiohttp reads on for the final one
+            return
+        self._awaiting_head = False
+        self._cancel_head_deadline()
+        super().feed_data(data, size)
+        if payload is EMPTY_PAYLOAD:
+            self._response_done()
+        else:
+            if message.chunked or message.headers.get("content-length") is not None:
+                self._body = None
+            else:
+                self._body = payload  # delimited by the connection's close
+            payload.on_eof(self._response_done)
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        super().resume_reading(resume_parser)
+        if self.idle:
+            aiohttp_compat.stop_read_timer(self)
+
+    def start_timeout(self) -> None:
+        if not self.idle:
+            super().start_timeout()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_deadline()
+        body = self._body
+        if exc is not None and body is not None and not body.is_eof():
+            # aiohttp ends a close-delimited body at any close; only a FIN is its end.
+            body.set_exception(
+                aiohttp.ClientPayloadError(f"connection reset before the end of the body: {exc}")
+            )
+        if self._awaiting_head and self._head_started and not self.is_eof():
+            self.set_exception(
+                IncompleteHead("connection closed in the middle of the response head")
+            )
+        super().connection_lost(exc)
+
+    def _response_done(self) -> None:
+        self.idle = True
+        self._body = None
+        aiohttp_compat.stop_read_timer(self)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self, timeout: float) -> None:
+        self._head_deadline = None
+        if self._awaiting_head and not self.is_eof():
+            self.set_exception(
+                aiohttp.SocketTimeoutError(f"no complete response head within {timeout:g}s")
+            )
+            self._close_transport()
+
+    def _drop_unsolicited(self, why: str) -> None:
+        if not self.unsolicited:
+            logger.warning("%s; closing it", why)
+        self.unsolicited = True
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def is_connected(self) -> bool:
+        return not self.unsolicited and super().is_connected()
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,9 +349,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             ssl=self._ssl,
             resolver=None if allow_private else GuardedResolver(),
         )
-        # aiohttp has no public hook for the protocol of its connections; `_factory` is where
-        # every aiohttp 3 connector makes them. tests/test_reads.py fails if that changes.
-        connector._factory = functools.partial(_Handler, loop=connector._loop)  # type: ignore[assignment]
+        # aiohttp has no public hook for the protocol of its connections (aiohttp_compat).
+        aiohttp_compat.set_protocol_factory(
+            connector, functools.partial(_Handler, loop=asyncio.get_running_loop())
+        )
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._max_connections)
         session = self._sessions[allow_private] = aiohttp.ClientSession(
@@ -243,16 +383,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def pool_stats(self) -> PoolStats:
         idle = sum(
-            len(conns)
+            aiohttp_compat.idle_connections(session.connector)
             for session in self._sessions.values()
-            for conns in getattr(session.connector, "_conns", {}).values()
+            if session.connector is not None
         )
         return PoolStats(in_use=self._in_use, idle=idle)
 
     def connector_in_use(self) -> int:
         """Connections aiohttp itself counts as acquired: a cross-check of `pool_stats`."""
         return sum(
-            len(getattr(session.connector, "_acquired", ())) for session in self._sessions.values()
+            aiohttp_compat.acquired_connections(session.connector)
+            for session in self._sessions.values()
+            if session.connector is not None
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -281,6 +423,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await slots.acquire()
         self._in_use += 1
         release = _Release(self)
+        response: aiohttp.ClientResponse | None = None
         try:
             with _map_aiohttp_errors(request):
                 response = await session.request(
@@ -290,7 +433,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     allow_redirects=False,
                     timeout=_client_timeout(timeouts.get("connect"), timeouts.get("read")),
                 )
+            check_head(request, response.status, response.raw_headers)
         except BaseException:
+            if response is not None:
+                response.close()
             release()
             raise
         extensions: dict[str, object] = {

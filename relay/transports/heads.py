@@ -1,0 +1,48 @@
+"""What an upstream response head must be for relay to relay it; both transports check here.
+
+The parsers under the transports accept heads relay cannot pass on: aiohttp's takes any three
+digits as a status and keeps a transfer coding it does not apply, h11 lets control bytes
+through in header values, and uvicorn then fails the response half-written. A head that fails
+here is refused before anything reaches the client: a 502 naming the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import httpx
+
+# Final statuses relay can relay. 1xx are interim (a 101 would switch protocols, which relay
+# does not do); anything outside 100-599 is not HTTP (RFC 9110 15).
+MIN_STATUS = 200
+MAX_STATUS = 599
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control bytes other than HTAB (RFC 9110 5.5): never valid in a field value.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def head_problem(status: int, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why relay cannot relay a response with this status and these raw headers, or None."""
+    if not MIN_STATUS <= status <= MAX_STATUS:
+        return f"status {status} cannot be relayed"
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None:
+            return "malformed header name"
+        if _CTL.search(value) is not None:
+            return "control character in a header value"
+        # Only chunked is decoded by the transports; any other transfer coding would hand the
+        # client the coded bytes as if they were the body (RFC 9112 6.1).
+        if name.lower() == b"transfer-encoding" and any(
+            coding.strip().lower() != b"chunked" for coding in value.split(b",")
+        ):
+            return "unsupported transfer coding"
+    return None
+
+
+def check_head(request: httpx.Request, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Raise `httpx.RemoteProtocolError` (relay answers 502) for a head relay cannot relay."""
+    problem = head_problem(status, headers)
+    if problem is not None:
+        raise httpx.RemoteProtocolError(f"invalid response: {problem}", request=request)

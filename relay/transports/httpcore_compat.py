@@ -1,0 +1,60 @@
+"""The private parts of httpx's httpcore-backed transport that relay uses, checked at import.
+
+httpx builds its httpcore pool itself and takes no network backend; relay reaches the pool to
+give it one and to count its connections. httpcore decides that an idle HTTP/1.1 connection is
+reusable from its socket alone (`is_readable`), not from bytes h11 already read past the end of
+the last response; relay looks at those (h11's public `trailing_data`) through the connection.
+"""
+
+from __future__ import annotations
+
+import httpcore
+import httpx
+
+
+class HttpcoreIncompatible(ImportError):
+    pass
+
+
+def _require(present: bool, what: str) -> None:
+    if not present:
+        raise HttpcoreIncompatible(
+            f"relay needs {what}, missing in httpx {httpx.__version__} / httpcore "
+            f"{httpcore.__version__}; install versions relay supports (see pyproject.toml)"
+        )
+
+
+_require("_pool" in httpx.AsyncHTTPTransport.__init__.__code__.co_names, "AsyncHTTPTransport._pool")
+_require(
+    "_connection" in httpcore.AsyncHTTPConnection.__init__.__code__.co_names,
+    "AsyncHTTPConnection._connection",
+)
+_require(
+    "_h11_state" in httpcore.AsyncHTTP11Connection.__init__.__code__.co_names,
+    "AsyncHTTP11Connection._h11_state",
+)
+_require(
+    "_network_backend" in httpcore.AsyncConnectionPool.__init__.__code__.co_names,
+    "AsyncConnectionPool._network_backend",
+)
+
+
+def pool_of(transport: httpx.AsyncHTTPTransport) -> httpcore.AsyncConnectionPool:
+    pool: httpcore.AsyncConnectionPool = transport._pool
+    return pool
+
+
+def set_network_backend(
+    transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNetworkBackend
+) -> None:
+    pool_of(transport)._network_backend = backend
+
+
+def has_unread_bytes(connection: httpcore.AsyncConnectionInterface) -> bool:
+    """True if an HTTP/1.1 connection holds received bytes beyond its last response."""
+    inner = getattr(connection, "_connection", None)
+    state = getattr(inner, "_h11_state", None)
+    if state is None:
+        return False
+    data, _closed = state.trailing_data
+    return bool(data)
