@@ -21,7 +21,7 @@ import time
 import httpx
 from starlette.responses import Response
 
-from relay.config import Route
+from relay.config import Config
 from relay.errors import RelayError, TransferAborted, UpstreamError
 from relay.exchange import Exchange, exchange_of
 from relay.headers import BODYLESS_STATUSES, downstream_response_headers
@@ -29,7 +29,7 @@ from relay.limits import StreamLimiter
 from relay.pacing import ReadPacer
 from relay.redirects import REDIRECT_STATUSES, rewrite_location
 from relay.resume import ResumePlan
-from relay.routing import RouteTable
+from relay.routing import RouteTable, Target
 from relay.transports import READ_PACE
 from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
@@ -57,31 +57,43 @@ def error_response(exc: RelayError) -> Response:
 
 
 class RelayResponse(Response):
-    """Relays one upstream response. Holds a slot of the stream limiter until it is done."""
+    """Relays one upstream response. Takes a slot of the stream limiter when called and
+    gives it back in its own `finally`, whatever happens in between (building the upstream
+    request included): no path can keep a slot."""
 
     def __init__(
         self,
         upstream: Upstream,
-        request: httpx.Request,
+        method: str,
+        target: Target,
+        headers: list[tuple[str, str]],
         *,
-        route: Route,
         routes: RouteTable,
         limiter: StreamLimiter,
-        send_timeout: float,
-        resume_attempts: int = 0,
+        client: str | None,
+        config: Config,
     ) -> None:
         # Response.__init__ would render a body; this response streams one instead.
         self._upstream = upstream
-        self._request = request
-        self._route = route
+        self._method = method
+        self._target = target
+        self._request_headers = headers
+        self._route = target.route
         self._routes = routes
         self._limiter = limiter
-        self._send_timeout = send_timeout
-        self._resume_attempts = resume_attempts
+        self._client = client
+        self._send_timeout = config.send_timeout
+        self._resume_attempts = config.resume_attempts
+        self._min_rate = config.min_send_rate
+        self._rate_window = config.min_rate_window
         self._response: httpx.Response | None = None
         self._active = True
         self._client_gone = False
         self._stalled = False
+        self._too_slow = False
+        self._sent = 0
+        self._rate_from = self._rate_due = 0.0
+        self._rate_mark = 0
         self._sending_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Future[None] | None = None
@@ -90,16 +102,31 @@ class RelayResponse(Response):
         self._exchange = Exchange()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._limiter.acquire(self._client)
+        if refusal is not None:
+            exchange_of(scope).outcome = "rejected"
+            await error_response(refusal)(scope, receive, send)
+            return
         try:
-            await self._run(scope, receive, send)
+            request = self._upstream.build_request(
+                self._method,
+                self._upstream.url_for(self._target),
+                self._request_headers,
+                self._route,
+            )
+            await self._run(scope, receive, send, request)
         finally:
-            self._limiter.release()
+            self._limiter.release(self._client)
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, request: httpx.Request
+    ) -> None:
         self._exchange = exchange_of(scope)
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        self._rate_from = loop.time()
+        self._rate_due = self._rate_from + self._rate_window
         # The disconnect watcher starts once a body outlasts its first chunk, or when the
         # exchange is still going WATCH_AFTER in (a slow upstream): a small response never
         # needs one, and a task per request (created, stepped, cancelled) cost ~4% of its CPU.
@@ -107,7 +134,7 @@ class RelayResponse(Response):
         watching = loop.call_later(WATCH_AFTER, self._start_watcher)
         self._watchdog = loop.call_later(self._send_timeout, self._check_send, loop, task)
         try:
-            await self._relay(send)
+            await self._relay(send, request)
         except asyncio.CancelledError:
             if self._stalled:
                 task.uncancel()
@@ -115,9 +142,21 @@ class RelayResponse(Response):
                 logger.info(
                     "client stopped reading for %.0fs, cutting the download: %s",
                     self._send_timeout,
-                    self._request.url.path,
+                    request.url.path,
                 )
                 raise TransferAborted("client stopped reading") from None
+            if self._too_slow:
+                task.uncancel()
+                self._exchange.outcome = "client_slow"
+                logger.warning(
+                    "client read fewer than %d bytes/s over %.0fs, cutting the download "
+                    "after %d bytes: %s",
+                    self._min_rate,
+                    self._rate_window,
+                    self._sent,
+                    request.url.path,
+                )
+                raise TransferAborted("client read too slowly") from None
             if not self._client_gone:
                 raise
             task.uncancel()
@@ -138,7 +177,7 @@ class RelayResponse(Response):
             await self._close()
         if self._client_gone:
             self._exchange.outcome = "client_abort"
-            logger.debug("client went away: %s", self._request.url.path)
+            logger.debug("client went away: %s", request.url.path)
 
     def _start_watcher(self) -> None:
         if self._active and self._watcher is None and self._watch_with is not None:
@@ -154,10 +193,14 @@ class RelayResponse(Response):
             task.cancel()
 
     def _check_send(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
-        """Cut a client that stopped reading: a send blocked longer than send_timeout.
+        """Cut a client that stopped reading (a send blocked longer than send_timeout), or,
+        with min_send_rate set, one that reads too slowly.
 
         A timer re-armed from the last send, instead of a timeout around every send: the
-        streaming loop pays one clock read per chunk, not a timer per chunk.
+        streaming loop pays one clock read per chunk, not a timer per chunk. The rate is
+        judged at the end of each min_rate_window (the first one is the grace period), and
+        only against the client: a window counts only if relay is waiting on the client as
+        it ends, so a slow upstream does not get its clients cut.
         """
         if not self._active:
             return
@@ -168,6 +211,16 @@ class RelayResponse(Response):
             task.cancel()
             return
         delay = self._send_timeout - (now - since) if since is not None else self._send_timeout
+        if self._min_rate:
+            if now >= self._rate_due:
+                moved = self._sent - self._rate_mark
+                if since is not None and moved < self._min_rate * (now - self._rate_from):
+                    self._too_slow = True
+                    task.cancel()
+                    return
+                self._rate_from, self._rate_mark = now, self._sent
+                self._rate_due = now + self._rate_window
+            delay = min(delay, self._rate_due - now)
         self._watchdog = loop.call_later(delay, self._check_send, loop, task)
 
     async def _close(self) -> None:
@@ -176,14 +229,14 @@ class RelayResponse(Response):
             # Shielded: closing must finish even while this task is being cancelled.
             await asyncio.shield(response.aclose())
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Send, request: httpx.Request) -> None:
         exchange = self._exchange
         sent_at = time.monotonic()
         try:
-            response = self._response = await self._upstream.open(self._request, self._route)
+            response = self._response = await self._upstream.open(request, self._route)
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
-            exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
+            exchange.pool_wait = request.extensions.get("relay.pool_wait")
             reply = error_response(exc)
             self.status_code = reply.status_code
             await send(
@@ -196,7 +249,7 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": reply.body, "more_body": False})
             return
         exchange.upstream_ttfb = time.monotonic() - sent_at
-        exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
+        exchange.pool_wait = request.extensions.get("relay.pool_wait")
         status = self.status_code = exchange.upstream_status = response.status_code
         headers = downstream_response_headers(response.headers.raw, status)
         if status in REDIRECT_STATUSES:
@@ -205,7 +258,7 @@ class RelayResponse(Response):
                 for name, value in headers
             ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        if self._request.method == "HEAD" or status in BODYLESS_STATUSES:
+        if request.method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._stream_body(response, send)
@@ -233,6 +286,7 @@ class RelayResponse(Response):
                 try:
                     async for chunk in response.aiter_raw():
                         sent += len(chunk)
+                        self._sent = sent
                         now = self._sending_since = clock()
                         if pacer is not None:
                             pacer.sent(len(chunk), now)
@@ -257,7 +311,7 @@ class RelayResponse(Response):
                             "%s (%s)",
                             sent,
                             exc,
-                            self._request.url.path,
+                            response.request.url.path,
                         )
                         raise TransferAborted(str(exc)) from exc
                     response = await self._resume(plan, response, sent, failures, exc)
@@ -282,7 +336,7 @@ class RelayResponse(Response):
         cause: Exception,
     ) -> httpx.Response:
         """Replace a failed upstream response by one that continues exactly after `sent`."""
-        path = self._request.url.path
+        path = failed.request.url.path
         logger.info(
             "upstream body failed after %d bytes (%s); resuming with %s, attempt %d of %d (%s)",
             sent,
