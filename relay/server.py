@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Generator
@@ -22,6 +25,7 @@ from relay.app import create_app
 from relay.config import Config
 from relay.health import Readiness
 from relay.logs import configure_logging
+from relay.streaming import RESET_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +177,20 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = cast(asyncio.Transport, _HeadWithBody(self.transport, self.loop))
+            self.scope[RESET_KEY] = self._reset_connection  # type: ignore[literal-required]
         if self._chunked or self._declared_length:
             self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
+
+    def _reset_connection(self) -> None:
+        """Abort with a TCP reset: a client being cut does not get what is still queued (a
+        slow one would take minutes to drain the socket buffers before seeing the end)."""
+        if self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _check_framing(self) -> None:
         version = self.parser.get_http_version()

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 # drained (a constant, so the streaming loop allocates no second message per chunk).
 _WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
 
+# Scope key of a callable, set by relay's server protocol, that aborts the client connection
+# with a TCP reset: what is still queued for a client being cut is dropped, not delivered.
+RESET_KEY = "relay.reset_connection"
+
 # Seconds into an exchange before relay starts watching for the client's disconnect if no body
 # has started (a slow upstream): a client gone before that is noticed this much later, the
 # upstream attempt running on meanwhile. A body longer than one chunk starts the watcher at once.
@@ -54,6 +58,12 @@ def error_response(exc: RelayError) -> Response:
     """A short plain-text answer naming the cause; never a stack trace."""
     body = f"{exc.status_code} {exc.reason}\n"
     return Response(body, exc.status_code, headers=exc.headers, media_type="text/plain")
+
+
+def _reset(scope: Scope) -> None:
+    reset = scope.get(RESET_KEY)
+    if reset is not None:
+        reset()
 
 
 class RelayResponse(Response):
@@ -92,8 +102,10 @@ class RelayResponse(Response):
         self._stalled = False
         self._too_slow = False
         self._sent = 0
-        self._rate_from = self._rate_due = 0.0
+        self._rate_due = 0.0
         self._rate_mark = 0
+        self._client_wait = self._wait_mark = 0.0
+        """Seconds spent waiting for the client to take what it was sent (min_send_rate)."""
         self._sending_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Future[None] | None = None
@@ -125,14 +137,16 @@ class RelayResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        self._rate_from = loop.time()
-        self._rate_due = self._rate_from + self._rate_window
         # The disconnect watcher starts once a body outlasts its first chunk, or when the
         # exchange is still going WATCH_AFTER in (a slow upstream): a small response never
         # needs one, and a task per request (created, stepped, cancelled) cost ~4% of its CPU.
         self._watch_with = (receive, task)
         watching = loop.call_later(WATCH_AFTER, self._start_watcher)
-        self._watchdog = loop.call_later(self._send_timeout, self._check_send, loop, task)
+        first_check = self._send_timeout
+        if self._min_rate:
+            self._rate_due = loop.time() + self._rate_window
+            first_check = min(first_check, self._rate_window)
+        self._watchdog = loop.call_later(first_check, self._check_send, loop, task)
         try:
             await self._relay(send, request)
         except asyncio.CancelledError:
@@ -144,12 +158,14 @@ class RelayResponse(Response):
                     self._send_timeout,
                     request.url.path,
                 )
+                _reset(scope)
                 raise TransferAborted("client stopped reading") from None
             if self._too_slow:
                 task.uncancel()
                 self._exchange.outcome = "client_slow"
+                _reset(scope)
                 logger.warning(
-                    "client read fewer than %d bytes/s over %.0fs, cutting the download "
+                    "client read fewer than %d bytes/s over %gs, cutting the download "
                     "after %d bytes: %s",
                     self._min_rate,
                     self._rate_window,
@@ -199,8 +215,10 @@ class RelayResponse(Response):
         A timer re-armed from the last send, instead of a timeout around every send: the
         streaming loop pays one clock read per chunk, not a timer per chunk. The rate is
         judged at the end of each min_rate_window (the first one is the grace period), and
-        only against the client: a window counts only if relay is waiting on the client as
-        it ends, so a slow upstream does not get its clients cut.
+        only against the client: a window counts when relay spent at least half of it
+        waiting for the client to take what it was sent, and the client took less than
+        min_send_rate over that waiting time. A slow upstream leaves relay waiting on it,
+        not on the client, so its clients are never cut for it.
         """
         if not self._active:
             return
@@ -213,12 +231,16 @@ class RelayResponse(Response):
         delay = self._send_timeout - (now - since) if since is not None else self._send_timeout
         if self._min_rate:
             if now >= self._rate_due:
+                waited = self._client_wait - self._wait_mark
+                if since is not None:
+                    waited += now - since
                 moved = self._sent - self._rate_mark
-                if since is not None and moved < self._min_rate * (now - self._rate_from):
+                if waited >= self._rate_window / 2 and moved < self._min_rate * waited:
                     self._too_slow = True
                     task.cancel()
                     return
-                self._rate_from, self._rate_mark = now, self._sent
+                self._rate_mark = self._sent
+                self._wait_mark = self._client_wait + (now - since if since is not None else 0)
                 self._rate_due = now + self._rate_window
             delay = min(delay, self._rate_due - now)
         self._watchdog = loop.call_later(delay, self._check_send, loop, task)
@@ -279,6 +301,7 @@ class RelayResponse(Response):
         sent = 0
         failures = 0
         clock = asyncio.get_running_loop().time
+        measuring = self._min_rate > 0
         try:
             while True:
                 pace = response.extensions.get(READ_PACE)
@@ -300,6 +323,8 @@ class RelayResponse(Response):
                             if self._watcher is None:
                                 self._start_watcher()
                         self._sending_since = None
+                        if measuring:
+                            self._client_wait += clock() - now
                     break
                 except httpx.HTTPError as exc:
                     failures += 1
