@@ -126,6 +126,9 @@ class Route:
             return self
         if any(c in value for c in "\r\n\x00"):
             raise ConfigError(f"{where}: the credential must be a single header value")
+        if not value.isascii():
+            # httpx sends header text as ASCII: every request would fail (500) otherwise.
+            raise ConfigError(f"{where}: the credential must be ASCII")
         return dataclasses.replace(self, credential=value.strip())
 
     def describe(self) -> dict[str, Any]:

@@ -111,3 +111,10 @@ def test_new_settings_are_validated() -> None:
         Config.load(environ={"RELAY_MIN_RATE_WINDOW": "0"})
     with pytest.raises(ValueError, match="max_streams_per_client"):
         Config.load(cli={"max_streams_per_client": "-1"})
+
+
+def test_non_ascii_route_credential_is_refused_at_startup() -> None:
+    route = Route(prefix="/o/", upstream="https://example.com/", auth_env="TOKEN")
+    with pytest.raises(ValueError, match="ASCII"):
+        route.resolve_credential({"TOKEN": "Bearer caf\xe9"})
+    assert route.resolve_credential({"TOKEN": "Bearer cafe"}).credential == "Bearer cafe"
