@@ -17,7 +17,7 @@ from relay.client import UpstreamClient
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
-from relay.errors import ClientError, Overloaded, StartupError
+from relay.errors import ClientError, StartupError
 from relay.exchange import exchange_of
 from relay.forwarded import ForwardedPolicy
 from relay.headers import upstream_request_headers
@@ -44,9 +44,8 @@ class Relay:
     def __init__(self, config: Config, routes: RouteTable) -> None:
         self._routes = routes
         self._forwarded = ForwardedPolicy(config.trusted_networks())
-        self._limiter = StreamLimiter(config.max_streams)
-        self._send_timeout = config.send_timeout
-        self._resume_attempts = config.resume_attempts
+        self.limiter = StreamLimiter(config.max_streams, config.max_streams_per_client)
+        self._config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Routed to as an ASGI app, not as a function: Starlette then builds no Request and
@@ -63,30 +62,31 @@ class Relay:
             exchange.outcome = "rejected"
             return error_response(exc)
         exchange.route = target.route.prefix
-        if not self._limiter.try_acquire():
-            exchange.outcome = "rejected"
-            return error_response(Overloaded("too many downloads in progress; retry shortly"))
         client = scope.get("client")
         forwarded = self._forwarded.resolve(
             client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
         )
-        headers = upstream_request_headers(
-            scope["headers"],
-            forwarded=forwarded,
-            route=target.route,
-            request_id=scope.get(REQUEST_ID_KEY),
-        )
-        upstream: Upstream = scope["state"]["upstream"]
+        try:
+            headers = upstream_request_headers(
+                scope["headers"],
+                forwarded=forwarded,
+                route=target.route,
+                request_id=scope.get(REQUEST_ID_KEY),
+            )
+        except ClientError as exc:
+            exchange.outcome = "rejected"
+            return error_response(exc)
+        # The stream slot is taken and released by the response itself, around everything
+        # it does (building the upstream request included).
         return RelayResponse(
-            upstream,
-            upstream.build_request(
-                scope["method"], upstream.url_for(target), headers, target.route
-            ),
-            route=target.route,
+            scope["state"]["upstream"],
+            scope["method"],
+            target,
+            headers,
             routes=self._routes,
-            limiter=self._limiter,
-            send_timeout=self._send_timeout,
-            resume_attempts=self._resume_attempts,
+            limiter=self.limiter,
+            client=forwarded.client,
+            config=self._config,
         )
 
 
@@ -193,4 +193,5 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     )
     app.state.readiness = readiness
     app.state.startup_error = None
+    app.state.limiter = relay.limiter
     return app

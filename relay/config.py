@@ -126,6 +126,9 @@ class Route:
             return self
         if any(c in value for c in "\r\n\x00"):
             raise ConfigError(f"{where}: the credential must be a single header value")
+        if not value.isascii():
+            # httpx sends header text as ASCII: every request would fail (500) otherwise.
+            raise ConfigError(f"{where}: the credential must be ASCII")
         return dataclasses.replace(self, credential=value.strip())
 
     def describe(self) -> dict[str, Any]:
@@ -244,6 +247,25 @@ class Config:
     )
     max_header_bytes: int = _setting(
         16384, "largest request head (request line and headers) accepted; else 431", min=1024
+    )
+    body_timeout: float = _setting(
+        15.0,
+        "seconds a client may take to send a request body after its headers; else 408",
+        positive=True,
+    )
+    max_body_bytes: int = _setting(
+        65536, "largest request body accepted (POST /downloads); else 413", min=0
+    )
+    max_streams_per_client: int = _setting(
+        0, "relayed streams at once per client address; past it, 429 (0: no limit)", min=0
+    )
+    min_send_rate: int = _setting(
+        0, "bytes/s a client must read, per min_rate_window, or be cut (0: off)", min=0
+    )
+    min_rate_window: float = _setting(
+        30.0,
+        "seconds of grace, then of each window the min_send_rate is judged over",
+        positive=True,
     )
     trusted_proxies: str = _setting(
         "", "comma-separated addresses/CIDRs whose X-Forwarded-* headers are trusted"

@@ -4,8 +4,10 @@
     ├── ClientError            4xx: the client's mistake; the upstream is never contacted
     │   ├── BadPath            400: traversal, bad encoding, bad request target
     │   ├── Unauthorized       401: client authentication required and missing
+    │   ├── BadHeader          400: a header relay cannot forward unchanged
     │   ├── Forbidden          403: wrong secret, bad or expired signature
-    │   └── NoRoute            404: no configured route serves this path
+    │   ├── NoRoute            404: no configured route serves this path
+    │   └── TooManyStreams     429 + Retry-After: max_streams_per_client reached
     ├── Overloaded             503 + Retry-After: max_streams reached; answered at once
     └── UpstreamError          5xx: upstream trouble before the response started
         ├── UpstreamUnavailable  502: refused, reset, DNS failure, bad framing
@@ -45,6 +47,10 @@ class BadPath(ClientError):
     status_code = 400
 
 
+class BadHeader(ClientError):
+    status_code = 400
+
+
 class Unauthorized(ClientError):
     status_code = 401
 
@@ -55,6 +61,11 @@ class Forbidden(ClientError):
 
 class NoRoute(ClientError):
     status_code = 404
+
+
+class TooManyStreams(ClientError):
+    status_code = 429
+    headers = {"Retry-After": "1"}  # noqa: RUF012
 
 
 class Overloaded(RelayError):

@@ -27,8 +27,9 @@ class Exchange:
     bytes_sent: int = 0
     """Body bytes relayed to the client."""
     outcome: str = "ok"
-    """ok, client_abort (client went away), upstream_abort (upstream failed mid-body, the
-    client transfer was aborted), upstream_error (5xx answered before the body), rejected."""
+    """ok, client_abort (client went away), client_slow (cut: read slower than
+    min_send_rate), upstream_abort (upstream failed mid-body, the client transfer was
+    aborted), upstream_error (5xx answered before the body), rejected."""
     resumes: int = 0
     """Transparent mid-stream resumes."""
 

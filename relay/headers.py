@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from relay import __version__
 from relay.config import Route
+from relay.errors import BadHeader
 from relay.forwarded import Forwarded
 from relay.types import RawHeaders
 
@@ -91,8 +92,10 @@ def upstream_request_headers(
         name = raw_name.lower()
         if name == b"via":
             via = raw_value
+            _check_ascii(name, raw_value)
         if name not in allowed or name in named or name == credential_name:
             continue
+        _check_ascii(name, raw_value)
         if name == b"accept-encoding":
             has_encoding = True
         elif name == b"user-agent":
@@ -104,6 +107,10 @@ def upstream_request_headers(
         out.append(("accept-encoding", "identity"))
     if not has_agent:
         out.append(("user-agent", USER_AGENT))
+    if not forwarded.for_chain.isascii():
+        _check_ascii(b"x-forwarded-for", forwarded.for_chain.encode("latin-1"))
+    if forwarded.host is not None and not forwarded.host.isascii():
+        _check_ascii(b"host", forwarded.host.encode("latin-1"))
     if forwarded.for_chain:
         out.append(("x-forwarded-for", forwarded.for_chain))
     out.append(("x-forwarded-proto", forwarded.proto))
@@ -115,6 +122,19 @@ def upstream_request_headers(
     if route.credential:
         out.append((route.auth_header, route.credential))
     return out
+
+
+def _check_ascii(name: bytes, value: bytes) -> None:
+    """Refuse a value with bytes >= 0x80 (RFC 9110 obs-text) in a header relay forwards.
+
+    Relaying them opaquely, as nginx does, would need the bytes to reach the upstream
+    unchanged, and they cannot: httpx encodes str values as ASCII, the aiohttp transport
+    writes values as UTF-8 text (a latin-1 "\xe9" would leave as "\xc3\xa9"), and redirects
+    and resumes re-read the request's headers as text. A clear 400 beats altered bytes.
+    Headers relay does not forward are ignored, whatever they hold.
+    """
+    if not value.isascii():
+        raise BadHeader(f"header {name.decode('latin-1')} has non-ASCII bytes; send it encoded")
 
 
 def downstream_response_headers(upstream_headers: RawHeaders, status_code: int) -> RawHeaders:

@@ -185,7 +185,7 @@ class Metrics:
         if exchange.resumes:
             series.resumes.inc(exchange.resumes)
         outcome = exchange.outcome
-        if outcome == "client_abort":
+        if outcome in ("client_abort", "client_slow"):
             series.client_aborts.inc()
         elif outcome == "upstream_abort":
             series.upstream_aborts.inc()

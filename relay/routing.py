@@ -8,6 +8,7 @@ the bytes sent upstream are the client's own.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from relay.config import Route
@@ -22,6 +23,12 @@ _QUERY_BYTES = re.compile(rb"^[!-\"$-~]*$")
 # After decoding a segment, none of these may appear: a separator, a second round of
 # escaping, NUL or other control characters.
 _FORBIDDEN_DECODED = re.compile(rb"[/\\%\x00-\x1f\x7f]")
+# Look-alikes of '.', '/' and '\\' that a lenient upstream may fold into them. Every character
+# whose NFKC form contains one is refused (fullwidth full stop and solidus, one- and two-dot
+# leaders, ellipsis, small full stop, fullwidth and small reverse solidus...); these slashes
+# have no compatibility decomposition, so they are named: division slash, fraction slash,
+# set minus, reverse solidus operator, big (reverse) solidus, box-drawing diagonals.
+_SEPARATOR_LOOKALIKES = frozenset("\u2215\u2044\u2216\u29f5\u29f8\u29f9\u2571\u2572")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,24 @@ def check_relative_path(rest: bytes) -> None:
             raise BadPath(
                 "path segment decodes to a separator, control character or another escape"
             )
+        if not decoded.isascii():
+            _check_non_ascii(decoded)
         # "..;x" is ".." to servlet containers; judge the segment without its parameters.
         if decoded.split(b";", 1)[0] in (b".", b".."):
             raise BadPath("path has a '.' or '..' segment")
+
+
+def _check_non_ascii(decoded: bytes) -> None:
+    """Refuse escapes that are not UTF-8 (overlong `%c0%ae` is a '.' to some decoders) and
+    Unicode look-alikes of '.', '/' and '\\' (`%ef%bc%8e%ef%bc%8e` is '..' after NFKC)."""
+    try:
+        text = decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath("path has percent-escapes that are not valid UTF-8") from None
+    for char in text:
+        if char.isascii():
+            continue
+        if char in _SEPARATOR_LOOKALIKES or any(
+            c in "./\\" for c in unicodedata.normalize("NFKC", char)
+        ):
+            raise BadPath("path has a Unicode look-alike of '.', '/' or '\\'")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Generator
@@ -23,6 +26,7 @@ from relay.config import Config
 from relay.errors import StartupError
 from relay.health import Readiness
 from relay.logs import configure_logging
+from relay.streaming import RESET_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,9 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class _Rejected(Exception):
     """Raised inside a parser callback; uvicorn then calls send_400_response."""
+
+
+_BAD_REQUEST = (400, "Bad Request")
 
 
 class RelayHttpToolsProtocol(HttpToolsProtocol):
@@ -43,17 +50,28 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
     - One limit on the request head (request line plus headers, and a header count): 431.
     - A header-read timeout from the first byte of a request (or from the connection, for the
       first one) to the end of its headers: a slowloris client gets 408 and is closed.
+    - RFC 9112 framing rules llhttp leaves to the server (3.2, 6.1): HTTP/1.1 without Host,
+      more than one Host, and Transfer-Encoding on HTTP/1.0 get 400.
+    - GET and HEAD carry no body on relay: one declared (Content-Length > 0 or
+      Transfer-Encoding) gets 400 at once, before the app runs, instead of being read.
+    - Any other body must arrive within `body_timeout` of the end of the headers (else 408)
+      and be at most `max_body_bytes` (else 413); a trickled body cannot hold a connection.
     """
 
     max_head_bytes = 16384
     max_header_count = 100
     header_timeout = 15.0
+    body_timeout = 15.0
+    max_body_bytes = 65536
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
         self._header_count = 0
         self._rejected: tuple[int, str] | None = None
+        self._rejected_why: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._reset_framing()
         super().connection_made(transport)
         # Pause the response as soon as the kernel has not taken all of a chunk (uvloop's
         # default waits for 64 KiB more): relay's back-pressure wait then returns only once
@@ -63,7 +81,14 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self._disarm_body_timer()
         super().connection_lost(exc)
+
+    def _reset_framing(self) -> None:
+        self._host_count = 0
+        self._chunked = False
+        self._declared_length: int | None = None
+        self._body_bytes = 0
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
@@ -84,6 +109,37 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.close()
 
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.pipeline:
+            # Queued behind a response still going out: reading is paused, not the client.
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
+            return
+        self._refuse_body(408, "Request Timeout")
+
+    def _refuse_body(self, status: int, reason: str) -> None:
+        """Stop reading a body that is too slow or too large, answering if no response began.
+
+        A response already under way (an app that answered without reading the body) is
+        let finish, then the connection is closed instead of being kept alive.
+        """
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            if cycle.response_complete:
+                self.transport.close()
+            else:
+                cycle.keep_alive = False
+            return
+        logger.info("request body refused: %d %s", status, reason)
+        self._write_refusal(status, reason)
+
     def _count(self, nbytes: int) -> None:
         self._head_bytes += nbytes
         if self._head_bytes > self.max_head_bytes or self._header_count > self.max_header_count:
@@ -93,6 +149,7 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._head_bytes = 0
         self._header_count = 0
+        self._reset_framing()
         self._arm_head_timer()
         super().on_message_begin()
 
@@ -103,22 +160,79 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         self._count(len(name) + len(value) + 4)
+        lname = name.lower()
+        if lname == b"host":
+            self._host_count += 1
+        elif lname == b"transfer-encoding":
+            self._chunked = True
+        elif lname == b"content-length" and value.strip().isdigit():
+            # llhttp has already refused a second, differing Content-Length.
+            self._declared_length = int(value.strip())
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
         if not self.url.startswith(b"/"):
             raise _Rejected("request target is not origin-form")
+        self._check_framing()
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = cast(asyncio.Transport, _HeadWithBody(self.transport, self.loop))
+            self.scope[RESET_KEY] = self._reset_connection  # type: ignore[literal-required]
+        if self._chunked or self._declared_length:
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
+
+    def _reset_connection(self) -> None:
+        """Abort with a TCP reset: a client being cut does not get what is still queued (a
+        slow one would take minutes to drain the socket buffers before seeing the end)."""
+        if self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def _check_framing(self) -> None:
+        version = self.parser.get_http_version()
+        if self._host_count > 1:
+            self._reject(_BAD_REQUEST, "more than one Host header")
+        if self._host_count == 0 and version != "1.0":
+            self._reject(_BAD_REQUEST, "HTTP/1.1 request without a Host header")
+        if self._chunked and version == "1.0":
+            self._reject(_BAD_REQUEST, "Transfer-Encoding on an HTTP/1.0 request")
+        has_body = self._chunked or bool(self._declared_length)
+        if has_body and self.parser.get_method() in (b"GET", b"HEAD"):
+            self._reject(_BAD_REQUEST, "a GET or HEAD request must not have a body")
+        if self._declared_length is not None and self._declared_length > self.max_body_bytes:
+            self._reject((413, "Content Too Large"), f"body over {self.max_body_bytes} bytes")
+
+    def _reject(self, status: tuple[int, str], why: str) -> None:
+        self._rejected = status
+        self._rejected_why = why
+        raise _Rejected(why)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self.max_body_bytes:
+            self._disarm_body_timer()
+            self._refuse_body(413, "Content Too Large")
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm_body_timer()
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         if self._rejected is None:
             super().send_400_response(msg)
             return
         status, reason = self._rejected
-        body = f"{status} {reason}\n".encode()
+        self._write_refusal(status, reason, self._rejected_why)
+
+    def _write_refusal(self, status: int, reason: str, why: str | None = None) -> None:
+        body = f"{status} {why or reason}\n".encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -181,7 +295,12 @@ def protocol_class(config: Config) -> type[RelayHttpToolsProtocol]:
     return type(
         "ConfiguredRelayHttpToolsProtocol",
         (RelayHttpToolsProtocol,),
-        {"max_head_bytes": config.max_header_bytes, "header_timeout": config.header_timeout},
+        {
+            "max_head_bytes": config.max_header_bytes,
+            "header_timeout": config.header_timeout,
+            "body_timeout": config.body_timeout,
+            "max_body_bytes": config.max_body_bytes,
+        },
     )
 
 

@@ -21,7 +21,7 @@ import time
 import httpx
 from starlette.responses import Response
 
-from relay.config import Route
+from relay.config import Config
 from relay.continuation import (
     STREAM_BACKOFF,
     Continuation,
@@ -37,7 +37,7 @@ from relay.limits import StreamLimiter
 from relay.pacing import ReadPacer
 from relay.redirects import REDIRECT_STATUSES, rewrite_location
 from relay.resume import resume_request_headers
-from relay.routing import RouteTable
+from relay.routing import RouteTable, Target
 from relay.transports import READ_PACE
 from relay.types import Receive, Scope, Send
 from relay.upstream import Upstream
@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 # An empty body message: sent after each chunk, it returns once the server's transport has
 # drained (a constant, so the streaming loop allocates no second message per chunk).
 _WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
+
+# Scope key of a callable, set by relay's server protocol, that aborts the client connection
+# with a TCP reset: what is still queued for a client being cut is dropped, not delivered.
+RESET_KEY = "relay.reset_connection"
 
 # Seconds into an exchange before relay starts watching for the client's disconnect if no body
 # has started (a slow upstream): a client gone before that is noticed this much later, the
@@ -60,32 +64,52 @@ def error_response(exc: RelayError) -> Response:
     return Response(body, exc.status_code, headers=exc.headers, media_type="text/plain")
 
 
+def _reset(scope: Scope) -> None:
+    reset = scope.get(RESET_KEY)
+    if reset is not None:
+        reset()
+
+
 class RelayResponse(Response):
-    """Relays one upstream response. Holds a slot of the stream limiter until it is done."""
+    """Relays one upstream response. Takes a slot of the stream limiter when called and
+    gives it back in its own `finally`, whatever happens in between (building the upstream
+    request included): no path can keep a slot."""
 
     def __init__(
         self,
         upstream: Upstream,
-        request: httpx.Request,
+        method: str,
+        target: Target,
+        headers: list[tuple[str, str]],
         *,
-        route: Route,
         routes: RouteTable,
         limiter: StreamLimiter,
-        send_timeout: float,
-        resume_attempts: int = 0,
+        client: str | None,
+        config: Config,
     ) -> None:
         # Response.__init__ would render a body; this response streams one instead.
         self._upstream = upstream
-        self._request = request
-        self._route = route
+        self._method = method
+        self._target = target
+        self._request_headers = headers
+        self._route = target.route
         self._routes = routes
         self._limiter = limiter
-        self._send_timeout = send_timeout
-        self._resume_attempts = resume_attempts
+        self._client = client
+        self._send_timeout = config.send_timeout
+        self._resume_attempts = config.resume_attempts
+        self._min_rate = config.min_send_rate
+        self._rate_window = config.min_rate_window
         self._response: httpx.Response | None = None
         self._active = True
         self._client_gone = False
         self._stalled = False
+        self._too_slow = False
+        self._sent = 0
+        self._rate_due = 0.0
+        self._rate_mark = 0
+        self._client_wait = self._wait_mark = 0.0
+        """Seconds spent waiting for the client to take what it was sent (min_send_rate)."""
         self._sending_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Future[None] | None = None
@@ -94,12 +118,25 @@ class RelayResponse(Response):
         self._exchange = Exchange()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._limiter.acquire(self._client)
+        if refusal is not None:
+            exchange_of(scope).outcome = "rejected"
+            await error_response(refusal)(scope, receive, send)
+            return
         try:
-            await self._run(scope, receive, send)
+            request = self._upstream.build_request(
+                self._method,
+                self._upstream.url_for(self._target),
+                self._request_headers,
+                self._route,
+            )
+            await self._run(scope, receive, send, request)
         finally:
-            self._limiter.release()
+            self._limiter.release(self._client)
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, request: httpx.Request
+    ) -> None:
         self._exchange = exchange_of(scope)
         task = asyncio.current_task()
         assert task is not None
@@ -109,9 +146,13 @@ class RelayResponse(Response):
         # needs one, and a task per request (created, stepped, cancelled) cost ~4% of its CPU.
         self._watch_with = (receive, task)
         watching = loop.call_later(WATCH_AFTER, self._start_watcher)
-        self._watchdog = loop.call_later(self._send_timeout, self._check_send, loop, task)
+        first_check = self._send_timeout
+        if self._min_rate:
+            self._rate_due = loop.time() + self._rate_window
+            first_check = min(first_check, self._rate_window)
+        self._watchdog = loop.call_later(first_check, self._check_send, loop, task)
         try:
-            await self._relay(send)
+            await self._relay(send, request)
         except asyncio.CancelledError:
             if self._stalled:
                 task.uncancel()
@@ -119,9 +160,23 @@ class RelayResponse(Response):
                 logger.info(
                     "client stopped reading for %.0fs, cutting the download: %s",
                     self._send_timeout,
-                    self._request.url.path,
+                    request.url.path,
                 )
+                _reset(scope)
                 raise TransferAborted("client stopped reading") from None
+            if self._too_slow:
+                task.uncancel()
+                self._exchange.outcome = "client_slow"
+                _reset(scope)
+                logger.warning(
+                    "client read fewer than %d bytes/s over %gs, cutting the download "
+                    "after %d bytes: %s",
+                    self._min_rate,
+                    self._rate_window,
+                    self._sent,
+                    request.url.path,
+                )
+                raise TransferAborted("client read too slowly") from None
             if not self._client_gone:
                 raise
             task.uncancel()
@@ -142,7 +197,7 @@ class RelayResponse(Response):
             await self._close()
         if self._client_gone:
             self._exchange.outcome = "client_abort"
-            logger.debug("client went away: %s", self._request.url.path)
+            logger.debug("client went away: %s", request.url.path)
 
     def _start_watcher(self) -> None:
         if self._active and self._watcher is None and self._watch_with is not None:
@@ -158,10 +213,16 @@ class RelayResponse(Response):
             task.cancel()
 
     def _check_send(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
-        """Cut a client that stopped reading: a send blocked longer than send_timeout.
+        """Cut a client that stopped reading (a send blocked longer than send_timeout), or,
+        with min_send_rate set, one that reads too slowly.
 
         A timer re-armed from the last send, instead of a timeout around every send: the
-        streaming loop pays one clock read per chunk, not a timer per chunk.
+        streaming loop pays one clock read per chunk, not a timer per chunk. The rate is
+        judged at the end of each min_rate_window (the first one is the grace period), and
+        only against the client: a window counts when relay spent at least half of it
+        waiting for the client to take what it was sent, and the client took less than
+        min_send_rate over that waiting time. A slow upstream leaves relay waiting on it,
+        not on the client, so its clients are never cut for it.
         """
         if not self._active:
             return
@@ -172,6 +233,20 @@ class RelayResponse(Response):
             task.cancel()
             return
         delay = self._send_timeout - (now - since) if since is not None else self._send_timeout
+        if self._min_rate:
+            if now >= self._rate_due:
+                waited = self._client_wait - self._wait_mark
+                if since is not None:
+                    waited += now - since
+                moved = self._sent - self._rate_mark
+                if waited >= self._rate_window / 2 and moved < self._min_rate * waited:
+                    self._too_slow = True
+                    task.cancel()
+                    return
+                self._rate_mark = self._sent
+                self._wait_mark = self._client_wait + (now - since if since is not None else 0)
+                self._rate_due = now + self._rate_window
+            delay = min(delay, self._rate_due - now)
         self._watchdog = loop.call_later(delay, self._check_send, loop, task)
 
     async def _close(self) -> None:
@@ -180,14 +255,14 @@ class RelayResponse(Response):
             # Shielded: closing must finish even while this task is being cancelled.
             await asyncio.shield(response.aclose())
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Send, request: httpx.Request) -> None:
         exchange = self._exchange
         sent_at = time.monotonic()
         try:
-            response = self._response = await self._upstream.open(self._request, self._route)
+            response = self._response = await self._upstream.open(request, self._route)
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
-            exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
+            exchange.pool_wait = request.extensions.get("relay.pool_wait")
             reply = error_response(exc)
             self.status_code = reply.status_code
             await send(
@@ -200,7 +275,7 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": reply.body, "more_body": False})
             return
         exchange.upstream_ttfb = time.monotonic() - sent_at
-        exchange.pool_wait = self._request.extensions.get("relay.pool_wait")
+        exchange.pool_wait = request.extensions.get("relay.pool_wait")
         status = self.status_code = exchange.upstream_status = response.status_code
         headers = downstream_response_headers(response.headers.raw, status)
         if status in REDIRECT_STATUSES:
@@ -209,7 +284,7 @@ class RelayResponse(Response):
                 for name, value in headers
             ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        if self._request.method == "HEAD" or status in BODYLESS_STATUSES:
+        if request.method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._stream_body(response, send)
@@ -229,6 +304,7 @@ class RelayResponse(Response):
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
         sent = 0
         clock = asyncio.get_running_loop().time
+        measuring = self._min_rate > 0
         try:
             while True:
                 pace = response.extensions.get(READ_PACE)
@@ -236,6 +312,7 @@ class RelayResponse(Response):
                 try:
                     async for chunk in response.aiter_raw():
                         sent += len(chunk)
+                        self._sent = sent
                         now = self._sending_since = clock()
                         if pacer is not None:
                             pacer.sent(len(chunk), now)
@@ -249,6 +326,8 @@ class RelayResponse(Response):
                             if self._watcher is None:
                                 self._start_watcher()
                         self._sending_since = None
+                        if measuring:
+                            self._client_wait += clock() - now
                     break
                 except httpx.HTTPError as exc:
                     if plan is None and self._resume_attempts:
@@ -259,7 +338,7 @@ class RelayResponse(Response):
                             "%s (%s)",
                             sent,
                             exc,
-                            self._request.url.path,
+                            response.request.url.path,
                         )
                         raise TransferAborted(str(exc)) from exc
                     response = await self._resume(plan, response, sent, retries, str(exc))
@@ -289,7 +368,7 @@ class RelayResponse(Response):
         more failed attempt, retried while `retries` allows; any answer that is not the same
         representation's next bytes aborts the client transfer.
         """
-        path = self._request.url.path
+        path = failed.request.url.path
         await failed.aclose()
         wait_at_least: float | None = None  # a transient status's Retry-After
         while True:
