@@ -164,4 +164,5 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         lifespan=lifespan,
     )
     app.state.readiness = readiness
+    app.state.limiter = relay._limiter  # tests read StreamLimiter.active (invariant checks)
     return app
