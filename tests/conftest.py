@@ -16,19 +16,21 @@ from tests.harness import (
 )
 from tests.origin import Origin
 
+pytest_plugins = ["pytester"]
+
 TRANSPORTS = ["aiohttp", "httpcore"]
 
 # The fuzz tier (tests/fuzz). "default" is bounded so the tier takes about a minute on two
 # cores, and derandomized: the same examples every run, so a CI failure reproduces locally.
 # "long" is for local bug hunting: `pytest tests/fuzz --hypothesis-profile=long` (random
 # examples, many more of them; Hypothesis prints the seed of a failure).
-_FUZZ = {
-    "deadline": None,  # examples talk to a real relay over loopback; timing varies
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    "database": None,  # no .hypothesis/ directory in the worktree
-}
-settings.register_profile("default", max_examples=100, derandomize=True, **_FUZZ)
-settings.register_profile("long", max_examples=2000, derandomize=False, **_FUZZ)
+_FUZZ = settings(
+    deadline=None,  # examples talk to a real relay over loopback; timing varies
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,  # no .hypothesis/ directory in the worktree
+)
+settings.register_profile("default", _FUZZ, max_examples=100, derandomize=True)
+settings.register_profile("long", _FUZZ, max_examples=2000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
@@ -47,7 +49,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     yield  # a test that failed on its own raises here and is reported as it is
     if not INVARIANTS.enabled:
         return
-    problems = []
+    problems: list[str] = []
     for relay in take_started_relays():
         found = relay.invariant_violations() if relay.running else relay.violations_at_stop
         problems.extend(f"relay on port {relay.port}: {v}" for v in found)

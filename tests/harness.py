@@ -26,6 +26,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from relay.config import Config, Route
 from relay.errors import TransferAborted
+from relay.limits import StreamLimiter
 from relay.server import RelayServer, build_server, event_loop
 from relay.transports import PooledTransport, PoolStats, make_transport
 
@@ -199,11 +200,18 @@ class RelayThread:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.stopped
 
-    def streams_active(self) -> int:
-        """Stream slots held (StreamLimiter.active)."""
+    @property
+    def limiter(self) -> StreamLimiter:
+        """The relay's stream slots (touch it on the relay's loop: `relay.call`)."""
         assert self.server is not None
         app: Any = self.server.config.app
-        return int(self.call(lambda: app.state.limiter.active))
+        limiter: StreamLimiter = app.state.limiter
+        return limiter
+
+    def streams_active(self) -> int:
+        """Stream slots held (StreamLimiter.active)."""
+        limiter = self.limiter
+        return int(self.call(lambda: limiter.active))
 
     def stray_tasks(self) -> list[str]:
         stray: list[str] = self.call(_stray_tasks)
