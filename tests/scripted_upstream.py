@@ -91,6 +91,11 @@ class ScriptedUpstream:
         with self._lock:
             return len(self._conns)
 
+    def is_open(self, connection: int) -> bool:
+        """Whether connection number `connection` (Received.connection) is still open here."""
+        with self._lock:
+            return connection in self._conns
+
     def start(self) -> ScriptedUpstream:
         self._thread.start()
         return self
@@ -114,11 +119,15 @@ class ScriptedUpstream:
         self.stop()
 
     def _accept(self) -> None:
+        self._listener.settimeout(0.1)  # closing the socket does not wake accept()
         while not self._closing:
             try:
                 conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)
             with self._lock:
                 self._accepted += 1
                 number = self._accepted
