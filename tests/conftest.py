@@ -29,8 +29,8 @@ _FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     database=None,  # no .hypothesis/ directory in the worktree
 )
-settings.register_profile("default", _FUZZ, max_examples=100, derandomize=True)
-settings.register_profile("long", _FUZZ, max_examples=2000, derandomize=False)
+settings.register_profile("default", _FUZZ, max_examples=1000, derandomize=True)
+settings.register_profile("long", _FUZZ, max_examples=20_000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

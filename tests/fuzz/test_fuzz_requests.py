@@ -170,7 +170,7 @@ def test_fuzz_requests_aiohttp(
     check(aiohttp_relay, fuzz_origin, request)
 
 
-@settings(max_examples=scaled(0.3))
+@settings(max_examples=scaled(0.4))
 @given(request=requests(secret=CLIENT_SECRET.encode()))
 def test_fuzz_requests_httpcore(
     httpcore_relay: RelayThread, fuzz_origin: Origin, request: RequestInput

@@ -34,7 +34,6 @@ KNOWN: dict[str, str] = {
     "Transfer-Encoding: gzip, chunked": "issue 10: `Transfer-Encoding: gzip, chunked`",
     "close-delimited body cut by RST": "issue 10: a close-delimited body cut by RST ends cleanly",
     "bytes after the response": "issue 10: unrequested bytes on an idle pooled connection",
-    "trickled header block": "issue 10: a header block arriving in pieces",
     # Found by this tier, not in issue 10's list: on the aiohttp transport a complete response
     # followed at once by unrequested bytes (same read) is answered 502 "Bad status line";
     # httpcore relays it. Likely the same fix as "bytes after the response".
@@ -64,19 +63,18 @@ def known_findings(response: ResponseInput, transport: str) -> list[str]:
         found.append("status outside 100-599")
     if any(b in _CTL for _, value in response.headers for b in value):
         found.append("control byte in a header value")
-    framing = {
-        "cl_space": "Content-Length : n",
-        "te_gzip_chunked": "Transfer-Encoding: gzip, chunked",
-        "close_rst": "close-delimited body cut by RST",
-    }.get(response.framing)
-    if framing:
-        found.append(framing)
     if response.extra and response.end == "keep":
         found.append("bytes after the response")
-    if response.extra:
-        found.append("bytes right after a complete response")
-    if response.pieces > 1:
-        found.append("trickled header block")
+    if transport == "aiohttp":  # httpcore answers these 502, or aborts the client
+        framing = {
+            "cl_space": "Content-Length : n",
+            "te_gzip_chunked": "Transfer-Encoding: gzip, chunked",
+            "close_rst": "close-delimited body cut by RST",
+        }.get(response.framing)
+        if framing:
+            found.append(framing)
+        if response.extra:
+            found.append("bytes right after a complete response")
     assert all(name in KNOWN for name in found)
     return found
 
@@ -179,7 +177,7 @@ def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInp
         )
 
 
-@settings(max_examples=scaled(1.0))
+@settings(max_examples=scaled(0.5))
 @given(generated=responses())
 def test_fuzz_upstream_aiohttp(
     aiohttp_relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput
@@ -188,7 +186,7 @@ def test_fuzz_upstream_aiohttp(
     check(aiohttp_relay, upstream, generated)
 
 
-@settings(max_examples=scaled(0.3))
+@settings(max_examples=scaled(0.2))
 @given(generated=responses())
 def test_fuzz_upstream_httpcore(
     httpcore_relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput
