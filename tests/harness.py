@@ -110,18 +110,32 @@ class _ErrorCapture(logging.Handler):
         super().__init__(logging.ERROR)
         self.thread_name = thread_name
         self.records: list[logging.LogRecord] = []
+        self.loop_errors: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.threadName != self.thread_name:
+        # asyncio's own reports ("Future exception was never retrieved", logged when the
+        # future is collected, on whichever thread collects it) come through the loop's
+        # exception handler instead (on_loop_exception), which knows their loop.
+        if record.threadName != self.thread_name or record.name == "asyncio":
             return
         if record.exc_info and isinstance(record.exc_info[1], TransferAborted):
             return
         if record.exc_info or "Exception in ASGI application" in record.getMessage():
             self.records.append(record)
 
+    def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The relay loop's exception handler: record, then report as asyncio would."""
+        exc = context.get("exception")
+        line = f"asyncio: {context.get('message', '')}"
+        if exc is not None:
+            line += f" ({type(exc).__name__}: {exc})"
+        self.loop_errors.append(line)
+        loop.default_exception_handler(context)
+
     def take(self) -> list[str]:
         taken, self.records = self.records, []
-        out = []
+        loop_errors, self.loop_errors = self.loop_errors, []
+        out = list(loop_errors)
         for record in taken:
             line = f"{record.name}: {record.getMessage()}"
             if record.exc_info and record.exc_info[1] is not None:
@@ -167,6 +181,7 @@ class RelayThread:
                 import uvloop
 
                 loop = uvloop.new_event_loop()
+            loop.set_exception_handler(self._errors.on_loop_exception)
             self.loop = loop
             try:
                 loop.run_until_complete(server.serve(sockets=[sock]))

@@ -112,3 +112,24 @@ def test_invariants_fail_a_test_whose_own_assertions_pass(
         ["*InvariantViolation: relay invariants broken:*", "*1 stream slot(s) still held*"]
     )
     result.stdout.fnmatch_lines(["FAILED *::test_leaks*"])
+
+
+def test_invariants_catch_a_future_exception_never_retrieved(
+    make_relay: Callable[..., RelayThread],
+) -> None:
+    """asyncio's report of a failed future nobody awaited counts for the relay whose loop
+    it belongs to, whichever thread collects the future."""
+    import gc
+
+    relay = make_relay()
+
+    def orphan() -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(ConnectionResetError("lost"))
+
+    relay.call(orphan)
+    gc.collect()  # on the test's thread
+    violations = relay.invariant_violations(timeout=0.2)
+    assert len(violations) == 1
+    assert "exception was never retrieved" in violations[0]
+    assert "ConnectionResetError: lost" in violations[0]
