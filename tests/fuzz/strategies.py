@@ -437,6 +437,8 @@ class ResponseInput:
         http10_chunked = self.status_line.startswith(b"HTTP/1.0") and "chunked" in self.framing
         return (
             not http10_chunked  # RFC 9112 6.1: faulty framing
+            # A reset discards what the receiver has not read yet: relay may never see it all.
+            and self.end != "rst"
             and self.valid_status_line
             and self.header_bytes_ok
             and self.framing in CLEAN
