@@ -1,14 +1,60 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-from tests.harness import RelayThread, relay_config
+from tests.harness import (
+    INVARIANTS,
+    InvariantViolation,
+    RelayThread,
+    relay_config,
+    take_started_relays,
+)
 from tests.origin import Origin
 
+pytest_plugins = ["pytester"]
+
 TRANSPORTS = ["aiohttp", "httpcore"]
+
+# The fuzz tier (tests/fuzz). "default" is bounded so the tier takes about a minute on two
+# cores, and derandomized: the same examples every run, so a CI failure reproduces locally.
+# "long" is for local bug hunting: `pytest tests/fuzz --hypothesis-profile=long` (random
+# examples, many more of them; Hypothesis prints the seed of a failure).
+_FUZZ = settings(
+    deadline=None,  # examples talk to a real relay over loopback; timing varies
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,  # no .hypothesis/ directory in the worktree
+)
+settings.register_profile("default", _FUZZ, max_examples=1000, derandomize=True)
+settings.register_profile("long", _FUZZ, max_examples=20_000, derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    INVARIANTS.enabled = item.get_closest_marker("leaves_resources") is None
+    take_started_relays()  # forget relays of earlier tests (module-scoped ones included)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """After a test that started relays passes, check each one's invariants (a relay still
+    running is checked now, one the test stopped was checked by stop()): a relay left
+    holding a stream slot, an upstream connection or a task, or having logged an unhandled
+    exception, fails the test."""
+    yield  # a test that failed on its own raises here and is reported as it is
+    if not INVARIANTS.enabled:
+        return
+    problems: list[str] = []
+    for relay in take_started_relays():
+        found = relay.invariant_violations() if relay.running else relay.violations_at_stop
+        problems.extend(f"relay on port {relay.port}: {v}" for v in found)
+    if problems:
+        raise InvariantViolation("relay invariants broken:\n  " + "\n  ".join(problems))
 
 
 @pytest.fixture(scope="session")

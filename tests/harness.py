@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import itertools
+import logging
 import shutil
 import socket
 import struct
@@ -14,11 +16,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import CodeType
 from typing import Any
 
 import httpx
+import uvicorn
+from uvicorn.lifespan.on import LifespanOn
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from relay.config import Config, Route
+from relay.errors import TransferAborted
+from relay.limits import StreamLimiter
 from relay.server import RelayServer, build_server, event_loop
 from relay.transports import PooledTransport, PoolStats, make_transport
 
@@ -33,6 +41,113 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> bool:
     return predicate()
 
 
+# ---------------------------------------------------------------------------------------------
+# Invariants: checked after every test that started a relay (tests/conftest.py), and by the
+# fuzz tier after every example. A test that breaks one fails even if its own assertions pass.
+# ---------------------------------------------------------------------------------------------
+
+
+class InvariantViolation(AssertionError):
+    """A relay was left holding something after a test (or a fuzz example)."""
+
+
+@dataclasses.dataclass
+class InvariantSettings:
+    enabled: bool = True
+    """Off for a test marked `leaves_resources` (set per test by tests/conftest.py)."""
+    settle_timeout: float = 5.0
+    """How long a check waits for slots, connections and tasks to be released."""
+
+
+INVARIANTS = InvariantSettings()
+
+# Relays started since the last `take_started_relays()`: the conftest hook checks each test's.
+_started: list[RelayThread] = []
+
+
+def take_started_relays() -> list[RelayThread]:
+    taken = list(_started)
+    _started.clear()
+    return taken
+
+
+# Tasks uvicorn itself keeps on the loop: the server, the lifespan and one per request in
+# progress (a request still running is caught by the slot and connection counts). Told apart
+# by the code object their coroutine runs, not by name.
+_UVICORN_TASK_CODE: frozenset[CodeType] = frozenset(
+    {
+        uvicorn.Server.serve.__code__,
+        LifespanOn.main.__code__,
+        RequestResponseCycle.run_asgi.__code__,
+    }
+)
+
+
+def _task_code(task: asyncio.Task[Any]) -> CodeType | None:
+    coro = task.get_coro()
+    code = getattr(coro, "cr_code", None)
+    return code if isinstance(code, CodeType) else None
+
+
+def _stray_tasks() -> list[str]:
+    """Tasks on the running loop (run there) that are neither uvicorn's nor this check's."""
+    current = asyncio.current_task()
+    stray = []
+    for task in asyncio.all_tasks():
+        if task is current or task.done() or _task_code(task) in _UVICORN_TASK_CODE:
+            continue
+        stray.append(repr(task.get_coro()))
+    return sorted(stray)
+
+
+class _ErrorCapture(logging.Handler):
+    """Unhandled exceptions logged on one relay's thread: ERROR records carrying a traceback,
+    and uvicorn's "Exception in ASGI application". TransferAborted is relay aborting a client
+    on purpose (raised so uvicorn drops the connection); relay.logs.QuietAborts drops those
+    records in production, and so does this."""
+
+    def __init__(self, thread_name: str) -> None:
+        super().__init__(logging.ERROR)
+        self.thread_name = thread_name
+        self.records: list[logging.LogRecord] = []
+        self.loop_errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # asyncio's own reports ("Future exception was never retrieved", logged when the
+        # future is collected, on whichever thread collects it) come through the loop's
+        # exception handler instead (on_loop_exception), which knows their loop.
+        if record.threadName != self.thread_name or record.name == "asyncio":
+            return
+        if record.exc_info and isinstance(record.exc_info[1], TransferAborted):
+            return
+        if record.exc_info or "Exception in ASGI application" in record.getMessage():
+            self.records.append(record)
+
+    def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The relay loop's exception handler: record, then report as asyncio would."""
+        exc = context.get("exception")
+        line = f"asyncio: {context.get('message', '')}"
+        if exc is not None:
+            line += f" ({type(exc).__name__}: {exc})"
+        self.loop_errors.append(line)
+        loop.default_exception_handler(context)
+
+    def take(self) -> list[str]:
+        taken, self.records = self.records, []
+        loop_errors, self.loop_errors = self.loop_errors, []
+        out = list(loop_errors)
+        for record in taken:
+            line = f"{record.name}: {record.getMessage()}"
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                line += f" ({type(exc).__name__}: {exc})"
+            out.append(line)
+        return out
+
+
+_relay_ids = itertools.count(1)
+
+
 class RelayThread:
     """A relay served by uvicorn in a background thread with its own event loop."""
 
@@ -43,6 +158,9 @@ class RelayThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
         self._thread: threading.Thread | None = None
+        self._errors = _ErrorCapture(f"relay-{next(_relay_ids)}")
+        self.stopped = False
+        self.violations_at_stop: list[str] = []
 
     @property
     def url(self) -> str:
@@ -63,6 +181,7 @@ class RelayThread:
                 import uvloop
 
                 loop = uvloop.new_event_loop()
+            loop.set_exception_handler(self._errors.on_loop_exception)
             self.loop = loop
             try:
                 loop.run_until_complete(server.serve(sockets=[sock]))
@@ -71,19 +190,80 @@ class RelayThread:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
-        self._thread = threading.Thread(target=run, name="relay", daemon=True)
+        logging.getLogger().addHandler(self._errors)
+        self._thread = threading.Thread(target=run, name=self._errors.thread_name, daemon=True)
         self._thread.start()
+        _started.append(self)
         if not wait_until(lambda: server.started, timeout=15):
             raise RuntimeError("relay did not start")
         return self
 
     def stop(self) -> None:
-        if self.server is None or self._thread is None:
+        if self.server is None or self._thread is None or self.stopped:
             return
+        if INVARIANTS.enabled and self._thread.is_alive():
+            # Checked here, while the relay still runs; the conftest hook reports them.
+            self.violations_at_stop = self.invariant_violations()
+        self.stopped = True
         self.server.should_exit = True
         self._thread.join(30)
+        logging.getLogger().removeHandler(self._errors)
         if self._thread.is_alive():
             raise RuntimeError("relay thread did not stop")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.stopped
+
+    @property
+    def limiter(self) -> StreamLimiter:
+        """The relay's stream slots (touch it on the relay's loop: `relay.call`)."""
+        assert self.server is not None
+        app: Any = self.server.config.app
+        limiter: StreamLimiter = app.state.limiter
+        return limiter
+
+    def streams_active(self) -> int:
+        """Stream slots held (StreamLimiter.active)."""
+        limiter = self.limiter
+        return int(self.call(lambda: limiter.active))
+
+    def stray_tasks(self) -> list[str]:
+        stray: list[str] = self.call(_stray_tasks)
+        return stray
+
+    def logged_errors(self) -> list[str]:
+        """Unhandled exceptions logged on the relay's thread since the last call."""
+        return self._errors.take()
+
+    def invariant_violations(self, *, timeout: float | None = None) -> list[str]:
+        """Wait (bounded) for the relay to settle, then list what it still holds: stream
+        slots, checked-out upstream connections, its own tasks, logged unhandled exceptions."""
+        wait = INVARIANTS.settle_timeout if timeout is None else timeout
+        held: dict[str, object] = {}
+
+        def settled() -> bool:
+            held["slots"] = self.streams_active()
+            held["connections"] = self.connections_in_use()
+            held["tasks"] = self.stray_tasks()
+            return held["slots"] == 0 and held["connections"] == 0 and not held["tasks"]
+
+        wait_until(settled, timeout=wait)
+        violations = []
+        if held["slots"]:
+            violations.append(f"{held['slots']} stream slot(s) still held")
+        if held["connections"]:
+            violations.append(f"{held['connections']} upstream connection(s) still checked out")
+        if held["tasks"]:
+            violations.append(f"relay task(s) still running: {held['tasks']}")
+        violations.extend(f"unhandled exception logged: {e}" for e in self.logged_errors())
+        return violations
+
+    def check_invariants(self, *, timeout: float | None = None) -> None:
+        """Raise InvariantViolation if the relay does not settle clean (see above)."""
+        violations = self.invariant_violations(timeout=timeout)
+        if violations:
+            raise InvariantViolation(f"relay on port {self.port}: " + "; ".join(violations))
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the relay's loop thread (to read state the loop mutates)."""

@@ -237,6 +237,7 @@ def test_download_checks_the_upstreams_repr_digest(
     assert not (tmp_path / "files" / "b").exists()
 
 
+@pytest.mark.leaves_resources  # stops the relay mid-download on purpose
 def test_download_resumes_after_a_relay_restart(origin: Origin, tmp_path: Path) -> None:
     """Stopped mid-download, a new relay on the same data_dir re-hashes the partial and resumes."""
     config = relay_config(origin.url, data_dir=str(tmp_path))

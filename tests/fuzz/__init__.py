@@ -1,0 +1,1 @@
+"""The fuzz tier: Hypothesis-generated requests and upstream responses against a real relay."""
