@@ -89,12 +89,20 @@ def _task_code(task: asyncio.Task[Any]) -> CodeType | None:
     return code if isinstance(code, CodeType) else None
 
 
+# relay's own tasks that live as long as the app (started and cancelled by its lifespan) are
+# named with this prefix; every other task must be gone once a test's requests are over.
+SERVICE_TASK_PREFIX = "service: "
+
+
 def _stray_tasks() -> list[str]:
-    """Tasks on the running loop (run there) that are neither uvicorn's nor this check's."""
+    """Tasks on the running loop (run there) that are neither uvicorn's, relay's lifespan-long
+    services' nor this check's."""
     current = asyncio.current_task()
     stray = []
     for task in asyncio.all_tasks():
         if task is current or task.done() or _task_code(task) in _UVICORN_TASK_CODE:
+            continue
+        if task.get_name().startswith(SERVICE_TASK_PREFIX):
             continue
         stray.append(repr(task.get_coro()))
     return sorted(stray)

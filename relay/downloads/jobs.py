@@ -97,7 +97,7 @@ class DownloadManager:
         if unfinished:
             logger.info("resuming %d download(s) left by the previous run", len(unfinished))
         if self._retention or self._max_bytes:
-            self._sweeper = asyncio.create_task(self._watch(), name="downloads quotas")
+            self._sweeper = asyncio.create_task(self._watch(), name="service: downloads quotas")
 
     async def close(self) -> None:
         self._closing = True
