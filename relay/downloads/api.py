@@ -20,7 +20,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from relay.auth import AdminAuth
@@ -117,10 +117,15 @@ async def _read_body(request: Request) -> bytes:
     if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise too_large
+    except ClientDisconnect:
+        # The server closed the connection (body_timeout, max_body_bytes) or the client left:
+        # nobody reads this answer, but the request ends here, not as an unhandled error.
+        raise DownloadsError("request body incomplete", status_code=400) from None
     return bytes(body)
 
 
