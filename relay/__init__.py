@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 __all__ = ["Config", "Route", "__version__", "create_app"]
 
 if TYPE_CHECKING:
-    from relay.app import create_app
     from relay.config import Config, Route
+    from relay.server.app import create_app
 
-_LAZY = {"create_app": "relay.app", "Config": "relay.config", "Route": "relay.config"}
+_LAZY = {"create_app": "relay.server.app", "Config": "relay.config", "Route": "relay.config"}
 
 
 def __getattr__(name: str) -> Any:

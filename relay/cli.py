@@ -39,8 +39,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from relay import fetch  # argument types and defaults live with the downloader
-    from relay.fetch_errors import exit_code_table
+    from relay.fetch import fetcher  # argument types and defaults live with the downloader
+    from relay.fetch.errors import exit_code_table
 
     def arg_type(convert: Callable[[str], object], name: str) -> Callable[[str], object]:
         def parse(value: str) -> object:
@@ -71,7 +71,7 @@ def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog="exit codes:\n" + exit_code_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("url", metavar="URL", type=arg_type(fetch.url_arg, "URL"), help="http(s) URL")
+    p.add_argument("url", metavar="URL", type=arg_type(fetcher.url_arg, "URL"), help="http(s) URL")
     p.add_argument(
         "-o",
         "--output",
@@ -82,32 +82,32 @@ def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--sha256",
         metavar="HEX",
-        type=arg_type(fetch.sha256_arg, "sha256"),
+        type=arg_type(fetcher.sha256_arg, "sha256"),
         help="expected sha256 of the body; on mismatch FILE is not written (exit 6)",
     )
     p.add_argument(
         "--retries",
         metavar="N",
         type=arg_type(bounded(int, 0, strict=False), "retries"),
-        default=fetch.DEFAULT_RETRIES,
+        default=fetcher.DEFAULT_RETRIES,
         help="retries after a dropped connection, timeout or 408/429/5xx "
-        f"(default: {fetch.DEFAULT_RETRIES})",
+        f"(default: {fetcher.DEFAULT_RETRIES})",
     )
     p.add_argument(
         "--retry-delay",
         metavar="S",
         type=arg_type(bounded(float, 0, strict=False), "retry-delay"),
-        default=fetch.DEFAULT_RETRY_DELAY,
-        help=f"first retry delay in seconds, doubled each retry up to {fetch.MAX_RETRY_DELAY:g} "
-        f"(default: {fetch.DEFAULT_RETRY_DELAY:g})",
+        default=fetcher.DEFAULT_RETRY_DELAY,
+        help=f"first retry delay in seconds, doubled each retry up to {fetcher.MAX_RETRY_DELAY:g} "
+        f"(default: {fetcher.DEFAULT_RETRY_DELAY:g})",
     )
     p.add_argument(
         "--timeout",
         metavar="S",
         type=arg_type(bounded(float, 0, strict=True), "timeout"),
-        default=fetch.DEFAULT_TIMEOUT,
+        default=fetcher.DEFAULT_TIMEOUT,
         help="seconds to connect, and to wait for each read; no total limit "
-        f"(default: {fetch.DEFAULT_TIMEOUT:g})",
+        f"(default: {fetcher.DEFAULT_TIMEOUT:g})",
     )
     p.add_argument(
         "-H",
@@ -115,7 +115,7 @@ def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         dest="headers",
         action="append",
         metavar='"NAME: VALUE"',
-        type=arg_type(fetch.header_arg, "header"),
+        type=arg_type(fetcher.header_arg, "header"),
         help="extra request header (repeatable); Range and If-Range are refused",
     )
     p.add_argument(
@@ -170,7 +170,7 @@ def _sign_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def run_sign(args: dict[str, object]) -> int:
-    from relay.auth import sign
+    from relay.server.auth import sign
 
     key_file = args.get("key_file")
     if isinstance(key_file, str):
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "sign":
         return run_sign(args)
     if command == "fetch":
-        from relay.fetch import run_fetch
+        from relay.fetch.fetcher import run_fetch
 
         return run_fetch(args)
     if command == "serve":
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        from relay.server import serve  # imported late: uvicorn is not needed for --help
+        from relay.server.run import serve  # imported late: uvicorn is not needed for --help
 
         try:
             serve(config)

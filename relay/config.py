@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from relay.addresses import parse_ip, refusal
 from relay.errors import ConfigError
+from relay.net.addresses import parse_ip, refusal
 
 ENV_PREFIX = "RELAY_"
 

@@ -24,7 +24,7 @@
                                traceback, `relay serve` exits 1.
 
 httpx errors are translated into UpstreamError in exactly one place:
-`relay.upstream.map_upstream_errors`.
+`relay.net.upstream.map_upstream_errors`.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from relay.config import Config, Route
 from relay.errors import TransferAborted
-from relay.limits import StreamLimiter
-from relay.server import RelayServer, build_server, event_loop
-from relay.transports import PooledTransport, PoolStats, make_transport
+from relay.net.transports import PooledTransport, PoolStats, make_transport
+from relay.proxy.admission import StreamLimiter
+from relay.server.run import RelayServer, build_server, event_loop
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> bool:
@@ -111,7 +111,7 @@ def _stray_tasks() -> list[str]:
 class _ErrorCapture(logging.Handler):
     """Unhandled exceptions logged on one relay's thread: ERROR records carrying a traceback,
     and uvicorn's "Exception in ASGI application". TransferAborted is relay aborting a client
-    on purpose (raised so uvicorn drops the connection); relay.logs.QuietAborts drops those
+    on purpose (raised so uvicorn drops the connection); relay.server.logs.QuietAborts drops those
     records in production, and so does this."""
 
     def __init__(self, thread_name: str) -> None:

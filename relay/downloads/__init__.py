@@ -4,7 +4,7 @@
     files.py       /files/{name}: validators, single ranges, FileResponse
     intake.py      a POST body -> Order (path or url mapped through the route table)
     jobs.py        DownloadManager: queue, concurrency limit, restart recovery, cancel
-    fetch.py       one job's upstream attempts: Range + If-Range resume (relay.continuation)
+    fetch.py       one job's upstream attempts: Range + If-Range resume (relay.http.continuation)
     writer.py      the partial file: exclusive create, hash while writing, verified publish
     store.py       jobs in SQLite (WAL) on one thread
     model.py       Job and its states; rate.py the smoothed rate
@@ -34,16 +34,16 @@ from pathlib import Path
 
 from starlette.routing import BaseRoute, Route
 
-from relay.auth import AdminAuth
 from relay.config import Config
+from relay.credentials import AdminAuth
 from relay.downloads.api import admin_only, download, downloads
 from relay.downloads.files import serve_file
 from relay.downloads.jobs import DownloadManager
 from relay.downloads.names import DataDir
 from relay.downloads.store import StoreError
 from relay.errors import StartupError
-from relay.routing import RouteTable
-from relay.upstream import Upstream
+from relay.net.routing import RouteTable
+from relay.net.upstream import Upstream
 
 try:
     import fcntl

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from relay.auth import AdminAuth
+from relay.credentials import AdminAuth
 from relay.downloads.errors import DownloadsError, InvalidField, NotFound
 from relay.downloads.intake import parse_order
 from relay.downloads.jobs import DownloadManager

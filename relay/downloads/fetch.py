@@ -3,7 +3,7 @@
 One attempt is one upstream GET. When the upstream dies, stalls or answers a transient status,
 the next attempt asks for the rest: `Range: bytes=N-` with `If-Range` set to the object's
 strong validator, and only if the upstream said `Accept-Ranges: bytes`. What the answer means
-is decided by `relay.continuation` (the rule set shared with streams and `relay fetch`):
+is decided by `relay.http.continuation` (the rule set shared with streams and `relay fetch`):
 
 - a 206 continuing at N with the same validator and total: appended;
 - 200: the object changed (or the upstream ignores ranges): start again from byte 0;
@@ -28,7 +28,11 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from relay.config import Route
-from relay.continuation import (
+from relay.downloads.errors import JobFailed, UpstreamFailure
+from relay.downloads.model import Job
+from relay.downloads.writer import PartialFile
+from relay.errors import UpstreamError
+from relay.http.continuation import (
     DOWNLOAD_BACKOFF,
     RETRY_STATUSES,
     Continuation,
@@ -37,15 +41,10 @@ from relay.continuation import (
     content_length,
     whole_range_total,
 )
-from relay.downloads.digests import DigestConflict, upstream_sha256
-from relay.downloads.errors import JobFailed, UpstreamFailure
-from relay.downloads.model import Job
-from relay.downloads.writer import PartialFile
-from relay.errors import UpstreamError
-from relay.headers import USER_AGENT, VIA
-from relay.routing import Target
-from relay.upstream import Upstream
-from relay.validators import accepts_byte_ranges, resume_validator
+from relay.http.digests import DigestConflict, upstream_sha256
+from relay.http.validators import accepts_byte_ranges, resume_validator
+from relay.net.routing import Target
+from relay.net.upstream import USER_AGENT, VIA, Upstream
 
 logger = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ from starlette.responses import FileResponse, Response
 from relay.downloads.api import NO_STORE, json_errors, manager_of
 from relay.downloads.errors import InvalidField, NotFound
 from relay.downloads.names import NAME_PATTERN, is_name
-from relay.ranges import Unsatisfiable, parse_range
-from relay.types import Receive, Scope, Send
-from relay.validators import (
+from relay.http.ranges import Unsatisfiable, parse_range
+from relay.http.validators import (
     format_http_date,
     if_range_holds,
     none_match,
     not_modified_since,
 )
+from relay.types import Receive, Scope, Send
 
 PREFIX = b"/files/"
 CHUNK = 256 * 1024

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from relay.downloads.errors import InvalidField, NotFound
 from relay.downloads.names import check_name, name_from_path
 from relay.errors import NoRoute, RelayError
-from relay.routing import RouteTable
+from relay.net.routing import RouteTable
 
 FIELDS = frozenset({"path", "url", "sha256", "size", "name"})
 MAX_PATH = 8192

@@ -43,8 +43,8 @@ from relay.downloads.names import DataDir, new_job_id
 from relay.downloads.store import JobStore, StoreError
 from relay.downloads.writer import PartialFile, hash_file, remove_quietly
 from relay.errors import ClientError
-from relay.routing import RouteTable, Target
-from relay.upstream import Upstream
+from relay.net.routing import RouteTable, Target
+from relay.net.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""`relay fetch`: a resuming download client. Imports nothing of the server."""

@@ -1,0 +1,1 @@
+"""Sans-IO HTTP rules: ranges, validators, digests, when a body continues."""

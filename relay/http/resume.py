@@ -1,0 +1,35 @@
+"""Transparent mid-stream resume: the request that continues a client response.
+
+When the upstream dies or stalls mid-body, relay asks for the rest and keeps writing the same
+client response; whether the answer may continue it is decided by `relay.http.continuation` (the
+one rule set shared with download jobs and `relay fetch`). This module only builds the
+request: the client's own headers, minus the conditionals that could turn it into a 304 or
+412, plus the continuation's Range and If-Range. The client never sees a seam: same headers,
+same bytes.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from relay.http.continuation import Continuation
+
+# The plan a stream resumes by: what its first response promised.
+ResumePlan = Continuation
+
+# Conditional headers that could turn the resumed request into a 304 or 412.
+_DROPPED_ON_RESUME = frozenset(
+    {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
+)
+
+
+def resume_request_headers(
+    plan: Continuation, original: httpx.Request, sent: int
+) -> list[tuple[str, str]]:
+    """The headers of the request that continues `original`'s body after `sent` bytes."""
+    headers = [
+        (name, value)
+        for name, value in original.headers.multi_items()
+        if name not in _DROPPED_ON_RESUME and name != "host"
+    ]
+    return headers + plan.request_headers(sent)

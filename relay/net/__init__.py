@@ -1,0 +1,1 @@
+"""Reaching upstreams: routes to URLs, the shared client, transports, egress policy."""

@@ -1,0 +1,147 @@
+"""httpx's own transport (httpcore), kept selectable for comparison and as a fallback.
+
+Two pools, like the aiohttp transport: one whose network backend enforces the egress policy
+(resolve once, check every address, connect to the checked address), one for routes that
+opted in to private addresses.
+
+httpcore's read timeout restarts with every read, so a head trickled a line a second never
+timed out: relay gives the whole response head the read timeout, measured from when httpcore
+starts waiting for it (its `trace` extension) to when it is complete. Heads relay cannot relay
+are refused (relay/transports/heads.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import httpcore
+import httpx
+
+from relay.config import Config
+from relay.net.egress import GuardedNetworkBackend
+from relay.net.transports import ALLOW_PRIVATE, PoolStats
+from relay.net.transports.heads import check_head
+from relay.net.transports.httpcore_compat import has_unread_bytes, pool_of, set_network_backend
+
+logger = logging.getLogger(__name__)
+
+_HEAD_STARTED = "http11.receive_response_headers.started"
+_HEAD_COMPLETE = "http11.receive_response_headers.complete"
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """httpx's response stream; closing it also closes idle connections holding unread bytes.
+
+    A second, unrequested response sent right behind a complete one is read by h11 with the end
+    of the first; httpcore would pool the connection and hand those bytes to the next request
+    as its response. Bytes arriving later make the socket readable, which httpcore checks.
+    """
+
+    __slots__ = ("_pool", "_stream")
+
+    def __init__(self, stream: httpx.AsyncByteStream, pool: httpcore.AsyncConnectionPool) -> None:
+        self._stream = stream
+        self._pool = pool
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+        for connection in self._pool.connections:
+            if connection.is_idle() and has_unread_bytes(connection):
+                logger.warning("an upstream sent bytes after a complete response; closing it")
+                await connection.aclose()
+
+
+class HttpcoreTransport(httpx.AsyncBaseTransport):
+    def __init__(self, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None) -> None:
+        verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._guarded = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
+        # httpx does not take a network backend; the pool it builds does.
+        set_network_backend(self._guarded, GuardedNetworkBackend())
+        self._open = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
+
+    @classmethod
+    def from_config(cls, config: Config) -> HttpcoreTransport:
+        return cls(
+            httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_keepalive,
+                keepalive_expiry=config.keepalive_expiry,
+            ),
+            ssl_context=config.upstream_ssl_context(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        transport = self._open if request.extensions.get(ALLOW_PRIVATE) else self._guarded
+        read_timeout = request.extensions.get("timeout", {}).get("read")
+        if read_timeout is None:
+            response = await transport.handle_async_request(request)
+        else:
+            response = await self._with_head_deadline(transport, request, read_timeout)
+        try:
+            check_head(request, response.status_code, response.headers.raw)
+        except httpx.HTTPError:
+            await response.aclose()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _ResponseStream(response.stream, pool_of(transport))
+        return response
+
+    async def _with_head_deadline(
+        self, transport: httpx.AsyncHTTPTransport, request: httpx.Request, timeout: float
+    ) -> httpx.Response:
+        loop = asyncio.get_running_loop()
+        outer = request.extensions.get("trace")
+        deadline = asyncio.timeout(None)
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            if event == _HEAD_STARTED:
+                deadline.reschedule(loop.time() + timeout)
+            elif event == _HEAD_COMPLETE:
+                deadline.reschedule(None)
+            if outer is not None:
+                await outer(event, info)
+
+        request.extensions["trace"] = trace
+        try:
+            async with deadline:
+                return await transport.handle_async_request(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise httpx.ReadTimeout(
+                f"no complete response head within {timeout:g}s", request=request
+            ) from None
+        finally:
+            if outer is not None:
+                request.extensions["trace"] = outer
+            else:
+                request.extensions.pop("trace", None)
+
+    async def __aenter__(self) -> HttpcoreTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._guarded.aclose()
+        await self._open.aclose()
+
+    def pool_stats(self) -> PoolStats:
+        connections = pool_of(self._guarded).connections + pool_of(self._open).connections
+        idle = sum(1 for c in connections if c.is_idle())
+        return PoolStats(in_use=len(connections) - idle, idle=idle)

@@ -1,0 +1,176 @@
+"""Talking to upstreams: building the request, opening the stream, translating failures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
+import httpx
+
+from relay import __version__
+from relay.config import Config, Route
+from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from relay.net.redirects import REDIRECT_STATUSES, next_hop, same_origin
+from relay.net.routing import Target
+from relay.net.transports import ALLOW_PRIVATE
+
+logger = logging.getLogger(__name__)
+
+# How relay names itself to upstreams (and in Via to clients), whichever program asks.
+VIA = b"1.1 relay"
+USER_AGENT = f"relay/{__version__}"
+
+_NO_BODY = httpx.ByteStream(b"")
+
+# What httpx leaves unescaped in a query: RFC 3986 query characters and valid escapes.
+_PLAIN_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:/?@\[\]]|%[0-9A-Fa-f]{2})*")
+
+
+@contextlib.contextmanager
+def map_upstream_errors() -> Iterator[None]:
+    """The one place where httpx errors become the statuses relay answers with.
+
+    The reason (the client's body) names the kind of failure only; the library's message,
+    which may name addresses and ports, stays on the exception's cause for the log.
+    """
+    try:
+        yield
+    except httpx.PoolTimeout as exc:
+        raise PoolExhausted("no upstream connection free; retry shortly") from exc
+    except httpx.TimeoutException as exc:
+        phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "waiting for"
+        raise UpstreamTimeout(f"timed out {phase} the upstream") from exc
+    except httpx.ConnectError as exc:
+        # The transports say "refused by egress policy: <host> resolves to <address> ...".
+        if _EGRESS_REFUSED in str(exc):
+            raise UpstreamUnavailable(f"cannot connect to the upstream: {_EGRESS_REFUSED}") from exc
+        raise UpstreamUnavailable("cannot connect to the upstream") from exc
+    except httpx.RemoteProtocolError as exc:
+        raise UpstreamUnavailable("upstream sent an invalid or incomplete response") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable("upstream connection failed") from exc
+
+
+_EGRESS_REFUSED = "refused by egress policy"
+
+
+def cause_of(exc: BaseException) -> str:
+    """The detail behind a relay error, for the log only (it may name addresses)."""
+    cause = exc.__cause__
+    if cause is None:
+        return ""
+    text = str(cause).strip()
+    return text.splitlines()[0][:200] if text else type(cause).__name__
+
+
+class Upstream:
+    """Opens upstream responses as streams on the one shared client."""
+
+    def __init__(self, client: httpx.AsyncClient, config: Config) -> None:
+        self._client = client
+        self._timeout = httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.read_timeout,
+            write=config.read_timeout,
+            pool=config.pool_timeout,
+        ).as_dict()
+        self._bases: dict[str, httpx.URL] = {}
+
+    def build_request(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: list[tuple[str, str]],
+        route: Route,
+    ) -> httpx.Request:
+        # Built directly, not with client.build_request, so that httpx's default headers
+        # (Accept-Encoding: gzip, its User-Agent) are never merged in. With `stream=` httpx
+        # adds no header either (it would otherwise rebuild the headers to add Host), so
+        # Host is set here, first, as httpx would.
+        extensions: dict[str, object] = {"timeout": self._timeout}
+        if route.allow_private:
+            extensions[ALLOW_PRIVATE] = True
+        if not isinstance(url, httpx.URL):
+            url = httpx.URL(url)
+        if not any(name.lower() == "host" for name, _ in headers):
+            headers = [("Host", url.netloc.decode("ascii")), *headers]
+        return httpx.Request(method, url, headers=headers, extensions=extensions, stream=_NO_BODY)
+
+    def url_for(self, target: Target) -> httpx.URL:
+        """The target's upstream URL as an httpx.URL, without parsing it again.
+
+        The route's base is parsed once; the path and query routing checked are put in
+        place of its own. A query with characters httpx would escape is parsed as usual.
+        httpx parsing the whole URL was the largest single cost of a small request.
+        """
+        base = self._bases.get(target.route.upstream)
+        if base is None:
+            base = self._bases[target.route.upstream] = httpx.URL(target.route.upstream)
+        if target.query is not None and not _PLAIN_QUERY.fullmatch(target.query):
+            return httpx.URL(target.url)
+        parsed = base._uri_reference
+        url = httpx.URL.__new__(httpx.URL)
+        url._uri_reference = parsed._replace(path=parsed.path + target.rest, query=target.query)
+        return url
+
+    async def open(self, request: httpx.Request, route: Route) -> httpx.Response:
+        """Send the request and return once headers arrived; the caller must close the body.
+
+        With `redirects = "follow"` the route's redirects are followed here, to allowed hosts
+        only; the response returned is the first one that is not such a redirect.
+        """
+        try:
+            for _ in range(route.max_redirects + 1):
+                with map_upstream_errors():
+                    response = await self._client.send(request, stream=True)
+                if route.redirects != "follow" or response.status_code not in REDIRECT_STATUSES:
+                    return response
+                await response.aclose()
+                request = self._redirected(request, response, route)
+            raise UpstreamUnavailable(f"more than {route.max_redirects} redirects")
+        except UpstreamError as exc:
+            logger.warning(
+                "upstream %s %s failed: %s (%s)",
+                request.method,
+                _safe_url(request.url),
+                exc.reason,
+                cause_of(exc) or "-",
+            )
+            raise
+
+    def _redirected(
+        self, request: httpx.Request, response: httpx.Response, route: Route
+    ) -> httpx.Request:
+        try:
+            url = next_hop(response, route)
+        except ValueError as exc:
+            logger.warning(
+                "not following the redirect from %s: %s (Location %r)",
+                _safe_url(request.url),
+                exc,
+                response.headers.get("location", "").split("?")[0][:200],
+            )
+            raise UpstreamUnavailable(f"redirect not followed: {exc}") from None
+        if same_origin(url, request.url):
+            dropped: frozenset[str] = frozenset({"host"})
+        else:
+            # Credentials are for their origin (scheme, host and port), not for wherever it
+            # redirects: the route's own, and the client's where the route forwards them.
+            dropped = _CREDENTIAL_HEADERS | {"host", route.auth_header.lower()}
+        headers = [
+            (name, value) for name, value in request.headers.multi_items() if name not in dropped
+        ]
+        method = request.method
+        if response.status_code == 303 and method != "HEAD":
+            method = "GET"
+        return self.build_request(method, url, headers, route)
+
+
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def _safe_url(url: httpx.URL) -> str:
+    """The URL without its query, which may carry signatures or tokens."""
+    return str(url.copy_with(query=None))

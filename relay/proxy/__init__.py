@@ -1,0 +1,1 @@
+"""The streaming relay: headers, admission, the response that owns a stream."""

@@ -1,0 +1,43 @@
+"""What happened to one request, filled in as it goes and read once it is over.
+
+The access log and the metrics read the same record, so neither needs work on the per-chunk
+hot path: the streaming loop only adds up bytes, and everything else is set once per request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from relay.types import Scope
+
+SCOPE_KEY = "relay.proxy.exchange"
+
+
+@dataclass(slots=True)
+class Exchange:
+    started: float = field(default_factory=time.monotonic)
+    route: str = "-"
+    """The matched route prefix, or "-" (health, metrics, 404...)."""
+    upstream_status: int | None = None
+    upstream_ttfb: float | None = None
+    """Seconds from sending the upstream request to its response headers."""
+    pool_wait: float | None = None
+    """Seconds spent waiting for a free upstream connection."""
+    bytes_sent: int = 0
+    """Body bytes relayed to the client."""
+    outcome: str = "ok"
+    """ok, client_abort (client went away), client_slow (cut: read slower than
+    min_send_rate), upstream_abort (upstream failed mid-body, the client transfer was
+    aborted), upstream_error (5xx answered before the body), rejected."""
+    resumes: int = 0
+    """Transparent mid-stream resumes."""
+
+
+def exchange_of(scope: Scope) -> Exchange:
+    """The request's record; created on first use so the app also works without middleware."""
+    record = scope.get(SCOPE_KEY)
+    if record is None:
+        record = scope[SCOPE_KEY] = Exchange()
+    assert isinstance(record, Exchange)
+    return record

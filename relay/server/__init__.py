@@ -1,0 +1,1 @@
+"""The server process: app factory, uvicorn integration, auth, health, observability."""

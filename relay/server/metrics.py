@@ -1,0 +1,268 @@
+"""Prometheus metrics, read from each request's Exchange once it is over.
+
+Every app has its own `CollectorRegistry`, so several apps (and tests) in one process never
+share or collide on series. Nothing here runs per body chunk: the middleware calls `started`
+when a request comes in and `observe` once when it is over.
+
+Label values are bounded: `route` is a configured prefix or "-" (health, metrics, no route,
+refused paths), `method` is GET, HEAD or other, `status` is the status sent (0 when none was:
+the client left before the response started).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.net.transports import PoolStats
+from relay.proxy.exchange import Exchange
+
+NO_ROUTE = "-"
+
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+"""Upstream time to first byte: from in-cluster milliseconds to a read timeout's worth."""
+
+DURATION_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    *(60, 300, 900, 1800, 3600, 7200, 14400),
+)
+"""Whole requests: health checks in milliseconds up to multi-gigabyte downloads over hours."""
+
+POOL_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+_METHODS = {"GET": "GET", "HEAD": "HEAD"}
+
+
+def method_label(method: str) -> str:
+    return _METHODS.get(method, "other")
+
+
+class Metrics:
+    """relay's metrics and the /metrics endpoint serving them.
+
+    `routes` (the configured prefixes) creates their series up front at zero, so a rate over
+    a counter that has not moved yet is 0 rather than absent.
+    """
+
+    def __init__(self, routes: Iterable[str] = ()) -> None:
+        # prometheus_client's `*_created` series double every counter and histogram in the
+        # text format for nothing Prometheus needs. The switch is process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "relay_requests",
+            "Requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.body_bytes = Counter(
+            "relay_response_body_bytes",
+            "Response body bytes sent to clients.",
+            ["route"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "relay_request_duration_seconds",
+            "Seconds from receiving a request to the end of its response (or its abort).",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "relay_upstream_ttfb_seconds",
+            "Seconds from sending the upstream request to its response headers.",
+            ["route"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self.pool_wait = Histogram(
+            "relay_upstream_pool_wait_seconds",
+            "Seconds requests waited for a free upstream connection; only requests that had "
+            "to wait are observed.",
+            buckets=POOL_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "relay_resumes",
+            "Upstream bodies resumed with Range after failing mid-transfer.",
+            ["route"],
+            registry=registry,
+        )
+        self.client_aborts = Counter(
+            "relay_client_aborts",
+            "Transfers the client went away from before they were complete.",
+            ["route"],
+            registry=registry,
+        )
+        self.upstream_aborts = Counter(
+            "relay_upstream_aborts",
+            "Client transfers aborted because the upstream failed mid-body.",
+            ["route"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "relay_upstream_errors",
+            "Requests answered 502, 503 or 504 by relay: the upstream could not be reached, "
+            "had no free connection or sent no headers in time.",
+            ["route"],
+            registry=registry,
+        )
+        self._live: dict[int, Exchange] = {}
+        self._routes: set[str] = set()
+        # Labelled children looked up once: prometheus-client's labels() validates and locks
+        # on every call, three times per request (~7 us) before these caches.
+        self._series: dict[str, _RouteSeries] = {}
+        self._request_counts: dict[tuple[str, str, int], Counter] = {}
+        registry.register(_ActiveStreams(self._live, self._routes))
+        self._pool = _UpstreamPool()
+        registry.register(self._pool)
+        ProcessCollector(registry=registry)
+        for route in routes:
+            self._add_route(route)
+
+    def _add_route(self, route: str) -> None:
+        self._routes.add(route)
+        self._route_series(route)
+
+    def _route_series(self, route: str) -> _RouteSeries:
+        series = self._series.get(route)
+        if series is None:
+            series = self._series[route] = _RouteSeries(
+                body_bytes=self.body_bytes.labels(route),
+                duration=self.duration.labels(route),
+                ttfb=self.ttfb.labels(route),
+                resumes=self.resumes.labels(route),
+                client_aborts=self.client_aborts.labels(route),
+                upstream_aborts=self.upstream_aborts.labels(route),
+                upstream_errors=self.upstream_errors.labels(route),
+            )
+        return series
+
+    def _request_count(self, route: str, method: str, status: int) -> Counter:
+        key = (route, method, status)
+        child = self._request_counts.get(key)
+        if child is None:
+            child = self._request_counts[key] = self.requests.labels(
+                route, method_label(method), str(status)
+            )
+        return child
+
+    def started(self, exchange: Exchange) -> None:
+        """A request came in; it counts as an active stream once routed, until `observe`."""
+        self._live[id(exchange)] = exchange
+
+    def observe(
+        self, exchange: Exchange, *, method: str, status: int, body_bytes: int, duration: float
+    ) -> None:
+        """Record a request that is over, once."""
+        self._live.pop(id(exchange), None)
+        route = exchange.route
+        if route != NO_ROUTE and route not in self._routes:
+            self._add_route(route)
+        self._request_count(route, method, status).inc()
+        series = self._route_series(route)
+        series.duration.observe(duration)
+        if body_bytes:
+            series.body_bytes.inc(body_bytes)
+        if exchange.upstream_ttfb is not None:
+            series.ttfb.observe(exchange.upstream_ttfb)
+        if exchange.pool_wait is not None:
+            self.pool_wait.observe(exchange.pool_wait)
+        if exchange.resumes:
+            series.resumes.inc(exchange.resumes)
+        outcome = exchange.outcome
+        if outcome in ("client_abort", "client_slow"):
+            series.client_aborts.inc()
+        elif outcome == "upstream_abort":
+            series.upstream_aborts.inc()
+        elif outcome == "upstream_error":
+            series.upstream_errors.inc()
+
+    def watch_pool(self, source: Callable[[], PoolStats] | None) -> None:
+        """Report the upstream pool (the transport's pool_stats) at every scrape."""
+        self._pool.source = source
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(
+            generate_latest(self.registry),
+            media_type=CONTENT_TYPE_LATEST,
+            headers={"Cache-Control": "no-store"},
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class _RouteSeries:
+    """One route's labelled children."""
+
+    body_bytes: Counter
+    duration: Histogram
+    ttfb: Histogram
+    resumes: Counter
+    client_aborts: Counter
+    upstream_aborts: Counter
+    upstream_errors: Counter
+
+
+class _UpstreamPool(Collector):
+    """Upstream connections in use and idle, read from the transport at scrape time."""
+
+    NAME = "relay_upstream_connections"
+    HELP = "Upstream connections by state: in_use (checked out for a response) or idle."
+
+    def __init__(self) -> None:
+        self.source: Callable[[], PoolStats] | None = None
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        if self.source is not None:
+            stats = self.source()
+            family.add_metric(["in_use"], stats.in_use)
+            family.add_metric(["idle"], stats.idle)
+        yield family
+
+
+class _ActiveStreams(Collector):
+    """relay_active_streams{route}: requests in flight on each route, counted at scrape time.
+
+    Counted from the live requests rather than incremented and decremented: the route is only
+    known after routing, and a request must be counted from then (including while it waits for
+    the upstream) until it is over, whichever way it ends. Requests not routed to an upstream
+    (health, metrics, 404) are not streams and are left out, so a scrape never counts itself.
+    """
+
+    NAME = "relay_active_streams"
+    HELP = "Relayed requests in flight, from routing until the response is over."
+
+    def __init__(self, live: dict[int, Exchange], routes: set[str]) -> None:
+        self._live = live
+        self._routes = routes
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["route"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = dict.fromkeys(tuple(self._routes), 0)
+        for exchange in tuple(self._live.values()):
+            if exchange.route != NO_ROUTE:
+                counts[exchange.route] = counts.get(exchange.route, 0) + 1
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["route"])
+        for route, count in sorted(counts.items()):
+            family.add_metric([route], count)
+        yield family
