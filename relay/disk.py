@@ -22,7 +22,7 @@ import errno
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     from _hashlib import HASH
@@ -153,7 +153,7 @@ class Sha256:
         self._hash = hashlib.sha256()
         self.size = 0
 
-    def update_from(self, file: BinaryIO) -> None:
+    def update_from(self, file: IO[bytes]) -> None:
         """Hash what `file` yields from its position to its end."""
         while block := file.read(READ_BLOCK):
             self.update(block)
@@ -174,7 +174,7 @@ class HashingWriter:
     seekable) and leaves the position at its end, so writing continues the same digest.
     """
 
-    def __init__(self, file: BinaryIO, *, resume: bool = False) -> None:
+    def __init__(self, file: IO[bytes], *, resume: bool = False) -> None:
         self.file = file
         self._state = Sha256()
         if resume:
