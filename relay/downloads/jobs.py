@@ -30,20 +30,14 @@ from pathlib import Path
 
 from relay import disk
 from relay.config import Config
-from relay.downloads.errors import (
-    Conflict,
-    InsufficientStorage,
-    JobFailed,
-    NotFound,
-    Unavailable,
-)
+from relay.downloads.errors import JobFailed
 from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
 from relay.downloads.model import Job, State
 from relay.downloads.names import DataDir, new_job_id
 from relay.downloads.store import JobStore, StoreError
 from relay.downloads.writer import PartialFile
-from relay.errors import ClientError
+from relay.errors import ClientError, Conflict, InsufficientStorage, NotFound, Unavailable
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
 
