@@ -304,12 +304,26 @@ def small_hits(side: Side, path: str, seconds: int) -> None:
     side.rps, side.rps_errors, side.rps_tool = res.rps, res.non2xx + res.errors, res.tool
 
 
+def _wait_origin_quiet(origin: Origin, quiet: float = 0.5, limit: float = 30.0) -> None:
+    """Until the origin has sent no body byte for ``quiet`` seconds (at most ``limit``); idle
+    kept-alive connections do not count."""
+    deadline = time.monotonic() + limit
+    last, since = origin.body_bytes, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = origin.body_bytes
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
 def cold_clients(side: Side, origin: Origin, path: str, tmp: Path) -> None:
     """``COLD_CLIENTS`` curls started together on an object no side has seen."""
     assert side.server is not None
     url = f"http://127.0.0.1:{side.server.port}{path}"
     outdir = Path(tempfile.mkdtemp(prefix="cold-", dir="/dev/shm"))
-    origin.wait_for(lambda o: o.open_connections == 0, timeout=5.0)
+    _wait_origin_quiet(origin)
     bytes0, reqs0 = origin.body_bytes, len(origin.requests)
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -347,7 +361,7 @@ def cold_clients(side: Side, origin: Origin, path: str, tmp: Path) -> None:
             if h.hexdigest() != want:
                 side.cold_bad.append(f"client {i}: body sha256 differs ({parts[1]} bytes)")
         # The origin may still be sending to a fill the clients no longer wait for.
-        origin.wait_for(lambda o: o.open_connections == 0, timeout=10.0)
+        _wait_origin_quiet(origin)
         side.cold_origin_bytes = origin.body_bytes - bytes0
         side.cold_origin_requests = len(origin.requests) - reqs0
     finally:
