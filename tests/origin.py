@@ -243,6 +243,9 @@ class _Stats:
         self.open = 0
         self.total = 0
         self.dropped: set[tuple[str, int, str | None]] = set()
+        # Body bytes written by /gen (benchmarks: origin traffic behind a cache). Only the
+        # origin's event-loop thread adds to it; readers see a whole int.
+        self.body_bytes = 0
 
     def opened(self) -> int:
         with self.lock:
@@ -271,6 +274,7 @@ class _Stats:
             self.requests.clear()
             self.total = 0
             self.dropped.clear()
+            self.body_bytes = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -1041,6 +1045,7 @@ class _Core:
                 write(b"\r\n")
             else:
                 write(piece)
+            self.stats.body_bytes += len(piece)
             await drain()
             if slow:
                 sent += len(piece)
@@ -1199,8 +1204,14 @@ class Origin:
         with self._stats.lock:
             return self._stats.total
 
+    @property
+    def body_bytes(self) -> int:
+        """Body bytes ``/gen`` has handed to its sockets (since start / ``reset_stats()``)."""
+        return self._stats.body_bytes
+
     def reset_stats(self) -> None:
-        """Clear recorded requests, ``total_connections`` and the ``drop_once`` memory."""
+        """Clear recorded requests, ``total_connections``, ``body_bytes`` and the ``drop_once``
+        memory."""
         self._stats.reset()
 
     def wait_for(self, predicate: Callable[[Origin], bool], timeout: float = 5.0) -> bool:

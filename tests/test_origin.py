@@ -734,3 +734,23 @@ def test_cli_runs_and_stops_on_sigterm() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_body_bytes_counts_what_gen_sends(origin: Origin) -> None:
+    """``Origin.body_bytes`` (the cache benchmark's origin traffic): whole bodies, ranges and a
+    body cut off by a fault count what was sent; HEAD and 304 count nothing; reset clears."""
+    origin.reset_stats()
+    with httpx.Client(base_url=origin.url) as c:
+        assert c.get("/gen/1m").content == body_bytes(MiB)
+        assert origin.body_bytes == MiB
+        assert c.get("/gen/1m", headers={"Range": "bytes=100-199"}).status_code == 206
+        assert origin.body_bytes == MiB + 100
+        assert c.head("/gen/1m").status_code == 200
+        etag = c.get("/gen/10").headers["etag"]
+        assert c.get("/gen/10", headers={"If-None-Match": etag}).status_code == 304
+        assert origin.body_bytes == MiB + 110
+        with pytest.raises(httpx.HTTPError):
+            c.get("/gen/1m?close_after=5000")
+    assert origin.wait_for(lambda o: o.body_bytes == MiB + 110 + 5000)
+    origin.reset_stats()
+    assert origin.body_bytes == 0
