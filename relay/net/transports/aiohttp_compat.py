@@ -12,8 +12,10 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import BaseConnector
 
+from relay.net.compat import IncompatibleDependency, assigned_in, has_method
 
-class AiohttpIncompatible(ImportError):
+
+class AiohttpIncompatible(IncompatibleDependency):
     pass
 
 
@@ -25,10 +27,16 @@ def _require(present: bool, what: str) -> None:
         )
 
 
-_CONNECTOR_ATTRS = BaseConnector.__init__.__code__.co_names
-for _name in ("_factory", "_conns", "_acquired"):
-    _require(_name in _CONNECTOR_ATTRS, f"BaseConnector.{_name}")
-_require(callable(getattr(ResponseHandler, "_drop_timeout", None)), "ResponseHandler._drop_timeout")
+def check() -> None:
+    """Every private part below is where relay expects it (run at import)."""
+    for name in ("_factory", "_conns", "_acquired"):
+        _require(assigned_in(BaseConnector, "__init__", name), f"BaseConnector.{name}")
+    _require(has_method(ResponseHandler, "_drop_timeout"), "ResponseHandler._drop_timeout")
+    # Read by the test harness to prove that memory bounds measure something.
+    _require(assigned_in(aiohttp.StreamReader, "__init__", "_size"), "StreamReader._size")
+
+
+check()
 
 
 def set_protocol_factory(connector: BaseConnector, factory: Callable[[], ResponseHandler]) -> None:
@@ -50,3 +58,9 @@ def acquired_connections(connector: BaseConnector) -> int:
 def stop_read_timer(protocol: ResponseHandler) -> None:
     """Cancel the protocol's pending `sock_read` timer, if any."""
     protocol._drop_timeout()
+
+
+def buffered_bytes(reader: aiohttp.StreamReader) -> int:
+    """Body bytes received and not yet read from `reader` (tests: memory bounds)."""
+    size: int = reader._size
+    return size

@@ -1,0 +1,28 @@
+"""What every compat module shares: the error relay refuses to start with when a dependency
+lacks a private part relay relies on, and the checks that find those parts.
+
+Each dependency whose private or undocumented API relay uses has one compat module
+(`relay/net/httpx_compat.py`, `relay/net/transports/aiohttp_compat.py`,
+`relay/net/transports/httpcore_compat.py`, `relay/server/uvicorn_compat.py`); nothing else
+touches those parts. Each module's `check()` runs when it is imported, so a dependency that
+renamed one fails relay's start with a message naming it, instead of silently switching a
+guard or a bound off.
+"""
+
+from __future__ import annotations
+
+
+class IncompatibleDependency(ImportError):
+    """A dependency lacks a private part relay relies on."""
+
+
+def assigned_in(cls: type, method: str, attribute: str) -> bool:
+    """Whether `cls.<method>` names `attribute` (an instance attribute, which the class itself
+    does not show, set or read there)."""
+    function = getattr(cls, method, None)
+    code = getattr(function, "__code__", None)
+    return code is not None and attribute in code.co_names
+
+
+def has_method(cls: type, name: str) -> bool:
+    return callable(getattr(cls, name, None))
