@@ -26,3 +26,13 @@ def assigned_in(cls: type, method: str, attribute: str) -> bool:
 
 def has_method(cls: type, name: str) -> bool:
     return callable(getattr(cls, name, None))
+
+
+def defined_in_package(cls: type, name: str, package: str) -> bool:
+    """Whether `package` itself (not a base class from elsewhere, such as asyncio.Protocol's
+    empty defaults) defines the method `name` on `cls` or its bases."""
+    return any(
+        name in vars(klass) and callable(vars(klass)[name])
+        for klass in cls.__mro__
+        if klass.__module__.split(".")[0] == package
+    )

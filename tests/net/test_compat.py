@@ -1,0 +1,161 @@
+"""Each compat module fails loudly, naming the missing part, when a dependency lacks a private
+part relay relies on: the part is monkeypatched away and the module's check is run again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiohttp
+import httpcore
+import httpx
+import pytest
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import BaseConnector
+
+from relay.net import httpx_compat
+from relay.net.compat import IncompatibleDependency
+from relay.net.transports import aiohttp_compat, httpcore_compat
+from relay.server import uvicorn_compat
+from relay.server.run import RelayHttpToolsProtocol
+from relay.server.uvicorn_compat import HttpToolsProtocol, RequestResponseCycle
+
+
+def _without(function: Callable[..., object], attribute: str) -> Callable[..., None]:
+    """A stand-in for `function` (a method) that names every attribute it names except
+    `attribute`, as a dependency that renamed it would."""
+    names = [n for n in function.__code__.co_names if n != attribute and n.isidentifier()]
+    body = "".join(f"    self.{name} = None\n" for name in names) or "    pass\n"
+    namespace: dict[str, Callable[..., None]] = {}
+    exec(f"def stand_in(self, *args, **kwargs):\n{body}", namespace)
+    return namespace["stand_in"]
+
+
+def _init_without(cls: type, attribute: str) -> Callable[..., None]:
+    return _without(cls.__init__, attribute)  # type: ignore[misc]
+
+
+def test_compat_checks_pass_on_the_installed_dependencies() -> None:
+    for module in (aiohttp_compat, httpcore_compat, httpx_compat, uvicorn_compat):
+        module.check()
+
+
+@pytest.mark.parametrize("attribute", ["_factory", "_conns", "_acquired"])
+def test_compat_aiohttp_connector_attribute_missing(
+    monkeypatch: pytest.MonkeyPatch, attribute: str
+) -> None:
+    monkeypatch.setattr(BaseConnector, "__init__", _init_without(BaseConnector, attribute))
+    with pytest.raises(aiohttp_compat.AiohttpIncompatible, match=f"BaseConnector.{attribute}"):
+        aiohttp_compat.check()
+
+
+def test_compat_aiohttp_drop_timeout_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(ResponseHandler, "_drop_timeout")
+    with pytest.raises(aiohttp_compat.AiohttpIncompatible, match=r"ResponseHandler._drop_timeout"):
+        aiohttp_compat.check()
+
+
+def test_compat_aiohttp_stream_reader_size_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory tests' probe: without `_size` they would measure nothing."""
+    reader = aiohttp.StreamReader
+    monkeypatch.setattr(reader, "__init__", _init_without(reader, "_size"))
+    with pytest.raises(aiohttp_compat.AiohttpIncompatible, match=r"StreamReader._size"):
+        aiohttp_compat.check()
+
+
+@pytest.mark.parametrize(
+    ("cls", "attribute"),
+    [
+        (httpx.AsyncHTTPTransport, "_pool"),
+        (httpcore.AsyncHTTPConnection, "_connection"),
+        (httpcore.AsyncHTTP11Connection, "_h11_state"),
+        (httpcore.AsyncConnectionPool, "_network_backend"),
+    ],
+)
+def test_compat_httpcore_attribute_missing(
+    monkeypatch: pytest.MonkeyPatch, cls: type, attribute: str
+) -> None:
+    """`_network_backend` is how the httpcore transport's egress guard is installed."""
+    monkeypatch.setattr(cls, "__init__", _init_without(cls, attribute))
+    with pytest.raises(httpcore_compat.HttpcoreIncompatible, match=f"{cls.__name__}.{attribute}"):
+        httpcore_compat.check()
+
+
+def test_compat_httpx_transport_for_url_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(httpx.AsyncClient, "_transport_for_url")
+    with pytest.raises(httpx_compat.HttpxIncompatible, match=r"AsyncClient._transport_for_url"):
+        httpx_compat.check()
+
+
+def test_compat_httpx_uri_reference_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = httpx.URL.__init__
+
+    def renamed(self: httpx.URL, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        self._uri_ref = vars(self).pop("_uri_reference")  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(httpx.URL, "__init__", renamed)
+    with pytest.raises(httpx_compat.HttpxIncompatible, match=r"URL._uri_reference"):
+        httpx_compat.check()
+
+
+def test_compat_httpx_with_path_and_query_builds_the_url_httpx_would() -> None:
+    base = httpx.URL("https://files.test:8443/pub")
+    url = httpx_compat.with_path_and_query(base, "/a%20b/c", "x=1&y=2")
+    assert url == httpx.URL("https://files.test:8443/pub/a%20b/c?x=1&y=2")
+    assert (url.host, url.port, url.raw_path) == ("files.test", 8443, b"/pub/a%20b/c?x=1&y=2")
+
+
+@pytest.mark.parametrize("method", uvicorn_compat.OVERRIDDEN)
+def test_compat_uvicorn_overridden_method_missing(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """A method relay overrides that uvicorn no longer has would never be called: relay's
+    431/408/400 defences in it would be off without a word."""
+    monkeypatch.delattr(HttpToolsProtocol, method)
+    with pytest.raises(uvicorn_compat.UvicornIncompatible, match=f"HttpToolsProtocol.{method}"):
+        uvicorn_compat.check()
+
+
+@pytest.mark.parametrize(
+    ("method", "attribute"),
+    [(m, a) for m, names in uvicorn_compat.PROTOCOL_ATTRIBUTES.items() for a in names],
+)
+def test_compat_uvicorn_protocol_attribute_missing(
+    monkeypatch: pytest.MonkeyPatch, method: str, attribute: str
+) -> None:
+    without = _without(getattr(HttpToolsProtocol, method), attribute)
+    monkeypatch.setattr(HttpToolsProtocol, method, without)
+    with pytest.raises(uvicorn_compat.UvicornIncompatible, match=f"HttpToolsProtocol.{attribute}"):
+        uvicorn_compat.check()
+
+
+@pytest.mark.parametrize("attribute", uvicorn_compat.CYCLE_ATTRIBUTES)
+def test_compat_uvicorn_cycle_attribute_missing(
+    monkeypatch: pytest.MonkeyPatch, attribute: str
+) -> None:
+    init = _init_without(RequestResponseCycle, attribute)
+    monkeypatch.setattr(RequestResponseCycle, "__init__", init)
+    with pytest.raises(
+        uvicorn_compat.UvicornIncompatible, match=f"RequestResponseCycle.{attribute}"
+    ):
+        uvicorn_compat.check()
+
+
+def test_compat_uvicorn_checks_every_method_relay_overrides() -> None:
+    """A new override in relay's protocol must be added to the checked list."""
+    base_methods = {
+        name for name in vars(HttpToolsProtocol) if callable(getattr(HttpToolsProtocol, name))
+    }
+    overridden = {name for name in vars(RelayHttpToolsProtocol) if name in base_methods}
+    assert overridden == set(uvicorn_compat.OVERRIDDEN)
+
+
+def test_compat_errors_share_one_base_and_are_import_errors() -> None:
+    for error in (
+        aiohttp_compat.AiohttpIncompatible,
+        httpcore_compat.HttpcoreIncompatible,
+        httpx_compat.HttpxIncompatible,
+        uvicorn_compat.UvicornIncompatible,
+    ):
+        assert issubclass(error, IncompatibleDependency)
+        assert issubclass(error, ImportError)
