@@ -34,7 +34,7 @@ from relay.http.continuation import (
 from relay.http.resume import resume_request_headers
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location
 from relay.net.routing import RouteTable, Target
-from relay.net.transports import READ_PACE
+from relay.net.transports import POOL_WAIT, READ_PACE
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
@@ -262,7 +262,7 @@ class RelayResponse(Response):
             response = self._response = await self._upstream.open(request, self._route)
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
-            exchange.pool_wait = request.extensions.get("relay.pool_wait")
+            exchange.pool_wait = request.extensions.get(POOL_WAIT)
             reply = error_response(exc)
             self.status_code = reply.status_code
             await send(
@@ -275,7 +275,7 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": reply.body, "more_body": False})
             return
         exchange.upstream_ttfb = time.monotonic() - sent_at
-        exchange.pool_wait = request.extensions.get("relay.pool_wait")
+        exchange.pool_wait = request.extensions.get(POOL_WAIT)
         status = self.status_code = exchange.upstream_status = response.status_code
         headers = downstream_response_headers(response.headers.raw, status)
         if status in REDIRECT_STATUSES:
