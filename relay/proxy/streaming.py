@@ -23,16 +23,8 @@ from starlette.responses import Response
 
 from relay.config import Config
 from relay.errors import RelayError, TransferAborted, UpstreamError
-from relay.http.continuation import (
-    STREAM_BACKOFF,
-    Continuation,
-    Next,
-    Retries,
-    content_length,
-    retry_after,
-)
-from relay.http.resume import resume_request_headers
-from relay.net.redirects import REDIRECT_STATUSES, rewrite_location
+from relay.http.continuation import content_length
+from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable, Target
 from relay.net.transports import POOL_WAIT, READ_PACE
 from relay.net.upstream import Upstream
@@ -40,6 +32,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.proxy.pacing import ReadPacer
+from relay.proxy.resuming import BodyResumer
 from relay.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -279,29 +272,18 @@ class RelayResponse(Response):
         status = self.status_code = exchange.upstream_status = response.status_code
         headers = downstream_response_headers(response.headers.raw, status)
         if status in REDIRECT_STATUSES:
-            headers = [
-                (name, self._rewrite_location(value) if name == b"location" else value)
-                for name, value in headers
-            ]
+            headers = rewrite_location_headers(headers, response.request.url, self._routes)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if request.method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._stream_body(response, send)
 
-    def _rewrite_location(self, value: bytes) -> bytes:
-        assert self._response is not None
-        location = value.decode("latin-1")
-        rewritten = rewrite_location(location, self._response.request.url, self._routes)
-        return rewritten.encode("latin-1")
-
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
         length = content_length(response.headers)
         # Made when a body first fails (from the first response, which every continuation is
         # judged against): most bodies never need one.
-        first = response
-        plan: Continuation | None = None
-        retries = Retries(self._resume_attempts, STREAM_BACKOFF)
+        resumer: BodyResumer | None = None
         sent = 0
         clock = asyncio.get_running_loop().time
         measuring = self._min_rate > 0
@@ -330,18 +312,15 @@ class RelayResponse(Response):
                             self._client_wait += clock() - now
                     break
                 except httpx.HTTPError as exc:
-                    if plan is None and self._resume_attempts:
-                        plan = Continuation.for_response(first)
-                    if plan is None or not retries.fail():
-                        logger.warning(
-                            "upstream body failed after %d bytes, aborting the client transfer: "
-                            "%s (%s)",
-                            sent,
-                            exc,
-                            response.request.url.path,
+                    if resumer is None:
+                        resumer = BodyResumer(
+                            response,
+                            self._upstream,
+                            self._route,
+                            self._resume_attempts,
+                            self._exchange,
                         )
-                        raise TransferAborted(str(exc)) from exc
-                    response = await self._resume(plan, response, sent, retries, str(exc))
+                    response = self._response = await resumer.resume(response, sent, exc)
         finally:
             self._exchange.bytes_sent = sent
         if length is not None and length != sent:
@@ -353,64 +332,3 @@ class RelayResponse(Response):
             )
             raise TransferAborted(f"short body: {sent} of {length} bytes")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _resume(
-        self,
-        plan: Continuation,
-        failed: httpx.Response,
-        sent: int,
-        retries: Retries,
-        cause: str,
-    ) -> httpx.Response:
-        """Replace a failed upstream response by one that continues exactly after `sent`.
-
-        A resume request that cannot connect, times out or meets a transient status is one
-        more failed attempt, retried while `retries` allows; any answer that is not the same
-        representation's next bytes aborts the client transfer.
-        """
-        path = failed.request.url.path
-        await failed.aclose()
-        wait_at_least: float | None = None  # a transient status's Retry-After
-        while True:
-            logger.info(
-                "upstream body failed after %d bytes (%s); resuming with %s, attempt %d of %d (%s)",
-                sent,
-                cause,
-                plan.range_header(sent),
-                retries.failures,
-                self._resume_attempts,
-                path,
-            )
-            await asyncio.sleep(retries.delay(wait_at_least))
-            request = self._upstream.build_request(
-                "GET",
-                failed.request.url,
-                resume_request_headers(plan, failed.request, sent),
-                self._route,
-            )
-            try:
-                response = self._response = await self._upstream.open(request, self._route)
-            except UpstreamError as exc:
-                cause = f"resume failed: {exc.reason}"
-                wait_at_least = None
-            else:
-                verdict = plan.judge(response.status_code, response.headers, sent)
-                if verdict.continues:
-                    self._exchange.resumes += 1
-                    return response
-                cause = verdict.reason
-                if verdict.next is not Next.RETRY:
-                    logger.warning(
-                        "cannot resume, aborting the client transfer: %s (%s)", cause, path
-                    )
-                    raise TransferAborted(cause)
-                wait_at_least = retry_after(response.headers)
-                await response.aclose()
-            if not retries.fail():
-                logger.warning(
-                    "cannot resume after %d attempts, aborting the client transfer: %s (%s)",
-                    retries.failures,
-                    cause,
-                    path,
-                )
-                raise TransferAborted(cause)
