@@ -33,6 +33,7 @@ from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.resuming import BodyResumer
+from relay.proxy.send_watch import SendWatchdog
 from relay.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -89,22 +90,13 @@ class RelayResponse(Response):
         self._routes = routes
         self._limiter = limiter
         self._client = client
-        self._send_timeout = config.send_timeout
         self._resume_attempts = config.resume_attempts
-        self._min_rate = config.min_send_rate
-        self._rate_window = config.min_rate_window
+        self._watchdog = SendWatchdog(
+            config.send_timeout, config.min_send_rate, config.min_rate_window
+        )
         self._response: httpx.Response | None = None
         self._active = True
         self._client_gone = False
-        self._stalled = False
-        self._too_slow = False
-        self._sent = 0
-        self._rate_due = 0.0
-        self._rate_mark = 0
-        self._client_wait = self._wait_mark = 0.0
-        """Seconds spent waiting for the client to take what it was sent (min_send_rate)."""
-        self._sending_since: float | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Future[None] | None = None
         self._watch_with: tuple[Receive, asyncio.Task[object]] | None = None
         self.status_code = 0
@@ -139,34 +131,31 @@ class RelayResponse(Response):
         # needs one, and a task per request (created, stepped, cancelled) cost ~4% of its CPU.
         self._watch_with = (receive, task)
         watching = loop.call_later(WATCH_AFTER, self._start_watcher)
-        first_check = self._send_timeout
-        if self._min_rate:
-            self._rate_due = loop.time() + self._rate_window
-            first_check = min(first_check, self._rate_window)
-        self._watchdog = loop.call_later(first_check, self._check_send, loop, task)
+        watchdog = self._watchdog
+        watchdog.start(loop, task)
         try:
             await self._relay(send, request)
         except asyncio.CancelledError:
-            if self._stalled:
+            if watchdog.stalled:
                 task.uncancel()
                 self._exchange.outcome = "client_abort"
                 logger.info(
                     "client stopped reading for %.0fs, cutting the download: %s",
-                    self._send_timeout,
+                    watchdog.send_timeout,
                     request.url.path,
                 )
                 _reset(scope)
                 raise TransferAborted("client stopped reading") from None
-            if self._too_slow:
+            if watchdog.too_slow:
                 task.uncancel()
                 self._exchange.outcome = "client_slow"
                 _reset(scope)
                 logger.warning(
                     "client read fewer than %d bytes/s over %gs, cutting the download "
                     "after %d bytes: %s",
-                    self._min_rate,
-                    self._rate_window,
-                    self._sent,
+                    watchdog.min_rate,
+                    watchdog.rate_window,
+                    watchdog.sent,
                     request.url.path,
                 )
                 raise TransferAborted("client read too slowly") from None
@@ -185,8 +174,7 @@ class RelayResponse(Response):
             self._watch_with = None
             if self._watcher is not None:
                 self._watcher.cancel()
-            if self._watchdog is not None:
-                self._watchdog.cancel()
+            watchdog.stop()
             await self._close()
         if self._client_gone:
             self._exchange.outcome = "client_abort"
@@ -204,43 +192,6 @@ class RelayResponse(Response):
         if self._active:
             self._client_gone = True
             task.cancel()
-
-    def _check_send(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
-        """Cut a client that stopped reading (a send blocked longer than send_timeout), or,
-        with min_send_rate set, one that reads too slowly.
-
-        A timer re-armed from the last send, instead of a timeout around every send: the
-        streaming loop pays one clock read per chunk, not a timer per chunk. The rate is
-        judged at the end of each min_rate_window (the first one is the grace period), and
-        only against the client: a window counts when relay spent at least half of it
-        waiting for the client to take what it was sent, and the client took less than
-        min_send_rate over that waiting time. A slow upstream leaves relay waiting on it,
-        not on the client, so its clients are never cut for it.
-        """
-        if not self._active:
-            return
-        since = self._sending_since
-        now = loop.time()
-        if since is not None and now - since >= self._send_timeout:
-            self._stalled = True
-            task.cancel()
-            return
-        delay = self._send_timeout - (now - since) if since is not None else self._send_timeout
-        if self._min_rate:
-            if now >= self._rate_due:
-                waited = self._client_wait - self._wait_mark
-                if since is not None:
-                    waited += now - since
-                moved = self._sent - self._rate_mark
-                if waited >= self._rate_window / 2 and moved < self._min_rate * waited:
-                    self._too_slow = True
-                    task.cancel()
-                    return
-                self._rate_mark = self._sent
-                self._wait_mark = self._client_wait + (now - since if since is not None else 0)
-                self._rate_due = now + self._rate_window
-            delay = min(delay, self._rate_due - now)
-        self._watchdog = loop.call_later(delay, self._check_send, loop, task)
 
     async def _close(self) -> None:
         response = self._response
@@ -286,7 +237,8 @@ class RelayResponse(Response):
         resumer: BodyResumer | None = None
         sent = 0
         clock = asyncio.get_running_loop().time
-        measuring = self._min_rate > 0
+        watchdog = self._watchdog
+        measuring = watchdog.min_rate > 0
         try:
             while True:
                 pace = response.extensions.get(READ_PACE)
@@ -294,8 +246,8 @@ class RelayResponse(Response):
                 try:
                     async for chunk in response.aiter_raw():
                         sent += len(chunk)
-                        self._sent = sent
-                        now = self._sending_since = clock()
+                        watchdog.sent = sent
+                        now = watchdog.sending_since = clock()
                         if pacer is not None:
                             pacer.sent(len(chunk), now)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -307,9 +259,9 @@ class RelayResponse(Response):
                             await send(_WAIT_FOR_CLIENT)
                             if self._watcher is None:
                                 self._start_watcher()
-                        self._sending_since = None
+                        watchdog.sending_since = None
                         if measuring:
-                            self._client_wait += clock() - now
+                            watchdog.client_wait += clock() - now
                     break
                 except httpx.HTTPError as exc:
                     if resumer is None:
