@@ -81,7 +81,9 @@ class RelayResponse(Response):
         client: str | None,
         config: Config,
     ) -> None:
-        # Response.__init__ would render a body; this response streams one instead.
+        # Response.__init__ would render a body; this response streams one instead. Nothing of
+        # Starlette reads a response it did not build but calls it (its ASGI `__call__`,
+        # overridden here), so none of Response's own attributes are needed.
         self._upstream = upstream
         self._method = method
         self._target = target
@@ -134,7 +136,7 @@ class RelayResponse(Response):
         watchdog = self._watchdog
         watchdog.start(loop, task)
         try:
-            await self._relay(send, request)
+            await self._relay(scope, receive, send, request)
         except asyncio.CancelledError:
             if watchdog.stalled:
                 task.uncancel()
@@ -199,7 +201,9 @@ class RelayResponse(Response):
             # Shielded: closing must finish even while this task is being cancelled.
             await asyncio.shield(response.aclose())
 
-    async def _relay(self, send: Send, request: httpx.Request) -> None:
+    async def _relay(
+        self, scope: Scope, receive: Receive, send: Send, request: httpx.Request
+    ) -> None:
         exchange = self._exchange
         sent_at = time.monotonic()
         try:
@@ -209,14 +213,7 @@ class RelayResponse(Response):
             exchange.pool_wait = request.extensions.get(POOL_WAIT)
             reply = error_response(exc)
             self.status_code = reply.status_code
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": reply.status_code,
-                    "headers": reply.raw_headers,
-                }
-            )
-            await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+            await reply(scope, receive, send)
             return
         exchange.upstream_ttfb = time.monotonic() - sent_at
         exchange.pool_wait = request.extensions.get(POOL_WAIT)
