@@ -159,3 +159,35 @@ def test_compat_errors_share_one_base_and_are_import_errors() -> None:
     ):
         assert issubclass(error, IncompatibleDependency)
         assert issubclass(error, ImportError)
+
+
+@pytest.mark.parametrize("method", aiohttp_compat.OVERRIDDEN + aiohttp_compat.CALLED)
+def test_compat_aiohttp_protocol_method_missing(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """A ResponseHandler method relay's protocol overrides that aiohttp no longer has would
+    never be called: the head deadline or the idle-connection rules in it would be off."""
+    for klass in ResponseHandler.__mro__:
+        if klass.__module__.startswith("aiohttp") and method in vars(klass):
+            monkeypatch.delattr(klass, method)
+    with pytest.raises(aiohttp_compat.AiohttpIncompatible, match=rf"ResponseHandler\.{method}"):
+        aiohttp_compat.check()
+
+
+def test_compat_aiohttp_read_timeout_parameter_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def set_response_params(self: object, *, timeout: float | None = None) -> None:
+        pass
+
+    monkeypatch.setattr(ResponseHandler, "set_response_params", set_response_params)
+    with pytest.raises(aiohttp_compat.AiohttpIncompatible, match=r"read_timeout="):
+        aiohttp_compat.check()
+
+
+def test_compat_aiohttp_protocol_overrides_only_what_is_checked() -> None:
+    """relay's protocol overrides exactly the checked methods, and none of its own names
+    (attributes, helpers) shadows one of aiohttp's: a clash would change aiohttp's behaviour
+    without a word."""
+    from relay.net.transports.aiohttp_transport import _Handler
+
+    own = {name for name in vars(_Handler) if not name.startswith("__")}
+    assert own & set(dir(ResponseHandler)) == set(aiohttp_compat.OVERRIDDEN)

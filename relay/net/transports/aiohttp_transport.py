@@ -31,7 +31,6 @@ from typing import Any
 
 import aiohttp
 import httpx
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from yarl import URL
@@ -40,6 +39,7 @@ from relay.config import Config
 from relay.net.addresses import EgressRefused, check_literal
 from relay.net.egress import GuardedResolver
 from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, READ_PACE, PoolStats, aiohttp_compat
+from relay.net.transports.aiohttp_compat import ResponseHandler
 from relay.net.transports.heads import check_head
 from relay.net.transports.reads import SizedReads
 
