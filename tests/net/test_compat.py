@@ -3,6 +3,9 @@ part relay relies on: the part is monkeypatched away and the module's check is r
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from collections.abc import Callable
 
 import aiohttp
@@ -191,3 +194,45 @@ def test_compat_aiohttp_protocol_overrides_only_what_is_checked() -> None:
 
     own = {name for name in vars(_Handler) if not name.startswith("__")}
     assert own & set(dir(ResponseHandler)) == set(aiohttp_compat.OVERRIDDEN)
+
+
+def _names_of(cls: type) -> set[str]:
+    """Every attribute name `cls`'s own methods assign on self, and its own class members."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    stored = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    }
+    return stored | {name for name in vars(cls) if not name.startswith("__")}
+
+
+def _names_used_by(cls: type, package: str) -> set[str]:
+    """Every member and attribute name the dependency's own classes in `cls`'s MRO use."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] != package:
+            continue
+        for name, member in vars(klass).items():
+            names.add(name)
+            code = getattr(member, "__code__", None)
+            if code is not None:
+                names.update(code.co_names)
+    return names
+
+
+def test_compat_uvicorn_protocol_names_shadow_nothing_of_uvicorn() -> None:
+    """relay's protocol overrides exactly the checked methods; its own attributes and helpers
+    clash with no name uvicorn's protocol uses."""
+    clash = _names_of(RelayHttpToolsProtocol) & _names_used_by(HttpToolsProtocol, "uvicorn")
+    assert clash == set(uvicorn_compat.OVERRIDDEN)
+
+
+def test_compat_aiohttp_protocol_attributes_shadow_nothing_of_aiohttp() -> None:
+    from relay.net.transports.aiohttp_transport import _Handler
+
+    clash = _names_of(_Handler) & _names_used_by(ResponseHandler, "aiohttp")
+    assert clash == set(aiohttp_compat.OVERRIDDEN)
