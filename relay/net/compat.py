@@ -15,6 +15,23 @@ from __future__ import annotations
 class IncompatibleDependency(ImportError):
     """A dependency lacks a private part relay relies on."""
 
+    #: Whose parts are missing, as a message says it ("aiohttp's ").
+    owner = ""
+    #: The installed versions, as a message names them ("aiohttp 3.14.5").
+    installed = ""
+
+    @classmethod
+    def missing(cls, what: str) -> IncompatibleDependency:
+        return cls(
+            f"relay needs {cls.owner}{what}, missing in {cls.installed}; install a version "
+            "relay supports (see pyproject.toml)"
+        )
+
+    @classmethod
+    def require(cls, present: bool, what: str) -> None:
+        if not present:
+            raise cls.missing(what)
+
 
 def assigned_in(cls: type, method: str, attribute: str) -> bool:
     """Whether `cls.<method>` names `attribute` (an instance attribute, which the class itself

@@ -16,15 +16,11 @@ from relay.net.compat import IncompatibleDependency, has_method
 
 
 class HttpxIncompatible(IncompatibleDependency):
-    pass
+    owner = "httpx's "
+    installed = f"httpx {httpx.__version__}"
 
 
-def _require(present: bool, what: str) -> None:
-    if not present:
-        raise HttpxIncompatible(
-            f"relay needs httpx's {what}, which httpx {httpx.__version__} does not have; "
-            "install an httpx version relay supports (see pyproject.toml)"
-        )
+_require = HttpxIncompatible.require
 
 
 def check() -> None:
@@ -33,10 +29,7 @@ def check() -> None:
     try:
         url = with_path_and_query(httpx.URL("http://h.test/base"), "/a%2Fb", "q=1")
     except (AttributeError, TypeError) as exc:
-        raise HttpxIncompatible(
-            f"relay needs httpx's URL._uri_reference, unusable in httpx {httpx.__version__}: "
-            f"{exc}; install an httpx version relay supports (see pyproject.toml)"
-        ) from exc
+        raise HttpxIncompatible.missing(f"URL._uri_reference ({exc})") from exc
     _require(str(url) == "http://h.test/base/a%2Fb?q=1", "URL._uri_reference (as a namedtuple)")
 
 

@@ -38,16 +38,11 @@ CYCLE_ATTRIBUTES = ("transport", "response_started", "response_complete", "keep_
 
 
 class UvicornIncompatible(IncompatibleDependency):
-    pass
+    owner = "uvicorn's "
+    installed = f"uvicorn {uvicorn.__version__}"
 
 
-def _require(present: bool, what: str) -> None:
-    if not present:
-        raise UvicornIncompatible(
-            f"relay needs uvicorn's {what}, which uvicorn {uvicorn.__version__} does not have; "
-            "without it relay's request limits would be off. Install a uvicorn version relay "
-            "supports (see pyproject.toml)"
-        )
+_require = UvicornIncompatible.require
 
 
 def check() -> None:

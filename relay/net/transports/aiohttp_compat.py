@@ -35,15 +35,11 @@ CALLED = ("is_eof", "set_exception", "_drop_timeout")
 
 
 class AiohttpIncompatible(IncompatibleDependency):
-    pass
+    owner = "aiohttp's "
+    installed = f"aiohttp {aiohttp.__version__}"
 
 
-def _require(present: bool, what: str) -> None:
-    if not present:
-        raise AiohttpIncompatible(
-            f"relay needs aiohttp's {what}, which aiohttp {aiohttp.__version__} does not have; "
-            "install an aiohttp 3 version relay supports (see pyproject.toml)"
-        )
+_require = AiohttpIncompatible.require
 
 
 def check() -> None:

@@ -15,15 +15,10 @@ from relay.net.compat import IncompatibleDependency, assigned_in
 
 
 class HttpcoreIncompatible(IncompatibleDependency):
-    pass
+    installed = f"httpx {httpx.__version__} / httpcore {httpcore.__version__}"
 
 
-def _require(present: bool, what: str) -> None:
-    if not present:
-        raise HttpcoreIncompatible(
-            f"relay needs {what}, missing in httpx {httpx.__version__} / httpcore "
-            f"{httpcore.__version__}; install versions relay supports (see pyproject.toml)"
-        )
+_require = HttpcoreIncompatible.require
 
 
 def check() -> None:
