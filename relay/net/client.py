@@ -12,9 +12,11 @@ measures its own times.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
-from httpx._client import USE_CLIENT_DEFAULT, UseClientDefault
-from httpx._types import AuthTypes
+
+from relay.net.httpx_compat import transport_for
 
 
 class _NoCookies(httpx.Cookies):
@@ -42,28 +44,23 @@ class UpstreamClient(httpx.AsyncClient):
         request: httpx.Request,
         *,
         stream: bool = False,
-        auth: AuthTypes | UseClientDefault | None = USE_CLIENT_DEFAULT,
-        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        **options: Any,  # httpx's auth= and follow_redirects=, passed on as they came
     ) -> httpx.Response:
-        follows = (
-            self.follow_redirects
-            if isinstance(follow_redirects, UseClientDefault)
-            else follow_redirects
-        )
+        follows = options.get("follow_redirects", httpx.USE_CLIENT_DEFAULT)
+        if follows is httpx.USE_CLIENT_DEFAULT:
+            follows = self.follow_redirects
         if (
             not stream
             or follows
             or self.is_closed
-            or auth is not USE_CLIENT_DEFAULT
+            or options.get("auth", httpx.USE_CLIENT_DEFAULT) is not httpx.USE_CLIENT_DEFAULT
             or self.auth is not None
             or self.event_hooks["request"]
             or self.event_hooks["response"]
             or "timeout" not in request.extensions
         ):
-            return await super().send(
-                request, stream=stream, auth=auth, follow_redirects=follow_redirects
-            )
-        transport = self._transport_for_url(request.url)
+            return await super().send(request, stream=stream, **options)
+        transport = transport_for(self, request.url)
         try:
             response = await transport.handle_async_request(request)
         except httpx.RequestError as exc:

@@ -49,6 +49,21 @@ def rewrite_location(location: str, base: httpx.URL, routes: RouteTable) -> str:
     return location
 
 
+def rewrite_location_headers(
+    headers: list[tuple[bytes, bytes]], base: httpx.URL, routes: RouteTable
+) -> list[tuple[bytes, bytes]]:
+    """A passed-on redirect's headers (lower-case names, as relayed) with its Location mapped
+    by `rewrite_location` against `base`, the URL that answered."""
+    return [
+        (name, _rewrite_raw(value, base, routes) if name == b"location" else value)
+        for name, value in headers
+    ]
+
+
+def _rewrite_raw(value: bytes, base: httpx.URL, routes: RouteTable) -> bytes:
+    return rewrite_location(value.decode("latin-1"), base, routes).encode("latin-1")
+
+
 def next_hop(response: httpx.Response, route: Route) -> httpx.URL:
     """The URL to follow to, or ValueError saying why relay will not."""
     location = response.headers.get("location")

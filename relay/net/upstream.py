@@ -12,6 +12,7 @@ import httpx
 from relay import __version__
 from relay.config import Config, Route
 from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from relay.net.httpx_compat import with_path_and_query
 from relay.net.redirects import REDIRECT_STATUSES, next_hop, same_origin
 from relay.net.routing import Target
 from relay.net.transports import ALLOW_PRIVATE
@@ -110,10 +111,7 @@ class Upstream:
             base = self._bases[target.route.upstream] = httpx.URL(target.route.upstream)
         if target.query is not None and not _PLAIN_QUERY.fullmatch(target.query):
             return httpx.URL(target.url)
-        parsed = base._uri_reference
-        url = httpx.URL.__new__(httpx.URL)
-        url._uri_reference = parsed._replace(path=parsed.path + target.rest, query=target.query)
-        return url
+        return with_path_and_query(base, target.rest, target.query)
 
     async def open(self, request: httpx.Request, route: Route) -> httpx.Response:
         """Send the request and return once headers arrived; the caller must close the body.

@@ -19,7 +19,6 @@ from typing import cast
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from relay.config import Config
 from relay.errors import StartupError
@@ -27,6 +26,7 @@ from relay.proxy.streaming import RESET_KEY
 from relay.server.app import create_app
 from relay.server.health import Readiness
 from relay.server.logs import configure_logging
+from relay.server.uvicorn_compat import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
 

@@ -180,6 +180,7 @@ def test_aborted_downloads_leave_no_connection_checked_out(
     relay = make_relay(transport=transport_name, max_connections=10, pool_timeout=10)
     baseline_upstream = origin.open_connections
     rss_before = _rss_kib()
+    assert rss_before > 0, "the RSS probe measured nothing"
     threads = []
     for i in range(200):
         t = threading.Thread(

@@ -269,6 +269,7 @@ def test_a_slow_client_holds_about_one_small_read_and_one_chunk(
     uvicorn's default write limit would each have held more)."""
     relay = make_relay(transport="aiohttp")
     upstream, downstream = held_for_a_slow_client(relay)
+    assert upstream > 0, "the probe measured nothing upstream"
     # aiohttp pauses above 2 x 16 KiB and then holds at most one more read; the server
     # pauses as soon as the kernel has not taken a whole chunk.
     assert upstream <= 2 * READ_BUFSIZE + SMALL_READ

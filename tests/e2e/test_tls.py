@@ -106,6 +106,7 @@ def test_a_slow_client_holds_little_over_tls_too(tls_origin: Origin, ca_file: st
     config = relay_config(tls_origin.url, ca_file=ca_file)
     with running_relay(config) as relay:
         upstream, downstream = held_for_a_slow_client(relay)
+        assert upstream > 0, "the probe measured nothing upstream"
         assert upstream <= 2 * READ_BUFSIZE + SMALL_READ
         assert 0 < downstream <= SMALL_READ
         assert relay.settled()

@@ -21,12 +21,23 @@ TRANSPORTS = {
 }
 
 
-# Request extension set by relay for routes that opted in to private addresses.
+# The extension keys relay and its transports exchange; no other `relay.*` extension exists.
+
+# Request extension set by relay for routes that opted in to private addresses. Both
+# transports honour it (a second pool, without the egress guard).
 ALLOW_PRIVATE = "relay.allow_private"
 
-# Response extension a transport may set: a callable taking `True` for small socket reads (a slow
-# stream: less held in memory) and `False` for large ones (a fast stream: fewer iterations per
-# GiB). relay/pacing.py decides which.
+# Request extension both transports set when the request had to wait for a free upstream
+# connection (the pool was full): the seconds it waited, set also when the wait ended in a pool
+# timeout. Absent when a connection was free at once. Read into the access log and the
+# relay_upstream_pool_wait_seconds histogram.
+POOL_WAIT = "relay.pool_wait"
+
+# Response extension a transport may set: a callable taking `True` for small socket reads (a
+# slow stream: less held in memory) and `False` for large ones (a fast stream: fewer iterations
+# per GiB). relay/proxy/pacing.py decides which. The aiohttp transport sets it; the httpcore
+# transport does not (httpcore reads its own fixed 64 KiB at a time), and a response without it
+# is simply not paced.
 READ_PACE = "relay.read_pace"
 
 
@@ -54,6 +65,7 @@ def make_transport(config: Config) -> httpx.AsyncBaseTransport:
 
 __all__ = [
     "ALLOW_PRIVATE",
+    "POOL_WAIT",
     "READ_PACE",
     "TRANSPORTS",
     "PoolStats",

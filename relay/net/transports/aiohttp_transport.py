@@ -31,7 +31,6 @@ from typing import Any
 
 import aiohttp
 import httpx
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from yarl import URL
@@ -39,7 +38,8 @@ from yarl import URL
 from relay.config import Config
 from relay.net.addresses import EgressRefused, check_literal
 from relay.net.egress import GuardedResolver
-from relay.net.transports import ALLOW_PRIVATE, READ_PACE, PoolStats, aiohttp_compat
+from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, READ_PACE, PoolStats, aiohttp_compat
+from relay.net.transports.aiohttp_compat import ResponseHandler
 from relay.net.transports.heads import check_head
 from relay.net.transports.reads import SizedReads
 
@@ -418,7 +418,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             except TimeoutError:
                 raise httpx.PoolTimeout("no free upstream connection", request=request) from None
             finally:
-                request.extensions["relay.pool_wait"] = time.monotonic() - waited_from
+                request.extensions[POOL_WAIT] = time.monotonic() - waited_from
         else:
             await slots.acquire()
         self._in_use += 1

@@ -11,32 +11,35 @@ from __future__ import annotations
 import httpcore
 import httpx
 
-
-class HttpcoreIncompatible(ImportError):
-    pass
+from relay.net.compat import IncompatibleDependency, assigned_in
 
 
-def _require(present: bool, what: str) -> None:
-    if not present:
-        raise HttpcoreIncompatible(
-            f"relay needs {what}, missing in httpx {httpx.__version__} / httpcore "
-            f"{httpcore.__version__}; install versions relay supports (see pyproject.toml)"
-        )
+class HttpcoreIncompatible(IncompatibleDependency):
+    installed = f"httpx {httpx.__version__} / httpcore {httpcore.__version__}"
 
 
-_require("_pool" in httpx.AsyncHTTPTransport.__init__.__code__.co_names, "AsyncHTTPTransport._pool")
-_require(
-    "_connection" in httpcore.AsyncHTTPConnection.__init__.__code__.co_names,
-    "AsyncHTTPConnection._connection",
-)
-_require(
-    "_h11_state" in httpcore.AsyncHTTP11Connection.__init__.__code__.co_names,
-    "AsyncHTTP11Connection._h11_state",
-)
-_require(
-    "_network_backend" in httpcore.AsyncConnectionPool.__init__.__code__.co_names,
-    "AsyncConnectionPool._network_backend",
-)
+_require = HttpcoreIncompatible.require
+
+
+def check() -> None:
+    """Every private part below is where relay expects it (run at import). Without
+    `_network_backend` the httpcore transport's egress guard could not be installed."""
+    _require(assigned_in(httpx.AsyncHTTPTransport, "__init__", "_pool"), "AsyncHTTPTransport._pool")
+    _require(
+        assigned_in(httpcore.AsyncHTTPConnection, "__init__", "_connection"),
+        "AsyncHTTPConnection._connection",
+    )
+    _require(
+        assigned_in(httpcore.AsyncHTTP11Connection, "__init__", "_h11_state"),
+        "AsyncHTTP11Connection._h11_state",
+    )
+    _require(
+        assigned_in(httpcore.AsyncConnectionPool, "__init__", "_network_backend"),
+        "AsyncConnectionPool._network_backend",
+    )
+
+
+check()
 
 
 def pool_of(transport: httpx.AsyncHTTPTransport) -> httpcore.AsyncConnectionPool:

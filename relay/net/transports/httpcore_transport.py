@@ -6,8 +6,9 @@ opted in to private addresses.
 
 httpcore's read timeout restarts with every read, so a head trickled a line a second never
 timed out: relay gives the whole response head the read timeout, measured from when httpcore
-starts waiting for it (its `trace` extension) to when it is complete. Heads relay cannot relay
-are refused (relay/transports/heads.py).
+starts waiting for it (its `trace` extension) to when it is complete. The same trace tells
+when a request that found the pool full got a connection (the POOL_WAIT extension). Heads
+relay cannot relay are refused (relay/transports/heads.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -24,7 +26,7 @@ import httpx
 
 from relay.config import Config
 from relay.net.egress import GuardedNetworkBackend
-from relay.net.transports import ALLOW_PRIVATE, PoolStats
+from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, PoolStats
 from relay.net.transports.heads import check_head
 from relay.net.transports.httpcore_compat import has_unread_bytes, pool_of, set_network_backend
 
@@ -32,6 +34,16 @@ logger = logging.getLogger(__name__)
 
 _HEAD_STARTED = "http11.receive_response_headers.started"
 _HEAD_COMPLETE = "http11.receive_response_headers.complete"
+# The first event of a request once the pool gave it a connection: a new one starts
+# connecting, a kept-alive one starts sending.
+_CONNECTION_ASSIGNED = frozenset(
+    {
+        "connection.connect_tcp.started",
+        "connection.connect_unix_socket.started",
+        "http11.send_request_headers.started",
+        "http2.send_request_headers.started",
+    }
+)
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -62,6 +74,7 @@ class _ResponseStream(httpx.AsyncByteStream):
 
 class HttpcoreTransport(httpx.AsyncBaseTransport):
     def __init__(self, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._max_connections = limits.max_connections
         verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._guarded = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
         # httpx does not take a network backend; the pool it builds does.
@@ -82,10 +95,11 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         transport = self._open if request.extensions.get(ALLOW_PRIVATE) else self._guarded
         read_timeout = request.extensions.get("timeout", {}).get("read")
-        if read_timeout is None:
+        waited_from = time.monotonic() if self._pool_full(transport) else None
+        if read_timeout is None and waited_from is None:
             response = await transport.handle_async_request(request)
         else:
-            response = await self._with_head_deadline(transport, request, read_timeout)
+            response = await self._traced(transport, request, read_timeout, waited_from)
         try:
             check_head(request, response.status_code, response.headers.raw)
         except httpx.HTTPError:
@@ -95,15 +109,40 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
         response.stream = _ResponseStream(response.stream, pool_of(transport))
         return response
 
-    async def _with_head_deadline(
-        self, transport: httpx.AsyncHTTPTransport, request: httpx.Request, timeout: float
+    def _pool_full(self, transport: httpx.AsyncHTTPTransport) -> bool:
+        """Whether a request now has to wait for a connection: every one allowed is open and
+        busy (httpcore would otherwise reuse an idle one, or close it to open one)."""
+        if self._max_connections is None:
+            return False
+        connections = pool_of(transport).connections
+        return len(connections) >= self._max_connections and not any(
+            c.is_idle() for c in connections
+        )
+
+    async def _traced(
+        self,
+        transport: httpx.AsyncHTTPTransport,
+        request: httpx.Request,
+        timeout: float | None,
+        waited_from: float | None,
     ) -> httpx.Response:
+        """Send through httpcore's `trace` extension: to give the whole response head the
+        read timeout, and to record how long a request waited for a connection (POOL_WAIT,
+        as the aiohttp transport records it)."""
         loop = asyncio.get_running_loop()
         outer = request.extensions.get("trace")
         deadline = asyncio.timeout(None)
 
+        def waited() -> None:
+            nonlocal waited_from
+            if waited_from is not None:
+                request.extensions[POOL_WAIT] = time.monotonic() - waited_from
+                waited_from = None
+
         async def trace(event: str, info: dict[str, Any]) -> None:
-            if event == _HEAD_STARTED:
+            if event in _CONNECTION_ASSIGNED:
+                waited()
+            elif event == _HEAD_STARTED and timeout is not None:
                 deadline.reschedule(loop.time() + timeout)
             elif event == _HEAD_COMPLETE:
                 deadline.reschedule(None)
@@ -121,6 +160,7 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
                 f"no complete response head within {timeout:g}s", request=request
             ) from None
         finally:
+            waited()  # a wait that ended without a connection (pool timeout, cancellation)
             if outer is not None:
                 request.extensions["trace"] = outer
             else:
