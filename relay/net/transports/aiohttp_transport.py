@@ -292,11 +292,23 @@ class _ResponseStream(httpx.AsyncByteStream):
             return
         self._closed = True
         if self._closed_future is not None:
+            # The connection may go back to the pool and be reset there later: the future's
+            # exception must still be retrieved, or asyncio logs it at ERROR ("never
+            # retrieved"). A plain function, so the pool holds no reference to this stream,
+            # and added once per connection (it serves many responses).
             self._closed_future.remove_done_callback(self._on_connection_closed)
+            self._closed_future.remove_done_callback(_retrieve_exception)
+            self._closed_future.add_done_callback(_retrieve_exception)
+            self._closed_future = None
         # A response read to its end has already handed its connection back for reuse; any
         # other is closed here, so a half-read connection is never pooled.
         self._response.close()
         self._release()
+
+
+def _retrieve_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Release:
