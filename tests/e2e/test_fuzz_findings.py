@@ -55,13 +55,17 @@ def good(upstream: ScriptedUpstream, path: str) -> bytes:
     return body
 
 
+@pytest.mark.parametrize("head_first", [False, True])
 @pytest.mark.parametrize("end", ["fin", "keep"])
 def test_fuzz_finding_complete_response_then_junk_in_the_same_read(
-    scripted_relay: RelayThread, upstream: ScriptedUpstream, end: str
+    scripted_relay: RelayThread, upstream: ScriptedUpstream, end: str, head_first: bool
 ) -> None:
     """A complete response with unrequested bytes right behind it (one read) is relayed
-    whole, and its connection is never reused: the junk reaches no other request."""
-    upstream.script("/junk", Reply([b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcdjunk"], end))  # type: ignore[arg-type]
+    whole, and its connection is never reused: the junk reaches no other request. With
+    `head_first` the head arrives in an earlier read than the end of the body and the junk."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+    parts: list[bytes | float] = [head, 0.05, b"abcdjunk"] if head_first else [head + b"abcdjunk"]
+    upstream.script("/junk", Reply(parts, end))  # type: ignore[arg-type]
     expected = good(upstream, "/next")
     response = get(scripted_relay, "/u/junk")
     assert (response.status, response.complete, response.body) == (200, True, b"abcd")
