@@ -19,7 +19,7 @@ from hypothesis import given, reject, settings
 
 from relay.config import Route
 from tests.fuzz.strategies import INCLUDE_KNOWN, SECRET_HEADER, RequestInput, requests, scaled
-from tests.fuzz.wire import read_response
+from tests.fuzz.wire import GENERIC_5XX_BODY, read_response
 from tests.harness import RelayThread, relay_config, running_relay
 from tests.origin import Origin
 
@@ -144,6 +144,9 @@ def check(relay: RelayThread, origin: Origin, request: RequestInput) -> None:
         problems.append("answered 500")
     if b"Traceback" in response.raw:
         problems.append("a traceback in the response")
+    relay_made = not response.header(b"via")  # a relayed response carries relay's Via
+    if response.status >= 500 and relay_made and not GENERIC_5XX_BODY.fullmatch(response.body):
+        problems.append(f"a {response.status} body that is not relay's own words")
     problems.extend(f"secret {s!r} in the response" for s in SECRETS if s in response.raw)
     base = next((b for p, b in BASES.items() if request.target.startswith(p)), None)
     for seen in origin.requests:

@@ -19,7 +19,7 @@ from hypothesis import given, reject, settings
 
 from relay.config import Route
 from tests.fuzz.strategies import INCLUDE_KNOWN, TRUNCATED, ResponseInput, responses, scaled
-from tests.fuzz.wire import WireResponse, read_response
+from tests.fuzz.wire import GENERIC_5XX_BODY, WireResponse, read_response
 from tests.harness import RelayThread, relay_config, running_relay, wait_until
 from tests.scripted_upstream import Reply, ScriptedUpstream
 
@@ -111,6 +111,9 @@ def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInp
         problems.append("answered 500")
     if b"Traceback" in response.raw:
         problems.append("a traceback in the response")
+    relay_made = not response.header(b"via")  # a relayed response carries relay's Via
+    if response.status >= 500 and relay_made and not GENERIC_5XX_BODY.fullmatch(response.body):
+        problems.append(f"a {response.status} body that is not relay's own words")
     if response.status >= 500 and (
         b"127.0.0.1" in response.body or str(upstream.port).encode() in response.body
     ):
