@@ -151,3 +151,47 @@ def test_fuzz_finding_502_bodies_quote_neither_parser_nor_upstream(
         for quoted in (b"ICY", b"bytearray", b"status_code", b"Transfer-Encoding", b"999"):
             assert quoted not in response.body
     assert scripted_relay.invariant_violations() == []
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_fuzz_finding_pooled_connection_closed_under_a_request_is_retried_once(
+    scripted_relay: RelayThread, upstream: ScriptedUpstream, method: str
+) -> None:
+    """A kept-alive connection the upstream resets as the next request arrives on it, before
+    any byte of a response: the request is sent again, once, on a new connection (RFC 9112
+    9.3.1) instead of answering 502."""
+    expected = good(upstream, "/first")
+    response = get(scripted_relay, "/u/first")
+    assert (response.status, response.body) == (200, expected)
+    body = b"second " * 10
+    upstream.script(
+        "/second",
+        Reply([], "rst"),
+        Reply([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)]),
+    )
+    with socket.create_connection(("127.0.0.1", scripted_relay.port), timeout=5) as sock:
+        sock.sendall(f"{method} /u/second HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+        second = read_response(sock, head_request=method == "HEAD")
+    assert second.status == 200
+    if method == "GET":
+        assert (second.complete, second.body) == (True, body)
+    sent = [r.connection for r in upstream.received if r.target == b"/second"]
+    first = next(r.connection for r in upstream.received if r.target == b"/first")
+    assert len(sent) == 2  # sent once more, not twice more
+    assert sent[0] == first
+    assert sent[1] != first
+    assert scripted_relay.invariant_violations() == []
+
+
+def test_fuzz_finding_request_is_not_sent_again_after_part_of_a_response(
+    scripted_relay: RelayThread, upstream: ScriptedUpstream
+) -> None:
+    """Once any byte of the response arrived, the upstream acted on the request: a reset then
+    is a 502, and the request is not sent again."""
+    expected = good(upstream, "/first")
+    assert get(scripted_relay, "/u/first").body == expected
+    upstream.script("/partial", Reply([b"HTTP/1.1 2"], "rst"))
+    response = get(scripted_relay, "/u/partial")
+    assert response.status == 502
+    assert [r.target for r in upstream.received].count(b"/partial") == 1
+    assert scripted_relay.invariant_violations() == []
