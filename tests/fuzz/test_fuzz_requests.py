@@ -176,7 +176,7 @@ def check(relay: RelayThread, origin: Origin, request: RequestInput) -> None:
         )
 
 
-@settings(max_examples=scaled(1.0))
+@settings(max_examples=scaled(0.8))
 @given(request=requests(secret=CLIENT_SECRET.encode()))
 def test_fuzz_requests_aiohttp(
     aiohttp_relay: RelayThread, fuzz_origin: Origin, request: RequestInput

@@ -149,7 +149,7 @@ def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInp
         )
 
 
-@settings(max_examples=scaled(0.5))
+@settings(max_examples=scaled(0.4))
 @given(generated=responses())
 def test_fuzz_upstream_aiohttp(
     aiohttp_relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput

@@ -14,7 +14,7 @@ import socket
 # What relay's 5xx bodies look like: the status and a short lower-case phrase of relay's own
 # (never parser text such as `bytearray(b'...')` or `status_code should...`, never upstream
 # bytes; the log keeps those).
-GENERIC_5XX_BODY = re.compile(rb"\d{3} [a-z][a-z0-9 ,;:()/_-]{0,100}\n?")
+GENERIC_5XX_BODY = re.compile(rb"\d{3} [a-z][A-Za-z0-9 ,;:()/_-]{0,100}\n?")
 
 
 @dataclasses.dataclass
