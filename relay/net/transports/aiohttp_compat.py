@@ -76,9 +76,6 @@ class _Unpaused:
         pass
 
 
-_NOTHING: tuple[tuple[()], bool, bytes] = ((), False, b"")
-
-
 class _CompleteFirstParser:
     """aiohttp's response parser, made to hand over a complete response that the upstream
     followed at once (same read) with bytes that are not a response.
@@ -92,16 +89,9 @@ class _CompleteFirstParser:
     bytes after it are never parsed; `recovered` tells the protocol to close the connection.
     """
 
-    def __init__(
-        self,
-        protocol: ResponseHandler,
-        parser: Any,
-        make: Callable[..., Any],
-        response_done: Callable[[], bool],
-    ) -> None:
+    def __init__(self, protocol: ResponseHandler, parser: Any, make: Callable[..., Any]) -> None:
         self._protocol = protocol
         self._make = make
-        self._response_done = response_done
         self._parser = parser
         self._seen: list[bytes] | None = []
         self._size = 0
@@ -109,7 +99,7 @@ class _CompleteFirstParser:
 
     def feed_data(self, data: bytes) -> Any:
         if self.recovered:  # only the recovered response's own rest (a paused body)
-            return self._parser.feed_data(b"") if self._parser is not None else _NOTHING
+            return self._parser.feed_data(b"")
         seen = self._seen
         if seen is not None and data:
             self._size += len(data)
@@ -120,12 +110,6 @@ class _CompleteFirstParser:
         try:
             result = self._parser.feed_data(data)
         except Exception:
-            if self._response_done():
-                # The response (its head handed over in an earlier read) ended in this read,
-                # before the bytes that failed: it is complete; they are dropped.
-                self._parser = None
-                self.recovered = True
-                return _NOTHING
             recovered = self._recover(b"".join(seen)) if seen else None
             if recovered is None:
                 raise
@@ -172,12 +156,9 @@ class _CompleteFirstParser:
         return getattr(self._parser, name)
 
 
-def complete_first_parser(
-    protocol: ResponseHandler, params: dict[str, Any], response_done: Callable[[], bool]
-) -> None:
+def complete_first_parser(protocol: ResponseHandler, params: dict[str, Any]) -> None:
     """Wrap the parser `protocol.set_response_params(**params)` just made (see
-    `_CompleteFirstParser`); built again, for a recovery, as aiohttp builds it.
-    `response_done()` tells whether the response being read has ended."""
+    `_CompleteFirstParser`); built again, for a recovery, as aiohttp builds it."""
     defaults = {
         name: p.default
         for name, p in inspect.signature(ResponseHandler.set_response_params).parameters.items()
@@ -200,7 +181,7 @@ def complete_first_parser(
             max_headers=args["max_headers"],
         )
 
-    protocol._parser = _CompleteFirstParser(protocol, protocol._parser, make, response_done)  # type: ignore[assignment]
+    protocol._parser = _CompleteFirstParser(protocol, protocol._parser, make)  # type: ignore[assignment]
 
 
 def recovered_a_complete_first(protocol: ResponseHandler) -> bool:

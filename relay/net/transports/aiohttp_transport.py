@@ -96,7 +96,7 @@ class _Handler(ResponseHandler):
     def set_response_params(self, *args: Any, **kwargs: Any) -> None:
         """Called by aiohttp as each request on this connection is about to be sent."""
         super().set_response_params(*args, **kwargs)
-        aiohttp_compat.complete_first_parser(self, kwargs, lambda: self.idle)
+        aiohttp_compat.complete_first_parser(self, kwargs)
         self.idle = False
         self._awaiting_head = True
         self._head_started = False
