@@ -55,7 +55,7 @@ class Received:
 
 class ScriptedUpstream:
     def __init__(self) -> None:
-        self._replies: dict[bytes, Reply] = {}
+        self._replies: dict[bytes, list[Reply]] = {}
         self._lock = threading.Lock()
         self._received: list[Received] = []
         self._conns: dict[int, socket.socket] = {}
@@ -69,11 +69,13 @@ class ScriptedUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def script(self, path: str | bytes, reply: Reply) -> None:
-        """Answer every request for `path` (the request target, query included) with `reply`."""
+    def script(self, path: str | bytes, reply: Reply, *then: Reply) -> None:
+        """Answer every request for `path` (the request target, query included) with `reply`;
+        with `then`, the first request gets `reply`, the next ones each of `then` in turn, the
+        last of which answers all later ones."""
         key = path.encode() if isinstance(path, str) else path
         with self._lock:
-            self._replies[key] = reply
+            self._replies[key] = [reply, *then]
 
     @property
     def received(self) -> list[Received]:
@@ -145,7 +147,10 @@ class ScriptedUpstream:
                     return
                 with self._lock:
                     self._received.append(Received(number, request))
-                    reply = self._replies.get(Received(number, request).target)
+                    replies = self._replies.get(Received(number, request).target)
+                    reply = None
+                    if replies:
+                        reply = replies.pop(0) if len(replies) > 1 else replies[0]
                 if reply is None:
                     conn.sendall(NOT_FOUND)
                     continue

@@ -8,7 +8,13 @@ chunk, or a FIN on a close-delimited body).
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
+
+# What relay's 5xx bodies look like: the status and a short lower-case phrase of relay's own
+# (never parser text such as `bytearray(b'...')` or `status_code should...`, never upstream
+# bytes; the log keeps those).
+GENERIC_5XX_BODY = re.compile(rb"\d{3} [a-z][A-Za-z0-9 ,;:()/_-]{0,100}\n?")
 
 
 @dataclasses.dataclass

@@ -12,8 +12,9 @@ Guarantees this module owns:
 - a body cut short (Content-Length not reached, chunked stream without its last chunk, a
   close-delimited body ended by a reset) raises `httpx.RemoteProtocolError`, never a clean end;
 - a connection that receives bytes while idle, or a second response behind a complete one, is
-  closed, never reused; a request is sent again (by aiohttp) only if no byte of its response
-  arrived;
+  closed, never reused; a complete response with other bytes right behind it (same read) is
+  relayed whole, and its connection closed (aiohttp_compat's `complete_first_parser`); a
+  request is sent again (by aiohttp) only if no byte of its response arrived;
 - a response head is complete within the read timeout and passes relay/transports/heads.py,
   or the request fails (504 / 502) before anything reaches the client.
 """
@@ -95,6 +96,7 @@ class _Handler(ResponseHandler):
     def set_response_params(self, *args: Any, **kwargs: Any) -> None:
         """Called by aiohttp as each request on this connection is about to be sent."""
         super().set_response_params(*args, **kwargs)
+        aiohttp_compat.complete_first_parser(self, kwargs)
         self.idle = False
         self._awaiting_head = True
         self._head_started = False
@@ -110,7 +112,10 @@ class _Handler(ResponseHandler):
             return
         if data and self._awaiting_head:
             self._head_started = True
+        was_idle = self.idle
         super().data_received(data)
+        if self.idle and not was_idle and aiohttp_compat.recovered_a_complete_first(self):
+            self._drop_unsolicited("bytes that are not a response came right after a response")
 
     def feed_data(
         self, data: tuple[RawResponseMessage, aiohttp.StreamReader], size: int = 0
@@ -292,11 +297,23 @@ class _ResponseStream(httpx.AsyncByteStream):
             return
         self._closed = True
         if self._closed_future is not None:
+            # The connection may go back to the pool and be reset there later: the future's
+            # exception must still be retrieved, or asyncio logs it at ERROR ("never
+            # retrieved"). A plain function, so the pool holds no reference to this stream,
+            # and added once per connection (it serves many responses).
             self._closed_future.remove_done_callback(self._on_connection_closed)
+            self._closed_future.remove_done_callback(_retrieve_exception)
+            self._closed_future.add_done_callback(_retrieve_exception)
+            self._closed_future = None
         # A response read to its end has already handed its connection back for reuse; any
         # other is closed here, so a half-read connection is never pooled.
         self._response.close()
         self._release()
+
+
+def _retrieve_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Release:

@@ -27,17 +27,26 @@ def head_problem(status: int, headers: Iterable[tuple[bytes, bytes]]) -> str | N
     """Why relay cannot relay a response with this status and these raw headers, or None."""
     if not MIN_STATUS <= status <= MAX_STATUS:
         return f"status {status} cannot be relayed"
+    has_length = has_coding = False
     for name, value in headers:
+        lower = name.lower()
+        has_length = has_length or lower == b"content-length"
+        has_coding = has_coding or lower == b"transfer-encoding"
         if _TOKEN.fullmatch(name) is None:
             return "malformed header name"
         if _CTL.search(value) is not None:
             return "control character in a header value"
         # Only chunked is decoded by the transports; any other transfer coding would hand the
         # client the coded bytes as if they were the body (RFC 9112 6.1).
-        if name.lower() == b"transfer-encoding" and any(
+        if lower == b"transfer-encoding" and any(
             coding.strip().lower() != b"chunked" for coding in value.split(b",")
         ):
             return "unsupported transfer coding"
+    if has_length and has_coding:
+        # Conflicting framing (RFC 9112 6.3): h11 would go by Transfer-Encoding and relay the
+        # upstream's Content-Length to the client with a body of another length. The response
+        # is refused whichever parser read it (a classic request-smuggling shape).
+        return "Content-Length with Transfer-Encoding"
     return None
 
 

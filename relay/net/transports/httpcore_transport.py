@@ -14,10 +14,12 @@ relay cannot relay are refused (relay/transports/heads.py).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -44,6 +46,78 @@ _CONNECTION_ASSIGNED = frozenset(
         "http2.send_request_headers.started",
     }
 )
+
+
+# Requests that may be sent again when a kept-alive connection closed under them before any
+# byte of the response arrived (RFC 9112 9.3.1; aiohttp does the same for idempotent ones).
+_RESENDABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclasses.dataclass
+class _Attempt:
+    """What one attempt at a request did on the wire, seen by the network backend."""
+
+    connected: bool = False  # opened a new connection (it did not reuse a pooled one)
+    received: int = 0  # bytes read before the response head was handed over
+
+
+_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "relay_httpcore_attempt", default=None
+)
+
+
+class _WatchedStream(httpcore.AsyncNetworkStream):
+    """A network stream that counts what it reads for the attempt in progress (httpcore
+    reads in the requesting task, so the context variable is that request's)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self._inner.read(max_bytes, timeout)
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.received += len(data)
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _WatchedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _WatchedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.connected = True
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _WatchedStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -78,8 +152,9 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
         verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._guarded = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
         # httpx does not take a network backend; the pool it builds does.
-        set_network_backend(self._guarded, GuardedNetworkBackend())
+        set_network_backend(self._guarded, _WatchedBackend(GuardedNetworkBackend()))
         self._open = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
+        set_network_backend(self._open, _WatchedBackend(httpcore.AnyIOBackend()))
 
     @classmethod
     def from_config(cls, config: Config) -> HttpcoreTransport:
@@ -94,12 +169,27 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         transport = self._open if request.extensions.get(ALLOW_PRIVATE) else self._guarded
-        read_timeout = request.extensions.get("timeout", {}).get("read")
-        waited_from = time.monotonic() if self._pool_full(transport) else None
-        if read_timeout is None and waited_from is None:
-            response = await transport.handle_async_request(request)
-        else:
-            response = await self._traced(transport, request, read_timeout, waited_from)
+        attempt = _Attempt()
+        token = _ATTEMPT.set(attempt)
+        try:
+            try:
+                response = await self._send(transport, request)
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
+                # A pooled connection the upstream closed (or reset) just as this request
+                # went out on it: nothing of a response arrived, so the upstream did not act
+                # on it. Sent again once, on a new connection.
+                if request.method not in _RESENDABLE or attempt.connected or attempt.received:
+                    raise
+                logger.info(
+                    "a kept-alive upstream connection closed before any byte of the response"
+                    " (%s); sending the request again on a new connection",
+                    exc,
+                )
+                attempt = _Attempt()
+                _ATTEMPT.set(attempt)
+                response = await self._send(transport, request)
+        finally:
+            _ATTEMPT.reset(token)
         try:
             check_head(request, response.status_code, response.headers.raw)
         except httpx.HTTPError:
@@ -108,6 +198,15 @@ class HttpcoreTransport(httpx.AsyncBaseTransport):
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _ResponseStream(response.stream, pool_of(transport))
         return response
+
+    async def _send(
+        self, transport: httpx.AsyncHTTPTransport, request: httpx.Request
+    ) -> httpx.Response:
+        read_timeout = request.extensions.get("timeout", {}).get("read")
+        waited_from = time.monotonic() if self._pool_full(transport) else None
+        if read_timeout is None and waited_from is None:
+            return await transport.handle_async_request(request)
+        return await self._traced(transport, request, read_timeout, waited_from)
 
     def _pool_full(self, transport: httpx.AsyncHTTPTransport) -> bool:
         """Whether a request now has to wait for a connection: every one allowed is open and
