@@ -40,6 +40,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.proxy.pacing import ReadPacer
+from relay.proxy.rewrite import Preset
 from relay.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class RelayResponse(Response):
         self._min_rate = config.min_send_rate
         self._rate_window = config.min_rate_window
         self._response: httpx.Response | None = None
+        self._preset: Preset | None = None
         self._active = True
         self._client_gone = False
         self._stalled = False
@@ -260,6 +262,9 @@ class RelayResponse(Response):
         sent_at = time.monotonic()
         try:
             response = self._response = await self._upstream.open(request, self._route)
+            preset = self._preset = Preset.open(
+                self._route, response, self._routes, self._request_headers
+            )
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
             exchange.pool_wait = request.extensions.get("relay.pool_wait")
@@ -283,6 +288,8 @@ class RelayResponse(Response):
                 (name, self._rewrite_location(value) if name == b"location" else value)
                 for name, value in headers
             ]
+        if preset is not None:
+            headers = preset.headers(headers)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if request.method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -296,7 +303,8 @@ class RelayResponse(Response):
         return rewritten.encode("latin-1")
 
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
-        length = content_length(response.headers)
+        rewritten = self._preset is not None and self._preset.rewrites_body
+        length = None if rewritten else content_length(response.headers)
         # Made when a body first fails (from the first response, which every continuation is
         # judged against): most bodies never need one.
         first = response
@@ -310,7 +318,8 @@ class RelayResponse(Response):
                 pace = response.extensions.get(READ_PACE)
                 pacer = ReadPacer(pace, clock()) if pace is not None else None
                 try:
-                    async for chunk in response.aiter_raw():
+                    raw = response.aiter_raw()
+                    async for chunk in self._preset.body(raw) if self._preset else raw:
                         sent += len(chunk)
                         self._sent = sent
                         now = self._sending_since = clock()
@@ -330,7 +339,7 @@ class RelayResponse(Response):
                             self._client_wait += clock() - now
                     break
                 except httpx.HTTPError as exc:
-                    if plan is None and self._resume_attempts:
+                    if plan is None and self._resume_attempts and not rewritten:
                         plan = Continuation.for_response(first)
                     if plan is None or not retries.fail():
                         logger.warning(
