@@ -102,6 +102,10 @@ class Route:
             raise ConfigError(f"{where}: redirects must be 'pass' or 'follow'")
         if self.preset not in ("", "pypi", "npm", "hf"):
             raise ConfigError(f"{where}: preset must be 'pypi', 'npm' or 'hf'")
+        if self.preset == "hf" and self.redirects != "follow":
+            # huggingface_hub follows same-host redirects while reading a file's metadata: a
+            # passed redirect to relay's CDN route would lose X-Repo-Commit and X-Linked-*.
+            raise ConfigError(f"{where}: preset = 'hf' needs redirects = 'follow'")
         if self.redirects == "follow" and not self.redirect_hosts:
             raise ConfigError(f"{where}: redirects = 'follow' needs redirect_hosts")
         for host in self.redirect_hosts:

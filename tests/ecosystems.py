@@ -206,8 +206,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 class Hub:
     """The Hub (`/<repo>/resolve/<rev>/<file>`): a regular file answered directly, LFS files
-    by a 302 to the CDN with X-Repo-Commit / X-Linked-Etag / X-Linked-Size; `xet.bin` also
-    carries Xet headers (X-Xet-Hash, X-Xet-Refresh-Route, Link rel="xet-auth")."""
+    by a 302 to the CDN with X-Repo-Commit / X-Linked-Etag / X-Linked-Size; `xet.bin` is
+    answered by the Hub with Xet headers (X-Xet-Hash, X-Xet-Refresh-Route, Link
+    rel="xet-auth")."""
 
     repo = "acme/tiny"
 
@@ -243,12 +244,18 @@ class Hub:
             "Location": f"{self.cdn.url}/repos/{digest}?sig=abc",
         }
         if name == "xet.bin":
+            # A Xet-backed file answered by the Hub itself, with the headers that switch
+            # huggingface_hub to Xet storage.
+            extra.pop("Location")
+            extra["Content-Type"] = "application/octet-stream"
             extra["X-Xet-Hash"] = "f" * 64
             extra["X-Xet-Refresh-Route"] = f"/api/models/{self.repo}/xet-read-token/{COMMIT}"
             extra["Link"] = (
                 f'<{self.hub.url}/api/models/{self.repo}/xet-read-token/{COMMIT}>; rel="xet-auth",'
                 f' <{self.hub.url}/api/next>; rel="next"'
             )
+        if name == "xet.bin":
+            return Answer(200, data, extra)
         return Answer(302, b"", extra)
 
     def _cdn(self, method: str, path: str, headers: dict[str, str]) -> Answer:

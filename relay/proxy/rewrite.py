@@ -17,11 +17,12 @@ that still comes encoded is a 502, never relayed with links pointing past relay.
 relay's base URL in the links comes from the request: the Host (or X-Forwarded-Proto/-Host
 from a trusted proxy, per `trusted_proxies`); without a usable Host, links are path-only.
 
-`preset = "hf"`: Xet headers are withheld (`X-Xet-*`, `Link rel="xet-auth"`) so
-huggingface_hub downloads over plain HTTP through relay; with `redirects = "follow"` the
-final answer carries the Hub's `X-Repo-Commit` / `X-Linked-Etag` / `X-Linked-Size` from the
-redirect; with `redirects = "pass"` (and every preset) a Location mapped onto a route is made
-absolute, so the client's metadata request stops at the Hub's redirect as with the real Hub.
+`preset = "hf"` (needs `redirects = "follow"`): Xet headers are withheld (`X-Xet-*`,
+`Link rel="xet-auth"`) so huggingface_hub downloads over plain HTTP through relay, and the
+final answer of a followed redirect carries the Hub's `X-Repo-Commit` / `X-Linked-Etag` /
+`X-Linked-Size` from the redirect that had them. Passing the redirect cannot work:
+huggingface_hub follows a redirect that stays on its endpoint's host during its metadata
+request, and relay's CDN route is on that host, so the CDN's answer would become the metadata.
 """
 
 from __future__ import annotations
@@ -196,12 +197,6 @@ class Preset:
                     if kept:
                         out.append((name, kept))
                     continue
-            if name == b"location" and _other_route(value, self._route):
-                # A Location relay mapped onto another of its routes (another upstream
-                # host): absolute, so a client that follows only relative redirects
-                # (huggingface_hub's metadata request) sees the redirect's own headers, as
-                # from the real upstream. Within the route it stays relative, as it was.
-                value = self._base.encode("latin-1") + value
             out.append((name, value))
         if self._rewriter is not None:
             etag = self._response.headers.get("etag")
@@ -248,14 +243,6 @@ def _pairs(routes: RouteTable, base: str) -> list[tuple[bytes, bytes]]:
             (old.replace("/", "\\/").encode("latin-1"), new.replace("/", "\\/").encode("latin-1"))
         )
     return pairs
-
-
-def _other_route(location: bytes, route: Route) -> bool:
-    return (
-        location.startswith(b"/")
-        and not location.startswith(b"//")
-        and not location.startswith(route.prefix.encode("latin-1"))
-    )
 
 
 def _without_xet_links(value: bytes) -> bytes:
