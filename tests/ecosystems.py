@@ -10,6 +10,7 @@ File links point at another site by absolute URL, as on the real hosts.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -29,6 +30,10 @@ class Answer:
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    hold_after: int | None = None
+    """Send this many body bytes, set `reached`, wait for `release`, then close (cut)."""
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 Handler = Callable[[str, str, dict[str, str]], Answer]
@@ -41,6 +46,9 @@ class Site:
         self.handle = handle
         self.relay_only = relay_only
         self.requests: list[tuple[str, str, str]] = []
+        self.ranges: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        """Each request's headers, names lower-cased."""
         site = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -50,6 +58,9 @@ class Site:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 via = headers.get("via", "")
                 site.requests.append((self.command, self.path, via))
+                site.headers.append(headers)
+                if "range" in headers:
+                    site.ranges.append(headers["range"])
                 if site.relay_only and RELAY_VIA not in via:
                     answer = Answer(403, b"only through relay\n")
                 else:
@@ -60,8 +71,16 @@ class Site:
                 if "Content-Length" not in answer.headers:
                     self.send_header("Content-Length", str(len(answer.body)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    return
+                if answer.hold_after is None:
                     self.wfile.write(answer.body)
+                    return
+                self.wfile.write(answer.body[: answer.hold_after])
+                self.wfile.flush()
+                answer.reached.set()
+                answer.release.wait(60)
+                self.close_connection = True
 
             do_GET = do_HEAD = _answer
 
@@ -135,8 +154,8 @@ def make_sdist(name: str, version: str) -> tuple[str, bytes]:
 
 
 class PyPI:
-    """pypi.org (simple index: JSON or HTML by Accept at /simple/, HTML only at /html/simple/)
-    and files.pythonhosted.org (/packages/...), as two sites."""
+    """pypi.org (simple index: JSON or HTML by Accept at /simple/, HTML only at /html/simple/,
+    always gzip-encoded at /gz/...) and files.pythonhosted.org (/packages/...), as two sites."""
 
     def __init__(self, name: str = "tinypkg", version: str = "1.0") -> None:
         self.name = name
@@ -163,6 +182,12 @@ class PyPI:
         ]
 
     def _page(self, method: str, path: str, headers: dict[str, str]) -> Answer:
+        if path.startswith("/gz/"):
+            # An upstream that encodes whatever it was asked for.
+            page = self._page(method, path.removeprefix("/gz"), headers)
+            page.headers["Content-Encoding"] = "gzip"
+            page.body = gzip.compress(page.body)
+            return page
         html_only = path.startswith("/html/")
         path = path.removeprefix("/html")
         if path != f"/simple/{self.name}/":
@@ -215,6 +240,10 @@ class Hub:
     def __init__(self) -> None:
         self.regular = b'{"model_type": "tiny"}\n'
         self.lfs = {"model.bin": bytes(range(256)) * 1024, "xet.bin": b"xet" * 50000}
+        # Bigger than huggingface_hub's 10 MiB write chunk, so a killed download leaves some.
+        self.big = hashlib.sha256(b"big").digest() * (12 * 1024 * 1024 // 32)
+        self.cut_first = Answer(hold_after=11 * 1024 * 1024)
+        """The first plain GET of big.bin sends 11 MiB, then waits for `release`, then cuts."""
         self.cdn = Site(self._cdn)
         self.hub = Site(self._hub)
 
@@ -232,7 +261,7 @@ class Hub:
                 self.regular,
                 {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Content-Type": "text/plain"},
             )
-        data = self.lfs.get(name)
+        data = self.big if name == "big.bin" else self.lfs.get(name)
         if data is None:
             return Answer(404, b"entry not found\n", {"X-Error-Code": "EntryNotFound"})
         digest = sha256(data)
@@ -260,13 +289,29 @@ class Hub:
 
     def _cdn(self, method: str, path: str, headers: dict[str, str]) -> Answer:
         digest = path.removeprefix("/repos/").split("?")[0]
-        for data in self.lfs.values():
-            if sha256(data) == digest:
+        for data in [*self.lfs.values(), self.big]:
+            if sha256(data) != digest:
+                continue
+            if "range" in headers:
+                start = int(headers["range"].removeprefix("bytes=").split("-")[0])
                 return Answer(
-                    200,
-                    data,
-                    {"ETag": f'"cdn-{digest[:8]}"', "Content-Type": "application/octet-stream"},
+                    206,
+                    data[start:],
+                    {
+                        "ETag": f'"cdn-{digest[:8]}"',
+                        "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
+                    },
                 )
+            if data is self.big and not self.cut_first.reached.is_set():
+                answer = self.cut_first
+                answer.body = data
+                answer.headers = {"ETag": f'"cdn-{digest[:8]}"'}
+                return answer
+            return Answer(
+                200,
+                data,
+                {"ETag": f'"cdn-{digest[:8]}"', "Content-Type": "application/octet-stream"},
+            )
         return Answer(404, b"not found\n")
 
 

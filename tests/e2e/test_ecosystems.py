@@ -19,7 +19,7 @@ import pytest
 from relay.config import Route
 from relay.errors import ConfigError
 from tests.ecosystems import COMMIT, Hub, Npm, PyPI, sha256
-from tests.harness import RelayThread, relay_config, running_relay
+from tests.harness import RelayThread, relay_config, running_relay, wait_until
 
 
 @pytest.fixture
@@ -124,7 +124,17 @@ def test_rewritten_index_is_a_new_representation(pypi: PyPI) -> None:
         assert mine["hashes"] == theirs["hashes"]
         assert mine.get("core-metadata") == theirs.get("core-metadata")
     # The upstream was asked for identity, whatever the client accepts.
-    assert pypi.index.requests
+    assert [h["accept-encoding"] for h in pypi.index.headers] == ["identity", "identity"]
+
+
+def test_an_index_relay_cannot_rewrite_is_a_502(pypi: PyPI) -> None:
+    with running_relay(relay_config(pypi.index.url, routes=_pypi_routes(pypi))) as relay:
+        encoded = httpx.get(relay.url + "/pypi/gz/simple/tinypkg/")
+        asked = pypi.index.requests[-1]
+    assert encoded.status_code == 502
+    assert encoded.text == "502 upstream sent an encoded index page\n"
+    assert pypi.files_host.url not in encoded.text
+    assert asked[1] == "/gz/simple/tinypkg/"
 
 
 def test_rewrite_is_off_by_default(pypi: PyPI) -> None:
@@ -212,8 +222,8 @@ print(path)
 """
 
 
-def _hf_download(python: Path, relay: RelayThread, cache: Path, name: str) -> Path:
-    env = {
+def _hf_env(relay: RelayThread, cache: Path) -> dict[str, str]:
+    return {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(cache),
         "HF_ENDPOINT": relay.url + "/hf",
@@ -222,12 +232,15 @@ def _hf_download(python: Path, relay: RelayThread, cache: Path, name: str) -> Pa
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "NO_PROXY": "*",
     }
+
+
+def _hf_download(python: Path, relay: RelayThread, cache: Path, name: str) -> Path:
     done = subprocess.run(
         [str(python), "-c", _HF_SCRIPT, Hub.repo, name],
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
+        env=_hf_env(relay, cache),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return Path(done.stdout.strip().splitlines()[-1])
@@ -263,6 +276,39 @@ def test_hf_hub_download_through_relay(hf_python: Path, mode: str, tmp_path: Pat
     assert not hub.cdn.bypassed()
     # Xet was never used: nothing asked for a Xet token.
     assert not [p for p in hub.hub.paths() if "xet" in p and "resolve" not in p]
+
+
+def test_hf_download_killed_midway_completes_on_rerun(hf_python: Path, tmp_path: Path) -> None:
+    hub = Hub()
+    # relay's own transparent resume off: the client is the one to continue.
+    config = relay_config(hub.hub.url, routes=_hub_routes(hub, "follow"), resume_attempts=0)
+    with hub.hub, hub.cdn, running_relay(config) as relay:
+        first = subprocess.Popen(
+            [str(hf_python), "-c", _HF_SCRIPT, Hub.repo, "big.bin"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_hf_env(relay, tmp_path),
+        )
+        try:
+            assert hub.cut_first.reached.wait(60)
+            blobs = tmp_path / "hub" / "models--acme--tiny" / "blobs"
+
+            def partial() -> int:
+                return sum(p.stat().st_size for p in blobs.glob("*.incomplete"))
+
+            assert wait_until(lambda: partial() >= 10 * 1024 * 1024, timeout=60)
+        finally:
+            first.kill()
+            first.wait()
+            hub.cut_first.release.set()
+        path = _hf_download(hf_python, relay, tmp_path, "big.bin")
+        assert sha256(path.read_bytes()) == sha256(hub.big)
+    # huggingface_hub 2.x downloads into a fresh temporary file each time (a killed one's is
+    # left behind): the rerun fetched the whole file again, through relay.
+    assert hub.cdn.ranges == []
+    assert [r[0] for r in hub.cdn.requests].count("GET") == 2
+    assert not hub.hub.bypassed()
+    assert not hub.cdn.bypassed()
 
 
 @pytest.mark.parametrize("mode", ["follow"])

@@ -60,7 +60,13 @@ def test_public_base() -> None:
 def test_immutable_marker() -> None:
     files = Route(prefix="/f/", upstream="https://files.example/", immutable=True)
     npm = Route(prefix="/npm/", upstream="https://registry.example/", preset="npm")
-    hf = Route(prefix="/hf/", upstream="https://hub.example/", preset="hf")
+    hf = Route(
+        prefix="/hf/",
+        upstream="https://hub.example/",
+        preset="hf",
+        redirects="follow",
+        redirect_hosts=("cdn.example",),
+    )
     assert is_immutable(files, "packages/a.whl")
     assert is_immutable(npm, "left-pad/-/left-pad-1.3.0.tgz")
     assert not is_immutable(npm, "left-pad")
