@@ -140,12 +140,25 @@ def make_wheel(name: str, version: str) -> tuple[str, bytes, bytes]:
 
 
 def make_sdist(name: str, version: str) -> tuple[str, bytes]:
+    """An sdist with an in-tree PEP 517 backend (no build requirements, so pip builds it
+    offline) that hands pip the wheel it carries."""
+    wheel, wheel_data, _ = make_wheel(name, version)
+    backend = (
+        "import os, shutil\n"
+        "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
+        f"    shutil.copy(os.path.join(os.path.dirname(__file__), {wheel!r}), wheel_directory)\n"
+        f"    return {wheel!r}\n"
+    ).encode()
+    root = f"{name}-{version}"
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tf:
         for path, data in {
-            f"{name}-{version}/PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\n"
+            f"{root}/PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\n"
             f"Version: {version}\n".encode(),
-            f"{name}-{version}/{name}/__init__.py": b"",
+            f"{root}/pyproject.toml": b'[build-system]\nrequires = []\nbuild-backend = "backend"\n'
+            b'backend-path = ["."]\n',
+            f"{root}/backend.py": backend,
+            f"{root}/{wheel}": wheel_data,
         }.items():
             info = tarfile.TarInfo(path)
             info.size = len(data)

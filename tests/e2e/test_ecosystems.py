@@ -86,6 +86,29 @@ def test_pip_install_through_relay(pypi: PyPI, index: str, tmp_path: Path) -> No
     assert f"/packages/ab/cd/{pypi.wheel}" in pypi.files_host.paths()
 
 
+def test_pip_installs_the_sdist_through_relay(pypi: PyPI, tmp_path: Path) -> None:
+    with running_relay(relay_config(pypi.index.url, routes=_pypi_routes(pypi))) as relay:
+        sdist_hash = sha256(pypi.files[pypi.sdist])
+        (tmp_path / "req.txt").write_text(f"tinypkg==1.0 --hash=sha256:{sdist_hash}\n")
+        done = _pip(
+            "install",
+            "--index-url",
+            relay.url + "/pypi/simple/",
+            "--require-hashes",
+            "--no-binary",
+            ":all:",
+            "--target",
+            str(tmp_path / "t"),
+            "-r",
+            "req.txt",
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "t" / "tinypkg" / "__init__.py").read_text() == "VALUE = '1.0'\n"
+    assert f"/packages/ab/cd/{pypi.sdist}" in pypi.files_host.paths()
+    assert not pypi.files_host.bypassed()
+
+
 def test_pip_downloads_the_sdist_through_relay(pypi: PyPI, tmp_path: Path) -> None:
     with running_relay(relay_config(pypi.index.url, routes=_pypi_routes(pypi))) as relay:
         page = httpx.get(relay.url + "/pypi/html/simple/tinypkg/").text
