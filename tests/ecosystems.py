@@ -168,7 +168,8 @@ def make_sdist(name: str, version: str) -> tuple[str, bytes]:
 
 class PyPI:
     """pypi.org (simple index: JSON or HTML by Accept at /simple/, HTML only at /html/simple/,
-    always gzip-encoded at /gz/...) and files.pythonhosted.org (/packages/...), as two sites."""
+    always gzip-encoded at /gz/..., 4000 times over at /big/..., cut halfway at /cut/...)
+    and files.pythonhosted.org (/packages/...), as two sites."""
 
     def __init__(self, name: str = "tinypkg", version: str = "1.0") -> None:
         self.name = name
@@ -200,6 +201,17 @@ class PyPI:
             page = self._page(method, path.removeprefix("/gz"), headers)
             page.headers["Content-Encoding"] = "gzip"
             page.body = gzip.compress(page.body)
+            return page
+        if path.startswith("/big/"):
+            # A page of many links, relayed in many chunks.
+            page = self._page(method, "/html" + path.removeprefix("/big"), headers)
+            page.body = page.body * 4000
+            return page
+        if path.startswith("/cut/"):
+            # The page is cut off halfway.
+            page = self._page(method, path.removeprefix("/cut"), headers)
+            page.hold_after = len(page.body) // 2
+            page.release.set()
             return page
         html_only = path.startswith("/html/")
         path = path.removeprefix("/html")

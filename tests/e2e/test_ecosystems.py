@@ -160,6 +160,22 @@ def test_an_index_relay_cannot_rewrite_is_a_502(pypi: PyPI) -> None:
     assert asked[1] == "/gz/simple/tinypkg/"
 
 
+def test_a_large_page_is_rewritten_exactly(pypi: PyPI) -> None:
+    with running_relay(relay_config(pypi.index.url, routes=_pypi_routes(pypi))) as relay:
+        got = httpx.get(relay.url + "/pypi/big/simple/tinypkg/")
+    direct = pypi.index.handle("GET", "/big/simple/tinypkg/", {}).body
+    assert len(direct) > 1024 * 1024
+    want = direct.replace(pypi.files_host.url.encode() + b"/", relay.url.encode() + b"/pyfiles/")
+    assert got.status_code == 200
+    assert sha256(got.content) == sha256(want)
+
+
+def test_a_page_cut_off_upstream_is_cut_off_at_the_client(pypi: PyPI) -> None:
+    config = relay_config(pypi.index.url, routes=_pypi_routes(pypi))
+    with running_relay(config) as relay, pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(relay.url + "/pypi/cut/html/simple/tinypkg/")
+
+
 def test_rewrite_is_off_by_default(pypi: PyPI) -> None:
     routes = (
         Route(prefix="/pypi/", upstream=pypi.index.url + "/", allow_private=True),
