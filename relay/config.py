@@ -78,6 +78,13 @@ class Route:
     """File holding the credential (the whole header value)."""
     forward_client_auth: bool = False
     """Forward the client's own Authorization and Cookie upstream."""
+    preset: str = ""
+    """A package-ecosystem preset (relay/net/presets.py): "pypi" and "npm" rewrite index
+    pages and packuments so their file links point at relay's routes; "hf" keeps the Hub's
+    file metadata headers through redirects and withholds Xet's. Off ("") by default."""
+    immutable: bool = False
+    """Every 200 answer of this route is an immutable file (a files host, a CDN): a marker
+    for caching, changes nothing in relaying."""
     credential: str = field(default="", repr=False, compare=False)
     """The resolved credential; never logged."""
 
@@ -93,6 +100,12 @@ class Route:
         where = f"route {prefix}"
         if self.redirects not in ("pass", "follow"):
             raise ConfigError(f"{where}: redirects must be 'pass' or 'follow'")
+        if self.preset not in ("", "pypi", "npm", "hf"):
+            raise ConfigError(f"{where}: preset must be 'pypi', 'npm' or 'hf'")
+        if self.preset == "hf" and self.redirects != "follow":
+            # huggingface_hub follows same-host redirects while reading a file's metadata: a
+            # passed redirect to relay's CDN route would lose X-Repo-Commit and X-Linked-*.
+            raise ConfigError(f"{where}: preset = 'hf' needs redirects = 'follow'")
         if self.redirects == "follow" and not self.redirect_hosts:
             raise ConfigError(f"{where}: redirects = 'follow' needs redirect_hosts")
         for host in self.redirect_hosts:

@@ -119,12 +119,16 @@ class Upstream:
         With `redirects = "follow"` the route's redirects are followed here, to allowed hosts
         only; the response returned is the first one that is not such a redirect.
         """
+        hops: list[httpx.Headers] = []
         try:
             for _ in range(route.max_redirects + 1):
                 with map_upstream_errors():
                     response = await self._client.send(request, stream=True)
                 if route.redirects != "follow" or response.status_code not in REDIRECT_STATUSES:
+                    if hops:
+                        response.extensions[REDIRECTED_FROM] = hops
                     return response
+                hops.append(response.headers)
                 await response.aclose()
                 request = self._redirected(request, response, route)
             raise UpstreamUnavailable(f"more than {route.max_redirects} redirects")
@@ -165,6 +169,10 @@ class Upstream:
             method = "GET"
         return self.build_request(method, url, headers, route)
 
+
+# Response extension: the headers of the redirects relay followed to reach this response,
+# first hop first (the Hub's file metadata is on its redirect, not on the CDN's answer).
+REDIRECTED_FROM = "relay.redirected_from"
 
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 

@@ -94,6 +94,8 @@ def upstream_request_headers(
             continue
         _check_ascii(name, raw_value)
         if name == b"accept-encoding":
+            if route.preset in ("pypi", "npm"):
+                continue  # an index page is rewritten: asked for as identity, below
             has_encoding = True
         elif name == b"user-agent":
             has_agent = True

@@ -33,6 +33,7 @@ from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.resuming import BodyResumer
+from relay.proxy.rewrite import Preset
 from relay.proxy.send_watch import SendWatchdog
 from relay.types import Receive, Scope, Send
 
@@ -91,6 +92,7 @@ class RelayResponse(Response):
             config.send_timeout, config.min_send_rate, config.min_rate_window
         )
         self._response: httpx.Response | None = None
+        self._preset: Preset | None = None
         self._active = True
         self._client_gone = False
         self._watcher: asyncio.Future[None] | None = None
@@ -202,6 +204,9 @@ class RelayResponse(Response):
         sent_at = time.monotonic()
         try:
             response = self._response = await self._upstream.open(request, self._route)
+            preset = self._preset = Preset.open(
+                self._route, response, self._routes, self._request_headers
+            )
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
             exchange.pool_wait = request.extensions.get(POOL_WAIT)
@@ -215,6 +220,8 @@ class RelayResponse(Response):
         headers = downstream_response_headers(response.headers.raw, status)
         if status in REDIRECT_STATUSES:
             headers = rewrite_location_headers(headers, response.request.url, self._routes)
+        if preset is not None:
+            headers = preset.headers(headers)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if request.method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -222,7 +229,8 @@ class RelayResponse(Response):
         await self._stream_body(response, send)
 
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
-        length = content_length(response.headers)
+        rewritten = self._preset is not None and self._preset.rewrites_body
+        length = None if rewritten else content_length(response.headers)
         # Made when a body first fails (from the first response, which every continuation is
         # judged against): most bodies never need one.
         resumer: BodyResumer | None = None
@@ -235,7 +243,8 @@ class RelayResponse(Response):
                 pace = response.extensions.get(READ_PACE)
                 pacer = ReadPacer(pace, clock()) if pace is not None else None
                 try:
-                    async for chunk in response.aiter_raw():
+                    raw = response.aiter_raw()
+                    async for chunk in self._preset.body(raw) if self._preset else raw:
                         sent += len(chunk)
                         watchdog.sent = sent
                         now = watchdog.sending_since = clock()
@@ -260,7 +269,7 @@ class RelayResponse(Response):
                             response,
                             self._upstream,
                             self._route,
-                            self._resume_attempts,
+                            0 if rewritten else self._resume_attempts,
                             self._exchange,
                         )
                     response = self._response = await resumer.resume(response, sent, exc)
