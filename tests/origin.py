@@ -243,6 +243,7 @@ class _Stats:
         self.open = 0
         self.total = 0
         self.dropped: set[tuple[str, int, str | None]] = set()
+        self.body_bytes = 0  # /gen body bytes written (one event loop thread: no lock)
 
     def opened(self) -> int:
         with self.lock:
@@ -271,6 +272,7 @@ class _Stats:
             self.requests.clear()
             self.total = 0
             self.dropped.clear()
+            self.body_bytes = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -1041,6 +1043,7 @@ class _Core:
                 write(b"\r\n")
             else:
                 write(piece)
+            self.stats.body_bytes += len(piece)
             await drain()
             if slow:
                 sent += len(piece)
@@ -1193,6 +1196,11 @@ class Origin:
     def open_connections(self) -> int:
         with self._stats.lock:
             return self._stats.open
+
+    @property
+    def body_bytes(self) -> int:
+        """/gen body bytes written to clients (since start / the last ``reset_stats()``)."""
+        return self._stats.body_bytes
 
     @property
     def total_connections(self) -> int:

@@ -12,6 +12,9 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from relay.cache.cache import Cache, open_cache
+from relay.cache.key import base_key, encoding_variant
+from relay.cache.serve import CachedResponse
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
@@ -36,6 +39,16 @@ class State(TypedDict):
     upstream: Upstream
     routes: RouteTable
     downloads: object | None
+    cache: Cache | None
+
+
+# Request headers that make the cache relay a request instead of answering it: the client's
+# own credentials, when the route forwards them (a response to them is not shared).
+_PRIVATE_REQUEST = frozenset({b"authorization", b"cookie"})
+# Request headers the cache's own upstream request never carries (it fetches the whole object).
+_NOT_FOR_FILLS = frozenset(
+    {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
+)
 
 
 class Relay:
@@ -78,15 +91,47 @@ class Relay:
             return error_response(exc)
         # The stream slot is taken and released by the response itself, around everything
         # it does (building the upstream request included).
-        return RelayResponse(
-            scope["state"]["upstream"],
-            scope["method"],
-            target,
-            headers,
-            routes=self._routes,
+        upstream: Upstream = scope["state"]["upstream"]
+
+        def relayed() -> Response:
+            return RelayResponse(
+                upstream,
+                scope["method"],
+                target,
+                headers,
+                routes=self._routes,
+                limiter=self.limiter,
+                client=forwarded.client,
+                config=self._config,
+            )
+
+        cache: Cache | None = scope["state"].get("cache")
+        route = target.route
+        if (
+            cache is None
+            or not route.cache
+            or (
+                route.forward_client_auth
+                and any(name.lower() in _PRIVATE_REQUEST for name, _ in scope["headers"])
+            )
+        ):
+            return relayed()
+        client_headers = httpx.Headers(scope["headers"])
+        fill_headers = [(n, v) for n, v in headers if n.lower() not in _NOT_FOR_FILLS]
+        return CachedResponse(
+            cache,
+            method=scope["method"],
+            base=base_key(route.prefix, raw_path, scope.get("query_string", b"")),
+            variant=encoding_variant(client_headers.get("accept-encoding")),
+            route=route,
+            request=lambda: upstream.build_request(
+                "GET", upstream.url_for(target), fill_headers, route
+            ),
+            client_headers=client_headers,
+            fallback=relayed,
             limiter=self.limiter,
             client=forwarded.client,
-            config=self._config,
+            send_timeout=self._config.send_timeout,
         )
 
 
@@ -160,10 +205,20 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         ) as client:
             upstream = Upstream(client, config)
             try:
-                async with open_downloads(config, upstream, routes) as downloads:
+                async with (
+                    open_downloads(config, upstream, routes) as downloads,
+                    open_cache(config, upstream) as cache,
+                ):
+                    if cache is not None:
+                        metrics.watch_cache(cache)
                     readiness.started = True
                     try:
-                        yield {"upstream": upstream, "routes": routes, "downloads": downloads}
+                        yield {
+                            "upstream": upstream,
+                            "routes": routes,
+                            "downloads": downloads,
+                            "cache": cache,
+                        }
                     finally:
                         readiness.draining = True
             except StartupError as exc:
