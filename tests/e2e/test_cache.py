@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import RelayThread, curl, sha256_stream, wait_until
+from tests.harness import RelayThread, wait_until
 from tests.origin import Origin, expected_sha256
 
 MiB = 1024 * 1024
