@@ -20,7 +20,8 @@ Endpoints
     ``?gzip=1`` and ``?cl=0`` (chunked).  Fault parameters: ``close_after``, ``reset_after``,
     ``stall_after``, ``stall_headers``, ``reset_headers``, ``chunked_die``, ``bad_framing``
     (``cl_te`` | ``dup_cl`` | ``bad_chunk``), ``delay``, ``drop_once`` (+ ``key``),
-    ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version.
+    ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version; ``cc`` replaces
+    the Cache-Control value, ``vary`` adds a Vary header.
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
@@ -915,10 +916,12 @@ class _Core:
         validators: Headers = [
             ("ETag", etag),
             ("Last-Modified", last_modified),
-            ("Cache-Control", _CACHE_CONTROL),
+            ("Cache-Control", req.param("cc") or _CACHE_CONTROL),
         ]
         if gzip_param and size <= GZIP_MAX:
             validators.append(("Vary", "Accept-Encoding"))
+        elif req.param("vary"):
+            validators.append(("Vary", req.param("vary") or ""))
 
         # -- conditionals (RFC 9110 13.2.2; If-Match/If-Unmodified-Since not implemented)
         inm = req.header("if-none-match")

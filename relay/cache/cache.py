@@ -183,6 +183,15 @@ class Cache:
         remove_quietly(entry.directory / DATA)
         return True
 
+    def purge_key(self, base: str) -> int:
+        """Drop the object of one URL, every encoding variant included."""
+        count = int(self.drop(base))
+        for key in self.index.keys_with_prefix(base + "\x00ae="):
+            count += self.drop(key)
+        self.index.vary.pop(base, None)
+        self._passes.pop(base, None)
+        return count
+
     def purge_prefix(self, prefix: str) -> int:
         """Drop every object whose key starts with `prefix` (a route prefix + path prefix)."""
         count = 0

@@ -111,6 +111,8 @@ class Fill:
         self.readers = 0
         self.coalesced = 0
         self.digest_mismatch = False
+        self.prefetch = False
+        """Started without a client: runs to completion, whatever the idle timeout."""
         self._idle_since: float | None = time.monotonic()
 
     # ---- readers ------------------------------------------------------------------------
@@ -292,7 +294,11 @@ class Fill:
 
     def _check_idle(self) -> None:
         since = self._idle_since
-        if since is not None and time.monotonic() - since > self._idle_timeout:
+        if (
+            since is not None
+            and not self.prefetch
+            and time.monotonic() - since > self._idle_timeout
+        ):
             raise FillAbandoned("no client for cache_fill_idle_timeout")
 
     async def _resume(

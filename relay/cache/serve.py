@@ -213,6 +213,7 @@ class CachedResponse(Response):
             fd = os.open(fill.partial, os.O_RDONLY)
         except FileNotFoundError:
             # Published (renamed) in between: read the stored object.
+            await fill.wait_finished()
             entry = self._cache.index.get(fill.key)
             if entry is None:
                 return self._fallback()
@@ -278,6 +279,17 @@ class CachedResponse(Response):
                 if fill is not None and fill.published and stop < 0:
                     stop = fill.written
                     continue
+                if (
+                    fill is not None
+                    and not fill.published
+                    and fill.length is not None
+                    and position >= fill.length - 1
+                ):
+                    # The object's last byte goes out only once it is verified and stored:
+                    # a client that trusts Content-Length never ends a clean body early.
+                    await fill.wait_finished()
+                    if not fill.published:
+                        self._abort(f"cache fill failed: {fill.failed}")
                 if fill is not None and not fill.published:
                     await fill.wait_beyond(position)
                     if fill.written <= position:
@@ -285,6 +297,8 @@ class CachedResponse(Response):
                             continue
                         self._abort(f"cache fill failed: {fill.failed}")
                     available = fill.written
+                    if fill.length is not None and not fill.published:
+                        available = min(available, fill.length - 1)
                 else:
                     available = stop
                 want = min(CHUNK, available - position)

@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from relay.cache.admin import routes as cache_routes
 from relay.cache.cache import Cache, open_cache
 from relay.cache.key import base_key, encoding_variant
 from relay.cache.serve import CachedResponse
@@ -235,6 +236,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         *download_routes(config),
+        *cache_routes(config),
     ]
     app = Starlette(
         routes=[*own_routes, Route("/{path:path}", relay, methods=["GET", "HEAD"])],

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import RelayThread, wait_until
+from tests.harness import RelayThread, abort_download, curl, sha256_stream, wait_until
 from tests.origin import Origin, expected_sha256
 
 MiB = 1024 * 1024
@@ -39,7 +39,9 @@ def _gets(origin: Origin, path: str) -> list[str]:
 
 
 def _settled(relay: RelayThread) -> None:
+    """No stream slot or upstream connection held, and every fill task over (published)."""
     assert relay.settled(), "relay did not settle"
+    assert wait_until(lambda: relay.stray_tasks() == []), relay.stray_tasks()
 
 
 def test_cache_miss_is_stored_then_hit_from_disk(
@@ -117,3 +119,307 @@ def test_cache_sixteen_clients_coalesce_from_the_first_byte(
     # Each client had bytes while the origin was still sending: none waited for the fill.
     assert max(first for _, _, first in results) < size
     _settled(relay)
+
+
+def _data_files(root: Path) -> list[Path]:
+    return sorted((root / "objects").rglob("data*")) if (root / "objects").exists() else []
+
+
+def _status(relay: RelayThread, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.get(f"{relay.url}{path}", timeout=30, **kwargs)
+
+
+def test_cache_client_killed_mid_fill_others_continue(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A client reset mid-fill leaves the others' transfers and the fill untouched."""
+    relay = cached()
+    origin.reset_stats()
+    path = f"/o/gen/8m?v=13&slow={4 * MiB}"
+    results: list[str] = []
+
+    def full() -> None:
+        with httpx.stream("GET", relay.url + path, timeout=60) as response:
+            results.append(sha256_stream(response)[0])
+
+    others = [threading.Thread(target=full) for _ in range(2)]
+    for t in others:
+        t.start()
+    assert wait_until(lambda: origin.body_bytes > 0)
+    abort_download(relay.port, path, 512 * 1024)
+    for t in others:
+        t.join(60)
+    assert results == [expected_sha256(8 * MiB)] * 2
+    assert len(_gets(origin, "/gen/8m")) == 1
+    assert origin.body_bytes == 8 * MiB
+    _settled(relay)
+
+
+def test_cache_only_client_leaving_fill_completes(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """When the only client leaves, the fill goes on; the next request is a hit."""
+    relay = cached()
+    origin.reset_stats()
+    path = f"/o/gen/4m?v=14&slow={4 * MiB}"
+    abort_download(relay.port, path, 256 * 1024)
+    assert wait_until(lambda: origin.body_bytes == 4 * MiB)
+    _settled(relay)
+    again = _status(relay, path)
+    assert again.headers["cache-status"].startswith("relay; hit")
+    assert hashlib.sha256(again.content).hexdigest() == expected_sha256(4 * MiB)
+    assert len(_gets(origin, "/gen/4m")) == 1
+
+
+def test_cache_fill_resumes_with_a_strong_validator(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """An upstream cut mid-fill is resumed (Range + If-Range): the client's body is exact
+    and the object is stored."""
+    relay = cached()
+    origin.reset_stats()
+    path = "/o/gen/2m?v=15&drop_once=300000&key=c15"
+    with httpx.stream("GET", relay.url + path, timeout=30) as response:
+        assert response.headers["cache-status"] == "relay; fwd=miss; stored"
+        assert sha256_stream(response) == (expected_sha256(2 * MiB), 2 * MiB)
+    gets = [r for r in origin.requests if r.path == "/gen/2m"]
+    assert len(gets) == 2
+    assert (gets[1].header("range") or "").endswith("-2097151")
+    assert gets[1].header("if-range") == '"gen-2097152-v15"'
+    _settled(relay)
+    assert _status(relay, path).headers["cache-status"].startswith("relay; hit")
+
+
+def test_cache_upstream_death_without_resume_aborts_and_stores_nothing(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """A fill that cannot be resumed (the object changes on every request) aborts every
+    attached client (curl exit 18) and publishes nothing."""
+    relay = cached(resume_attempts=1)
+    origin.reset_stats()
+    path = "/o/gen/2m?v=16&etag_changes=1&close_after=500000"
+    code, _, size = curl(relay.url + path)
+    assert code in (18, 56) and size < 2 * MiB
+    _settled(relay)
+    assert _data_files(tmp_path / "cache") == []
+
+
+def test_cache_upstream_death_no_strong_validator_aborts(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """Without resume (resume_attempts = 0 stands for an upstream with no strong validator:
+    nothing may be continued), a cut fill aborts the client and stores nothing."""
+    relay = cached(resume_attempts=0)
+    origin.reset_stats()
+    code, _, size = curl(relay.url + "/o/gen/2m?v=17&close_after=400000")
+    assert code in (18, 56) and size < 2 * MiB
+    _settled(relay)
+    assert _data_files(tmp_path / "cache") == []
+
+
+def test_cache_restart_mid_fill_serves_nothing_incomplete(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """What a relay killed mid-fill leaves (a partial data file, a meta not marked complete,
+    a data file without meta) is never served: the next relay removes it and fetches whole."""
+    first = cached()
+    path = "/o/gen/2m?v=18"
+    assert _status(first, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(first)
+    first.stop()
+    root = tmp_path / "cache" / "objects"
+    (meta,) = root.rglob("meta.json")
+    # The state a kill mid-fill leaves: meta not complete (written before the data is
+    # renamed), a partial file; and an object directory with data but no meta at all.
+    meta.write_text(meta.read_text().replace('"complete":true', '"complete":false'))
+    (meta.parent / "data.partial").write_bytes(b"x" * 1000)
+    stray = root / "ab" / ("ab" + "0" * 62)
+    stray.mkdir(parents=True)
+    (stray / "data").write_bytes(b"half")
+    origin.reset_stats()
+    second = cached()
+    again = _status(second, path)
+    assert again.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert hashlib.sha256(again.content).hexdigest() == expected_sha256(2 * MiB)
+    assert origin.body_bytes == 2 * MiB
+    assert not stray.exists()
+
+
+def test_cache_survives_a_restart(origin: Origin, cached: Callable[..., RelayThread]) -> None:
+    first = cached()
+    path = "/o/gen/1m?v=19"
+    assert _status(first, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(first)
+    first.stop()
+    origin.reset_stats()
+    second = cached()
+    again = _status(second, path)
+    assert again.headers["cache-status"].startswith("relay; hit")
+    assert hashlib.sha256(again.content).hexdigest() == expected_sha256(MiB)
+    assert _gets(origin, "/gen/1m") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("cc=no-store", "no-store"),
+        ("cc=private,max-age=60", "private"),
+        ("vary=User-Agent", "vary"),
+    ],
+)
+def test_cache_does_not_store(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path, query: str, reason: str
+) -> None:
+    """no-store, private and a Vary other than Accept-Encoding are relayed, not stored."""
+    relay = cached()
+    origin.reset_stats()
+    for _ in range(2):
+        response = _status(relay, f"/o/gen/64k?v=20&{query}")
+        assert response.status_code == 200
+        assert "cache-status" not in response.headers
+        assert hashlib.sha256(response.content).hexdigest() == expected_sha256(64 * 1024)
+    _settled(relay)
+    assert _data_files(tmp_path / "cache") == []
+    assert len(_gets(origin, "/gen/64k")) >= 2, reason
+
+
+def test_cache_vary_accept_encoding_keeps_one_variant_per_encoding(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """An identity client never gets the gzip variant, and each variant is then a hit."""
+    relay = cached()
+    origin.reset_stats()
+    path = "/o/gen/64k?v=21&gzip=1"
+    gz = {"accept-encoding": "gzip"}
+    ident = {"accept-encoding": "identity"}
+    for _ in range(2):
+        for headers in (gz, ident, gz, ident):
+            response = _status(relay, path, headers=headers)
+            if headers is ident:
+                assert "content-encoding" not in response.headers
+                assert hashlib.sha256(response.content).hexdigest() == expected_sha256(64 * 1024)
+            else:
+                assert response.headers["content-encoding"] == "gzip"
+        _settled(relay)
+    assert _status(relay, path, headers=gz).headers["cache-status"].startswith("relay; hit")
+    last = _status(relay, path, headers=ident)
+    assert last.headers["cache-status"].startswith("relay; hit")
+    assert "content-encoding" not in last.headers
+
+
+def test_cache_revalidates_with_one_conditional_request(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A stale entry is refreshed by a 304 without refetching bytes."""
+    relay = cached()
+    origin.reset_stats()
+    path = "/o/gen/256k?v=22&cc=max-age=0"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    again = _status(relay, path)
+    assert again.status_code == 200
+    assert again.headers["cache-status"] == "relay; fwd=stale; fwd-status=304"
+    assert hashlib.sha256(again.content).hexdigest() == expected_sha256(256 * 1024)
+    gets = [r for r in origin.requests if r.path == "/gen/256k"]
+    assert len(gets) == 2 and gets[1].header("if-none-match") == '"gen-262144-v22"'
+    assert origin.body_bytes == 256 * 1024
+
+
+def test_cache_changed_object_replaces_the_entry(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A revalidation answered 200 (the object changed) stores the new version."""
+    relay = cached()
+    path = "/o/gen/256k?v=23&cc=max-age=0&etag_changes=1"
+    first = _status(relay, path)
+    _settled(relay)
+    second = _status(relay, path)
+    assert second.headers["cache-status"] == "relay; fwd=stale; stored"
+    assert second.headers["etag"] != first.headers["etag"]
+    assert hashlib.sha256(second.content).hexdigest() == expected_sha256(256 * 1024)
+
+
+def test_cache_client_conditionals_and_ranges_on_a_hit(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    relay = cached()
+    path = "/o/gen/1m?v=24"
+    etag = _status(relay, path).headers["etag"]
+    _settled(relay)
+    assert _status(relay, path, headers={"if-none-match": etag}).status_code == 304
+    part = _status(relay, path, headers={"range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 100-199/{MiB}"
+    assert hashlib.sha256(part.content).hexdigest() == expected_sha256(MiB, 100, 200)
+    assert _status(relay, path, headers={"range": f"bytes={MiB}-"}).status_code == 416
+    stale_if_range = {"range": "bytes=0-9", "if-range": '"other"'}
+    assert _status(relay, path, headers=stale_if_range).status_code == 200
+
+
+def test_cache_stale_if_error_with_the_origin_down(
+    cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """A stale object is served when the upstream is down and allowed it (stale-if-error);
+    without that allowance the client gets the 502 a relayed request would."""
+    from relay.config import Route
+
+    down = Origin().start()
+    routes = (Route(prefix="/d/", upstream=down.url + "/", allow_private=True),)
+    relay = cached(routes=routes)
+    allowed = "/d/gen/64k?v=25&cc=max-age=0,stale-if-error=600"
+    silent = "/d/gen/64k?v=26&cc=max-age=0"
+    for path in (allowed, silent):
+        assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    down.stop()
+    stale = _status(relay, allowed)
+    assert stale.status_code == 200
+    assert stale.headers["cache-status"].startswith("relay; hit; fwd=stale; fwd-status=502")
+    assert hashlib.sha256(stale.content).hexdigest() == expected_sha256(64 * 1024)
+    assert _status(relay, silent).status_code == 502
+
+
+def test_cache_purge_needs_the_admin_credential(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    relay = cached(admin_token="sesame")
+    path = "/o/gen/64k?v=27"
+    _status(relay, path)
+    _settled(relay)
+    assert httpx.delete(f"{relay.url}/cache{path}").status_code == 401
+    assert (
+        httpx.delete(
+            f"{relay.url}/cache{path}", headers={"x-relay-admin-token": "wrong"}
+        ).status_code
+        == 403
+    )
+    assert _status(relay, path).headers["cache-status"].startswith("relay; hit")
+    ok = httpx.delete(f"{relay.url}/cache{path}", headers={"x-relay-admin-token": "sesame"})
+    assert ok.status_code == 200 and ok.json() == {"purged": 1}
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    purge = httpx.post(
+        f"{relay.url}/cache/purge",
+        json={"prefix": "/o/gen/"},
+        headers={"x-relay-admin-token": "sesame"},
+    )
+    assert purge.json() == {"purged": 1}
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+
+
+def test_cache_prefetch_warms_an_object(origin: Origin, cached: Callable[..., RelayThread]) -> None:
+    relay = cached(admin_token="sesame")
+    origin.reset_stats()
+    token = {"x-relay-admin-token": "sesame"}
+    assert (
+        httpx.post(f"{relay.url}/cache/prefetch", json={"path": "/o/gen/1m?v=28"}).status_code
+        == 401
+    )
+    started = httpx.post(
+        f"{relay.url}/cache/prefetch", json={"path": "/o/gen/1m?v=28"}, headers=token
+    )
+    assert started.status_code == 202
+    _settled(relay)
+    hit = _status(relay, "/o/gen/1m?v=28")
+    assert hit.headers["cache-status"].startswith("relay; hit")
+    assert origin.body_bytes == MiB
