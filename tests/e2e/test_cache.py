@@ -4,6 +4,8 @@ counting the origin's requests and body bytes."""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -427,3 +429,53 @@ def test_cache_prefetch_warms_an_object(origin: Origin, cached: Callable[..., Re
     hit = _status(relay, "/o/gen/1m?v=28")
     assert hit.headers["cache-status"].startswith("relay; hit")
     assert origin.body_bytes == MiB
+
+
+def test_cache_eviction_keeps_a_reader_streaming(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Past cache_max_bytes the least recently used object is evicted (unlinked): a client
+    streaming it still gets every byte."""
+    relay = cached(cache_max_bytes=3 * MiB, cache_max_object_bytes=2 * MiB)
+    first, second = "/o/gen/2m?v=29", "/o/gen/2m?v=30"
+    _status(relay, first)
+    _settled(relay)
+    with httpx.stream("GET", relay.url + first, timeout=30) as reading:
+        assert reading.headers["cache-status"].startswith("relay; hit")
+        chunks = reading.iter_raw()
+        head = next(chunks)
+        assert _status(relay, second).headers["cache-status"] == "relay; fwd=miss; stored"
+        digest = hashlib.sha256(head)
+        for chunk in chunks:
+            digest.update(chunk)
+    assert digest.hexdigest() == expected_sha256(2 * MiB)
+    metrics = httpx.get(relay.url + "/metrics").text
+    assert "relay_cache_evictions_total 1.0" in metrics
+    assert _status(relay, first).headers["cache-status"] == "relay; fwd=miss; stored"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_cache_disk_full_stops_the_fill_cleanly(
+    origin: Origin, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    """A full disk mid-fill aborts the attached client (never a short clean body), leaves
+    nothing half-written, and relay keeps serving and caching what fits."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        relay = make_relay(cache_dir=str(mount), cache_max_bytes=100 * MiB)
+        code, _, size = curl(relay.url + "/o/gen/16m?v=31")
+        assert code in (18, 56)
+        assert size < 16 * MiB
+        _settled(relay)
+        assert list(mount.rglob("data*")) == []
+        small = _status(relay, "/o/gen/64k?v=31")
+        assert small.status_code == 200
+        assert hashlib.sha256(small.content).hexdigest() == expected_sha256(64 * 1024)
+        _settled(relay)
+        assert _status(relay, "/o/gen/64k?v=31").headers["cache-status"].startswith("relay; hit")
+        relay.stop()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
