@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable
@@ -479,3 +480,67 @@ def test_cache_disk_full_stops_the_fill_cleanly(
         relay.stop()
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed")
+def test_cache_aria2c_sixteen_connections_cold_then_warm(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """aria2c -x16 on a cold object costs the upstream each byte once; warm, nothing."""
+    relay = cached()
+    size = 32 * MiB
+    path = f"/o/gen/32m?v=32&slow={32 * MiB}"
+    for round_, out in enumerate(("cold.bin", "warm.bin")):
+        origin.reset_stats()
+        proc = subprocess.run(
+            [
+                "aria2c",
+                "-q",
+                "-x16",
+                "-s16",
+                "-k1M",
+                "--allow-overwrite=true",
+                "--file-allocation=none",
+                "-d",
+                str(tmp_path),
+                "-o",
+                out,
+                relay.url + path,
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        data = (tmp_path / out).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == expected_sha256(size)
+        _settled(relay)
+        assert origin.body_bytes == (size if round_ == 0 else 0)
+
+
+def test_cache_slow_readers_hold_no_upstream_connection(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Clients that stop reading on a cached route do not hold the upstream: the fill runs at
+    the upstream's speed, finishes and returns its connection while they still read."""
+    relay = cached()
+    origin.reset_stats()
+    size = 8 * MiB
+    path = "/o/gen/8m?v=33"
+    streams = [httpx.stream("GET", relay.url + path, timeout=30) for _ in range(8)]
+    responses = [s.__enter__() for s in streams]
+    try:
+        iterators = [r.iter_raw() for r in responses]
+        digests = [hashlib.sha256(next(it)) for it in iterators]
+        # Every client has read one chunk and stopped; the fill completes without them.
+        assert wait_until(lambda: origin.body_bytes == size)
+        assert wait_until(lambda: not any("Cache._run" in t for t in relay.stray_tasks()))
+        assert wait_until(lambda: relay.connections_in_use() == 0)
+        assert len(_gets(origin, "/gen/8m")) == 1
+        for digest, it in zip(digests, iterators, strict=True):
+            for chunk in it:
+                digest.update(chunk)
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    assert [d.hexdigest() for d in digests] == [expected_sha256(size)] * 8
