@@ -21,7 +21,8 @@ Endpoints
     ``stall_after``, ``stall_headers``, ``reset_headers``, ``chunked_die``, ``bad_framing``
     (``cl_te`` | ``dup_cl`` | ``bad_chunk``), ``delay``, ``drop_once`` (+ ``key``),
     ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version; ``cc`` replaces
-    the Cache-Control value, ``vary`` adds a Vary header.
+    the Cache-Control value, ``vary`` adds a Vary header, ``repr_digest=good|bad`` a
+    ``Repr-Digest`` of the whole body (``bad``: of zeros).
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import calendar
 import contextlib
 import email.utils
@@ -918,6 +920,12 @@ class _Core:
             ("Last-Modified", last_modified),
             ("Cache-Control", req.param("cc") or _CACHE_CONTROL),
         ]
+        repr_digest = req.param("repr_digest")
+        if repr_digest in ("good", "bad") and not use_gzip:
+            digest = hashlib.sha256(body_bytes(size)).digest()
+            if repr_digest == "bad":
+                digest = bytes(32)
+            validators.append(("Repr-Digest", f"sha-256=:{base64.b64encode(digest).decode()}:"))
         if gzip_param and size <= GZIP_MAX:
             validators.append(("Vary", "Accept-Encoding"))
         elif req.param("vary"):

@@ -544,3 +544,43 @@ def test_cache_slow_readers_hold_no_upstream_connection(
         for s in streams:
             s.__exit__(None, None, None)
     assert [d.hexdigest() for d in digests] == [expected_sha256(size)] * 8
+
+
+def test_cache_verifies_the_announced_digest(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """A Repr-Digest that matches lets the object be stored; one that does not aborts the
+    client before the last byte, stores nothing and is counted."""
+    relay = cached()
+    good = _status(relay, "/o/gen/256k?v=34&repr_digest=good")
+    assert good.headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    assert (
+        _status(relay, "/o/gen/256k?v=34&repr_digest=good")
+        .headers["cache-status"]
+        .startswith("relay; hit")
+    )
+    code, _, size = curl(relay.url + "/o/gen/256k?v=35&repr_digest=bad")
+    assert code in (18, 56)
+    assert size < 256 * 1024
+    _settled(relay)
+    assert "relay_cache_digest_mismatches_total 1.0" in httpx.get(relay.url + "/metrics").text
+    assert len(_data_files(tmp_path / "cache")) == 1
+
+
+def test_cache_cold_range_costs_the_upstream_only_the_range(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A 1 MiB range of a cold 256 MiB object is relayed: the upstream sends that MiB only
+    (slices are not stored yet; see README)."""
+    relay = cached()
+    origin.reset_stats()
+    part = _status(
+        relay, "/o/gen/256m?v=36", headers={"range": f"bytes={100 * MiB}-{101 * MiB - 1}"}
+    )
+    assert part.status_code == 206
+    assert hashlib.sha256(part.content).hexdigest() == expected_sha256(
+        256 * MiB, 100 * MiB, 101 * MiB
+    )
+    _settled(relay)
+    assert origin.body_bytes == MiB
