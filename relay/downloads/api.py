@@ -24,11 +24,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from relay.credentials import AdminAuth
-from relay.downloads.errors import DownloadsError, InvalidField, NotFound
 from relay.downloads.intake import parse_order
 from relay.downloads.jobs import DownloadManager
 from relay.downloads.names import is_job_id
-from relay.errors import ClientError
+from relay.errors import (
+    DownloadsError,
+    InvalidField,
+    NotFound,
+    RelayError,
+    json_error_response,
+)
 
 MAX_BODY = 16 * 1024
 LIST_DEFAULT = 100
@@ -39,12 +44,14 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def json_errors(endpoint: Endpoint) -> Endpoint:
+    """The downloads API's one error boundary: any RelayError answered as JSON, no-store."""
+
     @functools.wraps(endpoint)
     async def wrapper(request: Request) -> Response:
         try:
             return await endpoint(request)
-        except DownloadsError as exc:
-            return JSONResponse(exc.to_json(), exc.status_code, headers=NO_STORE)
+        except RelayError as exc:
+            return json_error_response(exc, NO_STORE)
 
     return wrapper
 
@@ -54,12 +61,10 @@ def admin_only(endpoint: Endpoint, admin: AdminAuth | None) -> Endpoint:
     if admin is None:
         return endpoint
 
+    @json_errors
     @functools.wraps(endpoint)
     async def wrapper(request: Request) -> Response:
-        try:
-            admin.check(request.headers.raw)
-        except ClientError as exc:
-            return JSONResponse({"error": exc.reason}, exc.status_code, headers=NO_STORE)
+        admin.check(request.headers.raw)
         return await endpoint(request)
 
     return wrapper

@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from relay.downloads.api import NO_STORE, json_errors, manager_of
-from relay.downloads.errors import InvalidField, NotFound
 from relay.downloads.names import NAME_PATTERN, is_name
+from relay.errors import InvalidField, NotFound
 from relay.http.ranges import Unsatisfiable, parse_range
 from relay.http.validators import (
     format_http_date,

@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.downloads.errors import InvalidField, NotFound
 from relay.downloads.names import check_name, name_from_path
-from relay.errors import NoRoute, RelayError
+from relay.errors import InvalidField, NoRoute, NotFound, RelayError
 from relay.net.routing import RouteTable
 
 FIELDS = frozenset({"path", "url", "sha256", "size", "name"})

@@ -28,21 +28,16 @@ import os
 import time
 from pathlib import Path
 
+from relay import disk
 from relay.config import Config
-from relay.downloads.errors import (
-    Conflict,
-    InsufficientStorage,
-    JobFailed,
-    NotFound,
-    Unavailable,
-)
+from relay.downloads.errors import JobFailed
 from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
 from relay.downloads.model import Job, State
 from relay.downloads.names import DataDir, new_job_id
 from relay.downloads.store import JobStore, StoreError
-from relay.downloads.writer import PartialFile, hash_file, remove_quietly
-from relay.errors import ClientError
+from relay.downloads.writer import PartialFile
+from relay.errors import ClientError, Conflict, InsufficientStorage, NotFound, Unavailable
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
 
@@ -84,7 +79,7 @@ class DownloadManager:
         orphans = await asyncio.to_thread(self._data.orphan_partials, {j.id for j in unfinished})
         for orphan in orphans:
             logger.info("removing partial file without a job: %s", orphan.name)
-            await asyncio.to_thread(remove_quietly, orphan)
+            await asyncio.to_thread(disk.remove_quietly, orphan)
         for job in unfinished:
             on_disk = await asyncio.to_thread(_size_of, self._data.partial(job.id))
             if on_disk is None and await self._adopt(job):
@@ -182,7 +177,7 @@ class DownloadManager:
         if stored.state == State.COMPLETED:
             holder = await self._store.completed_with_name(stored.name)
             if holder is not None and holder.id == stored.id:
-                await asyncio.to_thread(remove_quietly, self._data.file(stored.name))
+                await asyncio.to_thread(disk.remove_quietly, self._data.file(stored.name))
         await self._store.delete(job_id)
         logger.info("download %s deleted", job_id)
         return None
@@ -194,11 +189,11 @@ class DownloadManager:
             task.cancel()
             await asyncio.wait([task])
         if job.state.active:
-            await asyncio.to_thread(remove_quietly, self._data.partial(job.id))
+            await asyncio.to_thread(disk.remove_quietly, self._data.partial(job.id))
             if await self._store.completed_with_name(job.name) is None:
                 # Stopped between the rename and its record: the name was reserved
                 # for this job, so a file under it is this job's.
-                await asyncio.to_thread(remove_quietly, self._data.file(job.name))
+                await asyncio.to_thread(disk.remove_quietly, self._data.file(job.name))
             await self._finish(job, state, reason)
 
     async def published(self, name: str) -> tuple[Path, Job] | None:
@@ -241,7 +236,7 @@ class DownloadManager:
                 logger.info("download %s completed: %s (%s)", job.id, job.name, digest)
                 await self._finish(job, State.COMPLETED)
                 return
-            await asyncio.to_thread(remove_quietly, partial_path)
+            await asyncio.to_thread(disk.remove_quietly, partial_path)
             await self._finish(job, State.FAILED, reason)
 
     async def _download(self, job: Job, partial_path: Path) -> str:
@@ -398,8 +393,8 @@ class DownloadManager:
             return False
         if await self._store.completed_with_name(job.name) is not None:
             return False
-        hasher, size = await asyncio.to_thread(hash_file, target)
-        digest = hasher.hexdigest()
+        on_disk = await asyncio.to_thread(disk.hash_file, target)
+        digest, size = on_disk.hexdigest, on_disk.size
         digests = {job.expected_sha256, job.upstream_sha256} - {None}
         sizes = {job.total, job.expected_size} - {None}
         if digests - {digest} or sizes - {size}:

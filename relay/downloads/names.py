@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote
 
-from relay.downloads.errors import InvalidField
+from relay.errors import InvalidField
 
 NAME_PATTERN = "[A-Za-z0-9._-]{1,200}, not starting with '.'"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")

@@ -15,9 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.downloads.errors import Unavailable
 from relay.downloads.model import Job, State
-from relay.errors import StartupError
+from relay.errors import StartupError, Unavailable
 
 T = TypeVar("T")
 

@@ -10,10 +10,10 @@ The life of `partial/{id}.partial`:
   written in a worker thread while the next one is received (a network read is often a few
   KiB: one thread hop per read cost far more CPU, and waiting for each write idled the
   download). A write error is reported by the next write, `publish` or `close` call;
-- `publish` checks size and digest, fsyncs the file, `os.replace`s it into `files/{name}`
-  and fsyncs that directory. The final name never exists before the bytes were verified
-  (apt's "Hash Sum mismatch" is never published), and a crash leaves either the partial file
-  or the complete final file, never a torn one.
+- `publish` checks size and digest, then `relay.disk.publish`es it into `files/{name}`
+  (fsync, no overwrite, directory fsync). The final name never exists before the bytes were
+  verified (apt's "Hash Sum mismatch" is never published), and a crash leaves either the
+  partial file or the complete final file, never a torn one.
 
 Disk errors (ENOSPC, EIO, ...) come out as `DiskError` naming the cause.
 """
@@ -22,64 +22,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiofiles
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
+from relay import disk
 from relay.downloads.errors import DiskError, VerificationFailed
-
-if TYPE_CHECKING:
-    from _hashlib import HASH
 
 logger = logging.getLogger(__name__)
 
-REHASH_BLOCK = 1024 * 1024
 WRITE_BLOCK = 1024 * 1024
 """Bytes gathered per write. A download holds at most two blocks: one being written, one
 being filled."""
 
 
 class PartialFile:
-    def __init__(self, path: Path, file: AsyncBufferedIOBase, hasher: HASH, size: int) -> None:
+    def __init__(self, path: Path, file: AsyncBufferedIOBase, written: disk.Sha256) -> None:
         self.path = path
         self._file: AsyncBufferedIOBase | None = file
-        self._hasher = hasher
-        self._size = size
+        self._written = written
         self._buffer = bytearray()
         self._pending: asyncio.Future[int] | None = None
 
     @classmethod
     async def open(cls, path: Path) -> PartialFile:
         """Resume the partial file at `path` if it exists (re-hashing it), else create it."""
-        try:
+        with disk_errors(f"opening {path.name}"):
             if await asyncio.to_thread(path.exists):
-                hasher, size = await asyncio.to_thread(hash_file, path)
-                file = await aiofiles.open(path, "ab", opener=_no_follow)
-                logger.info("resuming %s: re-hashed %d bytes already on disk", path.name, size)
+                written = await asyncio.to_thread(disk.hash_file, path)
+                file = await aiofiles.open(path, "ab", opener=disk.no_follow)
+                logger.info(
+                    "resuming %s: re-hashed %d bytes already on disk", path.name, written.size
+                )
             else:
-                hasher, size = hashlib.sha256(), 0
-                file = await aiofiles.open(path, "xb", opener=_no_follow)
-        except OSError as exc:
-            raise DiskError.from_os_error(exc, f"opening {path.name}") from exc
-        return cls(path, file, hasher, size)
+                written = disk.Sha256()
+                file = await aiofiles.open(path, "xb", opener=disk.no_follow)
+        return cls(path, file, written)
 
     @property
     def size(self) -> int:
         """Bytes accepted so far (the offset to resume from)."""
-        return self._size
+        return self._written.size
 
     def hexdigest(self) -> str:
-        return self._hasher.hexdigest()
+        return self._written.hexdigest
 
     async def write(self, data: bytes) -> None:
         self._require_open()
-        self._hasher.update(data)
-        self._size += len(data)
+        self._written.update(data)
         self._buffer += data
         if len(self._buffer) >= WRITE_BLOCK:
             await self._flush_buffer()
@@ -100,9 +93,8 @@ class PartialFile:
         try:
             # Shielded: a cancelled download leaves the write running; `close` waits for it,
             # so writes never overlap and the file is never closed under one.
-            await asyncio.shield(pending)
-        except OSError as exc:
-            raise DiskError.from_os_error(exc, f"writing {self.path.name}") from exc
+            with disk_errors(f"writing {self.path.name}"):
+                await asyncio.shield(pending)
         finally:
             if pending.done():
                 self._pending = None
@@ -116,13 +108,10 @@ class PartialFile:
         file = self._require_open()
         self._buffer = bytearray()
         await self._settle()
-        try:
+        with disk_errors(f"truncating {self.path.name}"):
             await file.seek(0)
             await file.truncate()
-        except OSError as exc:
-            raise DiskError.from_os_error(exc, f"truncating {self.path.name}") from exc
-        self._hasher = hashlib.sha256()
-        self._size = 0
+        self._written.reset()
 
     async def publish(
         self,
@@ -133,9 +122,9 @@ class PartialFile:
         upstream_sha256: str | None,
     ) -> str:
         """Verify, then move into place; returns the digest. The partial file is consumed."""
-        if expected_size is not None and self._size != expected_size:
+        if expected_size is not None and self.size != expected_size:
             raise VerificationFailed(
-                f"size mismatch: received {self._size} bytes, expected {expected_size}"
+                f"size mismatch: received {self.size} bytes, expected {expected_size}"
             )
         digest = self.hexdigest()
         if expected_sha256 is not None and digest != expected_sha256:
@@ -145,15 +134,18 @@ class PartialFile:
                 f"sha256 mismatch: the upstream announced {upstream_sha256}, got {digest}"
             )
         file = self._require_open()
-        try:
+        with disk_errors(f"publishing {target.name}"):
             await self._flush_buffer()
             await self._wait_for_write()
             await file.flush()
-            await asyncio.to_thread(os.fsync, file.fileno())
             await self.close()
-            await asyncio.to_thread(_move_into_place, self.path, target)
-        except OSError as exc:
-            raise DiskError.from_os_error(exc, f"publishing {target.name}") from exc
+            try:
+                await asyncio.to_thread(disk.publish, self.path, target)
+            except FileExistsError:
+                # Names are reserved before a download starts; this is a last line of defence.
+                raise VerificationFailed(
+                    f"{target.name} appeared while downloading; not overwritten"
+                ) from None
         return digest
 
     async def close(self) -> None:
@@ -171,7 +163,7 @@ class PartialFile:
         """Close and remove the partial file."""
         self._buffer = bytearray()
         await self.close()
-        await asyncio.to_thread(remove_quietly, self.path)
+        await asyncio.to_thread(disk.remove_quietly, self.path)
 
     async def _settle(self) -> None:
         """Wait for the write in progress, whatever its outcome (the bytes are moot now)."""
@@ -188,39 +180,10 @@ class PartialFile:
         return self._file
 
 
-def _no_follow(path: str, flags: int) -> int:
-    # Never write through a symlink planted where a partial file should be.
-    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
-
-
-def hash_file(path: Path) -> tuple[HASH, int]:
-    """The SHA-256 state and size of a file's contents (blocking: run it in a thread)."""
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "rb", opener=_no_follow) as fh:
-        while block := fh.read(REHASH_BLOCK):
-            hasher.update(block)
-            size += len(block)
-    return hasher, size
-
-
-def _move_into_place(partial: Path, target: Path) -> None:
-    if target.exists():
-        # Names are reserved before a download starts; this is a last line of defence.
-        raise VerificationFailed(f"{target.name} appeared while downloading; not overwritten")
-    os.replace(partial, target)
-    fsync_directory(target.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+@contextlib.contextmanager
+def disk_errors(doing: str) -> Iterator[None]:
+    """The one translation of OSError into DiskError (naming the cause) for a job's files."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        yield
+    except OSError as exc:
+        raise DiskError.from_os_error(exc, doing) from exc

@@ -3,14 +3,14 @@ stdout."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, BinaryIO, Protocol
 
+from relay import disk
 from relay.fetch.errors import LocalError, TransferFailed
 from relay.fetch.progress import format_size
 
@@ -19,7 +19,6 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX: no advisory lock on the partial
     fcntl = None  # type: ignore[assignment]
 
-_READ_CHUNK = 1 << 20
 _PART, _META = ".part", ".part.json"
 
 
@@ -49,7 +48,8 @@ class Meta:
 
 
 class Sink(Protocol):
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def write(self, data: bytes) -> None: ...
     def digest(self) -> str: ...
@@ -64,9 +64,11 @@ class PartialFile:
         self.final = final
         self.path = final.with_name(final.name + _PART)
         self.meta_path = final.with_name(final.name + _META)
-        self.size = 0
-        self._hash = hashlib.sha256()
-        self._file: IO[bytes] | None = None
+        self._writer: disk.HashingWriter | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self._writer is None else self._writer.size
 
     def open(self, url: str, *, resume: bool, note: Callable[[str], None]) -> Meta | None:
         """Create FILE.part exclusively, or take over an existing one.
@@ -74,21 +76,21 @@ class PartialFile:
         Returns the saved Meta when the existing bytes can be resumed (same URL, a validator,
         not longer than the total); they are re-hashed. Otherwise the partial is emptied.
         """
-        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        file: BinaryIO
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            file = disk.open_exclusive(self.path)
             fresh = True
         except FileExistsError:
-            fd = os.open(self.path, flags)
+            file = os.fdopen(os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0)), "r+b")
             fresh = False
-        self._file = os.fdopen(fd, "r+b")
+        fd = file.fileno()
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                self._file.close()
-                self._file = None
+                file.close()
                 raise LocalError(f"{self.path} is in use by another relay fetch") from None
+        self._writer = disk.HashingWriter(file)
         if fresh:
             self._remove_meta()
             return None
@@ -103,9 +105,7 @@ class PartialFile:
         elif meta.validator is None:
             why = "the server gave no validator to resume it with"
         if why is None and meta is not None:
-            while chunk := self._file.read(_READ_CHUNK):
-                self._hash.update(chunk)
-                self.size += len(chunk)
+            self._writer = disk.HashingWriter(file, resume=True)
             if meta.total is None or self.size <= meta.total:
                 if self.size:
                     note(f"resuming {self.path.name} at {format_size(self.size)}")
@@ -117,24 +117,18 @@ class PartialFile:
         return None
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self._hash.update(data)
-        self.size += len(data)
+        assert self._writer is not None
+        self._writer.write(data)
 
     def digest(self) -> str:
-        return self._hash.hexdigest()
+        assert self._writer is not None
+        return self._writer.sha256
 
     def restart(self) -> None:
         """Empty the partial (durably, before any new Meta can describe it)."""
-        assert self._file is not None
+        assert self._writer is not None
         self._remove_meta()
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._hash = hashlib.sha256()
-        self.size = 0
+        self._writer.truncate()
 
     def save_meta(self, meta: Meta) -> None:
         tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
@@ -145,26 +139,25 @@ class PartialFile:
         os.replace(tmp, self.meta_path)
 
     def publish(self) -> None:
-        """fsync FILE.part, rename it over FILE, fsync the directory, drop the sidecar."""
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        os.replace(self.path, self.final)
-        _fsync_dir(self.final.parent)
-        self._file.close()  # the lock is held until FILE is in place
-        self._file = None
+        """fsync FILE.part, rename it over FILE, fsync the directory, drop the sidecar.
+
+        Over: FILE was checked before starting (absent, or --force given).
+        """
+        assert self._writer is not None
+        self._writer.sync()
+        disk.replace(self.path, self.final)
+        self._writer.file.close()  # the lock is held until FILE is in place
         self._remove_meta()
 
     def close(self, *, keep: bool) -> None:
         """Close; keep the partial (and sidecar) for the next run, or remove both."""
-        if self._file is None:
+        if self._writer is None or self._writer.file.closed:
             return
         try:
-            self._file.close()
+            self._writer.file.close()
         finally:
-            self._file = None
             if not keep:
-                self.path.unlink(missing_ok=True)
+                disk.remove_quietly(self.path)
                 self._remove_meta()
 
     def _load_meta(self) -> Meta | None:
@@ -174,24 +167,24 @@ class PartialFile:
             return None
 
     def _remove_meta(self) -> None:
-        self.meta_path.unlink(missing_ok=True)
+        disk.remove_quietly(self.meta_path)
 
 
 class StdoutSink:
     """`-o -`: bytes go straight out; a retry can append but never start over."""
 
     def __init__(self, out: IO[bytes]) -> None:
-        self.size = 0
-        self._out = out
-        self._hash = hashlib.sha256()
+        self._out = disk.HashingWriter(out)
+
+    @property
+    def size(self) -> int:
+        return self._out.size
 
     def write(self, data: bytes) -> None:
         self._out.write(data)
-        self._hash.update(data)
-        self.size += len(data)
 
     def digest(self) -> str:
-        return self._hash.hexdigest()
+        return self._out.sha256
 
     def restart(self) -> None:
         if self.size:
@@ -201,14 +194,3 @@ class StdoutSink:
 
     def save_meta(self, meta: Meta) -> None:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

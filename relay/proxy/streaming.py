@@ -22,7 +22,7 @@ import httpx
 from starlette.responses import Response
 
 from relay.config import Config
-from relay.errors import RelayError, TransferAborted, UpstreamError
+from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.http.continuation import (
     STREAM_BACKOFF,
     Continuation,
@@ -56,12 +56,6 @@ RESET_KEY = "relay.reset_connection"
 # has started (a slow upstream): a client gone before that is noticed this much later, the
 # upstream attempt running on meanwhile. A body longer than one chunk starts the watcher at once.
 WATCH_AFTER = 0.05
-
-
-def error_response(exc: RelayError) -> Response:
-    """A short plain-text answer naming the cause; never a stack trace."""
-    body = f"{exc.status_code} {exc.reason}\n"
-    return Response(body, exc.status_code, headers=exc.headers, media_type="text/plain")
 
 
 def _reset(scope: Scope) -> None:

@@ -19,7 +19,7 @@ from relay.cache.serve import CachedResponse
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
-from relay.errors import ClientError, StartupError
+from relay.errors import ClientError, StartupError, error_response
 from relay.net.client import UpstreamClient
 from relay.net.routing import RouteTable
 from relay.net.transports import PooledTransport, make_transport
@@ -28,7 +28,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import exchange_of
 from relay.proxy.forwarded import ForwardedPolicy
 from relay.proxy.headers import upstream_request_headers
-from relay.proxy.streaming import RelayResponse, error_response
+from relay.proxy.streaming import RelayResponse
 from relay.server.auth import ClientAuth, ClientAuthMiddleware
 from relay.server.health import Readiness, healthz, readyz
 from relay.server.metrics import Metrics
@@ -68,28 +68,27 @@ class Relay:
         await self.response(scope)(scope, receive, send)
 
     def response(self, scope: Scope) -> Response:
+        try:
+            return self._relay(scope)
+        except ClientError as exc:  # the one place a refused request becomes its answer
+            exchange_of(scope).outcome = "rejected"
+            return error_response(exc)
+
+    def _relay(self, scope: Scope) -> Response:
         exchange = exchange_of(scope)
         raw_path = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
-        try:
-            target = self._routes.resolve(raw_path, scope.get("query_string", b""))
-        except ClientError as exc:
-            exchange.outcome = "rejected"
-            return error_response(exc)
+        target = self._routes.resolve(raw_path, scope.get("query_string", b""))
         exchange.route = target.route.prefix
         client = scope.get("client")
         forwarded = self._forwarded.resolve(
             client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
         )
-        try:
-            headers = upstream_request_headers(
-                scope["headers"],
-                forwarded=forwarded,
-                route=target.route,
-                request_id=scope.get(REQUEST_ID_KEY),
-            )
-        except ClientError as exc:
-            exchange.outcome = "rejected"
-            return error_response(exc)
+        headers = upstream_request_headers(
+            scope["headers"],
+            forwarded=forwarded,
+            route=target.route,
+            request_id=scope.get(REQUEST_ID_KEY),
+        )
         # The stream slot is taken and released by the response itself, around everything
         # it does (building the upstream request included).
         upstream: Upstream = scope["state"]["upstream"]

@@ -23,8 +23,7 @@ import hmac
 import time
 from collections.abc import Callable
 
-from relay.errors import Forbidden, RelayError, Unauthorized
-from relay.proxy.streaming import error_response
+from relay.errors import Forbidden, RelayError, Unauthorized, error_response
 from relay.types import ASGIApp, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})

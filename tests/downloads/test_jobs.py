@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from relay.config import Config, Route
-from relay.downloads.errors import DiskError, InvalidField, JobFailed, VerificationFailed
+from relay.downloads.errors import DiskError, JobFailed, VerificationFailed
 from relay.downloads.fetch import Fetcher, backoff_delay, request_headers
 from relay.downloads.intake import parse_order, path_for_url
 from relay.downloads.model import Job, State
@@ -19,7 +19,7 @@ from relay.downloads.names import DataDir, check_name, name_from_path, new_job_i
 from relay.downloads.rate import RateMeter
 from relay.downloads.store import JobStore
 from relay.downloads.writer import WRITE_BLOCK, PartialFile
-from relay.errors import BadPath
+from relay.errors import BadPath, InvalidField
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.ranges import (
     Unsatisfiable,
