@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from relay.cache.disk import publish, write_atomically
+from relay.cache.disk import replace, write_atomically
 from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
 from relay.cache.store import DATA, META, PARTIAL, Meta
 from relay.config import Route
@@ -351,7 +351,7 @@ def store_files(directory: Path, meta: Meta) -> None:
     leave a complete meta beside another version's data."""
     meta.complete = False
     write_atomically(directory / META, meta.to_json())
-    publish(directory / PARTIAL, directory / DATA)
+    replace(directory / PARTIAL, directory / DATA)
     meta.complete = True
     write_atomically(directory / META, meta.to_json())
 

@@ -23,10 +23,10 @@ from relay.cache.index import Entry
 from relay.cache.policy import Answer, answer, cache_status, freshness
 from relay.cache.store import DATA, Meta
 from relay.config import Route
-from relay.errors import TransferAborted
+from relay.errors import TransferAborted, error_response
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
-from relay.proxy.streaming import RESET_KEY, error_response
+from relay.proxy.streaming import RESET_KEY
 from relay.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)

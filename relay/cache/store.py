@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from relay.cache.disk import remove_quietly, write_atomically
+from relay.cache.disk import remove_tree, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ class Store:
             return found
         for bucket in self.objects.iterdir():
             if not bucket.is_dir():
-                remove_quietly(bucket)
+                remove_tree(bucket)
                 continue
             for directory in bucket.iterdir():
                 meta = self._complete(directory)
                 if meta is None:
-                    remove_quietly(directory)
+                    remove_tree(directory)
                     continue
                 found.append((directory, meta, meta.length))
         return found
@@ -93,5 +93,5 @@ class Store:
         if not meta.complete or size != meta.length:
             logger.info("cache: dropping incomplete object %s", directory.name)
             return None
-        remove_quietly(directory / PARTIAL)
+        remove_tree(directory / PARTIAL)
         return meta
