@@ -15,7 +15,7 @@ import httpx
 from relay.cache.disk import remove_quietly, write_atomically
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
-from relay.cache.key import digest, variant_key
+from relay.cache.key import digest, slice_key, variant_key
 from relay.cache.store import DATA, META, Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
@@ -72,6 +72,37 @@ class Cache:
             return False
         return True
 
+    def slice_fill(
+        self,
+        base: str,
+        variant: str,
+        index: int,
+        request: httpx.Request,
+        route: Route,
+        validator: str | None,
+    ) -> Fill:
+        """The fill of one aligned slice (in flight, or a new one)."""
+        key = slice_key(self.storage_key(base, variant), index)
+        current = self.fills.get(key)
+        if current is not None and not current.finished:
+            return current
+        size = self.config.cache_slice_bytes
+        first = index * size
+        request.headers["range"] = f"bytes={first}-{first + size - 1}"
+        if validator is not None:
+            request.headers["if-range"] = validator
+        fill = self._new_fill(key, variant, request, route, None)
+        fill.slice = (first, first + size - 1, validator)
+        self._start(fill, base)
+        return fill
+
+    def slice_entry(self, base: str, variant: str, index: int) -> Entry | None:
+        return self.index.get(slice_key(self.storage_key(base, variant), index))
+
+    def drop_slices(self, base: str, variant: str) -> int:
+        prefix = slice_key(self.storage_key(base, variant), "")
+        return sum(self.drop(key) for key in self.index.keys_with_prefix(prefix))
+
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         fill = self.fills.get(self.storage_key(base, variant))
         return fill if fill is not None and not fill.finished else None
@@ -94,7 +125,19 @@ class Cache:
         if revalidating is not None:
             request.headers.update(_conditionals(revalidating.meta))
             self.stats.revalidations += 1
-        fill = Fill(
+        fill = self._new_fill(key, variant, request, route, revalidating)
+        self._start(fill, base)
+        return fill
+
+    def _new_fill(
+        self,
+        key: str,
+        variant: str,
+        request: httpx.Request,
+        route: Route,
+        revalidating: Entry | None,
+    ) -> Fill:
+        return Fill(
             key=key,
             variant=variant,
             directory=self.store.dir_for(digest(key)),
@@ -110,11 +153,12 @@ class Cache:
             on_refreshed=self._refreshed,
             count_upstream_bytes=self._count_upstream,
         )
-        self.fills[key] = fill
-        task = asyncio.create_task(self._run(fill, base), name=f"cache fill {key[:80]}")
+
+    def _start(self, fill: Fill, base: str) -> None:
+        self.fills[fill.key] = fill
+        task = asyncio.create_task(self._run(fill, base), name=f"cache fill {fill.key[:80]}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return fill
 
     async def _run(self, fill: Fill, base: str) -> None:
         try:
@@ -132,7 +176,7 @@ class Cache:
                 self.drop(fill.key)
             if fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
-            elif fill.passthrough is not None:
+            elif fill.passthrough is not None and fill.slice is None:
                 self._passes[fill.key] = time.monotonic() + PASS_SECONDS
                 if fill.revalidating is not None:
                     self.drop(fill.key)
@@ -186,7 +230,7 @@ class Cache:
     def purge_key(self, base: str) -> int:
         """Drop the object of one URL, every encoding variant included."""
         count = int(self.drop(base))
-        for key in self.index.keys_with_prefix(base + "\x00ae="):
+        for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
         self.index.vary.pop(base, None)
         self._passes.pop(base, None)

@@ -27,6 +27,7 @@ from relay.config import Route
 from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries, content_length
 from relay.http.digests import DigestConflict, upstream_sha256
+from relay.http.ranges import parse_content_range
 from relay.http.resume import resume_request_headers
 from relay.http.validators import resume_validator
 from relay.net.upstream import Upstream
@@ -112,6 +113,10 @@ class Fill:
         self.coalesced = 0
         self.digest_mismatch = False
         self.prefetch = False
+        self.slice: tuple[int, int, str | None] | None = None
+        """A slice fill: (first byte, last byte, the validator it must carry or None)."""
+        self.total: int | None = None
+        """A slice fill: the whole object's length, from Content-Range."""
         """Started without a client: runs to completion, whatever the idle timeout."""
         self._idle_since: float | None = time.monotonic()
 
@@ -229,6 +234,8 @@ class Fill:
             self.refreshed = meta
             await response.aclose()
             return None
+        if self.slice is not None:
+            return await self._take_slice(response)
         reason = not_storable(status, headers)
         if reason is None and vary_of(headers) and "\x00ae=" not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
@@ -259,6 +266,55 @@ class Fill:
             validator=resume_validator(headers),
             vary=vary_of(headers) or "",
             extra={"variant": self.variant},
+        )
+        return response
+
+    async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
+        """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
+        validator (the one asked for in If-Range, once one is known) and the total length."""
+        assert self.slice is not None
+        first, last, validator = self.slice
+        headers = response.headers
+        received = time.time()
+        reason: str | None = None
+        parsed = parse_content_range(headers.get("content-range"))
+        strong = resume_validator(headers)
+        if response.status_code == 200:
+            reason = "changed" if validator is not None else "no byte ranges"
+        elif response.status_code != 206 or parsed is None or parsed.total is None:
+            reason = f"status {response.status_code}"
+        elif parsed.start != first or parsed.end != min(last, parsed.total - 1):
+            reason = "unexpected Content-Range"
+        elif vary_of(headers) != "":
+            reason = "vary"
+        elif strong is None or (validator is not None and strong != validator):
+            reason = "changed" if strong is not None else "no strong validator"
+        else:
+            stripped = httpx.Headers([(n, v) for n, v in headers.multi_items()])
+            del stripped["content-range"]
+            reason = not_storable(200, stripped)
+        length = parsed.end - parsed.start + 1 if parsed is not None else 0
+        if reason is None and not self._reserve(self, length):
+            reason = "no room"
+        if reason is not None:
+            self.passthrough = reason
+            await response.aclose()
+            return None
+        assert parsed is not None
+        assert parsed.total is not None
+        self.length = length
+        self.total = parsed.total
+        self.meta = Meta(
+            key=self.key,
+            url=str(self._request.url.copy_with(query=None)),
+            headers=stored_headers(headers.raw),
+            length=length,
+            stored_at=received,
+            initial_age=initial_age(headers, received, received),
+            lifetime=freshness_lifetime(headers),
+            validator=strong,
+            vary=vary_of(headers) or "",
+            extra={"total": str(parsed.total), "first": str(first)},
         )
         return response
 
@@ -331,7 +387,8 @@ class Fill:
 
     async def _publish(self, fd: int, headers: httpx.Headers) -> None:
         assert self.meta is not None
-        expected = upstream_sha256(headers) or linked_sha256(headers)
+        whole = self.slice is None
+        expected = (upstream_sha256(headers) or linked_sha256(headers)) if whole else None
         actual = self._hash.hexdigest()
         if expected is not None and expected != actual:
             self.digest_mismatch = True

@@ -33,3 +33,9 @@ def variant_key(base: str, variant: str) -> str:
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def slice_key(key: str, index: int | str) -> str:
+    """The key of one aligned slice of the object stored under `key` (as nginx's slice
+    module does: each slice cached on its own)."""
+    return key + "\x00slice=" + str(index)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import httpx
 from starlette.responses import Response
@@ -37,6 +39,10 @@ _WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True
 _NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "etag", "expires", "vary", "last-modified", "via"}
 )
+
+
+_SINGLE_RANGE = re.compile(r"bytes=(\d+)-(\d*)", re.IGNORECASE)
+_MISS_STORED = "relay; fwd=miss; stored"
 
 
 class _ClientGone(Exception):
@@ -157,7 +163,9 @@ class CachedResponse(Response):
             return await self._from_fill(send, fill, cache_status(hit=False, fwd="stale"))
         fill_now = cache.fill_in_flight(self._base, self._variant)
         if fill_now is None:
-            if self._method != "GET" or "range" in self._client_headers:
+            if self._method == "GET" and "range" in self._client_headers:
+                return await self._from_slices(send)
+            if self._method != "GET":
                 return self._fallback()
             if cache.passing(cache.storage_key(self._base, self._variant)):
                 return self._fallback()
@@ -236,6 +244,104 @@ class CachedResponse(Response):
             os.close(fd)
         return None
 
+    async def _from_slices(self, send: Send) -> Response | None:
+        """A Range of an object not stored whole: answered from aligned slices, each stored on
+        its own; only missing slices are fetched (Range + If-Range with the first slice's
+        validator). A slice of another version aborts the transfer and drops the slices."""
+        match = _SINGLE_RANGE.fullmatch(self._client_headers.get("range", "").replace(" ", ""))
+        if match is None or "if-range" in self._client_headers:
+            return self._fallback()  # suffix, multiple or conditional ranges: relayed
+        cache = self._cache
+        size = cache.config.cache_slice_bytes
+        start = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else None
+        if last is not None and last < start:
+            return self._fallback()
+        index = start // size
+        first = await self._slice(index, None)
+        if first is None:
+            return self._fallback()
+        entry_or_fill, meta = first
+        total = int(meta.extra["total"])
+        validator = meta.validator
+        if start >= total:
+            await self._start(send, meta, Answer(416), _MISS_STORED, 0.0, total)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        stop = total if last is None else min(last + 1, total)
+        hit = isinstance(entry_or_fill, Entry)
+        self._exchange.cache = "hit" if hit else "miss"
+        status = cache_status(hit=True) if hit else _MISS_STORED
+        if hit:
+            cache.stats.hits += 1
+        else:
+            cache.stats.misses += 1
+        await self._start(send, meta, Answer(206, start, stop), status, _age(meta), total)
+        position = start
+        current: tuple[Entry | Fill, Meta] | None = first
+        while position < stop:
+            if current is None:
+                current = await self._slice(index, validator)
+            if (
+                current is None
+                or current[1].validator != validator
+                or (int(current[1].extra["total"]) != total)
+            ):
+                cache.drop_slices(self._base, self._variant)
+                self._abort("the object changed between slices")
+            source, slice_meta = current
+            offset = index * size
+            end = min(stop, offset + slice_meta.length)
+            await self._slice_bytes(send, source, position - offset, end - offset)
+            position = end
+            index += 1
+            current = None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return None
+
+    async def _slice(self, index: int, validator: str | None) -> tuple[Entry | Fill, Meta] | None:
+        """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
+        cache = self._cache
+        entry = cache.slice_entry(self._base, self._variant, index)
+        if entry is not None and validator is None:
+            meta = entry.meta
+            if not freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh:
+                # A stale object's slices are fetched again (no revalidation of slices yet).
+                cache.drop_slices(self._base, self._variant)
+                entry = None
+        if entry is not None:
+            return entry, entry.meta
+        fill = cache.slice_fill(
+            self._base, self._variant, index, self._build_request(), self._route, validator
+        )
+        await fill.headers_ready.wait()
+        if fill.meta is None or fill.failed is not None:
+            entry = cache.slice_entry(self._base, self._variant, index)
+            return (entry, entry.meta) if entry is not None else None
+        return fill, fill.meta
+
+    async def _slice_bytes(self, send: Send, source: Entry | Fill, start: int, stop: int) -> None:
+        path = source.directory / DATA if isinstance(source, Entry) else source.partial
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            if isinstance(source, Fill):
+                await source.wait_finished()
+                entry = self._cache.index.get(source.key)
+                if entry is not None:
+                    await self._slice_bytes(send, entry, start, stop)
+                    return
+            self._abort("a slice went away")
+        fill = source if isinstance(source, Fill) and not source.published else None
+        if fill is not None:
+            fill.attach()
+        try:
+            await self._stream(send, fd, start, stop, fill, end=False)
+        finally:
+            if fill is not None:
+                fill.detach()
+            os.close(fd)
+
     async def _start(
         self, send: Send, meta: Meta, reply: Answer, status: str, age: float, total: int
     ) -> None:
@@ -268,7 +374,9 @@ class CachedResponse(Response):
         self.status_code = reply.status
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
 
-    async def _stream(self, send: Send, fd: int, start: int, stop: int, fill: Fill | None) -> None:
+    async def _stream(
+        self, send: Send, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
+    ) -> None:
         """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
         loop = asyncio.get_running_loop()
         position = start
@@ -325,9 +433,10 @@ class CachedResponse(Response):
             await fill.wait_finished()
             if not fill.published:
                 self._abort(f"cache fill failed: {fill.failed}")
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if end:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str) -> NoReturn:
         self._exchange.outcome = "upstream_abort"
         logger.warning("aborting the client transfer: %s", reason)
         self._reset()

@@ -568,19 +568,52 @@ def test_cache_verifies_the_announced_digest(
     assert len(_data_files(tmp_path / "cache")) == 1
 
 
-def test_cache_cold_range_costs_the_upstream_only_the_range(
+def test_cache_cold_range_costs_the_upstream_at_most_a_slice(
     origin: Origin, cached: Callable[..., RelayThread]
 ) -> None:
-    """A 1 MiB range of a cold 256 MiB object is relayed: the upstream sends that MiB only
-    (slices are not stored yet; see README)."""
-    relay = cached()
+    """A 1 MiB range of a cold 256 MiB object fetches only the slice it covers; asked again it
+    is a hit; a range across that slice and the next fetches only the missing slice."""
+    relay = cached()  # cache_slice_bytes = 1 MiB
+    path = "/o/gen/256m?v=36"
+    total = 256 * MiB
+
+    def get(first: int, last: int) -> httpx.Response:
+        response = _status(relay, path, headers={"range": f"bytes={first}-{last}"})
+        assert response.status_code == 206
+        assert response.headers["content-range"] == f"bytes {first}-{last}/{total}"
+        expected = expected_sha256(total, first, last + 1)
+        assert hashlib.sha256(response.content).hexdigest() == expected
+        _settled(relay)
+        return response
+
     origin.reset_stats()
-    part = _status(
-        relay, "/o/gen/256m?v=36", headers={"range": f"bytes={100 * MiB}-{101 * MiB - 1}"}
-    )
-    assert part.status_code == 206
-    assert hashlib.sha256(part.content).hexdigest() == expected_sha256(
-        256 * MiB, 100 * MiB, 101 * MiB
-    )
+    cold = get(100 * MiB, 101 * MiB - 1)
+    assert cold.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert origin.body_bytes == MiB
+    (request,) = [r for r in origin.requests if r.path == "/gen/256m"]
+    assert request.header("range") == f"bytes={100 * MiB}-{101 * MiB - 1}"
+    origin.reset_stats()
+    assert get(100 * MiB + 5, 100 * MiB + 99).headers["cache-status"].startswith("relay; hit")
+    assert origin.body_bytes == 0
+    get(100 * MiB + MiB // 2, 101 * MiB + MiB // 2)
+    assert origin.body_bytes == MiB
+    (request,) = [r for r in origin.requests if r.path == "/gen/256m"]
+    assert request.header("if-range") == '"gen-268435456-v36"'
+
+
+def test_cache_object_changed_between_slices_aborts(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A slice answered by another version (If-Range fails: 200) is never joined to the
+    first: the client's transfer is aborted and the object's slices are dropped."""
+    relay = cached()
+    path = "/o/gen/4m?v=37&etag_changes=1"
+    code, _, size = curl(relay.url + path, "-r", f"{MiB // 2}-{MiB + MiB // 2}")
+    assert code in (18, 56)
+    assert size <= MiB // 2
     _settled(relay)
+    origin.reset_stats()
+    # Nothing of the old version is served: the first slice is fetched again.
+    again = _status(relay, path, headers={"range": "bytes=0-99"})
+    assert again.status_code == 206
     assert origin.body_bytes == MiB
