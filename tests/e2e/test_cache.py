@@ -617,3 +617,33 @@ def test_cache_object_changed_between_slices_aborts(
     again = _status(relay, path, headers={"range": "bytes=0-99"})
     assert again.status_code == 206
     assert origin.body_bytes == MiB
+
+
+def test_cache_many_clients_of_a_stale_object_send_one_conditional_request(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Eight clients of a stale object wait on one revalidation (the origin answers after a
+    delay, so they all arrive while it is in flight): one conditional request, no body."""
+    relay = cached()
+    path = "/o/gen/64k?v=38&cc=max-age=0&delay=0.5"
+    _status(relay, path)
+    _settled(relay)
+    origin.reset_stats()
+    statuses: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def client() -> None:
+        barrier.wait()
+        response = _status(relay, path)
+        assert hashlib.sha256(response.content).hexdigest() == expected_sha256(64 * 1024)
+        statuses.append(response.headers["cache-status"])
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert statuses == ["relay; fwd=stale; fwd-status=304"] * 8
+    (request,) = [r for r in origin.requests if r.path == "/gen/64k"]
+    assert request.header("if-none-match") == '"gen-65536-v38"'
+    assert origin.body_bytes == 0
