@@ -85,6 +85,11 @@ class Route:
     immutable: bool = False
     """Every 200 answer of this route is an immutable file (a files host, a CDN): a marker
     for caching, changes nothing in relaying."""
+    cache: bool = True
+    """Serve the route through the read-through cache (when cache_dir is set)."""
+    cache_stale_if_error: float = 0.0
+    """Seconds past freshness a cached object may be served when the upstream fails and the
+    upstream itself said nothing (no stale-if-error); 0: only as the upstream allows."""
     credential: str = field(default="", repr=False, compare=False)
     """The resolved credential; never logged."""
 
@@ -118,6 +123,8 @@ class Route:
         if self.auth_env and self.auth_file:
             raise ConfigError(f"{where}: give auth_env or auth_file, not both")
         object.__setattr__(self, "redirect_hosts", tuple(h.lower() for h in self.redirect_hosts))
+        if self.cache_stale_if_error < 0:
+            raise ConfigError(f"{where}: cache_stale_if_error must be >= 0")
         if not self.allow_private:
             reason = _literal_refusal(urlsplit(self.upstream).hostname or "")
             if reason:
@@ -309,6 +316,21 @@ class Config:
     )
     log_format: str = _setting("json", "log format", choices=("json", "text"))
     access_log: bool = _setting(True, "log one record per request")
+    cache_dir: str = _setting("", "directory of the read-through cache (empty: cache off)")
+    cache_max_bytes: int = _setting(
+        0, "disk budget of the cache; least recently used objects are evicted past it", min=0
+    )
+    cache_max_object_bytes: int = _setting(
+        0,
+        "largest object the cache stores; larger ones are relayed (0: cache_max_bytes / 4)",
+        min=0,
+    )
+    cache_slice_bytes: int = _setting(
+        8 * 1024 * 1024, "size of the aligned slices ranges are fetched and stored in", min=65536
+    )
+    cache_fill_idle_timeout: float = _setting(
+        300.0, "seconds a cache fill runs on after its last client left", min=0
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Config)
@@ -339,6 +361,8 @@ class Config:
                 "data_dir: the /downloads API needs an admin credential; set admin_token "
                 "(or admin_token_file), or downloads_open = true to let every client use it"
             )
+        if self.cache_dir and self.cache_max_bytes <= 0:
+            raise ConfigError("cache_max_bytes: required (> 0) when cache_dir is set")
         if self.ca_file:
             try:
                 self.upstream_ssl_context()
@@ -502,6 +526,8 @@ def _route_from_table(table: dict[str, Any], where: str) -> Route:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.{key}: expected a list of strings")
             value = tuple(value)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
         values[key] = value

@@ -20,7 +20,9 @@ Endpoints
     ``?gzip=1`` and ``?cl=0`` (chunked).  Fault parameters: ``close_after``, ``reset_after``,
     ``stall_after``, ``stall_headers``, ``reset_headers``, ``chunked_die``, ``bad_framing``
     (``cl_te`` | ``dup_cl`` | ``bad_chunk``), ``delay``, ``drop_once`` (+ ``key``),
-    ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version.
+    ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version; ``cc`` replaces
+    the Cache-Control value, ``vary`` adds a Vary header, ``repr_digest=good|bad`` a
+    ``Repr-Digest`` of the whole body (``bad``: of zeros).
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import calendar
 import contextlib
 import email.utils
@@ -917,10 +920,18 @@ class _Core:
         validators: Headers = [
             ("ETag", etag),
             ("Last-Modified", last_modified),
-            ("Cache-Control", _CACHE_CONTROL),
+            ("Cache-Control", req.param("cc") or _CACHE_CONTROL),
         ]
+        repr_digest = req.param("repr_digest")
+        if repr_digest in ("good", "bad") and not use_gzip:
+            digest = hashlib.sha256(body_bytes(size)).digest()
+            if repr_digest == "bad":
+                digest = bytes(32)
+            validators.append(("Repr-Digest", f"sha-256=:{base64.b64encode(digest).decode()}:"))
         if gzip_param and size <= GZIP_MAX:
             validators.append(("Vary", "Accept-Encoding"))
+        elif req.param("vary"):
+            validators.append(("Vary", req.param("vary") or ""))
 
         # -- conditionals (RFC 9110 13.2.2; If-Match/If-Unmodified-Since not implemented)
         inm = req.header("if-none-match")
@@ -1200,14 +1211,14 @@ class Origin:
             return self._stats.open
 
     @property
+    def body_bytes(self) -> int:
+        """/gen body bytes written to clients (since start / the last ``reset_stats()``)."""
+        return self._stats.body_bytes
+
+    @property
     def total_connections(self) -> int:
         with self._stats.lock:
             return self._stats.total
-
-    @property
-    def body_bytes(self) -> int:
-        """Body bytes ``/gen`` has handed to its sockets (since start / ``reset_stats()``)."""
-        return self._stats.body_bytes
 
     def reset_stats(self) -> None:
         """Clear recorded requests, ``total_connections``, ``body_bytes`` and the ``drop_once``

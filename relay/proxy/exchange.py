@@ -32,6 +32,9 @@ class Exchange:
     aborted), upstream_error (5xx answered before the body), rejected."""
     resumes: int = 0
     """Transparent mid-stream resumes."""
+    cache: str = "-"
+    """The cache's outcome: hit, miss, revalidated, stale, pass (relayed, not stored), or
+    "-" (not a cached route)."""
 
 
 def exchange_of(scope: Scope) -> Exchange:

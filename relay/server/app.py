@@ -12,11 +12,16 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from relay.cache.admin import routes as cache_routes
+from relay.cache.cache import Cache, open_cache
+from relay.cache.key import base_key, encoding_variant
+from relay.cache.serve import CachedResponse
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, StartupError, error_response
 from relay.net.client import UpstreamClient
+from relay.net.presets import is_immutable
 from relay.net.routing import RouteTable
 from relay.net.transports import PooledTransport, make_transport
 from relay.net.upstream import Upstream
@@ -36,6 +41,16 @@ class State(TypedDict):
     upstream: Upstream
     routes: RouteTable
     downloads: object | None
+    cache: Cache | None
+
+
+# Request headers that make the cache relay a request instead of answering it: the client's
+# own credentials, when the route forwards them (a response to them is not shared).
+_PRIVATE_REQUEST = frozenset({b"authorization", b"cookie"})
+# Request headers the cache's own upstream request never carries (it fetches the whole object).
+_NOT_FOR_FILLS = frozenset(
+    {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
+)
 
 
 class Relay:
@@ -77,15 +92,52 @@ class Relay:
         )
         # The stream slot is taken and released by the response itself, around everything
         # it does (building the upstream request included).
-        return RelayResponse(
-            scope["state"]["upstream"],
-            scope["method"],
-            target,
-            headers,
-            routes=self._routes,
+        upstream: Upstream = scope["state"]["upstream"]
+
+        def relayed() -> Response:
+            return RelayResponse(
+                upstream,
+                scope["method"],
+                target,
+                headers,
+                routes=self._routes,
+                limiter=self.limiter,
+                client=forwarded.client,
+                config=self._config,
+            )
+
+        cache: Cache | None = scope["state"].get("cache")
+        route = target.route
+        if (
+            cache is None
+            or not route.cache
+            # A preset route's answers are shaped per request (index pages rewritten for the
+            # Host asked under; the Hub's metadata headers kept through redirects): only the
+            # immutable files of the pypi and npm presets are cached, the rest is relayed.
+            # The Hub's bytes are cached on its CDN route, which has no preset.
+            or (route.preset and (route.preset == "hf" or not is_immutable(route, target.rest)))
+            or (
+                route.forward_client_auth
+                and any(name.lower() in _PRIVATE_REQUEST for name, _ in scope["headers"])
+            )
+        ):
+            return relayed()
+        client_headers = httpx.Headers(scope["headers"])
+        fill_headers = [(n, v) for n, v in headers if n.lower() not in _NOT_FOR_FILLS]
+        return CachedResponse(
+            cache,
+            method=scope["method"],
+            base=base_key(route.prefix, raw_path, scope.get("query_string", b"")),
+            variant=encoding_variant(client_headers.get("accept-encoding")),
+            route=route,
+            request=lambda: upstream.build_request(
+                "GET", upstream.url_for(target), fill_headers, route
+            ),
+            client_headers=client_headers,
+            fallback=relayed,
             limiter=self.limiter,
             client=forwarded.client,
-            config=self._config,
+            send_timeout=self._config.send_timeout,
         )
 
 
@@ -159,10 +211,20 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         ) as client:
             upstream = Upstream(client, config)
             try:
-                async with open_downloads(config, upstream, routes) as downloads:
+                async with (
+                    open_downloads(config, upstream, routes) as downloads,
+                    open_cache(config, upstream) as cache,
+                ):
+                    if cache is not None:
+                        metrics.watch_cache(cache)
                     readiness.started = True
                     try:
-                        yield {"upstream": upstream, "routes": routes, "downloads": downloads}
+                        yield {
+                            "upstream": upstream,
+                            "routes": routes,
+                            "downloads": downloads,
+                            "cache": cache,
+                        }
                     finally:
                         readiness.draining = True
             except StartupError as exc:
@@ -179,6 +241,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         *download_routes(config),
+        *cache_routes(config),
     ]
     app = Starlette(
         routes=[*own_routes, Route("/{path:path}", relay, methods=["GET", "HEAD"])],

@@ -23,11 +23,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.cache.cache import Cache
 from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
 
@@ -130,6 +131,8 @@ class Metrics:
         registry.register(_ActiveStreams(self._live, self._routes))
         self._pool = _UpstreamPool()
         registry.register(self._pool)
+        self._cache = _CacheCollector()
+        registry.register(self._cache)
         ProcessCollector(registry=registry)
         for route in routes:
             self._add_route(route)
@@ -196,6 +199,10 @@ class Metrics:
         """Report the upstream pool (the transport's pool_stats) at every scrape."""
         self._pool.source = source
 
+    def watch_cache(self, cache: Cache | None) -> None:
+        """Report the read-through cache's counters and size at every scrape."""
+        self._cache.cache = cache
+
     async def endpoint(self, request: Request) -> Response:
         return Response(
             generate_latest(self.registry),
@@ -236,6 +243,48 @@ class _UpstreamPool(Collector):
             family.add_metric(["in_use"], stats.in_use)
             family.add_metric(["idle"], stats.idle)
         yield family
+
+
+_CACHE_COUNTERS = (
+    ("hits", "Requests answered from a fresh cached object."),
+    ("misses", "Requests that found no cached object (served from a fill)."),
+    ("revalidations", "Conditional requests sent to refresh a stale cached object."),
+    ("stale", "Requests answered with a stale cached object (while revalidating or on error)."),
+    ("coalesced", "Clients that joined a fill another client started."),
+    ("bytes_from_cache", "Body bytes sent to clients from complete cached objects."),
+    ("bytes_from_upstream", "Body bytes fetched from upstreams by cache fills."),
+    ("evictions", "Cached objects evicted to stay under cache_max_bytes."),
+    (
+        "digest_mismatches",
+        "Filled objects dropped because they did not match the upstream's digest.",
+    ),
+    ("fills_failed", "Cache fills that failed (upstream, disk, no client) and stored nothing."),
+)
+
+
+class _CacheCollector(Collector):
+    """relay_cache_*: the read-through cache's counters and size, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.cache: Cache | None = None
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        return iter(())
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        cache = self.cache
+        if cache is None:
+            return
+        for name, help_text in _CACHE_COUNTERS:
+            yield CounterMetricFamily(
+                f"relay_cache_{name}", help_text, value=getattr(cache.stats, name)
+            )
+        yield GaugeMetricFamily(
+            "relay_cache_size_bytes", "Bytes of complete cached objects.", value=cache.index.stored
+        )
+        yield GaugeMetricFamily(
+            "relay_cache_objects", "Complete cached objects.", value=len(cache.index)
+        )
 
 
 class _ActiveStreams(Collector):

@@ -173,6 +173,7 @@ class ObserveMiddleware:
             "request_id": scope[REQUEST_ID_KEY],
             "outcome": outcome,
             "resumes": exchange.resumes,
+            "cache": exchange.cache,
             "user_agent": user_agent,
         }
         message = (

@@ -1,0 +1,122 @@
+"""The cache's admin endpoints, behind the admin credential (closed without admin_token):
+
+- `DELETE /cache/<relayed path>[?query]`: drop that object (every encoding variant);
+- `POST /cache/purge` with `{"prefix": "/route/some/dir/"}`: drop every object under it;
+- `POST /cache/prefetch` with `{"path": "/route/file?query"}`: start a fill with no client
+  (it runs to completion, coalesced with any client fill of the same object); 202.
+
+Prefetch is the cache's own endpoint rather than a downloads job: a job writes a file under
+`data_dir`, while warming the cache is exactly a fill, with its coalescing, budget and checks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from relay.cache.cache import Cache
+from relay.cache.key import base_key, encoding_variant
+from relay.config import Config
+from relay.credentials import AdminAuth
+from relay.errors import ClientError
+from relay.net.routing import RouteTable
+from relay.proxy.forwarded import Forwarded
+from relay.proxy.headers import upstream_request_headers
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def routes(config: Config) -> list[BaseRoute]:
+    if not config.cache_dir:
+        return []
+    admin = AdminAuth(token=config.admin_token, header=config.admin_header)
+    return [
+        Route("/cache/purge", _guard(purge_prefix, admin), methods=["POST"]),
+        Route("/cache/prefetch", _guard(prefetch, admin), methods=["POST"]),
+        Route("/cache/{path:path}", _guard(purge_one, admin), methods=["DELETE"]),
+    ]
+
+
+def _guard(endpoint: Any, admin: AdminAuth) -> Any:
+    async def guarded(request: Request) -> Response:
+        try:
+            admin.check(request.headers.raw)
+            return await endpoint(request)  # type: ignore[no-any-return]
+        except ClientError as exc:
+            return JSONResponse({"error": exc.reason}, exc.status_code, headers=_NO_STORE)
+
+    return guarded
+
+
+def _cache(request: Request) -> Cache:
+    cache = getattr(request.state, "cache", None)
+    if not isinstance(cache, Cache):
+        raise _NotFound("the cache is off")
+    return cache
+
+
+class _NotFound(ClientError):
+    status_code = 404
+
+
+async def _json_field(request: Request, name: str) -> str:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise ClientError("body must be JSON") from None
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ClientError(f'body must be {{"{name}": "/relayed/path"}}')
+    return value
+
+
+def _split(path: str) -> tuple[bytes, bytes]:
+    raw, _, query = path.partition("?")
+    return raw.encode("latin-1", "replace"), query.encode("latin-1", "replace")
+
+
+async def purge_one(request: Request) -> Response:
+    cache = _cache(request)
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    raw_path = raw_path[len(b"/cache") :]
+    query = request.scope.get("query_string", b"")
+    target = RouteTable(cache.config.routes).resolve(raw_path, query)
+    purged = cache.purge_key(base_key(target.route.prefix, raw_path, query))
+    return JSONResponse({"purged": purged}, 200 if purged else 404, headers=_NO_STORE)
+
+
+async def purge_prefix(request: Request) -> Response:
+    cache = _cache(request)
+    raw_path, query = _split(await _json_field(request, "prefix"))
+    target = RouteTable(cache.config.routes).resolve(raw_path, query)
+    purged = cache.purge_prefix(base_key(target.route.prefix, raw_path, b""))
+    return JSONResponse({"purged": purged}, headers=_NO_STORE)
+
+
+async def prefetch(request: Request) -> Response:
+    cache = _cache(request)
+    raw_path, query = _split(await _json_field(request, "path"))
+    target = RouteTable(cache.config.routes).resolve(raw_path, query)
+    route = target.route
+    if not route.cache:
+        raise ClientError("the route is not cached (cache = false)")
+    base = base_key(route.prefix, raw_path, query)
+    variant = encoding_variant(None)
+    if cache.lookup(base, variant) is not None:
+        return JSONResponse({"state": "cached"}, headers=_NO_STORE)
+    upstream = cache.upstream
+    headers = upstream_request_headers(
+        [], forwarded=Forwarded("", request.url.scheme, None, None), route=route
+    )
+    fill = cache.fill(
+        base,
+        variant,
+        upstream.build_request("GET", upstream.url_for(target), headers, route),
+        route,
+    )
+    fill.prefetch = True
+    return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)

@@ -1,0 +1,420 @@
+"""The one upstream fetch of an object: written to `data.partial` at its offsets, waking every
+attached reader at each advance, published (fsync, meta, rename) only when complete and
+verified.
+
+A fill belongs to the cache, not to a client: clients attach and detach; with none attached it
+runs on for `cache_fill_idle_timeout`, then stops (nothing is published). A body the upstream
+cuts is resumed by `relay.http.continuation`'s rules (same validator, same total); if it cannot
+be, the fill fails and every attached reader aborts its transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from relay.cache.disk import replace, write_atomically
+from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
+from relay.cache.store import DATA, META, PARTIAL, Meta
+from relay.config import Route
+from relay.errors import TransferAborted, UpstreamError
+from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries, content_length
+from relay.http.digests import DigestConflict, upstream_sha256
+from relay.http.ranges import parse_content_range
+from relay.http.resume import resume_request_headers
+from relay.http.validators import resume_validator
+from relay.net.upstream import Upstream
+from relay.proxy.headers import downstream_response_headers
+
+logger = logging.getLogger(__name__)
+
+#: Response headers not kept with a stored object (recomputed for each answer).
+_NOT_STORED = frozenset({b"content-length", b"age", b"content-range"})
+
+
+VARY_LEARNED = "varies on Accept-Encoding"
+
+
+class FillAbandoned(Exception):
+    pass
+
+
+def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in downstream_response_headers(raw, 200)
+        if name not in _NOT_STORED
+    ]
+
+
+def linked_sha256(headers: httpx.Headers) -> str | None:
+    """Hugging Face's `X-Linked-Etag` when it is a sha256 (an LFS object's)."""
+    value = headers.get("x-linked-etag", "").strip().removeprefix("W/").strip('"').lower()
+    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+
+
+class Fill:
+    def __init__(
+        self,
+        *,
+        key: str,
+        variant: str,
+        directory: Path,
+        request: httpx.Request,
+        route: Route,
+        upstream: Upstream,
+        revalidating: Meta | None,
+        resume_attempts: int,
+        max_object_bytes: int,
+        idle_timeout: float,
+        reserve: Callable[[Fill, int], bool],
+        on_stored: Callable[[Fill, Meta], None],
+        on_refreshed: Callable[[Fill, Meta], None],
+        count_upstream_bytes: Callable[[int], None],
+    ) -> None:
+        self.key = key
+        self.variant = variant
+        self.directory = directory
+        self.partial = directory / PARTIAL
+        self._request = request
+        self._route = route
+        self._upstream = upstream
+        self.revalidating = revalidating
+        self._resume_attempts = resume_attempts
+        self._max_object_bytes = max_object_bytes
+        self._idle_timeout = idle_timeout
+        self._reserve = reserve
+        self._on_stored = on_stored
+        self._on_refreshed = on_refreshed
+        self._count = count_upstream_bytes
+        self.headers_ready = asyncio.Event()
+        self._advance = asyncio.Event()
+        self.written = 0
+        self.length: int | None = None
+        self.meta: Meta | None = None
+        self.error: UpstreamError | None = None
+        """The upstream could not be reached: answered as a relayed request would be."""
+        self.upstream_status: int | None = None
+        self.passthrough: str | None = None
+        """Why the response is not stored: its clients are relayed instead."""
+        self.refreshed: Meta | None = None
+        self.failed: str | None = None
+        self.published = False
+        self.finished = False
+        self.reserved = 0
+        self.readers = 0
+        self.coalesced = 0
+        self.digest_mismatch = False
+        self.prefetch = False
+        self.slice: tuple[int, int, str | None] | None = None
+        """A slice fill: (first byte, last byte, the validator it must carry or None)."""
+        self.total: int | None = None
+        """A slice fill: the whole object's length, from Content-Range."""
+        """Started without a client: runs to completion, whatever the idle timeout."""
+        self._idle_since: float | None = time.monotonic()
+
+    # ---- readers ------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        if self.readers:
+            self.coalesced += 1
+        self.readers += 1
+        self._idle_since = None
+
+    def detach(self) -> None:
+        self.readers -= 1
+        if self.readers == 0:
+            self._idle_since = time.monotonic()
+
+    async def wait_beyond(self, position: int) -> None:
+        """Return once more than `position` bytes are written, or the fill is over."""
+        while self.written <= position and not self.finished:
+            await self._advance.wait()
+
+    async def wait_finished(self) -> None:
+        while not self.finished:
+            await self._advance.wait()
+
+    def _notify(self) -> None:
+        event, self._advance = self._advance, asyncio.Event()
+        event.set()
+
+    # ---- the fetch ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        response: httpx.Response | None = None
+        fd: int | None = None
+        try:
+            try:
+                response = await self._upstream.open(self._request, self._route)
+            except UpstreamError as exc:
+                self.error = exc
+                return
+            response = await self._take(response)
+            if response is None:
+                return
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.headers_ready.set()
+            await self._write_body(response, fd)
+            await self._publish(fd, response.headers)
+        except asyncio.CancelledError:
+            self.failed = "cancelled"
+            raise
+        except FillAbandoned as exc:
+            self.failed = str(exc)
+            logger.info("cache fill stopped: %s (%s)", exc, self._request.url.path)
+        except (TransferAborted, httpx.HTTPError, OSError, DigestConflict) as exc:
+            self.failed = str(exc) or type(exc).__name__
+            logger.warning(
+                "cache fill failed after %d bytes: %s (%s)",
+                self.written,
+                self.failed,
+                self._request.url.path,
+            )
+        except Exception as exc:  # never leave readers waiting on an unforeseen failure
+            self.failed = type(exc).__name__
+            logger.exception("cache fill failed (%s)", self._request.url.path)
+        finally:
+            self.finished = True
+            if response is not None and not response.is_closed:
+                await asyncio.shield(response.aclose())
+            if fd is not None:
+                os.close(fd)
+            if not self.published:
+                try:
+                    self.partial.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    logger.warning("cache: cannot remove %s: %s", self.partial, exc)
+            self.headers_ready.set()
+            self._notify()
+
+    async def _take(self, response: httpx.Response) -> httpx.Response | None:
+        """The response if its body is to be stored; else records why not and closes it."""
+        status = self.upstream_status = response.status_code
+        headers = response.headers
+        received = time.time()
+        if status == 304 and self.revalidating is not None:
+            old = self.revalidating
+            merged = dict((n.lower(), (n, v)) for n, v in old.headers)
+            for name, value in stored_headers(headers.raw):
+                if name.lower() not in ("content-type", "content-encoding", "via"):
+                    merged[name.lower()] = (name, value)
+            refreshed_headers = httpx.Headers(list(merged.values()))
+            lifetime_headers = httpx.Headers([*refreshed_headers.multi_items()])
+            if "date" in headers:
+                lifetime_headers["date"] = headers["date"]
+            old_lm = old.extra.get("last-modified-for-heuristic")
+            if old_lm and "last-modified" not in lifetime_headers:
+                lifetime_headers["last-modified"] = old_lm
+            meta = Meta(
+                key=old.key,
+                url=old.url,
+                headers=list(merged.values()),
+                length=old.length,
+                stored_at=received,
+                initial_age=initial_age(headers, received, received),
+                lifetime=freshness_lifetime(lifetime_headers),
+                validator=old.validator,
+                sha256=old.sha256,
+                vary=old.vary,
+                complete=True,
+                extra=old.extra,
+            )
+            self._on_refreshed(self, meta)
+            self.refreshed = meta
+            await response.aclose()
+            return None
+        if self.slice is not None:
+            return await self._take_slice(response)
+        reason = not_storable(status, headers)
+        if reason is None and vary_of(headers) and "\x00ae=" not in self.key:
+            reason = VARY_LEARNED  # stored per encoding from the next request on
+        length = content_length(headers)
+        if reason is None and length is not None and length > self._max_object_bytes:
+            reason = "too large"
+        if (
+            reason is None
+            and "content-length" not in headers
+            and "transfer-encoding" not in headers
+        ):
+            reason = "body delimited by close"
+        if reason is None and not self._reserve(self, length or 0):
+            reason = "no room"
+        if reason is not None:
+            self.passthrough = reason
+            await response.aclose()
+            return None
+        self.length = length
+        self.meta = Meta(
+            key=self.key,
+            url=str(self._request.url.copy_with(query=None)),
+            headers=stored_headers(headers.raw),
+            length=length or 0,
+            stored_at=received,
+            initial_age=initial_age(headers, received, received),
+            lifetime=freshness_lifetime(headers),
+            validator=resume_validator(headers),
+            vary=vary_of(headers) or "",
+            extra={"variant": self.variant},
+        )
+        return response
+
+    async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
+        """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
+        validator (the one asked for in If-Range, once one is known) and the total length."""
+        assert self.slice is not None
+        first, last, validator = self.slice
+        headers = response.headers
+        received = time.time()
+        reason: str | None = None
+        parsed = parse_content_range(headers.get("content-range"))
+        strong = resume_validator(headers)
+        if response.status_code == 200:
+            reason = "changed" if validator is not None else "no byte ranges"
+        elif response.status_code != 206 or parsed is None or parsed.total is None:
+            reason = f"status {response.status_code}"
+        elif parsed.start != first or parsed.end != min(last, parsed.total - 1):
+            reason = "unexpected Content-Range"
+        elif vary_of(headers) != "":
+            reason = "vary"
+        elif strong is None or (validator is not None and strong != validator):
+            reason = "changed" if strong is not None else "no strong validator"
+        else:
+            stripped = httpx.Headers([(n, v) for n, v in headers.multi_items()])
+            del stripped["content-range"]
+            reason = not_storable(200, stripped)
+        length = parsed.end - parsed.start + 1 if parsed is not None else 0
+        if reason is None and not self._reserve(self, length):
+            reason = "no room"
+        if reason is not None:
+            self.passthrough = reason
+            await response.aclose()
+            return None
+        assert parsed is not None
+        assert parsed.total is not None
+        self.length = length
+        self.total = parsed.total
+        self.meta = Meta(
+            key=self.key,
+            url=str(self._request.url.copy_with(query=None)),
+            headers=stored_headers(headers.raw),
+            length=length,
+            stored_at=received,
+            initial_age=initial_age(headers, received, received),
+            lifetime=freshness_lifetime(headers),
+            validator=strong,
+            vary=vary_of(headers) or "",
+            extra={"total": str(parsed.total), "first": str(first)},
+        )
+        return response
+
+    async def _write_body(self, response: httpx.Response, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        first = response
+        plan: Continuation | None = None
+        retries = Retries(self._resume_attempts, STREAM_BACKOFF)
+        self._hash = hashlib.sha256()
+        while True:
+            try:
+                async for chunk in response.aiter_raw():
+                    size = len(chunk)
+                    if self.length is None and not self._reserve(self, size):
+                        raise FillAbandoned("cache budget exceeded by an unsized body")
+                    if self.length is not None and self.written + size > self.length:
+                        raise TransferAborted("upstream sent more than its Content-Length")
+                    await loop.run_in_executor(None, os.pwrite, fd, chunk, self.written)
+                    self._hash.update(chunk)
+                    self.written += size
+                    self._count(size)
+                    self._notify()
+                    self._check_idle()
+                break
+            except httpx.HTTPError as exc:
+                if plan is None and self._resume_attempts:
+                    plan = Continuation.for_response(first)
+                if plan is None or not retries.fail():
+                    raise TransferAborted(f"upstream body failed: {exc}") from exc
+                response = await self._resume(plan, response, retries)
+        if self.length is not None and self.written != self.length:
+            raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
+
+    def _check_idle(self) -> None:
+        since = self._idle_since
+        if (
+            since is not None
+            and not self.prefetch
+            and time.monotonic() - since > self._idle_timeout
+        ):
+            raise FillAbandoned("no client for cache_fill_idle_timeout")
+
+    async def _resume(
+        self, plan: Continuation, failed: httpx.Response, retries: Retries
+    ) -> httpx.Response:
+        await failed.aclose()
+        while True:
+            await asyncio.sleep(retries.delay())
+            request = self._upstream.build_request(
+                "GET",
+                failed.request.url,
+                resume_request_headers(plan, failed.request, self.written),
+                self._route,
+            )
+            try:
+                response = await self._upstream.open(request, self._route)
+            except UpstreamError as exc:
+                cause = f"resume failed: {exc.reason}"
+            else:
+                verdict = plan.judge(response.status_code, response.headers, self.written)
+                if verdict.continues:
+                    logger.info("cache fill resumed at %d bytes", self.written)
+                    return response
+                await response.aclose()
+                cause = verdict.reason
+                if verdict.next is not Next.RETRY:
+                    raise TransferAborted(f"cannot resume: {cause}")
+            if not retries.fail():
+                raise TransferAborted(f"cannot resume: {cause}")
+
+    async def _publish(self, fd: int, headers: httpx.Headers) -> None:
+        assert self.meta is not None
+        whole = self.slice is None
+        expected = (upstream_sha256(headers) or linked_sha256(headers)) if whole else None
+        actual = self._hash.hexdigest()
+        if expected is not None and expected != actual:
+            self.digest_mismatch = True
+            raise DigestMismatch(f"sha256 {actual} does not match the announced {expected}")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, os.fsync, fd)
+        meta = self.meta
+        meta.length = self.written
+        meta.sha256 = actual if expected is not None else None
+        await loop.run_in_executor(None, store_files, self.directory, meta)
+        self.published = True
+        self._on_stored(self, meta)
+
+
+def store_files(directory: Path, meta: Meta) -> None:
+    """Publish a filled object: the old meta is invalidated first, so no crash in between can
+    leave a complete meta beside another version's data."""
+    meta.complete = False
+    write_atomically(directory / META, meta.to_json())
+    replace(directory / PARTIAL, directory / DATA)
+    meta.complete = True
+    write_atomically(directory / META, meta.to_json())
+
+
+class DigestMismatch(OSError):
+    """The completed body does not match the digest the upstream announced."""
+
+
+__all__ = ["DATA", "DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]

@@ -1,0 +1,72 @@
+"""Which objects are stored, least recently used first, and what they cost of the budget."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.cache.store import Meta
+
+
+@dataclass(slots=True)
+class Entry:
+    key: str
+    directory: Path
+    meta: Meta
+
+    @property
+    def size(self) -> int:
+        return self.meta.length
+
+
+class Index:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.stored = 0
+        """Bytes of complete objects."""
+        self.reserved = 0
+        """Bytes promised to fills in flight."""
+        self.vary: dict[str, str] = {}
+        """Base key -> "accept-encoding" for objects stored per encoding."""
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def add(self, entry: Entry) -> Entry | None:
+        """Add or replace; returns the replaced entry."""
+        old = self._entries.pop(entry.key, None)
+        if old is not None:
+            self.stored -= old.size
+        self._entries[entry.key] = entry
+        self.stored += entry.size
+        return old
+
+    def remove(self, key: str) -> Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.stored -= entry.size
+        return entry
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return [key for key in self._entries if key.startswith(prefix)]
+
+    def victims(self, needed: int, keep: str | None = None) -> list[Entry]:
+        """Least recently used entries to remove so that `needed` more bytes fit."""
+        out: list[Entry] = []
+        excess = self.stored + self.reserved + needed - self.max_bytes
+        for key, entry in self._entries.items():
+            if excess <= 0:
+                break
+            if key == keep:
+                continue
+            out.append(entry)
+            excess -= entry.size
+        return out

@@ -1,0 +1,41 @@
+"""The cache key: route prefix + raw path + query, plus the encoding variant when the upstream
+says `Vary: Accept-Encoding`."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def base_key(route_prefix: str, raw_path: bytes, query: bytes) -> str:
+    key = route_prefix + "\x00" + raw_path.decode("latin-1")
+    if query:
+        key += "?" + query.decode("latin-1")
+    return key
+
+
+def encoding_variant(accept_encoding: str | None) -> str:
+    """The request's Accept-Encoding, normalised: codings lowercased, sorted, q=0 dropped."""
+    if not accept_encoding:
+        return "identity"
+    codings = set()
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        name = name.strip().lower()
+        q = params.replace(" ", "").lower()
+        if name and q not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+            codings.add(name)
+    return ",".join(sorted(codings)) or "identity"
+
+
+def variant_key(base: str, variant: str) -> str:
+    return base + "\x00ae=" + variant
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def slice_key(key: str, index: int | str) -> str:
+    """The key of one aligned slice of the object stored under `key` (as nginx's slice
+    module does: each slice cached on its own)."""
+    return key + "\x00slice=" + str(index)

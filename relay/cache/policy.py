@@ -1,0 +1,221 @@
+"""RFC 9111 as a shared cache, sans-IO: what is stored, how long it is fresh, how a client's
+own conditional and range requests are answered, and the `Cache-Status` (RFC 9211) value."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+
+from relay.http.ranges import Unsatisfiable, parse_range
+from relay.http.validators import if_range_holds, none_match, not_modified_since, parse_http_date
+
+#: Heuristic freshness: this fraction of the Last-Modified age (RFC 9111 4.2.2), capped.
+HEURISTIC_FRACTION = 0.1
+HEURISTIC_CAP = 24 * 3600.0
+
+_DIRECTIVE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,]*))?\s*(?:,|$)')
+
+
+def directives(values: Iterable[str]) -> dict[str, str]:
+    """Cache-Control directives, names lowercased; a bare directive maps to ""."""
+    out: dict[str, str] = {}
+    for value in values:
+        for m in _DIRECTIVE.finditer(value):
+            name = m.group(1).lower()
+            arg = (m.group(2) or "").strip().strip('"')
+            out.setdefault(name, arg)
+    return out
+
+
+def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return float(value) if value.isascii() and value.isdigit() else None
+
+
+def response_directives(headers: httpx.Headers) -> dict[str, str]:
+    return directives(headers.get_list("cache-control"))
+
+
+def not_storable(status: int, headers: httpx.Headers) -> str | None:
+    """Why a response to a GET may not be stored by a shared cache, or None."""
+    if status != 200:
+        return f"status {status}"
+    cc = response_directives(headers)
+    for name in ("no-store", "private"):
+        if name in cc:
+            return name
+    if vary_of(headers) is None:
+        return "vary"
+    if "set-cookie" in headers:
+        return "set-cookie"
+    if "content-range" in headers:
+        return "content-range on a 200"
+    return None
+
+
+def vary_of(headers: httpx.Headers) -> str | None:
+    """ "" when the response does not vary, "accept-encoding" when it varies on that only,
+    None when it varies on anything else (not cached)."""
+    names = {
+        item.strip().lower()
+        for value in headers.get_list("vary")
+        for item in value.split(",")
+        if item.strip()
+    }
+    if not names:
+        return ""
+    if names == {"accept-encoding"}:
+        return "accept-encoding"
+    return None
+
+
+def freshness_lifetime(headers: httpx.Headers) -> float:
+    """s-maxage > max-age > Expires - Date > heuristic (10% of the Last-Modified age, 1 day
+    at most) > 0."""
+    cc = response_directives(headers)
+    for name in ("s-maxage", "max-age"):
+        if name in cc:
+            seconds = _seconds(cc[name])
+            return seconds if seconds is not None else 0.0
+    date = parse_http_date(headers.get("date"))
+    if "expires" in headers:
+        expires = parse_http_date(headers.get("expires"))
+        if expires is None or date is None:
+            return 0.0
+        return max(0.0, expires - date)
+    modified = parse_http_date(headers.get("last-modified"))
+    if modified is not None and date is not None and date > modified:
+        return min(HEURISTIC_CAP, (date - modified) * HEURISTIC_FRACTION)
+    return 0.0
+
+
+def initial_age(headers: httpx.Headers, request_time: float, response_time: float) -> float:
+    """The age of a response when it was received (RFC 9111 4.2.3)."""
+    age_value = _seconds(headers.get("age")) or 0.0
+    date = parse_http_date(headers.get("date"))
+    apparent = max(0.0, response_time - date) if date is not None else 0.0
+    corrected = age_value + (response_time - request_time)
+    return max(apparent, corrected)
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    lifetime: float
+    age: float
+    must_revalidate: bool
+    """no-cache (always revalidate) on the response."""
+    no_stale: bool
+    """must-revalidate / proxy-revalidate: never served stale, not even on errors."""
+    while_revalidate: float
+    if_error: float | None
+    """stale-if-error seconds from the upstream, or None when it said nothing."""
+
+    @property
+    def fresh(self) -> bool:
+        return not self.must_revalidate and self.age < self.lifetime
+
+    @property
+    def staleness(self) -> float:
+        return max(0.0, self.age - self.lifetime)
+
+    def may_serve_stale_while_revalidating(self) -> bool:
+        return (
+            not self.must_revalidate
+            and not self.no_stale
+            and self.staleness <= self.while_revalidate
+            and self.while_revalidate > 0
+        )
+
+    def may_serve_stale_on_error(self, route_default: float) -> bool:
+        if self.no_stale:
+            return False
+        allowed = self.if_error if self.if_error is not None else route_default
+        return self.staleness <= allowed and allowed > 0
+
+
+def freshness(headers: httpx.Headers, age: float, lifetime: float) -> Freshness:
+    """How fresh a stored response is; `lifetime` was computed when it was received (the
+    stored headers no longer carry the upstream's Date)."""
+    cc = response_directives(headers)
+    return Freshness(
+        lifetime=lifetime,
+        age=age,
+        must_revalidate="no-cache" in cc,
+        no_stale="must-revalidate" in cc or "proxy-revalidate" in cc,
+        while_revalidate=_seconds(cc.get("stale-while-revalidate")) or 0.0,
+        if_error=_seconds(cc.get("stale-if-error")),
+    )
+
+
+# ---- the client's own request -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    """200, 206, 304 or 416."""
+    start: int = 0
+    stop: int = 0
+    """The body's bytes [start, stop) of the object (206/200)."""
+
+
+def answer(request: httpx.Headers, headers: httpx.Headers, length: int) -> Answer:
+    """How a stored complete 200 of `length` bytes answers a client's GET or HEAD."""
+    etag = headers.get("etag", "").strip()
+    last_modified = headers.get("last-modified", "").strip()
+    inm = request.get("if-none-match")
+    if inm is not None:
+        if etag and none_match(inm, etag):
+            return Answer(304)
+    else:
+        ims = request.get("if-modified-since")
+        modified = parse_http_date(last_modified)
+        if ims is not None and modified is not None and not_modified_since(ims, modified):
+            return Answer(304)
+    whole = Answer(200, 0, length)
+    range_value = request.get("range")
+    if range_value is None:
+        return whole
+    if_range = request.get("if-range")
+    if if_range is not None and not if_range_holds(if_range, etag, last_modified):
+        return whole
+    try:
+        window = parse_range(range_value, length)
+    except Unsatisfiable:
+        return Answer(416)
+    if window is None:
+        return whole
+    return Answer(206, window[0], window[1])
+
+
+# ---- Cache-Status (RFC 9211) ----------------------------------------------------------------
+
+
+def cache_status(
+    *,
+    hit: bool,
+    fwd: str | None = None,
+    fwd_status: int | None = None,
+    stored: bool = False,
+    ttl: float | None = None,
+    detail: str | None = None,
+) -> str:
+    parts = ["relay"]
+    if hit:
+        parts.append("hit")
+    if fwd is not None:
+        parts.append(f"fwd={fwd}")
+    if fwd_status is not None:
+        parts.append(f"fwd-status={fwd_status}")
+    if stored:
+        parts.append("stored")
+    if ttl is not None:
+        parts.append(f"ttl={int(ttl)}")
+    if detail:
+        parts.append(f'detail="{detail}"')
+    return "; ".join(parts)

@@ -1,0 +1,473 @@
+"""The response of a cached route: a hit streamed from the object's file, or a miss streamed
+from the fill's file as the fill advances (every attached client from the first byte).
+
+Reads are `os.pread` of `CHUNK` bytes in the default executor (uvicorn does not expose the
+socket and offers no `http.response.pathsend`, so `sendfile` is not possible): a slow client
+holds one chunk, and waits on the server's back-pressure before the next read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import httpx
+from starlette.responses import Response
+
+from relay.cache.cache import Cache
+from relay.cache.fill import Fill
+from relay.cache.index import Entry
+from relay.cache.policy import Answer, answer, cache_status, freshness
+from relay.cache.store import DATA, Meta
+from relay.config import Route
+from relay.errors import TransferAborted, error_response
+from relay.proxy.admission import StreamLimiter
+from relay.proxy.exchange import Exchange, exchange_of
+from relay.proxy.streaming import RESET_KEY
+from relay.types import Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+_WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
+# Headers a 304 carries from the stored response (RFC 9110 15.4.5).
+_NOT_MODIFIED_HEADERS = frozenset(
+    {"cache-control", "content-location", "etag", "expires", "vary", "last-modified", "via"}
+)
+
+
+_SINGLE_RANGE = re.compile(r"bytes=(\d+)-(\d*)", re.IGNORECASE)
+_MISS_STORED = "relay; fwd=miss; stored"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class CachedResponse(Response):
+    """Answers a GET or HEAD of a cached route. `fallback` builds the relayed response used
+    when the cache does not take the request (not storable, a cold range, HEAD of a miss)."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        method: str,
+        base: str,
+        variant: str,
+        route: Route,
+        request: Callable[[], httpx.Request],
+        client_headers: httpx.Headers,
+        fallback: Callable[[], Response],
+        limiter: StreamLimiter,
+        client: str | None,
+        send_timeout: float,
+    ) -> None:
+        self._cache = cache
+        self._method = method
+        self._base = base
+        self._variant = variant
+        self._route = route
+        self._build_request = request
+        self._client_headers = client_headers
+        self._fallback = fallback
+        self._limiter = limiter
+        self._client = client
+        self._send_timeout = send_timeout
+        self._exchange = Exchange()
+        self.status_code = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._exchange = exchange_of(scope)
+        self._scope_reset = scope.get(RESET_KEY)
+        refusal = self._limiter.acquire(self._client)
+        if refusal is not None:
+            self._exchange.outcome = "rejected"
+            await error_response(refusal)(scope, receive, send)
+            return
+        relayed: Response | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(self._watch(receive, task))
+        try:
+            relayed = await self._answer(scope, send)
+        except asyncio.CancelledError:
+            if not self._gone:
+                raise
+            task.uncancel()
+            self._exchange.outcome = "client_abort"
+        except (OSError, _ClientGone):
+            self._exchange.outcome = "client_abort"
+        finally:
+            watcher.cancel()
+            self._limiter.release(self._client)
+        if relayed is not None:
+            # Relayed outside this response's slot: the relayed response takes its own.
+            if self._exchange.cache == "-":
+                self._exchange.cache = "pass"
+            await relayed(scope, receive, send)
+
+    _gone = False
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._gone = True
+        task.cancel()
+
+    async def _answer(self, scope: Scope, send: Send) -> Response | None:
+        cache = self._cache
+        entry = cache.lookup(self._base, self._variant)
+        if entry is not None:
+            fresh = freshness(
+                httpx.Headers(entry.meta.headers), _age(entry.meta), entry.meta.lifetime
+            )
+            if fresh.fresh:
+                cache.stats.hits += 1
+                self._exchange.cache = "hit"
+                await self._from_file(send, entry, cache_status(hit=True, ttl=_ttl(entry.meta)))
+                return None
+            if fresh.may_serve_stale_while_revalidating():
+                cache.fill(self._base, self._variant, self._build_request(), self._route, entry)
+                cache.stats.stale += 1
+                self._exchange.cache = "stale"
+                status = cache_status(hit=True, fwd="stale", detail="stale-while-revalidate")
+                await self._from_file(send, entry, status)
+                return None
+            fill = cache.fill(self._base, self._variant, self._build_request(), self._route, entry)
+            await fill.headers_ready.wait()
+            if fill.refreshed is not None:
+                refreshed = cache.lookup(self._base, self._variant) or entry
+                refreshed.meta = fill.refreshed
+                self._exchange.cache = "revalidated"
+                status = cache_status(hit=False, fwd="stale", fwd_status=304)
+                await self._from_file(send, refreshed, status)
+                return None
+            failing = fill.error is not None or (fill.upstream_status or 0) >= 500
+            if failing and fresh.may_serve_stale_on_error(self._route.cache_stale_if_error):
+                cache.stats.stale += 1
+                self._exchange.cache = "stale"
+                status = cache_status(
+                    hit=True,
+                    fwd="stale",
+                    fwd_status=fill.error.status_code if fill.error else fill.upstream_status,
+                    detail="stale-if-error",
+                )
+                await self._from_file(send, entry, status)
+                return None
+            return await self._from_fill(send, fill, cache_status(hit=False, fwd="stale"))
+        fill_now = cache.fill_in_flight(self._base, self._variant)
+        if fill_now is None:
+            if self._method == "GET" and "range" in self._client_headers:
+                return await self._from_slices(send)
+            if self._method != "GET":
+                return self._fallback()
+            if cache.passing(cache.storage_key(self._base, self._variant)):
+                return self._fallback()
+        cache.stats.misses += 1
+        fill = fill_now or cache.fill(self._base, self._variant, self._build_request(), self._route)
+        return await self._from_fill(send, fill, cache_status(hit=False, fwd="miss"))
+
+    # ---- answers ------------------------------------------------------------------------
+
+    async def _from_file(self, send: Send, entry: Entry, status: str) -> None:
+        meta = entry.meta
+        try:
+            fd = os.open(entry.directory / DATA, os.O_RDONLY)
+        except OSError:
+            # Evicted or purged between the lookup and here (both run on this loop, so only
+            # an outside hand can do this): say so rather than guess.
+            self._cache.index.remove(entry.key)
+            await self._send_error(send, 503, "cached object unavailable, retry")
+            return
+        try:
+            reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
+            await self._start(send, meta, reply, status, _age(meta), meta.length)
+            if reply.status in (200, 206) and self._method == "GET":
+                await self._stream(send, fd, reply.start, reply.stop, None)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            os.close(fd)
+
+    async def _from_fill(self, send: Send, fill: Fill, status: str) -> Response | None:
+        await fill.headers_ready.wait()
+        if fill.error is not None:
+            self._exchange.outcome = "upstream_error"
+            failure = error_response(fill.error)
+            self.status_code = failure.status_code
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": failure.status_code,
+                    "headers": failure.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": failure.body, "more_body": False})
+            return None
+        meta = fill.meta
+        if (
+            meta is None
+            or fill.failed is not None
+            or (meta.vary and meta.extra.get("variant") != self._variant)
+        ):
+            return self._fallback()
+        try:
+            fd = os.open(fill.partial, os.O_RDONLY)
+        except FileNotFoundError:
+            # Published (renamed) in between: read the stored object.
+            await fill.wait_finished()
+            entry = self._cache.index.get(fill.key)
+            if entry is None:
+                return self._fallback()
+            await self._from_file(send, entry, status + "; stored")
+            return None
+        self._exchange.cache = "miss"
+        fill.attach()
+        try:
+            if fill.length is None:
+                plan = Answer(200, 0, -1)
+            else:
+                plan = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
+            await self._start(send, meta, plan, status + "; stored", 0.0, fill.length or 0)
+            if plan.status in (200, 206) and self._method == "GET":
+                await self._stream(send, fd, plan.start, plan.stop, fill)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            fill.detach()
+            os.close(fd)
+        return None
+
+    async def _from_slices(self, send: Send) -> Response | None:
+        """A Range of an object not stored whole: answered from aligned slices, each stored on
+        its own; only missing slices are fetched (Range + If-Range with the first slice's
+        validator). A slice of another version aborts the transfer and drops the slices."""
+        match = _SINGLE_RANGE.fullmatch(self._client_headers.get("range", "").replace(" ", ""))
+        if match is None or "if-range" in self._client_headers:
+            return self._fallback()  # suffix, multiple or conditional ranges: relayed
+        cache = self._cache
+        size = cache.config.cache_slice_bytes
+        start = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else None
+        if last is not None and last < start:
+            return self._fallback()
+        index = start // size
+        first = await self._slice(index, None)
+        if first is None:
+            return self._fallback()
+        entry_or_fill, meta = first
+        total = int(meta.extra["total"])
+        validator = meta.validator
+        if start >= total:
+            await self._start(send, meta, Answer(416), _MISS_STORED, 0.0, total)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        stop = total if last is None else min(last + 1, total)
+        hit = isinstance(entry_or_fill, Entry)
+        self._exchange.cache = "hit" if hit else "miss"
+        status = cache_status(hit=True) if hit else _MISS_STORED
+        if hit:
+            cache.stats.hits += 1
+        else:
+            cache.stats.misses += 1
+        await self._start(send, meta, Answer(206, start, stop), status, _age(meta), total)
+        position = start
+        current: tuple[Entry | Fill, Meta] | None = first
+        while position < stop:
+            if current is None:
+                current = await self._slice(index, validator)
+            if (
+                current is None
+                or current[1].validator != validator
+                or (int(current[1].extra["total"]) != total)
+            ):
+                cache.drop_slices(self._base, self._variant)
+                self._abort("the object changed between slices")
+            source, slice_meta = current
+            offset = index * size
+            end = min(stop, offset + slice_meta.length)
+            await self._slice_bytes(send, source, position - offset, end - offset)
+            position = end
+            index += 1
+            current = None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return None
+
+    async def _slice(self, index: int, validator: str | None) -> tuple[Entry | Fill, Meta] | None:
+        """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
+        cache = self._cache
+        entry = cache.slice_entry(self._base, self._variant, index)
+        if entry is not None and validator is None:
+            meta = entry.meta
+            if not freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh:
+                # A stale object's slices are fetched again (no revalidation of slices yet).
+                cache.drop_slices(self._base, self._variant)
+                entry = None
+        if entry is not None:
+            return entry, entry.meta
+        fill = cache.slice_fill(
+            self._base, self._variant, index, self._build_request(), self._route, validator
+        )
+        await fill.headers_ready.wait()
+        if fill.meta is None or fill.failed is not None:
+            entry = cache.slice_entry(self._base, self._variant, index)
+            return (entry, entry.meta) if entry is not None else None
+        return fill, fill.meta
+
+    async def _slice_bytes(self, send: Send, source: Entry | Fill, start: int, stop: int) -> None:
+        path = source.directory / DATA if isinstance(source, Entry) else source.partial
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            if isinstance(source, Fill):
+                await source.wait_finished()
+                entry = self._cache.index.get(source.key)
+                if entry is not None:
+                    await self._slice_bytes(send, entry, start, stop)
+                    return
+            self._abort("a slice went away")
+        fill = source if isinstance(source, Fill) and not source.published else None
+        if fill is not None:
+            fill.attach()
+        try:
+            await self._stream(send, fd, start, stop, fill, end=False)
+        finally:
+            if fill is not None:
+                fill.detach()
+            os.close(fd)
+
+    async def _start(
+        self, send: Send, meta: Meta, reply: Answer, status: str, age: float, total: int
+    ) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in meta.headers:
+            lower = name.lower()
+            if reply.status == 304 and lower not in _NOT_MODIFIED_HEADERS:
+                continue
+            headers.append((lower.encode("latin-1"), value.encode("latin-1")))
+        if (
+            reply.status in (200, 206, 416)
+            and (meta.complete or meta.validator is not None)
+            and not any(n == b"accept-ranges" for n, _ in headers)
+        ):
+            headers.append((b"accept-ranges", b"bytes"))
+        if reply.status == 206:
+            headers.append(
+                (b"content-range", f"bytes {reply.start}-{reply.stop - 1}/{total}".encode())
+            )
+        if reply.status == 416:
+            headers = [
+                (n, v) for n, v in headers if n not in (b"content-type", b"content-encoding")
+            ]
+            headers.append((b"content-range", f"bytes */{total}".encode()))
+            headers.append((b"content-length", b"0"))
+        elif reply.status in (200, 206) and reply.stop >= 0:
+            headers.append((b"content-length", str(reply.stop - reply.start).encode()))
+        headers.append((b"age", str(int(age)).encode()))
+        headers.append((b"cache-status", status.encode()))
+        self.status_code = reply.status
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+
+    async def _stream(
+        self, send: Send, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
+    ) -> None:
+        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
+        loop = asyncio.get_running_loop()
+        position = start
+        sent = 0
+        cache = self._cache
+        try:
+            while stop < 0 or position < stop:
+                if fill is not None and fill.published and stop < 0:
+                    stop = fill.written
+                    continue
+                if (
+                    fill is not None
+                    and not fill.published
+                    and fill.length is not None
+                    and position >= fill.length - 1
+                ):
+                    # The object's last byte goes out only once it is verified and stored:
+                    # a client that trusts Content-Length never ends a clean body early.
+                    await fill.wait_finished()
+                    if not fill.published:
+                        self._abort(f"cache fill failed: {fill.failed}")
+                if fill is not None and not fill.published:
+                    await fill.wait_beyond(position)
+                    if fill.written <= position:
+                        if fill.published and stop < 0:
+                            continue
+                        self._abort(f"cache fill failed: {fill.failed}")
+                    available = fill.written
+                    if fill.length is not None and not fill.published:
+                        available = min(available, fill.length - 1)
+                else:
+                    available = stop
+                want = min(CHUNK, available - position)
+                if stop >= 0:
+                    want = min(want, stop - position)
+                chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
+                if not chunk:
+                    self._abort("cached file shorter than its meta")
+                position += len(chunk)
+                sent += len(chunk)
+                if fill is None:
+                    cache.stats.bytes_from_cache += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                async with asyncio.timeout(self._send_timeout):
+                    await send(_WAIT_FOR_CLIENT)
+        except TimeoutError:
+            self._exchange.outcome = "client_abort"
+            self._reset()
+            raise TransferAborted("client stopped reading") from None
+        finally:
+            self._exchange.bytes_sent = sent
+        if fill is not None and not fill.published:
+            # The last bytes are out only once the object is verified and stored.
+            await fill.wait_finished()
+            if not fill.published:
+                self._abort(f"cache fill failed: {fill.failed}")
+        if end:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _abort(self, reason: str) -> NoReturn:
+        self._exchange.outcome = "upstream_abort"
+        logger.warning("aborting the client transfer: %s", reason)
+        self._reset()
+        raise TransferAborted(reason)
+
+    def _reset(self) -> None:
+        reset = self._scope_reset
+        if reset is not None:
+            reset()
+
+    _scope_reset: Callable[[], None] | None = None
+
+    async def _send_error(self, send: Send, status: int, text: str) -> None:
+        body = f"{status} {text}\n".encode()
+        self.status_code = status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _age(meta: Meta) -> float:
+    return meta.initial_age + max(0.0, time.time() - meta.stored_at)
+
+
+def _ttl(meta: Meta) -> float:
+    return meta.lifetime - _age(meta)

@@ -1,0 +1,109 @@
+"""relay.cache.policy and relay.cache.key: the RFC 9111 rules, sans-IO."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from relay.cache.key import base_key, encoding_variant, variant_key
+from relay.cache.policy import (
+    HEURISTIC_CAP,
+    answer,
+    cache_status,
+    freshness,
+    freshness_lifetime,
+    initial_age,
+    not_storable,
+    vary_of,
+)
+
+DATE = "Tue, 01 Dec 2026 00:00:00 GMT"
+
+
+def _h(**values: str) -> httpx.Headers:
+    return httpx.Headers({k.replace("_", "-"): v for k, v in values.items()})
+
+
+def test_lifetime_prefers_s_maxage_then_max_age_then_expires() -> None:
+    both = _h(cache_control="max-age=10, s-maxage=20", date=DATE)
+    assert freshness_lifetime(both) == 20
+    assert freshness_lifetime(_h(cache_control="max-age=10", expires=DATE, date=DATE)) == 10
+    expires = _h(date=DATE, expires="Tue, 01 Dec 2026 00:01:00 GMT")
+    assert freshness_lifetime(expires) == 60
+    assert freshness_lifetime(_h(date=DATE, expires="0")) == 0
+
+
+def test_lifetime_heuristic_is_a_tenth_of_the_last_modified_age_capped() -> None:
+    recent = _h(date=DATE, last_modified="Mon, 30 Nov 2026 23:00:00 GMT")
+    assert freshness_lifetime(recent) == 360
+    old = _h(date=DATE, last_modified="Mon, 01 Jan 2024 00:00:00 GMT")
+    assert freshness_lifetime(old) == HEURISTIC_CAP
+    assert freshness_lifetime(_h()) == 0
+
+
+def test_initial_age_counts_the_upstream_age() -> None:
+    assert initial_age(_h(age="30"), 100.0, 101.0) == 31
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "reason"),
+    [
+        (200, {"cache-control": "no-store"}, "no-store"),
+        (200, {"cache-control": "private, max-age=60"}, "private"),
+        (200, {"vary": "User-Agent"}, "vary"),
+        (200, {"set-cookie": "a=b"}, "set-cookie"),
+        (404, {}, "status 404"),
+        (200, {"cache-control": "public, max-age=60", "vary": "accept-encoding"}, None),
+    ],
+)
+def test_not_storable(status: int, headers: dict[str, str], reason: str | None) -> None:
+    assert not_storable(status, httpx.Headers(headers)) == reason
+
+
+def test_vary_only_accept_encoding_is_kept() -> None:
+    assert vary_of(_h()) == ""
+    assert vary_of(_h(vary="Accept-Encoding")) == "accept-encoding"
+    assert vary_of(_h(vary="Accept-Encoding, Origin")) is None
+    assert vary_of(_h(vary="*")) is None
+
+
+def test_no_cache_always_revalidates_and_must_revalidate_forbids_stale() -> None:
+    assert not freshness(_h(cache_control="no-cache"), 0, 100).fresh
+    assert freshness(_h(cache_control="max-age=100"), 5, 100).fresh
+    stale = freshness(_h(cache_control="max-age=1, stale-while-revalidate=60"), 10, 1)
+    assert stale.may_serve_stale_while_revalidating()
+    assert not freshness(_h(cache_control="must-revalidate"), 10, 1).may_serve_stale_on_error(99)
+    silent = freshness(_h(cache_control="max-age=1"), 10, 1)
+    assert not silent.may_serve_stale_on_error(0)
+    assert silent.may_serve_stale_on_error(60)
+    assert freshness(_h(cache_control="stale-if-error=60"), 10, 1).may_serve_stale_on_error(0)
+
+
+def test_answer_conditionals_and_ranges() -> None:
+    stored = _h(etag='"a"', last_modified="Mon, 30 Nov 2026 23:00:00 GMT")
+    assert answer(_h(if_none_match='"a"'), stored, 100).status == 304
+    assert answer(_h(if_none_match='W/"a"'), stored, 100).status == 304
+    assert answer(_h(if_none_match='"b"'), stored, 100).status == 200
+    assert answer(_h(if_modified_since=DATE), stored, 100).status == 304
+    part = answer(_h(range="bytes=10-19"), stored, 100)
+    assert (part.status, part.start, part.stop) == (206, 10, 20)
+    assert answer(_h(range="bytes=100-"), stored, 100).status == 416
+    assert answer(_h(range="bytes=0-9", if_range='"b"'), stored, 100).status == 200
+    assert answer(_h(range="bytes=0-9", if_range='"a"'), stored, 100).status == 206
+
+
+def test_cache_status_members() -> None:
+    assert cache_status(hit=False, fwd="miss", stored=True) == "relay; fwd=miss; stored"
+    assert (
+        cache_status(hit=False, fwd="stale", fwd_status=304) == "relay; fwd=stale; fwd-status=304"
+    )
+    assert cache_status(hit=True, ttl=5.5) == "relay; hit; ttl=5"
+
+
+def test_keys() -> None:
+    base = base_key("/o/", b"/o/file", b"v=1")
+    assert base != base_key("/o/", b"/o/file", b"v=2")
+    assert encoding_variant(None) == "identity"
+    assert encoding_variant("gzip;q=0, br") == "br"
+    assert encoding_variant("GZIP, br") == encoding_variant("br,gzip")
+    assert variant_key(base, "gzip") != base
