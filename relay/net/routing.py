@@ -29,6 +29,10 @@ _FORBIDDEN_DECODED = re.compile(rb"[/\\%\x00-\x1f\x7f]")
 # have no compatibility decomposition, so they are named: division slash, fraction slash,
 # set minus, reverse solidus operator, big (reverse) solidus, box-drawing diagonals.
 _SEPARATOR_LOOKALIKES = frozenset("\u2215\u2044\u2216\u29f5\u29f8\u29f9\u2571\u2572")
+# npm asks for a scoped package as one segment with an encoded slash, `@scope%2fname`. Allowed
+# as the first segment of an npm preset route only, in exactly this form: neither part can be
+# empty or start with '.', so once the registry decodes it, it is two plain segments.
+_NPM_SCOPED = re.compile(rb"^@[A-Za-z0-9~-][A-Za-z0-9._~-]*%2[fF][A-Za-z0-9~-][A-Za-z0-9._~-]*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +67,11 @@ class RouteTable:
         if route is None:
             raise NoRoute("no route for this path")
         rest = raw_path[len(route.prefix) :]
-        check_relative_path(rest)
+        scoped, _, after = rest.partition(b"/")
+        if route.preset == "npm" and _NPM_SCOPED.match(scoped):
+            check_relative_path(after)
+        else:
+            check_relative_path(rest)
         query = None
         if query_string:
             if not _QUERY_BYTES.match(query_string):

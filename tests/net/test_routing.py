@@ -103,3 +103,45 @@ def test_root_route_serves_everything_but_still_refuses_double_slash() -> None:
     assert table.resolve(b"/a/b").url == "https://up.example/base/a/b"
     with pytest.raises(BadPath):
         table.resolve(b"//evil.example/x")
+
+
+NPM = RouteTable((Route(prefix="/npm/", upstream="https://registry.npmjs.org/", preset="npm"),))
+
+
+@pytest.mark.parametrize(
+    ("raw", "url"),
+    [
+        (b"/npm/@types%2fnode", "https://registry.npmjs.org/@types%2fnode"),
+        (b"/npm/@babel%2Fcore", "https://registry.npmjs.org/@babel%2Fcore"),
+        (
+            b"/npm/@types%2fnode/-/node-20.0.0.tgz",
+            "https://registry.npmjs.org/@types%2fnode/-/node-20.0.0.tgz",
+        ),
+    ],
+)
+def test_npm_scoped_package_names_pass_on_an_npm_route(raw: bytes, url: str) -> None:
+    assert NPM.resolve(raw).url == url
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/npm/@types%2f..",  # the name part may not start with '.'
+        b"/npm/@..%2fx",
+        b"/npm/@types%2f",
+        b"/npm/%2fetc",
+        b"/npm/x/@types%2fnode",  # only the first segment
+        b"/npm/@types%2fnode%2fx",
+        b"/npm/@types%2fnode/..%2fx",
+    ],
+)
+def test_encoded_slashes_stay_refused_outside_the_npm_scoped_name(raw: bytes) -> None:
+    with pytest.raises(BadPath):
+        NPM.resolve(raw)
+
+
+def test_npm_scoped_form_is_refused_on_other_routes() -> None:
+    with pytest.raises(BadPath):
+        RouteTable((Route(prefix="/o/", upstream="https://example.com/"),)).resolve(
+            b"/o/@types%2fnode"
+        )
