@@ -11,6 +11,7 @@ rules or the reset check) and reads `read_timeout` from `set_response_params`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -194,15 +195,21 @@ class _CompleteFirstParser:
         return getattr(self._parser, name)
 
 
-def complete_first_parser(protocol: ResponseHandler, params: dict[str, Any]) -> None:
-    """Wrap the parser `protocol.set_response_params(**params)` just made (see
-    `_CompleteFirstParser`); built again, for a recovery, as aiohttp builds it."""
-    defaults = {
+@functools.cache
+def _response_param_defaults() -> dict[str, Any]:
+    """set_response_params' defaults, read once (inspect.signature costs tens of µs, and
+    this runs for every request)."""
+    return {
         name: p.default
         for name, p in inspect.signature(ResponseHandler.set_response_params).parameters.items()
         if name != "self"
     }
-    args = {**defaults, **params}
+
+
+def complete_first_parser(protocol: ResponseHandler, params: dict[str, Any]) -> None:
+    """Wrap the parser `protocol.set_response_params(**params)` just made (see
+    `_CompleteFirstParser`); built again, for a recovery, as aiohttp builds it."""
+    args = {**_response_param_defaults(), **params}
 
     def make(owner: Any, *, limit: int | None = None) -> Any:
         return HttpResponseParser(
