@@ -1,9 +1,10 @@
 """The response of a cached route: a hit streamed from the object's file, or a miss streamed
 from the fill's file as the fill advances (every attached client from the first byte).
 
-Reads are `os.pread` of `CHUNK` bytes in the default executor (uvicorn does not expose the
-socket and offers no `http.response.pathsend`, so `sendfile` is not possible): a slow client
-holds one chunk, and waits on the server's back-pressure before the next read.
+Reads are `os.pread` of `CHUNK` bytes (`FAST_CHUNK` once the client proves fast, as relayed
+streams pace their reads) in the default executor (uvicorn does not expose the socket and
+offers no `http.response.pathsend`, so `sendfile` is not possible): a slow client holds one
+small chunk, and waits on the server's back-pressure before the next read.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ from relay.config import Route
 from relay.errors import TransferAborted, error_response
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
+from relay.proxy.pacing import ReadPacer
 from relay.proxy.streaming import RESET_KEY
 from relay.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+# A client that takes bytes faster than pacing.FAST_RATE gets reads of this size instead: as
+# for relayed streams, a slow client holds one small chunk, a fast one costs few reads per GiB.
+FAST_CHUNK = 1024 * 1024
+# Reads up to this size are made on the loop: a thread hop costs more than reading a few KiB
+# of a recently written file, and small objects are most of a hit rate.
+INLINE_READ = 16 * 1024
 _WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
 # Headers a 304 carries from the stored response (RFC 9110 15.4.5).
 _NOT_MODIFIED_HEADERS = frozenset(
@@ -382,6 +390,13 @@ class CachedResponse(Response):
         position = start
         sent = 0
         cache = self._cache
+        size = CHUNK
+
+        def read_small(small: bool) -> None:
+            nonlocal size
+            size = CHUNK if small else FAST_CHUNK
+
+        pacer = ReadPacer(read_small, loop.time())
         try:
             while stop < 0 or position < stop:
                 if fill is not None and fill.published and stop < 0:
@@ -409,16 +424,20 @@ class CachedResponse(Response):
                         available = min(available, fill.length - 1)
                 else:
                     available = stop
-                want = min(CHUNK, available - position)
+                want = min(size, available - position)
                 if stop >= 0:
                     want = min(want, stop - position)
-                chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
+                if want <= INLINE_READ:
+                    chunk = os.pread(fd, want, position)
+                else:
+                    chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
                 if not chunk:
                     self._abort("cached file shorter than its meta")
                 position += len(chunk)
                 sent += len(chunk)
                 if fill is None:
                     cache.stats.bytes_from_cache += len(chunk)
+                pacer.sent(len(chunk), loop.time())
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 async with asyncio.timeout(self._send_timeout):
                     await send(_WAIT_FOR_CLIENT)
