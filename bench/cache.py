@@ -49,6 +49,7 @@ from bench.servers import (
     _start_nginx,
     ensure_data,
     nginx_path,
+    relay_serve_argv,
 )
 from tests.origin import Origin, expected_sha256
 
@@ -222,20 +223,7 @@ def start_relay_side(
         )
     )
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "relay",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--config",
-        str(cfg),
-        "--log-level",
-        "warning",
-    ]
+    argv = relay_serve_argv(port, "--config", str(cfg), "--log-level", "warning")
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir), "--cache-max-bytes", str(CACHE_MAX_BYTES)]
     argv += shlex.split(extra_args)

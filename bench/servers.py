@@ -187,6 +187,21 @@ def _probe(server: Server, path: str, expect_len: int) -> None:
         )
 
 
+def relay_serve_argv(port: int, *options: str) -> list[str]:
+    """`python -m relay serve` on 127.0.0.1:`port` with `options`, the one form benches use."""
+    return [
+        sys.executable,
+        "-m",
+        "relay",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *options,
+    ]
+
+
 def start_relay(
     label: str,
     origin: Origin,
@@ -213,18 +228,7 @@ def start_relay(
     errors: list[str] = []
     for form in forms:
         port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "relay",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *form,
-            *opts,
-        ]
+        argv = relay_serve_argv(port, *form, *opts)
         server = start_server(label, argv, port, log_dir, cwd=REPO)
         try:
             server.wait_ready("/healthz", timeout=30)
