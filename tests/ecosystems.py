@@ -358,8 +358,9 @@ def make_npm_tarball(name: str, version: str) -> bytes:
 
 
 class Npm:
-    """The npm registry: packument at /<name> (tarball URL absolute, `integrity` sha512) and
-    the tarball at /<name>/-/<name>-<version>.tgz, on one site."""
+    """The npm registry: packument at /<name> (/@scope%2fname for a scoped one; tarball URL
+    absolute, `integrity` sha512) and the tarball at /<name>/-/<name>-<version>.tgz, on one
+    site."""
 
     def __init__(self, name: str = "tinynpm", version: str = "1.0.0") -> None:
         self.name = name
@@ -367,11 +368,17 @@ class Npm:
         self.tarball = make_npm_tarball(name, version)
         self.site = Site(self._handle)
 
+    @property
+    def tarball_path(self) -> str:
+        """npm's layout: a scoped `@scope/name` keeps its slash here, the file is `name-v.tgz`."""
+        return f"/{self.name}/-/{self.name.rsplit('/', 1)[-1]}-{self.version}.tgz"
+
     def _handle(self, method: str, path: str, headers: dict[str, str]) -> Answer:
-        tgz = f"/{self.name}/-/{self.name}-{self.version}.tgz"
+        tgz = self.tarball_path
         if path == tgz:
             return Answer(200, self.tarball, {"Content-Type": "application/octet-stream"})
-        if path != f"/{self.name}":
+        # npm asks for a scoped packument with its slash encoded: /@scope%2fname.
+        if path.lower() != "/" + self.name.replace("/", "%2f"):
             return Answer(404, b'{"error":"not found"}')
         integrity = "sha512-" + base64.b64encode(hashlib.sha512(self.tarball).digest()).decode()
         packument = {

@@ -192,8 +192,10 @@ def test_rewrite_is_off_by_default(pypi: PyPI) -> None:
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
-def test_npm_install_through_relay(tmp_path: Path) -> None:
-    npm = Npm()
+@pytest.mark.parametrize("name", ["tinynpm", "@relay-test/tinynpm"])
+def test_npm_install_through_relay(tmp_path: Path, name: str) -> None:
+    """npm installs a plain and a scoped package (asked for as /@scope%2fname) through relay."""
+    npm = Npm(name)
     with npm.site:
         routes = (
             Route(prefix="/npm/", upstream=npm.site.url + "/", allow_private=True, preset="npm"),
@@ -212,7 +214,7 @@ def test_npm_install_through_relay(tmp_path: Path) -> None:
                     "--no-audit",
                     "--no-fund",
                     "--no-update-notifier",
-                    "tinynpm",
+                    name,
                 ],
                 capture_output=True,
                 text=True,
@@ -220,10 +222,10 @@ def test_npm_install_through_relay(tmp_path: Path) -> None:
                 cwd=tmp_path,
             )
             assert done.returncode == 0, done.stdout + done.stderr
-    installed = tmp_path / "p" / "node_modules" / "tinynpm" / "package.json"
+    installed = tmp_path / "p" / "node_modules" / name / "package.json"
     assert json.loads(installed.read_text())["version"] == "1.0.0"
     assert not npm.site.bypassed()
-    assert "/tinynpm/-/tinynpm-1.0.0.tgz" in npm.site.paths()
+    assert npm.tarball_path in npm.site.paths()
 
 
 # --- huggingface_hub ----------------------------------------------------------------------
