@@ -30,7 +30,7 @@ from relay.errors import TransferAborted, error_response
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.pacing import ReadPacer
-from relay.proxy.streaming import RESET_KEY
+from relay.proxy.streaming import RESET_KEY, WAIT_FOR_CLIENT
 from relay.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ FAST_CHUNK = 1024 * 1024
 # Reads up to this size are made on the loop: a thread hop costs more than reading a few KiB
 # of a recently written file, and small objects are most of a hit rate.
 INLINE_READ = 16 * 1024
-_WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
 # Headers a 304 carries from the stored response (RFC 9110 15.4.5).
 _NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "etag", "expires", "vary", "last-modified", "via"}
@@ -440,7 +439,7 @@ class CachedResponse(Response):
                 pacer.sent(len(chunk), loop.time())
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 async with asyncio.timeout(self._send_timeout):
-                    await send(_WAIT_FOR_CLIENT)
+                    await send(WAIT_FOR_CLIENT)
         except TimeoutError:
             self._exchange.outcome = "client_abort"
             self._reset()

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 # An empty body message: sent after each chunk, it returns once the server's transport has
 # drained (a constant, so the streaming loop allocates no second message per chunk).
-_WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
+WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
 
 # Scope key of a callable, set by relay's server protocol, that aborts the client connection
 # with a TCP reset: what is still queued for a client being cut is dropped, not delivered.
@@ -256,7 +256,7 @@ class RelayResponse(Response):
                             # waits while its transport is paused, so this returns once the
                             # client has taken what it was sent. Pulling first would hold one
                             # more chunk per slow client.
-                            await send(_WAIT_FOR_CLIENT)
+                            await send(WAIT_FOR_CLIENT)
                             if self._watcher is None:
                                 self._start_watcher()
                         watchdog.sending_since = None
