@@ -129,3 +129,40 @@ def test_ca_file_is_loaded_once_at_startup(tmp_path: Path) -> None:
         Config.load(
             environ={"RELAY_ROUTES": "/o/=https://up.example/", "RELAY_CA_FILE": str(garbage)}
         )
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"body_timeout": 0}, "body_timeout"),
+        ({"max_streams_per_client": -1}, "max_streams_per_client"),
+        ({"min_send_rate": -1}, "min_send_rate"),
+        ({"min_rate_window": 0}, "min_rate_window"),
+        ({"admin_header": "bad header"}, "admin_header"),
+        ({"downloads_max_jobs": 0}, "downloads_max_jobs"),
+        ({"downloads_max_bytes": -1}, "downloads_max_bytes"),
+        ({"downloads_retention": -1}, "downloads_retention"),
+        ({"cache_max_bytes": -5}, "cache_max_bytes"),
+        ({"cache_dir": "/var/cache/relay", "cache_max_bytes": 0}, "cache_max_bytes"),
+        ({"cache_max_object_bytes": -1}, "cache_max_object_bytes"),
+        ({"cache_fill_idle_timeout": -1}, "cache_fill_idle_timeout"),
+    ],
+)
+def test_settings_added_for_hostile_input_and_the_cache_refuse_bad_values(
+    settings: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Config(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"preset": "maven"}, "preset"),
+        ({"preset": "hf"}, "redirects"),
+        ({"cache_stale_if_error": -1}, "cache_stale_if_error"),
+    ],
+)
+def test_new_route_keys_refuse_bad_values(keys: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Route(prefix="/a/", upstream="https://a.example/", **keys)  # type: ignore[arg-type]
