@@ -42,12 +42,12 @@ from bench.measure import Settings, slow_readers, stop_quietly
 from bench.procs import Server, ServerError, free_port, start_server
 from bench.report import machine_info
 from bench.servers import (
-    DATA_DIR,
     REPO,
     _nginx_common,
     _nginx_http_common,
     _start_nginx,
     ensure_data,
+    nginx_file_server_conf,
     nginx_path,
     relay_serve_argv,
 )
@@ -121,20 +121,7 @@ def start_upstreams(origin: Origin, tmp: Path, log_dir: Path) -> Upstreams:
     ensure_data(["1k", "256m", "1g"])
     port = free_port()
     workdir = tmp / "nginx-files"
-    conf = (
-        _nginx_common(workdir)
-        + f"""http {{
-{_nginx_http_common(workdir)}    sendfile on;
-    tcp_nopush on;
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        root {DATA_DIR};
-        expires 1h;
-        location = /healthz {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
-    )
+    conf = nginx_file_server_conf(workdir, port, extra="        expires 1h;\n")
     server = _start_nginx("files-nginx", conf, workdir, port, log_dir)
     try:
         server.wait_ready("/1k", timeout=30)

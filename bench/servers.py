@@ -95,23 +95,28 @@ class Origin:
         return f"/{name}" if self.kind == "nginx" else f"/gen/{name}"
 
 
-def start_origin(tmp: Path, log_dir: Path, use_nginx: bool) -> Origin:
-    port = free_port()
-    if use_nginx:
-        workdir = tmp / "nginx-origin"
-        conf = (
-            _nginx_common(workdir)
-            + f"""http {{
+def nginx_file_server_conf(workdir: Path, port: int, extra: str = "") -> str:
+    """nginx serving DATA_DIR with sendfile on 127.0.0.1:`port`; `extra` goes in its server."""
+    return (
+        _nginx_common(workdir)
+        + f"""http {{
 {_nginx_http_common(workdir)}    sendfile on;
     tcp_nopush on;
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
         root {DATA_DIR};
-        location = /healthz {{ return 200 "ok\\n"; }}
+{extra}        location = /healthz {{ return 200 "ok\\n"; }}
     }}
 }}
 """
-        )
+    )
+
+
+def start_origin(tmp: Path, log_dir: Path, use_nginx: bool) -> Origin:
+    port = free_port()
+    if use_nginx:
+        workdir = tmp / "nginx-origin"
+        conf = nginx_file_server_conf(workdir, port)
         server = _start_nginx("origin-nginx", conf, workdir, port, log_dir)
         origin = Origin(server, "nginx")
     else:
