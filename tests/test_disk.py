@@ -198,3 +198,23 @@ def test_hash_file_matches_and_refuses_symlinks(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="symbolic links") as caught:
         disk.hash_file(link)
     assert caught.value.errno == errno.ELOOP
+
+
+def test_write_atomically_replaces_the_whole_content(tmp_path: Path) -> None:
+    target = tmp_path / "meta.json"
+    disk.write_atomically(target, b"old")
+    disk.write_atomically(target, b"new content")
+    assert target.read_bytes() == b"new content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+def test_remove_tree_removes_a_directory_or_a_file_and_tolerates_absence(tmp_path: Path) -> None:
+    tree = tmp_path / "obj"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "data").write_bytes(b"x")
+    single = tmp_path / "file"
+    single.write_bytes(b"y")
+    disk.remove_tree(tree)
+    disk.remove_tree(single)
+    disk.remove_tree(tmp_path / "never-there")
+    assert list(tmp_path.iterdir()) == []

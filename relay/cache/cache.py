@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 
-from relay.cache.disk import remove_quietly, write_atomically
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
 from relay.cache.key import digest, slice_key, variant_key
 from relay.cache.store import DATA, META, Meta, Store
 from relay.config import Config, Route
+from relay.disk import remove_quietly, write_atomically
 from relay.errors import StartupError
 from relay.net.upstream import Upstream
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 
-from relay.cache.disk import replace, write_atomically
 from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
 from relay.cache.store import DATA, META, PARTIAL, Meta
 from relay.config import Route
+from relay.disk import replace, write_atomically
 from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries, content_length
 from relay.http.digests import DigestConflict, upstream_sha256

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from relay.cache.disk import remove_tree, write_atomically
+from relay.disk import remove_tree, write_atomically
 
 logger = logging.getLogger(__name__)
 
