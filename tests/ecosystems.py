@@ -34,6 +34,8 @@ class Answer:
     """Send this many body bytes, set `reached`, wait for `release`, then close (cut)."""
     reached: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    finish: bool = False
+    """With `hold_after`: once released, send the rest instead of closing (a slow page)."""
 
 
 Handler = Callable[[str, str, dict[str, str]], Answer]
@@ -80,6 +82,9 @@ class Site:
                 self.wfile.flush()
                 answer.reached.set()
                 answer.release.wait(60)
+                if answer.finish:
+                    self.wfile.write(answer.body[answer.hold_after :])
+                    return
                 self.close_connection = True
 
             do_GET = do_HEAD = _answer
@@ -168,11 +173,17 @@ def make_sdist(name: str, version: str) -> tuple[str, bytes]:
 
 class PyPI:
     """pypi.org (simple index: JSON or HTML by Accept at /simple/, HTML only at /html/simple/,
-    always gzip-encoded at /gz/..., 4000 times over at /big/..., cut halfway at /cut/...)
-    and files.pythonhosted.org (/packages/...), as two sites."""
+    always gzip-encoded at /gz/..., 4000 times over at /big/..., cut halfway at /cut/...,
+    held halfway until `slow.release` at /slow/...) and files.pythonhosted.org
+    (/packages/...), as two sites, with pypi.org's caching headers: index pages
+    `Cache-Control: max-age=600, public` (`max_age`), `Vary: Accept, Accept-Encoding`, an
+    ETag per form, answered 304 to a matching If-None-Match; files immutable for a year."""
 
     def __init__(self, name: str = "tinypkg", version: str = "1.0") -> None:
         self.name = name
+        self.max_age = 600
+        self.slow = Answer(finish=True)
+        """The page at /slow/...: half sent, then held until `slow.release` is set."""
         wheel, data, metadata = make_wheel(name, version)
         sdist, sdist_data = make_sdist(name, version)
         self.files = {wheel: data, sdist: sdist_data, wheel + ".metadata": metadata}
@@ -185,7 +196,15 @@ class PyPI:
         name = path.removeprefix("/packages/ab/cd/")
         if name not in self.files:
             return Answer(404, b"not found\n")
-        return Answer(200, self.files[name], {"Content-Type": "application/octet-stream"})
+        return Answer(
+            200,
+            self.files[name],
+            {
+                "Content-Type": "application/octet-stream",
+                "Cache-Control": "max-age=365000000, immutable, public",
+                "ETag": f'"{sha256(self.files[name])[:16]}"',
+            },
+        )
 
     def _links(self) -> list[tuple[str, str, str]]:
         base = self.files_host.url + "/packages/ab/cd/"
@@ -213,6 +232,12 @@ class PyPI:
             page.hold_after = len(page.body) // 2
             page.release.set()
             return page
+        if path.startswith("/slow/"):
+            page = self._page(method, path.removeprefix("/slow"), headers)
+            slow = self.slow
+            slow.status, slow.body, slow.headers = page.status, page.body, page.headers
+            slow.hold_after = len(page.body) // 2
+            return slow
         html_only = path.startswith("/html/")
         path = path.removeprefix("/html")
         if path != f"/simple/{self.name}/":
@@ -233,6 +258,7 @@ class PyPI:
                 {"meta": {"api-version": "1.1"}, "name": self.name, "files": files}
             ).encode()
             kind = "application/vnd.pypi.simple.v1+json"
+            etag = '"page-1-json"'
         else:
             links = []
             for name, url, meta in self._links():
@@ -246,7 +272,15 @@ class PyPI:
                 "<!DOCTYPE html><html><body>\n" + "<br/>\n".join(links) + "\n</body></html>\n"
             ).encode()
             kind = "text/html"
-        return Answer(200, body, {"Content-Type": kind, "ETag": '"page-1"'})
+            etag = '"page-1"'
+        caching = {
+            "ETag": etag,
+            "Cache-Control": f"max-age={self.max_age}, public",
+            "Vary": "Accept, Accept-Encoding",
+        }
+        if headers.get("if-none-match") == etag:
+            return Answer(304, b"", caching)
+        return Answer(200, body, {"Content-Type": kind, **caching})
 
 
 # --- Hugging Face Hub ---------------------------------------------------------------------
@@ -376,7 +410,15 @@ class Npm:
     def _handle(self, method: str, path: str, headers: dict[str, str]) -> Answer:
         tgz = self.tarball_path
         if path == tgz:
-            return Answer(200, self.tarball, {"Content-Type": "application/octet-stream"})
+            return Answer(
+                200,
+                self.tarball,
+                {
+                    "Content-Type": "application/octet-stream",
+                    "Cache-Control": "public, immutable, max-age=31557600",
+                    "ETag": f'"{hashlib.sha1(self.tarball).hexdigest()}"',
+                },
+            )
         # npm asks for a scoped packument with its slash encoded: /@scope%2fname.
         if path.lower() != "/" + self.name.replace("/", "%2f"):
             return Answer(404, b'{"error":"not found"}')
@@ -399,5 +441,10 @@ class Npm:
         return Answer(
             200,
             json.dumps(packument).encode(),
-            {"Content-Type": "application/json", "ETag": '"pk-1"'},
+            {
+                "Content-Type": "application/json",
+                "ETag": '"pk-1"',
+                "Cache-Control": "public, max-age=300",
+                "Vary": "Accept-Encoding, Accept",
+            },
         )

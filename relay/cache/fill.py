@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from relay.cache.key import INDEX_MARK
 from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
 from relay.cache.store import DATA, META, PARTIAL, Meta
 from relay.config import Route
@@ -30,6 +31,7 @@ from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.ranges import parse_content_range
 from relay.http.resume import resume_request_headers
 from relay.http.validators import resume_validator
+from relay.net.presets import is_index_type
 from relay.net.upstream import Upstream
 from relay.proxy.headers import downstream_response_headers
 
@@ -58,6 +60,30 @@ def linked_sha256(headers: httpx.Headers) -> str | None:
     """Hugging Face's `X-Linked-Etag` when it is a sha256 (an LFS object's)."""
     value = headers.get("x-linked-etag", "").strip().removeprefix("W/").strip('"').lower()
     return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+
+
+def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
+    """An index page's headers with the Vary names its key covers (Accept, Accept-Encoding)
+    removed, for the storage rules."""
+    names = [
+        item.strip()
+        for value in headers.get_list("vary")
+        for item in value.split(",")
+        if item.strip() and item.strip().lower() not in ("accept", "accept-encoding")
+    ]
+    out = httpx.Headers([(n, v) for n, v in headers.multi_items() if n.lower() != "vary"])
+    if names:
+        out["vary"] = ", ".join(names)
+    return out
+
+
+def _unrewritable(route: Route, headers: httpx.Headers) -> str | None:
+    """Why an index page cannot be stored for serve-time rewriting (the relayed path refuses
+    it with a 502 as well): an encoded index."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if is_index_type(route, headers.get("content-type", "")) and encoding not in ("", "identity"):
+        return "encoded index page"
+    return None
 
 
 class Fill:
@@ -236,9 +262,13 @@ class Fill:
             return None
         if self.slice is not None:
             return await self._take_slice(response)
-        reason = not_storable(status, headers)
-        if reason is None and vary_of(headers) and "\x00ae=" not in self.key:
+        index_page = INDEX_MARK in self.key
+        policy = _without_keyed_vary(headers) if index_page else headers
+        reason = not_storable(status, policy)
+        if reason is None and vary_of(policy) and "\x00ae=" not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
+        if reason is None and index_page:
+            reason = _unrewritable(self._route, headers)
         length = content_length(headers)
         if reason is None and length is not None and length > self._max_object_bytes:
             reason = "too large"
@@ -264,7 +294,7 @@ class Fill:
             initial_age=initial_age(headers, received, received),
             lifetime=freshness_lifetime(headers),
             validator=resume_validator(headers),
-            vary=vary_of(headers) or "",
+            vary=vary_of(policy) or "",
             extra={"variant": self.variant},
         )
         return response

@@ -1,5 +1,6 @@
 """The cache key: route prefix + raw path + query, plus the encoding variant when the upstream
-says `Vary: Accept-Encoding`."""
+says `Vary: Accept-Encoding`; an index page of a pypi/npm preset route is keyed by its
+negotiated form too (`index_key`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ def encoding_variant(accept_encoding: str | None) -> str:
         if name and q not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
             codings.add(name)
     return ",".join(sorted(codings)) or "identity"
+
+
+#: Marks the key of a preset route's index page: the form the request's Accept selects is part
+#: of the key, so the page's `Vary: Accept` (and `Accept-Encoding`: these routes always ask the
+#: upstream for identity) is covered by the key itself.
+INDEX_MARK = "\x00accept="
+
+
+def index_key(base: str, accept: str) -> str:
+    """The key of a preset route's index page as asked with `accept` (see
+    `relay.net.presets.index_accept`)."""
+    return base + INDEX_MARK + accept
 
 
 def variant_key(base: str, variant: str) -> str:

@@ -46,7 +46,7 @@ from relay.net.upstream import REDIRECTED_FROM
 from relay.types import RawHeaders
 
 # Headers that describe the upstream's bytes, not the rewritten ones.
-_REPRESENTATION_HEADERS = frozenset(
+REPRESENTATION_HEADERS = frozenset(
     {
         b"content-length",
         b"accept-ranges",
@@ -179,7 +179,7 @@ class Preset:
             if response.status_code == 200 and encoding not in ("", "identity"):
                 raise UpstreamUnavailable("upstream sent an encoded index page")
             if response.status_code == 200:
-                rewriter = UrlRewriter(_pairs(routes, base))
+                rewriter = UrlRewriter(rewrite_pairs(routes, base))
         preset = cls(route, response, rewriter)
         preset._base = base
         return preset
@@ -187,7 +187,7 @@ class Preset:
     def headers(self, headers: RawHeaders) -> RawHeaders:
         out: RawHeaders = []
         for name, value in headers:
-            if self._rewriter is not None and name in _REPRESENTATION_HEADERS:
+            if self._rewriter is not None and name in REPRESENTATION_HEADERS:
                 continue
             if self._route.preset == "hf":
                 if name.startswith(XET_HEADER_PREFIX):
@@ -212,9 +212,7 @@ class Preset:
         return RewrittenBody(raw, self._rewriter)
 
     def _etag(self, upstream: str) -> str:
-        digest = hashlib.sha256(upstream.encode("latin-1"))
-        digest.update(b"\0" + self._base.encode("latin-1") + b"\0" + self._route.preset.encode())
-        return f'W/"relay-{digest.hexdigest()[:32]}"'
+        return rewritten_etag(upstream, self._base, self._route.preset)
 
     def _hub_metadata(self, headers: RawHeaders) -> RawHeaders:
         """With redirects followed: the Hub's file metadata from the redirect that had it."""
@@ -232,7 +230,15 @@ class Preset:
         return []
 
 
-def _pairs(routes: RouteTable, base: str) -> list[tuple[bytes, bytes]]:
+def rewritten_etag(upstream: str, base: str, preset: str) -> str:
+    """relay's weak ETag for a page rewritten for `base` from the upstream's `upstream` ETag
+    (the relayed path and the cache's serve-time rewrite give the same one)."""
+    digest = hashlib.sha256(upstream.encode("latin-1"))
+    digest.update(b"\0" + base.encode("latin-1") + b"\0" + preset.encode())
+    return f'W/"relay-{digest.hexdigest()[:32]}"'
+
+
+def rewrite_pairs(routes: RouteTable, base: str) -> list[tuple[bytes, bytes]]:
     pairs: list[tuple[bytes, bytes]] = []
     for route in routes.by_upstream():
         old = route.upstream

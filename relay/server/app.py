@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import TypedDict
 
@@ -15,13 +16,13 @@ from starlette.routing import BaseRoute, Route
 from relay.cache.admin import routes as cache_routes
 from relay.cache.cache import Cache, open_cache
 from relay.cache.key import base_key, encoding_variant
+from relay.cache.rewritten import RewrittenIndex, caches_as_index
 from relay.cache.serve import CachedResponse
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, StartupError, error_response
 from relay.net.client import UpstreamClient
-from relay.net.presets import is_immutable
 from relay.net.routing import RouteTable
 from relay.net.transports import PooledTransport, make_transport
 from relay.net.upstream import Upstream
@@ -111,11 +112,10 @@ class Relay:
         if (
             cache is None
             or not route.cache
-            # A preset route's answers are shaped per request (index pages rewritten for the
-            # Host asked under; the Hub's metadata headers kept through redirects): only the
-            # immutable files of the pypi and npm presets are cached, the rest is relayed.
-            # The Hub's bytes are cached on its CDN route, which has no preset.
-            or (route.preset and (route.preset == "hf" or not is_immutable(route, target.rest)))
+            # The Hub's answers are shaped per request (its metadata headers kept through
+            # redirects): relayed. The Hub's bytes are cached on its CDN route (no preset).
+            # pypi/npm index pages are cached as the upstream sent them (RewrittenIndex).
+            or route.preset == "hf"
             or (
                 route.forward_client_auth
                 and any(name.lower() in _PRIVATE_REQUEST for name, _ in scope["headers"])
@@ -124,10 +124,12 @@ class Relay:
             return relayed()
         client_headers = httpx.Headers(scope["headers"])
         fill_headers = [(n, v) for n, v in headers if n.lower() not in _NOT_FOR_FILLS]
-        return CachedResponse(
+        base = base_key(route.prefix, raw_path, scope.get("query_string", b""))
+        cached = functools.partial(
+            CachedResponse,
             cache,
             method=scope["method"],
-            base=base_key(route.prefix, raw_path, scope.get("query_string", b"")),
+            base=base,
             variant=encoding_variant(client_headers.get("accept-encoding")),
             route=route,
             request=lambda: upstream.build_request(
@@ -139,6 +141,18 @@ class Relay:
             client=forwarded.client,
             send_timeout=self._config.send_timeout,
         )
+        if caches_as_index(route, target.rest):
+            return RewrittenIndex(
+                cached,
+                cache=cache,
+                base=base,
+                route=route,
+                routes=self._routes,
+                request_headers=headers,
+                client_headers=client_headers,
+                fallback=relayed,
+            )
+        return cached()
 
 
 class RelayFirst:
