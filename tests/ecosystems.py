@@ -182,6 +182,8 @@ class PyPI:
     def __init__(self, name: str = "tinypkg", version: str = "1.0") -> None:
         self.name = name
         self.max_age = 600
+        self.failing = False
+        """Index pages answer 503 (the index down) while set."""
         self.slow = Answer(finish=True)
         """The page at /slow/...: half sent, then held until `slow.release` is set."""
         wheel, data, metadata = make_wheel(name, version)
@@ -215,6 +217,8 @@ class PyPI:
         ]
 
     def _page(self, method: str, path: str, headers: dict[str, str]) -> Answer:
+        if self.failing:
+            return Answer(503, b"unavailable\n", {"Content-Type": "text/plain"})
         if path.startswith("/gz/"):
             # An upstream that encodes whatever it was asked for.
             page = self._page(method, path.removeprefix("/gz"), headers)

@@ -178,7 +178,10 @@ class Cache:
                 self.index.vary[base] = "accept-encoding"
             elif fill.passthrough is not None and fill.slice is None:
                 self._passes[fill.key] = time.monotonic() + PASS_SECONDS
-                if fill.revalidating is not None:
+                # A new answer that may not be stored replaces the stored one; an upstream
+                # error (5xx) does not: the stored object stays for stale-if-error, which
+                # the clients waiting on this revalidation are about to read.
+                if fill.revalidating is not None and (fill.upstream_status or 0) < 500:
                     self.drop(fill.key)
 
     def _count_upstream(self, size: int) -> None:

@@ -194,6 +194,28 @@ def test_a_stale_page_is_revalidated_with_one_conditional_request(
     assert second.headers["etag"] == first.headers["etag"]
 
 
+def test_a_stale_page_is_served_rewritten_when_the_index_is_down(
+    pypi: PyPI, tmp_path: Path
+) -> None:
+    """stale-if-error (the route's `cache_stale_if_error`): with the index failing, the
+    stored page is served, rewritten for this request's Host, and says so."""
+    pypi.max_age = 0
+    index, files = _pypi_routes(pypi)
+    routes = (dataclasses.replace(index, cache_stale_if_error=600.0), files)
+    config = _cached(relay_config(pypi.index.url, routes=routes), tmp_path)
+    with running_relay(config) as relay:
+        url = relay.url + "/pypi" + PAGE
+        first = httpx.get(url, headers={"accept": JSON})
+        want = _rewritten(pypi, PAGE, {"accept": JSON}, "http://mirror.example")
+        pypi.failing = True
+        down = httpx.get(url, headers={"accept": JSON, "host": "mirror.example"})
+    assert first.status_code == down.status_code == 200
+    assert down.content == want
+    assert down.headers["cache-status"].startswith("relay; hit; fwd=stale; fwd-status=503")
+    assert 'detail="stale-if-error"' in down.headers["cache-status"]
+    assert down.headers["etag"] == rewritten_etag('"page-1-json"', "http://mirror.example", "pypi")
+
+
 def test_a_page_being_filled_is_rewritten_to_every_client_as_it_arrives(
     pypi: PyPI, tmp_path: Path
 ) -> None:
