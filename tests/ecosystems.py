@@ -173,7 +173,8 @@ def make_sdist(name: str, version: str) -> tuple[str, bytes]:
 
 class PyPI:
     """pypi.org (simple index: JSON or HTML by Accept at /simple/, HTML only at /html/simple/,
-    always gzip-encoded at /gz/..., 4000 times over at /big/..., cut halfway at /cut/...,
+    always gzip-encoded at /gz/..., always a 206 at /partial/..., 4000 times over at /big/...,
+    cut halfway at /cut/...,
     held halfway until `slow.release` at /slow/...) and files.pythonhosted.org
     (/packages/...), as two sites, with pypi.org's caching headers: index pages
     `Cache-Control: max-age=600, public` (`max_age`), `Vary: Accept, Accept-Encoding`, an
@@ -235,6 +236,12 @@ class PyPI:
             page = self._page(method, path.removeprefix("/cut"), headers)
             page.hold_after = len(page.body) // 2
             page.release.set()
+            return page
+        if path.startswith("/partial/"):
+            # An upstream that answers a page with a 206, asked for a range or not.
+            page = self._page(method, path.removeprefix("/partial"), headers)
+            page.headers["Content-Range"] = f"bytes 0-{len(page.body) - 1}/{len(page.body) + 1}"
+            page.status = 206
             return page
         if path.startswith("/slow/"):
             page = self._page(method, path.removeprefix("/slow"), headers)

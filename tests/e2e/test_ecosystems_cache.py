@@ -264,15 +264,19 @@ def test_a_large_cached_page_is_rewritten_exactly(pypi: PyPI, tmp_path: Path) ->
     assert _gets(pypi.index.paths(), path) == 1
 
 
+@pytest.mark.parametrize(
+    ("kind", "reason"), [("gz", "an encoded index page"), ("partial", "a partial index page")]
+)
 def test_an_index_relay_cannot_rewrite_is_refused_and_not_stored(
-    pypi: PyPI, tmp_path: Path
+    pypi: PyPI, tmp_path: Path, kind: str, reason: str
 ) -> None:
+    """An encoded index, or a 206 of one: 502 as on the relayed path, never stored."""
     with running_relay(_pypi_relay(pypi, tmp_path)) as relay:
-        answers = [httpx.get(relay.url + "/pypi/gz" + PAGE) for _ in range(2)]
+        answers = [httpx.get(f"{relay.url}/pypi/{kind}{PAGE}") for _ in range(2)]
         assert relay.settled()
     for got in answers:
         assert got.status_code == 502
-        assert got.text == "502 upstream sent an encoded index page\n"
+        assert got.text == f"502 upstream sent {reason}\n"
     assert _stored(tmp_path) == []
 
 
