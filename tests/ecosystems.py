@@ -358,7 +358,7 @@ class Hub:
                         "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
                     },
                 )
-            if self.pause is not None and data is not self.big:
+            if self.pause is not None and method == "GET" and data is not self.big:
                 answer, self.pause = self.pause, None
                 answer.body = data
                 answer.headers = {"ETag": f'"cdn-{digest[:8]}"'}

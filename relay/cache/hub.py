@@ -20,12 +20,14 @@ redirects) is relayed as without a cache: the route's relayed response asks agai
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import httpx
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
+from relay.cache.key import base_key
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.errors import UpstreamError, error_response
@@ -50,12 +52,23 @@ _NOT_UPSTREAM = frozenset(
         "accept-encoding",
     }
 )
+_PURGE_PATH = re.compile(r"sha256/([0-9a-fA-F]{64})")
 _METADATA_NAMES = frozenset(name.encode() for name in HF_METADATA_HEADERS)
 
 
 def hub_key(route_prefix: str, sha256: str) -> str:
-    """The cache key of a content-addressed object of a route (its URL plays no part)."""
-    return route_prefix + "\x00sha256=" + sha256
+    """The cache key of a content-addressed object of a route (its URL plays no part). It
+    starts as the route's URL keys do (a purge of the route prefix drops it) and holds a NUL
+    after that, which no request path has: no URL is ever looked up as it."""
+    return base_key(route_prefix, route_prefix.encode("latin-1"), b"") + "\x00sha256/" + sha256
+
+
+def hub_key_of_purge(route: Route, rest: str) -> str | None:
+    """The key an admin purge of `<hf route>/sha256/<64 hex>` names, None for other paths."""
+    match = _PURGE_PATH.fullmatch(rest)
+    if route.preset != "hf" or match is None:
+        return None
+    return hub_key(route.prefix, match.group(1).lower())
 
 
 class HubResponse(Response):
@@ -128,51 +141,80 @@ class HubResponse(Response):
         task.cancel()
 
     async def _ask_hub(self) -> Response:
-        upstream, route = self._upstream, self._route
-        request = upstream.build_request(
-            "HEAD", upstream.url_for(self._target), self._hub_headers, route
-        )
-        response = await upstream.open(request, route, follow=False)
-        try:
-            sha256 = linked_sha256(response.headers)
-            source: httpx.Request | None = None
-            if sha256 is not None and response.status_code == 200:
-                source = request  # the Hub serves the bytes itself
-            elif sha256 is not None and response.status_code in REDIRECT_STATUSES:
-                source = upstream.redirected(request, response, route)
-            if sha256 is None or source is None:
-                return self._fallback()
-            metadata = response.headers
-        finally:
-            await response.aclose()
-
-        def fill_request() -> httpx.Request:
-            assert source is not None
-            headers = [
-                (name, value)
-                for name, value in source.headers.multi_items()
-                if name not in ("host", "accept-encoding")
-            ]
-            headers.append(("accept-encoding", "identity"))
-            return upstream.build_request("GET", source.url, headers, route)
-
-        def adapt(headers: RawHeaders) -> RawHeaders:
-            # This request's Hub answer names the commit and digest, not the stored one's.
-            kept = [(n, v) for n, v in without_xet(headers) if n not in _METADATA_NAMES]
-            return kept + hub_metadata([metadata], set())
-
+        route = self._route
+        hub_file = await HubFile.ask(self._upstream, self._target, self._hub_headers)
+        if hub_file is None:
+            return self._fallback()
         return CachedResponse(
             self._cache,
             method=self._method,
-            base=hub_key(route.prefix, sha256),
+            base=hub_file.key,
             variant="identity",
             route=route,
-            request=fill_request,
+            request=hub_file.fill_request,
             client_headers=self._client_headers,
             fallback=self._fallback,
             limiter=self._limiter,
             client=self._client,
             send_timeout=self._send_timeout,
-            sha256=sha256,
-            adapt=adapt,
+            sha256=hub_file.sha256,
+            adapt=hub_file.adapt,
         )
+
+
+class HubFile:
+    """A content-addressed Hub file, as one Hub answer named it."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        route: Route,
+        sha256: str,
+        source: httpx.Request,
+        metadata: httpx.Headers,
+    ) -> None:
+        self.sha256 = sha256
+        self.key = hub_key(route.prefix, sha256)
+        self._upstream = upstream
+        self._route = route
+        self._source = source
+        self._metadata = metadata
+
+    @classmethod
+    async def ask(
+        cls, upstream: Upstream, target: Target, headers: list[tuple[str, str]]
+    ) -> HubFile | None:
+        """Ask the Hub (a HEAD, its redirect not followed) about the file; None when its
+        answer does not name the bytes by a sha256. Raises UpstreamError."""
+        route = target.route
+        request = upstream.build_request("HEAD", upstream.url_for(target), headers, route)
+        response = await upstream.open(request, route, follow=False)
+        try:
+            sha256 = linked_sha256(response.headers)
+            if sha256 is None:
+                return None
+            if response.status_code == 200:
+                return cls(upstream, route, sha256, request, response.headers)  # the Hub's bytes
+            if response.status_code in REDIRECT_STATUSES:
+                source = upstream.redirected(request, response, route)
+                return cls(upstream, route, sha256, source, response.headers)
+            return None
+        finally:
+            await response.aclose()
+
+    def fill_request(self) -> httpx.Request:
+        """The GET of the bytes: the Location (or the Hub URL), credentials only where
+        `Upstream.redirected` kept them, asked for as stored (identity)."""
+        headers = [
+            (name, value)
+            for name, value in self._source.headers.multi_items()
+            if name not in ("host", "accept-encoding")
+        ]
+        headers.append(("accept-encoding", "identity"))
+        return self._upstream.build_request("GET", self._source.url, headers, self._route)
+
+    def adapt(self, headers: RawHeaders) -> RawHeaders:
+        """A stored answer's headers: Xet's withheld, the Hub metadata of this answer (the
+        commit asked for now, not the one the object was stored under)."""
+        kept = [(n, v) for n, v in without_xet(headers) if n not in _METADATA_NAMES]
+        return kept + hub_metadata([self._metadata], set())

@@ -324,7 +324,7 @@ class CachedResponse(Response):
         """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
         cache = self._cache
         entry = cache.slice_entry(self._base, self._variant, index)
-        if entry is not None and validator is None:
+        if entry is not None and validator is None and self._sha256 is None:
             meta = entry.meta
             if not freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh:
                 # A stale object's slices are fetched again (no revalidation of slices yet).

@@ -3,6 +3,7 @@ of the fake Hub and CDN (tests/ecosystems.py), counting the CDN's requests and b
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ def hub() -> Iterator[Hub]:
         yield site
 
 
-def _cached_relay(hub: Hub, tmp_path: Path, **route: Any) -> Any:
+def _cached_relay(hub: Hub, tmp_path: Path, admin_token: str = "", **route: Any) -> Any:
     cdn = hub.cdn.url.split("//")[1].split(":")[0]
     routes = (
         Route(
@@ -45,6 +46,7 @@ def _cached_relay(hub: Hub, tmp_path: Path, **route: Any) -> Any:
         cache_dir=str(tmp_path / "cache"),
         cache_max_bytes=512 * MiB,
         cache_slice_bytes=1 * MiB,
+        admin_token=admin_token,
     )
     return running_relay(config)
 
@@ -303,3 +305,95 @@ def test_a_redirect_to_a_host_not_allowed_is_a_502(hub: Hub, tmp_path: Path) -> 
     assert got.text == "502 redirect not followed: redirect to a host not in redirect_hosts\n"
     assert cdn not in got.text
     assert _cdn_gets(hub) == 0
+
+
+def test_a_cold_range_of_a_hub_file_is_answered_from_slices(hub: Hub, tmp_path: Path) -> None:
+    """A Range of an LFS file not stored whole is a 206 of exact bytes, fetched as a slice from
+    the CDN (no credential), then a hit."""
+    data = hub.lfs["model.bin"]
+    with _cached_relay(hub, tmp_path) as relay:
+        url = relay.url + URL + "model.bin"
+        cold = httpx.get(url, headers={"range": "bytes=100-299"})
+        warm = httpx.get(url, headers={"range": "bytes=300-399"})
+        _settled(relay)
+    assert cold.status_code == warm.status_code == 206
+    assert cold.content == data[100:300]
+    assert warm.content == data[300:400]
+    assert cold.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert warm.headers["cache-status"] == "relay; hit"
+    _assert_hub_metadata(warm, data)
+    assert _cdn_gets(hub) == 1
+    assert hub.cdn.ranges == [f"bytes=0-{MiB - 1}"]
+
+
+def test_a_hub_error_is_relayed_even_when_the_file_is_cached(hub: Hub, tmp_path: Path) -> None:
+    """Without the Hub's sha256 relay cannot know which bytes (or whether this client may
+    have them): the Hub's 503 is relayed, never the stored object."""
+    with _cached_relay(hub, tmp_path) as relay:
+        assert httpx.get(relay.url + URL + "model.bin").status_code == 200
+        _settled(relay)
+        hub.hub.handle = lambda method, path, headers: Answer(503, b"hub is down\n")
+        down = httpx.get(relay.url + URL + "model.bin")
+        _settled(relay)
+    assert down.status_code == 503
+    assert down.content == b"hub is down\n"
+    assert "cache-status" not in down.headers
+    assert _cdn_gets(hub) == 1
+
+
+def test_hub_files_are_prefetched_and_purged_by_sha256(hub: Hub, tmp_path: Path) -> None:
+    """The admin prefetch of a Hub file stores it under its sha256; a purge of
+    `<route>/sha256/<hex>` or of the route prefix drops it."""
+    data = hub.lfs["model.bin"]
+    admin = {"x-relay-admin-token": "sesame"}
+    with _cached_relay(hub, tmp_path, admin_token="sesame") as relay:
+        path = URL + "model.bin"
+        started = httpx.post(relay.url + "/cache/prefetch", json={"path": path}, headers=admin)
+        regular = httpx.post(
+            relay.url + "/cache/prefetch", json={"path": URL + "config.json"}, headers=admin
+        )
+        assert wait_until(lambda: _metrics(relay)["objects"] == 1)
+        _settled(relay)
+        again = httpx.post(relay.url + "/cache/prefetch", json={"path": path}, headers=admin)
+        hit = httpx.get(relay.url + path)
+        one = httpx.delete(f"{relay.url}/cache/hf/sha256/{sha256(data)}", headers=admin)
+        miss = httpx.get(relay.url + path)
+        _settled(relay)
+        every = httpx.post(relay.url + "/cache/purge", json={"prefix": "/hf/"}, headers=admin)
+        after = httpx.get(relay.url + path)
+        _settled(relay)
+    assert (started.status_code, started.json()) == (202, {"state": "filling"})
+    assert regular.status_code == 400
+    assert again.json() == {"state": "cached"}
+    assert hit.headers["cache-status"] == "relay; hit"
+    assert one.json() == {"purged": 1}
+    assert miss.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert every.json() == {"purged": 1}
+    assert after.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert sha256(after.content) == sha256(data)
+    assert _cdn_gets(hub) == 3
+
+
+def test_an_unreachable_hub_is_a_502_naming_no_address(tmp_path: Path) -> None:
+    """The Hub's metadata request fails to connect: a 502 with a short body, no host:port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    routes = (
+        Route(
+            prefix="/hf/",
+            upstream=dead + "/",
+            allow_private=True,
+            preset="hf",
+            redirects="follow",
+            redirect_hosts=("127.0.0.1",),
+        ),
+    )
+    config = relay_config(
+        dead, routes=routes, cache_dir=str(tmp_path / "c"), cache_max_bytes=64 * MiB
+    )
+    with running_relay(config) as relay:
+        got = httpx.get(relay.url + URL + "model.bin")
+        _settled(relay)
+    assert got.status_code == 502
+    assert got.text == "502 cannot connect to the upstream\n"
