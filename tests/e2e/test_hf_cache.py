@@ -397,3 +397,30 @@ def test_an_unreachable_hub_is_a_502_naming_no_address(tmp_path: Path) -> None:
         _settled(relay)
     assert got.status_code == 502
     assert got.text == "502 cannot connect to the upstream\n"
+
+
+def test_a_client_gone_while_the_hub_is_asked_releases_everything(hub: Hub, tmp_path: Path) -> None:
+    """The client leaves while relay waits for the Hub's metadata: the request to the Hub is
+    cancelled, its stream slot and upstream connection released, nothing is filled."""
+    answer = threading.Event()
+    asked = threading.Event()
+    serve = hub.hub.handle
+
+    def slow(method: str, path: str, headers: dict[str, str]) -> Answer:
+        asked.set()
+        answer.wait(30)
+        return serve(method, path, headers)
+
+    hub.hub.handle = slow
+    try:
+        with _cached_relay(hub, tmp_path) as relay:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(relay.url + URL + "model.bin", timeout=httpx.Timeout(5, read=0.5))
+            assert asked.is_set()
+            assert wait_until(lambda: relay.streams_active() == 0)
+            _settled(relay)
+            metrics = _metrics(relay)
+    finally:
+        answer.set()
+    assert metrics["misses_total"] == 0
+    assert _cdn_gets(hub) == 0
