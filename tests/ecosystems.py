@@ -291,6 +291,9 @@ class Hub:
         """Gated: every Hub answer is a 401 without `Authorization: Bearer <token>`."""
         self.tampered: dict[str, bytes] = {}
         """sha256 -> the bytes the CDN sends for it instead (a corrupt CDN)."""
+        self.hop = False
+        """The Hub's redirects go to the CDN's `/hop/<sha256>`, which redirects again (302) to
+        the bytes' URL."""
         self.pause: Answer | None = None
         """The CDN's next plain GET of an LFS file: sent as this Answer's `pause_after` says
         (its body and headers filled in), then cleared."""
@@ -324,7 +327,7 @@ class Hub:
             "X-Linked-Etag": f'"{digest}"',
             "X-Linked-Size": str(len(data)),
             "ETag": '"redirect-etag"',
-            "Location": f"{self.cdn.url}/repos/{digest}?sig=abc",
+            "Location": f"{self.cdn.url}/{'hop' if self.hop else 'repos'}/{digest}?sig=abc",
         }
         if name == "xet.bin":
             # A Xet-backed file answered by the Hub itself, with the headers that switch
@@ -342,6 +345,8 @@ class Hub:
         return Answer(302, b"", extra)
 
     def _cdn(self, method: str, path: str, headers: dict[str, str]) -> Answer:
+        if path.startswith("/hop/"):
+            return Answer(302, b"", {"Location": "/repos/" + path.removeprefix("/hop/")})
         digest = path.removeprefix("/repos/").split("?")[0]
         if digest in self.tampered:
             return Answer(200, self.tampered[digest], {"Content-Type": "application/octet-stream"})

@@ -200,7 +200,7 @@ class HubFile:
                 return cls(upstream, route, sha256, source, response.headers)
             return None
         finally:
-            await response.aclose()
+            await asyncio.shield(response.aclose())
 
     def fill_request(self) -> httpx.Request:
         """The GET of the bytes: the Location (or the Hub URL), credentials only where

@@ -424,3 +424,21 @@ def test_a_client_gone_while_the_hub_is_asked_releases_everything(hub: Hub, tmp_
         answer.set()
     assert metrics["misses_total"] == 0
     assert _cdn_gets(hub) == 0
+
+
+def test_the_fill_follows_further_cdn_redirects(hub: Hub, tmp_path: Path) -> None:
+    """The CDN redirects again: the fill follows it (same redirect policy) and stores the bytes."""
+    data = hub.lfs["model.bin"]
+    hub.hop = True
+    with _cached_relay(hub, tmp_path) as relay:
+        first = httpx.get(relay.url + URL + "model.bin")
+        second = httpx.get(relay.url + URL + "model.bin")
+        _settled(relay)
+    assert sha256(first.content) == sha256(second.content) == sha256(data)
+    assert second.headers["cache-status"] == "relay; hit"
+    _assert_hub_metadata(second, data)
+    digest = sha256(data)
+    assert [p for m, p, _ in hub.cdn.requests if m == "GET"] == [
+        f"/hop/{digest}?sig=abc",
+        f"/repos/{digest}?sig=abc",
+    ]
