@@ -4,6 +4,7 @@ Every origin answers 403 to a request that did not come through relay."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -440,6 +441,45 @@ def test_concurrent_hf_hub_downloads_coalesce_in_relays_cache(
             assert sha256(path.read_bytes()) == sha256(data), client
     assert [r[0] for r in hub.cdn.requests].count("GET") == 1
     assert hub.cdn.body_bytes == len(data)
+
+
+def test_hf_hub_download_of_a_gated_file_needs_the_token_even_when_cached(
+    hf_python: Path, tmp_path: Path
+) -> None:
+    """huggingface_hub with the token downloads a gated LFS file (relay caches it); without the
+    token it gets the Hub's refusal, not the cached bytes."""
+    hub = Hub()
+    hub.token = "hf_s3cret"
+    hf, cdn = _hub_routes(hub, "follow")
+    config = dataclasses.replace(
+        _cached_hub_config(hub, tmp_path),
+        routes=(dataclasses.replace(hf, forward_client_auth=True), cdn),
+    )
+    with hub.hub, hub.cdn, running_relay(config) as relay:
+        env = _hf_env(relay, tmp_path / "a")
+        allowed = subprocess.run(
+            [str(hf_python), "-c", _HF_SCRIPT, Hub.repo, "model.bin"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "HF_TOKEN": "hf_s3cret"},
+        )
+        refused = subprocess.run(
+            [str(hf_python), "-c", _HF_SCRIPT, Hub.repo, "model.bin"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_hf_env(relay, tmp_path / "b"),
+        )
+        assert relay.settled()
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    path = Path(allowed.stdout.strip().splitlines()[-1])
+    assert sha256(path.read_bytes()) == sha256(hub.lfs["model.bin"])
+    assert refused.returncode != 0
+    assert "401" in refused.stderr
+    assert not list((tmp_path / "b").glob("hub/models--acme--tiny/blobs/*"))
+    assert [r[0] for r in hub.cdn.requests].count("GET") == 1
+    assert all("authorization" not in headers for headers in hub.cdn.headers)
 
 
 def test_hf_preset_needs_followed_redirects() -> None:
