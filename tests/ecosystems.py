@@ -36,6 +36,8 @@ class Answer:
     release: threading.Event = field(default_factory=threading.Event)
     finish: bool = False
     """With `hold_after`: once released, send the rest instead of closing (a slow page)."""
+    pause_after: int | None = None
+    """Send this many body bytes, set `reached`, wait for `release`, then send the rest."""
 
 
 Handler = Callable[[str, str, dict[str, str]], Answer]
@@ -51,6 +53,8 @@ class Site:
         self.ranges: list[str] = []
         self.headers: list[dict[str, str]] = []
         """Each request's headers, names lower-cased."""
+        self.body_bytes = 0
+        """Body bytes sent, all requests together."""
         site = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -75,19 +79,30 @@ class Site:
                 self.end_headers()
                 if self.command == "HEAD":
                     return
-                if answer.hold_after is None:
-                    self.wfile.write(answer.body)
+                if answer.pause_after is not None:
+                    self._send(answer.body[: answer.pause_after])
+                    self.wfile.flush()
+                    answer.reached.set()
+                    answer.release.wait(60)
+                    self._send(answer.body[answer.pause_after :])
                     return
-                self.wfile.write(answer.body[: answer.hold_after])
+                if answer.hold_after is None:
+                    self._send(answer.body)
+                    return
+                self._send(answer.body[: answer.hold_after])
                 self.wfile.flush()
                 answer.reached.set()
                 answer.release.wait(60)
                 if answer.finish:
-                    self.wfile.write(answer.body[answer.hold_after :])
+                    self._send(answer.body[answer.hold_after :])
                     return
                 self.close_connection = True
 
             do_GET = do_HEAD = _answer
+
+            def _send(self, data: bytes) -> None:
+                self.wfile.write(data)
+                site.body_bytes += len(data)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -314,6 +329,19 @@ class Hub:
         self.big = hashlib.sha256(b"big").digest() * (12 * 1024 * 1024 // 32)
         self.cut_first = Answer(hold_after=11 * 1024 * 1024)
         """The first plain GET of big.bin sends 11 MiB, then waits for `release`, then cuts."""
+        self.commit = COMMIT
+        """What `main` resolves to (X-Repo-Commit); a test moves the branch by changing it
+        and the bytes in `lfs`."""
+        self.token: str | None = None
+        """Gated: every Hub answer is a 401 without `Authorization: Bearer <token>`."""
+        self.tampered: dict[str, bytes] = {}
+        """sha256 -> the bytes the CDN sends for it instead (a corrupt CDN)."""
+        self.hop = False
+        """The Hub's redirects go to the CDN's `/hop/<sha256>`, which redirects again (302) to
+        the bytes' URL."""
+        self.pause: Answer | None = None
+        """The CDN's next plain GET of an LFS file: sent as this Answer's `pause_after` says
+        (its body and headers filled in), then cleared."""
         self.cdn = Site(self._cdn)
         self.hub = Site(self._hub)
 
@@ -321,26 +349,30 @@ class Hub:
         prefix = f"/{self.repo}/resolve/"
         if not path.startswith(prefix):
             return Answer(404, b"not found\n")
+        if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
+            return Answer(
+                401, b"access to this repo is restricted\n", {"X-Error-Code": "GatedRepo"}
+            )
         revision, _, name = path[len(prefix) :].partition("/")
-        if revision not in ("main", COMMIT):
+        if revision not in ("main", COMMIT, self.commit):
             return Answer(404, b"revision not found\n")
         if name == "config.json":
             etag = hashlib.sha1(self.regular).hexdigest()
             return Answer(
                 200,
                 self.regular,
-                {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Content-Type": "text/plain"},
+                {"X-Repo-Commit": self.commit, "ETag": f'"{etag}"', "Content-Type": "text/plain"},
             )
         data = self.big if name == "big.bin" else self.lfs.get(name)
         if data is None:
             return Answer(404, b"entry not found\n", {"X-Error-Code": "EntryNotFound"})
         digest = sha256(data)
         extra = {
-            "X-Repo-Commit": COMMIT,
+            "X-Repo-Commit": self.commit,
             "X-Linked-Etag": f'"{digest}"',
             "X-Linked-Size": str(len(data)),
             "ETag": '"redirect-etag"',
-            "Location": f"{self.cdn.url}/repos/{digest}?sig=abc",
+            "Location": f"{self.cdn.url}/{'hop' if self.hop else 'repos'}/{digest}?sig=abc",
         }
         if name == "xet.bin":
             # A Xet-backed file answered by the Hub itself, with the headers that switch
@@ -358,7 +390,11 @@ class Hub:
         return Answer(302, b"", extra)
 
     def _cdn(self, method: str, path: str, headers: dict[str, str]) -> Answer:
+        if path.startswith("/hop/"):
+            return Answer(302, b"", {"Location": "/repos/" + path.removeprefix("/hop/")})
         digest = path.removeprefix("/repos/").split("?")[0]
+        if digest in self.tampered:
+            return Answer(200, self.tampered[digest], {"Content-Type": "application/octet-stream"})
         for data in [*self.lfs.values(), self.big]:
             if sha256(data) != digest:
                 continue
@@ -372,6 +408,11 @@ class Hub:
                         "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
                     },
                 )
+            if self.pause is not None and method == "GET" and data is not self.big:
+                answer, self.pause = self.pause, None
+                answer.body = data
+                answer.headers = {"ETag": f'"cdn-{digest[:8]}"'}
+                return answer
             if data is self.big and not self.cut_first.reached.is_set():
                 answer = self.cut_first
                 answer.body = data

@@ -1,9 +1,12 @@
 """The cache's admin endpoints, behind the admin credential (closed without admin_token):
 
-- `DELETE /cache/<relayed path>[?query]`: drop that object (every encoding variant);
+- `DELETE /cache/<relayed path>[?query]`: drop that object (every encoding variant); on an
+  `hf` route, `DELETE /cache/<route>/sha256/<hex>` drops the Hub file stored under that digest;
 - `POST /cache/purge` with `{"prefix": "/route/some/dir/"}`: drop every object under it;
 - `POST /cache/prefetch` with `{"path": "/route/file?query"}`: start a fill with no client
-  (it runs to completion, coalesced with any client fill of the same object); 202.
+  (it runs to completion, coalesced with any client fill of the same object); 202. A Hub file
+  (`<hf route>/<repo>/resolve/<rev>/<file>`) is asked of the Hub first and stored under its
+  sha256 (the prefetch carries no client credential: a gated file is refused by the Hub).
 
 Prefetch is the cache's own endpoint rather than a downloads job: a job writes a file under
 `data_dir`, while warming the cache is exactly a fill, with its coalescing, budget and checks.
@@ -19,10 +22,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from relay.cache.cache import Cache
+from relay.cache.hub import HubFile, hub_key_of_purge
 from relay.cache.key import base_key, encoding_variant
 from relay.config import Config
 from relay.credentials import AdminAuth
-from relay.errors import ClientError
+from relay.errors import ClientError, UpstreamError
+from relay.net.presets import is_hub_file
 from relay.net.routing import RouteTable
 from relay.proxy.forwarded import Forwarded
 from relay.proxy.headers import upstream_request_headers
@@ -46,7 +51,7 @@ def _guard(endpoint: Any, admin: AdminAuth) -> Any:
         try:
             admin.check(request.headers.raw)
             return await endpoint(request)  # type: ignore[no-any-return]
-        except ClientError as exc:
+        except (ClientError, UpstreamError) as exc:
             return JSONResponse({"error": exc.reason}, exc.status_code, headers=_NO_STORE)
 
     return guarded
@@ -85,7 +90,10 @@ async def purge_one(request: Request) -> Response:
     raw_path = raw_path[len(b"/cache") :]
     query = request.scope.get("query_string", b"")
     target = RouteTable(cache.config.routes).resolve(raw_path, query)
-    purged = cache.purge_key(base_key(target.route.prefix, raw_path, query))
+    key = hub_key_of_purge(target.route, target.rest) or base_key(
+        target.route.prefix, raw_path, query
+    )
+    purged = cache.purge_key(key)
     return JSONResponse({"purged": purged}, 200 if purged else 404, headers=_NO_STORE)
 
 
@@ -104,14 +112,33 @@ async def prefetch(request: Request) -> Response:
     route = target.route
     if not route.cache:
         raise ClientError("the route is not cached (cache = false)")
-    base = base_key(route.prefix, raw_path, query)
-    variant = encoding_variant(None)
-    if cache.lookup(base, variant) is not None:
-        return JSONResponse({"state": "cached"}, headers=_NO_STORE)
     upstream = cache.upstream
     headers = upstream_request_headers(
         [], forwarded=Forwarded("", request.url.scheme, None, None), route=route
     )
+    if is_hub_file(route, target.rest):
+        # A Hub file is stored under its sha256, as the Hub names it now (relay/cache/hub.py).
+        hub_file = await HubFile.ask(upstream, target, headers)
+        if hub_file is None:
+            raise ClientError(
+                "the Hub's answer names no sha256 for this file (a regular, missing or "
+                "gated file): not prefetched"
+            )
+        if cache.lookup(hub_file.key, "identity") is not None:
+            return JSONResponse({"state": "cached"}, headers=_NO_STORE)
+        fill = cache.fill(
+            hub_file.key,
+            "identity",
+            hub_file.fill_request(),
+            route,
+            sha256=hub_file.sha256,
+        )
+        fill.prefetch = True
+        return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)
+    base = base_key(route.prefix, raw_path, query)
+    variant = encoding_variant(None)
+    if cache.lookup(base, variant) is not None:
+        return JSONResponse({"state": "cached"}, headers=_NO_STORE)
     fill = cache.fill(
         base,
         variant,

@@ -116,8 +116,10 @@ class Cache:
         request: httpx.Request,
         route: Route,
         revalidating: Entry | None = None,
+        sha256: str | None = None,
     ) -> Fill:
-        """The fill of this key in flight, or a new one (started as a tracked task)."""
+        """The fill of this key in flight, or a new one (started as a tracked task); `sha256`:
+        the digest the body must have to be stored (a content-addressed object)."""
         key = self.storage_key(base, variant)
         current = self.fills.get(key)
         if current is not None and not current.finished:
@@ -126,6 +128,7 @@ class Cache:
             request.headers.update(_conditionals(revalidating.meta))
             self.stats.revalidations += 1
         fill = self._new_fill(key, variant, request, route, revalidating)
+        fill.sha256 = sha256
         self._start(fill, base)
         return fill
 

@@ -31,7 +31,7 @@ from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.ranges import parse_content_range
 from relay.http.resume import resume_request_headers
 from relay.http.validators import resume_validator
-from relay.net.presets import is_index_type
+from relay.net.presets import is_index_type, linked_sha256
 from relay.net.upstream import Upstream
 from relay.proxy.headers import downstream_response_headers
 
@@ -54,12 +54,6 @@ def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
         for name, value in downstream_response_headers(raw, 200)
         if name not in _NOT_STORED
     ]
-
-
-def linked_sha256(headers: httpx.Headers) -> str | None:
-    """Hugging Face's `X-Linked-Etag` when it is a sha256 (an LFS object's)."""
-    value = headers.get("x-linked-etag", "").strip().removeprefix("W/").strip('"').lower()
-    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
 
 
 def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
@@ -139,6 +133,9 @@ class Fill:
         self.coalesced = 0
         self.digest_mismatch = False
         self.prefetch = False
+        self.sha256: str | None = None
+        """The digest the whole body must have (a content-addressed object), checked before
+        anything the upstream's own headers announce."""
         self.slice: tuple[int, int, str | None] | None = None
         """A slice fill: (first byte, last byte, the validator it must carry or None)."""
         self.total: int | None = None
@@ -418,7 +415,9 @@ class Fill:
     async def _publish(self, fd: int, headers: httpx.Headers) -> None:
         assert self.meta is not None
         whole = self.slice is None
-        expected = (upstream_sha256(headers) or linked_sha256(headers)) if whole else None
+        expected = (
+            (self.sha256 or upstream_sha256(headers) or linked_sha256(headers)) if whole else None
+        )
         actual = self._hash.hexdigest()
         if expected is not None and expected != actual:
             self.digest_mismatch = True

@@ -31,7 +31,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.streaming import RESET_KEY, WAIT_FOR_CLIENT
-from relay.types import Receive, Scope, Send
+from relay.types import RawHeaders, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,16 @@ class CachedResponse(Response):
         limiter: StreamLimiter,
         client: str | None,
         send_timeout: float,
+        sha256: str | None = None,
+        adapt: Callable[[RawHeaders], RawHeaders] | None = None,
     ) -> None:
+        """`sha256`: the object is content-addressed (`base` names its digest): a stored copy
+        is always fresh (the digest is the validator, checked by whoever chose the key), and a
+        fill is stored only if its body has that digest. `adapt`: applied to every answer's
+        headers taken from the stored response."""
         self._cache = cache
+        self._sha256 = sha256
+        self._adapt = adapt
         self._method = method
         self._base = base
         self._variant = variant
@@ -130,14 +138,18 @@ class CachedResponse(Response):
     async def _answer(self, scope: Scope, send: Send) -> Response | None:
         cache = self._cache
         entry = cache.lookup(self._base, self._variant)
+        if entry is not None and self._sha256 is not None and entry.meta.sha256 != self._sha256:
+            cache.drop(entry.key)  # never expected: stored only once verified against its key
+            entry = None
         if entry is not None:
             fresh = freshness(
                 httpx.Headers(entry.meta.headers), _age(entry.meta), entry.meta.lifetime
             )
-            if fresh.fresh:
+            if fresh.fresh or self._sha256 is not None:
                 cache.stats.hits += 1
                 self._exchange.cache = "hit"
-                await self._from_file(send, entry, cache_status(hit=True, ttl=_ttl(entry.meta)))
+                ttl = _ttl(entry.meta) if self._sha256 is None else None
+                await self._from_file(send, entry, cache_status(hit=True, ttl=ttl))
                 return None
             if fresh.may_serve_stale_while_revalidating():
                 cache.fill(self._base, self._variant, self._build_request(), self._route, entry)
@@ -177,7 +189,9 @@ class CachedResponse(Response):
             if cache.passing(cache.storage_key(self._base, self._variant)):
                 return self._fallback()
         cache.stats.misses += 1
-        fill = fill_now or cache.fill(self._base, self._variant, self._build_request(), self._route)
+        fill = fill_now or cache.fill(
+            self._base, self._variant, self._build_request(), self._route, sha256=self._sha256
+        )
         return await self._from_fill(send, fill, cache_status(hit=False, fwd="miss"))
 
     # ---- answers ------------------------------------------------------------------------
@@ -310,7 +324,7 @@ class CachedResponse(Response):
         """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
         cache = self._cache
         entry = cache.slice_entry(self._base, self._variant, index)
-        if entry is not None and validator is None:
+        if entry is not None and validator is None and self._sha256 is None:
             meta = entry.meta
             if not freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh:
                 # A stale object's slices are fetched again (no revalidation of slices yet).
@@ -376,6 +390,8 @@ class CachedResponse(Response):
             headers.append((b"content-length", b"0"))
         elif reply.status in (200, 206) and reply.stop >= 0:
             headers.append((b"content-length", str(reply.stop - reply.start).encode()))
+        if self._adapt is not None:
+            headers = self._adapt(headers)
         headers.append((b"age", str(int(age)).encode()))
         headers.append((b"cache-status", status.encode()))
         self.status_code = reply.status

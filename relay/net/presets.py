@@ -6,13 +6,20 @@ each ecosystem that relaying (relay/proxy/rewrite.py) and caching both need.
 - What of a request's Accept selects an index page's form (PEP 691: JSON or HTML; npm: the
   abbreviated or the full packument): `index_accept`, the cache's variant of a page.
 - The Hub's file-metadata headers, kept through a followed redirect, and Xet's, withheld.
+- Which Hub paths are file downloads (`<repo>/resolve/<rev>/<file>`), and when the Hub's
+  answer names the file's bytes by their sha256 (`X-Linked-Etag`): the cache keys those bytes
+  by that digest (relay/cache/hub.py).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+import httpx
 
 from relay.config import Route
+from relay.types import RawHeaders
 
 # Media types whose bodies a preset rewrites (parameters such as charset ignored).
 INDEX_TYPES: dict[str, frozenset[str]] = {
@@ -43,6 +50,9 @@ _WILDCARDS = frozenset({"*/*", "text/*", "application/*"})
 
 _NPM_TARBALL = re.compile(r"(^|/)-/[^/]+\.tgz$")
 _HF_PINNED = re.compile(r"^(?:[^/]+/)*[^/]+/[^/]+/resolve/[0-9a-f]{40}/")
+_HF_RESOLVE = re.compile(r"^(?:[^/]+/)*[^/]+/[^/]+/resolve/[^/]+/[^?]+")
+_LINK_SPLIT = re.compile(r",\s*(?=<)")
+_XET_AUTH = re.compile(r'rel\s*=\s*"?xet-auth"?', re.I)
 _PYPI_FILE = re.compile(r"\.(whl|tar\.gz|zip|tar\.bz2|egg|metadata)$")
 
 
@@ -103,3 +113,45 @@ def index_accept(route: Route, accept: str | None) -> str:
                     q = "1"
         kept.append(media if q == "1" else f"{media};q={q}")
     return ",".join(kept)
+
+
+def is_hub_file(route: Route, rest: str) -> bool:
+    """Whether `rest` (below an `hf` route's prefix) asks for a file of a repo at a revision:
+    `[datasets/|spaces/]<owner>/<name>/resolve/<revision>/<file>`."""
+    return route.preset == "hf" and bool(_HF_RESOLVE.match(rest))
+
+
+def linked_sha256(headers: httpx.Headers) -> str | None:
+    """The Hub's `X-Linked-Etag` when it is a sha256 (an LFS object's; quotes and W/ ignored)."""
+    value = headers.get("x-linked-etag", "").strip().removeprefix("W/").strip('"').lower()
+    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+
+
+def without_xet(headers: RawHeaders) -> RawHeaders:
+    """The headers without Xet's (`X-Xet-*`, a `Link` with rel="xet-auth")."""
+    out: RawHeaders = []
+    for name, value in headers:
+        if name.startswith(XET_HEADER_PREFIX):
+            continue
+        if name == b"link":
+            links = _LINK_SPLIT.split(value.decode("latin-1"))
+            kept = ", ".join(link for link in links if not _XET_AUTH.search(link))
+            if kept:
+                out.append((name, kept.encode("latin-1")))
+            continue
+        out.append((name, value))
+    return out
+
+
+def hub_metadata(hops: Sequence[httpx.Headers], present: set[bytes]) -> RawHeaders:
+    """The Hub's file metadata (`X-Repo-Commit`, `X-Linked-Etag`, `X-Linked-Size`) from the
+    last of `hops` (the Hub's answers, first first) that carries `X-Repo-Commit`, each header
+    only where its name is not in `present`."""
+    for hop in reversed(hops):
+        if "x-repo-commit" in hop:
+            return [
+                (name.encode(), hop[name].encode("latin-1"))
+                for name in HF_METADATA_HEADERS
+                if name in hop and name.encode() not in present
+            ]
+    return []

@@ -113,24 +113,32 @@ class Upstream:
             return httpx.URL(target.url)
         return with_path_and_query(base, target.rest, target.query)
 
-    async def open(self, request: httpx.Request, route: Route) -> httpx.Response:
+    async def open(
+        self, request: httpx.Request, route: Route, *, follow: bool = True
+    ) -> httpx.Response:
         """Send the request and return once headers arrived; the caller must close the body.
 
         With `redirects = "follow"` the route's redirects are followed here, to allowed hosts
-        only; the response returned is the first one that is not such a redirect.
+        only; the response returned is the first one that is not such a redirect. With
+        `follow=False` the first answer is returned whatever it is (the caller may go on with
+        `redirected`).
         """
         hops: list[httpx.Headers] = []
         try:
             for _ in range(route.max_redirects + 1):
                 with map_upstream_errors():
                     response = await self._client.send(request, stream=True)
-                if route.redirects != "follow" or response.status_code not in REDIRECT_STATUSES:
+                if (
+                    not follow
+                    or route.redirects != "follow"
+                    or response.status_code not in REDIRECT_STATUSES
+                ):
                     if hops:
                         response.extensions[REDIRECTED_FROM] = hops
                     return response
                 hops.append(response.headers)
                 await response.aclose()
-                request = self._redirected(request, response, route)
+                request = self.redirected(request, response, route)
             raise UpstreamUnavailable(f"more than {route.max_redirects} redirects")
         except UpstreamError as exc:
             logger.warning(
@@ -142,9 +150,12 @@ class Upstream:
             )
             raise
 
-    def _redirected(
+    def redirected(
         self, request: httpx.Request, response: httpx.Response, route: Route
     ) -> httpx.Request:
+        """The request that follows `response` (a redirect answering `request`) per the route's
+        policy: allowed hosts only, credentials only to the same origin; raises
+        UpstreamUnavailable saying why not."""
         try:
             url = next_hop(response, route)
         except ValueError as exc:

@@ -35,12 +35,7 @@ import httpx
 
 from relay.config import Route
 from relay.errors import UpstreamUnavailable
-from relay.net.presets import (
-    HF_METADATA_HEADERS,
-    XET_HEADER_PREFIX,
-    is_index_type,
-    rewrites,
-)
+from relay.net.presets import hub_metadata, is_index_type, rewrites, without_xet
 from relay.net.routing import RouteTable
 from relay.net.upstream import REDIRECTED_FROM
 from relay.types import RawHeaders
@@ -59,7 +54,6 @@ REPRESENTATION_HEADERS = frozenset(
     }
 )
 _SAFE_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
-_LINK_SPLIT = re.compile(r",\s*(?=<)")
 
 
 def public_base(request_headers: Sequence[tuple[str, str]]) -> str:
@@ -185,25 +179,21 @@ class Preset:
         return preset
 
     def headers(self, headers: RawHeaders) -> RawHeaders:
-        out: RawHeaders = []
-        for name, value in headers:
-            if self._rewriter is not None and name in REPRESENTATION_HEADERS:
-                continue
-            if self._route.preset == "hf":
-                if name.startswith(XET_HEADER_PREFIX):
-                    continue
-                if name == b"link":
-                    kept = _without_xet_links(value)
-                    if kept:
-                        out.append((name, kept))
-                    continue
-            out.append((name, value))
+        out: RawHeaders = [
+            (name, value)
+            for name, value in headers
+            if self._rewriter is None or name not in REPRESENTATION_HEADERS
+        ]
+        if self._route.preset == "hf":
+            out = without_xet(out)
         if self._rewriter is not None:
             etag = self._response.headers.get("etag")
             if etag:
                 out.append((b"etag", self._etag(etag).encode("latin-1")))
         if self._route.preset == "hf":
-            out.extend(self._hub_metadata(out))
+            # With redirects followed: the Hub's file metadata from the redirect that had it.
+            hops: list[httpx.Headers] | None = self._response.extensions.get(REDIRECTED_FROM)
+            out.extend(hub_metadata(hops or [], {name for name, _ in out}))
         return out
 
     def body(self, raw: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -213,21 +203,6 @@ class Preset:
 
     def _etag(self, upstream: str) -> str:
         return rewritten_etag(upstream, self._base, self._route.preset)
-
-    def _hub_metadata(self, headers: RawHeaders) -> RawHeaders:
-        """With redirects followed: the Hub's file metadata from the redirect that had it."""
-        hops: list[httpx.Headers] | None = self._response.extensions.get(REDIRECTED_FROM)
-        if not hops:
-            return []
-        present = {name for name, _ in headers}
-        for hop in reversed(hops):
-            if "x-repo-commit" in hop:
-                return [
-                    (name.encode(), hop[name].encode("latin-1"))
-                    for name in HF_METADATA_HEADERS
-                    if name in hop and name.encode() not in present
-                ]
-        return []
 
 
 def rewritten_etag(upstream: str, base: str, preset: str) -> str:
@@ -249,9 +224,3 @@ def rewrite_pairs(routes: RouteTable, base: str) -> list[tuple[bytes, bytes]]:
             (old.replace("/", "\\/").encode("latin-1"), new.replace("/", "\\/").encode("latin-1"))
         )
     return pairs
-
-
-def _without_xet_links(value: bytes) -> bytes:
-    links = _LINK_SPLIT.split(value.decode("latin-1"))
-    kept = [link for link in links if not re.search(r'rel\s*=\s*"?xet-auth"?', link, re.I)]
-    return ", ".join(kept).encode("latin-1")

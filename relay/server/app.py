@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from relay.cache.admin import routes as cache_routes
 from relay.cache.cache import Cache, open_cache
+from relay.cache.hub import HubResponse
 from relay.cache.key import base_key, encoding_variant
 from relay.cache.rewritten import RewrittenIndex, caches_as_index
 from relay.cache.serve import CachedResponse
@@ -23,6 +24,7 @@ from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, StartupError, error_response
 from relay.net.client import UpstreamClient
+from relay.net.presets import is_hub_file
 from relay.net.routing import RouteTable
 from relay.net.transports import PooledTransport, make_transport
 from relay.net.upstream import Upstream
@@ -109,11 +111,25 @@ class Relay:
 
         cache: Cache | None = scope["state"].get("cache")
         route = target.route
+        if cache is not None and route.cache and is_hub_file(route, target.rest):
+            # The Hub's LFS files, keyed by their sha256 (relay/cache/hub.py).
+            return HubResponse(
+                cache,
+                upstream,
+                method=scope["method"],
+                target=target,
+                headers=headers,
+                client_headers=httpx.Headers(scope["headers"]),
+                fallback=relayed,
+                limiter=self.limiter,
+                client=forwarded.client,
+                send_timeout=self._config.send_timeout,
+            )
         if (
             cache is None
             or not route.cache
-            # The Hub's answers are shaped per request (its metadata headers kept through
-            # redirects): relayed. The Hub's bytes are cached on its CDN route (no preset).
+            # The Hub's other answers are shaped per request (its metadata headers kept
+            # through redirects): relayed. Its LFS files went to HubResponse above.
             # pypi/npm index pages are cached as the upstream sent them (RewrittenIndex).
             or route.preset == "hf"
             or (

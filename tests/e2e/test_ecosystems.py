@@ -4,6 +4,7 @@ Every origin answers 403 to a request that did not come through relay."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.config import Route
+from relay.config import Config, Route
 from relay.errors import ConfigError
-from tests.ecosystems import COMMIT, Hub, Npm, PyPI, sha256
+from tests.ecosystems import COMMIT, Answer, Hub, Npm, PyPI, sha256
 from tests.harness import RelayThread, relay_config, running_relay, wait_until
 
 
@@ -369,6 +370,116 @@ def test_hf_metadata_head(mode: str) -> None:
     assert head.status_code == 200
     assert head.headers["content-length"] == str(len(data))
     assert 'rel="next"' in head.headers["link"]
+
+
+def _cached_hub_config(hub: Hub, tmp_path: Path) -> Config:
+    return relay_config(
+        hub.hub.url,
+        routes=_hub_routes(hub, "follow"),
+        cache_dir=str(tmp_path / "relay-cache"),
+        cache_max_bytes=256 * 1024 * 1024,
+    )
+
+
+def _cache_misses(relay: RelayThread) -> float:
+    for line in httpx.get(relay.url + "/metrics").text.splitlines():
+        if line.startswith("relay_cache_misses_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_hf_hub_download_lfs_bytes_come_from_relays_cache(hf_python: Path, tmp_path: Path) -> None:
+    """Two clients with fresh caches of their own download an LFS file: the CDN sends its
+    bytes once, relay's cache answers the second; both files sha256-exact and keyed by it."""
+    hub = Hub()
+    data = hub.lfs["model.bin"]
+    with hub.hub, hub.cdn, running_relay(_cached_hub_config(hub, tmp_path)) as relay:
+        for client in ("a", "b"):
+            path = _hf_download(hf_python, relay, tmp_path / client, "model.bin")
+            assert sha256(path.read_bytes()) == sha256(data)
+            assert f"/snapshots/{COMMIT}/" in str(path)
+            blobs = {p.name for p in (tmp_path / client).glob("hub/models--acme--tiny/blobs/*")}
+            assert blobs == {sha256(data)}
+        assert relay.settled()
+    assert [r[0] for r in hub.cdn.requests].count("GET") == 1
+    assert hub.cdn.body_bytes == len(data)
+    assert not hub.hub.bypassed()
+    assert not hub.cdn.bypassed()
+
+
+def test_concurrent_hf_hub_downloads_coalesce_in_relays_cache(
+    hf_python: Path, tmp_path: Path
+) -> None:
+    """A second huggingface_hub download of a file the first is still receiving attaches to the
+    same fill: one CDN fetch, both files exact."""
+    hub = Hub()
+    data = hub.lfs["model.bin"]
+    pause = hub.pause = Answer(pause_after=64 * 1024)
+    with hub.hub, hub.cdn, running_relay(_cached_hub_config(hub, tmp_path)) as relay:
+        clients = []
+        try:
+            for client in ("a", "b"):
+                clients.append(
+                    subprocess.Popen(
+                        [str(hf_python), "-c", _HF_SCRIPT, Hub.repo, "model.bin"],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=_hf_env(relay, tmp_path / client),
+                    )
+                )
+                if client == "a":
+                    assert pause.reached.wait(60)
+            # b's HEAD and GET are both answered from the fill a started (misses, not relayed).
+            assert wait_until(lambda: _cache_misses(relay) == 3, timeout=60)
+        finally:
+            pause.release.set()
+            outputs = [c.communicate(timeout=120) for c in clients]
+        for client, (out, err), proc in zip("ab", outputs, clients, strict=True):
+            assert proc.returncode == 0, out + err
+            path = Path(out.strip().splitlines()[-1])
+            assert sha256(path.read_bytes()) == sha256(data), client
+    assert [r[0] for r in hub.cdn.requests].count("GET") == 1
+    assert hub.cdn.body_bytes == len(data)
+
+
+def test_hf_hub_download_of_a_gated_file_needs_the_token_even_when_cached(
+    hf_python: Path, tmp_path: Path
+) -> None:
+    """huggingface_hub with the token downloads a gated LFS file (relay caches it); without the
+    token it gets the Hub's refusal, not the cached bytes."""
+    hub = Hub()
+    hub.token = "hf_s3cret"
+    hf, cdn = _hub_routes(hub, "follow")
+    config = dataclasses.replace(
+        _cached_hub_config(hub, tmp_path),
+        routes=(dataclasses.replace(hf, forward_client_auth=True), cdn),
+    )
+    with hub.hub, hub.cdn, running_relay(config) as relay:
+        env = _hf_env(relay, tmp_path / "a")
+        allowed = subprocess.run(
+            [str(hf_python), "-c", _HF_SCRIPT, Hub.repo, "model.bin"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "HF_TOKEN": "hf_s3cret"},
+        )
+        refused = subprocess.run(
+            [str(hf_python), "-c", _HF_SCRIPT, Hub.repo, "model.bin"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_hf_env(relay, tmp_path / "b"),
+        )
+        assert relay.settled()
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    path = Path(allowed.stdout.strip().splitlines()[-1])
+    assert sha256(path.read_bytes()) == sha256(hub.lfs["model.bin"])
+    assert refused.returncode != 0
+    assert "401" in refused.stderr
+    assert not list((tmp_path / "b").glob("hub/models--acme--tiny/blobs/*"))
+    assert [r[0] for r in hub.cdn.requests].count("GET") == 1
+    assert all("authorization" not in headers for headers in hub.cdn.headers)
 
 
 def test_hf_preset_needs_followed_redirects() -> None:

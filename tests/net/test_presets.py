@@ -1,7 +1,24 @@
 from __future__ import annotations
 
+import httpx
+
 from relay.config import Route
-from relay.net.presets import index_accept
+from relay.net.presets import (
+    hub_metadata,
+    index_accept,
+    is_hub_file,
+    linked_sha256,
+    without_xet,
+)
+
+HF = Route(
+    prefix="/hf/",
+    upstream="https://hub.example/",
+    preset="hf",
+    redirects="follow",
+    redirect_hosts=("cdn.example",),
+)
+SHA = "ab" * 32
 
 PYPI = Route(prefix="/pypi/", upstream="https://pypi.example/", preset="pypi")
 NPM = Route(prefix="/npm/", upstream="https://npm.example/", preset="npm")
@@ -46,3 +63,50 @@ def test_index_accept_per_preset() -> None:
     )
     # An npm route does not know PyPI's types.
     assert index_accept(NPM, "application/vnd.pypi.simple.v1+json") == ""
+
+
+def test_hub_file_paths() -> None:
+    """A file of a repo at a revision (models, datasets, spaces); nothing else, and only on an
+    hf route."""
+    assert is_hub_file(HF, "org/m/resolve/main/model.bin")
+    assert is_hub_file(HF, "datasets/org/d/resolve/" + "a" * 40 + "/data/train.parquet")
+    assert is_hub_file(HF, "org/m/resolve/refs%2Fpr%2F1/model.bin?download=true")
+    assert not is_hub_file(HF, "api/models/org/m")
+    assert not is_hub_file(HF, "org/m/resolve/main/")
+    assert not is_hub_file(HF, "org/m/blob/main/model.bin")
+    plain = Route(prefix="/p/", upstream="https://hub.example/")
+    assert not is_hub_file(plain, "org/m/resolve/main/model.bin")
+
+
+def test_linked_sha256_takes_quoted_and_weak_forms_only_of_64_hex() -> None:
+    for value in (SHA, f'"{SHA}"', f'W/"{SHA}"', f'"{SHA.upper()}"'):
+        assert linked_sha256(httpx.Headers({"x-linked-etag": value})) == SHA
+    for value in ('"abc"', '"' + "g" * 64 + '"', '"' + "a" * 40 + '"', ""):
+        assert linked_sha256(httpx.Headers({"x-linked-etag": value})) is None
+    assert linked_sha256(httpx.Headers({"etag": f'"{SHA}"'})) is None
+
+
+def test_without_xet_drops_xet_headers_and_the_xet_auth_link_only() -> None:
+    headers = [
+        (b"x-xet-hash", b"f" * 64),
+        (b"x-xet-refresh-route", b"/api/x"),
+        (b"link", b'<https://hub.example/t>; rel="xet-auth", <https://hub.example/n>; rel="next"'),
+        (b"link", b"<https://hub.example/t>; rel=xet-auth"),
+        (b"etag", b'"e"'),
+    ]
+    assert without_xet(headers) == [
+        (b"link", b'<https://hub.example/n>; rel="next"'),
+        (b"etag", b'"e"'),
+    ]
+
+
+def test_hub_metadata_comes_from_the_last_hop_with_a_commit_and_never_doubles() -> None:
+    first = httpx.Headers({"x-repo-commit": "c1", "x-linked-etag": f'"{SHA}"'})
+    second = httpx.Headers({"x-repo-commit": "c2", "x-linked-size": "9"})
+    cdn = httpx.Headers({"etag": '"cdn"'})
+    assert hub_metadata([first, second, cdn], set()) == [
+        (b"x-repo-commit", b"c2"),
+        (b"x-linked-size", b"9"),
+    ]
+    assert hub_metadata([first], {b"x-repo-commit"}) == [(b"x-linked-etag", f'"{SHA}"'.encode())]
+    assert hub_metadata([cdn], set()) == []

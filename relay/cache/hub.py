@@ -1,0 +1,220 @@
+"""The Hub's LFS files in the cache, keyed by their sha256.
+
+On an `hf` route with the cache on, a GET or HEAD of `<repo>/resolve/<rev>/<file>` first asks
+the Hub, without following its redirect, for the file's metadata (a HEAD with the client's own
+headers, credentials included where the route forwards them). That is done for every client
+request, so the answer follows the Hub: a branch that moves names new bytes, and a client the
+Hub refuses gets the Hub's refusal, whatever is stored.
+
+When the answer (a redirect to the CDN, or the Hub's own 200) carries an `X-Linked-Etag` that
+is a sha256, the bytes are content-addressed: stored under the route prefix and that digest
+(not the URL), always fresh, answered from the cache (whole, ranges, HEAD, conditionals) with
+this answer's `X-Repo-Commit` / `X-Linked-Etag` / `X-Linked-Size` and without Xet's headers. A
+miss is one coalesced fill from the redirect's Location (further hops per the route's redirect
+policy, no credential to another origin), verified against the sha256 before it is stored.
+
+Anything else the Hub answers (a regular file's 200 without a sha256, 401, 404, 5xx, other
+redirects) is relayed as without a cache: the route's relayed response asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+import httpx
+from starlette.responses import Response
+
+from relay.cache.cache import Cache
+from relay.cache.key import base_key
+from relay.cache.serve import CachedResponse
+from relay.config import Route
+from relay.errors import UpstreamError, error_response
+from relay.net.presets import HF_METADATA_HEADERS, hub_metadata, linked_sha256, without_xet
+from relay.net.redirects import REDIRECT_STATUSES
+from relay.net.routing import Target
+from relay.net.upstream import Upstream
+from relay.proxy.admission import StreamLimiter
+from relay.proxy.exchange import exchange_of
+from relay.types import RawHeaders, Receive, Scope, Send
+
+# Request headers the metadata request and the fill never carry: the client's own range and
+# conditionals are answered from the stored object; the fill asks for the bytes as stored.
+_NOT_UPSTREAM = frozenset(
+    {
+        "range",
+        "if-range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "accept-encoding",
+    }
+)
+_PURGE_PATH = re.compile(r"sha256/([0-9a-fA-F]{64})")
+_METADATA_NAMES = frozenset(name.encode() for name in HF_METADATA_HEADERS)
+
+
+def hub_key(route_prefix: str, sha256: str) -> str:
+    """The cache key of a content-addressed object of a route (its URL plays no part). It
+    starts as the route's URL keys do (a purge of the route prefix drops it) and holds a NUL
+    after that, which no request path has: no URL is ever looked up as it."""
+    return base_key(route_prefix, route_prefix.encode("latin-1"), b"") + "\x00sha256/" + sha256
+
+
+def hub_key_of_purge(route: Route, rest: str) -> str | None:
+    """The key an admin purge of `<hf route>/sha256/<64 hex>` names, None for other paths."""
+    match = _PURGE_PATH.fullmatch(rest)
+    if route.preset != "hf" or match is None:
+        return None
+    return hub_key(route.prefix, match.group(1).lower())
+
+
+class HubResponse(Response):
+    """A Hub file request on a cached `hf` route: the Hub's metadata first (under a stream
+    slot of its own), then a CachedResponse of the content-addressed object or the route's
+    relayed response."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        upstream: Upstream,
+        *,
+        method: str,
+        target: Target,
+        headers: list[tuple[str, str]],
+        client_headers: httpx.Headers,
+        fallback: Callable[[], Response],
+        limiter: StreamLimiter,
+        client: str | None,
+        send_timeout: float,
+    ) -> None:
+        self._cache = cache
+        self._upstream = upstream
+        self._method = method
+        self._target = target
+        self._route: Route = target.route
+        self._hub_headers = [
+            (name, value) for name, value in headers if name.lower() not in _NOT_UPSTREAM
+        ]
+        self._client_headers = client_headers
+        self._fallback = fallback
+        self._limiter = limiter
+        self._client = client
+        self._send_timeout = send_timeout
+        self.status_code = 0
+        self._gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        refusal = self._limiter.acquire(self._client)
+        if refusal is not None:
+            exchange.outcome = "rejected"
+            await error_response(refusal)(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(self._watch(receive, task))
+        try:
+            answer = await self._ask_hub()
+        except UpstreamError as exc:
+            exchange.outcome = "upstream_error"
+            answer = error_response(exc)
+        except asyncio.CancelledError:
+            if not self._gone:
+                raise
+            task.uncancel()
+            exchange.outcome = "client_abort"
+            return
+        finally:
+            watcher.cancel()
+            self._limiter.release(self._client)
+        # Answered outside this slot: the cached or relayed response takes its own.
+        self.status_code = answer.status_code
+        await answer(scope, receive, send)
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._gone = True
+        task.cancel()
+
+    async def _ask_hub(self) -> Response:
+        route = self._route
+        hub_file = await HubFile.ask(self._upstream, self._target, self._hub_headers)
+        if hub_file is None:
+            return self._fallback()
+        return CachedResponse(
+            self._cache,
+            method=self._method,
+            base=hub_file.key,
+            variant="identity",
+            route=route,
+            request=hub_file.fill_request,
+            client_headers=self._client_headers,
+            fallback=self._fallback,
+            limiter=self._limiter,
+            client=self._client,
+            send_timeout=self._send_timeout,
+            sha256=hub_file.sha256,
+            adapt=hub_file.adapt,
+        )
+
+
+class HubFile:
+    """A content-addressed Hub file, as one Hub answer named it."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        route: Route,
+        sha256: str,
+        source: httpx.Request,
+        metadata: httpx.Headers,
+    ) -> None:
+        self.sha256 = sha256
+        self.key = hub_key(route.prefix, sha256)
+        self._upstream = upstream
+        self._route = route
+        self._source = source
+        self._metadata = metadata
+
+    @classmethod
+    async def ask(
+        cls, upstream: Upstream, target: Target, headers: list[tuple[str, str]]
+    ) -> HubFile | None:
+        """Ask the Hub (a HEAD, its redirect not followed) about the file; None when its
+        answer does not name the bytes by a sha256. Raises UpstreamError."""
+        route = target.route
+        request = upstream.build_request("HEAD", upstream.url_for(target), headers, route)
+        response = await upstream.open(request, route, follow=False)
+        try:
+            sha256 = linked_sha256(response.headers)
+            if sha256 is None:
+                return None
+            if response.status_code == 200:
+                return cls(upstream, route, sha256, request, response.headers)  # the Hub's bytes
+            if response.status_code in REDIRECT_STATUSES:
+                source = upstream.redirected(request, response, route)
+                return cls(upstream, route, sha256, source, response.headers)
+            return None
+        finally:
+            await asyncio.shield(response.aclose())
+
+    def fill_request(self) -> httpx.Request:
+        """The GET of the bytes: the Location (or the Hub URL), credentials only where
+        `Upstream.redirected` kept them, asked for as stored (identity)."""
+        headers = [
+            (name, value)
+            for name, value in self._source.headers.multi_items()
+            if name not in ("host", "accept-encoding")
+        ]
+        headers.append(("accept-encoding", "identity"))
+        return self._upstream.build_request("GET", self._source.url, headers, self._route)
+
+    def adapt(self, headers: RawHeaders) -> RawHeaders:
+        """A stored answer's headers: Xet's withheld, the Hub metadata of this answer (the
+        commit asked for now, not the one the object was stored under)."""
+        kept = [(n, v) for n, v in without_xet(headers) if n not in _METADATA_NAMES]
+        return kept + hub_metadata([self._metadata], set())
