@@ -501,14 +501,14 @@ class CachedResponse(Response):
                 if fill is not None and fill.published and stop < 0:
                     stop = fill.written
                     continue
-                if (
-                    fill is not None
-                    and not fill.published
-                    and fill.length is not None
-                    and position >= fill.length - 1
-                ):
-                    # The object's last byte goes out only once it is verified and stored:
-                    # a client that trusts Content-Length never ends a clean body early.
+                # The last byte this answer takes from a fill (the object's, or its range's
+                # within a fill) goes out only once the fill is verified and stored: a client
+                # that trusts Content-Length never ends a clean body early, nor a range of
+                # bytes a digest then refutes.
+                held = -1
+                if fill is not None and fill.length is not None:
+                    held = fill.length if stop < 0 else min(fill.length, stop)
+                if fill is not None and not fill.published and held >= 0 and position >= held - 1:
                     await fill.wait_finished()
                     if not fill.published:
                         self._abort(f"cache fill failed: {fill.failed}")
@@ -519,8 +519,8 @@ class CachedResponse(Response):
                             continue
                         self._abort(f"cache fill failed: {fill.failed}")
                     available = fill.written
-                    if fill.length is not None and not fill.published:
-                        available = min(available, fill.length - 1)
+                    if held >= 0 and not fill.published:
+                        available = min(available, held - 1)
                 else:
                     available = stop
                 want = min(size, available - position)
