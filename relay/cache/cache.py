@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -205,6 +206,13 @@ class Cache:
                 del self.fills[fill.key]
             if fill.object_key and self.slice_revalidations.get(fill.object_key) is fill:
                 del self.slice_revalidations[fill.object_key]
+            if (
+                fill.object_key
+                and fill.passthrough is not None
+                and not self._slices_of(fill.object_key)
+            ):
+                # No slice stored (no byte ranges, say): whole GETs are not sent to slices.
+                self.sliced.discard(fill.object_key)
             self.index.reserved -= fill.reserved
             fill.reserved = 0
             self.stats.coalesced += fill.coalesced
@@ -305,10 +313,16 @@ class Cache:
 
     async def _verify_slices(self, storage: str, entries: list[Entry], expected: str) -> None:
         loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        directories = [e.directory for e in entries]
         try:
-            actual = await loop.run_in_executor(None, _hash_files, [e.directory for e in entries])
+            actual = await loop.run_in_executor(None, _hash_files, directories, stop)
         except OSError:
             return  # a slice was evicted or purged meanwhile: nothing left to judge
+        finally:
+            stop.set()  # cancelled (relay stopping): the thread stops at its next read
+        if actual is None:
+            return
         if actual == expected:
             logger.info("cache: sliced object verified (%s)", entries[0].meta.url)
             return
@@ -368,13 +382,15 @@ def _write_meta(entry: Entry) -> None:
         logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
 
 
-def _hash_files(directories: list[Path]) -> str:
-    """The SHA-256 of the slices' data files joined in order."""
+def _hash_files(directories: list[Path], stop: threading.Event) -> str | None:
+    """The SHA-256 of the slices' data files joined in order (None if stopped)."""
     digest_ = hashlib.sha256()
     for directory in directories:
         fd = os.open(directory / DATA, os.O_RDONLY)
         try:
             while chunk := os.read(fd, 1024 * 1024):
+                if stop.is_set():
+                    return None
                 digest_.update(chunk)
         finally:
             os.close(fd)

@@ -241,8 +241,9 @@ class Fill:
             await response.aclose()
             return None
         if self.slice is not None:
-            if self.revalidating is not None:
-                # Not a 304: the stale slices are of another version, or no longer trusted.
+            if self.revalidating is not None and status in (200, 206):
+                # A body, not a 304: the stale slices are another version (or no longer
+                # trusted). An error says nothing of the object: they are kept, still stale.
                 self._on_replaced(self)
             return await self._take_slice(response)
         reason = not_storable(status, headers)

@@ -172,11 +172,11 @@ class CachedResponse(Response):
         if fill_now is None:
             if self._method == "GET" and "range" in self._client_headers:
                 return await self._from_slices(send)
+            if cache.passing(cache.storage_key(self._base, self._variant)):
+                return self._fallback()
             if cache.has_slices(self._base, self._variant) and await self._whole_from_slices(send):
                 return None
             if self._method != "GET":
-                return self._fallback()
-            if cache.passing(cache.storage_key(self._base, self._variant)):
                 return self._fallback()
         cache.stats.misses += 1
         fill = fill_now or cache.fill(self._base, self._variant, self._build_request(), self._route)
@@ -279,13 +279,11 @@ class CachedResponse(Response):
         stop = total if last is None else min(last + 1, total)
         hit = isinstance(entry_or_fill, Entry)
         self._exchange.cache = "hit" if hit else "miss"
-        status = cache_status(hit=True) if hit else _MISS_STORED
+        status = self._slices_status(meta) if hit else _MISS_STORED
         if hit:
             cache.stats.hits += 1
         else:
             cache.stats.misses += 1
-        if self._revalidated and hit:
-            status = cache_status(hit=False, fwd="stale", fwd_status=304)
         await self._start(send, meta, Answer(206, start, stop), status, _age(meta), total)
         await self._stream_slices(send, index, first, start, stop)
         return None
@@ -318,11 +316,7 @@ class CachedResponse(Response):
         if hit:
             cache.stats.hits += 1
             self._exchange.cache = "hit"
-            status = (
-                cache_status(hit=False, fwd="stale", fwd_status=304)
-                if self._revalidated
-                else cache_status(hit=True, ttl=_ttl(meta))
-            )
+            status = self._slices_status(meta)
         else:
             cache.stats.misses += 1
             self._exchange.cache = "miss"
@@ -374,6 +368,16 @@ class CachedResponse(Response):
             current = None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    def _slices_status(self, meta: Meta) -> str:
+        """Cache-Status of an answer from stored slices."""
+        if self._revalidated:
+            return cache_status(hit=False, fwd="stale", fwd_status=304)
+        if self._stale_status is not None:
+            return cache_status(
+                hit=True, fwd="stale", fwd_status=self._stale_status, detail="stale-if-error"
+            )
+        return cache_status(hit=True, ttl=_ttl(meta))
+
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight)."""
         cache = self._cache
@@ -415,7 +419,23 @@ class CachedResponse(Response):
             else:
                 entry = cache.slice_entry(self._base, self._variant, index)
                 if entry is not None and not _fresh(entry.meta):
-                    return None  # could not revalidate (the upstream failed): relayed
+                    # Could not revalidate: stale if the upstream failed and allows it (as
+                    # for whole objects), else relayed.
+                    failing = revalidation.error is not None or (
+                        (revalidation.upstream_status or 0) >= 500
+                    )
+                    meta = entry.meta
+                    stale = freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime)
+                    if not failing or not stale.may_serve_stale_on_error(
+                        self._route.cache_stale_if_error
+                    ):
+                        return None
+                    cache.stats.stale += 1
+                    self._stale_status = (
+                        revalidation.error.status_code
+                        if revalidation.error is not None
+                        else revalidation.upstream_status
+                    )
         if entry is not None:
             return entry, entry.meta
         fill = cache.slice_fill(
@@ -567,6 +587,7 @@ class CachedResponse(Response):
 
     _scope_reset: Callable[[], None] | None = None
     _revalidated = False
+    _stale_status: int | None = None
 
     async def _send_error(self, send: Send, status: int, text: str) -> None:
         body = f"{status} {text}\n".encode()

@@ -453,6 +453,34 @@ def test_cache_stale_slices_of_a_changed_object_are_replaced(
     assert origin.body_bytes == size
 
 
+def test_cache_stale_slices_served_on_upstream_error_when_allowed(
+    cached: Callable[..., RelayThread],
+) -> None:
+    """The revalidation of stale slices fails (the upstream is down): with stale-if-error the
+    stale slices answer (and are kept); without it the client gets the relayed 502."""
+    from relay.config import Route
+
+    down = Origin().start()
+    routes = (Route(prefix="/d/", upstream=down.url + "/", allow_private=True),)
+    relay = cached(routes=routes)
+    size = 2 * MiB
+    allowed = "/d/gen/2m?v=84&cc=max-age=0,stale-if-error=600"
+    silent = "/d/gen/2m?v=85&cc=max-age=0"
+    for path in (allowed, silent):
+        assert _sha(_get(relay, path, range="bytes=0-99")) == expected_sha256(size, 0, 100)
+    _settled(relay)
+    down.stop()
+    stale = _get(relay, allowed, range="bytes=100-199")
+    assert stale.status_code == 206
+    assert stale.headers["cache-status"] == (
+        'relay; hit; fwd=stale; fwd-status=502; detail="stale-if-error"'
+    )
+    assert _sha(stale) == expected_sha256(size, 100, 200)
+    assert _get(relay, silent, range="bytes=100-199").status_code == 502
+    _settled(relay)
+    assert _cache_metrics(relay)["stale_total"] == 1
+
+
 # ---- digests of sliced objects ----------------------------------------------------------------
 
 
