@@ -293,8 +293,8 @@ class CachedResponse(Response):
         started): answered from them as one 200 of the whole length, the missing slices
         fetched as for a Range, so a whole GET after a segmented download costs the upstream
         only what the segments did not fetch. False when the slices cannot answer (slice 0
-        not storable: the object is then cached whole). A HEAD is answered only from a
-        stored slice 0."""
+        not storable: the object is then cached whole; larger than cache_max_object_bytes:
+        relayed). A HEAD is answered only from a stored, fresh slice 0."""
         cache = self._cache
         if self._method != "GET":
             entry = cache.slice_entry(self._base, self._variant, 0)
@@ -307,6 +307,8 @@ class CachedResponse(Response):
             return False
         source, meta = first
         total = int(meta.extra["total"])
+        if total > cache.max_object_bytes:
+            return False  # too large to store whole: not stored as slices either (relayed)
         reply = answer(self._client_headers, httpx.Headers(meta.headers), total)
         size = cache.config.cache_slice_bytes
         hit = isinstance(source, Entry) and all(
@@ -521,13 +523,15 @@ class CachedResponse(Response):
                 if fill is not None and fill.published and stop < 0:
                     stop = fill.written
                     continue
-                # The last byte this answer takes from a fill (the object's, or its range's
-                # within a fill) goes out only once the fill is verified and stored: a client
-                # that trusts Content-Length never ends a clean body early, nor a range of
-                # bytes a digest then refutes.
+                # The object's last byte goes out only once it is verified and stored: a
+                # client that trusts Content-Length never ends a clean body early. From a
+                # slice fill, so does the last byte this answer takes from it (the wait is
+                # one slice at most): no range ends cleanly on bytes a digest then refutes.
                 held = -1
                 if fill is not None and fill.length is not None:
-                    held = fill.length if stop < 0 else min(fill.length, stop)
+                    held = fill.length
+                    if fill.slice is not None and stop >= 0:
+                        held = min(held, stop)
                 if fill is not None and not fill.published and held >= 0 and position >= held - 1:
                     await fill.wait_finished()
                     if not fill.published:
