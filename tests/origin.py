@@ -26,7 +26,9 @@ Endpoints
     ``Content-Digest`` of the bytes of this message (a 206's range).  ``vkey=<name>``: the
     version (ETag) is the one last set by ``Origin.set_version(name, n)`` (``v`` until then),
     and the body starts ``version`` bytes into the content, so versions differ: version k's
-    bytes ``[a, b)`` hash to ``expected_sha256(size + k, a + k, b + k)``.
+    bytes ``[a, b)`` hash to ``expected_sha256(size + k, a + k, b + k)``.  ``gate=<name>``:
+    a conditional request waits while ``Origin.close_gate(name)`` holds it (until
+    ``open_gate``), so a test knows every client arrived while the revalidation was pending.
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
@@ -252,6 +254,8 @@ class _Stats:
         self.dropped: set[tuple[str, int, str | None]] = set()
         # ``vkey`` name -> the version /gen serves for it (set by tests: the object changes).
         self.versions: dict[str, int] = {}
+        # ``gate`` name -> released? (conditional requests naming a closed gate wait on it)
+        self.gates: dict[str, threading.Event] = {}
         # Body bytes written by /gen (benchmarks: origin traffic behind a cache). Only the
         # origin's event-loop thread adds to it; readers see a whole int.
         self.body_bytes = 0
@@ -913,6 +917,14 @@ class _Core:
             shift = version
         if delay:
             await asyncio.sleep(delay)
+        gate_name = req.param("gate")
+        if gate_name is not None and (
+            req.header("if-none-match") is not None or req.header("if-modified-since") is not None
+        ):
+            with self.stats.lock:
+                gate = self.stats.gates.get(gate_name)
+            while gate is not None and not gate.is_set():
+                await asyncio.sleep(0.01)
 
         # -- representation
         drop_key = (req.path, version, req.param("key"))
@@ -1244,6 +1256,18 @@ class Origin:
         """From now on ``/gen/...?vkey=<vkey>`` serves `version` (ETag and body)."""
         with self._stats.lock:
             self._stats.versions[vkey] = version
+
+    def close_gate(self, name: str) -> None:
+        """Conditional requests (If-None-Match / If-Modified-Since) to ``/gen/...?gate=<name>``
+        wait, after being recorded, until ``open_gate(name)``."""
+        with self._stats.lock:
+            self._stats.gates[name] = threading.Event()
+
+    def open_gate(self, name: str) -> None:
+        with self._stats.lock:
+            gate = self._stats.gates.get(name)
+        if gate is not None:
+            gate.set()
 
     def reset_stats(self) -> None:
         """Clear recorded requests, ``total_connections``, ``body_bytes`` and the ``drop_once``

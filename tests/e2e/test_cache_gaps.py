@@ -56,7 +56,11 @@ def _versioned(size: int, version: int, start: int = 0, stop: int | None = None)
     return expected_sha256(size + version, start + version, end + version)
 
 
-def _concurrently(count: int, work: Callable[[int], None]) -> None:
+def _concurrently(
+    count: int, work: Callable[[int], None], meanwhile: Callable[[], None] | None = None
+) -> None:
+    """Run `work(i)` in `count` threads released together; `meanwhile` runs before they are
+    joined."""
     errors: list[BaseException] = []
     barrier = threading.Barrier(count)
 
@@ -70,8 +74,12 @@ def _concurrently(count: int, work: Callable[[int], None]) -> None:
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(60)
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        for t in threads:
+            t.join(60)
     assert errors == []
 
 
@@ -84,13 +92,14 @@ SWR = 'relay; hit; fwd=stale; detail="stale-while-revalidate"'
 def test_cache_stale_while_revalidate_one_conditional_then_fresh(
     origin: Origin, cached: Callable[..., RelayThread]
 ) -> None:
-    """Stale within stale-while-revalidate: ten concurrent clients are answered from the cache
-    at once while one conditional request (the origin answers it after a delay) refreshes
-    the entry; after the 304 the entry is fresh again."""
+    """Stale within stale-while-revalidate: ten concurrent clients are all answered from the
+    cache while the one conditional request is held at the origin; after the 304 the entry
+    is fresh again."""
     relay = cached()
     origin.set_version("swr304", 5)
+    origin.close_gate("swr304")
     size = 64 * 1024
-    path = "/o/gen/64k?vkey=swr304&cc=max-age=2,stale-while-revalidate=60&delay=0.5"
+    path = "/o/gen/64k?vkey=swr304&cc=max-age=2,stale-while-revalidate=60&gate=swr304"
     first = _get(relay, path)
     assert first.headers["cache-status"] == "relay; fwd=miss; stored"
     assert _sha(first) == _versioned(size, 5)
@@ -106,9 +115,10 @@ def test_cache_stale_while_revalidate_one_conditional_then_fresh(
         statuses.append(response.headers["cache-status"])
 
     _concurrently(10, client)
-    # Every client was answered from the stale copy while the one revalidation was in flight.
+    # Every client was answered from the stale copy while the one revalidation was held.
     assert statuses == [SWR] * 10
-    assert wait_until(lambda: len(origin.requests) == 1)
+    assert len(origin.requests) == 1
+    origin.open_gate("swr304")
     _settled(relay)
     (request,) = [r for r in origin.requests if r.path == "/gen/64k"]
     assert request.header("if-none-match") == '"gen-65536-v5"'
@@ -392,14 +402,15 @@ def test_cache_stale_slices_are_revalidated_by_one_conditional_request(
     origin: Origin, cached: Callable[..., RelayThread]
 ) -> None:
     """Eight clients ask ranges of a stale sliced object (max-age=0) at once: one conditional
-    Range request (If-None-Match), answered 304 after a delay, refreshes every slice; no
-    byte is fetched again."""
+    Range request (If-None-Match), held at the origin until all eight wait on it, answered
+    304, refreshes every slice; no byte is fetched again."""
     relay = cached()
     size = 4 * MiB
-    path = "/o/gen/4m?v=79&cc=max-age=0&delay=0.5"
+    path = "/o/gen/4m?v=79&cc=max-age=0&gate=slices304"
     whole = _get(relay, path, range=f"bytes=0-{size - 1}")
     assert _sha(whole) == expected_sha256(size)
     _settled(relay)
+    origin.close_gate("slices304")
     origin.reset_stats()
     statuses: list[str] = []
 
@@ -410,7 +421,13 @@ def test_cache_stale_slices_are_revalidated_by_one_conditional_request(
         assert _sha(response) == expected_sha256(size, first, min(size, first + MiB + 1))
         statuses.append(response.headers["cache-status"])
 
-    _concurrently(8, client)
+    def all_waiting() -> None:
+        try:
+            assert wait_until(lambda: relay.streams_active() == 8 and len(origin.requests) == 1)
+        finally:
+            origin.open_gate("slices304")
+
+    _concurrently(8, client, all_waiting)
     assert statuses == ["relay; fwd=stale; fwd-status=304"] * 8
     (request,) = [r for r in origin.requests if r.path == "/gen/4m"]
     assert request.header("if-none-match") == '"gen-4194304-v79"'
