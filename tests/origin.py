@@ -22,7 +22,13 @@ Endpoints
     (``cl_te`` | ``dup_cl`` | ``bad_chunk``), ``delay``, ``drop_once`` (+ ``key``),
     ``etag_changes``, ``lie_length``, ``slow``; ``v`` sets the ETag version; ``cc`` replaces
     the Cache-Control value, ``vary`` adds a Vary header, ``repr_digest=good|bad`` a
-    ``Repr-Digest`` of the whole body (``bad``: of zeros).
+    ``Repr-Digest`` of the whole body (``bad``: of zeros), ``content_digest=good|bad`` a
+    ``Content-Digest`` of the bytes of this message (a 206's range).  ``vkey=<name>``: the
+    version (ETag) is the one last set by ``Origin.set_version(name, n)`` (``v`` until then),
+    and the body starts ``version`` bytes into the content, so versions differ: version k's
+    bytes ``[a, b)`` hash to ``expected_sha256(size + k, a + k, b + k)``.  ``gate=<name>``:
+    a conditional request waits while ``Origin.close_gate(name)`` holds it (until
+    ``open_gate``), so a test knows every client arrived while the revalidation was pending.
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
@@ -246,6 +252,10 @@ class _Stats:
         self.open = 0
         self.total = 0
         self.dropped: set[tuple[str, int, str | None]] = set()
+        # ``vkey`` name -> the version /gen serves for it (set by tests: the object changes).
+        self.versions: dict[str, int] = {}
+        # ``gate`` name -> released? (conditional requests naming a closed gate wait on it)
+        self.gates: dict[str, threading.Event] = {}
         # Body bytes written by /gen (benchmarks: origin traffic behind a cache). Only the
         # origin's event-loop thread adds to it; readers see a whole int.
         self.body_bytes = 0
@@ -897,8 +907,24 @@ class _Core:
         if not version_s.isdigit():
             raise _Param(f"bad v={version_s!r}")
         version = int(version_s)
+        # -- vkey: the version comes from the test (``Origin.set_version``), and the body
+        # depends on it (it starts ``version`` bytes into the content), so versions differ.
+        vkey = req.param("vkey")
+        shift = 0
+        if vkey is not None:
+            with self.stats.lock:
+                version = self.stats.versions.get(vkey, version)
+            shift = version
         if delay:
             await asyncio.sleep(delay)
+        gate_name = req.param("gate")
+        if gate_name is not None and (
+            req.header("if-none-match") is not None or req.header("if-modified-since") is not None
+        ):
+            with self.stats.lock:
+                gate = self.stats.gates.get(gate_name)
+            while gate is not None and not gate.is_set():
+                await asyncio.sleep(0.01)
 
         # -- representation
         drop_key = (req.path, version, req.param("key"))
@@ -924,7 +950,7 @@ class _Core:
         ]
         repr_digest = req.param("repr_digest")
         if repr_digest in ("good", "bad") and not use_gzip:
-            digest = hashlib.sha256(body_bytes(size)).digest()
+            digest = hashlib.sha256(body_bytes(size + shift, shift)).digest()
             if repr_digest == "bad":
                 digest = bytes(32)
             validators.append(("Repr-Digest", f"sha-256=:{base64.b64encode(digest).decode()}:"))
@@ -1005,6 +1031,12 @@ class _Core:
         headers.append(("Accept-Ranges", "bytes"))
         if status == 206:
             headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{length}"))
+        content_digest = req.param("content_digest")
+        if content_digest in ("good", "bad") and not use_gzip:
+            digest = hashlib.sha256(body_bytes(stop + shift, start + shift)).digest()
+            if content_digest == "bad":
+                digest = bytes(32)
+            headers.append(("Content-Digest", f"sha-256=:{base64.b64encode(digest).decode()}:"))
         if use_gzip:
             headers.append(("Content-Encoding", "gzip"))
 
@@ -1041,7 +1073,7 @@ class _Core:
         send_stop = stop if cut is None else min(stop, start + cut[0])
         chunk = CHUNK if not slow else max(1, min(CHUNK, slow // 10))
         if rep is None:
-            pieces: Iterator[memoryview] = _slices(start, send_stop, chunk)
+            pieces: Iterator[memoryview] = _slices(start + shift, send_stop + shift, chunk)
         else:
             pieces = (rep[i : min(i + chunk, send_stop)] for i in range(start, send_stop, chunk))
         loop = asyncio.get_running_loop()
@@ -1219,6 +1251,23 @@ class Origin:
     def total_connections(self) -> int:
         with self._stats.lock:
             return self._stats.total
+
+    def set_version(self, vkey: str, version: int) -> None:
+        """From now on ``/gen/...?vkey=<vkey>`` serves `version` (ETag and body)."""
+        with self._stats.lock:
+            self._stats.versions[vkey] = version
+
+    def close_gate(self, name: str) -> None:
+        """Conditional requests (If-None-Match / If-Modified-Since) to ``/gen/...?gate=<name>``
+        wait, after being recorded, until ``open_gate(name)``."""
+        with self._stats.lock:
+            self._stats.gates[name] = threading.Event()
+
+    def open_gate(self, name: str) -> None:
+        with self._stats.lock:
+            gate = self._stats.gates.get(name)
+        if gate is not None:
+            gate.set()
 
     def reset_stats(self) -> None:
         """Clear recorded requests, ``total_connections``, ``body_bytes`` and the ``drop_once``

@@ -97,6 +97,7 @@ class Fill:
         reserve: Callable[[Fill, int], bool],
         on_stored: Callable[[Fill, Meta], None],
         on_refreshed: Callable[[Fill, Meta], None],
+        on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
     ) -> None:
         self.key = key
@@ -113,6 +114,7 @@ class Fill:
         self._reserve = reserve
         self._on_stored = on_stored
         self._on_refreshed = on_refreshed
+        self._on_replaced = on_replaced
         self._count = count_upstream_bytes
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
@@ -140,6 +142,10 @@ class Fill:
         """A slice fill: (first byte, last byte, the validator it must carry or None)."""
         self.total: int | None = None
         """A slice fill: the whole object's length, from Content-Range."""
+        self.object_key = ""
+        """A slice fill: the storage key of the object it is a slice of."""
+        self._content_sha256: str | None = None
+        """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
         """Started without a client: runs to completion, whatever the idle timeout."""
         self._idle_since: float | None = time.monotonic()
 
@@ -258,6 +264,10 @@ class Fill:
             await response.aclose()
             return None
         if self.slice is not None:
+            if self.revalidating is not None and status in (200, 206):
+                # A body, not a 304: the stale slices are another version (or no longer
+                # trusted). An error says nothing of the object: they are kept, still stale.
+                self._on_replaced(self)
             return await self._take_slice(response)
         index_page = INDEX_MARK in self.key
         policy = _without_keyed_vary(headers) if index_page else headers
@@ -273,7 +283,10 @@ class Fill:
             reason is None
             and "content-length" not in headers
             and "transfer-encoding" not in headers
+            and _announced_sha256(headers) is None
         ):
+            # A close-delimited body cut short looks complete: stored only when an announced
+            # digest will tell (checked before it is published).
             reason = "body delimited by close"
         if reason is None and not self._reserve(self, length or 0):
             reason = "no room"
@@ -320,6 +333,14 @@ class Fill:
             stripped = httpx.Headers([(n, v) for n, v in headers.multi_items()])
             del stripped["content-range"]
             reason = not_storable(200, stripped)
+        try:
+            self._content_sha256 = upstream_sha256(
+                httpx.Headers([("repr-digest", v) for v in headers.get_list("content-digest")])
+            )
+            whole_sha256 = self.sha256 or upstream_sha256(headers) or linked_sha256(headers)
+        except DigestConflict:
+            reason = reason or "conflicting digests"
+            whole_sha256 = None
         length = parsed.end - parsed.start + 1 if parsed is not None else 0
         if reason is None and not self._reserve(self, length):
             reason = "no room"
@@ -343,6 +364,9 @@ class Fill:
             vary=vary_of(headers) or "",
             extra={"total": str(parsed.total), "first": str(first)},
         )
+        if whole_sha256 is not None:
+            # The whole object's digest: checked once every slice is stored (Cache).
+            self.meta.extra["repr-sha256"] = whole_sha256
         return response
 
     async def _write_body(self, response: httpx.Response, fd: int) -> None:
@@ -418,6 +442,8 @@ class Fill:
         expected = (
             (self.sha256 or upstream_sha256(headers) or linked_sha256(headers)) if whole else None
         )
+        if not whole:
+            expected = self._content_sha256  # a slice's own bytes, when announced
         actual = self._hash.hexdigest()
         if expected is not None and expected != actual:
             self.digest_mismatch = True
@@ -440,6 +466,13 @@ def store_files(directory: Path, meta: Meta) -> None:
     replace(directory / PARTIAL, directory / DATA)
     meta.complete = True
     write_atomically(directory / META, meta.to_json())
+
+
+def _announced_sha256(headers: httpx.Headers) -> str | None:
+    try:
+        return upstream_sha256(headers) or linked_sha256(headers)
+    except DigestConflict:
+        return None
 
 
 class DigestMismatch(OSError):

@@ -40,6 +40,13 @@ class Index:
             self._entries.move_to_end(key)
         return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """The entry, without counting it as used."""
+        return self._entries.get(key)
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
     def add(self, entry: Entry) -> Entry | None:
         """Add or replace; returns the replaced entry."""
         old = self._entries.pop(entry.key, None)

@@ -51,4 +51,7 @@ def digest(key: str) -> str:
 def slice_key(key: str, index: int | str) -> str:
     """The key of one aligned slice of the object stored under `key` (as nginx's slice
     module does: each slice cached on its own)."""
-    return key + "\x00slice=" + str(index)
+    return key + SLICE_MARK + str(index)
+
+
+SLICE_MARK = "\x00slice="

@@ -184,9 +184,11 @@ class CachedResponse(Response):
         if fill_now is None:
             if self._method == "GET" and "range" in self._client_headers:
                 return await self._from_slices(send)
-            if self._method != "GET":
-                return self._fallback()
             if cache.passing(cache.storage_key(self._base, self._variant)):
+                return self._fallback()
+            if cache.has_slices(self._base, self._variant) and await self._whole_from_slices(send):
+                return None
+            if self._method != "GET":
                 return self._fallback()
         cache.stats.misses += 1
         fill = fill_now or cache.fill(
@@ -284,7 +286,6 @@ class CachedResponse(Response):
             return self._fallback()
         entry_or_fill, meta = first
         total = int(meta.extra["total"])
-        validator = meta.validator
         if start >= total:
             await self._start(send, meta, Answer(416), _MISS_STORED, 0.0, total)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -292,48 +293,187 @@ class CachedResponse(Response):
         stop = total if last is None else min(last + 1, total)
         hit = isinstance(entry_or_fill, Entry)
         self._exchange.cache = "hit" if hit else "miss"
-        status = cache_status(hit=True) if hit else _MISS_STORED
+        status = self._slices_status(meta) if hit else _MISS_STORED
         if hit:
             cache.stats.hits += 1
         else:
             cache.stats.misses += 1
         await self._start(send, meta, Answer(206, start, stop), status, _age(meta), total)
-        position = start
-        current: tuple[Entry | Fill, Meta] | None = first
+        await self._stream_slices(send, index, first, start, stop)
+        return None
+
+    async def _whole_from_slices(self, send: Send) -> bool:
+        """A GET or HEAD without Range of an object that has slices (stored, or slice fills
+        started): answered from them as one 200 of the whole length, the missing slices
+        fetched as for a Range, so a whole GET after a segmented download costs the upstream
+        only what the segments did not fetch. False when the slices cannot answer (slice 0
+        not storable: the object is then cached whole; larger than cache_max_object_bytes:
+        relayed). A HEAD is answered only from a stored, fresh slice 0."""
+        cache = self._cache
+        if self._method != "GET":
+            entry = cache.slice_entry(self._base, self._variant, 0)
+            if entry is None or not _fresh(entry.meta):
+                return False
+            first: tuple[Entry | Fill, Meta] | None = (entry, entry.meta)
+        else:
+            first = await self._slice(0, None)
+        if first is None:
+            return False
+        source, meta = first
+        total = int(meta.extra["total"])
+        if total > cache.max_object_bytes:
+            return False  # too large to store whole: not stored as slices either (relayed)
+        reply = answer(self._client_headers, httpx.Headers(meta.headers), total)
+        size = cache.config.cache_slice_bytes
+        hit = isinstance(source, Entry) and all(
+            cache.slice_entry(self._base, self._variant, i) is not None
+            for i in range(1, (total + size - 1) // size)
+        )
+        if hit:
+            cache.stats.hits += 1
+            self._exchange.cache = "hit"
+            status = self._slices_status(meta)
+        else:
+            cache.stats.misses += 1
+            self._exchange.cache = "miss"
+            status = _MISS_STORED
+        await self._start(send, meta, reply, status, _age(meta) if hit else 0.0, total)
+        if reply.status in (200, 206) and self._method == "GET":
+            index = reply.start // size
+            current = first if index == 0 else None
+            await self._stream_slices(send, index, current, reply.start, reply.stop)
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+    async def _stream_slices(
+        self,
+        send: Send,
+        index: int,
+        current: tuple[Entry | Fill, Meta] | None,
+        position: int,
+        stop: int,
+    ) -> None:
+        """Send bytes [position, stop) of the object from its slices, starting with slice
+        `index` (`current`, when already looked up), then end the body. Every slice must
+        carry the first one's validator and total: otherwise the transfer is aborted and
+        the object's slices dropped. The next slice is fetched while this one is sent."""
+        cache = self._cache
+        size = cache.config.cache_slice_bytes
+        validator: str | None = None
+        total: int | None = None
         while position < stop:
             if current is None:
                 current = await self._slice(index, validator)
-            if (
-                current is None
-                or current[1].validator != validator
-                or (int(current[1].extra["total"]) != total)
+            if current is None or (
+                total is not None
+                and (current[1].validator != validator or int(current[1].extra["total"]) != total)
             ):
                 cache.drop_slices(self._base, self._variant)
                 self._abort("the object changed between slices")
             source, slice_meta = current
+            if total is None:
+                validator, total = slice_meta.validator, int(slice_meta.extra["total"])
             offset = index * size
+            if offset + size < stop:
+                self._read_ahead(index + 1, validator)
             end = min(stop, offset + slice_meta.length)
             await self._slice_bytes(send, source, position - offset, end - offset)
             position = end
             index += 1
             current = None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return None
+
+    def _slices_status(self, meta: Meta) -> str:
+        """Cache-Status of an answer from stored slices."""
+        if self._revalidated:
+            return cache_status(hit=False, fwd="stale", fwd_status=304)
+        if self._stale_status is not None:
+            return cache_status(
+                hit=True, fwd="stale", fwd_status=self._stale_status, detail="stale-if-error"
+            )
+        # A content-addressed object's slices never go stale: no ttl to tell.
+        return cache_status(hit=True, ttl=_ttl(meta) if self._sha256 is None else None)
+
+    def _read_ahead(self, index: int, validator: str | None) -> None:
+        """Start the fill of slice `index` (if neither stored nor in flight)."""
+        cache = self._cache
+        if cache.slice_entry(self._base, self._variant, index) is None:
+            cache.slice_fill(
+                self._base,
+                self._variant,
+                index,
+                self._build_request(),
+                self._route,
+                validator,
+                sha256=self._sha256,
+            )
 
     async def _slice(self, index: int, validator: str | None) -> tuple[Entry | Fill, Meta] | None:
         """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
         cache = self._cache
         entry = cache.slice_entry(self._base, self._variant, index)
-        if entry is not None and validator is None and self._sha256 is None:
-            meta = entry.meta
-            if not freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh:
-                # A stale object's slices are fetched again (no revalidation of slices yet).
-                cache.drop_slices(self._base, self._variant)
-                entry = None
+        if (
+            entry is not None
+            and validator is None
+            and self._sha256 is None  # content-addressed slices are always fresh
+            and not _fresh(entry.meta)
+        ):
+            # A stale object's slices are revalidated with one conditional request (the
+            # Range of this slice with If-None-Match / If-Modified-Since), shared by every
+            # client of the object: a 304 refreshes them all; a body drops them all (the
+            # answer is then this slice of the new version).
+            revalidation = cache.slice_revalidation(self._base, self._variant)
+            if revalidation is None:
+                revalidation = cache.slice_fill(
+                    self._base,
+                    self._variant,
+                    index,
+                    self._build_request(),
+                    self._route,
+                    None,
+                    revalidating=entry,
+                )
+            await revalidation.headers_ready.wait()
+            if revalidation.refreshed is not None:
+                self._revalidated = True
+                entry = cache.slice_entry(self._base, self._variant, index)
+            elif (
+                revalidation.key == entry.key
+                and revalidation.meta is not None
+                and revalidation.failed is None
+            ):
+                return revalidation, revalidation.meta
+            else:
+                entry = cache.slice_entry(self._base, self._variant, index)
+                if entry is not None and not _fresh(entry.meta):
+                    # Could not revalidate: stale if the upstream failed and allows it (as
+                    # for whole objects), else relayed.
+                    failing = revalidation.error is not None or (
+                        (revalidation.upstream_status or 0) >= 500
+                    )
+                    meta = entry.meta
+                    stale = freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime)
+                    if not failing or not stale.may_serve_stale_on_error(
+                        self._route.cache_stale_if_error
+                    ):
+                        return None
+                    cache.stats.stale += 1
+                    self._stale_status = (
+                        revalidation.error.status_code
+                        if revalidation.error is not None
+                        else revalidation.upstream_status
+                    )
         if entry is not None:
             return entry, entry.meta
         fill = cache.slice_fill(
-            self._base, self._variant, index, self._build_request(), self._route, validator
+            self._base,
+            self._variant,
+            index,
+            self._build_request(),
+            self._route,
+            validator,
+            sha256=self._sha256,
         )
         await fill.headers_ready.wait()
         if fill.meta is None or fill.failed is not None:
@@ -417,14 +557,16 @@ class CachedResponse(Response):
                 if fill is not None and fill.published and stop < 0:
                     stop = fill.written
                     continue
-                if (
-                    fill is not None
-                    and not fill.published
-                    and fill.length is not None
-                    and position >= fill.length - 1
-                ):
-                    # The object's last byte goes out only once it is verified and stored:
-                    # a client that trusts Content-Length never ends a clean body early.
+                # The object's last byte goes out only once it is verified and stored: a
+                # client that trusts Content-Length never ends a clean body early. From a
+                # slice fill, so does the last byte this answer takes from it (the wait is
+                # one slice at most): no range ends cleanly on bytes a digest then refutes.
+                held = -1
+                if fill is not None and fill.length is not None:
+                    held = fill.length
+                    if fill.slice is not None and stop >= 0:
+                        held = min(held, stop)
+                if fill is not None and not fill.published and held >= 0 and position >= held - 1:
                     await fill.wait_finished()
                     if not fill.published:
                         self._abort(f"cache fill failed: {fill.failed}")
@@ -435,8 +577,8 @@ class CachedResponse(Response):
                             continue
                         self._abort(f"cache fill failed: {fill.failed}")
                     available = fill.written
-                    if fill.length is not None and not fill.published:
-                        available = min(available, fill.length - 1)
+                    if held >= 0 and not fill.published:
+                        available = min(available, held - 1)
                 else:
                     available = stop
                 want = min(size, available - position)
@@ -482,6 +624,8 @@ class CachedResponse(Response):
             reset()
 
     _scope_reset: Callable[[], None] | None = None
+    _revalidated = False
+    _stale_status: int | None = None
 
     async def _send_error(self, send: Send, status: int, text: str) -> None:
         body = f"{status} {text}\n".encode()
@@ -497,6 +641,10 @@ class CachedResponse(Response):
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _fresh(meta: Meta) -> bool:
+    return freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh
 
 
 def _age(meta: Meta) -> float:
