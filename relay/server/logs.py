@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -56,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str)
+        return _encode(out)
 
 
 class QuietAborts(logging.Filter):
@@ -113,16 +114,33 @@ def direct_json_handler(logger: logging.Logger, level: int) -> _RelayHandler | N
 
 def json_line(created: float, level: str, name: str, message: str, fields: dict[str, Any]) -> str:
     """What JsonFormatter makes of a record without exception or stack carrying `fields`
-    (none of them a LogRecord attribute) as its `extra=`."""
-    out: dict[str, Any] = {
-        "timestamp": rfc3339(created),
-        "level": level,
-        "logger": name,
-        "message": message,
-    }
+    (none of them a LogRecord attribute) as its `extra=`: the same text, written out
+    here (a third of the time of encoding a dict, for the access record's fields)."""
+    parts = [
+        f'{{"timestamp": "{rfc3339(created)}", "level": {_quote(level)}, '
+        f'"logger": {_quote(name)}, "message": {_quote(message)}'
+    ]
     for key, value in fields.items():
-        out.setdefault(key, value)
-    return json.dumps(out, default=str)
+        if key in _LINE_KEYS:  # the formatter keeps its own for these
+            continue
+        kind = type(value)
+        if kind is str:
+            text = _quote(value)
+        elif value is None:
+            text = "null"
+        elif kind is int or (kind is float and math.isfinite(value)):
+            text = repr(value)  # as json writes them
+        else:
+            text = _encode(value)
+        parts.append(f"{_quote(key)}: {text}")
+    return ", ".join(parts) + "}"
+
+
+_LINE_KEYS = frozenset({"timestamp", "level", "logger", "message"})
+_encode = json.JSONEncoder(default=str).encode
+"""json.dumps(obj, default=str), without making an encoder per call."""
+_quote = json.encoder.encode_basestring_ascii
+"""A str as json.dumps writes it (ensure_ascii, the default)."""
 
 
 class _RelayHandler(logging.StreamHandler[TextIO]):
