@@ -7,6 +7,8 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable
@@ -763,3 +765,26 @@ def test_cache_small_hit_after_a_purge_serves_the_new_version(
         assert hot.headers["etag"] == second.headers["etag"]
         assert hashlib.sha256(hot.content).hexdigest() == expected_sha256(1024)
     assert len(_gets(origin, "/gen/1k")) == 2
+
+
+def test_cache_small_hits_to_clients_that_left_hold_nothing(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Clients that pipeline small hits and reset without reading: every stream slot is
+    given back (small hits have no watcher task to notice them; the send is all they wait on),
+    nothing is logged as unhandled, and the next client gets a whole hit."""
+    relay = cached()
+    path = "/o/gen/1k?v=43"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    request = f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request * 50)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert wait_until(lambda: relay.streams_active() == 0)
+    assert relay.logged_errors() == []
+    hit = _status(relay, path)
+    assert hit.headers["cache-status"].startswith("relay; hit")
+    assert hashlib.sha256(hit.content).hexdigest() == expected_sha256(1024)
