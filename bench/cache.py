@@ -12,6 +12,11 @@ scenarios, so that relay's uncached figures are not bounded by the Python origin
 * ``relay-cache``: relay with ``--cache-dir`` / ``--cache-max-bytes``. Until relay knows
   ``--cache-dir`` this side fails with a message saying so.
 
+Logging posture: nginx runs with ``access_log off``, and so do the relay sides
+(``--access-log false``): like for like. Not to hide what relay's access log costs, each relay
+side's 1 KiB hits are also measured with a second relay process with the access log on
+(written to its log file, as in a deployment), in a row of their own.
+
 Scenarios, per side: warm 1 GiB hit throughput (curl, median of N runs); 1 KiB hits per
 second (wrk, 64 connections); 16 cold clients of a 64 MiB object from a 40 MB/s origin (origin
 body bytes and requests, each client's time to first byte, sha256 of every body); RSS per slow
@@ -42,6 +47,7 @@ from bench.measure import Settings, slow_readers, stop_quietly
 from bench.procs import Server, ServerError, free_port, start_server
 from bench.report import machine_info
 from bench.servers import (
+    RELAY_LOG_POSTURE,
     REPO,
     _nginx_common,
     _nginx_http_common,
@@ -49,6 +55,7 @@ from bench.servers import (
     ensure_data,
     nginx_file_server_conf,
     nginx_path,
+    relay_log_args,
     relay_serve_argv,
 )
 from tests.origin import Origin, expected_sha256
@@ -82,6 +89,8 @@ class Side:
     rps: float | None = None
     rps_errors: int | None = None
     rps_tool: str = ""
+    rps_logged: float | None = None
+    """1 KiB hits/s of the same relay side with its access log on (a second process)."""
     cold_origin_bytes: int | None = None
     cold_origin_requests: int | None = None
     cold_ttfb: list[float] = field(default_factory=list)
@@ -199,9 +208,15 @@ def relay_knows_cache() -> tuple[bool, str]:
 
 
 def start_relay_side(
-    up: Upstreams, tmp: Path, log_dir: Path, cache_dir: Path | None, extra_args: str
+    up: Upstreams,
+    tmp: Path,
+    log_dir: Path,
+    cache_dir: Path | None,
+    extra_args: str,
+    *,
+    access_log: bool = False,
 ) -> tuple[Server, str]:
-    name = "relay-cache" if cache_dir else "relay"
+    name = ("relay-cache" if cache_dir else "relay") + ("-log" if access_log else "")
     cfg = tmp / f"{name}.toml"
     cfg.write_text(
         "".join(
@@ -210,7 +225,9 @@ def start_relay_side(
         )
     )
     port = free_port()
-    argv = relay_serve_argv(port, "--config", str(cfg), "--log-level", "warning")
+    argv = relay_serve_argv(
+        port, "--config", str(cfg), "--log-level", "warning", *relay_log_args(access_log)
+    )
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir), "--cache-max-bytes", str(CACHE_MAX_BYTES)]
     argv += shlex.split(extra_args)
@@ -277,6 +294,28 @@ def small_hits(side: Side, path: str, seconds: int) -> None:
     run_load(url, 64, 1)  # warm-up
     res = run_load(url, 64, seconds)
     side.rps, side.rps_errors, side.rps_tool = res.rps, res.non2xx + res.errors, res.tool
+
+
+def small_hits_logged(
+    side: Side,
+    up: Upstreams,
+    tmp: Path,
+    log_dir: Path,
+    path: str,
+    a: argparse.Namespace,
+    s: Settings,
+) -> None:
+    """The 1 KiB hits again, with a second process of this relay side whose access log is on."""
+    cache_dir = tmp / "relay-cache-log" if side.key == "relay-cache" else None
+    server, _ = start_relay_side(up, tmp, log_dir, cache_dir, a.extra_relay_args, access_log=True)
+    try:
+        logged = Side(side.key, server=server)
+        small_hits(logged, path, s.load_seconds)
+        side.rps_logged = logged.rps
+        if logged.rps_errors:
+            side.notes.append(f"1k, access log on: {logged.rps_errors} errors")
+    finally:
+        stop_quietly(server)
 
 
 def _wait_origin_quiet(origin: Origin, quiet: float = 0.5, limit: float = 30.0) -> None:
@@ -377,6 +416,10 @@ def table(sides: Sequence[Side]) -> list[str]:
         ("warm 1 GiB hit, GB/s (median)", [_f(s.hit_median, ".2f") for s in sides]),
         ("1 KiB hits, req/s (wrk -c64)", [_f(s.rps, ".0f") for s in sides]),
         (
+            "1 KiB hits, req/s, relay's access log on",
+            ["(off)" if s.key == "nginx" else _f(s.rps_logged, ".0f") for s in sides],
+        ),
+        (
             f"cold {COLD_CLIENTS}x 64 MiB: origin bytes (x object)",
             [
                 "n/a"
@@ -455,6 +498,8 @@ def render(
         f"(warm objects `{'/f/gen/' if up_files_gen else '/f/'}<1g|256m|1k>`); "
         f"hit throughput: curl, {runs} runs; slow readers: {s.slow_n} at "
         f"{s.slow_rate / 1e6:g} MB/s.",
+        f'- logging: {RELAY_LOG_POSTURE} (the row "access log on": a second relay process '
+        "of the side, 1 KiB hits only).",
     ]
     for side in sides:
         lines.append(f"- **{side.label}**: `{side.command or 'not started'}`")
@@ -549,6 +594,14 @@ def run_side(
             ("cold", lambda: cold_clients(side, up.origin, cold_path, tmp)),
             ("slow", lambda: slow_on_hits(side, big_path, big_size, s)),
         ]
+        if side.key != "nginx":
+            steps.insert(
+                2,
+                (
+                    "1k-log",
+                    lambda: small_hits_logged(side, up, tmp, log_dir, small_path, a, s),
+                ),
+            )
         for name, step in steps:
             try:
                 step()

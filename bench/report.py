@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from bench.measure import Row, Settings
+from bench.servers import RELAY_LOG_POSTURE
 
 MIB_KIB = 1024
 
@@ -200,6 +201,7 @@ def render(rows: Sequence[Row], s: Settings, argv: Sequence[str], meta: dict[str
         "- caveat: client, proxy and origin all share this machine's "
         f"{os.cpu_count()} cores (nothing pinned), so the proxies compete with curl/wrk and the "
         "origin for CPU; compare rows with each other, not with other machines.",
+        f"- logging: {RELAY_LOG_POSTURE}",
         "",
         "## Speed",
         "",

@@ -29,8 +29,17 @@ from bench.servers import (
     start_relay,
 )
 
-ROW_KEYS = ("direct", "nginx", "relay", "relay-aiohttp", "relay-httpcore", "baseline")
-DEFAULT_ONLY = "direct,nginx,relay"
+ROW_KEYS = (
+    "direct",
+    "nginx",
+    "relay",
+    "relay-log",
+    "relay-aiohttp",
+    "relay-httpcore",
+    "baseline",
+)
+# relay rows run with the access log off, as nginx does; relay-log is the relay row with it on.
+DEFAULT_ONLY = "direct,nginx,relay,relay-log"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -125,8 +134,9 @@ def settings(a: argparse.Namespace) -> Settings:
 
 
 def _label(key: str, transport: str | None) -> str:
-    if key == "relay":
-        return f"relay ({transport})" if transport else "relay (default)"
+    if key in ("relay", "relay-log"):
+        name = f"relay ({transport})" if transport else "relay (default)"
+        return name + (", access log on" if key == "relay-log" else "")
     return {
         "direct": "direct",
         "nginx": "nginx proxy",
@@ -208,8 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(k.startswith("relay") for k in a.keys):
                 relay_ok, relay_why = relay_available()
             for key in a.keys:
-                transport = a.transport if key == "relay" else None
-                if key.startswith("relay-"):
+                transport = a.transport if key in ("relay", "relay-log") else None
+                if key in ("relay-aiohttp", "relay-httpcore"):
                     transport = key.split("-", 1)[1]
                 row = Row(key=key, label=_label(key, transport))
                 rows.append(row)
@@ -245,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             transport,
                             a.loop,
                             a.extra_relay_args,
+                            access_log=key == "relay-log",
                         )
                         base, prefix = f"http://127.0.0.1:{proxy.port}", "/o"
                     orig = origin

@@ -192,6 +192,17 @@ def _probe(server: Server, path: str, expect_len: int) -> None:
         )
 
 
+RELAY_LOG_POSTURE = (
+    "relay runs with `--access-log false`, as nginx runs with `access_log off`: like for like. "
+    "What relay's access log costs is measured apart (a relay run with it on)."
+)
+
+
+def relay_log_args(access_log: bool) -> list[str]:
+    """relay's logging options in the benches: warnings only, access log as asked."""
+    return [] if access_log else ["--access-log", "false"]
+
+
 def relay_serve_argv(port: int, *options: str) -> list[str]:
     """`python -m relay serve` on 127.0.0.1:`port` with `options`, the one form benches use."""
     return [
@@ -215,15 +226,18 @@ def start_relay(
     transport: str | None,
     loop: str | None,
     extra_args: str,
+    *,
+    access_log: bool = False,
 ) -> tuple[Server, str]:
     """Start ``relay serve`` routing /o/ to the origin; returns (server, command line used).
 
-    Tries the TOML config form (``allow_private = true``) first, then ``--route``.
+    Tries the TOML config form (``allow_private = true``) first, then ``--route``. The access
+    log is off unless asked for, as nginx's is in every bench (``RELAY_LOG_POSTURE``).
     """
     origin_url = f"http://127.0.0.1:{origin.server.port}/"
     cfg = tmp / ("".join(c if c.isalnum() else "_" for c in label) + ".toml")
     cfg.write_text(f'[[routes]]\nprefix = "/o/"\nupstream = "{origin_url}"\nallow_private = true\n')
-    opts: list[str] = ["--log-level", "warning"]
+    opts: list[str] = ["--log-level", "warning", *relay_log_args(access_log)]
     if transport:
         opts += ["--transport", transport]
     if loop:

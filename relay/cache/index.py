@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.cache.store import Meta
@@ -14,6 +14,8 @@ class Entry:
     key: str
     directory: Path
     meta: Meta
+    parsed: object = field(default=None, compare=False, repr=False)
+    """What the hit path derived from `meta` (its own type; made again when meta is replaced)."""
 
     @property
     def size(self) -> int:

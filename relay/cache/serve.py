@@ -15,6 +15,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import httpx
@@ -46,6 +47,47 @@ INLINE_READ = 16 * 1024
 _NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "etag", "expires", "vary", "last-modified", "via"}
 )
+
+
+# Client headers that make a stored 200 answer something other than the whole object.
+_SHAPING = ("range", "if-none-match", "if-modified-since")
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """What every hit of one stored response needs, derived once from its Meta (kept on the
+    index Entry; a refreshed or replaced Meta is parsed again)."""
+
+    meta: Meta
+    headers: httpx.Headers
+    must_revalidate: bool
+    head: list[tuple[bytes, bytes]]
+    """The stored headers encoded for a 200 or 206 (Accept-Ranges added where it belongs);
+    Content-Range, Content-Length, Age and Cache-Status are added per answer."""
+    data: str
+    """The object's data file."""
+
+
+def _parsed(entry: Entry) -> _Parsed:
+    parsed = entry.parsed
+    meta = entry.meta
+    if isinstance(parsed, _Parsed) and parsed.meta is meta:
+        return parsed
+    headers = httpx.Headers(meta.headers)
+    head = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in meta.headers]
+    if (meta.complete or meta.validator is not None) and not any(
+        n == b"accept-ranges" for n, _ in head
+    ):
+        head.append((b"accept-ranges", b"bytes"))
+    parsed = _Parsed(
+        meta,
+        headers,
+        freshness(headers, 0.0, meta.lifetime).must_revalidate,
+        head,
+        os.fspath(entry.directory / DATA),
+    )
+    entry.parsed = parsed
+    return parsed
 
 
 _SINGLE_RANGE = re.compile(r"bytes=(\d+)-(\d*)", re.IGNORECASE)
@@ -106,20 +148,24 @@ class CachedResponse(Response):
             await error_response(refusal)(scope, receive, send)
             return
         relayed: Response | None = None
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.ensure_future(self._watch(receive, task))
         try:
-            relayed = await self._answer(scope, send)
-        except asyncio.CancelledError:
-            if not self._gone:
-                raise
-            task.uncancel()
-            self._exchange.outcome = "client_abort"
+            if await self._small_hit(send):
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            watcher = asyncio.ensure_future(self._watch(receive, task))
+            try:
+                relayed = await self._answer(scope, send)
+            except asyncio.CancelledError:
+                if not self._gone:
+                    raise
+                task.uncancel()
+                self._exchange.outcome = "client_abort"
+            finally:
+                watcher.cancel()
         except (OSError, _ClientGone):
             self._exchange.outcome = "client_abort"
         finally:
-            watcher.cancel()
             self._limiter.release(self._client)
         if relayed is not None:
             # Relayed outside this response's slot: the relayed response takes its own.
@@ -134,6 +180,73 @@ class CachedResponse(Response):
             pass
         self._gone = True
         task.cancel()
+
+    async def _small_hit(self, send: Send) -> bool:
+        """A fresh hit whose body (if any) is at most `INLINE_READ` bytes: read on the loop
+        and sent with the head in one message. Nothing in it waits on anything but the
+        server's send, so it needs no disconnect watcher (the watcher could only run once the
+        answer is out) and no back-pressure wait: what is sent is all there is. Anything
+        else (stale, a fill, a bigger body) is left to `_answer`; False then."""
+        method = self._method
+        if method != "GET" and method != "HEAD":
+            return False
+        entry = self._cache.lookup(self._base, self._variant)
+        if entry is None:
+            return False
+        parsed = _parsed(entry)
+        meta = parsed.meta
+        age = _age(meta)
+        if parsed.must_revalidate or age >= meta.lifetime:
+            return False
+        client_headers = self._client_headers
+        length = meta.length
+        if any(name in client_headers for name in _SHAPING):
+            reply = answer(client_headers, parsed.headers, length)
+        else:
+            reply = Answer(200, 0, length)
+        body = b""
+        if method == "GET" and reply.status in (200, 206):
+            want = reply.stop - reply.start
+            if want > INLINE_READ:
+                return False
+            if want:
+                try:
+                    fd = os.open(parsed.data, os.O_RDONLY)
+                except OSError:
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        body = os.pread(fd, want, reply.start)
+                    finally:
+                        os.close(fd)
+                if len(body) != want:
+                    # Gone or cut short by an outside hand (eviction and purge run on this
+                    # loop): say so rather than guess.
+                    self._cache.index.remove(entry.key)
+                    await self._send_error(send, 503, "cached object unavailable, retry")
+                    return True
+        cache = self._cache
+        cache.stats.hits += 1
+        cache.stats.bytes_from_cache += len(body)
+        self._exchange.cache = "hit"
+        status = cache_status(hit=True, ttl=meta.lifetime - age)
+        if reply.status not in (200, 206):
+            await self._start(send, meta, reply, status, age, length)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        headers = parsed.head.copy()
+        if reply.status == 206:
+            headers.append(
+                (b"content-range", f"bytes {reply.start}-{reply.stop - 1}/{length}".encode())
+            )
+        headers.append((b"content-length", str(reply.stop - reply.start).encode()))
+        headers.append((b"age", str(int(age)).encode()))
+        headers.append((b"cache-status", status.encode()))
+        self.status_code = reply.status
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        self._exchange.bytes_sent = len(body)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return True
 
     async def _answer(self, scope: Scope, send: Send) -> Response | None:
         cache = self._cache

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -56,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str)
+        return _encode(out)
 
 
 class QuietAborts(logging.Filter):
@@ -79,6 +80,67 @@ class QuietAborts(logging.Filter):
             )
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+def direct_json_handler(logger: logging.Logger, level: int) -> _RelayHandler | None:
+    """relay's JSON handler when it is the only thing a `level` record of `logger` would meet.
+
+    Then a caller may hand it a line made with `json_line` instead of a LogRecord: the same
+    line, without the record's set-up, the handler chain and the formatter's scan of the
+    record's attributes (together ~half of an access record's cost). Anything else on the
+    way (a filter, another handler such as pytest's, a text format, a propagation stop)
+    returns None, and the caller logs a LogRecord as usual.
+    """
+    found: _RelayHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters or current.disabled:
+            return None
+        for handler in current.handlers:
+            if (
+                found is not None
+                or type(handler) is not _RelayHandler
+                or handler.filters
+                or level < handler.level
+                or type(handler.formatter) is not JsonFormatter
+            ):
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
+
+
+def json_line(created: float, level: str, name: str, message: str, fields: dict[str, Any]) -> str:
+    """What JsonFormatter makes of a record without exception or stack carrying `fields`
+    (none of them a LogRecord attribute) as its `extra=`: the same text, written out
+    here (a third of the time of encoding a dict, for the access record's fields)."""
+    parts = [
+        f'{{"timestamp": "{rfc3339(created)}", "level": {_quote(level)}, '
+        f'"logger": {_quote(name)}, "message": {_quote(message)}'
+    ]
+    for key, value in fields.items():
+        if key in _LINE_KEYS:  # the formatter keeps its own for these
+            continue
+        kind = type(value)
+        if kind is str:
+            text = _quote(value)
+        elif value is None:
+            text = "null"
+        elif kind is int or (kind is float and math.isfinite(value)):
+            text = repr(value)  # as json writes them
+        else:
+            text = _encode(value)
+        parts.append(f"{_quote(key)}: {text}")
+    return ", ".join(parts) + "}"
+
+
+_LINE_KEYS = frozenset({"timestamp", "level", "logger", "message"})
+_encode = json.JSONEncoder(default=str).encode
+"""json.dumps(obj, default=str), without making an encoder per call."""
+_quote = json.encoder.encode_basestring_ascii
+"""A str as json.dumps writes it (ensure_ascii, the default)."""
 
 
 class _RelayHandler(logging.StreamHandler[TextIO]):
@@ -114,6 +176,24 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
             raise
         except Exception:
             self.handleError(record)
+
+    def emit_line(self, line: str) -> None:
+        """Write a line made with `json_line` as `emit` writes a formatted record."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._pending.append(line + self.terminator)
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self._write_pending()
+                    return
+                if self._flush_loop is not loop:
+                    self._flush_loop = loop
+                    loop.call_soon(self._flush_soon)
+            except RecursionError:
+                raise
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": line}))
 
     def _flush_soon(self) -> None:
         with self.lock:  # type: ignore[union-attr]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable
@@ -661,3 +664,127 @@ def test_cache_many_clients_of_a_stale_object_send_one_conditional_request(
     (request,) = [r for r in origin.requests if r.path == "/gen/64k"]
     assert request.header("if-none-match") == '"gen-65536-v38"'
     assert origin.body_bytes == 0
+
+
+def test_cache_small_hit_answers_as_a_streamed_hit_does(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A hit of at most 16 KiB leaves in one message, with the very head (names, order,
+    values) and bytes a hit streamed from the file has, for GET, HEAD, ranges and
+    conditionals."""
+    relay = cached()
+    origin.reset_stats()
+    small, big = "/o/gen/1k?v=40", "/o/gen/64k?v=40"
+    for path in (small, big):
+        assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    before = _cache_metrics(relay)
+    hits = {path: _status(relay, path) for path in (small, big)}
+
+    def shape(response: httpx.Response) -> list[tuple[str, str]]:
+        varying = ("date", "content-length", "etag", "x-request-id", "cache-status", "age")
+        return [(n, "" if n in varying else v) for n, v in response.headers.multi_items()]
+
+    assert shape(hits[small]) == shape(hits[big])
+    for path, size in ((small, 1024), (big, 64 * 1024)):
+        hit = hits[path]
+        assert hit.headers["content-length"] == str(size)
+        ttl = re.fullmatch(r"relay; hit; ttl=(\d+)", hit.headers["cache-status"])
+        assert ttl is not None
+        assert int(ttl.group(1)) + int(hit.headers["age"]) in (3599, 3600)  # max-age=3600
+        assert hashlib.sha256(hit.content).hexdigest() == expected_sha256(size)
+    after = _cache_metrics(relay)
+    assert after["hits_total"] - before["hits_total"] == 2
+    assert after["bytes_from_cache_total"] - before["bytes_from_cache_total"] == 65 * 1024
+    etag = hits[small].headers["etag"]
+    head = httpx.head(relay.url + small)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == "1024"
+    not_modified = _status(relay, small, headers={"if-none-match": etag})
+    assert not_modified.status_code == 304
+    assert not_modified.content == b""
+    assert not_modified.headers["etag"] == etag
+    assert "content-type" not in not_modified.headers
+    part = _status(relay, small, headers={"range": "bytes=1000-"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == "bytes 1000-1023/1024"
+    assert part.headers["content-length"] == "24"
+    assert hashlib.sha256(part.content).hexdigest() == expected_sha256(1024, 1000, 1024)
+    beyond = _status(relay, small, headers={"range": "bytes=1024-"})
+    assert beyond.status_code == 416
+    assert beyond.headers["content-range"] == "bytes */1024"
+    assert len(_gets(origin, "/gen/1k")) == 1
+
+
+@pytest.mark.parametrize("size", ["1k", "256k"])
+def test_cache_hit_of_a_vanished_file_is_a_503_then_a_miss(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path, size: str
+) -> None:
+    """A stored file removed by an outside hand: the hit says 503 (never a short or foreign
+    body), the entry is dropped, and the next request fetches the object again."""
+    relay = cached()
+    origin.reset_stats()
+    path = f"/o/gen/{size}?v=41"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    assert _status(relay, path).headers["cache-status"].startswith("relay; hit")
+    (data,) = (tmp_path / "cache" / "objects").rglob("data")
+    data.unlink()
+    gone = _status(relay, path)
+    assert gone.status_code == 503
+    assert gone.text == "503 cached object unavailable, retry\n"
+    again = _status(relay, path)
+    assert again.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert len(_gets(origin, f"/gen/{size}")) == 2
+
+
+def test_cache_small_hit_after_a_purge_serves_the_new_version(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """What a small hit keeps from a stored response (its encoded head, its file's name)
+    never outlives it: after a purge of a hot object, hits carry the new version's ETag."""
+    relay = cached(admin_token="sesame")
+    origin.reset_stats()
+    path = "/o/gen/1k?v=42&etag_changes=1"  # a new ETag on every upstream fetch
+    first = _status(relay, path)
+    _settled(relay)
+    for _ in range(3):
+        hot = _status(relay, path)
+        assert hot.headers["cache-status"].startswith("relay; hit")
+        assert hot.headers["etag"] == first.headers["etag"]
+    purged = httpx.delete(f"{relay.url}/cache{path}", headers={"x-relay-admin-token": "sesame"})
+    assert purged.json() == {"purged": 1}
+    second = _status(relay, path)
+    assert second.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert second.headers["etag"] != first.headers["etag"]
+    _settled(relay)
+    for _ in range(3):
+        hot = _status(relay, path)
+        assert hot.headers["cache-status"].startswith("relay; hit")
+        assert hot.headers["etag"] == second.headers["etag"]
+        assert hashlib.sha256(hot.content).hexdigest() == expected_sha256(1024)
+    assert len(_gets(origin, "/gen/1k")) == 2
+
+
+def test_cache_small_hits_to_clients_that_left_hold_nothing(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Clients that pipeline small hits and reset without reading: every stream slot is
+    given back (small hits have no watcher task to notice them; the send is all they wait on),
+    nothing is logged as unhandled, and the next client gets a whole hit."""
+    relay = cached()
+    path = "/o/gen/1k?v=43"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    request = f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request * 50)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert wait_until(lambda: relay.streams_active() == 0)
+    assert relay.logged_errors() == []
+    hit = _status(relay, path)
+    assert hit.headers["cache-status"].startswith("relay; hit")
+    assert hashlib.sha256(hit.content).hexdigest() == expected_sha256(1024)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from relay.errors import TransferAborted
-from relay.server.logs import JsonFormatter, QuietAborts, configure_logging, rfc3339
+from relay.server.logs import JsonFormatter, QuietAborts, configure_logging, json_line, rfc3339
 
 
 def make_record(
@@ -223,3 +223,30 @@ async def test_replacing_the_handler_writes_the_lines_it_still_held() -> None:
     assert writes == []
     configure_logging("info", "text", stream=io.StringIO())  # closes the first handler
     assert "held until the iteration ends" in "".join(writes)
+
+
+def test_json_line_is_the_formatters_line() -> None:
+    """json_line writes the text JsonFormatter makes of the same record: quotes, escapes,
+    non-ASCII, None, floats (NaN too), bools, tuples, odd objects and forged standard keys."""
+    odd = object()
+    fields: dict[str, object] = {
+        "quoted": 'q"uo\\te\x01',
+        "none": None,
+        "float": 1.5,
+        "tiny": 1e-7,
+        "nan": float("nan"),
+        "flag": True,
+        "pair": ("x", 1),
+        "odd": odd,
+        "text": "é\u2028",
+        "int": -3,
+        "big": 10**30,
+        "level": "forged",
+        "message": "forged",
+    }
+    record = make_record('m"sg\n%s', ("x",), **fields)
+    record.created = 1700000000.25
+    expected = JsonFormatter().format(record)
+    line = json_line(record.created, "WARNING", "relay.test", 'm"sg\nx', fields)
+    assert line == expected
+    assert json.loads(line)["level"] == "WARNING"

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import re
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from relay.proxy.exchange import exchange_of
+from relay.server.logs import configure_logging, direct_json_handler
 from relay.server.metrics import Metrics
 from relay.server.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.types import Message, Receive, Scope, Send
@@ -291,3 +294,124 @@ def test_generated_request_ids_are_unique_32_hex_digits() -> None:
     ids = [new_request_id() for _ in range(1000)]
     assert all(GENERATED_ID.fullmatch(i) for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+@pytest.fixture
+def only_relay_json_handler() -> Iterator[io.StringIO]:
+    """relay's JSON handler, as in `relay serve`; the test calls `_without_pytest_handlers`
+    first (pytest adds its handlers to the root logger after the fixtures ran)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    access_level = logging.getLogger("relay.access").level
+    root.handlers[:] = []
+    stream = io.StringIO()
+    configure_logging("warning", "json", stream=stream)
+    try:
+        yield stream
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("relay.access").setLevel(access_level)
+
+
+def _without_pytest_handlers() -> logging.Handler:
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if type(h).__module__ == "relay.server.logs"]
+    (handler,) = root.handlers
+    return handler
+
+
+async def _one_logged_request(stream: io.StringIO) -> list[list[tuple[str, Any]]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        exchange.route, exchange.cache, exchange.upstream_status = "/o/", "hit", 200
+        exchange.bytes_sent = 2
+        await send({"type": "http.response.start", "status": 206, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    headers = [
+        (b"host", b"relay.test"),
+        (b"x-request-id", b"same-id"),
+        (b"range", b"bytes=0-1"),
+        (b"user-agent", b"t\x01ua"),
+    ]
+    scope = http_scope({}, "/o/a", headers=headers, query=b"sig=s3cret")
+    scope["raw_path"] = b"/o/a?sig=s3cret"
+    client = Client()
+    await observed(app)(scope, client.receive, client.send)
+    logging.getLogger().handlers[0].flush()
+    lines = stream.getvalue().splitlines()
+    assert "s3cret" not in stream.getvalue()
+    return [json.loads(line, object_pairs_hook=list) for line in lines]
+
+
+async def test_access_line_written_directly_equals_the_formatted_record(
+    only_relay_json_handler: io.StringIO,
+) -> None:
+    """With relay's JSON handler the only taker the access line skips the LogRecord; it has
+    the same fields, values and order as the formatter's line for the record."""
+    stream = only_relay_json_handler
+    handler = _without_pytest_handlers()
+    assert direct_json_handler(logging.getLogger("relay.access"), logging.INFO) is handler
+    (direct,) = await _one_logged_request(stream)
+    stream.seek(0)
+    stream.truncate()
+    counted: list[logging.LogRecord] = []
+
+    # A filter on the way: the record path (the filter must see a record).
+    def count(record: logging.LogRecord) -> bool:
+        counted.append(record)
+        return True
+
+    handler.addFilter(count)
+    try:
+        assert direct_json_handler(logging.getLogger("relay.access"), logging.INFO) is None
+        (formatted,) = await _one_logged_request(stream)
+    finally:
+        handler.filters.clear()
+    assert len(counted) == 1
+    assert [k for k, _ in direct] == [k for k, _ in formatted]
+    timed = ("timestamp", "duration_ms", "message")  # differ from one request to the next
+    assert [kv for kv in direct if kv[0] not in timed] == [
+        kv for kv in formatted if kv[0] not in timed
+    ]
+    assert [re.sub(r" [0-9.]+ms ", " ", v) for k, v in direct + formatted if k == "message"] == [
+        '10.1.2.3 "GET /o/a" 206 2 ok id=same-id'
+    ] * 2
+    values = dict(direct)
+    assert values["level"] == "INFO"
+    assert values["logger"] == "relay.access"
+    assert (values["status"], values["cache"], values["range"]) == (206, "hit", "bytes=0-1")
+    assert values["user_agent"] == "t\\x01ua"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", values["timestamp"])
+
+
+def test_direct_access_line_only_when_relay_json_handler_is_the_only_taker(
+    only_relay_json_handler: io.StringIO,
+) -> None:
+    """Another handler, a filter, the text format or a stopped propagation: records as usual."""
+    access = logging.getLogger("relay.access")
+    root = logging.getLogger()
+    handler = _without_pytest_handlers()
+    assert direct_json_handler(access, logging.INFO) is handler
+    other = logging.NullHandler()
+    root.addHandler(other)
+    assert direct_json_handler(access, logging.INFO) is None
+    root.removeHandler(other)
+    access.addFilter(logging.Filter("nothing"))
+    assert direct_json_handler(access, logging.INFO) is None
+    access.filters.clear()
+    handler.setLevel(logging.ERROR)
+    assert direct_json_handler(access, logging.INFO) is None
+    handler.setLevel(logging.NOTSET)
+    access.propagate = False
+    try:
+        assert direct_json_handler(access, logging.INFO) is None
+    finally:
+        access.propagate = True
+    configure_logging("warning", "text", stream=only_relay_json_handler)
+    assert direct_json_handler(access, logging.INFO) is None
+    configure_logging("warning", "json", stream=only_relay_json_handler)
+    assert direct_json_handler(access, logging.INFO) is root.handlers[0]
