@@ -479,8 +479,11 @@ class CachedResponse(Response):
                 count = min(size, stop - position)
                 message["offset"] = position
                 message["count"] = count
-                async with asyncio.timeout(self._send_timeout):
-                    await send(message)
+                try:
+                    async with asyncio.timeout(self._send_timeout):
+                        await send(message)
+                except EOFError:
+                    self._abort("cached file shorter than its meta")
                 position += count
                 stats.bytes_from_cache += count
                 stats.bytes_zero_copy += count

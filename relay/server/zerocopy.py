@@ -32,8 +32,9 @@ How, and why so (read from uvicorn 0.54, uvloop 0.23, asyncio 3.11; measured her
   is held in userspace. A client that stops reading leaves `sendfile` at EAGAIN and the send
   waiting, which the app's own timeout cancels (relay's cache: `send_timeout` per message).
 - A client gone (the transport closing, EPIPE or ECONNRESET) raises `ClientDisconnected`
-  (an OSError, as ASGI 2.4 servers raise). The socket's fd is only used while the transport
-  is open: once it closes, the number may already name another file.
+  (an OSError, as ASGI 2.4 servers raise). A file shorter than the count raises EOFError
+  (what was sent stays sent: the app must abort the connection). The socket's fd is only
+  used while the transport is open: once it closes, the number may already name another file.
 - Fairness: after each `sendfile` that did not fill the socket buffer the send yields to the
   loop, so one fast client of a large file does not starve the others.
 - Disk: `sendfile` reads the file on the loop thread. A hit is usually in the page cache
@@ -144,9 +145,12 @@ class ZeroCopySend:
                     await self._writable(writable)
                     continue
                 except (BrokenPipeError, ConnectionResetError) as exc:
+                    # Known before uvicorn reads the reset: its cycle must not take the
+                    # app's return for an unfinished response of a live client.
+                    self._cycle.disconnected = True
                     raise ClientDisconnected("the client went away") from exc
                 if sent == 0:
-                    raise RuntimeError("file shorter than the zero-copy count")
+                    raise EOFError("the file ended before the zero-copy count")
                 offset += sent
                 count -= sent
                 if count:

@@ -265,3 +265,21 @@ def test_a_client_reading_slowly_gets_every_byte(cached: Callable[..., RelayThre
     assert head.startswith(b"HTTP/1.1 200 ")
     assert hashlib.sha256(body).hexdigest() == expected_sha256(size)
     assert _zero_copy(relay) - before == size
+
+
+def test_a_cached_file_cut_short_on_disk_aborts_the_transfer(
+    cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """A stored file shortened behind relay's back (an outside hand): sendfile reaches its end
+    before Content-Length; the client's transfer is aborted, never ended cleanly short."""
+    relay = cached()
+    size = 4 * MiB
+    path = f"/o/gen/{size}?v=208"
+    _warm(relay, path)
+    (data,) = list((tmp_path / "cache" / "objects").rglob("data"))
+    os.truncate(data, size // 2)
+    before = _zero_copy(relay)
+    code, _, length = curl(relay.url + path)
+    assert code in (18, 56)
+    assert length < size
+    assert 0 < _zero_copy(relay) - before < size
