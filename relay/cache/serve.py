@@ -1,13 +1,15 @@
 """The response of a cached route: a hit streamed from the object's file, or a miss streamed
 from the fill's file as the fill advances (every attached client from the first byte).
 
-A complete object (a hit, a range of one, a stored slice) goes out zero-copy when the server
-offers the ASGI Zero Copy Send extension (relay's own protocol does on plain TCP:
-relay/server/zerocopy.py): `sendfile` from the file to the socket, `CHUNK` bytes per message
-(`FAST_CHUNK` once the client proves fast), each message under `send_timeout`; nothing is read
-into Python. Elsewhere (another server, TLS) and for a body still being filled (it waits on
-the fill), reads are `os.pread` of the same sizes in the default executor: a slow client holds
-one small chunk, and waits on the server's back-pressure before the next read.
+A complete object (a hit, a range of one, a stored slice) of more than `INLINE_READ` bytes goes
+out zero-copy when the server offers the ASGI Zero Copy Send extension (relay's own protocol
+does on plain TCP: relay/server/zerocopy.py): `sendfile` from the file to the socket, `CHUNK`
+bytes per message (`FAST_CHUNK` once the client proves fast), each under `send_timeout`;
+nothing is read into Python. A smaller body is read on the loop and leaves with its head in one
+write, cheaper than a head write and a sendfile. Elsewhere (another server, TLS) and for a body
+still being filled (it waits on the fill), reads are `os.pread` of the same sizes in the
+default executor: a slow client holds one small chunk, and waits on the server's back-pressure
+before the next read.
 """
 
 from __future__ import annotations
@@ -389,7 +391,9 @@ class CachedResponse(Response):
         self, send: Send, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
     ) -> None:
         """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
-        if fill is None and self._zero_copy:
+        if fill is None and self._zero_copy and stop - start > INLINE_READ:
+            # A small body read on the loop leaves with its head in one write: cheaper than
+            # writing the head, then a sendfile.
             await self._send_file(send, fd, start, stop, end=end)
             return
         loop = asyncio.get_running_loop()

@@ -65,7 +65,7 @@ class ZeroCopySend:
     """A request cycle's `send`: zero-copy messages are sent here, every other message is
     handed back to uvicorn's own `send` unchanged (a call, no extra coroutine)."""
 
-    __slots__ = ("_cycle", "_head", "_loop", "_send", "_socket", "_transport", "sent")
+    __slots__ = ("_cycle", "_head", "_loop", "_send", "_socket", "_transport")
 
     def __init__(
         self,
@@ -81,8 +81,6 @@ class ZeroCopySend:
         self._transport = transport
         self._socket = socket_fd
         self._loop = loop
-        #: Body bytes this cycle sent with sendfile.
-        self.sent = 0
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if message["type"] == ZERO_COPY_SEND:
@@ -112,7 +110,6 @@ class ZeroCopySend:
             await self._flush()
             await self._sendfile(fd, start, count)
             cycle.expected_content_length -= count
-            self.sent += count
             if offset is None:
                 os.lseek(fd, start + count, os.SEEK_SET)
         if not message.get("more_body", False):
