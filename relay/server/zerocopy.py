@@ -46,11 +46,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from relay.server.uvicorn_compat import RequestResponseCycle
 from relay.types import ZERO_COPY_SEND, Message
+
+# uvicorn's own send, called with the cycle (the instance's `send` is the ZeroCopySend).
+_cycle_send = RequestResponseCycle.send
 
 
 class ClientDisconnected(OSError):
@@ -63,9 +67,13 @@ class _Flushable(Protocol):
 
 class ZeroCopySend:
     """A request cycle's `send`: zero-copy messages are sent here, every other message is
-    handed back to uvicorn's own `send` unchanged (a call, no extra coroutine)."""
+    handed to uvicorn's own `send` unchanged (a call, no extra coroutine).
 
-    __slots__ = ("_cycle", "_head", "_loop", "_send", "_socket", "_transport")
+    Set on the cycle, it refers back to it weakly: a strong reference would make a reference
+    cycle, and every finished request's cycle and scope would wait for the garbage collector.
+    The cycle is alive whenever this is called (it runs the app that calls it)."""
+
+    __slots__ = ("_cycle", "_head", "_loop", "_socket", "_transport")
 
     def __init__(
         self,
@@ -75,20 +83,21 @@ class ZeroCopySend:
         socket_fd: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self._cycle = cycle
-        self._send = cycle.send
+        self._cycle = weakref.ref(cycle)
         self._head = head
         self._transport = transport
         self._socket = socket_fd
         self._loop = loop
 
     def __call__(self, message: Message) -> Awaitable[None]:
+        cycle = self._cycle()
+        if cycle is None:
+            raise RuntimeError("send called after its request cycle ended")
         if message["type"] == ZERO_COPY_SEND:
-            return self._send_file(message)
-        return self._send(message)  # type: ignore[arg-type]
+            return self._send_file(cycle, message)
+        return _cycle_send(cycle, message)  # type: ignore[arg-type]
 
-    async def _send_file(self, message: Message) -> None:
-        cycle = self._cycle
+    async def _send_file(self, cycle: RequestResponseCycle, message: Message) -> None:
         if not cycle.response_started or cycle.response_complete:
             raise RuntimeError(
                 f"Unexpected ASGI message '{ZERO_COPY_SEND}' outside a response body."
@@ -107,15 +116,17 @@ class ZeroCopySend:
         if count and cycle.scope["method"] != "HEAD":
             if count > cycle.expected_content_length:
                 raise RuntimeError("Response content longer than Content-Length")
-            await self._flush()
-            await self._sendfile(fd, start, count)
+            await self._flush(cycle)
+            await self._sendfile(cycle, fd, start, count)
             cycle.expected_content_length -= count
             if offset is None:
                 os.lseek(fd, start + count, os.SEEK_SET)
         if not message.get("more_body", False):
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _cycle_send(
+                cycle, {"type": "http.response.body", "body": b"", "more_body": False}
+            )
 
-    async def _flush(self) -> None:
+    async def _flush(self, cycle: RequestResponseCycle) -> None:
         """Put the held head on the wire and wait until the transport holds nothing."""
         self._head.flush()
         transport = self._transport
@@ -124,9 +135,11 @@ class ZeroCopySend:
                 raise ClientDisconnected("the client went away")
             # Any buffered byte pauses writing (write limit 0), resumed once it is all sent
             # or when the connection is lost.
-            await self._cycle.flow.drain()
+            await cycle.flow.drain()
 
-    async def _sendfile(self, fd: int, offset: int, count: int) -> None:
+    async def _sendfile(
+        self, cycle: RequestResponseCycle, fd: int, offset: int, count: int
+    ) -> None:
         transport = self._transport
         sock = self._socket
         writable = -1
@@ -144,7 +157,7 @@ class ZeroCopySend:
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     # Known before uvicorn reads the reset: its cycle must not take the
                     # app's return for an unfinished response of a live client.
-                    self._cycle.disconnected = True
+                    cycle.disconnected = True
                     raise ClientDisconnected("the client went away") from exc
                 if sent == 0:
                     raise EOFError("the file ended before the zero-copy count")

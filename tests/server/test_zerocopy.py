@@ -4,6 +4,7 @@ by the real protocol over loopback (both event loops)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ import pytest
 import uvicorn
 
 from relay.server.run import RelayHttpToolsProtocol
+from relay.server.uvicorn_compat import RequestResponseCycle
 from relay.types import ZERO_COPY_SEND, Message, Receive, Scope, Send
 from tests.harness import wait_until
 
@@ -252,3 +254,23 @@ def test_no_file_descriptor_is_left_open(app: App) -> None:
         sock.close()
         assert got.endswith(DATA)
         assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before)
+
+
+def test_a_finished_cycle_is_freed_without_the_collector(app: App) -> None:
+    """The send set on a cycle refers back to it weakly: no reference cycle keeps each finished
+    request's cycle (and its scope) alive until the garbage collector runs."""
+    gc.collect()
+    gc.disable()
+    try:
+        with serving(app, "uvloop") as port:
+            conn = Connection(port)
+            try:
+                for _ in range(20):
+                    _, body = conn.request("/file?offset=0&count=100000")
+                    assert body == DATA[:100000]
+                alive = sum(isinstance(o, RequestResponseCycle) for o in gc.get_objects())
+            finally:
+                conn.close()
+    finally:
+        gc.enable()
+    assert alive <= 2
