@@ -12,3 +12,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+ZERO_COPY_SEND = "http.response.zerocopysend"
+"""The ASGI Zero Copy Send extension: its scope["extensions"] key and its message type."""

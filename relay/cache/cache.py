@@ -39,6 +39,7 @@ class CacheStats:
     stale: int = 0
     coalesced: int = 0
     bytes_from_cache: int = 0
+    bytes_zero_copy: int = 0
     bytes_from_upstream: int = 0
     evictions: int = 0
     digest_mismatches: int = 0

@@ -1,10 +1,15 @@
 """The response of a cached route: a hit streamed from the object's file, or a miss streamed
 from the fill's file as the fill advances (every attached client from the first byte).
 
-Reads are `os.pread` of `CHUNK` bytes (`FAST_CHUNK` once the client proves fast, as relayed
-streams pace their reads) in the default executor (uvicorn does not expose the socket and
-offers no `http.response.pathsend`, so `sendfile` is not possible): a slow client holds one
-small chunk, and waits on the server's back-pressure before the next read.
+A complete object (a hit, a range of one, a stored slice) of more than `INLINE_READ` bytes goes
+out zero-copy when the server offers the ASGI Zero Copy Send extension (relay's own protocol
+does on plain TCP: relay/server/zerocopy.py): `sendfile` from the file to the socket, `CHUNK`
+bytes per message (`FAST_CHUNK` once the client proves fast), each under `send_timeout`;
+nothing is read into Python. A smaller body is read on the loop and leaves with its head in one
+write, cheaper than a head write and a sendfile. Elsewhere (another server, TLS) and for a body
+still being filled (it waits on the fill), reads are `os.pread` of the same sizes in the
+default executor: a slow client holds one small chunk, and waits on the server's back-pressure
+before the next read.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.streaming import RESET_KEY, WAIT_FOR_CLIENT
-from relay.types import RawHeaders, Receive, Scope, Send
+from relay.types import ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +147,7 @@ class CachedResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._exchange = exchange_of(scope)
         self._scope_reset = scope.get(RESET_KEY)
+        self._zero_copy = ZERO_COPY_SEND in (scope.get("extensions") or ())
         refusal = self._limiter.acquire(self._client)
         if refusal is not None:
             self._exchange.outcome = "rejected"
@@ -654,6 +660,11 @@ class CachedResponse(Response):
         self, send: Send, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
     ) -> None:
         """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
+        if fill is None and self._zero_copy and stop - start > INLINE_READ:
+            # A small body read on the loop leaves with its head in one write: cheaper than
+            # writing the head, then a sendfile.
+            await self._send_file(send, fd, start, stop, end=end)
+            return
         loop = asyncio.get_running_loop()
         position = start
         sent = 0
@@ -725,6 +736,42 @@ class CachedResponse(Response):
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _send_file(self, send: Send, fd: int, start: int, stop: int, *, end: bool) -> None:
+        """Send bytes [start, stop) of a complete file with the server's zero-copy send."""
+        loop = asyncio.get_running_loop()
+        stats = self._cache.stats
+        position = start
+        size = CHUNK
+
+        def read_small(small: bool) -> None:
+            nonlocal size
+            size = CHUNK if small else FAST_CHUNK
+
+        pacer = ReadPacer(read_small, loop.time())
+        message = {"type": ZERO_COPY_SEND, "file": fd, "offset": 0, "count": 0, "more_body": True}
+        try:
+            while position < stop:
+                count = min(size, stop - position)
+                message["offset"] = position
+                message["count"] = count
+                try:
+                    async with asyncio.timeout(self._send_timeout):
+                        await send(message)
+                except EOFError:
+                    self._abort("cached file shorter than its meta")
+                position += count
+                stats.bytes_from_cache += count
+                stats.bytes_zero_copy += count
+                pacer.sent(count, loop.time())
+        except TimeoutError:
+            self._exchange.outcome = "client_abort"
+            self._reset()
+            raise TransferAborted("client stopped reading") from None
+        finally:
+            self._exchange.bytes_sent = position - start
+        if end:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     def _abort(self, reason: str) -> NoReturn:
         self._exchange.outcome = "upstream_abort"
         logger.warning("aborting the client transfer: %s", reason)
@@ -739,6 +786,7 @@ class CachedResponse(Response):
     _scope_reset: Callable[[], None] | None = None
     _revalidated = False
     _stale_status: int | None = None
+    _zero_copy = False
 
     async def _send_error(self, send: Send, status: int, text: str) -> None:
         body = f"{status} {text}\n".encode()

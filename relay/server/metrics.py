@@ -252,6 +252,7 @@ _CACHE_COUNTERS = (
     ("stale", "Requests answered with a stale cached object (while revalidating or on error)."),
     ("coalesced", "Clients that joined a fill another client started."),
     ("bytes_from_cache", "Body bytes sent to clients from complete cached objects."),
+    ("bytes_zero_copy", "Of bytes_from_cache, those sent with sendfile (zero-copy)."),
     ("bytes_from_upstream", "Body bytes fetched from upstreams by cache fills."),
     ("evictions", "Cached objects evicted to stay under cache_max_bytes."),
     (

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 import struct
@@ -27,6 +28,8 @@ from relay.server.app import create_app
 from relay.server.health import Readiness
 from relay.server.logs import configure_logging
 from relay.server.uvicorn_compat import HttpToolsProtocol
+from relay.server.zerocopy import ZeroCopySend
+from relay.types import ZERO_COPY_SEND
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
       Transfer-Encoding) gets 400 at once, before the app runs, instead of being read.
     - Any other body must arrive within `body_timeout` of the end of the headers (else 408)
       and be at most `max_body_bytes` (else 413); a trickled body cannot hold a connection.
+    - On plain TCP, the ASGI Zero Copy Send extension (relay/server/zerocopy.py): cache hits
+      go from the file to the socket with sendfile.
     """
 
     max_head_bytes = 16384
@@ -63,6 +68,7 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
     header_timeout = 15.0
     body_timeout = 15.0
     max_body_bytes = 65536
+    zero_copy = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
@@ -73,6 +79,11 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._reset_framing()
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        self._socket_fd: int | None = None
+        plain_tcp = sock is not None and transport.get_extra_info("sslcontext") is None
+        if self.zero_copy and plain_tcp and hasattr(os, "sendfile"):
+            self._socket_fd = sock.fileno()
         # Pause the response as soon as the kernel has not taken all of a chunk (uvloop's
         # default waits for 64 KiB more): relay's back-pressure wait then returns only once
         # the client has taken the whole chunk, so a slow client holds one chunk, not two.
@@ -176,9 +187,17 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
             raise _Rejected("request target is not origin-form")
         self._check_framing()
         super().on_headers_complete()
-        if self.cycle is not None:
-            self.cycle.transport = cast(asyncio.Transport, _HeadWithBody(self.transport, self.loop))
+        cycle = self.cycle
+        if cycle is not None:
+            head = _HeadWithBody(self.transport, self.loop)
+            cycle.transport = cast(asyncio.Transport, head)
             self.scope[RESET_KEY] = self._reset_connection  # type: ignore[literal-required]
+            if self._socket_fd is not None:
+                self.scope.setdefault("extensions", {})[ZERO_COPY_SEND] = {}
+                # The cycle runs the app with `self.send` (checked in uvicorn_compat).
+                cycle.send = ZeroCopySend(  # type: ignore[method-assign, assignment]
+                    cycle, head, self.transport, self._socket_fd, self.loop
+                )
         if self._chunked or self._declared_length:
             self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
 
@@ -271,6 +290,10 @@ class _HeadWithBody:
             self._held = None
             data = held + data
         self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write the held head now (a zero-copy body goes to the socket, not through here)."""
+        self._release()
 
     def _release(self) -> None:
         held = self._held

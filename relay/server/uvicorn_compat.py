@@ -4,15 +4,17 @@ relay's protocol (relay/server/run.py) subclasses uvicorn's `HttpToolsProtocol`,
 methods below and reads the attributes below; uvicorn documents none of them. A uvicorn that
 renamed one would silently drop relay's request-head limits (431), header and body timeouts
 (408), absolute-form and framing refusals (400): an override of a method uvicorn no longer
-calls is never run. So relay refuses to start instead, naming what is missing.
+calls is never run; and a cycle whose Content-Length count moved would mis-frame zero-copy
+sends. So relay refuses to start instead, naming what is missing.
 """
 
 from __future__ import annotations
 
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from relay.net.compat import IncompatibleDependency, assigned_in, defined_in_package
+from relay.net.compat import IncompatibleDependency, assigned_in, defined_in_package, has_method
 
 # Methods relay's protocol overrides; uvicorn (or httptools, for the parser callbacks) calls
 # them. send_400_response is what uvicorn calls when a parser callback raises.
@@ -33,8 +35,22 @@ PROTOCOL_ATTRIBUTES = {
     "on_message_begin": ("url", "scope"),
 }
 # Attributes of uvicorn's per-request cycle relay reads or replaces (its transport is wrapped
-# so a response's head leaves with its first body bytes).
-CYCLE_ATTRIBUTES = ("transport", "response_started", "response_complete", "keep_alive")
+# so a response's head leaves with its first body bytes; its send, for zero-copy sends, is
+# replaced and its Content-Length count kept: relay/server/zerocopy.py).
+CYCLE_ATTRIBUTES = (
+    "transport",
+    "response_started",
+    "response_complete",
+    "keep_alive",
+    "scope",
+    "flow",
+    "disconnected",
+    "chunked_encoding",
+    "expected_content_length",
+)
+# The cycle hands the app `self.send` when it runs it (so a `send` set on the instance is
+# the one the app gets), and its send counts a body against `expected_content_length`.
+CYCLE_READS = {"run_asgi": ("send",), "send": ("expected_content_length", "chunked_encoding")}
 
 
 class UvicornIncompatible(IncompatibleDependency):
@@ -58,8 +74,24 @@ def check() -> None:
         _require(
             assigned_in(RequestResponseCycle, "__init__", name), f"RequestResponseCycle.{name}"
         )
+    _require(
+        defined_in_package(RequestResponseCycle, "send", "uvicorn"), "RequestResponseCycle.send"
+    )
+    for method, names in CYCLE_READS.items():
+        for name in names:
+            _require(
+                assigned_in(RequestResponseCycle, method, name),
+                f"RequestResponseCycle.{method} using {name}",
+            )
+    _require(has_method(FlowControl, "drain"), "FlowControl.drain")
 
 
 check()
 
-__all__ = ["HttpToolsProtocol", "RequestResponseCycle", "UvicornIncompatible", "check"]
+__all__ = [
+    "FlowControl",
+    "HttpToolsProtocol",
+    "RequestResponseCycle",
+    "UvicornIncompatible",
+    "check",
+]

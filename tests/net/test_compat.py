@@ -144,6 +144,29 @@ def test_compat_uvicorn_cycle_attribute_missing(
         uvicorn_compat.check()
 
 
+@pytest.mark.parametrize(
+    ("method", "attribute"),
+    [(m, a) for m, names in uvicorn_compat.CYCLE_READS.items() for a in names],
+)
+def test_compat_uvicorn_cycle_use_missing(
+    monkeypatch: pytest.MonkeyPatch, method: str, attribute: str
+) -> None:
+    """A cycle that ran the app with another send, or counted a body otherwise, would bypass
+    or mis-frame relay's zero-copy sends."""
+    without = _without(getattr(RequestResponseCycle, method), attribute)
+    monkeypatch.setattr(RequestResponseCycle, method, without)
+    with pytest.raises(
+        uvicorn_compat.UvicornIncompatible, match=f"RequestResponseCycle.{method} using {attribute}"
+    ):
+        uvicorn_compat.check()
+
+
+def test_compat_uvicorn_flow_control_drain_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(uvicorn_compat.FlowControl, "drain")
+    with pytest.raises(uvicorn_compat.UvicornIncompatible, match=r"FlowControl.drain"):
+        uvicorn_compat.check()
+
+
 def test_compat_uvicorn_checks_every_method_relay_overrides() -> None:
     """A new override in relay's protocol must be added to the checked list."""
     base_methods = {
