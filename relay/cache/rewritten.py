@@ -33,7 +33,7 @@ from relay.proxy.rewrite import (
     rewrite_pairs,
     rewritten_etag,
 )
-from relay.types import Message, Receive, Scope, Send
+from relay.types import ZERO_COPY_SEND, Message, Receive, Scope, Send
 
 # The client's own request headers that do not apply to a rewritten page: its ranges (relay's
 # representation has no byte ranges: a 200) and its validators (translated, see below).
@@ -136,8 +136,15 @@ class RewrittenIndex(Response):
             else:
                 await send(message)
 
+        # The body is rewritten on its way out, so it cannot be handed to the kernel whole:
+        # the cache reads it (its zero-copy send is not offered).
+        extensions = {
+            name: value
+            for name, value in (scope.get("extensions") or {}).items()
+            if name != ZERO_COPY_SEND
+        }
         try:
-            await inner(scope, receive, rewriting)
+            await inner({**scope, "extensions": extensions}, receive, rewriting)
         finally:
             self.status_code = inner.status_code
 
