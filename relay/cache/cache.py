@@ -18,11 +18,12 @@ import httpx
 
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
-from relay.cache.key import SLICE_MARK, digest, slice_key, variant_key
+from relay.cache.key import SLICE_MARK, digest, path_of, slice_key, variant_key
 from relay.cache.store import DATA, META, Meta, Store
 from relay.config import Config, Route
 from relay.disk import remove_quietly, write_atomically
 from relay.errors import StartupError
+from relay.net.presets import is_immutable
 from relay.net.upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Cache:
         fill = self._new_fill(key, variant, request, route, revalidating)
         fill.slice = (first, first + size - 1, validator)
         fill.sha256 = sha256
+        fill.immutable = is_immutable(route, path_of(base, route.prefix))
         fill.object_key = storage
         self.sliced.add(storage)
         if revalidating is not None:
@@ -170,6 +172,7 @@ class Cache:
             self.stats.revalidations += 1
         fill = self._new_fill(key, variant, request, route, revalidating)
         fill.sha256 = sha256
+        fill.immutable = is_immutable(route, path_of(base, route.prefix))
         self._start(fill, base)
         return fill
 

@@ -138,6 +138,9 @@ class Fill:
         self.sha256: str | None = None
         """The digest the whole body must have (a content-addressed object), checked before
         anything the upstream's own headers announce."""
+        self.immutable = False
+        """The operator declared this file immutable (`is_immutable`): it stays fresh for at
+        least a year unless the upstream says `no-cache`; an index page never is."""
         self.slice: tuple[int, int, str | None] | None = None
         """A slice fill: (first byte, last byte, the validator it must carry or None)."""
         self.total: int | None = None
@@ -176,6 +179,9 @@ class Fill:
         event.set()
 
     # ---- the fetch ----------------------------------------------------------------------
+
+    def _immutable(self, headers: httpx.Headers) -> bool:
+        return self.immutable and not is_index_type(self._route, headers.get("content-type", ""))
 
     async def run(self) -> None:
         response: httpx.Response | None = None
@@ -252,7 +258,9 @@ class Fill:
                 length=old.length,
                 stored_at=received,
                 initial_age=initial_age(headers, received, received),
-                lifetime=freshness_lifetime(lifetime_headers),
+                lifetime=freshness_lifetime(
+                    lifetime_headers, immutable=self._immutable(refreshed_headers)
+                ),
                 validator=old.validator,
                 sha256=old.sha256,
                 vary=old.vary,
@@ -302,7 +310,7 @@ class Fill:
             length=length or 0,
             stored_at=received,
             initial_age=initial_age(headers, received, received),
-            lifetime=freshness_lifetime(headers),
+            lifetime=freshness_lifetime(headers, immutable=self._immutable(headers)),
             validator=resume_validator(headers),
             vary=vary_of(policy) or "",
             extra={"variant": self.variant},
@@ -359,7 +367,7 @@ class Fill:
             length=length,
             stored_at=received,
             initial_age=initial_age(headers, received, received),
-            lifetime=freshness_lifetime(headers),
+            lifetime=freshness_lifetime(headers, immutable=self._immutable(headers)),
             validator=strong,
             vary=vary_of(headers) or "",
             extra={"total": str(parsed.total), "first": str(first)},

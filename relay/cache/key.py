@@ -14,6 +14,12 @@ def base_key(route_prefix: str, raw_path: bytes, query: bytes) -> str:
     return key
 
 
+def path_of(base: str, route_prefix: str) -> str:
+    """The request path below the route's prefix (with its query) that `base` was made from."""
+    raw = base.partition("\x00")[2]
+    return raw[len(route_prefix) :] if raw.startswith(route_prefix) else raw
+
+
 def encoding_variant(accept_encoding: str | None) -> str:
     """The request's Accept-Encoding, normalised: codings lowercased, sorted, q=0 dropped."""
     if not accept_encoding:

@@ -15,6 +15,9 @@ from relay.http.validators import if_range_holds, none_match, not_modified_since
 #: Heuristic freshness: this fraction of the Last-Modified age (RFC 9111 4.2.2), capped.
 HEURISTIC_FRACTION = 0.1
 HEURISTIC_CAP = 24 * 3600.0
+#: The freshness of an immutable file (`immutable = true` routes, a preset's file names) when
+#: its upstream says less: a year, as `Cache-Control: immutable` answers usually say.
+IMMUTABLE_LIFETIME = 365 * 24 * 3600.0
 
 _DIRECTIVE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,]*))?\s*(?:,|$)')
 
@@ -74,9 +77,17 @@ def vary_of(headers: httpx.Headers) -> str | None:
     return None
 
 
-def freshness_lifetime(headers: httpx.Headers) -> float:
+def freshness_lifetime(headers: httpx.Headers, *, immutable: bool = False) -> float:
     """s-maxage > max-age > Expires - Date > heuristic (10% of the Last-Modified age, 1 day
-    at most) > 0."""
+    at most) > 0. `immutable` (the operator declared the file immutable): at least
+    IMMUTABLE_LIFETIME, unless the upstream asks for revalidation every time (`no-cache`)."""
+    lifetime = _upstream_lifetime(headers)
+    if immutable and "no-cache" not in response_directives(headers):
+        return max(lifetime, IMMUTABLE_LIFETIME)
+    return lifetime
+
+
+def _upstream_lifetime(headers: httpx.Headers) -> float:
     cc = response_directives(headers)
     for name in ("s-maxage", "max-age"):
         if name in cc:

@@ -8,6 +8,7 @@ import pytest
 from relay.cache.key import base_key, encoding_variant, variant_key
 from relay.cache.policy import (
     HEURISTIC_CAP,
+    IMMUTABLE_LIFETIME,
     answer,
     cache_status,
     freshness,
@@ -107,3 +108,13 @@ def test_keys() -> None:
     assert encoding_variant("gzip;q=0, br") == "br"
     assert encoding_variant("GZIP, br") == encoding_variant("br,gzip")
     assert variant_key(base, "gzip") != base
+
+
+def test_freshness_lifetime_of_an_immutable_file() -> None:
+    """At least a year whatever the upstream says, unless it asks for revalidation each time;
+    a longer lifetime of its own is kept."""
+    assert freshness_lifetime(_h(cache_control="max-age=0"), immutable=True) == IMMUTABLE_LIFETIME
+    assert freshness_lifetime(_h(), immutable=True) == IMMUTABLE_LIFETIME
+    assert freshness_lifetime(_h(cache_control="max-age=99999999"), immutable=True) == 99999999
+    assert freshness_lifetime(_h(cache_control="no-cache, max-age=60"), immutable=True) == 60
+    assert freshness_lifetime(_h(cache_control="max-age=0")) == 0

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from relay.config import Route
 from tests.harness import RelayThread, abort_download, curl, sha256_stream, wait_until
 from tests.origin import Origin, expected_sha256
 
@@ -639,18 +640,17 @@ def test_cache_object_changed_between_slices_aborts(
 def test_cache_many_clients_of_a_stale_object_send_one_conditional_request(
     origin: Origin, cached: Callable[..., RelayThread]
 ) -> None:
-    """Eight clients of a stale object wait on one revalidation (the origin answers after a
-    delay, so they all arrive while it is in flight): one conditional request, no body."""
+    """Eight clients of a stale object wait on one revalidation (the origin holds it until all
+    eight are waiting, counted, not timed): one conditional request, no body."""
     relay = cached()
-    path = "/o/gen/64k?v=38&cc=max-age=0&delay=0.5"
+    path = "/o/gen/64k?v=38&cc=max-age=0&gate=stale38"
     _status(relay, path)
     _settled(relay)
+    origin.close_gate("stale38")
     origin.reset_stats()
     statuses: list[str] = []
-    barrier = threading.Barrier(8)
 
     def client() -> None:
-        barrier.wait()
         response = _status(relay, path)
         assert hashlib.sha256(response.content).hexdigest() == expected_sha256(64 * 1024)
         statuses.append(response.headers["cache-status"])
@@ -658,6 +658,10 @@ def test_cache_many_clients_of_a_stale_object_send_one_conditional_request(
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
+    try:
+        assert wait_until(lambda: relay.streams_active() == 8 and len(origin.requests) == 1)
+    finally:
+        origin.open_gate("stale38")
     for t in threads:
         t.join(30)
     assert statuses == ["relay; fwd=stale; fwd-status=304"] * 8
@@ -788,3 +792,33 @@ def test_cache_small_hits_to_clients_that_left_hold_nothing(
     hit = _status(relay, path)
     assert hit.headers["cache-status"].startswith("relay; hit")
     assert hashlib.sha256(hit.content).hexdigest() == expected_sha256(1024)
+
+
+def test_cache_immutable_route_keeps_files_the_upstream_gave_no_lifetime(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """`immutable = true`: a file whose upstream says it may be reused for 0 s stays a hit (a
+    year's freshness); `no-cache` from the upstream is still revalidated every time. The same
+    answers on a route without the marker go back to the upstream."""
+    routes = (
+        Route(prefix="/o/", upstream=origin.url + "/", allow_private=True),
+        Route(prefix="/files/", upstream=origin.url + "/", allow_private=True, immutable=True),
+    )
+    relay = cached(routes=routes)
+    origin.reset_stats()
+    for prefix in ("/o/", "/files/"):
+        for _ in range(2):
+            got = _status(relay, f"{prefix}gen/64k?v=31&cc=max-age=0")
+            assert hashlib.sha256(got.content).hexdigest() == expected_sha256(64 * 1024)
+            _settled(relay)
+    assert (
+        _status(relay, "/files/gen/64k?v=31&cc=max-age=0")
+        .headers["cache-status"]
+        .startswith("relay; hit; ttl=3153")
+    )
+    # /o/: stored, then revalidated; /files/: stored once, then hits.
+    assert len(_gets(origin, "/gen/64k")) == 3
+    for _ in range(2):
+        _status(relay, "/files/gen/64k?v=32&cc=no-cache")
+        _settled(relay)
+    assert len(_gets(origin, "/gen/64k")) == 5
