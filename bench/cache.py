@@ -17,7 +17,10 @@ Logging posture: nginx runs with ``access_log off``, and so do the relay sides
 side's 1 KiB hits are also measured with a second relay process with the access log on
 (written to its log file, as in a deployment), in a row of their own.
 
-Scenarios, per side: warm 1 GiB hit throughput (curl, median of N runs); 1 KiB hits per
+Scenarios: warm 1 GiB hit throughput, with every side's server up at once and the curl runs
+interleaved (round r: one run per side, the order rotated each round), so that the machine's
+drift between minutes hits every side alike; the ratio to nginx is the median of the per-round
+ratios. Then, per side in turn: 1 KiB hits per
 second (wrk, 64 connections); 16 cold clients of a 64 MiB object from a 40 MB/s origin (origin
 body bytes and requests, each client's time to first byte, sha256 of every body); RSS per slow
 reader on hits (``bench.slow_readers``). Everything listens on 127.0.0.1; every loop and every
@@ -31,8 +34,10 @@ import contextlib
 import datetime
 import hashlib
 import http.client
+import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from bench.clients import ClientError, curl_get, have, run_load
 from bench.measure import Settings, slow_readers, stop_quietly
@@ -86,6 +92,11 @@ class Side:
     command: str = ""
     error: str | None = None
     hit_gbps: list[float] = field(default_factory=list)
+    hit_ratios: list[float] = field(default_factory=list)
+    """Per round: this side's GB/s over nginx's in the same round (sides other than nginx)."""
+    zero_copy: tuple[int, int, int] | None = None
+    """relay-cache after the hit runs: (relay_cache_bytes_zero_copy_total, its growth over the
+    counted runs, relay_cache_bytes_from_cache_total's growth over them)."""
     rps: float | None = None
     rps_errors: int | None = None
     rps_tool: str = ""
@@ -107,6 +118,11 @@ class Side:
     @property
     def hit_median(self) -> float | None:
         return statistics.median(self.hit_gbps) if self.hit_gbps else None
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """The median of the per-round ratios to nginx."""
+        return statistics.median(self.hit_ratios) if self.hit_ratios else None
 
 
 # -------------------------------------------------------------------------- servers ---
@@ -134,7 +150,7 @@ def start_upstreams(origin: Origin, tmp: Path, log_dir: Path) -> Upstreams:
     server = _start_nginx("files-nginx", conf, workdir, port, log_dir)
     try:
         server.wait_ready("/1k", timeout=30)
-    except Exception:
+    except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
         server.stop()
         raise
     return Upstreams(origin, f"http://127.0.0.1:{port}/", False, server)
@@ -178,7 +194,7 @@ def start_nginx_cache(up: Upstreams, tmp: Path, log_dir: Path) -> tuple[Server, 
     server = _start_nginx("nginx-cache", conf, workdir, port, log_dir)
     try:
         server.wait_ready("/healthz", timeout=30)
-    except Exception:
+    except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
         server.stop()
         raise
     return server, f"nginx -c {workdir / 'nginx.conf'}"
@@ -234,7 +250,7 @@ def start_relay_side(
     server = start_server(name, argv, port, log_dir, cwd=REPO)
     try:
         server.wait_ready("/healthz", timeout=30)
-    except Exception:
+    except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
         server.stop()
         raise
     return server, shlex.join(["python", *argv[1:]])
@@ -276,15 +292,84 @@ def warm(side: Side, path: str, size: int) -> None:
     raise SideError(f"GET {path} is not a cache hit after 5 tries ({mark[0]}: {mark[1]} missing)")
 
 
-def hit_throughput(side: Side, path: str, size: int, runs: int) -> None:
+def relay_cache_counters(side: Side) -> dict[str, int]:
+    """relay's ``relay_cache_*_total`` counters from its /metrics (name without the prefix)."""
     assert side.server is not None
-    warm(side, path, size)
-    url = f"http://127.0.0.1:{side.server.port}{path}"
-    for _ in range(runs):
-        r = curl_get(url)
-        if r.size != size:
-            raise SideError(f"curl {path}: {r.size} bytes, want {size}")
-        side.hit_gbps.append(r.gbps)
+    conn = http.client.HTTPConnection("127.0.0.1", side.server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise SideError(f"GET /metrics: {resp.status}")
+    out: dict[str, int] = {}
+    for m in re.finditer(r"^relay_cache_(\w+)_total(?:\{\})? (\S+)$", text, re.MULTILINE):
+        out[m.group(1)] = int(float(m.group(2)))
+    return out
+
+
+def interleaved_hits(sides: Sequence[Side], path: str, size: int, runs: int) -> list[list[str]]:
+    """Warm hit throughput, every side's server up: one uncounted warm-up GET per side (which
+    also checks the cache sides answer a hit), then ``runs`` rounds of one curl per side, the
+    order rotated each round. Returns each round's order. A side whose warm-up or run fails gets
+    a note and sits out the rest; every loop is bounded by ``runs`` and the sides."""
+    live: list[Side] = []
+    for side in sides:
+        try:
+            warm(side, path, size)
+        except (SideError, ClientError, OSError, http.client.HTTPException) as e:
+            side.notes.append(f"hits: warm-up: {e}")
+            continue
+        live.append(side)
+    before: dict[str, int] = {}
+    cache_side = next((x for x in live if x.key == "relay-cache"), None)
+    if cache_side is not None:
+        try:
+            before = relay_cache_counters(cache_side)
+        except (SideError, OSError, http.client.HTTPException, ValueError) as e:
+            cache_side.notes.append(f"hits: /metrics before the runs: {e}")
+    orders: list[list[str]] = []
+    for r in range(runs):
+        if not live:
+            break
+        k = r % len(live)
+        order = live[k:] + live[:k]
+        orders.append([x.key for x in order])
+        got: dict[str, float] = {}
+        for side in order:
+            assert side.server is not None
+            try:
+                res = curl_get(f"http://127.0.0.1:{side.server.port}{path}")
+                if res.size != size:
+                    raise SideError(f"curl {path}: {res.size} bytes, want {size}")
+            except (SideError, ClientError, OSError, subprocess.SubprocessError) as e:
+                side.notes.append(f"hits: round {r + 1}: {e}")
+                if not side.server.alive():
+                    live.remove(side)
+                continue
+            side.hit_gbps.append(res.gbps)
+            got[side.key] = res.gbps
+        base = got.get("nginx")
+        for side in order:
+            if side.key != "nginx" and base and side.key in got:
+                side.hit_ratios.append(got[side.key] / base)
+    if cache_side is not None and before and cache_side.server is not None:
+        try:
+            after = relay_cache_counters(cache_side)
+            zc = after.get("bytes_zero_copy")
+            if zc is None:
+                cache_side.notes.append("hits: /metrics has no relay_cache_bytes_zero_copy_total")
+            else:
+                cache_side.zero_copy = (
+                    zc,
+                    zc - before.get("bytes_zero_copy", 0),
+                    after.get("bytes_from_cache", 0) - before.get("bytes_from_cache", 0),
+                )
+        except (SideError, OSError, http.client.HTTPException, ValueError) as e:
+            cache_side.notes.append(f"hits: /metrics after the runs: {e}")
+    return orders
 
 
 def small_hits(side: Side, path: str, seconds: int) -> None:
@@ -410,10 +495,30 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
 def table(sides: Sequence[Side]) -> list[str]:
     cols = [s.label for s in sides]
+    nginx_hit = next((s.hit_median for s in sides if s.key == "nginx"), None)
     rows: list[tuple[str, list[str]]] = [
-        ("warm 1 GiB hit, GB/s (median)", [_f(s.hit_median, ".2f") for s in sides]),
+        ("warm hit, GB/s (median, interleaved)", [_f(s.hit_median, ".2f") for s in sides]),
+        (
+            "warm hit, GB/s (min-max)",
+            [
+                f"{min(s.hit_gbps):.2f}-{max(s.hit_gbps):.2f}" if s.hit_gbps else "n/a"
+                for s in sides
+            ],
+        ),
+        (
+            "warm hit, x nginx: median of per-round ratios",
+            ["-" if s.key == "nginx" else _x(s.hit_ratio) for s in sides],
+        ),
+        (
+            "warm hit, x nginx: ratio of medians",
+            ["-" if s.key == "nginx" else _ratio(s.hit_median, nginx_hit) for s in sides],
+        ),
         ("1 KiB hits, req/s (wrk -c64)", [_f(s.rps, ".0f") for s in sides]),
         (
             "1 KiB hits, req/s, relay's access log on",
@@ -450,14 +555,15 @@ def targets(by: dict[str, Side]) -> list[str]:
     def mark(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
-    hit = c.hit_median if c else None
+    hit = c.hit_ratio if c else None
     nh = n.hit_median if n else None
     rps_c, rps_n, rps_r = (c.rps if c else None), (n.rps if n else None), (r.rps if r else None)
     ob = c.cold_origin_bytes if c else None
     tt = max(c.cold_ttfb) if c and c.cold_ttfb else None
     lines = [
-        f"- hit throughput ≥ 0.8x nginx: {_ratio(hit, nh)} → "
-        + mark(None if hit is None or nh is None else hit >= 0.8 * nh),
+        f"- hit throughput ≥ 0.8x nginx (median of per-round ratios): {_x(hit)} "
+        f"(ratio of medians {_ratio(c.hit_median if c else None, nh)}) → "
+        + mark(None if hit is None else hit >= 0.8),
         f"- 1 KiB hits ≥ 0.15x nginx and above relay uncached: {_ratio(rps_c, rps_n)} of nginx, "
         f"{_ratio(rps_c, rps_r)} of uncached → "
         + mark(
@@ -474,7 +580,12 @@ def targets(by: dict[str, Side]) -> list[str]:
 
 
 def render(
-    sides: Sequence[Side], argv: Sequence[str], s: Settings, runs: int, up_files_gen: bool
+    sides: Sequence[Side],
+    argv: Sequence[str],
+    s: Settings,
+    runs: int,
+    up_files_gen: bool,
+    orders: Sequence[Sequence[str]] = (),
 ) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -496,8 +607,17 @@ def render(
         f"`/o/gen/64m?slow={COLD_RATE}`, {COLD_RATE / 1e6:g} MB/s, a fresh `key=` per side); "
         f"`/f/` {'tests.origin' if up_files_gen else 'nginx over tmpfs, expires 1h'} "
         f"(warm objects `{'/f/gen/' if up_files_gen else '/f/'}<1g|256m|1k>`); "
-        f"hit throughput: curl, {runs} runs; slow readers: {s.slow_n} at "
-        f"{s.slow_rate / 1e6:g} MB/s.",
+        f"slow readers: {s.slow_n} at {s.slow_rate / 1e6:g} MB/s.",
+        f"- warm hit throughput (`{s.big}` object, curl to /dev/null): every side's server "
+        f"runs through this scenario; after one uncounted warm-up GET per side (for the cache "
+        f"sides it must answer a hit: nginx `X-Cache-Status: HIT`, relay "
+        f"`Cache-Status: relay; hit`), {runs} rounds of one run per side, interleaved, the "
+        f"order rotated each round (orders: "
+        + ("; ".join(" > ".join(o) for o in orders) or "none")
+        + "). Each side's figure is the median (and min-max) of its runs; its ratio to nginx "
+        "is the median of the per-round ratios (that side / nginx in the same round), shown "
+        "beside the ratio of the medians. The target uses the median of per-round ratios: "
+        "the machine's speed drifts between minutes, and a round's runs share a minute.",
         f'- logging: {RELAY_LOG_POSTURE} (the row "access log on": a second relay process '
         "of the side, 1 KiB hits only).",
     ]
@@ -507,7 +627,17 @@ def render(
             lines.append(f"  - FAILED: {side.error}")
         if side.hit_gbps:
             runs_s = ", ".join(f"{g:.2f}" for g in side.hit_gbps)
-            lines.append(f"  - hit runs GB/s: {runs_s}")
+            lines.append(f"  - hit runs GB/s, by round: {runs_s}")
+        if side.hit_ratios:
+            ratios_s = ", ".join(f"{g:.2f}" for g in side.hit_ratios)
+            lines.append(f"  - per-round ratios to nginx: {ratios_s}")
+        if side.zero_copy is not None:
+            zc, dzc, dfc = side.zero_copy
+            lines.append(
+                f"  - relay_cache_bytes_zero_copy_total after the hit runs: {zc} "
+                f"({dzc} during the counted runs, of {dfc} bytes from cache: "
+                f"{'sendfile' if dfc and dzc >= dfc else 'not all zero-copy'})"
+            )
         if side.rps is not None:
             lines.append(f"  - {side.rps_tool}: {side.rps:.0f} req/s, errors {side.rps_errors}")
         if side.cold_ttfb:
@@ -538,7 +668,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=",".join(SIDES),
         help=f"comma-separated sides out of {','.join(SIDES)} (default: all)",
     )
-    p.add_argument("--runs", type=int, default=3, help="hit-throughput runs (median)")
+    p.add_argument(
+        "--runs", type=int, default=5, help="hit-throughput rounds (interleaved; default 5)"
+    )
     p.add_argument("--slow-readers", type=int, default=None, help="override N slow readers")
     p.add_argument("--extra-relay-args", default="", help="extra arguments for the relay sides")
     p.add_argument(
@@ -559,44 +691,55 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _side(side: Side) -> Iterator[None]:
+    """Records a side's failure in ``side.error`` (the caller stops its server)."""
     try:
         yield
-    except (SideError, ServerError, ClientError, OSError, subprocess.SubprocessError) as e:
+    except (
+        SideError,
+        ServerError,
+        ClientError,
+        OSError,
+        subprocess.SubprocessError,
+        http.client.HTTPException,
+    ) as e:
         side.error = str(e)
         if side.server is not None and not side.server.alive():
             side.error += "\n" + side.server.log_tail()
-    finally:
-        stop_quietly(side.server)
+
+
+def start_side(side: Side, up: Upstreams, tmp: Path, log_dir: Path, a: argparse.Namespace) -> None:
+    if side.key == "nginx":
+        side.server, side.command = start_nginx_cache(up, tmp, log_dir)
+    elif side.key == "relay":
+        side.server, side.command = start_relay_side(up, tmp, log_dir, None, a.extra_relay_args)
+    else:
+        ok, why = relay_knows_cache()
+        if not ok:
+            raise SideError(why)
+        side.server, side.command = start_relay_side(
+            up, tmp, log_dir, tmp / "relay-cache", a.extra_relay_args
+        )
 
 
 def run_side(
     side: Side, up: Upstreams, tmp: Path, log_dir: Path, a: argparse.Namespace, s: Settings
 ) -> None:
+    """The scenarios after the interleaved hits, for one side whose server is up."""
     big = "256m" if a.quick else "1g"
     big_size = 256 * MIB if a.quick else GIB
     big_path, small_path = up.warm_path(big), up.warm_path("1k")
     cold_path = f"/o/gen/64m?slow={COLD_RATE}&key={side.key}"
     with _side(side):
-        if side.key == "nginx":
-            side.server, side.command = start_nginx_cache(up, tmp, log_dir)
-        elif side.key == "relay":
-            side.server, side.command = start_relay_side(up, tmp, log_dir, None, a.extra_relay_args)
-        else:
-            ok, why = relay_knows_cache()
-            if not ok:
-                raise SideError(why)
-            side.server, side.command = start_relay_side(
-                up, tmp, log_dir, tmp / "relay-cache", a.extra_relay_args
-            )
+        if side.server is not None and not side.server.alive():
+            raise SideError(f"{side.label} died during hits")
         steps: list[tuple[str, Callable[[], None]]] = [
-            ("hits", lambda: hit_throughput(side, big_path, big_size, a.runs)),
             ("1k", lambda: small_hits(side, small_path, s.load_seconds)),
             ("cold", lambda: cold_clients(side, up.origin, cold_path, tmp)),
             ("slow", lambda: slow_on_hits(side, big_path, big_size, s)),
         ]
         if side.key != "nginx":
             steps.insert(
-                2,
+                1,
                 (
                     "1k-log",
                     lambda: small_hits_logged(side, up, tmp, log_dir, small_path, a, s),
@@ -605,10 +748,26 @@ def run_side(
         for name, step in steps:
             try:
                 step()
-            except (SideError, ClientError, OSError, subprocess.SubprocessError) as e:
+            except (
+                SideError,
+                ClientError,
+                OSError,
+                subprocess.SubprocessError,
+                http.client.HTTPException,
+            ) as e:
                 side.notes.append(f"{name}: {e}")
                 if side.server is not None and not side.server.alive():
                     raise SideError(f"{side.label} died during {name}") from e
+
+
+def _stop_side(side: Side) -> None:
+    stop_quietly(side.server)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwind through every ``finally`` so that the servers (each in its own session, so not
+    # reached by a signal to the bench's group) are stopped; SIGTERM's default would not.
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -631,22 +790,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have("wrk"):
         print("note: wrk is not installed; 1 KiB hits use the weaker aiohttp generator")
     sides = [Side(k) for k in a.sides]
-    with (
-        tempfile.TemporaryDirectory(prefix="relay-bench-cache-") as tmp_s,
-        Origin(record=True) as origin,
-    ):
-        tmp = Path(tmp_s)
-        log_dir = tmp / "logs"
-        log_dir.mkdir()
-        up = start_upstreams(origin, tmp, log_dir)
-        try:
+    old_term = signal.signal(signal.SIGTERM, _sigterm)
+    old_hup = signal.signal(signal.SIGHUP, _sigterm)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="relay-bench-cache-") as tmp_s,
+            Origin(record=True) as origin,
+            contextlib.ExitStack() as stops,
+        ):
+            tmp = Path(tmp_s)
+            log_dir = tmp / "logs"
+            log_dir.mkdir()
+            up = start_upstreams(origin, tmp, log_dir)
+            stops.callback(stop_quietly, up.files)
             for side in sides:
+                # Registered before the start, so a server started by a start that then fails
+                # (or is interrupted) is stopped too.
+                stops.callback(_stop_side, side)
+                print(f"== start {side.label}", flush=True)
+                with _side(side):
+                    start_side(side, up, tmp, log_dir, a)
+                if side.error:
+                    print(f"   FAILED: {side.error}", flush=True)
+            up_sides = [x for x in sides if x.error is None]
+            print(
+                f"== warm hits, {a.runs} interleaved rounds: {', '.join(x.key for x in up_sides)}",
+                flush=True,
+            )
+            orders = interleaved_hits(up_sides, up.warm_path(s.big), s.big_bytes, a.runs)
+            for side in up_sides:
                 print(f"== {side.label}", flush=True)
                 run_side(side, up, tmp, log_dir, a, s)
+                stop_quietly(side.server)
                 print(f"   {'FAILED: ' + side.error if side.error else 'done'}", flush=True)
-        finally:
-            stop_quietly(up.files)
-    report = render(sides, args, s, a.runs, up.files_gen)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
+    report = render(sides, args, s, a.runs, up.files_gen, orders)
     print(report)
     with contextlib.suppress(OSError):
         a.output.write_text(report)
