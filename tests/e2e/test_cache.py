@@ -19,45 +19,20 @@ import httpx
 import pytest
 
 from relay.config import Route
+from tests.e2e.caching import MakeRelay, caching_relay
+from tests.e2e.caching import cache_metrics as _cache_metrics
+from tests.e2e.caching import data_files as _data_files
+from tests.e2e.caching import origin_gets as _gets
+from tests.e2e.caching import settled as _settled
 from tests.harness import RelayThread, abort_download, curl, sha256_stream, wait_until
 from tests.origin import Origin, expected_sha256
 
 MiB = 1024 * 1024
 
-MakeRelay = Callable[..., RelayThread]
-
 
 @pytest.fixture
 def cached(make_relay: MakeRelay, tmp_path: Path) -> Callable[..., RelayThread]:
-    def start(**overrides: Any) -> RelayThread:
-        settings: dict[str, Any] = {
-            "cache_dir": str(tmp_path / "cache"),
-            "cache_max_bytes": 512 * MiB,
-            "cache_slice_bytes": 1 * MiB,
-        }
-        settings.update(overrides)
-        return make_relay(**settings)
-
-    return start
-
-
-def _gets(origin: Origin, path: str) -> list[str]:
-    return [r.target for r in origin.requests if r.path == path and r.method == "GET"]
-
-
-def _cache_metrics(relay: RelayThread) -> dict[str, float]:
-    text = httpx.get(relay.url + "/metrics").text
-    return {
-        line.split()[0].removeprefix("relay_cache_"): float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("relay_cache_")
-    }
-
-
-def _settled(relay: RelayThread) -> None:
-    """No stream slot or upstream connection held, and every fill task over (published)."""
-    assert relay.settled(), "relay did not settle"
-    assert wait_until(lambda: relay.stray_tasks() == []), relay.stray_tasks()
+    return caching_relay(make_relay, tmp_path)
 
 
 def test_cache_miss_is_stored_then_hit_from_disk(
@@ -141,10 +116,6 @@ def test_cache_sixteen_clients_coalesce_from_the_first_byte(
     assert max(first for _, _, first in results) < size
     _settled(relay)
     assert _cache_metrics(relay)["coalesced_total"] == 15
-
-
-def _data_files(root: Path) -> list[Path]:
-    return sorted((root / "objects").rglob("data*")) if (root / "objects").exists() else []
 
 
 def _status(relay: RelayThread, path: str, **kwargs: Any) -> httpx.Response:

@@ -12,12 +12,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.test_cache import _cache_metrics, _data_files, _gets, _settled
+from tests.e2e.caching import MakeRelay, caching_relay
+from tests.e2e.caching import cache_metrics as _cache_metrics
+from tests.e2e.caching import data_files as _data_files
+from tests.e2e.caching import origin_gets as _gets
+from tests.e2e.caching import settled as _settled
 from tests.harness import RelayThread, curl, sha256_stream, wait_until
 from tests.origin import Origin, expected_sha256
 
@@ -25,21 +28,10 @@ pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
 
-MakeRelay = Callable[..., RelayThread]
-
 
 @pytest.fixture
 def cached(make_relay: MakeRelay, tmp_path: Path) -> Callable[..., RelayThread]:
-    def start(**overrides: Any) -> RelayThread:
-        settings: dict[str, Any] = {
-            "cache_dir": str(tmp_path / "cache"),
-            "cache_max_bytes": 512 * MiB,
-            "cache_slice_bytes": 1 * MiB,
-        }
-        settings.update(overrides)
-        return make_relay(**settings)
-
-    return start
+    return caching_relay(make_relay, tmp_path)
 
 
 def _get(relay: RelayThread, path: str, **headers: str) -> httpx.Response:

@@ -11,18 +11,18 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from relay.cache.serve import INLINE_READ
 from relay.server.run import RelayHttpToolsProtocol
+from tests.e2e.caching import MakeRelay, caching_relay
+from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.harness import RelayThread, abort_download, curl, wait_until
 from tests.origin import body_bytes, expected_sha256
 
 MiB = 1024 * 1024
-MakeRelay = Callable[..., RelayThread]
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])
@@ -31,29 +31,11 @@ def cached(
 ) -> Callable[..., RelayThread]:
     """A caching relay on each event loop (the writability wait differs: libuv or epoll)."""
 
-    def start(**overrides: Any) -> RelayThread:
-        settings: dict[str, Any] = {
-            "cache_dir": str(tmp_path / "cache"),
-            "cache_max_bytes": 512 * MiB,
-            "loop": request.param,
-        }
-        settings.update(overrides)
-        return make_relay(**settings)
-
-    return start
-
-
-def _metrics(relay: RelayThread) -> dict[str, float]:
-    text = httpx.get(relay.url + "/metrics").text
-    return {
-        line.split()[0].removeprefix("relay_cache_"): float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("relay_cache_")
-    }
+    return caching_relay(make_relay, tmp_path, loop=request.param)
 
 
 def _zero_copy(relay: RelayThread) -> int:
-    return int(_metrics(relay)["bytes_zero_copy_total"])
+    return int(_cache_metrics(relay)["bytes_zero_copy_total"])
 
 
 def _warm(relay: RelayThread, path: str) -> None:
@@ -239,13 +221,13 @@ def test_hits_fall_back_to_reads_without_the_extension(
     size = 8 * MiB + 12345
     path = f"/o/gen/{size}?v=206"
     _warm(relay, path)
-    before = _metrics(relay)
+    before = _cache_metrics(relay)
     code, digest, length = curl(relay.url + path)
     assert (code, length, digest) == (0, size, expected_sha256(size))
     response = httpx.get(relay.url + path, headers={"Range": "bytes=3-70000"})
     assert response.status_code == 206
     assert response.content == body_bytes(size, 3, 70001)
-    after = _metrics(relay)
+    after = _cache_metrics(relay)
     assert after["bytes_zero_copy_total"] == 0
     assert after["bytes_from_cache_total"] - before["bytes_from_cache_total"] == size + 69998
 

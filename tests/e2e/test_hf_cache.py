@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from relay.config import Route
+from tests.e2e.caching import cache_metrics as _cache_metrics
+from tests.e2e.caching import settled as _settled
 from tests.ecosystems import COMMIT, Answer, Hub, sha256
-from tests.harness import CURL, RelayThread, curl, relay_config, running_relay, wait_until
+from tests.harness import CURL, curl, relay_config, running_relay, wait_until
 
 MiB = 1024 * 1024
 URL = f"/hf/{Hub.repo}/resolve/main/"
@@ -55,20 +57,6 @@ def _cdn_gets(hub: Hub) -> int:
     return [method for method, _, _ in hub.cdn.requests].count("GET")
 
 
-def _metrics(relay: RelayThread) -> dict[str, float]:
-    text = httpx.get(relay.url + "/metrics").text
-    return {
-        line.split()[0].removeprefix("relay_cache_"): float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("relay_cache_")
-    }
-
-
-def _settled(relay: RelayThread) -> None:
-    assert relay.settled(), "relay did not settle"
-    assert wait_until(lambda: relay.stray_tasks() == []), relay.stray_tasks()
-
-
 def _assert_hub_metadata(response: httpx.Response, data: bytes, commit: str = COMMIT) -> None:
     assert response.headers["x-repo-commit"] == commit
     assert response.headers["x-linked-etag"] == f'"{sha256(data)}"'
@@ -89,7 +77,7 @@ def test_hub_lfs_file_is_fetched_once_then_answered_from_the_cache(
         etag = second.headers["etag"]
         conditional = httpx.get(relay.url + URL + "model.bin", headers={"if-none-match": etag})
         _settled(relay)
-        metrics = _metrics(relay)
+        metrics = _cache_metrics(relay)
     assert first.status_code == 200
     assert first.headers["cache-status"] == "relay; fwd=miss; stored"
     assert first.headers["age"] == "0"
@@ -151,13 +139,13 @@ def test_concurrent_hub_downloads_coalesce(hub: Hub, tmp_path: Path) -> None:
         try:
             assert pause.reached.wait(30)
             # Every client is attached to the one fill while the CDN holds the rest.
-            assert wait_until(lambda: _metrics(relay)["misses_total"] == 3, timeout=30)
+            assert wait_until(lambda: _cache_metrics(relay)["misses_total"] == 3, timeout=30)
         finally:
             pause.release.set()
             for thread in threads:
                 thread.join(60)
         _settled(relay)
-        metrics = _metrics(relay)
+        metrics = _cache_metrics(relay)
     assert [sha256(body) for body in results] == [sha256(data)] * 3
     assert _cdn_gets(hub) == 1
     assert hub.cdn.body_bytes == len(data)
@@ -176,7 +164,7 @@ def test_a_moved_branch_gets_the_new_bytes(hub: Hub, tmp_path: Path) -> None:
         after = httpx.get(relay.url + URL + "model.bin")
         again = httpx.get(relay.url + URL + "model.bin")
         _settled(relay)
-        metrics = _metrics(relay)
+        metrics = _cache_metrics(relay)
     assert sha256(before.content) == sha256(old)
     assert after.headers["cache-status"] == "relay; fwd=miss; stored"
     assert sha256(after.content) == sha256(new)
@@ -199,7 +187,7 @@ def test_cdn_bytes_that_do_not_match_the_sha256_are_never_served_clean(
     with _cached_relay(hub, tmp_path) as relay:
         code, _, size = curl(relay.url + URL + "model.bin")
         _settled(relay)
-        metrics = _metrics(relay)
+        metrics = _cache_metrics(relay)
         hub.tampered.clear()
         good = httpx.get(relay.url + URL + "model.bin")
         _settled(relay)
@@ -247,7 +235,7 @@ def test_hub_answers_without_a_sha256_are_relayed(hub: Hub, tmp_path: Path) -> N
         missing = httpx.get(relay.url + URL + "nope.bin")
         head = httpx.head(relay.url + URL + "model.bin")
         _settled(relay)
-        metrics = _metrics(relay)
+        metrics = _cache_metrics(relay)
     assert regular.status_code == 200
     assert regular.content == hub.regular
     assert regular.headers["x-repo-commit"] == COMMIT
@@ -353,7 +341,7 @@ def test_hub_files_are_prefetched_and_purged_by_sha256(hub: Hub, tmp_path: Path)
         regular = httpx.post(
             relay.url + "/cache/prefetch", json={"path": URL + "config.json"}, headers=admin
         )
-        assert wait_until(lambda: _metrics(relay)["objects"] == 1)
+        assert wait_until(lambda: _cache_metrics(relay)["objects"] == 1)
         _settled(relay)
         again = httpx.post(relay.url + "/cache/prefetch", json={"path": path}, headers=admin)
         hit = httpx.get(relay.url + path)
@@ -420,7 +408,7 @@ def test_a_client_gone_while_the_hub_is_asked_releases_everything(hub: Hub, tmp_
             assert asked.is_set()
             assert wait_until(lambda: relay.streams_active() == 0)
             _settled(relay)
-            metrics = _metrics(relay)
+            metrics = _cache_metrics(relay)
     finally:
         answer.set()
     assert metrics["misses_total"] == 0
