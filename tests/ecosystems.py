@@ -339,6 +339,8 @@ class Hub:
         self.hop = False
         """The Hub's redirects go to the CDN's `/hop/<sha256>`, which redirects again (302) to
         the bytes' URL."""
+        self.cdn_cache_control: str | None = None
+        """The Cache-Control of the CDN's 200s (the real CDN's say a week, immutable)."""
         self.pause: Answer | None = None
         """The CDN's next plain GET of an LFS file: sent as this Answer's `pause_after` says
         (its body and headers filled in), then cleared."""
@@ -418,11 +420,13 @@ class Hub:
                 answer.body = data
                 answer.headers = {"ETag": f'"cdn-{digest[:8]}"'}
                 return answer
-            return Answer(
-                200,
-                data,
-                {"ETag": f'"cdn-{digest[:8]}"', "Content-Type": "application/octet-stream"},
-            )
+            cdn_headers = {
+                "ETag": f'"cdn-{digest[:8]}"',
+                "Content-Type": "application/octet-stream",
+            }
+            if self.cdn_cache_control is not None:
+                cdn_headers["Cache-Control"] = self.cdn_cache_control
+            return Answer(200, data, cdn_headers)
         return Answer(404, b"not found\n")
 
 

@@ -194,7 +194,9 @@ class CachedResponse(Response):
         answer is out) and no back-pressure wait: what is sent is all there is. Anything
         else (stale, a fill, a bigger body) is left to `_answer`; False then."""
         method = self._method
-        if method != "GET" and method != "HEAD":
+        if (method != "GET" and method != "HEAD") or self._sha256 is not None:
+            # A content-addressed object's answers carry this request's adapted headers and
+            # no ttl: `_answer` makes them.
             return False
         entry = self._cache.lookup(self._base, self._variant)
         if entry is None:
