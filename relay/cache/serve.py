@@ -155,7 +155,16 @@ class CachedResponse(Response):
             return
         relayed: Response | None = None
         try:
-            if await self._small_hit(send):
+            try:
+                # Its only wait is the server's send (the socket draining the previous
+                # answer): bounded as every send of a hit is.
+                async with asyncio.timeout(self._send_timeout):
+                    small = await self._small_hit(send)
+            except TimeoutError:
+                self._exchange.outcome = "client_abort"
+                self._reset()
+                raise TransferAborted("client stopped reading") from None
+            if small:
                 return
             task = asyncio.current_task()
             assert task is not None
