@@ -396,7 +396,19 @@ class Hub:
             return Answer(302, b"", {"Location": "/repos/" + path.removeprefix("/hop/")})
         digest = path.removeprefix("/repos/").split("?")[0]
         if digest in self.tampered:
-            return Answer(200, self.tampered[digest], {"Content-Type": "application/octet-stream"})
+            bad = self.tampered[digest]
+            if "range" in headers:
+                first, _, last = headers["range"].removeprefix("bytes=").partition("-")
+                piece = bad[int(first) : int(last) + 1]
+                return Answer(
+                    206,
+                    piece,
+                    {
+                        "ETag": f'"cdn-{digest[:8]}"',
+                        "Content-Range": f"bytes {first}-{int(first) + len(piece) - 1}/{len(bad)}",
+                    },
+                )
+            return Answer(200, bad, {"Content-Type": "application/octet-stream"})
         for data in [*self.lfs.values(), self.big]:
             if sha256(data) != digest:
                 continue
