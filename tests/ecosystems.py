@@ -339,6 +339,8 @@ class Hub:
         self.hop = False
         """The Hub's redirects go to the CDN's `/hop/<sha256>`, which redirects again (302) to
         the bytes' URL."""
+        self.cdn_cache_control: str | None = None
+        """The Cache-Control of the CDN's 200s (the real CDN's say a week, immutable)."""
         self.pause: Answer | None = None
         """The CDN's next plain GET of an LFS file: sent as this Answer's `pause_after` says
         (its body and headers filled in), then cleared."""
@@ -394,7 +396,19 @@ class Hub:
             return Answer(302, b"", {"Location": "/repos/" + path.removeprefix("/hop/")})
         digest = path.removeprefix("/repos/").split("?")[0]
         if digest in self.tampered:
-            return Answer(200, self.tampered[digest], {"Content-Type": "application/octet-stream"})
+            bad = self.tampered[digest]
+            if "range" in headers:
+                first, _, last = headers["range"].removeprefix("bytes=").partition("-")
+                piece = bad[int(first) : int(last) + 1]
+                return Answer(
+                    206,
+                    piece,
+                    {
+                        "ETag": f'"cdn-{digest[:8]}"',
+                        "Content-Range": f"bytes {first}-{int(first) + len(piece) - 1}/{len(bad)}",
+                    },
+                )
+            return Answer(200, bad, {"Content-Type": "application/octet-stream"})
         for data in [*self.lfs.values(), self.big]:
             if sha256(data) != digest:
                 continue
@@ -418,11 +432,13 @@ class Hub:
                 answer.body = data
                 answer.headers = {"ETag": f'"cdn-{digest[:8]}"'}
                 return answer
-            return Answer(
-                200,
-                data,
-                {"ETag": f'"cdn-{digest[:8]}"', "Content-Type": "application/octet-stream"},
-            )
+            cdn_headers = {
+                "ETag": f'"cdn-{digest[:8]}"',
+                "Content-Type": "application/octet-stream",
+            }
+            if self.cdn_cache_control is not None:
+                cdn_headers["Cache-Control"] = self.cdn_cache_control
+            return Answer(200, data, cdn_headers)
         return Answer(404, b"not found\n")
 
 

@@ -63,6 +63,8 @@ class Cache:
         GET of one is answered from its slices)."""
         self.slice_revalidations: dict[str, Fill] = {}
         """Storage key -> the one conditional request refreshing that object's slices."""
+        self.verifying: dict[str, asyncio.Task[None]] = {}
+        """Storage key -> the check of a complete sliced object's digest, while it runs."""
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -323,6 +325,20 @@ class Cache:
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        self.verifying[storage] = task
+        task.add_done_callback(
+            lambda done: (
+                self.verifying.pop(storage, None) if self.verifying.get(storage) is done else None
+            )
+        )
+
+    async def slices_verified(self, base: str, variant: str, entries: list[Entry]) -> bool:
+        """Wait for the digest check of this object's slices, if one runs; whether `entries`
+        (the slices an answer was made of) are all still stored (a mismatch drops them)."""
+        task = self.verifying.get(self.storage_key(base, variant))
+        if task is not None:
+            await asyncio.wait({task})
+        return all(self.index.peek(entry.key) is entry for entry in entries)
 
     async def _verify_slices(self, storage: str, entries: list[Entry], expected: str) -> None:
         loop = asyncio.get_running_loop()

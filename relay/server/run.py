@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -12,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Generator
 from contextlib import contextmanager
 from types import FrameType
@@ -27,7 +29,7 @@ from relay.proxy.streaming import RESET_KEY
 from relay.server.app import create_app
 from relay.server.health import Readiness
 from relay.server.logs import configure_logging
-from relay.server.uvicorn_compat import HttpToolsProtocol
+from relay.server.uvicorn_compat import HttpToolsProtocol, RequestResponseCycle
 from relay.server.zerocopy import ZeroCopySend
 from relay.types import ZERO_COPY_SEND
 
@@ -191,7 +193,9 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None:
             head = _HeadWithBody(self.transport, self.loop)
             cycle.transport = cast(asyncio.Transport, head)
-            self.scope[RESET_KEY] = self._reset_connection  # type: ignore[literal-required]
+            self.scope[RESET_KEY] = functools.partial(  # type: ignore[literal-required]
+                self._reset_connection, weakref.ref(cycle)
+            )
             if self._socket_fd is not None:
                 self.scope.setdefault("extensions", {})[ZERO_COPY_SEND] = {}
                 # The cycle runs the app with `self.send` (checked in uvicorn_compat).
@@ -201,9 +205,16 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         if self._chunked or self._declared_length:
             self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
 
-    def _reset_connection(self) -> None:
+    def _reset_connection(self, cycle_ref: weakref.ref[RequestResponseCycle]) -> None:
         """Abort with a TCP reset: a client being cut does not get what is still queued (a
-        slow one would take minutes to drain the socket buffers before seeing the end)."""
+        slow one would take minutes to drain the socket buffers before seeing the end).
+        The request's cycle is marked disconnected at once (uvicorn learns of the abort only
+        on a later loop turn): an app cut before its response started is not then answered
+        with a 500 written to the closed transport. (Referred to weakly: the scope holds
+        this, and the cycle holds the scope.)"""
+        cycle = cycle_ref()
+        if cycle is not None:
+            cycle.disconnected = True
         if self.transport.is_closing():
             return
         sock = self.transport.get_extra_info("socket")

@@ -793,3 +793,22 @@ def test_cache_immutable_route_keeps_files_the_upstream_gave_no_lifetime(
         _status(relay, "/files/gen/64k?v=32&cc=no-cache")
         _settled(relay)
     assert len(_gets(origin, "/gen/64k")) == 5
+
+
+def test_cache_small_hits_to_a_client_that_stopped_reading_give_their_slot_back(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A client that pipelines small hits and stops reading (its connection still open):
+    the hit waiting for the socket to drain gives its stream slot back within send_timeout,
+    as every other answer does, and the connection is reset."""
+    relay = cached(send_timeout=0.5)
+    path = "/o/gen/16k?v=44"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    _settled(relay)
+    request = f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(request * 400)
+        assert wait_until(lambda: relay.streams_active() == 1)
+        assert wait_until(lambda: relay.streams_active() == 0), "a stalled small hit holds its slot"
+    assert relay.logged_errors() == []

@@ -431,3 +431,51 @@ def test_the_fill_follows_further_cdn_redirects(hub: Hub, tmp_path: Path) -> Non
         f"/hop/{digest}?sig=abc",
         f"/repos/{digest}?sig=abc",
     ]
+
+
+@pytest.mark.parametrize("size", [100, 300_000])
+def test_hits_of_a_cdn_fresh_hub_file_carry_this_answers_hub_metadata(
+    hub: Hub, tmp_path: Path, size: int
+) -> None:
+    """The CDN says its bytes are fresh for a week (as the real one does): every hit, small
+    (one read on the loop) or not, GET or HEAD, carries the Hub's metadata of this request
+    (the moved branch's commit), no Xet header and no ttl."""
+    hub.cdn_cache_control = "public, max-age=604800, immutable"
+    data = hub.lfs["model.bin"][:size]
+    hub.lfs["model.bin"] = data
+    with _cached_relay(hub, tmp_path) as relay:
+        first = httpx.get(relay.url + URL + "model.bin")
+        hub.commit = "f" * 40  # the branch moves; the file's bytes stay the same
+        get = httpx.get(relay.url + URL + "model.bin")
+        head = httpx.head(relay.url + URL + "model.bin")
+        _settled(relay)
+    assert first.headers["cache-status"] == "relay; fwd=miss; stored"
+    for hit in (get, head):
+        assert hit.status_code == 200
+        assert hit.headers["cache-status"] == "relay; hit"
+        assert hit.headers["content-length"] == str(len(data))
+        _assert_hub_metadata(hit, data, commit="f" * 40)
+    assert sha256(get.content) == sha256(data)
+    assert _cdn_gets(hub) == 1
+
+
+def test_a_whole_get_from_tampered_slices_is_never_ended_cleanly(hub: Hub, tmp_path: Path) -> None:
+    """The CDN's ranges of a file are not its bytes (one bit flipped at the end): a cold Range
+    stores slices; a whole GET answered from them is cut before its last byte (the object's
+    sha256 is checked once every slice is stored), the slices are dropped."""
+    data = bytes(range(256)) * (3 * MiB // 256)  # three slices
+    hub.lfs["model.bin"] = data
+    bad = bytearray(data)
+    bad[-1] ^= 1
+    hub.tampered[sha256(data)] = bytes(bad)
+    with _cached_relay(hub, tmp_path) as relay:
+        url = relay.url + URL + "model.bin"
+        cold = httpx.get(url, headers={"range": "bytes=0-99"})
+        _settled(relay)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url)
+        _settled(relay)
+        metrics = _metrics(relay)
+    assert cold.status_code == 206
+    assert metrics["digest_mismatches_total"] >= 1
+    assert metrics["objects"] == 0
