@@ -263,6 +263,11 @@ class Cache:
         self.index.remove(entry.key)
         remove_quietly(entry.directory / META)
         remove_quietly(entry.directory / DATA)
+        if SLICE_MARK in entry.key:
+            # The hint goes with the object's first evicted slice (a whole GET then fills the
+            # object whole; a slice stored later adds it back), so it stays bounded by what
+            # the cache holds.
+            self.sliced.discard(entry.key.rpartition(SLICE_MARK)[0])
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
 
