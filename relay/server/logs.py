@@ -161,17 +161,7 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._pending.append(line)
-                self._write_pending()
-                return
-            self._pending.append(line)
-            if self._flush_loop is not loop:
-                self._flush_loop = loop
-                loop.call_soon(self._flush_soon)
+            self._queue(self.format(record) + self.terminator)
         except RecursionError:
             raise
         except Exception:
@@ -181,19 +171,24 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
         """Write a line made with `json_line` as `emit` writes a formatted record."""
         with self.lock:  # type: ignore[union-attr]
             try:
-                self._pending.append(line + self.terminator)
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:
-                    self._write_pending()
-                    return
-                if self._flush_loop is not loop:
-                    self._flush_loop = loop
-                    loop.call_soon(self._flush_soon)
+                self._queue(line + self.terminator)
             except RecursionError:
                 raise
             except Exception:
                 self.handleError(logging.makeLogRecord({"msg": line}))
+
+    def _queue(self, line: str) -> None:
+        """Collect `line` for the end of this loop iteration (written at once outside a
+        loop). The caller holds the handler's lock."""
+        self._pending.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_pending()
+            return
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         with self.lock:  # type: ignore[union-attr]
