@@ -553,17 +553,20 @@ class CachedResponse(Response):
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight)."""
-        cache = self._cache
-        if cache.slice_entry(self._base, self._variant, index) is None:
-            cache.slice_fill(
-                self._base,
-                self._variant,
-                index,
-                self._build_request(),
-                self._route,
-                validator,
-                sha256=self._sha256,
-            )
+        if self._cache.slice_entry(self._base, self._variant, index) is None:
+            self._slice_fill(index, validator)
+
+    def _slice_fill(self, index: int, validator: str | None) -> Fill:
+        """The fill of slice `index` (in flight, or a new one asking for this version)."""
+        return self._cache.slice_fill(
+            self._base,
+            self._variant,
+            index,
+            self._build_request(),
+            self._route,
+            validator,
+            sha256=self._sha256,
+        )
 
     async def _slice(self, index: int, validator: str | None) -> tuple[Entry | Fill, Meta] | None:
         """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
@@ -622,15 +625,7 @@ class CachedResponse(Response):
                     )
         if entry is not None:
             return entry, entry.meta
-        fill = cache.slice_fill(
-            self._base,
-            self._variant,
-            index,
-            self._build_request(),
-            self._route,
-            validator,
-            sha256=self._sha256,
-        )
+        fill = self._slice_fill(index, validator)
         await fill.headers_ready.wait()
         if fill.meta is None or fill.failed is not None:
             entry = cache.slice_entry(self._base, self._variant, index)
