@@ -9,8 +9,7 @@ scenarios, so that relay's uncached figures are not bounded by the Python origin
 
 * ``nginx``: nginx with ``proxy_cache`` + ``proxy_cache_lock`` + ``sendfile``;
 * ``relay``: relay without a cache (the reference for what the cache must beat);
-* ``relay-cache``: relay with ``--cache-dir`` / ``--cache-max-bytes``. Until relay knows
-  ``--cache-dir`` this side fails with a message saying so.
+* ``relay-cache``: relay with ``--cache-dir`` / ``--cache-max-bytes``.
 
 Logging posture: nginx runs with ``access_log off``, and so do the relay sides
 (``--access-log false``): like for like. Not to hide what relay's access log costs, each relay
@@ -61,6 +60,7 @@ from bench.servers import (
     ensure_data,
     nginx_file_server_conf,
     nginx_path,
+    relay_available,
     relay_log_args,
     relay_serve_argv,
 )
@@ -198,29 +198,6 @@ def start_nginx_cache(up: Upstreams, tmp: Path, log_dir: Path) -> tuple[Server, 
         server.stop()
         raise
     return server, f"nginx -c {workdir / 'nginx.conf'}"
-
-
-def relay_knows_cache() -> tuple[bool, str]:
-    """Whether ``relay serve`` in this checkout has ``--cache-dir``."""
-    try:
-        res = subprocess.run(
-            [sys.executable, "-m", "relay", "serve", "--help"],
-            cwd=REPO,
-            capture_output=True,
-            timeout=30,
-            check=False,
-            text=True,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"python -m relay serve --help: {e!r}"
-    if res.returncode != 0:
-        return False, f"python -m relay serve --help exited {res.returncode}"
-    if "--cache-dir" not in res.stdout:
-        return False, (
-            "relay in this checkout has no --cache-dir (the read-through cache has not landed); "
-            "the relay-cache side cannot run. Run the other sides with --only nginx,relay."
-        )
-    return True, ""
 
 
 def start_relay_side(
@@ -713,7 +690,7 @@ def start_side(side: Side, up: Upstreams, tmp: Path, log_dir: Path, a: argparse.
     elif side.key == "relay":
         side.server, side.command = start_relay_side(up, tmp, log_dir, None, a.extra_relay_args)
     else:
-        ok, why = relay_knows_cache()
+        ok, why = relay_available()
         if not ok:
             raise SideError(why)
         side.server, side.command = start_relay_side(

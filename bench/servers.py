@@ -125,7 +125,7 @@ def start_origin(tmp: Path, log_dir: Path, use_nginx: bool) -> Origin:
         origin = Origin(server, "tests.origin")
     try:
         server.wait_ready(origin.path("1k"), timeout=30)
-    except Exception:
+    except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
         server.stop()
         raise
     return origin
@@ -160,7 +160,7 @@ def start_nginx_proxy(origin_port: int, tmp: Path, log_dir: Path) -> Server:
     server = _start_nginx("nginx-proxy", conf, workdir, port, log_dir)
     try:
         server.wait_ready("/healthz", timeout=30)
-    except Exception:
+    except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
         server.stop()
         raise
     return server
@@ -279,7 +279,7 @@ def start_baseline(origin: Origin, log_dir: Path) -> tuple[Server, str]:
     try:
         server.wait_ready("/healthz", timeout=30)
         _probe(server, "/o" + origin.path("1k"), SIZES["1k"])
-    except Exception:
+    except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
         server.stop()
         raise
     return server, shlex.join(["python", *argv[1:]])
