@@ -37,6 +37,7 @@ from relay.net.routing import Target
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import exchange_of
+from relay.proxy.send_watch import ClientWatch
 from relay.types import RawHeaders, Receive, Scope, Send
 
 # Request headers the metadata request and the fill never carry: the client's own range and
@@ -104,7 +105,6 @@ class HubResponse(Response):
         self._client = client
         self._send_timeout = send_timeout
         self.status_code = 0
-        self._gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
@@ -115,30 +115,24 @@ class HubResponse(Response):
             return
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.ensure_future(self._watch(receive, task))
+        watch = ClientWatch(receive, task)
         try:
             answer = await self._ask_hub()
         except UpstreamError as exc:
             exchange.outcome = "upstream_error"
             answer = error_response(exc)
         except asyncio.CancelledError:
-            if not self._gone:
+            if not watch.gone:
                 raise
             task.uncancel()
             exchange.outcome = "client_abort"
             return
         finally:
-            watcher.cancel()
+            watch.stop()
             self._limiter.release(self._client)
         # Answered outside this slot: the cached or relayed response takes its own.
         self.status_code = answer.status_code
         await answer(scope, receive, send)
-
-    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._gone = True
-        task.cancel()
 
     async def _ask_hub(self) -> Response:
         route = self._route

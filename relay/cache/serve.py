@@ -36,6 +36,7 @@ from relay.errors import TransferAborted, error_response
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.pacing import ReadPacer
+from relay.proxy.send_watch import ClientWatch
 from relay.proxy.streaming import RESET_KEY, WAIT_FOR_CLIENT
 from relay.types import ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
@@ -168,16 +169,16 @@ class CachedResponse(Response):
                 return
             task = asyncio.current_task()
             assert task is not None
-            watcher = asyncio.ensure_future(self._watch(receive, task))
+            watch = ClientWatch(receive, task)
             try:
                 relayed = await self._answer(scope, send)
             except asyncio.CancelledError:
-                if not self._gone:
+                if not watch.gone:
                     raise
                 task.uncancel()
                 self._exchange.outcome = "client_abort"
             finally:
-                watcher.cancel()
+                watch.stop()
         except (OSError, _ClientGone):
             self._exchange.outcome = "client_abort"
         finally:
@@ -187,14 +188,6 @@ class CachedResponse(Response):
             if self._exchange.cache == "-":
                 self._exchange.cache = "pass"
             await relayed(scope, receive, send)
-
-    _gone = False
-
-    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._gone = True
-        task.cancel()
 
     async def _small_hit(self, send: Send) -> bool:
         """A fresh hit whose body (if any) is at most `INLINE_READ` bytes: read on the loop

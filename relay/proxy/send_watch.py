@@ -1,4 +1,5 @@
-"""Cutting a client that stopped reading, or (with min_send_rate) one that reads too slowly.
+"""Cutting a client that stopped reading, or (with min_send_rate) one that reads too slowly;
+and noticing one that left (`ClientWatch`).
 
 A timer re-armed from the last send, instead of a timeout around every send: the streaming
 loop pays one clock read per chunk (it stores `sending_since`, `sent` and `client_wait` here),
@@ -12,6 +13,8 @@ client, so its clients are never cut for it.
 from __future__ import annotations
 
 import asyncio
+
+from relay.types import Receive
 
 
 class SendWatchdog:
@@ -84,3 +87,23 @@ class SendWatchdog:
                 self._rate_due = now + self.rate_window
             delay = min(delay, self._rate_due - now)
         self._handle = loop.call_later(delay, self._check, loop, task)
+
+
+class ClientWatch:
+    """Cancels `task` when the client disconnects while it waits on something else (a fill,
+    the upstream); `gone` then tells that cancellation from any other. `stop()` ends it."""
+
+    __slots__ = ("_future", "gone")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        self.gone = False
+        self._future = asyncio.ensure_future(self._watch(receive, task))
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        task.cancel()
+
+    def stop(self) -> None:
+        self._future.cancel()
