@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from relay.config import Route
-from tests.e2e.caching import MakeRelay, caching_relay
+from tests.e2e.caching import MakeRelay, aria2c, caching_relay
 from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.e2e.caching import data_files as _data_files
 from tests.e2e.caching import origin_gets as _gets
@@ -481,27 +481,7 @@ def test_cache_aria2c_sixteen_connections_cold_then_warm(
     path = f"/o/gen/32m?v=32&slow={32 * MiB}"
     for round_, out in enumerate(("cold.bin", "warm.bin")):
         origin.reset_stats()
-        proc = subprocess.run(
-            [
-                "aria2c",
-                "-q",
-                "-x16",
-                "-s16",
-                "-k1M",
-                "--allow-overwrite=true",
-                "--file-allocation=none",
-                "-d",
-                str(tmp_path),
-                "-o",
-                out,
-                relay.url + path,
-            ],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr
-        data = (tmp_path / out).read_bytes()
+        data = aria2c(relay.url + path, tmp_path / out)
         assert hashlib.sha256(data).hexdigest() == expected_sha256(size)
         _settled(relay)
         assert origin.body_bytes == (size if round_ == 0 else 0)

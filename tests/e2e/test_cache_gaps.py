@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.caching import MakeRelay, caching_relay
+from tests.e2e.caching import MakeRelay, aria2c, caching_relay
 from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.e2e.caching import data_files as _data_files
 from tests.e2e.caching import origin_gets as _gets
@@ -337,27 +336,8 @@ def test_cache_ranges_then_aria2c_cost_the_object_once(
     assert _sha(_get(relay, path, range=f"bytes=0-{2 * MiB - 1}")) == expected_sha256(
         size, 0, 2 * MiB
     )
-    proc = subprocess.run(
-        [
-            "aria2c",
-            "-q",
-            "-x16",
-            "-s16",
-            "-k1M",
-            "--allow-overwrite=true",
-            "--file-allocation=none",
-            "-d",
-            str(tmp_path),
-            "-o",
-            "out.bin",
-            relay.url + path,
-        ],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert hashlib.sha256((tmp_path / "out.bin").read_bytes()).hexdigest() == expected_sha256(size)
+    data = aria2c(relay.url + path, tmp_path / "out.bin")
+    assert hashlib.sha256(data).hexdigest() == expected_sha256(size)
     _settled(relay)
     assert origin.body_bytes == size
 
