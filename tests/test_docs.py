@@ -6,8 +6,11 @@ import argparse
 import dataclasses
 import importlib.machinery
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 from relay.cli import build_parser
 from relay.config import Route, cli_flag, routes_setting, settings
@@ -54,3 +57,42 @@ def test_the_cli_help_is_the_same_text() -> None:
     helps = {action.dest: action.help or "" for action in serve._actions}
     for f in [*settings(), routes_setting()]:
         assert helps[f.name].startswith(f.metadata["help"]), f.name
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.MULTILINE)
+ANCHOR = re.compile(r'<a id="([^"]+)">')
+
+
+def anchors(page: Path) -> set[str]:
+    """The fragments a Markdown page answers to on GitHub: its headings' slugs and ids."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    slugs = {
+        re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        for heading in HEADING.findall(text)
+    }
+    return slugs | set(ANCHOR.findall(text))
+
+
+# Linked before they exist: deploy/observability/ is being built on its own branch. Skipped
+# only while missing; once there, checked like every other link (then drop the entry).
+PENDING = {"../deploy/observability/"}
+
+
+@pytest.mark.parametrize(
+    "page", sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]), ids=lambda p: p.name
+)
+def test_relative_links_reach_a_file_and_an_anchor(page: Path) -> None:
+    """The README is being cut into docs/: a moved section must not leave links behind."""
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            if target not in PENDING:
+                broken.append(target)
+        elif fragment and linked.suffix == ".md" and fragment not in anchors(linked):
+            broken.append(target)
+    assert broken == [], f"{page.relative_to(ROOT)}: broken links"
