@@ -219,8 +219,8 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
 
 
 def chosen_format(fmt: str, stream: TextIO) -> str:
-    """ "json" or "text": `fmt` itself, or for "auto" text when `stream` is a terminal (a
-    person reads it) and JSON otherwise (a file, a pipe, a container's log collector)."""
+    """The format written to `stream`: `fmt` itself, or for "auto" text when `stream` is a
+    terminal (a person reads it) and JSON otherwise (a file, a pipe, a log collector)."""
     if fmt != "auto":
         return fmt
     try:
