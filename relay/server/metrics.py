@@ -7,6 +7,11 @@ when a request comes in and `observe` once when it is over.
 Label values are bounded: `route` is a configured prefix or "-" (health, metrics, no route,
 refused paths), `method` is GET, HEAD or other, `status` is the status sent (0 when none was:
 the client left before the response started).
+
+Limits are exported beside what they limit (`relay_max_streams` beside `relay_active_streams`,
+`relay_upstream_max_connections` beside `relay_upstream_connections`, `relay_cache_max_bytes`
+beside `relay_cache_size_bytes`, `relay_max_downloads` beside `relay_downloads`), so a dashboard
+or an alert divides one by the other without knowing each deployment's settings.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
@@ -29,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
+from relay.downloads.jobs import JobCounts
 from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
 
@@ -56,10 +63,11 @@ class Metrics:
     """relay's metrics and the /metrics endpoint serving them.
 
     `routes` (the configured prefixes) creates their series up front at zero, so a rate over
-    a counter that has not moved yet is 0 rather than absent.
+    a counter that has not moved yet is 0 rather than absent. `max_streams` (the stream
+    limiter's limit) is exported as `relay_max_streams` when given.
     """
 
-    def __init__(self, routes: Iterable[str] = ()) -> None:
+    def __init__(self, routes: Iterable[str] = (), *, max_streams: int | None = None) -> None:
         # prometheus_client's `*_created` series double every counter and histogram in the
         # text format for nothing Prometheus needs. The switch is process-wide.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -129,10 +137,18 @@ class Metrics:
         self._series: dict[str, _RouteSeries] = {}
         self._request_counts: dict[tuple[str, str, int], Counter] = {}
         registry.register(_ActiveStreams(self._live, self._routes))
+        if max_streams is not None:
+            Gauge(
+                "relay_max_streams",
+                "Relayed streams admitted at once (max_streams); past it requests get 503.",
+                registry=registry,
+            ).set(max_streams)
         self._pool = _UpstreamPool()
         registry.register(self._pool)
         self._cache = _CacheCollector()
         registry.register(self._cache)
+        self._downloads = _Downloads()
+        registry.register(self._downloads)
         ProcessCollector(registry=registry)
         for route in routes:
             self._add_route(route)
@@ -195,9 +211,19 @@ class Metrics:
         elif outcome == "upstream_error":
             series.upstream_errors.inc()
 
-    def watch_pool(self, source: Callable[[], PoolStats] | None) -> None:
-        """Report the upstream pool (the transport's pool_stats) at every scrape."""
+    def watch_pool(
+        self, source: Callable[[], PoolStats] | None, *, limit: int | None = None
+    ) -> None:
+        """Report the upstream pool (the transport's pool_stats) at every scrape, and its size
+        (`limit`: max_connections) beside it."""
         self._pool.source = source
+        self._pool.limit = limit
+
+    def watch_downloads(self, source: Callable[[], JobCounts] | None, *, limit: int) -> None:
+        """Report the downloads to disk queued and running at every scrape, and how many may
+        run at once (`limit`: max_downloads)."""
+        self._downloads.source = source
+        self._downloads.limit = limit
 
     def watch_cache(self, cache: Cache | None) -> None:
         """Report the read-through cache's counters and size at every scrape."""
@@ -229,12 +255,16 @@ class _UpstreamPool(Collector):
 
     NAME = "relay_upstream_connections"
     HELP = "Upstream connections by state: in_use (checked out for a response) or idle."
+    MAX_NAME = "relay_upstream_max_connections"
+    MAX_HELP = "Upstream connections open at once (max_connections); past it requests wait."
 
     def __init__(self) -> None:
         self.source: Callable[[], PoolStats] | None = None
+        self.limit: int | None = None
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        yield GaugeMetricFamily(self.MAX_NAME, self.MAX_HELP)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
@@ -243,6 +273,35 @@ class _UpstreamPool(Collector):
             family.add_metric(["in_use"], stats.in_use)
             family.add_metric(["idle"], stats.idle)
         yield family
+        if self.source is not None and self.limit is not None:
+            yield GaugeMetricFamily(self.MAX_NAME, self.MAX_HELP, value=self.limit)
+
+
+class _Downloads(Collector):
+    """relay_downloads{state}: downloads to disk queued (waiting for one of max_downloads
+    slots) and running, read from the download manager at scrape time."""
+
+    NAME = "relay_downloads"
+    HELP = "Downloads to disk by state: queued (waiting for a slot) or running."
+    MAX_NAME = "relay_max_downloads"
+    MAX_HELP = "Downloads to disk running at once (max_downloads); the rest wait queued."
+
+    def __init__(self) -> None:
+        self.source: Callable[[], JobCounts] | None = None
+        self.limit = 0
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.source is None:
+            return
+        counts = self.source()
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        family.add_metric(["queued"], counts.queued)
+        family.add_metric(["running"], counts.running)
+        yield family
+        yield GaugeMetricFamily(self.MAX_NAME, self.MAX_HELP, value=self.limit)
 
 
 _CACHE_COUNTERS = (
@@ -284,7 +343,18 @@ class _CacheCollector(Collector):
             "relay_cache_size_bytes", "Bytes of complete cached objects.", value=cache.index.stored
         )
         yield GaugeMetricFamily(
+            "relay_cache_max_bytes",
+            "The cache's budget (cache_max_bytes): eviction keeps stored and reserved bytes "
+            "under it.",
+            value=cache.index.max_bytes,
+        )
+        yield GaugeMetricFamily(
             "relay_cache_objects", "Complete cached objects.", value=len(cache.index)
+        )
+        yield GaugeMetricFamily(
+            "relay_cache_fills_in_flight",
+            "Cache fills running (whole objects and slices), coalesced clients counted once.",
+            value=cache.fills_running,
         )
 
 
