@@ -143,11 +143,21 @@ class Metrics:
                 "Relayed streams admitted at once (max_streams); past it requests get 503.",
                 registry=registry,
             ).set(max_streams)
-        self._pool = _UpstreamPool()
+        self._pool = _ByState(
+            "relay_upstream_connections",
+            "Upstream connections by state: in_use (checked out for a response) or idle.",
+            "relay_upstream_max_connections",
+            "Upstream connections open at once (max_connections); past it requests wait.",
+        )
         registry.register(self._pool)
         self._cache = _CacheCollector()
         registry.register(self._cache)
-        self._downloads = _Downloads()
+        self._downloads = _ByState(
+            "relay_downloads",
+            "Downloads to disk by state: queued (waiting for a slot) or running.",
+            "relay_max_downloads",
+            "Downloads to disk running at once (max_downloads); the rest wait queued.",
+        )
         registry.register(self._downloads)
         ProcessCollector(registry=registry)
         for route in routes:
@@ -211,9 +221,7 @@ class Metrics:
         elif outcome == "upstream_error":
             series.upstream_errors.inc()
 
-    def watch_pool(
-        self, source: Callable[[], PoolStats] | None, *, limit: int | None = None
-    ) -> None:
+    def watch_pool(self, source: Callable[[], PoolStats] | None, *, limit: int) -> None:
         """Report the upstream pool (the transport's pool_stats) at every scrape, and its size
         (`limit`: max_connections) beside it."""
         self._pool.source = source
@@ -250,58 +258,30 @@ class _RouteSeries:
     upstream_errors: Counter
 
 
-class _UpstreamPool(Collector):
-    """Upstream connections in use and idle, read from the transport at scrape time."""
+class _ByState(Collector):
+    """A gauge by state and the limit on their sum, read at scrape time from a source
+    returning a NamedTuple (one state per field: PoolStats, JobCounts). Nothing is exported
+    until a source is set."""
 
-    NAME = "relay_upstream_connections"
-    HELP = "Upstream connections by state: in_use (checked out for a response) or idle."
-    MAX_NAME = "relay_upstream_max_connections"
-    MAX_HELP = "Upstream connections open at once (max_connections); past it requests wait."
-
-    def __init__(self) -> None:
-        self.source: Callable[[], PoolStats] | None = None
-        self.limit: int | None = None
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
-        yield GaugeMetricFamily(self.MAX_NAME, self.MAX_HELP)
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
-        if self.source is not None:
-            stats = self.source()
-            family.add_metric(["in_use"], stats.in_use)
-            family.add_metric(["idle"], stats.idle)
-        yield family
-        if self.source is not None and self.limit is not None:
-            yield GaugeMetricFamily(self.MAX_NAME, self.MAX_HELP, value=self.limit)
-
-
-class _Downloads(Collector):
-    """relay_downloads{state}: downloads to disk queued (waiting for one of max_downloads
-    slots) and running, read from the download manager at scrape time."""
-
-    NAME = "relay_downloads"
-    HELP = "Downloads to disk by state: queued (waiting for a slot) or running."
-    MAX_NAME = "relay_max_downloads"
-    MAX_HELP = "Downloads to disk running at once (max_downloads); the rest wait queued."
-
-    def __init__(self) -> None:
-        self.source: Callable[[], JobCounts] | None = None
+    def __init__(self, name: str, help_text: str, max_name: str, max_help: str) -> None:
+        self.families = (name, help_text, max_name, max_help)
+        self.source: Callable[[], PoolStats | JobCounts] | None = None
         self.limit = 0
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(())
+        name, help_text, max_name, max_help = self.families
+        yield GaugeMetricFamily(name, help_text, labels=["state"])
+        yield GaugeMetricFamily(max_name, max_help)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.source is None:
             return
-        counts = self.source()
-        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
-        family.add_metric(["queued"], counts.queued)
-        family.add_metric(["running"], counts.running)
+        name, help_text, max_name, max_help = self.families
+        family = GaugeMetricFamily(name, help_text, labels=["state"])
+        for state, value in self.source()._asdict().items():
+            family.add_metric([state], value)
         yield family
-        yield GaugeMetricFamily(self.MAX_NAME, self.MAX_HELP, value=self.limit)
+        yield GaugeMetricFamily(max_name, max_help, value=self.limit)
 
 
 _CACHE_COUNTERS = (
