@@ -229,13 +229,15 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     readiness = Readiness()
     routes = RouteTable(config.routes)
     relay = Relay(config, routes)
-    metrics = Metrics(routes=[route.prefix for route in config.routes])
+    metrics = Metrics(
+        routes=[route.prefix for route in config.routes], max_streams=config.max_streams
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         upstream_transport = transport if transport is not None else make_transport(config)
         if isinstance(upstream_transport, PooledTransport):
-            metrics.watch_pool(upstream_transport.pool_stats)
+            metrics.watch_pool(upstream_transport.pool_stats, limit=config.max_connections)
         async with UpstreamClient(
             transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
@@ -247,6 +249,8 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
                 ):
                     if cache is not None:
                         metrics.watch_cache(cache)
+                    if downloads is not None:
+                        metrics.watch_downloads(downloads.counts, limit=config.max_downloads)
                     readiness.started = True
                     try:
                         yield {
