@@ -9,13 +9,13 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
 from relay.cache.key import SLICE_MARK, digest, path_of, slice_key, variant_key
@@ -48,8 +48,16 @@ class CacheStats:
 
 
 class Cache:
-    def __init__(self, config: Config, upstream: Upstream, store: Store, index: Index) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstream: Upstream,
+        store: Store,
+        index: Index,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.config = config
+        self.clock = clock
         self.upstream = upstream
         self.store = store
         self.index = index
@@ -80,7 +88,7 @@ class Cache:
         until = self._passes.get(key)
         if until is None:
             return False
-        if until < time.monotonic():
+        if until < self.clock.monotonic():
             del self._passes[key]
             return False
         return True
@@ -202,6 +210,7 @@ class Cache:
             on_refreshed=self._refreshed,
             on_replaced=self._replaced,
             count_upstream_bytes=self._count_upstream,
+            clock=self.clock,
         )
 
     def _start(self, fill: Fill, base: str) -> None:
@@ -236,7 +245,7 @@ class Cache:
             if fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
             elif fill.passthrough is not None and fill.slice is None:
-                self._passes[fill.key] = time.monotonic() + PASS_SECONDS
+                self._passes[fill.key] = self.clock.monotonic() + PASS_SECONDS
                 # A new answer that may not be stored replaces the stored one; an upstream
                 # error (5xx) does not: the stored object stays for stale-if-error, which
                 # the clients waiting on this revalidation are about to read.
@@ -442,9 +451,11 @@ def _conditionals(meta: Meta) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def open_cache(config: Config, upstream: Upstream) -> AsyncIterator[Cache | None]:
+async def open_cache(
+    config: Config, upstream: Upstream, clock: Clock = SYSTEM_CLOCK
+) -> AsyncIterator[Cache | None]:
     """The cache for the app's lifespan (None when cache_dir is not set); its fills are
-    cancelled and awaited when the app stops."""
+    cancelled and awaited when the app stops. `clock`: the time every cache decision reads."""
     if not config.cache_dir:
         yield None
         return
@@ -459,7 +470,7 @@ async def open_cache(config: Config, upstream: Upstream) -> AsyncIterator[Cache 
         index.add(Entry(meta.key, directory, meta))
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit("\x00ae=", 1)[0]] = "accept-encoding"
-    cache = Cache(config, upstream, store, index)
+    cache = Cache(config, upstream, store, index, clock)
     cache.sliced.update(
         entry.key.rsplit(SLICE_MARK, 1)[0] for entry in index.entries() if SLICE_MARK in entry.key
     )

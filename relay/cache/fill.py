@@ -14,12 +14,12 @@ import asyncio
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
+from relay.cache.clock import Clock
 from relay.cache.key import INDEX_MARK
 from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
 from relay.cache.store import DATA, META, PARTIAL, Meta
@@ -99,6 +99,7 @@ class Fill:
         on_refreshed: Callable[[Fill, Meta], None],
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
+        clock: Clock,
     ) -> None:
         self.key = key
         self.variant = variant
@@ -116,6 +117,7 @@ class Fill:
         self._on_refreshed = on_refreshed
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
+        self._clock = clock
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
         self.written = 0
@@ -150,7 +152,7 @@ class Fill:
         self._content_sha256: str | None = None
         """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
         """Started without a client: runs to completion, whatever the idle timeout."""
-        self._idle_since: float | None = time.monotonic()
+        self._idle_since: float | None = clock.monotonic()
 
     # ---- readers ------------------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class Fill:
     def detach(self) -> None:
         self.readers -= 1
         if self.readers == 0:
-            self._idle_since = time.monotonic()
+            self._idle_since = self._clock.monotonic()
 
     async def wait_beyond(self, position: int) -> None:
         """Return once more than `position` bytes are written, or the fill is over."""
@@ -237,7 +239,7 @@ class Fill:
         """The response if its body is to be stored; else records why not and closes it."""
         status = self.upstream_status = response.status_code
         headers = response.headers
-        received = time.time()
+        received = self._clock.now()
         if status == 304 and self.revalidating is not None:
             old = self.revalidating
             merged = dict((n.lower(), (n, v)) for n, v in old.headers)
@@ -323,7 +325,7 @@ class Fill:
         assert self.slice is not None
         first, last, validator = self.slice
         headers = response.headers
-        received = time.time()
+        received = self._clock.now()
         reason: str | None = None
         parsed = parse_content_range(headers.get("content-range"))
         strong = resume_validator(headers)
@@ -412,7 +414,7 @@ class Fill:
         if (
             since is not None
             and not self.prefetch
-            and time.monotonic() - since > self._idle_timeout
+            and self._clock.monotonic() - since > self._idle_timeout
         ):
             raise FillAbandoned("no client for cache_fill_idle_timeout")
 

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -205,7 +204,7 @@ class CachedResponse(Response):
             return False
         parsed = _parsed(entry)
         meta = parsed.meta
-        age = _age(meta)
+        age = _age(meta, self._cache.clock.now())
         if parsed.must_revalidate or age >= meta.lifetime:
             return False
         client_headers = self._client_headers
@@ -266,12 +265,14 @@ class CachedResponse(Response):
             entry = None
         if entry is not None:
             fresh = freshness(
-                httpx.Headers(entry.meta.headers), _age(entry.meta), entry.meta.lifetime
+                httpx.Headers(entry.meta.headers),
+                _age(entry.meta, self._cache.clock.now()),
+                entry.meta.lifetime,
             )
             if fresh.fresh or self._sha256 is not None:
                 cache.stats.hits += 1
                 self._exchange.cache = "hit"
-                ttl = _ttl(entry.meta) if self._sha256 is None else None
+                ttl = _ttl(entry.meta, self._cache.clock.now()) if self._sha256 is None else None
                 await self._from_file(send, entry, cache_status(hit=True, ttl=ttl))
                 return None
             if fresh.may_serve_stale_while_revalidating():
@@ -333,7 +334,9 @@ class CachedResponse(Response):
             return
         try:
             reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
-            await self._start(send, meta, reply, status, _age(meta), meta.length)
+            await self._start(
+                send, meta, reply, status, _age(meta, self._cache.clock.now()), meta.length
+            )
             if reply.status in (200, 206) and self._method == "GET":
                 await self._stream(send, fd, reply.start, reply.stop, None)
             else:
@@ -421,7 +424,9 @@ class CachedResponse(Response):
             cache.stats.hits += 1
         else:
             cache.stats.misses += 1
-        await self._start(send, meta, Answer(206, start, stop), status, _age(meta), total)
+        await self._start(
+            send, meta, Answer(206, start, stop), status, _age(meta, self._cache.clock.now()), total
+        )
         await self._stream_slices(send, index, first, start, stop)
         return None
 
@@ -435,7 +440,7 @@ class CachedResponse(Response):
         cache = self._cache
         if self._method != "GET":
             entry = cache.slice_entry(self._base, self._variant, 0)
-            if entry is None or not _fresh(entry.meta):
+            if entry is None or not _fresh(entry.meta, self._cache.clock.now()):
                 return False
             first: tuple[Entry | Fill, Meta] | None = (entry, entry.meta)
         else:
@@ -460,7 +465,9 @@ class CachedResponse(Response):
             cache.stats.misses += 1
             self._exchange.cache = "miss"
             status = _MISS_STORED
-        await self._start(send, meta, reply, status, _age(meta) if hit else 0.0, total)
+        await self._start(
+            send, meta, reply, status, _age(meta, self._cache.clock.now()) if hit else 0.0, total
+        )
         if reply.status in (200, 206) and self._method == "GET":
             index = reply.start // size
             current = first if index == 0 else None
@@ -542,7 +549,9 @@ class CachedResponse(Response):
                 hit=True, fwd="stale", fwd_status=self._stale_status, detail="stale-if-error"
             )
         # A content-addressed object's slices never go stale: no ttl to tell.
-        return cache_status(hit=True, ttl=_ttl(meta) if self._sha256 is None else None)
+        return cache_status(
+            hit=True, ttl=_ttl(meta, self._cache.clock.now()) if self._sha256 is None else None
+        )
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight)."""
@@ -569,7 +578,7 @@ class CachedResponse(Response):
             entry is not None
             and validator is None
             and self._sha256 is None  # content-addressed slices are always fresh
-            and not _fresh(entry.meta)
+            and not _fresh(entry.meta, self._cache.clock.now())
         ):
             # A stale object's slices are revalidated with one conditional request (the
             # Range of this slice with If-None-Match / If-Modified-Since), shared by every
@@ -598,14 +607,18 @@ class CachedResponse(Response):
                 return revalidation, revalidation.meta
             else:
                 entry = cache.slice_entry(self._base, self._variant, index)
-                if entry is not None and not _fresh(entry.meta):
+                if entry is not None and not _fresh(entry.meta, self._cache.clock.now()):
                     # Could not revalidate: stale if the upstream failed and allows it (as
                     # for whole objects), else relayed.
                     failing = revalidation.error is not None or (
                         (revalidation.upstream_status or 0) >= 500
                     )
                     meta = entry.meta
-                    stale = freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime)
+                    stale = freshness(
+                        httpx.Headers(meta.headers),
+                        _age(meta, self._cache.clock.now()),
+                        meta.lifetime,
+                    )
                     if not failing or not stale.may_serve_stale_on_error(
                         self._route.cache_stale_if_error
                     ):
@@ -829,13 +842,13 @@ class CachedResponse(Response):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _fresh(meta: Meta) -> bool:
-    return freshness(httpx.Headers(meta.headers), _age(meta), meta.lifetime).fresh
+def _fresh(meta: Meta, now: float) -> bool:
+    return freshness(httpx.Headers(meta.headers), _age(meta, now), meta.lifetime).fresh
 
 
-def _age(meta: Meta) -> float:
-    return meta.initial_age + max(0.0, time.time() - meta.stored_at)
+def _age(meta: Meta, now: float) -> float:
+    return meta.initial_age + max(0.0, now - meta.stored_at)
 
 
-def _ttl(meta: Meta) -> float:
-    return meta.lifetime - _age(meta)
+def _ttl(meta: Meta, now: float) -> float:
+    return meta.lifetime - _age(meta, now)

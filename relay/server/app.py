@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from relay.cache.admin import routes as cache_routes
 from relay.cache.cache import Cache, open_cache
+from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.hub import HubResponse
 from relay.cache.key import base_key, encoding_variant
 from relay.cache.rewritten import RewrittenIndex, caches_as_index
@@ -224,8 +225,14 @@ class QuietStartupErrors:
         await self.app(scope, receive, send_quietly)
 
 
-def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches)."""
+def create_app(
+    config: Config,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock | None = None,
+) -> Starlette:
+    """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches);
+    `clock` the time the cache reads (tests: `relay.cache.clock.ManualClock`)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)
     relay = Relay(config, routes)
@@ -243,7 +250,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             try:
                 async with (
                     open_downloads(config, upstream, routes) as downloads,
-                    open_cache(config, upstream) as cache,
+                    open_cache(config, upstream, clock or SYSTEM_CLOCK) as cache,
                 ):
                     if cache is not None:
                         metrics.watch_cache(cache)
