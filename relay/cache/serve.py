@@ -36,8 +36,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.send_watch import ClientWatch
-from relay.proxy.streaming import RESET_KEY, WAIT_FOR_CLIENT
-from relay.types import ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
+from relay.types import RESET_KEY, WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from relay.proxy.streaming import RelayResponse
 from relay.server.auth import ClientAuth, ClientAuthMiddleware
 from relay.server.health import Readiness, healthz, readyz
 from relay.server.metrics import Metrics
-from relay.server.observe import REQUEST_ID_KEY, ObserveMiddleware
-from relay.types import ASGIApp, Message, Receive, Scope, Send
+from relay.server.observe import ObserveMiddleware
+from relay.types import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
 
 
 class State(TypedDict):
