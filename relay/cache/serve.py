@@ -3,8 +3,8 @@ from the fill's file as the fill advances (every attached client from the first 
 
 `CachedResponse` holds the request's stream slot and watches for its client leaving; what to
 do is `relay.cache.plan`'s decision, how it goes out `relay.cache.delivery`'s, answers from
-slices `relay.cache.slices`'. A fresh hit of at most `INLINE_READ` bytes takes a shorter path
-(`_small_hit`): one read on the loop, its head and body in one write.
+slices `relay.cache.slice_answer`'s. A fresh hit of at most `INLINE_READ` bytes takes a
+shorter path (`_small_hit`): one read on the loop, its head and body in one write.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
 from relay.cache.fill import Fill
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer
-from relay.cache.slices import SlicedAnswer
+from relay.cache.slice_answer import SlicedAnswer
 from relay.config import Route
 from relay.errors import error_response
 from relay.proxy.admission import StreamLimiter
