@@ -13,12 +13,31 @@ FROM_SLICES or PASS).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 
 from relay.cache.policy import Freshness, cache_status, current_age, freshness
 from relay.cache.store import Meta
+from relay.config import Route
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """One request as the cache answers it."""
+
+    method: str
+    base: str
+    """The object's base key (`relay.cache.key`)."""
+    variant: str
+    """The request's encoding variant."""
+    route: Route
+    fill_request: Callable[[], httpx.Request]
+    """Builds the upstream GET of a fill of this object."""
+    client_headers: httpx.Headers
+    sha256: str | None
+    """The object is content-addressed: its key names this digest."""
 
 
 class Step(enum.Enum):

@@ -60,14 +60,8 @@ class CachedResponse(Response):
         fill is stored only if its body has that digest. `adapt`: applied to every answer's
         headers taken from the stored response."""
         self._cache = cache
-        self._sha256 = sha256
+        self._asked = plan.Asked(method, base, variant, route, request, client_headers, sha256)
         self._adapt = adapt
-        self._method = method
-        self._base = base
-        self._variant = variant
-        self._route = route
-        self._build_request = request
-        self._client_headers = client_headers
         self._fallback = fallback
         self._limiter = limiter
         self._client = client
@@ -80,8 +74,8 @@ class CachedResponse(Response):
         out = Delivery(
             send,
             self._cache,
-            method=self._method,
-            client_headers=self._client_headers,
+            method=self._asked.method,
+            client_headers=self._asked.client_headers,
             exchange=exchange,
             send_timeout=self._send_timeout,
             zero_copy=ZERO_COPY_SEND in (scope.get("extensions") or ()),
@@ -134,13 +128,14 @@ class CachedResponse(Response):
         server's send, so it needs no disconnect watcher (the watcher could only run once the
         answer is out) and no back-pressure wait: what is sent is all there is. Anything
         else (stale, a fill, a bigger body) is left to `_answer`; False then."""
-        method = self._method
-        if (method != "GET" and method != "HEAD") or self._sha256 is not None:
+        asked = self._asked
+        method = asked.method
+        if (method != "GET" and method != "HEAD") or asked.sha256 is not None:
             # A content-addressed object's answers carry this request's adapted headers and
             # no ttl: `_answer` makes them.
             return False
         cache = self._cache
-        entry = cache.lookup(self._base, self._variant)
+        entry = cache.lookup(asked.base, asked.variant)
         if entry is None:
             return False
         hit = parsed(entry)
@@ -151,7 +146,7 @@ class CachedResponse(Response):
         )
         if status is None:
             return False
-        client_headers = self._client_headers
+        client_headers = asked.client_headers
         length = meta.length
         if any(name in client_headers for name in _SHAPING):
             reply = answer(client_headers, hit.headers, length)
@@ -194,21 +189,28 @@ class CachedResponse(Response):
 
     async def _answer(self, out: Delivery) -> Response | None:
         """Answer as the plan says; the relayed response when the cache does not take it."""
+        asked = self._asked
         cache = self._cache
         exchange = self._exchange
-        entry = cache.lookup(self._base, self._variant)
-        if entry is not None and self._sha256 is not None and entry.meta.sha256 != self._sha256:
+        entry = cache.lookup(asked.base, asked.variant)
+        if entry is not None and asked.sha256 is not None and entry.meta.sha256 != asked.sha256:
             cache.drop(entry.key)  # never expected: stored only once verified against its key
             entry = None
         if entry is not None:
             now = cache.clock.now()
-            stored = plan.for_stored(entry.meta, now, content_addressed=self._sha256 is not None)
+            stored = plan.for_stored(entry.meta, now, content_addressed=asked.sha256 is not None)
             if stored.step is Step.HIT:
                 cache.stats.hits += 1
                 exchange.cache = "hit"
                 await out.from_entry(entry, stored.cache_status)
                 return None
-            fill = cache.fill(self._base, self._variant, self._build_request(), self._route, entry)
+            fill = cache.fill(
+                asked.base,
+                asked.variant,
+                asked.fill_request(),
+                asked.route,
+                entry,
+            )
             if stored.step is Step.STALE_WHILE_REVALIDATE:
                 cache.stats.stale += 1
                 exchange.cache = "stale"
@@ -220,11 +222,11 @@ class CachedResponse(Response):
                 stored.stored,
                 refreshed=fill.refreshed is not None,
                 failure=fill.upstream_failure,
-                route_stale_if_error=self._route.cache_stale_if_error,
+                route_stale_if_error=asked.route.cache_stale_if_error,
             )
             if then.step is Step.REVALIDATED:
                 assert fill.refreshed is not None
-                refreshed = cache.lookup(self._base, self._variant) or entry
+                refreshed = cache.lookup(asked.base, asked.variant) or entry
                 refreshed.meta = fill.refreshed
                 exchange.cache = "revalidated"
                 await out.from_entry(refreshed, then.cache_status)
@@ -235,13 +237,13 @@ class CachedResponse(Response):
                 await out.from_entry(entry, then.cache_status)
                 return None
             return await self._from_fill(out, fill, then.cache_status)
-        filling = cache.fill_in_flight(self._base, self._variant)
+        filling = cache.fill_in_flight(asked.base, asked.variant)
         absent = plan.for_absent(
-            method=self._method,
-            ranged="range" in self._client_headers,
+            method=asked.method,
+            ranged="range" in asked.client_headers,
             filling=filling is not None,
-            passing=cache.passing(cache.storage_key(self._base, self._variant)),
-            sliced=cache.slices.has(self._base, self._variant),
+            passing=cache.passing(cache.storage_key(asked.base, asked.variant)),
+            sliced=cache.slices.has(asked.base, asked.variant),
         )
         if absent.step is Step.SLICES:
             return None if await self._sliced(out).range() else self._fallback()
@@ -249,17 +251,22 @@ class CachedResponse(Response):
             if await self._sliced(out).whole():
                 return None
             absent = plan.for_absent(
-                method=self._method, ranged=False, filling=False, passing=False, sliced=False
+                method=asked.method, ranged=False, filling=False, passing=False, sliced=False
             )
         if absent.step is Step.PASS:
             return self._fallback()
         cache.stats.misses += 1
         fill = filling or cache.fill(
-            self._base, self._variant, self._build_request(), self._route, sha256=self._sha256
+            asked.base,
+            asked.variant,
+            asked.fill_request(),
+            asked.route,
+            sha256=asked.sha256,
         )
         return await self._from_fill(out, fill, absent.cache_status)
 
     async def _from_fill(self, out: Delivery, fill: Fill, status: str) -> Response | None:
+        asked = self._asked
         await fill.headers_ready.wait()
         if fill.error is not None:
             await out.upstream_error(fill.error)
@@ -268,7 +275,7 @@ class CachedResponse(Response):
         if (
             meta is None
             or fill.failed is not None
-            or (meta.vary and meta.extra.get("variant") != self._variant)
+            or (meta.vary and meta.extra.get("variant") != asked.variant)
         ):
             return self._fallback()
         if not await out.from_fill(fill, meta, status):
@@ -276,14 +283,4 @@ class CachedResponse(Response):
         return None
 
     def _sliced(self, out: Delivery) -> SlicedAnswer:
-        return SlicedAnswer(
-            self._cache,
-            out,
-            method=self._method,
-            base=self._base,
-            variant=self._variant,
-            route=self._route,
-            request=self._build_request,
-            client_headers=self._client_headers,
-            sha256=self._sha256,
-        )
+        return SlicedAnswer(self._cache, out, self._asked)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -20,7 +19,6 @@ from relay.cache.fill import Fill
 from relay.cache.index import Entry
 from relay.cache.policy import Answer, answer
 from relay.cache.store import Meta
-from relay.config import Route
 
 if TYPE_CHECKING:
     from relay.cache.cache import Cache
@@ -32,29 +30,11 @@ class SlicedAnswer:
     """Answers one request from an object's slices (`range` or `whole`); False: the slices
     cannot answer it, the request is to be relayed (or, for `whole`, filled whole)."""
 
-    def __init__(
-        self,
-        cache: Cache,
-        out: Delivery,
-        *,
-        method: str,
-        base: str,
-        variant: str,
-        route: Route,
-        request: Callable[[], httpx.Request],
-        client_headers: httpx.Headers,
-        sha256: str | None,
-    ) -> None:
+    def __init__(self, cache: Cache, out: Delivery, asked: plan.Asked) -> None:
         self._cache = cache
         self._slices = cache.slices
         self._out = out
-        self._method = method
-        self._base = base
-        self._variant = variant
-        self._route = route
-        self._build_request = request
-        self._client_headers = client_headers
-        self._sha256 = sha256
+        self._asked = asked
         self._revalidated = False
         self._stale_status: int | None = None
 
@@ -62,8 +42,10 @@ class SlicedAnswer:
         """A Range of an object not stored whole: answered from aligned slices, each stored on
         its own; only missing slices are fetched (Range + If-Range with the first slice's
         validator). A slice of another version aborts the transfer and drops the slices."""
-        match = _SINGLE_RANGE.fullmatch(self._client_headers.get("range", "").replace(" ", ""))
-        if match is None or "if-range" in self._client_headers:
+        match = _SINGLE_RANGE.fullmatch(
+            self._asked.client_headers.get("range", "").replace(" ", "")
+        )
+        if match is None or "if-range" in self._asked.client_headers:
             return False  # suffix, multiple or conditional ranges: relayed
         cache = self._cache
         out = self._out
@@ -104,8 +86,8 @@ class SlicedAnswer:
         relayed). A HEAD is answered only from a stored, fresh slice 0."""
         cache = self._cache
         out = self._out
-        if self._method != "GET":
-            entry = self._slices.entry(self._base, self._variant, 0)
+        if self._asked.method != "GET":
+            entry = self._slices.entry(self._asked.base, self._asked.variant, 0)
             if entry is None or not plan.freshness_of(entry.meta, cache.clock.now()).fresh:
                 return False
             first: tuple[Entry | Fill, Meta] | None = (entry, entry.meta)
@@ -117,10 +99,10 @@ class SlicedAnswer:
         total = int(meta.extra["total"])
         if total > cache.max_object_bytes:
             return False  # too large to store whole: not stored as slices either (relayed)
-        reply = answer(self._client_headers, httpx.Headers(meta.headers), total)
+        reply = answer(self._asked.client_headers, httpx.Headers(meta.headers), total)
         size = cache.config.cache_slice_bytes
         hit = isinstance(source, Entry) and all(
-            self._slices.entry(self._base, self._variant, i) is not None
+            self._slices.entry(self._asked.base, self._asked.variant, i) is not None
             for i in range(1, (total + size - 1) // size)
         )
         if hit:
@@ -133,7 +115,7 @@ class SlicedAnswer:
             status = plan.MISS_STORED
         age = plan.age_of(meta, cache.clock.now()) if hit else 0.0
         await out.start(meta, reply, status, age, total)
-        if reply.status in (200, 206) and self._method == "GET":
+        if reply.status in (200, 206) and self._asked.method == "GET":
             index = reply.start // size
             current = first if index == 0 else None
             await self._stream(index, current, reply.start, reply.stop)
@@ -167,7 +149,7 @@ class SlicedAnswer:
                 total is not None
                 and (current[1].validator != validator or int(current[1].extra["total"]) != total)
             ):
-                self._slices.drop(self._base, self._variant)
+                self._slices.drop(self._asked.base, self._asked.variant)
                 out.abort("the object changed between slices")
             source, slice_meta = current
             if total is None:
@@ -186,7 +168,7 @@ class SlicedAnswer:
                     await source.wait_finished()
                 last = cache.index.peek(source.key) or source
                 kept = isinstance(last, Entry) and await self._slices.verified(
-                    self._base, self._variant, [*used, last]
+                    self._asked.base, self._asked.variant, [*used, last]
                 )
                 # Slices gone since this answer began, with a digest mismatch counted: refuted
                 # (gone by eviction alone, the bytes read are still the ones stored).
@@ -212,56 +194,56 @@ class SlicedAnswer:
             self._cache.clock.now(),
             revalidated=self._revalidated,
             stale_status=self._stale_status,
-            content_addressed=self._sha256 is not None,
+            content_addressed=self._asked.sha256 is not None,
         )
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight)."""
-        if self._slices.entry(self._base, self._variant, index) is None:
+        if self._slices.entry(self._asked.base, self._asked.variant, index) is None:
             self._fill(index, validator)
 
     def _fill(self, index: int, validator: str | None) -> Fill:
         """The fill of slice `index` (in flight, or a new one asking for this version)."""
         return self._slices.fill(
-            self._base,
-            self._variant,
+            self._asked.base,
+            self._asked.variant,
             index,
-            self._build_request(),
-            self._route,
+            self._asked.fill_request(),
+            self._asked.route,
             validator,
-            sha256=self._sha256,
+            sha256=self._asked.sha256,
         )
 
     async def _slice(self, index: int, validator: str | None) -> tuple[Entry | Fill, Meta] | None:
         """Slice `index`: stored, or being fetched (None if it cannot be stored)."""
         cache = self._cache
         slices = self._slices
-        entry = slices.entry(self._base, self._variant, index)
+        entry = slices.entry(self._asked.base, self._asked.variant, index)
         if (
             entry is not None
             and validator is None
-            and self._sha256 is None  # content-addressed slices are always fresh
+            and self._asked.sha256 is None  # content-addressed slices are always fresh
             and not plan.freshness_of(entry.meta, cache.clock.now()).fresh
         ):
             # A stale object's slices are revalidated with one conditional request (the
             # Range of this slice with If-None-Match / If-Modified-Since), shared by every
             # client of the object: a 304 refreshes them all; a body drops them all (the
             # answer is then this slice of the new version).
-            revalidation = slices.revalidation(self._base, self._variant)
+            revalidation = slices.revalidation(self._asked.base, self._asked.variant)
             if revalidation is None:
                 revalidation = slices.fill(
-                    self._base,
-                    self._variant,
+                    self._asked.base,
+                    self._asked.variant,
                     index,
-                    self._build_request(),
-                    self._route,
+                    self._asked.fill_request(),
+                    self._asked.route,
                     None,
                     revalidating=entry,
                 )
             await revalidation.headers_ready.wait()
             if revalidation.refreshed is not None:
                 self._revalidated = True
-                entry = slices.entry(self._base, self._variant, index)
+                entry = slices.entry(self._asked.base, self._asked.variant, index)
             elif (
                 revalidation.key == entry.key
                 and revalidation.meta is not None
@@ -269,7 +251,7 @@ class SlicedAnswer:
             ):
                 return revalidation, revalidation.meta
             else:
-                entry = slices.entry(self._base, self._variant, index)
+                entry = slices.entry(self._asked.base, self._asked.variant, index)
                 if entry is not None:
                     stored = plan.freshness_of(entry.meta, cache.clock.now())
                     if not stored.fresh:
@@ -277,7 +259,7 @@ class SlicedAnswer:
                         # (as for whole objects), else relayed.
                         failure = revalidation.upstream_failure
                         if not plan.stale_on_error(
-                            stored, failure, self._route.cache_stale_if_error
+                            stored, failure, self._asked.route.cache_stale_if_error
                         ):
                             return None
                         cache.stats.stale += 1
@@ -287,7 +269,7 @@ class SlicedAnswer:
         fill = self._fill(index, validator)
         await fill.headers_ready.wait()
         if fill.meta is None or fill.failed is not None:
-            entry = slices.entry(self._base, self._variant, index)
+            entry = slices.entry(self._asked.base, self._asked.variant, index)
             return (entry, entry.meta) if entry is not None else None
         return fill, fill.meta
 
