@@ -38,6 +38,8 @@ class CacheStats:
     misses: int = 0
     revalidations: int = 0
     stale: int = 0
+    revalidated: int = 0
+    expired: int = 0
     coalesced: int = 0
     bytes_from_cache: int = 0
     bytes_zero_copy: int = 0
@@ -45,6 +47,21 @@ class CacheStats:
     evictions: int = 0
     digest_mismatches: int = 0
     fills_failed: int = 0
+
+    def answered(self, outcome: str) -> None:
+        """Count one answer from the cache by its outcome (`relay.cache.plan.Plan.outcome`)."""
+        name = _COUNTER[outcome]
+        setattr(self, name, getattr(self, name) + 1)
+
+
+# The counter of each outcome an answer is logged with.
+_COUNTER = {
+    "hit": "hits",
+    "miss": "misses",
+    "stale": "stale",
+    "revalidated": "revalidated",
+    "expired": "expired",
+}
 
 
 class Cache:

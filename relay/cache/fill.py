@@ -125,6 +125,9 @@ class Fill:
         self.error: UpstreamError | None = None
         """The upstream could not be reached: answered as a relayed request would be."""
         self.upstream_status: int | None = None
+        self._ttfb: float | None = None
+        """Seconds from sending the upstream request to its response headers, until a
+        request answered from this fill reports it (`claim_ttfb`)."""
         self.passthrough: str | None = None
         """Why the response is not stored: its clients are relayed instead."""
         self.refreshed: Meta | None = None
@@ -162,6 +165,12 @@ class Fill:
         status = self.upstream_status
         return status if status is not None and status >= 500 else None
 
+    def claim_ttfb(self) -> float | None:
+        """The upstream's time to first byte, handed to one request only: each upstream
+        request is observed once, however many clients its response answers."""
+        ttfb, self._ttfb = self._ttfb, None
+        return ttfb
+
     # ---- readers ------------------------------------------------------------------------
 
     def attach(self) -> None:
@@ -198,7 +207,7 @@ class Fill:
         fd: int | None = None
         try:
             try:
-                response = await self._upstream.open(self._request, self._route)
+                response = await self._open(self._request)
             except UpstreamError as exc:
                 self.error = exc
                 return
@@ -237,6 +246,12 @@ class Fill:
                 self._store.remove_partial(self.partial)
             self.headers_ready.set()
             self._notify()
+
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        sent_at = self._clock.monotonic()
+        response = await self._upstream.open(request, self._route)
+        self._ttfb = self._clock.monotonic() - sent_at
+        return response
 
     async def _take(self, response: httpx.Response) -> httpx.Response | None:
         """The response if its body is to be stored; else records why not and closes it."""

@@ -131,8 +131,10 @@ class HubResponse(Response):
             watch.stop()
             self._limiter.release(self._client)
         # Answered outside this slot: the cached or relayed response takes its own.
-        self.status_code = answer.status_code
-        await answer(scope, receive, send)
+        try:
+            await answer(scope, receive, send)
+        finally:
+            self.status_code = answer.status_code
 
     async def _ask_hub(self) -> Response:
         route = self._route

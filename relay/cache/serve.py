@@ -173,25 +173,21 @@ class CachedResponse(Response):
                     cache.index.remove(entry.key)
                     await out.error(503, "cached object unavailable, retry")
                     return True
-        cache.stats.hits += 1
+        out.answered("hit")
         cache.stats.bytes_from_cache += len(body)
-        self._exchange.cache = "hit"
         if reply.status not in (200, 206):
             await out.start(meta, reply, status, age, length)
             await out.end()
             return True
         headers = head(meta, reply, total=length, age=age, status=status, whole=hit.head)
-        out.status = reply.status
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        self._exchange.bytes_sent = len(body)
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await out.send_head(reply.status, headers)
+        await out.send_body(body)
         return True
 
     async def _answer(self, out: Delivery) -> Response | None:
         """Answer as the plan says; the relayed response when the cache does not take it."""
         asked = self._asked
         cache = self._cache
-        exchange = self._exchange
         entry = cache.lookup(asked.base, asked.variant)
         if entry is not None and asked.sha256 is not None and entry.meta.sha256 != asked.sha256:
             cache.drop(entry.key)  # never expected: stored only once verified against its key
@@ -200,9 +196,7 @@ class CachedResponse(Response):
             now = cache.clock.now()
             stored = plan.for_stored(entry.meta, now, content_addressed=asked.sha256 is not None)
             if stored.step is Step.HIT:
-                cache.stats.hits += 1
-                exchange.cache = "hit"
-                await out.from_entry(entry, stored.cache_status)
+                await out.from_entry(entry, stored)
                 return None
             fill = cache.fill(
                 asked.base,
@@ -212,9 +206,7 @@ class CachedResponse(Response):
                 entry,
             )
             if stored.step is Step.STALE_WHILE_REVALIDATE:
-                cache.stats.stale += 1
-                exchange.cache = "stale"
-                await out.from_entry(entry, stored.cache_status)
+                await out.from_entry(entry, stored)
                 return None
             assert stored.stored is not None
             await fill.headers_ready.wait()
@@ -228,15 +220,14 @@ class CachedResponse(Response):
                 assert fill.refreshed is not None
                 refreshed = cache.lookup(asked.base, asked.variant) or entry
                 refreshed.meta = fill.refreshed
-                exchange.cache = "revalidated"
-                await out.from_entry(refreshed, then.cache_status)
+                out.upstream(fill)
+                await out.from_entry(refreshed, then)
                 return None
             if then.step is Step.STALE_IF_ERROR:
-                cache.stats.stale += 1
-                exchange.cache = "stale"
-                await out.from_entry(entry, then.cache_status)
+                out.upstream(fill)
+                await out.from_entry(entry, then)
                 return None
-            return await self._from_fill(out, fill, then.cache_status)
+            return await self._from_fill(out, fill, then)
         filling = cache.fill_in_flight(asked.base, asked.variant)
         absent = plan.for_absent(
             method=asked.method,
@@ -255,7 +246,6 @@ class CachedResponse(Response):
             )
         if absent.step is Step.PASS:
             return self._fallback()
-        cache.stats.misses += 1
         fill = filling or cache.fill(
             asked.base,
             asked.variant,
@@ -263,9 +253,9 @@ class CachedResponse(Response):
             asked.route,
             sha256=asked.sha256,
         )
-        return await self._from_fill(out, fill, absent.cache_status)
+        return await self._from_fill(out, fill, absent)
 
-    async def _from_fill(self, out: Delivery, fill: Fill, status: str) -> Response | None:
+    async def _from_fill(self, out: Delivery, fill: Fill, report: plan.Plan) -> Response | None:
         asked = self._asked
         await fill.headers_ready.wait()
         if fill.error is not None:
@@ -278,7 +268,7 @@ class CachedResponse(Response):
             or (meta.vary and meta.extra.get("variant") != asked.variant)
         ):
             return self._fallback()
-        if not await out.from_fill(fill, meta, status):
+        if not await out.from_fill(fill, meta, report):
             return self._fallback()
         return None
 

@@ -37,6 +37,8 @@ class SlicedAnswer:
         self._asked = asked
         self._revalidated = False
         self._stale_status: int | None = None
+        self._revalidation: Fill | None = None
+        """The conditional request whose answer (a 304, an error) let stored slices answer."""
 
     async def range(self) -> bool:
         """A Range of an object not stored whole: answered from aligned slices, each stored on
@@ -58,22 +60,16 @@ class SlicedAnswer:
         first = await self._slice(index, None)
         if first is None:
             return False
-        entry_or_fill, meta = first
+        source, meta = first
         total = int(meta.extra["total"])
+        report = self._report(source, meta)
+        age = plan.age_of(meta, cache.clock.now()) if isinstance(source, Entry) else 0.0
         if start >= total:
-            await out.start(meta, Answer(416), plan.MISS_STORED, 0.0, total)
+            await out.start(meta, Answer(416), report.cache_status, age, total)
             await out.end()
             return True
         stop = total if last is None else min(last + 1, total)
-        hit = isinstance(entry_or_fill, Entry)
-        out.exchange.cache = "hit" if hit else "miss"
-        status = self._status(meta) if hit else plan.MISS_STORED
-        if hit:
-            cache.stats.hits += 1
-        else:
-            cache.stats.misses += 1
-        age = plan.age_of(meta, cache.clock.now())
-        await out.start(meta, Answer(206, start, stop), status, age, total)
+        await out.start(meta, Answer(206, start, stop), report.cache_status, age, total)
         await self._stream(index, first, start, stop)
         return True
 
@@ -101,20 +97,13 @@ class SlicedAnswer:
             return False  # too large to store whole: not stored as slices either (relayed)
         reply = answer(self._asked.client_headers, httpx.Headers(meta.headers), total)
         size = cache.config.cache_slice_bytes
-        hit = isinstance(source, Entry) and all(
+        stored = all(
             self._slices.entry(self._asked.base, self._asked.variant, i) is not None
             for i in range(1, (total + size - 1) // size)
         )
-        if hit:
-            cache.stats.hits += 1
-            out.exchange.cache = "hit"
-            status = self._status(meta)
-        else:
-            cache.stats.misses += 1
-            out.exchange.cache = "miss"
-            status = plan.MISS_STORED
-        age = plan.age_of(meta, cache.clock.now()) if hit else 0.0
-        await out.start(meta, reply, status, age, total)
+        report = self._report(source if stored else None, meta)
+        age = plan.age_of(meta, cache.clock.now()) if report.outcome != "miss" else 0.0
+        await out.start(meta, reply, report.cache_status, age, total)
         if reply.status in (200, 206) and self._asked.method == "GET":
             index = reply.start // size
             current = first if index == 0 else None
@@ -179,6 +168,7 @@ class SlicedAnswer:
             if isinstance(source, Entry):
                 used.append(source)
             else:
+                out.upstream(source)
                 stored = cache.index.peek(source.key)
                 if stored is not None:
                     used.append(stored)
@@ -187,15 +177,26 @@ class SlicedAnswer:
             current = None
         await out.end()
 
-    def _status(self, meta: Meta) -> str:
-        """Cache-Status of an answer from stored slices."""
-        return plan.slices_status(
-            meta,
-            self._cache.clock.now(),
-            revalidated=self._revalidated,
-            stale_status=self._stale_status,
-            content_addressed=self._asked.sha256 is not None,
-        )
+    def _report(self, source: Entry | Fill | None, meta: Meta) -> plan.Plan:
+        """What the answer is, from where its first slice comes (`source`: None when the
+        answer needs slices not stored yet): counted, and its upstream response (the
+        slice's fill, or the revalidation that let stored slices answer) reported."""
+        out = self._out
+        if isinstance(source, Entry):
+            report = plan.from_slices(
+                meta,
+                self._cache.clock.now(),
+                revalidated=self._revalidated,
+                stale_status=self._stale_status,
+                content_addressed=self._asked.sha256 is not None,
+            )
+        else:
+            report = plan.MISS
+        out.answered(report.outcome)
+        via = source if isinstance(source, Fill) else self._revalidation
+        if via is not None:
+            out.upstream(via)
+        return report
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight)."""
@@ -243,6 +244,7 @@ class SlicedAnswer:
             await revalidation.headers_ready.wait()
             if revalidation.refreshed is not None:
                 self._revalidated = True
+                self._revalidation = revalidation
                 entry = slices.entry(self._asked.base, self._asked.variant, index)
             elif (
                 revalidation.key == entry.key
@@ -262,8 +264,8 @@ class SlicedAnswer:
                             stored, failure, self._asked.route.cache_stale_if_error
                         ):
                             return None
-                        cache.stats.stale += 1
                         self._stale_status = failure
+                        self._revalidation = revalidation
         if entry is not None:
             return entry, entry.meta
         fill = self._fill(index, validator)
