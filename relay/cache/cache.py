@@ -156,7 +156,7 @@ class Cache:
             reserve=self._reserve,
             on_stored=self._stored,
             on_refreshed=self._refreshed,
-            on_replaced=self.slices.replaced,
+            on_replaced=self._replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
         )
@@ -220,6 +220,17 @@ class Cache:
         self.index.add(Entry(fill.key, fill.directory, meta))
         if fill.object_key:
             self.slices.stored(fill, meta)
+
+    def _replaced(self, fill: Fill) -> None:
+        """The stored response `fill` revalidates may not be used any more (the upstream
+        answered with another version, or its 304 named another one or forbade sharing it):
+        dropped at once, so no request is answered from it meanwhile."""
+        if fill.object_key:
+            self.slices.replaced(fill)
+            return
+        entry = self.index.peek(fill.key)
+        if entry is not None and entry.meta is fill.revalidating:
+            self.drop(fill.key)
 
     def _refreshed(self, fill: Fill, meta: Meta) -> None:
         entry = self.index.get(fill.key)

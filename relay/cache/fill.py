@@ -20,7 +20,14 @@ import httpx
 
 from relay.cache.clock import Clock
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
-from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
+from relay.cache.policy import (
+    freshens,
+    freshness_lifetime,
+    initial_age,
+    not_storable,
+    updated_headers,
+    vary_of,
+)
 from relay.cache.store import Meta, Store
 from relay.config import Route
 from relay.errors import TransferAborted, UpstreamError
@@ -131,6 +138,12 @@ class Fill:
         self.passthrough: str | None = None
         """Why the response is not stored: its clients are relayed instead."""
         self.refreshed: Meta | None = None
+        self.superseded = False
+        """The revalidation's 304 named another version: the stored response was dropped and
+        this fill fetched the object again, unconditionally."""
+        self.withdrawn = False
+        """The revalidation's 304 made the stored response unfit for a shared cache
+        (`private`, `no-store`...): it was dropped, and its waiting clients are relayed."""
         self.failed: str | None = None
         self.published = False
         self.finished = False
@@ -258,47 +271,16 @@ class Fill:
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
-        if status == 304 and self.revalidating is not None:
-            old = self.revalidating
-            merged = dict((n.lower(), (n, v)) for n, v in old.headers)
-            for name, value in stored_headers(headers.raw):
-                if name.lower() not in ("content-type", "content-encoding", "via"):
-                    merged[name.lower()] = (name, value)
-            refreshed_headers = httpx.Headers(list(merged.values()))
-            lifetime_headers = httpx.Headers([*refreshed_headers.multi_items()])
-            if "date" in headers:
-                lifetime_headers["date"] = headers["date"]
-            old_lm = old.extra.get("last-modified-for-heuristic")
-            if old_lm and "last-modified" not in lifetime_headers:
-                lifetime_headers["last-modified"] = old_lm
-            meta = Meta(
-                key=old.key,
-                url=old.url,
-                headers=list(merged.values()),
-                length=old.length,
-                stored_at=received,
-                initial_age=initial_age(headers, received, received),
-                lifetime=freshness_lifetime(
-                    lifetime_headers, immutable=self._immutable(refreshed_headers)
-                ),
-                validator=old.validator,
-                sha256=old.sha256,
-                vary=old.vary,
-                complete=True,
-                extra=old.extra,
-            )
-            self._on_refreshed(self, meta)
-            self.refreshed = meta
-            await response.aclose()
-            return None
+        if status == 304 and self.revalidating is not None and not self.superseded:
+            return await self._not_modified(response, received)
         if self.slice is not None:
-            if self.revalidating is not None and status in (200, 206):
+            if self.revalidating is not None and not self.superseded and status in (200, 206):
                 # A body, not a 304: the stale slices are another version (or no longer
                 # trusted). An error says nothing of the object: they are kept, still stale.
                 self._on_replaced(self)
             return await self._take_slice(response)
         index_page = INDEX_MARK in self.key
-        policy = _without_keyed_vary(headers) if index_page else headers
+        policy = self._policy(headers)
         reason = not_storable(status, policy)
         if reason is None and vary_of(policy) and VARIANT_MARK not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
@@ -336,6 +318,83 @@ class Fill:
             extra={"variant": self.variant},
         )
         return response
+
+    def _policy(self, headers: httpx.Headers) -> httpx.Headers:
+        """The headers the storage rules read: an index page's Vary names its key covers
+        (Accept, Accept-Encoding) removed."""
+        return _without_keyed_vary(headers) if INDEX_MARK in self.key else headers
+
+    async def _not_modified(
+        self, response: httpx.Response, received: float
+    ) -> httpx.Response | None:
+        """A 304 for the stored response this fill revalidates (RFC 9111 4.3.4). It
+        refreshes that response only if its validator is the stored one's and the updated
+        response may still be stored by a shared cache. If it names another version, the
+        stored bytes are not that version: the stored response is dropped, and the object
+        fetched once unconditionally by this fill (its waiting clients get the new version).
+        If the update forbids storing it (`private`, `no-store`, `Set-Cookie`, a Vary relay
+        does not key): dropped, and its waiting clients relayed (`withdrawn`)."""
+        await response.aclose()
+        old = self.revalidating
+        assert old is not None
+        headers = response.headers
+        if not freshens(httpx.Headers(old.headers), headers):
+            self.superseded = True
+            self._on_replaced(self)
+            logger.info(
+                "cache: a 304 named %s, not the stored %s: fetched again (%s)",
+                headers.get("etag") or headers.get("last-modified"),
+                old.validator,
+                self._request.url.path,
+            )
+            try:
+                fetched = await self._open(self._unconditional())
+            except UpstreamError as exc:
+                self.error = exc
+                return None
+            return await self._take(fetched)
+        updated = updated_headers(old.headers, stored_headers(headers.raw))
+        refreshed_headers = httpx.Headers(updated)
+        reason = not_storable(200, self._policy(refreshed_headers))
+        if reason is not None:
+            self.passthrough = reason
+            self.withdrawn = True
+            self._on_replaced(self)
+            return None
+        lifetime_headers = httpx.Headers([*refreshed_headers.multi_items()])
+        if "date" in headers:
+            lifetime_headers["date"] = headers["date"]
+        old_lm = old.extra.get("last-modified-for-heuristic")
+        if old_lm and "last-modified" not in lifetime_headers:
+            lifetime_headers["last-modified"] = old_lm
+        meta = Meta(
+            key=old.key,
+            url=old.url,
+            headers=updated,
+            length=old.length,
+            stored_at=received,
+            initial_age=initial_age(headers, received, received),
+            lifetime=freshness_lifetime(
+                lifetime_headers, immutable=self._immutable(refreshed_headers)
+            ),
+            validator=old.validator,
+            sha256=old.sha256,
+            vary=old.vary,
+            complete=True,
+            extra=old.extra,
+        )
+        self._on_refreshed(self, meta)
+        self.refreshed = meta
+        return None
+
+    def _unconditional(self) -> httpx.Request:
+        """This fill's request without its conditions (a slice's Range stays)."""
+        headers = [
+            (name, value)
+            for name, value in self._request.headers.multi_items()
+            if name.lower() not in ("if-none-match", "if-modified-since", "if-range")
+        ]
+        return self._upstream.build_request("GET", self._request.url, headers, self._route)
 
     async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong

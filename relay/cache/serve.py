@@ -215,7 +215,11 @@ class CachedResponse(Response):
                 refreshed=fill.refreshed is not None,
                 failure=fill.upstream_failure,
                 route_stale_if_error=asked.route.cache_stale_if_error,
+                superseded=fill.superseded,
+                withdrawn=fill.withdrawn,
             )
+            if then.step is Step.PASS:
+                return self._fallback()
             if then.step is Step.REVALIDATED:
                 assert fill.refreshed is not None
                 refreshed = cache.lookup(asked.base, asked.variant) or entry

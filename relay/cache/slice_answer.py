@@ -242,6 +242,8 @@ class SlicedAnswer:
                     revalidating=entry,
                 )
             await revalidation.headers_ready.wait()
+            if revalidation.withdrawn:
+                return None  # its 304 forbade sharing the object: relayed
             if revalidation.refreshed is not None:
                 self._revalidated = True
                 self._revalidation = revalidation
