@@ -233,8 +233,10 @@ class Cache:
             self.drop(fill.key)
 
     def _refreshed(self, fill: Fill, meta: Meta) -> None:
+        """A 304 refreshed the stored response `fill` revalidated: its entry takes `meta`,
+        unless it is gone (purged or evicted: that stands) or another version now."""
         entry = self.index.get(fill.key)
-        if entry is None:
+        if entry is None or entry.meta is not fill.revalidating:
             return
         entry.meta = meta
         self.store.rewrite_meta(entry)

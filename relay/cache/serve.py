@@ -209,28 +209,36 @@ class CachedResponse(Response):
                 await out.from_entry(entry, stored)
                 return None
             assert stored.stored is not None
-            await fill.headers_ready.wait()
-            then = plan.after_revalidation(
-                stored.stored,
-                refreshed=fill.refreshed is not None,
-                failure=fill.upstream_failure,
-                route_stale_if_error=asked.route.cache_stale_if_error,
-                superseded=fill.superseded,
-                withdrawn=fill.withdrawn,
-            )
-            if then.step is Step.PASS:
-                return self._fallback()
-            if then.step is Step.REVALIDATED:
-                assert fill.refreshed is not None
-                refreshed = cache.lookup(asked.base, asked.variant) or entry
-                refreshed.meta = fill.refreshed
-                out.upstream(fill)
-                await out.from_entry(refreshed, then)
-                return None
-            if then.step is Step.STALE_IF_ERROR:
-                out.upstream(fill)
-                await out.from_entry(entry, then)
-                return None
+            # The stored bytes this request asked about, held while it waits: if the
+            # upstream confirms them (or fails and allows them stale), they answer it,
+            # whatever a purge or an eviction did to the entry meanwhile (a purge stands for
+            # later requests; a request already waiting is answered as one already
+            # streaming the object is).
+            pinned = out.open(entry)
+            try:
+                await fill.headers_ready.wait()
+                then = plan.after_revalidation(
+                    stored.stored,
+                    refreshed=fill.refreshed is not None,
+                    failure=fill.upstream_failure,
+                    route_stale_if_error=asked.route.cache_stale_if_error,
+                    superseded=fill.superseded,
+                    withdrawn=fill.withdrawn,
+                )
+                if then.step is Step.PASS:
+                    return self._fallback()
+                if then.step is Step.REVALIDATED:
+                    assert fill.refreshed is not None
+                    out.upstream(fill)
+                    await out.from_file(pinned, fill.refreshed, then)
+                    return None
+                if then.step is Step.STALE_IF_ERROR:
+                    out.upstream(fill)
+                    await out.from_file(pinned, entry.meta, then)
+                    return None
+            finally:
+                if pinned is not None:
+                    os.close(pinned)
             return await self._from_fill(out, fill, then)
         filling = cache.fill_in_flight(asked.base, asked.variant)
         absent = plan.for_absent(

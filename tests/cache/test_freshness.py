@@ -5,6 +5,7 @@ adding `private` or `no-store` stops the object being shared."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from relay import Config, Route, create_app
 from relay.cache.clock import ManualClock
+from relay.cache.key import base_key
 from tests.asgi import Client, http_scope, lifespan_state
 
 ROUTES = (Route(prefix="/o/", upstream="http://upstream.test/"),)
@@ -219,3 +221,56 @@ async def test_a_304_for_a_stale_slice_naming_another_version_replaces_the_slice
         rest = await relay.get(range=f"bytes={size}-")
         assert (rest.body, rest.headers[b"etag"]) == (two[size:], b'"e2"')
         assert len(upstream.seen) == 5
+
+
+@pytest.mark.parametrize("dropped_by", ["purge", "eviction"])
+async def test_clients_waiting_on_a_revalidation_are_answered_after_their_entry_goes(
+    tmp_path: Path, dropped_by: str
+) -> None:
+    """The stored object is being revalidated (the upstream slow to answer) when a purge or
+    an eviction drops its entry. The upstream then says 304: the clients that were waiting
+    get the bytes they asked about (they held them), not `503 cached object unavailable`;
+    the purge or eviction stands for the next request, which fetches the object again."""
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/g":
+            return _ok(b"x" * 30, '"g"')(request)
+        if "if-none-match" in request.headers:
+            asked.set()
+            await answer.wait()
+            return httpx.Response(304, headers={"etag": '"e1"', "cache-control": "no-cache"})
+        return _ok(V1, '"e1"', "no-cache")(request)
+
+    clock = ManualClock()
+    config = Config(
+        routes=ROUTES, cache_dir=str(tmp_path), cache_max_bytes=40, cache_max_object_bytes=40
+    )
+    app = create_app(config, transport=httpx.MockTransport(handler), clock=clock)
+
+    async def get(path: str) -> Client:
+        client = Client()
+        await app(http_scope(state, path), client.receive, client.send)
+        assert client.completed
+        return client
+
+    async with lifespan_state(app) as state:
+        assert (await get("/o/f")).body == V1
+        waiting = [asyncio.create_task(get("/o/f")) for _ in range(3)]
+        await asyncio.wait_for(asked.wait(), 10)
+        cache = state["cache"]
+        if dropped_by == "purge":
+            assert cache.purge_key(base_key("/o/", b"/o/f", b"")) == 1
+        else:
+            assert (await get("/o/g")).body == b"x" * 30  # evicts f: 17 + 30 > 40 bytes
+        assert cache.lookup(base_key("/o/", b"/o/f", b""), "identity") is None
+        answer.set()
+        for client in await asyncio.gather(*waiting):
+            assert (client.status, client.body) == (200, V1)
+            assert _status(client) == "relay; fwd=stale; fwd-status=304"
+        again = await get("/o/f")
+        assert (again.body, _status(again)) == (V1, "relay; fwd=miss")
+        assert "if-none-match" not in seen[-1].headers

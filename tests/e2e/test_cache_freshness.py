@@ -7,6 +7,8 @@ the test wants (a lying 304)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +19,8 @@ from relay.config import Route
 from tests.e2e.caching import MakeRelay, caching_relay, data_files
 from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.e2e.caching import settled as _settled
-from tests.harness import RelayThread, relay_config, running_relay
-from tests.origin import Origin
+from tests.harness import RelayThread, relay_config, running_relay, wait_until
+from tests.origin import Origin, expected_sha256
 from tests.scripted_upstream import Reply, ScriptedUpstream
 
 MiB = 1024 * 1024
@@ -139,3 +141,47 @@ def test_a_miss_cut_by_its_upstream_never_said_stored(
     _settled(relay)
     assert data_files(tmp_path / "cache") == []
     assert _cache_metrics(relay)["fills_failed_total"] == 1
+
+
+# ---- item 6: entries dropped under a waiting revalidation --------------------------------------
+
+
+def test_clients_waiting_on_a_revalidation_survive_a_purge(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Three clients wait on the revalidation of a stale object (the origin holds the
+    conditional request) when an admin purge drops it. The origin then says 304: each client
+    gets the object's bytes (they were 503 `cached object unavailable, retry`); the purge
+    stands, so the next request fetches the object again."""
+    relay = cached(admin_token="sesame")
+    path = "/o/gen/256k?v=403&cc=no-cache&gate=purged"
+    assert httpx.get(relay.url + path).headers["cache-status"] == "relay; fwd=miss"
+    _settled(relay)
+    origin.close_gate("purged")
+    origin.reset_stats()
+    answers: list[httpx.Response] = []
+
+    def client() -> None:
+        answers.append(httpx.get(relay.url + path, timeout=30))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: relay.streams_active() == 3 and len(origin.requests) == 1)
+        purged = httpx.delete(f"{relay.url}/cache{path}", headers={"x-relay-admin-token": "sesame"})
+        assert purged.json() == {"purged": 1}
+    finally:
+        origin.open_gate("purged")
+        for t in threads:
+            t.join(30)
+    assert len(answers) == 3
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.headers["cache-status"] == "relay; fwd=stale; fwd-status=304"
+        assert hashlib.sha256(answer.content).hexdigest() == expected_sha256(256 * 1024)
+    assert origin.requests[0].header("if-none-match") is not None
+    _settled(relay)
+    after = httpx.get(relay.url + path)
+    assert after.headers["cache-status"] == "relay; fwd=miss"
+    assert origin.requests[-1].header("if-none-match") is None
