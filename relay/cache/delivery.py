@@ -318,10 +318,7 @@ class Delivery:
         self.upstream(fill)
         fill.attach()
         try:
-            if fill.length is None:
-                reply = Answer(200, 0, -1)
-            else:
-                reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
+            reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
             status = _stored(report).cache_status if fill.published else report.cache_status
             await self.start(meta, reply, status, 0.0, fill.length or 0)
             if reply.status in (200, 206) and self._method == "GET":

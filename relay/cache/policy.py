@@ -240,8 +240,11 @@ class Answer:
     """The body's bytes [start, stop) of the object (206/200)."""
 
 
-def answer(request: httpx.Headers, headers: httpx.Headers, length: int) -> Answer:
-    """How a stored complete 200 of `length` bytes answers a client's GET or HEAD."""
+def answer(request: httpx.Headers, headers: httpx.Headers, length: int | None) -> Answer:
+    """How a stored complete 200 of `length` bytes answers a client's GET or HEAD (the same
+    rules for a whole object, its slices and a fill). `length` None: a body whose length is
+    not known yet (an unsized fill): its conditionals apply, a Range is answered whole
+    (`stop` -1: to its end)."""
     etag = headers.get("etag", "").strip()
     last_modified = headers.get("last-modified", "").strip()
     inm = request.get("if-none-match")
@@ -253,6 +256,8 @@ def answer(request: httpx.Headers, headers: httpx.Headers, length: int) -> Answe
         modified = parse_http_date(last_modified)
         if ims is not None and modified is not None and not_modified_since(ims, modified):
             return Answer(304)
+    if length is None:
+        return Answer(200, 0, -1)
     whole = Answer(200, 0, length)
     range_value = request.get("range")
     if range_value is None:

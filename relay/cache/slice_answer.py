@@ -17,7 +17,7 @@ from relay.cache import plan
 from relay.cache.delivery import Delivery
 from relay.cache.fill import Fill
 from relay.cache.index import Entry
-from relay.cache.policy import Answer, answer
+from relay.cache.policy import answer
 from relay.cache.store import Meta
 
 if TYPE_CHECKING:
@@ -43,12 +43,15 @@ class SlicedAnswer:
     async def range(self) -> bool:
         """A Range of an object not stored whole: answered from aligned slices, each stored on
         its own; only missing slices are fetched (Range + If-Range with the first slice's
-        validator). A slice of another version aborts the transfer and drops the slices."""
+        validator). A slice of another version aborts the transfer and drops the slices.
+        The client's conditionals are answered as for a whole object (`policy.answer`, from
+        the slices' validators): If-None-Match / If-Modified-Since a 304, an If-Range that
+        does not hold the whole object (as `whole`)."""
         match = _SINGLE_RANGE.fullmatch(
             self._asked.client_headers.get("range", "").replace(" ", "")
         )
-        if match is None or "if-range" in self._asked.client_headers:
-            return False  # suffix, multiple or conditional ranges: relayed
+        if match is None:
+            return False  # suffix or multiple ranges: relayed
         cache = self._cache
         out = self._out
         size = cache.config.cache_slice_bytes
@@ -62,15 +65,16 @@ class SlicedAnswer:
             return False
         source, meta = first
         total = int(meta.extra["total"])
+        reply = answer(self._asked.client_headers, httpx.Headers(meta.headers), total)
+        if reply.status == 200:
+            return await self.whole()  # its If-Range does not hold: the whole object
         report = self._report(source, meta)
         age = plan.age_of(meta, cache.clock.now()) if isinstance(source, Entry) else 0.0
-        if start >= total:
-            await out.start(meta, Answer(416), report.cache_status, age, total)
-            await out.end()
-            return True
-        stop = total if last is None else min(last + 1, total)
-        await out.start(meta, Answer(206, start, stop), report.cache_status, age, total)
-        await self._stream(index, first, start, stop)
+        await out.start(meta, reply, report.cache_status, age, total)
+        if reply.status == 206:
+            await self._stream(index, first, reply.start, reply.stop)
+        else:
+            await out.end()  # 304, 416
         return True
 
     async def whole(self) -> bool:

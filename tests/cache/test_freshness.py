@@ -1,7 +1,10 @@
-"""What a revalidation's answer does to the stored response (RFC 9111 4.3.4), through the app
-on an `httpx.MockTransport` upstream and a `ManualClock` (no sleep): a 304 refreshes only the
-response whose validator it names; one naming another version makes the object a miss; one
-adding `private` or `no-store` stops the object being shared."""
+"""What a revalidation's answer does to the stored response (RFC 9111 4.3.4), and how clients'
+conditional requests are answered, through the app on an `httpx.MockTransport` upstream and a
+`ManualClock` (no sleep): a 304 refreshes only the response whose validator it names; one
+naming another version makes the object a miss; one adding `private` or `no-store` stops the
+object being shared; clients waiting on a revalidation keep their bytes when the entry goes;
+answers from slices and from unsized fills go through the same conditional rules as whole
+objects."""
 
 from __future__ import annotations
 
@@ -274,3 +277,77 @@ async def test_clients_waiting_on_a_revalidation_are_answered_after_their_entry_
         again = await get("/o/f")
         assert (again.body, _status(again)) == (V1, "relay; fwd=miss")
         assert "if-none-match" not in seen[-1].headers
+
+
+# ---- conditional requests answered from slices and fills -------------------------------------
+
+SLICE = 64 * 1024
+BIG = bytes(range(256)) * (2 * SLICE // 256)
+LAST_MODIFIED = "Tue, 01 Dec 2026 00:00:00 GMT"
+
+
+def _ranges(request: httpx.Request) -> httpx.Response:
+    """The upstream of a 128 KiB object with byte ranges, an ETag and a Last-Modified."""
+    headers = {
+        "etag": '"big"',
+        "last-modified": LAST_MODIFIED,
+        "cache-control": "max-age=600",
+        "accept-ranges": "bytes",
+    }
+    spec = request.headers.get("range")
+    if spec is None:
+        headers["content-length"] = str(len(BIG))
+        return httpx.Response(200, headers=headers, stream=_Body(BIG))
+    first, _, last = spec.split("=")[1].partition("-")
+    start, stop = int(first), min(int(last) + 1, len(BIG))
+    headers["content-range"] = f"bytes {start}-{stop - 1}/{len(BIG)}"
+    headers["content-length"] = str(stop - start)
+    return httpx.Response(206, headers=headers, stream=_Body(BIG[start:stop]))
+
+
+@pytest.mark.parametrize("stored", [False, True])
+async def test_ranges_from_slices_answer_conditionals_as_whole_objects_do(
+    tmp_path: Path, stored: bool
+) -> None:
+    """A Range answered from slices (stored, or being fetched) goes through the same rules
+    as a whole object: an If-None-Match listing its ETag or an If-Modified-Since not older
+    than its Last-Modified is a 304 (it was a 206); an If-Range that holds a 206, one that
+    does not the whole object (it was relayed)."""
+    upstream = Upstream(_ranges)
+    relay = Relay(tmp_path, upstream, cache_slice_bytes=SLICE)
+    async with lifespan_state(relay.app) as relay.state:
+        if stored:
+            await relay.get(range=f"bytes=0-{len(BIG) - 1}")
+        fetched = len(upstream.seen)
+        for conditional in ({"if_none_match": '"other", "big"'}, {"if_none_match": "*"}):
+            not_modified = await relay.get(range="bytes=10-19", **conditional)
+            assert (not_modified.status, not_modified.body) == (304, b"")
+            assert not_modified.headers[b"etag"] == b'"big"'
+        since = await relay.get(range="bytes=10-19", if_modified_since=LAST_MODIFIED)
+        assert since.status == 304
+        changed = await relay.get(range="bytes=10-19", if_none_match='"other"')
+        assert (changed.status, changed.body) == (206, BIG[10:20])
+        holds = await relay.get(range="bytes=10-19", if_range='"big"')
+        assert (holds.status, holds.body) == (206, BIG[10:20])
+        whole = await relay.get(range="bytes=10-19", if_range='"old"')
+        assert (whole.status, whole.body) == (200, BIG)
+        assert b"content-range" not in whole.headers
+        if stored:
+            assert len(upstream.seen) == fetched  # all of it from the stored slices
+            assert _status(not_modified).startswith("relay; hit")
+        assert all(not request.headers.get("if-none-match") for request in upstream.seen)
+
+
+async def test_an_unsized_fill_answers_conditionals(tmp_path: Path) -> None:
+    """A miss streamed from a fill of a body without a length (chunked) still honours the
+    client's If-None-Match (it was a 200 whatever it asked)."""
+
+    def chunked(request: httpx.Request) -> httpx.Response:
+        headers = {"etag": '"c"', "cache-control": "max-age=600", "transfer-encoding": "chunked"}
+        return httpx.Response(200, headers=headers, stream=_Body(V1))
+
+    relay = Relay(tmp_path, Upstream(chunked))
+    async with lifespan_state(relay.app) as relay.state:
+        miss = await relay.get(if_none_match='"c"')
+        assert (miss.status, miss.body, _status(miss)) == (304, b"", "relay; fwd=miss")
+        assert (await relay.get()).body == V1

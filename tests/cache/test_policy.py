@@ -93,6 +93,16 @@ def test_answer_conditionals_and_ranges() -> None:
     assert answer(_h(range="bytes=100-"), stored, 100).status == 416
     assert answer(_h(range="bytes=0-9", if_range='"b"'), stored, 100).status == 200
     assert answer(_h(range="bytes=0-9", if_range='"a"'), stored, 100).status == 206
+    # If-None-Match is answered before the Range, even an unsatisfiable one (RFC 9110 13.2.2).
+    assert answer(_h(range="bytes=100-", if_none_match='"a"'), stored, 100).status == 304
+
+
+def test_answer_of_a_body_whose_length_is_not_known_yet() -> None:
+    """An unsized fill: its conditionals apply; a Range is answered whole, to its end."""
+    stored = _h(etag='"a"')
+    assert answer(_h(if_none_match='"a"'), stored, None).status == 304
+    whole = answer(_h(range="bytes=10-19"), stored, None)
+    assert (whole.status, whole.start, whole.stop) == (200, 0, -1)
 
 
 LM = "Mon, 30 Nov 2026 23:00:00 GMT"

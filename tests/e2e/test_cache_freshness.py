@@ -185,3 +185,36 @@ def test_clients_waiting_on_a_revalidation_survive_a_purge(
     after = httpx.get(relay.url + path)
     assert after.headers["cache-status"] == "relay; fwd=miss"
     assert origin.requests[-1].header("if-none-match") is None
+
+
+# ---- item 7: conditional requests answered from slices ----------------------------------------
+
+
+def test_ranges_from_slices_honour_the_clients_conditionals(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A range of a sliced object with an If-None-Match listing its ETag is a 304 (it was a
+    206), as is one with an If-Modified-Since not older than its Last-Modified; an If-Range
+    that does not hold gets the whole object, stitched from the slices."""
+    relay = cached()
+    size = 2 * MiB
+    url = f"{relay.url}/o/gen/2m?v=404"
+    first = httpx.get(url, headers={"range": f"bytes=0-{size - 1}"})
+    assert first.status_code == 206
+    etag = first.headers["etag"]
+    _settled(relay)
+    origin.reset_stats()
+    for conditional in (
+        {"if-none-match": f'"x", {etag}'},
+        {"if-modified-since": first.headers["last-modified"]},
+    ):
+        not_modified = httpx.get(url, headers={"range": "bytes=100-199", **conditional})
+        assert (not_modified.status_code, not_modified.content) == (304, b"")
+        assert not_modified.headers["etag"] == etag
+        assert not_modified.headers["cache-status"].startswith("relay; hit")
+    other = httpx.get(url, headers={"range": "bytes=100-199", "if-range": '"old"'})
+    assert other.status_code == 200
+    assert hashlib.sha256(other.content).hexdigest() == expected_sha256(size)
+    same = httpx.get(url, headers={"range": "bytes=100-199", "if-range": etag})
+    assert (same.status_code, same.content) == (206, first.content[100:200])
+    assert origin.requests == []  # every answer from the stored slices
