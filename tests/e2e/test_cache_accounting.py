@@ -20,8 +20,9 @@ from tests.e2e.caching import MakeRelay, caching_relay
 from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.e2e.caching import settled as _settled
 from tests.e2e.test_ecosystems_cache import JSON, PAGE, _pypi_relay
+from tests.e2e.test_hf_cache import _cached_relay
 from tests.ecosystems import Hub, PyPI
-from tests.harness import RelayThread, relay_config, running_relay, wait_until
+from tests.harness import RelayThread, running_relay, wait_until
 from tests.origin import Origin
 
 MiB = 1024 * 1024
@@ -147,6 +148,7 @@ def test_whole_object_answers_are_logged_counted_and_labelled_alike(
     assert small_hit.line["bytes"] == 1000
     metrics = _cache_metrics(relay)
     assert (metrics["hits_total"], metrics["misses_total"]) == (5, 2)
+    assert metrics["bytes_zero_copy_total"] == 100 * 1024 + 40000  # the sendfile hits
     assert _body_bytes_metric(relay, "/o/") == 2 * 100 * 1024 + 40000 + 2 * 1000
     assert _ttfb_count(relay, "/o/") == 2  # the two upstream requests, once each
 
@@ -228,18 +230,18 @@ def test_answers_from_slices_are_logged_and_counted_once(
 
 
 @pytest.fixture
-def pypi() -> Iterator[PyPI]:
+def pypi_site() -> Iterator[PyPI]:
     site = PyPI()
     with site.index, site.files_host:
         yield site
 
 
 def test_rewritten_index_pages_count_the_bytes_they_sent(
-    pypi: PyPI, tmp_path: Path, access_log: pytest.LogCaptureFixture
+    pypi_site: PyPI, tmp_path: Path, access_log: pytest.LogCaptureFixture
 ) -> None:
     """A rewritten page has no Content-Length: its access line and the body bytes metric
     count the rewritten bytes that went out (they were 0)."""
-    with running_relay(_pypi_relay(pypi, tmp_path)) as relay:
+    with running_relay(_pypi_relay(pypi_site, tmp_path)) as relay:
         url = relay.url + "/pypi" + PAGE
         miss = _ask(access_log, url, headers={"accept": JSON})
         _settled(relay)
@@ -253,32 +255,17 @@ def test_rewritten_index_pages_count_the_bytes_they_sent(
 
 
 @pytest.fixture
-def hub() -> Iterator[Hub]:
+def hub_site() -> Iterator[Hub]:
     site = Hub()
     with site.hub, site.cdn:
         yield site
 
 
 def test_hub_files_are_logged_as_their_cache_status_says(
-    hub: Hub, tmp_path: Path, access_log: pytest.LogCaptureFixture
+    hub_site: Hub, tmp_path: Path, access_log: pytest.LogCaptureFixture
 ) -> None:
-    cdn = hub.cdn.url.split("//")[1].split(":")[0]
-    route = Route(
-        prefix="/hf/",
-        upstream=hub.hub.url + "/",
-        allow_private=True,
-        preset="hf",
-        redirects="follow",
-        redirect_hosts=(cdn,),
-    )
-    config = relay_config(
-        hub.hub.url,
-        routes=(route,),
-        cache_dir=str(tmp_path / "cache"),
-        cache_max_bytes=512 * MiB,
-    )
     url = f"/hf/{Hub.repo}/resolve/main/model.bin"
-    with running_relay(config) as relay:
+    with _cached_relay(hub_site, tmp_path) as relay:
         miss = _ask(access_log, relay.url + url)
         _settled(relay)
         hit = _ask(access_log, relay.url + url)
