@@ -105,7 +105,7 @@ class SlicedAnswer:
             self._slices.entry(self._asked.base, self._asked.variant, i) is not None
             for i in range(1, (total + size - 1) // size)
         )
-        report = self._report(source if stored else None, meta)
+        report = self._report(source, meta, complete=stored)
         age = plan.age_of(meta, cache.clock.now()) if report.outcome != "miss" else 0.0
         await out.start(meta, reply, report.cache_status, age, total)
         if reply.status in (200, 206) and self._asked.method == "GET":
@@ -181,12 +181,12 @@ class SlicedAnswer:
             current = None
         await out.end()
 
-    def _report(self, source: Entry | Fill | None, meta: Meta) -> plan.Plan:
-        """What the answer is, from where its first slice comes (`source`: None when the
-        answer needs slices not stored yet): counted, and its upstream response (the
-        slice's fill, or the revalidation that let stored slices answer) reported."""
+    def _report(self, source: Entry | Fill, meta: Meta, *, complete: bool = True) -> plan.Plan:
+        """What the answer is, from where its first slice comes (a hit only if stored, and
+        `complete`: no other slice it needs is missing): counted, and its upstream response
+        (the slice's fill, or the revalidation that let stored slices answer) reported."""
         out = self._out
-        if isinstance(source, Entry):
+        if isinstance(source, Entry) and complete:
             report = plan.from_slices(
                 meta,
                 self._cache.clock.now(),
