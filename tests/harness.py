@@ -108,11 +108,22 @@ def _stray_tasks() -> list[str]:
     return sorted(stray)
 
 
+# uvicorn's ERROR lines about the app itself, logged without a traceback: an app that raised,
+# or that returned without starting or completing its response while its client was there (a
+# client reset relay did not mark on the request's cycle is logged so, and truncates nothing:
+# it is an error line an operator sees for an ordinary abort).
+_UVICORN_APP_ERRORS = (
+    "Exception in ASGI application",
+    "ASGI callable returned without",
+    "ASGI callable should return None",
+)
+
+
 class _ErrorCapture(logging.Handler):
     """Unhandled exceptions logged on one relay's thread: ERROR records carrying a traceback,
-    and uvicorn's "Exception in ASGI application". TransferAborted is relay aborting a client
-    on purpose (raised so uvicorn drops the connection); relay.server.logs.QuietAborts drops those
-    records in production, and so does this."""
+    and uvicorn's errors about the app (`_UVICORN_APP_ERRORS`). TransferAborted is relay
+    aborting a client on purpose (raised so uvicorn drops the connection);
+    relay.server.logs.QuietAborts drops those records in production, and so does this."""
 
     def __init__(self, thread_name: str) -> None:
         super().__init__(logging.ERROR)
@@ -128,7 +139,7 @@ class _ErrorCapture(logging.Handler):
             return
         if record.exc_info and isinstance(record.exc_info[1], TransferAborted):
             return
-        if record.exc_info or "Exception in ASGI application" in record.getMessage():
+        if record.exc_info or record.getMessage().startswith(_UVICORN_APP_ERRORS):
             self.records.append(record)
 
     def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
