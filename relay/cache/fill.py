@@ -151,6 +151,9 @@ class Fill:
         """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
         """Started without a client: runs to completion, whatever the idle timeout."""
         self._idle_since: float | None = time.monotonic()
+        self._response: httpx.Response | None = None
+        """The one upstream response the fill holds (the first, then each resumed one), closed
+        by `_close_response` before another is opened and in `run`'s `finally`."""
 
     # ---- readers ------------------------------------------------------------------------
 
@@ -184,21 +187,21 @@ class Fill:
         return self.immutable and not is_index_type(self._route, headers.get("content-type", ""))
 
     async def run(self) -> None:
-        response: httpx.Response | None = None
         fd: int | None = None
         try:
             try:
-                response = await self._upstream.open(self._request, self._route)
+                response = self._response = await self._upstream.open(self._request, self._route)
             except UpstreamError as exc:
                 self.error = exc
                 return
-            response = await self._take(response)
-            if response is None:
+            if not await self._take(response):
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self.headers_ready.set()
             await self._write_body(response, fd)
+            # The whole body is in: its connection goes back before the fsync and publish.
+            await self._close_response()
             await self._publish(fd, response.headers)
         except asyncio.CancelledError:
             self.failed = "cancelled"
@@ -219,8 +222,7 @@ class Fill:
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
             self.finished = True
-            if response is not None and not response.is_closed:
-                await asyncio.shield(response.aclose())
+            await self._close_response()
             if fd is not None:
                 os.close(fd)
             if not self.published:
@@ -233,8 +235,15 @@ class Fill:
             self.headers_ready.set()
             self._notify()
 
-    async def _take(self, response: httpx.Response) -> httpx.Response | None:
-        """The response if its body is to be stored; else records why not and closes it."""
+    async def _close_response(self) -> None:
+        """Close the upstream response the fill holds, if any (shielded: a close must finish
+        even while the fill is being cancelled)."""
+        response, self._response = self._response, None
+        if response is not None and not response.is_closed:
+            await asyncio.shield(response.aclose())
+
+    async def _take(self, response: httpx.Response) -> bool:
+        """Whether the response's body is to be stored; if not, records why and closes it."""
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = time.time()
@@ -269,8 +278,8 @@ class Fill:
             )
             self._on_refreshed(self, meta)
             self.refreshed = meta
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         if self.slice is not None:
             if self.revalidating is not None and status in (200, 206):
                 # A body, not a 304: the stale slices are another version (or no longer
@@ -300,8 +309,8 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         self.length = length
         self.meta = Meta(
             key=self.key,
@@ -315,9 +324,9 @@ class Fill:
             vary=vary_of(policy) or "",
             extra={"variant": self.variant},
         )
-        return response
+        return True
 
-    async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
+    async def _take_slice(self, response: httpx.Response) -> bool:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
         validator (the one asked for in If-Range, once one is known) and the total length."""
         assert self.slice is not None
@@ -354,8 +363,8 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         assert parsed is not None
         assert parsed.total is not None
         self.length = length
@@ -375,11 +384,13 @@ class Fill:
         if whole_sha256 is not None:
             # The whole object's digest: checked once every slice is stored (Cache).
             self.meta.extra["repr-sha256"] = whole_sha256
-        return response
+        return True
 
-    async def _write_body(self, response: httpx.Response, fd: int) -> None:
+    async def _write_body(self, first: httpx.Response, fd: int) -> None:
+        """Write the body of `first`, resuming it (each resumed response replacing the one the
+        fill holds) when the upstream cuts it."""
         loop = asyncio.get_running_loop()
-        first = response
+        response = first
         plan: Continuation | None = None
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
         self._hash = hashlib.sha256()
@@ -403,7 +414,7 @@ class Fill:
                     plan = Continuation.for_response(first)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
-                response = await self._resume(plan, response, retries)
+                response = await self._resume(plan, response.request, retries)
         if self.length is not None and self.written != self.length:
             raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
 
@@ -417,19 +428,21 @@ class Fill:
             raise FillAbandoned("no client for cache_fill_idle_timeout")
 
     async def _resume(
-        self, plan: Continuation, failed: httpx.Response, retries: Retries
+        self, plan: Continuation, failed: httpx.Request, retries: Retries
     ) -> httpx.Response:
-        await failed.aclose()
+        """The response continuing the body from `self.written` (now the one the fill holds);
+        the failed one is closed first."""
+        await self._close_response()
         while True:
             await asyncio.sleep(retries.delay())
             request = self._upstream.build_request(
                 "GET",
-                failed.request.url,
-                resume_request_headers(plan, failed.request, self.written),
+                failed.url,
+                resume_request_headers(plan, failed, self.written),
                 self._route,
             )
             try:
-                response = await self._upstream.open(request, self._route)
+                response = self._response = await self._upstream.open(request, self._route)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
             else:
@@ -437,7 +450,7 @@ class Fill:
                 if verdict.continues:
                     logger.info("cache fill resumed at %d bytes", self.written)
                     return response
-                await response.aclose()
+                await self._close_response()
                 cause = verdict.reason
                 if verdict.next is not Next.RETRY:
                     raise TransferAborted(f"cannot resume: {cause}")
