@@ -331,6 +331,18 @@ class Config:
     cache_fill_idle_timeout: float = _setting(
         300.0, "seconds a cache fill runs on after its last client left", min=0
     )
+    cache_background_fills: int = _setting(
+        8,
+        "cache fills that may run with no client waiting (clients left, prefetches, "
+        "revalidations, read-ahead); past it such a fill stops or is not started",
+        min=0,
+    )
+    cache_background_share: float = _setting(
+        0.25,
+        "largest share of max_connections fills with no client waiting may hold (at least one)",
+        positive=True,
+        max=1.0,
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Config)

@@ -2,15 +2,21 @@
 attached reader at each advance, published (fsync, meta, rename) only when complete and
 verified.
 
-A fill belongs to the cache, not to a client: clients attach and detach; with none attached it
-runs on for `cache_fill_idle_timeout`, then stops (nothing is published). A body the upstream
-cuts is resumed by `relay.http.continuation`'s rules (same validator, same total); if it cannot
-be, the fill fails and every attached reader aborts its transfer.
+A fill belongs to the cache, not to a client: clients hold it (from when their response takes
+it until that response ends) and attach while reading it. With no client it is background
+work, bounded by the cache (`Cache` in cache.py): it runs on for `cache_fill_idle_timeout`
+(a prefetch to completion) unless the cache stops it first (`stop`) to keep fills without
+clients under their limit or to give a client's request its upstream connection. A stopped
+fill publishes nothing, as after the idle timeout, and it can only be stopped before its body
+is complete. A body the upstream cuts is resumed by `relay.http.continuation`'s rules (same
+validator, same total); if it cannot be, the fill fails and every attached reader aborts its
+transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -99,6 +105,7 @@ class Fill:
         on_refreshed: Callable[[Fill, Meta], None],
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
+        on_clientless: Callable[[Fill], None],
     ) -> None:
         self.key = key
         self.variant = variant
@@ -116,6 +123,7 @@ class Fill:
         self._on_refreshed = on_refreshed
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
+        self._on_clientless = on_clientless
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
         self.written = 0
@@ -135,6 +143,7 @@ class Fill:
         self.coalesced = 0
         self.digest_mismatch = False
         self.prefetch = False
+        """Started without a client: runs to completion, whatever the idle timeout."""
         self.sha256: str | None = None
         """The digest the whole body must have (a content-addressed object), checked before
         anything the upstream's own headers announce."""
@@ -149,15 +158,32 @@ class Fill:
         """A slice fill: the storage key of the object it is a slice of."""
         self._content_sha256: str | None = None
         """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
-        """Started without a client: runs to completion, whatever the idle timeout."""
+        self.task: asyncio.Task[None] | None = None
+        """The task running `run` (set by the cache when it starts it)."""
+        self.stopping: str | None = None
+        """Why the cache stopped the fill (`stop`), once it did."""
+        self._holds = 0
+        self._started = False
+        self._opening = False
+        self._body_done = False
         self._idle_since: float | None = time.monotonic()
         self._response: httpx.Response | None = None
         """The one upstream response the fill holds (the first, then each resumed one), closed
         by `_close_response` before another is opened and in `run`'s `finally`."""
 
-    # ---- readers ------------------------------------------------------------------------
+    # ---- clients ------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """A client's response uses this fill (waits on it or reads it) until `release`."""
+        self._holds += 1
+        self._idle_since = None
+
+    def release(self) -> None:
+        self._holds -= 1
+        self._left()
 
     def attach(self) -> None:
+        """A client reads the body as it is written (counted for coalescing)."""
         if self.readers:
             self.coalesced += 1
         self.readers += 1
@@ -165,8 +191,45 @@ class Fill:
 
     def detach(self) -> None:
         self.readers -= 1
-        if self.readers == 0:
+        self._left()
+
+    def _left(self) -> None:
+        if self._holds == 0 and self.readers == 0:
             self._idle_since = time.monotonic()
+            self._on_clientless(self)
+
+    @property
+    def stoppable(self) -> bool:
+        """Not over, and its body not yet complete: stopping it now publishes nothing."""
+        return not self.finished and not self._body_done and self.stopping is None
+
+    @property
+    def going(self) -> bool:
+        """Running, and not being stopped: a client may join it."""
+        return not self.finished and self.stopping is None
+
+    @property
+    def background(self) -> bool:
+        """No client waits for this fill, and the cache may still stop it."""
+        return self._holds == 0 and self.readers == 0 and self.stoppable
+
+    @property
+    def using_upstream(self) -> bool:
+        """Holding (or opening) an upstream response: stopping it frees a connection."""
+        return self._opening or self._response is not None
+
+    @property
+    def idle_since(self) -> float:
+        """When its last client left (or it started without one); +inf while it has one."""
+        since = self._idle_since
+        return since if since is not None else float("inf")
+
+    def stop(self, reason: str) -> None:
+        """Stop a fill no client waits for: its upstream response is closed and nothing is
+        published, as after the idle timeout. The cache calls this only while `stoppable`."""
+        self.stopping = reason
+        if self._started and self.task is not None:
+            self.task.cancel()  # a fill not started yet stops as it starts
 
     async def wait_beyond(self, position: int) -> None:
         """Return once more than `position` bytes are written, or the fill is over."""
@@ -188,9 +251,12 @@ class Fill:
 
     async def run(self) -> None:
         fd: int | None = None
+        self._started = True
         try:
+            if self.stopping is not None:
+                raise FillAbandoned(self.stopping)
             try:
-                response = self._response = await self._upstream.open(self._request, self._route)
+                response = self._response = await self._open(self._request)
             except UpstreamError as exc:
                 self.error = exc
                 return
@@ -201,11 +267,16 @@ class Fill:
             self.headers_ready.set()
             await self._write_body(response, fd)
             # The whole body is in: its connection goes back before the fsync and publish.
+            self._body_done = True
             await self._close_response()
             await self._publish(fd, response.headers)
         except asyncio.CancelledError:
-            self.failed = "cancelled"
-            raise
+            task = asyncio.current_task()
+            if self.stopping is None or (task is not None and task.uncancel() > 0):
+                self.failed = "cancelled"
+                raise
+            self.failed = self.stopping
+            logger.info("cache fill stopped: %s (%s)", self.stopping, self._request.url.path)
         except FillAbandoned as exc:
             self.failed = str(exc)
             logger.info("cache fill stopped: %s (%s)", exc, self._request.url.path)
@@ -234,6 +305,14 @@ class Fill:
                     logger.warning("cache: cannot remove %s: %s", self.partial, exc)
             self.headers_ready.set()
             self._notify()
+
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        """Open an upstream response (as background work when no client waits)."""
+        self._opening = True
+        try:
+            return await self._upstream.open(request, self._route, background=self.background)
+        finally:
+            self._opening = False
 
     async def _close_response(self) -> None:
         """Close the upstream response the fill holds, if any (shielded: a close must finish
@@ -402,7 +481,7 @@ class Fill:
                         raise FillAbandoned("cache budget exceeded by an unsized body")
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
-                    await loop.run_in_executor(None, os.pwrite, fd, chunk, self.written)
+                    await _write_at(loop, fd, chunk, self.written)
                     self._hash.update(chunk)
                     self.written += size
                     self._count(size)
@@ -442,7 +521,7 @@ class Fill:
                 self._route,
             )
             try:
-                response = self._response = await self._upstream.open(request, self._route)
+                response = self._response = await self._open(request)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
             else:
@@ -477,6 +556,22 @@ class Fill:
         await loop.run_in_executor(None, store_files, self.directory, meta)
         self.published = True
         self._on_stored(self, meta)
+
+
+async def _write_at(loop: asyncio.AbstractEventLoop, fd: int, data: bytes, offset: int) -> None:
+    """`os.pwrite` in a thread. Cancelled meanwhile (a fill being stopped), it returns only
+    once the write is over: the caller closes `fd` next, and a descriptor closed under a write
+    in flight could be reused by another file by the time the write runs."""
+    write = loop.run_in_executor(None, os.pwrite, fd, data, offset)
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        while not write.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({write})
+        if not write.cancelled():
+            write.exception()  # retrieved: the cancellation is what the caller sees
+        raise
 
 
 def store_files(directory: Path, meta: Meta) -> None:

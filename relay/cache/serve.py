@@ -143,6 +143,7 @@ class CachedResponse(Response):
         self._client = client
         self._send_timeout = send_timeout
         self._exchange = Exchange()
+        self._held: list[Fill] = []
         self.status_code = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -182,6 +183,8 @@ class CachedResponse(Response):
         except (OSError, _ClientGone):
             self._exchange.outcome = "client_abort"
         finally:
+            for fill in self._held:
+                fill.release()
             self._limiter.release(self._client)
         if relayed is not None:
             # Relayed outside this response's slot: the relayed response takes its own.
@@ -275,13 +278,21 @@ class CachedResponse(Response):
                 await self._from_file(send, entry, cache_status(hit=True, ttl=ttl))
                 return None
             if fresh.may_serve_stale_while_revalidating():
-                cache.fill(self._base, self._variant, self._build_request(), self._route, entry)
+                # Nobody waits for this revalidation: not started when fills without a client
+                # are at their limit (the next request tries again).
+                cache.background_fill(
+                    self._base, self._variant, self._build_request(), self._route, entry
+                )
                 cache.stats.stale += 1
                 self._exchange.cache = "stale"
                 status = cache_status(hit=True, fwd="stale", detail="stale-while-revalidate")
                 await self._from_file(send, entry, status)
                 return None
-            fill = cache.fill(self._base, self._variant, self._build_request(), self._route, entry)
+            fill = await self._use(
+                lambda: cache.fill(
+                    self._base, self._variant, self._build_request(), self._route, entry
+                )
+            )
             await fill.headers_ready.wait()
             if fill.refreshed is not None:
                 refreshed = cache.lookup(self._base, self._variant) or entry
@@ -314,8 +325,10 @@ class CachedResponse(Response):
             if self._method != "GET":
                 return self._fallback()
         cache.stats.misses += 1
-        fill = fill_now or cache.fill(
-            self._base, self._variant, self._build_request(), self._route, sha256=self._sha256
+        fill = await self._use(
+            lambda: cache.fill(
+                self._base, self._variant, self._build_request(), self._route, sha256=self._sha256
+            )
         )
         return await self._from_fill(send, fill, cache_status(hit=False, fwd="miss"))
 
@@ -545,8 +558,14 @@ class CachedResponse(Response):
         return cache_status(hit=True, ttl=_ttl(meta) if self._sha256 is None else None)
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
-        """Start the fill of slice `index` (if neither stored nor in flight)."""
-        if self._cache.slice_entry(self._base, self._variant, index) is None:
+        """Start the fill of slice `index` (if neither stored nor in flight), as background
+        work until this response reaches it: not when fills without a client are at their
+        limit."""
+        cache = self._cache
+        if (
+            cache.slice_entry(self._base, self._variant, index) is None
+            and cache.room_for_background()
+        ):
             self._slice_fill(index, validator)
 
     def _slice_fill(self, index: int, validator: str | None) -> Fill:
@@ -575,17 +594,20 @@ class CachedResponse(Response):
             # Range of this slice with If-None-Match / If-Modified-Since), shared by every
             # client of the object: a 304 refreshes them all; a body drops them all (the
             # answer is then this slice of the new version).
-            revalidation = cache.slice_revalidation(self._base, self._variant)
-            if revalidation is None:
-                revalidation = cache.slice_fill(
-                    self._base,
-                    self._variant,
-                    index,
-                    self._build_request(),
-                    self._route,
-                    None,
-                    revalidating=entry,
+            revalidation = await self._use(
+                lambda: (
+                    cache.slice_revalidation(self._base, self._variant)
+                    or cache.slice_fill(
+                        self._base,
+                        self._variant,
+                        index,
+                        self._build_request(),
+                        self._route,
+                        None,
+                        revalidating=entry,
+                    )
                 )
+            )
             await revalidation.headers_ready.wait()
             if revalidation.refreshed is not None:
                 self._revalidated = True
@@ -618,12 +640,25 @@ class CachedResponse(Response):
                     )
         if entry is not None:
             return entry, entry.meta
-        fill = self._slice_fill(index, validator)
+        fill = await self._use(lambda: self._slice_fill(index, validator))
         await fill.headers_ready.wait()
         if fill.meta is None or fill.failed is not None:
             entry = cache.slice_entry(self._base, self._variant, index)
             return (entry, entry.meta) if entry is not None else None
         return fill, fill.meta
+
+    async def _use(self, get: Callable[[], Fill]) -> Fill:
+        """The fill `get` gives (in flight, or a new one), held until this response ends: a
+        fill a client waits for or reads is not background work (the cache neither stops it
+        nor counts it as such). One the cache stopped just as this client came (nothing of it
+        will be published) is waited out, and the one that follows it taken instead."""
+        fill = get()
+        while fill.stopping is not None and fill.task is not None and not fill.task.done():
+            await asyncio.wait({fill.task})
+            fill = get()
+        fill.hold()
+        self._held.append(fill)
+        return fill
 
     async def _slice_bytes(self, send: Send, source: Entry | Fill, start: int, stop: int) -> None:
         path = source.directory / DATA if isinstance(source, Entry) else source.partial

@@ -260,6 +260,11 @@ _CACHE_COUNTERS = (
         "Filled objects dropped because they did not match the upstream's digest.",
     ),
     ("fills_failed", "Cache fills that failed (upstream, disk, no client) and stored nothing."),
+    (
+        "background_stopped",
+        "Cache fills no client waited for that were stopped (over cache_background_fills, or "
+        "to give a client's request their upstream connection); they stored nothing.",
+    ),
 )
 
 
@@ -285,6 +290,12 @@ class _CacheCollector(Collector):
         )
         yield GaugeMetricFamily(
             "relay_cache_objects", "Complete cached objects.", value=len(cache.index)
+        )
+        yield GaugeMetricFamily(
+            "relay_cache_background_fills",
+            "Cache fills running with no client waiting (clients left, prefetches, "
+            "revalidations, read-ahead).",
+            value=cache.background_fills(),
         )
 
 

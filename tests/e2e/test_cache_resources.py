@@ -5,15 +5,18 @@ gauges, origin counts), never on a sleep."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import struct
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from relay.config import Route
 from tests.e2e.caching import MakeRelay, cache_metrics, caching_relay
 from tests.harness import RelayThread, wait_until
 from tests.origin import Origin
@@ -56,7 +59,8 @@ def test_a_client_reset_right_after_asking_for_a_hit_logs_no_error(
 
 
 def _is_hit(relay: RelayThread, path: str) -> bool:
-    return httpx.head(relay.url + path).headers.get("cache-status", "").startswith("relay; hit")
+    status: str = httpx.head(relay.url + path).headers.get("cache-status", "")
+    return status.startswith("relay; hit")
 
 
 def upstream_connections(relay: RelayThread, state: str = "in_use") -> int:
@@ -102,3 +106,124 @@ def test_a_resumed_fill_stopped_by_its_last_client_leaving_closes_its_connection
     relay.call(gc.collect)
     assert relay.logged_errors() == []
     assert cache_metrics(relay)["objects"] == before["objects"]
+
+
+@pytest.fixture
+def own_origin() -> Iterator[Origin]:
+    """An origin of the test's own: stopping it ends fills stalled on it (a stalled upstream
+    holds its connection until the read timeout), so the test leaves nothing running."""
+    with Origin() as server:
+        yield server
+
+
+def _two_routes(origin: Origin) -> tuple[Route, Route]:
+    """/o/ cached, /p/ relayed (cache = false), both to `origin`."""
+    return (
+        Route(prefix="/o/", upstream=origin.url + "/", allow_private=True),
+        Route(prefix="/p/", upstream=origin.url + "/", allow_private=True, cache=False),
+    )
+
+
+def _abandon_fills(relay: RelayThread, count: int, tag: str) -> None:
+    """`count` clients each ask for a distinct large object (the upstream stalls after 256 KiB,
+    so its fill holds its connection), read 64 KiB of it and reset: fills nobody waits for."""
+    for i in range(count):
+        _read_then_reset(relay.port, f"/o/gen/{64 * MiB}?stall_after=256k&u={tag}-{i}", 64 * 1024)
+
+
+def test_fills_whose_clients_left_do_not_lock_clients_out(
+    cached: MakeRelay, own_origin: Origin
+) -> None:
+    """Issue 21, item 11: with max_connections = 3, three clients drop large downloads of three
+    distinct objects. Fills without a client are bounded (by default a quarter of the pool, at
+    least one): one runs on, the other two stop (nothing stored); every later request, relayed
+    or through the cache, is answered."""
+    relay = cached(
+        routes=_two_routes(own_origin), max_connections=3, resume_attempts=0, admin_token="t"
+    )
+    before = cache_metrics(relay)
+    _abandon_fills(relay, 3, uuid.uuid4().hex)
+    assert wait_until(
+        lambda: (
+            cache_metrics(relay)["background_stopped_total"]
+            == before["background_stopped_total"] + 2
+        )
+    )
+    assert cache_metrics(relay)["background_fills"] == 1
+    assert upstream_connections(relay) == 1
+    for path in ("/p/gen/1k", f"/o/gen/2k?u={uuid.uuid4().hex}", "/p/gen/3k"):
+        response = httpx.get(relay.url + path, timeout=30)
+        assert response.status_code == 200, (path, response.text)
+    # Nor is another fill started without a client: a prefetch is refused for now.
+    prefetch = httpx.post(
+        relay.url + "/cache/prefetch",
+        json={"path": f"/o/gen/4k?u={uuid.uuid4().hex}"},
+        headers={"x-relay-admin-token": "t"},
+    )
+    assert prefetch.status_code == 503
+    assert prefetch.headers["retry-after"] == "5"
+    own_origin.stop()  # the stalled fill fails: nothing left running
+    assert cache_metrics(relay)["objects"] == before["objects"] + 1  # the 2k miss only
+
+
+def test_a_client_request_stops_a_fill_nobody_waits_for_when_the_pool_is_full(
+    cached: MakeRelay, own_origin: Origin
+) -> None:
+    """Fills without a client allowed the whole pool (cache_background_fills 3, share 1.0):
+    three abandoned fills hold all three upstream connections. A client's request then stops
+    one of them (nothing of it stored) and gets its connection, instead of waiting for the
+    pool and a 503; one stop is enough, the other two fills run on."""
+    relay = cached(
+        routes=_two_routes(own_origin),
+        max_connections=3,
+        resume_attempts=0,
+        cache_background_fills=3,
+        cache_background_share=1.0,
+    )
+    before = cache_metrics(relay)
+    _abandon_fills(relay, 3, uuid.uuid4().hex)
+    assert wait_until(lambda: upstream_connections(relay) == 3)
+    assert cache_metrics(relay)["background_fills"] == 3
+    # First a miss: its fill has a client waiting, so it waits for a connection as the
+    # client's own request would (and makes room), unlike a fill nobody waits for.
+    for path in (f"/o/gen/2k?u={uuid.uuid4().hex}", "/p/gen/1k"):
+        response = httpx.get(relay.url + path, timeout=30)
+        assert response.status_code == 200, (path, response.text)
+    after = cache_metrics(relay)
+    assert after["background_stopped_total"] == before["background_stopped_total"] + 1
+    assert after["background_fills"] == 2
+    assert after["objects"] == before["objects"] + 1  # the 2k miss only
+    own_origin.stop()
+
+
+def test_a_fill_nobody_waits_for_never_waits_for_a_connection(
+    cached: MakeRelay, own_origin: Origin
+) -> None:
+    """Every upstream connection is taken by clients (three relayed downloads waiting on a
+    stalled upstream) when a prefetch starts a fill: the fill does not queue for a connection
+    (it would take the next one freed ahead of any client's request), it ends at once
+    (`relay_cache_background_fills` back to 0) and never reaches the upstream, even once the
+    clients' connections are free."""
+    relay = cached(
+        routes=_two_routes(own_origin), max_connections=3, pool_timeout=60.0, admin_token="t"
+    )
+    tag = uuid.uuid4().hex
+    objects = cache_metrics(relay)["objects"]
+    with contextlib.ExitStack() as clients:
+        for i in range(3):
+            sock = clients.enter_context(socket.create_connection(("127.0.0.1", relay.port)))
+            sock.sendall(
+                f"GET /p/gen/{64 * MiB}?stall_after=256k&u={tag}-{i} HTTP/1.1\r\n"
+                "Host: relay\r\n\r\n".encode()
+            )
+        assert wait_until(lambda: upstream_connections(relay) == 3)
+        prefetch = httpx.post(
+            relay.url + "/cache/prefetch",
+            json={"path": f"/o/gen/4k?u={tag}"},
+            headers={"x-relay-admin-token": "t"},
+        )
+        assert prefetch.status_code == 202
+        assert wait_until(lambda: cache_metrics(relay)["background_fills"] == 0)
+    assert wait_until(lambda: upstream_connections(relay) == 0)
+    assert [r for r in own_origin.requests if r.target == f"/gen/4k?u={tag}"] == []
+    assert cache_metrics(relay)["objects"] == objects
