@@ -607,13 +607,24 @@ class Config:
     )
     cache_background_fills: int = _setting(
         8,
-        "cache fills that may run with no client waiting (clients left, prefetches, "
-        "revalidations, read-ahead); past it such a fill stops or is not started",
+        "cache fills that may run with no client waiting",
+        group="cache",
+        details=(
+            "Fills whose clients left, prefetches, stale-while-revalidate revalidations and "
+            "slice read-ahead. Past the limit (this, and `cache_background_share`), a fill "
+            "whose last client leaves stops at once and stores nothing, and such a fill is "
+            "not started: a prefetch is answered 503, a revalidation is left to the next "
+            "request. Whatever the limit, a client's request that finds every upstream "
+            "connection in use stops the fill without a client for longest and takes its "
+            "connection. 0: a fill stops when its last client leaves."
+        ),
         min=0,
     )
     cache_background_share: float = _setting(
         0.25,
-        "largest share of max_connections fills with no client waiting may hold (at least one)",
+        "largest share of max_connections that fills with no client waiting may hold",
+        group="cache",
+        details="At least one fill, unless `cache_background_fills` is 0.",
         positive=True,
         max=1.0,
     )
