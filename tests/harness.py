@@ -355,6 +355,30 @@ def abort_download(port: int, path: str, nbytes: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def read_slowly(port: int, path: str) -> tuple[int, str]:
+    """Download reading 4 KiB every 0.1 s (about 40 KB/s) through a 32 KiB receive buffer,
+    for at most 60 s; return the bytes received and how it ended: reset, eof or timeout.
+
+    The small buffer matters: a reset reaches the application only after the data queued
+    before it, which a large buffer read this slowly would take minutes to give."""
+    received = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: r\r\n\r\n".encode())
+        for _ in range(600):
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:
+                return received, "reset"
+            if not chunk:
+                return received, "eof"
+            received += len(chunk)
+            time.sleep(0.1)
+    return received, "timeout"
+
+
 def status_of(response: bytes) -> int:
     line = response.split(b"\r\n", 1)[0]
     parts = line.split(b" ")

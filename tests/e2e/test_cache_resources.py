@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import socket
 import struct
 import uuid
@@ -17,8 +18,9 @@ import httpx
 import pytest
 
 from relay.config import Route
+from relay.server.run import RelayHttpToolsProtocol
 from tests.e2e.caching import MakeRelay, cache_metrics, caching_relay
-from tests.harness import RelayThread, wait_until
+from tests.harness import RelayThread, read_slowly, wait_until
 from tests.origin import Origin
 
 pytestmark = pytest.mark.e2e
@@ -227,3 +229,36 @@ def test_a_fill_nobody_waits_for_never_waits_for_a_connection(
     assert wait_until(lambda: upstream_connections(relay) == 0)
     assert [r for r in own_origin.requests if r.target == f"/gen/4k?u={tag}"] == []
     assert cache_metrics(relay)["objects"] == objects
+
+
+@pytest.mark.parametrize("answer", ["hit, zero-copy", "hit, read", "miss, from the fill"])
+def test_min_send_rate_cuts_a_slow_reader_of_a_cache_answer(
+    cached: MakeRelay,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+) -> None:
+    """A client reading about 40 KB/s against a 256 KB/s min_send_rate (window 0.5 s), as
+    relayed streams are judged: cut after the grace window, whichever pump sends the cache's
+    answer (sendfile, reads of a stored file, reads behind a fill), its slot given back."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    if answer == "hit, read":
+        monkeypatch.setattr(RelayHttpToolsProtocol, "zero_copy", False)
+    relay = cached(min_send_rate=256_000, min_rate_window=0.5)
+    path = f"/o/gen/{64 * MiB}?u={uuid.uuid4().hex}"
+    if answer.startswith("hit"):
+        assert len(httpx.get(relay.url + path, timeout=60).content) == 64 * MiB
+        assert wait_until(lambda: _is_hit(relay, path))
+    before = cache_metrics(relay)
+    received, ending = read_slowly(relay.port, path)
+    assert ending == "reset", (ending, received)
+    assert received < 64 * MiB
+    assert wait_until(lambda: relay.streams_active() == 0)
+    assert any("fewer than 256000 bytes/s" in r.getMessage() for r in caplog.records)
+    assert wait_until(
+        lambda: any(
+            r.name == "relay.access" and "client_slow" in r.getMessage() for r in caplog.records
+        )
+    )
+    zero_copy = cache_metrics(relay)["bytes_zero_copy_total"] - before["bytes_zero_copy_total"]
+    assert (zero_copy > 0) == (answer == "hit, zero-copy")
