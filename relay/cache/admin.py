@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from relay.cache.admission import fill_request
 from relay.cache.cache import Cache
 from relay.cache.fill import Fill
 from relay.cache.hub import HubFile, hub_key_of_purge
@@ -139,12 +140,7 @@ async def prefetch(request: Request) -> Response:
     if cache.lookup(base, variant) is not None:
         return JSONResponse({"state": "cached"}, headers=_NO_STORE)
     return _prefetching(
-        cache.background_fill(
-            base,
-            variant,
-            upstream.build_request("GET", upstream.url_for(target), headers, route),
-            route,
-        )
+        cache.background_fill(base, variant, fill_request(upstream, target, headers), route)
     )
 
 

@@ -25,13 +25,12 @@ from starlette.applications import Starlette
 
 from relay.config import Config
 from relay.errors import StartupError
-from relay.proxy.streaming import RESET_KEY
 from relay.server.app import create_app
 from relay.server.health import Readiness
 from relay.server.logs import configure_logging, log_startup
 from relay.server.uvicorn_compat import HttpToolsProtocol, RequestResponseCycle
 from relay.server.zerocopy import ZeroCopySend
-from relay.types import ZERO_COPY_SEND
+from relay.types import RESET_KEY, ZERO_COPY_SEND
 
 logger = logging.getLogger(__name__)
 
