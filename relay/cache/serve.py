@@ -25,7 +25,7 @@ from relay.cache.policy import Answer, answer
 from relay.cache.slice_answer import SlicedAnswer
 from relay.config import Route
 from relay.errors import error_response
-from relay.proxy.admission import StreamLimiter
+from relay.proxy.admission import StreamLimiter, hand_over
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.send_watch import ClientWatch
 from relay.types import RESET_KEY, ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
@@ -68,7 +68,13 @@ class CachedResponse(Response):
         self._send_timeout = send_timeout
         self._exchange = Exchange()
         self._holds = Holds()
+        self._slot_held = False
         self.status_code = 0
+
+    def take_slot(self) -> None:
+        """Be handed the stream slot of a request already admitted (the Hub path's; see
+        `relay.proxy.admission.TakesSlot`)."""
+        self._slot_held = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = self._exchange = exchange_of(scope)
@@ -83,11 +89,12 @@ class CachedResponse(Response):
             reset=scope.get(RESET_KEY),
             adapt=self._adapt,
         )
-        refusal = self._limiter.acquire(self._client)
-        if refusal is not None:
-            exchange.outcome = "rejected"
-            await error_response(refusal)(scope, receive, send)
-            return
+        if not self._slot_held:
+            refusal = self._limiter.acquire(self._client)
+            if refusal is not None:
+                exchange.outcome = "rejected"
+                await error_response(refusal)(scope, receive, send)
+                return
         relayed: Response | None = None
         try:
             try:
@@ -115,11 +122,13 @@ class CachedResponse(Response):
             exchange.outcome = "client_abort"
         finally:
             self._holds.release()
-            self._limiter.release(self._client)
+            # A request relayed instead keeps its slot: the relayed response is handed it
+            # (and releases it), so it is never refused halfway.
+            if relayed is None or not hand_over(relayed):
+                self._limiter.release(self._client)
             if out.status:
                 self.status_code = out.status
         if relayed is not None:
-            # Relayed outside this response's slot: the relayed response takes its own.
             if exchange.cache == "-":
                 exchange.cache = "pass"
             await relayed(scope, receive, send)

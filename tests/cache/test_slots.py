@@ -8,6 +8,7 @@ find none."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ BODY = b"relayed bytes " * 100
 SHA256 = hashlib.sha256(BODY).hexdigest()
 
 
+class _Body(httpx.AsyncByteStream):
+    """BODY as a stream (a `content=` response is read at once, and relay streams raw)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield BODY
+
+
 def _upstream(request: httpx.Request) -> httpx.Response:
     path = request.url.path
     if request.url.host == "hub.test" and "/resolve/" in path:
@@ -36,11 +44,11 @@ def _upstream(request: httpx.Request) -> httpx.Response:
                 "X-Repo-Commit": "0" * 40,
             }
             return httpx.Response(302, headers=headers)
-        return httpx.Response(200, headers={"Content-Length": str(len(BODY))}, content=BODY)
+        return httpx.Response(200, headers={"Content-Length": str(len(BODY))}, stream=_Body())
     # /private: not storable, so relayed after its fill says so; the CDN's blob: stored.
     cache_control = "private" if path == "/private" else "max-age=600"
-    headers = {"Cache-Control": cache_control, "ETag": '"e"'}
-    return httpx.Response(200, headers=headers, content=BODY)
+    headers = {"Cache-Control": cache_control, "ETag": '"e"', "Content-Length": str(len(BODY))}
+    return httpx.Response(200, headers=headers, stream=_Body())
 
 
 def _app(tmp_path: Path) -> Any:
