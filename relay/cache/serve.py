@@ -88,6 +88,7 @@ class CachedResponse(Response):
             zero_copy=ZERO_COPY_SEND in (scope.get("extensions") or ()),
             reset=scope.get(RESET_KEY),
             adapt=self._adapt,
+            path=scope.get("path", ""),
         )
         if not self._slot_held:
             refusal = self._limiter.acquire(self._client)
@@ -112,6 +113,9 @@ class CachedResponse(Response):
             try:
                 relayed = await self._answer(out)
             except asyncio.CancelledError:
+                cut = out.cut(task)
+                if cut is not None:
+                    raise cut from None
                 if not watch.gone:
                     raise
                 task.uncancel()
@@ -121,6 +125,7 @@ class CachedResponse(Response):
         except OSError:
             exchange.outcome = "client_abort"
         finally:
+            out.close()
             self._holds.release()
             # A request relayed instead keeps its slot: the relayed response is handed it
             # (and releases it), so it is never refused halfway.

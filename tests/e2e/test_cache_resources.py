@@ -20,8 +20,8 @@ import pytest
 from relay.config import Route
 from relay.server.run import RelayHttpToolsProtocol
 from tests.e2e.caching import MakeRelay, cache_metrics, caching_relay
-from tests.harness import RelayThread, read_slowly, wait_until
-from tests.origin import Origin
+from tests.harness import CURL, RelayThread, curl, read_slowly, wait_until
+from tests.origin import Origin, expected_sha256
 
 pytestmark = pytest.mark.e2e
 
@@ -262,3 +262,19 @@ def test_min_send_rate_cuts_a_slow_reader_of_a_cache_answer(
     )
     zero_copy = cache_metrics(relay)["bytes_zero_copy_total"] - before["bytes_zero_copy_total"]
     assert (zero_copy > 0) == (answer == "hit, zero-copy")
+
+
+@pytest.mark.skipif(CURL is None, reason="needs curl")
+def test_min_send_rate_judges_the_client_not_a_slow_fill(cached: MakeRelay) -> None:
+    """The rate judges the client only: a client keeping up with a fill from a slow upstream
+    (100 KB/s, under the 256 KB/s minimum) gets the whole body, and so does a fast client of
+    a hit, zero-copy."""
+    relay = cached(min_send_rate=256_000, min_rate_window=0.5)
+    tag = uuid.uuid4().hex
+    code, digest, size = curl(f"{relay.url}/o/gen/200000?slow=100000&u={tag}")
+    assert (code, size, digest) == (0, 200000, expected_sha256(200000))
+    path = f"/o/gen/{64 * MiB}?u={tag}"
+    assert len(httpx.get(relay.url + path, timeout=60).content) == 64 * MiB
+    assert wait_until(lambda: _is_hit(relay, path))
+    code, digest, size = curl(relay.url + path)
+    assert (code, digest) == (0, expected_sha256(64 * MiB))
