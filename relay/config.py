@@ -482,7 +482,8 @@ class Config:
         group="limits",
         details="Past a first `min_rate_window` of grace, a client that relay spent at least "
         "half a window waiting on, and that took less than this rate over that time, is cut "
-        "(connection reset). It judges the client only: a slow upstream does not get its "
+        "(connection reset), whether relayed or answered from the cache (zero-copy hits "
+        "included). It judges the client only: a slow upstream or cache fill does not get its "
         "clients cut. Off by default: a right value depends on your clients and objects (see "
         "[operations](operations.md#slow-readers)).",
         min=0,
