@@ -9,7 +9,6 @@ import contextlib
 import gc
 import logging
 import socket
-import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from relay.config import Route
 from relay.server.run import RelayHttpToolsProtocol
 from tests.e2e.caching import MakeRelay, cache_metrics, caching_relay
-from tests.harness import CURL, RelayThread, curl, read_slowly, wait_until
+from tests.harness import CURL, RelayThread, abort_download, curl, read_slowly, wait_until
 from tests.origin import Origin, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -31,13 +30,6 @@ MiB = 1024 * 1024
 @pytest.fixture
 def cached(make_relay: MakeRelay, tmp_path: Path) -> MakeRelay:
     return caching_relay(make_relay, tmp_path)
-
-
-def _reset_right_after(port: int, path: str) -> None:
-    """Ask for `path` and reset the connection (RST) without reading anything."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -52,7 +44,7 @@ def test_a_client_reset_right_after_asking_for_a_hit_logs_no_error(
     assert httpx.get(relay.url + path).status_code == 200
     assert wait_until(lambda: _is_hit(relay, path))
     for _ in range(30):
-        _reset_right_after(relay.port, path)
+        abort_download(relay.port, path, 0)  # reset right after asking
     assert wait_until(lambda: relay.streams_active() == 0)
     assert relay.logged_errors() == []
     response = httpx.get(relay.url + path)
@@ -73,18 +65,6 @@ def upstream_connections(relay: RelayThread, state: str = "in_use") -> int:
     raise AssertionError("relay_upstream_connections not reported")
 
 
-def _read_then_reset(port: int, path: str, nbytes: int) -> None:
-    """Ask for `path`, read at least `nbytes` of the response, then reset the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-        got = 0
-        while got < nbytes:
-            chunk = sock.recv(65536)
-            assert chunk, "relay closed the connection"
-            got += len(chunk)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 def test_a_resumed_fill_stopped_by_its_last_client_leaving_closes_its_connection(
     cached: MakeRelay, origin: Origin
 ) -> None:
@@ -98,7 +78,7 @@ def test_a_resumed_fill_stopped_by_its_last_client_leaving_closes_its_connection
     path = f"/o/gen/{size}?v=1801&drop_once={MiB}&key={key}&slow={4 * MiB}"
     before = cache_metrics(relay)
     # Past the cut: the bytes after the first MiB come from the resumed response.
-    _read_then_reset(relay.port, path, 2 * MiB)
+    abort_download(relay.port, path, 2 * MiB)
     assert wait_until(
         lambda: cache_metrics(relay)["fills_failed_total"] == before["fills_failed_total"] + 1
     )
@@ -130,7 +110,7 @@ def _abandon_fills(relay: RelayThread, count: int, tag: str) -> None:
     """`count` clients each ask for a distinct large object (the upstream stalls after 256 KiB,
     so its fill holds its connection), read 64 KiB of it and reset: fills nobody waits for."""
     for i in range(count):
-        _read_then_reset(relay.port, f"/o/gen/{64 * MiB}?stall_after=256k&u={tag}-{i}", 64 * 1024)
+        abort_download(relay.port, f"/o/gen/{64 * MiB}?stall_after=256k&u={tag}-{i}", 64 * 1024)
 
 
 def test_fills_whose_clients_left_do_not_lock_clients_out(
