@@ -318,6 +318,11 @@ class Cache:
         self.slices.purge_prefix(prefix)
         return count
 
+    @property
+    def fills_running(self) -> int:
+        """Fills in flight (whole objects and slices), for the metrics."""
+        return len(self.fills)
+
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()

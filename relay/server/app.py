@@ -181,7 +181,9 @@ def create_app(
     readiness = Readiness()
     routes = RouteTable(config.routes)
     relay = Relay(config, routes)
-    metrics = Metrics(routes=[route.prefix for route in config.routes])
+    metrics = Metrics(
+        routes=[route.prefix for route in config.routes], max_streams=config.max_streams
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -189,7 +191,7 @@ def create_app(
         pool = None
         if isinstance(upstream_transport, PooledTransport):
             pool = upstream_transport.pool_stats
-            metrics.watch_pool(pool)
+            metrics.watch_pool(pool, limit=config.max_connections)
         async with UpstreamClient(
             transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
@@ -201,6 +203,8 @@ def create_app(
                 ):
                     if cache is not None:
                         metrics.watch_cache(cache)
+                    if downloads is not None:
+                        metrics.watch_downloads(downloads.counts, limit=config.max_downloads)
                     readiness.started = True
                     try:
                         yield {
