@@ -347,6 +347,12 @@ class _CacheCollector(Collector):
             "revalidations, read-ahead).",
             value=cache.background_fills(),
         )
+        yield GaugeMetricFamily(
+            "relay_cache_max_background_fills",
+            "Cache fills that may run with no client waiting (cache_background_fills, within "
+            "cache_background_share of max_connections).",
+            value=cache.background_limit,
+        )
 
 
 class _ActiveStreams(Collector):

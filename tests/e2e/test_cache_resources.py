@@ -132,6 +132,7 @@ def test_fills_whose_clients_left_do_not_lock_clients_out(
         )
     )
     assert cache_metrics(relay)["background_fills"] == 1
+    assert cache_metrics(relay)["max_background_fills"] == 1  # a quarter of 3, at least one
     assert upstream_connections(relay) == 1
     for path in ("/p/gen/1k", f"/o/gen/2k?u={uuid.uuid4().hex}", "/p/gen/3k"):
         response = httpx.get(relay.url + path, timeout=30)
@@ -166,6 +167,7 @@ def test_a_client_request_stops_a_fill_nobody_waits_for_when_the_pool_is_full(
     _abandon_fills(relay, 3, uuid.uuid4().hex)
     assert wait_until(lambda: upstream_connections(relay) == 3)
     assert cache_metrics(relay)["background_fills"] == 3
+    assert cache_metrics(relay)["max_background_fills"] == 3
     # First a miss: its fill has a client waiting, so it waits for a connection as the
     # client's own request would (and makes room), unlike a fill nobody waits for.
     for path in (f"/o/gen/2k?u={uuid.uuid4().hex}", "/p/gen/1k"):
