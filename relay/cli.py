@@ -33,9 +33,27 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{f.name.upper()})"
         if "choices" in f.metadata:
-            p.add_argument(flag, dest=f.name, choices=f.metadata["choices"], help=help_text)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                choices=f.metadata["choices"],
+                type=_not_removed(f.metadata.get("removed", {})),
+                help=help_text,
+            )
         else:
             p.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(), help=help_text)
+
+
+def _not_removed(removed: dict[str, str]) -> Callable[[str], str]:
+    """An argparse type refusing a value relay no longer has with the reason (say, a removed
+    transport), before argparse's own "invalid choice"."""
+
+    def check(value: str) -> str:
+        if value in removed:
+            raise argparse.ArgumentTypeError(removed[value])
+        return value
+
+    return check
 
 
 def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

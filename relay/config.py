@@ -215,7 +215,12 @@ class Config:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "port to listen on", min=0, max=65535)
     max_connections: int = _setting(100, "upstream connections open at once (the pool size)", min=1)
-    max_keepalive: int = _setting(100, "idle upstream connections kept for reuse", min=0)
+    max_keepalive: int = _setting(
+        100,
+        "no effect: it bounded the removed httpcore transport's idle pool; accepted so existing"
+        " configs load (idle connections are kept for keepalive_expiry)",
+        min=0,
+    )
     keepalive_expiry: float = _setting(30.0, "seconds an idle upstream connection is kept", min=0)
     connect_timeout: float = _setting(10.0, "seconds to connect to an upstream", positive=True)
     read_timeout: float = _setting(
@@ -309,7 +314,16 @@ class Config:
     ca_file: str = _setting(
         "", "PEM file of CA certificates trusted for https upstreams (empty: the defaults)"
     )
-    transport: str = _setting("aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore"))
+    transport: str = _setting(
+        "aiohttp",
+        "upstream HTTP transport: aiohttp, the only one (httpcore was removed); accepted so"
+        " existing configs load",
+        choices=("aiohttp",),
+        removed={
+            "httpcore": "the httpcore transport was removed; aiohttp is relay's only upstream"
+            " transport (remove the setting)"
+        },
+    )
     loop: str = _setting("auto", "event loop", choices=("auto", "uvloop", "asyncio"))
     log_level: str = _setting(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
@@ -374,7 +388,7 @@ class Config:
         if not self.ca_file:
             return None
         context = ssl.create_default_context(cafile=self.ca_file)
-        context.set_alpn_protocols(["http/1.1"])  # as the transports' own contexts offer
+        context.set_alpn_protocols(["http/1.1"])  # as the transport's own context offers
         return context
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -444,6 +458,8 @@ def _check(f: dataclasses.Field[Any], kind: Any, value: Any, where: str) -> None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         shown = "***" if meta.get("secret") else repr(value)
         raise ConfigError(f"{where}: expected {kind.__name__}, got {shown}")
+    if value in meta.get("removed", {}):
+        raise ConfigError(f"{where}: {meta['removed'][value]}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
     if meta.get("positive") and not value > 0:

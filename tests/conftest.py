@@ -18,8 +18,6 @@ from tests.origin import Origin
 
 pytest_plugins = ["pytester"]
 
-TRANSPORTS = ["aiohttp", "httpcore"]
-
 # The fuzz tier (tests/fuzz). "default" is bounded so the tier takes about a minute on two
 # cores, and derandomized: the same examples every run, so a CI failure reproduces locally.
 # "long" is for local bug hunting: `pytest tests/fuzz --hypothesis-profile=long` (random
@@ -78,12 +76,6 @@ def make_relay(origin: Origin) -> Iterator[Callable[..., RelayThread]]:
         relay.stop()
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport_name(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 @pytest.fixture
-def relay(make_relay: Callable[..., RelayThread], transport_name: str) -> RelayThread:
-    return make_relay(transport=transport_name)
+def relay(make_relay: Callable[..., RelayThread]) -> RelayThread:
+    return make_relay()

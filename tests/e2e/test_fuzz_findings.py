@@ -1,7 +1,6 @@
 """End to end over loopback: what the fuzz tier (tests/fuzz) found in upstream handling.
 
-A raw scripted upstream (tests/scripted_upstream.py) sends exactly the bytes of each case; each
-test runs on both transports.
+A raw scripted upstream (tests/scripted_upstream.py) sends exactly the bytes of each case.
 """
 
 from __future__ import annotations
@@ -27,11 +26,10 @@ def upstream() -> Iterator[ScriptedUpstream]:
 
 
 @pytest.fixture
-def scripted_relay(upstream: ScriptedUpstream, transport_name: str) -> Iterator[RelayThread]:
+def scripted_relay(upstream: ScriptedUpstream) -> Iterator[RelayThread]:
     config = relay_config(
         upstream.url,
         routes=(Route(prefix="/u/", upstream=upstream.url + "/", allow_private=True),),
-        transport=transport_name,
         read_timeout=2.0,
         resume_attempts=0,
     )

@@ -327,12 +327,12 @@ def _read_slowly(port: int, path: str) -> tuple[int, str]:
 
 
 def test_client_reading_below_min_send_rate_is_reset(
-    make_relay: Callable[..., RelayThread], transport_name: str, caplog: pytest.LogCaptureFixture
+    make_relay: Callable[..., RelayThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client reading at about 40 KB/s against a 256 KB/s minimum is cut after the grace
     window: its connection reset, the cut logged, its upstream connection released."""
     caplog.set_level(logging.INFO, logger="relay.access")
-    relay = make_relay(transport=transport_name, min_send_rate=256_000, min_rate_window=0.5)
+    relay = make_relay(min_send_rate=256_000, min_rate_window=0.5)
     received, ending = _read_slowly(relay.port, "/o/gen/256m")
     assert ending == "reset", (ending, received)
     assert received < 256 * 1024 * 1024

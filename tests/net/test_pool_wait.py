@@ -1,4 +1,4 @@
-"""POOL_WAIT: both transports record how long a request waited for a free upstream connection,
+"""POOL_WAIT: the transport records how long a request waited for a free upstream connection,
 and only when it had to wait (the pool was full)."""
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ from relay.config import Config
 from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, make_transport
 from tests.origin import Origin
 
-pytestmark = pytest.mark.parametrize("name", ["aiohttp", "httpcore"])
-
 
 def _request(url: str, pool: float) -> httpx.Request:
     timeout = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": pool}
     return httpx.Request("GET", url, extensions={"timeout": timeout, ALLOW_PRIVATE: True})
 
 
-def _transport(name: str) -> httpx.AsyncBaseTransport:
-    return make_transport(dataclasses.replace(Config(), transport=name, max_connections=1))
+def _transport() -> httpx.AsyncBaseTransport:
+    return make_transport(dataclasses.replace(Config(), max_connections=1))
 
 
-async def test_pool_wait_absent_when_a_connection_was_free(origin: Origin, name: str) -> None:
-    transport = _transport(name)
+async def test_pool_wait_absent_when_a_connection_was_free(origin: Origin) -> None:
+    transport = _transport()
     async with transport:
         request = _request(origin.url_for("/gen/10"), pool=5.0)
         response = await transport.handle_async_request(request)
@@ -36,8 +34,8 @@ async def test_pool_wait_absent_when_a_connection_was_free(origin: Origin, name:
         assert POOL_WAIT not in request.extensions
 
 
-async def test_pool_wait_recorded_when_the_request_waited(origin: Origin, name: str) -> None:
-    transport = _transport(name)
+async def test_pool_wait_recorded_when_the_request_waited(origin: Origin) -> None:
+    transport = _transport()
     async with transport:
         holder = await transport.handle_async_request(_request(origin.url_for("/gen/10"), 5.0))
         waiter = _request(origin.url_for("/gen/20"), pool=5.0)
@@ -54,8 +52,8 @@ async def test_pool_wait_recorded_when_the_request_waited(origin: Origin, name: 
         assert wait > 0
 
 
-async def test_pool_wait_recorded_when_the_wait_timed_out(origin: Origin, name: str) -> None:
-    transport = _transport(name)
+async def test_pool_wait_recorded_when_the_wait_timed_out(origin: Origin) -> None:
+    transport = _transport()
     async with transport:
         holder = await transport.handle_async_request(_request(origin.url_for("/gen/10"), 5.0))
         waiter = _request(origin.url_for("/gen/20"), pool=0.05)
