@@ -349,6 +349,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
         self._slots: asyncio.Semaphore | None = None
         self._in_use = 0
+        self._waiting = 0
 
     @classmethod
     def from_config(cls, config: Config) -> AiohttpTransport:
@@ -404,7 +405,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             for session in self._sessions.values()
             if session.connector is not None
         )
-        return PoolStats(in_use=self._in_use, idle=idle)
+        return PoolStats(in_use=self._in_use, idle=idle, waiting=self._waiting)
 
     def connector_in_use(self) -> int:
         """Connections aiohttp itself counts as acquired: a cross-check of `pool_stats`."""
@@ -429,12 +430,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         if slots.locked():
             waited_from = time.monotonic()
+            self._waiting += 1
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
                     await slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no free upstream connection", request=request) from None
             finally:
+                self._waiting -= 1
                 request.extensions[POOL_WAIT] = time.monotonic() - waited_from
         else:
             await slots.acquire()
