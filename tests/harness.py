@@ -29,6 +29,7 @@ from relay.errors import TransferAborted
 from relay.net.transports import PooledTransport, PoolStats, make_transport
 from relay.proxy.admission import StreamLimiter
 from relay.server.run import RelayServer, build_server, event_loop
+from tests.loopback import LoopbackServer
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> bool:
@@ -156,7 +157,7 @@ class _ErrorCapture(logging.Handler):
 _relay_ids = itertools.count(1)
 
 
-class RelayThread:
+class RelayThread(LoopbackServer):
     """A relay served by uvicorn in a background thread with its own event loop."""
 
     def __init__(self, config: Config, *, transport: httpx.AsyncBaseTransport | None = None):
@@ -181,6 +182,7 @@ class RelayThread:
         self.port = sock.getsockname()[1]
         self.server = build_server(self.config, transport=self.transport)
         server = self.server
+        LoopbackServer.started()
 
         def run() -> None:
             if event_loop(self.config) == "asyncio":

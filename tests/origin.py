@@ -74,6 +74,8 @@ from types import TracebackType
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from tests.loopback import LoopbackServer
+
 __all__ = [
     "BAD_HEADS",
     "BASE",
@@ -1126,7 +1128,7 @@ class _Core:
 # --------------------------------------------------------------------------------------------
 
 
-class Origin:
+class Origin(LoopbackServer):
     """The origin server in a background daemon thread with its own event loop.
 
     ``start()`` returns once listening; ``stop()`` closes every connection (stalls included)
@@ -1172,6 +1174,7 @@ class Origin:
         if self._thread is not None:
             raise RuntimeError("Origin already started")
         self._thread = threading.Thread(target=self._run, name="test-origin", daemon=True)
+        LoopbackServer.started()
         self._thread.start()
         self._ready.wait()
         if self._error is not None:

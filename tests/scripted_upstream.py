@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Literal
 
+from tests.loopback import LoopbackServer
+
 End = Literal["keep", "fin", "rst", "stall"]
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n"
@@ -53,7 +55,7 @@ class Received:
         return parts[1] if len(parts) > 1 else b""
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackServer):
     def __init__(self) -> None:
         self._replies: dict[bytes, list[Reply]] = {}
         self._lock = threading.Lock()
@@ -62,6 +64,7 @@ class ScriptedUpstream:
         self._accepted = 0
         self._closing = False
         self._listener = socket.create_server(("127.0.0.1", 0))
+        LoopbackServer.started()
         self.port: int = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="scripted-upstream", daemon=True)
 

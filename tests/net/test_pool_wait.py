@@ -15,6 +15,8 @@ from relay.config import Config
 from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, PooledTransport, make_transport
 from tests.origin import Origin
 
+pytestmark = pytest.mark.e2e
+
 
 def _request(url: str, pool: float) -> httpx.Request:
     timeout = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": pool}
