@@ -88,7 +88,7 @@ def test_fuzz_finding_pooled_connection_reset_after_a_chunked_response_logs_noth
     for _ in range(5):
         response = get(scripted_relay, "/u/reset")
         assert response.status == 206
-        wait_until(lambda: upstream.open_connections == 0, timeout=3)
+        assert wait_until(lambda: upstream.open_connections == 0, timeout=3)
         # The next request finds the reset connection in the pool and drops it.
         following = get(scripted_relay, "/u/next")
         assert (following.status, following.body) == (200, expected)

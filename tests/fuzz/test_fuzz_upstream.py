@@ -114,7 +114,8 @@ def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInp
         # Let the upstream's close land first: a request racing it on a reused connection
         # is a separate case (see the report), not this example's.
         served = [r.connection for r in upstream.received if r.target == f"/base/x{n}".encode()]
-        wait_until(lambda: not any(upstream.is_open(c) for c in served), timeout=3.0)
+        if not wait_until(lambda: not any(upstream.is_open(c) for c in served), timeout=3.0):
+            problems.append("the upstream's close never landed")
     following = get(relay, f"/u/good{n}")
     if (following.status, following.complete, following.body) != (200, True, good):
         problems.append(
