@@ -321,10 +321,12 @@ def test_slowloris_is_closed_after_the_header_timeout(
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
         sock.sendall(b"GET /o/gen/10 HTTP/1.1\r\nHo")
         received = b""
+        closed = False
         for _ in range(40):  # bounded: one byte every 0.25 s for at most 10 s
             try:
                 sock.sendall(b"s")
             except OSError:
+                closed = True
                 break
             sock.settimeout(0.25)
             try:
@@ -332,9 +334,11 @@ def test_slowloris_is_closed_after_the_header_timeout(
             except TimeoutError:
                 continue
             if not chunk:
+                closed = True
                 break
             received += chunk
     assert status_of(received) == 408
+    assert closed
 
 
 def test_client_that_stops_reading_is_cut_and_upstream_released(
