@@ -1,9 +1,9 @@
 """A loopback upstream whose every byte is given by the test: the fuzz tier's raw origin.
 
 ``tests/origin.py`` is the origin with named faults; this one has none of its own. A test
-says, per request path, what to send (bytes, with pauses between them) and how to end (keep
-the connection for the next request, FIN, RST, or stall until the peer gives up), and reads
-back what arrived (raw bytes, per connection)::
+says, per request path, what to send (bytes, with pauses or events between them) and how to
+end (keep the connection for the next request, FIN, RST, or stall until the peer gives up),
+and reads back what arrived (raw bytes, per connection)::
 
     with ScriptedUpstream() as upstream:
         cut = b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n\\r\\nhel"
@@ -37,10 +37,11 @@ NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n"
 @dataclasses.dataclass(frozen=True)
 class Reply:
     """What the upstream does for one request: each bytes item is sent, each float is a
-    pause (seconds), then `end`: "keep" reads the next request on the same connection, "fin"
-    closes, "rst" resets, "stall" sends nothing more until the peer closes."""
+    pause (seconds), each event is waited for (set by the test once what it waits for is
+    observable; bounded), then `end`: "keep" reads the next request on the same connection,
+    "fin" closes, "rst" resets, "stall" sends nothing more until the peer closes."""
 
-    parts: Sequence[bytes | float]
+    parts: Sequence[bytes | float | threading.Event]
     end: End = "keep"
 
 
@@ -160,6 +161,8 @@ class ScriptedUpstream(LoopbackServer):
                 for part in reply.parts:
                     if isinstance(part, bytes):
                         conn.sendall(part)
+                    elif isinstance(part, threading.Event):
+                        part.wait(30)
                     else:
                         time.sleep(part)
                 if reply.end == "keep":

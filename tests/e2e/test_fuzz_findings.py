@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -83,11 +84,15 @@ def test_fuzz_finding_pooled_connection_reset_after_a_chunked_response_logs_noth
     body = b"7\r\nabcdefg\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
     # The body comes after the head (so the response watches its connection), the reset
     # once the connection is back in the pool.
-    upstream.script("/reset", Reply([head, 0.05, body, 0.2], "rst"))
+    pooled = threading.Event()
+    upstream.script("/reset", Reply([head, 0.05, body, pooled], "rst"))
     expected = good(upstream, "/next")
     for _ in range(5):
+        pooled.clear()
         response = get(scripted_relay, "/u/reset")
         assert response.status == 206
+        assert wait_until(lambda: scripted_relay.pool_stats() == (0, 1, 0))  # idle, pooled
+        pooled.set()
         assert wait_until(lambda: upstream.open_connections == 0, timeout=3)
         # The next request finds the reset connection in the pool and drops it.
         following = get(scripted_relay, "/u/next")
