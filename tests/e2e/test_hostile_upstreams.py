@@ -34,16 +34,23 @@ def targets(origin: Origin, marker: str) -> list[str]:
     return [r.target for r in origin.requests if marker in r.target]
 
 
-@pytest.mark.parametrize("delay", ["0", "0.2"])
+@pytest.mark.parametrize("when", ["at-once", "while-pooled"])
 def test_hostile_unrequested_response_is_never_handed_to_the_next_request(
-    make_relay: Callable[..., RelayThread], origin: Origin, delay: str
+    make_relay: Callable[..., RelayThread], origin: Origin, when: str
 ) -> None:
     """A response the upstream sends after a complete one, unasked (at once or while the
     connection is idle in the pool), closes that connection; no later request gets it."""
     relay = make_relay()
-    first = httpx.get(f"{relay.url}/o/gen/100?smuggle={delay}")
+    gate = uuid.uuid4().hex
+    origin.close_gate(gate)
+    if when == "at-once":
+        origin.open_gate(gate)
+    first = httpx.get(f"{relay.url}/o/gen/100?smuggle=0&gate={gate}")
     assert first.status_code == 200
     assert first.content == body_bytes(100)
+    if when == "while-pooled":
+        assert wait_until(lambda: relay.pool_stats() == (0, 1, 0))  # idle in the pool
+        origin.open_gate(gate)
     # relay closes the connection once the unrequested bytes arrive (at once, or while it is
     # idle in the pool); a relay that kept it pooled never gets here.
     assert origin.wait_for(lambda o: o.open_connections == 0, timeout=5)
