@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from relay.config import Config, Route
 from relay.errors import TransferAborted
 from relay.net.transports import PooledTransport, PoolStats, make_transport
+from relay.net.transports.aiohttp_transport import AiohttpTransport
 from relay.proxy.admission import StreamLimiter
 from relay.server.run import RelayServer, build_server, event_loop
 from tests.loopback import LoopbackServer
@@ -289,6 +290,12 @@ class RelayThread(LoopbackServer):
         assert isinstance(transport, PooledTransport)
         stats: PoolStats = self.call(transport.pool_stats)
         return stats
+
+    def requests_waiting(self) -> int:
+        """Requests waiting for a free upstream connection (the transport's count)."""
+        transport = self.transport
+        assert isinstance(transport, AiohttpTransport)
+        return int(self.call(transport.requests_waiting))
 
     def connections_in_use(self) -> int:
         """Checked-out upstream connections, counted by relay and by the transport library."""

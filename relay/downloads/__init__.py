@@ -8,8 +8,6 @@
     writer.py      the partial file: exclusive create, hash while writing, verified publish
     store.py       jobs in SQLite (WAL) on one thread
     model.py       Job and its states; rate.py the smoothed rate
-    digests.py     the upstream's announced sha256 (relay/continuation.py: when a body
-                   continues, the rule set shared with streams and `relay fetch`)
     names.py       ids, file names, the data directory layout; errors.py the error tree
 
 The /downloads API needs the admin credential (`admin_token` in `admin_header`) unless

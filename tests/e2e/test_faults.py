@@ -222,10 +222,10 @@ def test_client_disconnect_while_waiting_for_pool_slot_never_reaches_upstream(
     with held_stream(f"{relay.url}/o/gen/10m?stall_after=1000"):
         with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
             sock.sendall(f"GET /o/gen/10?m={marker} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-            # Queued for the one connection (the pool counts it), not merely slow to start.
-            assert wait_until(lambda: relay.pool_stats().waiting == 1)
+            # Queued for the one connection (the transport counts it), not merely slow to start.
+            assert wait_until(lambda: relay.requests_waiting() == 1)
         # The client left: relay stops waiting for it while the connection is still held.
-        assert wait_until(lambda: relay.pool_stats().waiting == 0)
+        assert wait_until(lambda: relay.requests_waiting() == 0)
         assert relay.pool_stats().in_use == 1
     assert relay.settled()
     # The freed connection goes to the next request, never to the abandoned one.

@@ -1,5 +1,5 @@
 """POOL_WAIT: the transport records how long a request waited for a free upstream connection,
-and only when it had to wait (the pool was full); its pool counts the requests waiting."""
+and only when it had to wait (the pool was full); it counts the requests waiting."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from relay.config import Config
-from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, PooledTransport, make_transport
+from relay.net.transports import ALLOW_PRIVATE, POOL_WAIT, make_transport
+from relay.net.transports.aiohttp_transport import AiohttpTransport
 from tests.origin import Origin
 
 pytestmark = pytest.mark.e2e
@@ -28,8 +29,8 @@ def _transport() -> httpx.AsyncBaseTransport:
 
 
 def _waiting(transport: httpx.AsyncBaseTransport) -> int:
-    assert isinstance(transport, PooledTransport)
-    return transport.pool_stats().waiting
+    assert isinstance(transport, AiohttpTransport)
+    return transport.requests_waiting()
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -60,7 +61,7 @@ async def test_pool_wait_recorded_when_the_request_waited(origin: Origin) -> Non
         holder = await transport.handle_async_request(_request(origin.url_for("/gen/10"), 5.0))
         waiter = _request(origin.url_for("/gen/20"), pool=5.0)
         waiting = asyncio.ensure_future(transport.handle_async_request(waiter))
-        # The request is queued for the one connection (the pool counts it), not just slow.
+        # The request is queued for the one connection (the transport counts it), not slow.
         assert await _until(lambda: _waiting(transport) == 1)
         assert not waiting.done()
         await holder.aread()

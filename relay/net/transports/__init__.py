@@ -39,8 +39,6 @@ class PoolStats(NamedTuple):
     """Connections checked out: serving a response that has not been closed yet."""
     idle: int
     """Connections kept alive for reuse."""
-    waiting: int = 0
-    """Requests waiting for a connection to be checked in (the pool was full)."""
 
 
 @runtime_checkable

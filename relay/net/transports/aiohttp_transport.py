@@ -405,7 +405,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             for session in self._sessions.values()
             if session.connector is not None
         )
-        return PoolStats(in_use=self._in_use, idle=idle, waiting=self._waiting)
+        return PoolStats(in_use=self._in_use, idle=idle)
+
+    def requests_waiting(self) -> int:
+        """Requests waiting for a connection to be checked in (the pool was full): what tests
+        wait on to know a request is queued, not merely slow to start."""
+        return self._waiting
 
     def connector_in_use(self) -> int:
         """Connections aiohttp itself counts as acquired: a cross-check of `pool_stats`."""
