@@ -15,7 +15,7 @@ Guarantees this module owns:
   closed, never reused; a complete response with other bytes right behind it (same read) is
   relayed whole, and its connection closed (aiohttp_compat's `complete_first_parser`); a
   request is sent again (by aiohttp) only if no byte of its response arrived;
-- a response head is complete within the read timeout and passes relay/transports/heads.py,
+- a response head is complete within the read timeout and passes relay/net/transports/heads.py,
   or the request fails (504 / 502) before anything reaches the client.
 """
 
