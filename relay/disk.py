@@ -1,10 +1,11 @@
 """Durable files: exclusive create, hash while writing, fsync, directory fsync, publish.
 
 The one copy of the protocol every program that writes bodies to disk follows (download
-jobs, `relay fetch`, the cache):
+jobs and `relay fetch` through `relay.transfer.PartialFile`, the cache directly):
 
 - a file being written is created with O_CREAT|O_EXCL and O_NOFOLLOW (`open_exclusive`): a
   fresh start never writes into a file someone else opened, nor through a planted symlink;
+  while it is written it is locked (`try_lock`), so a second process cannot take it over;
 - every chunk goes to the SHA-256 as it is written (`HashingWriter`, bandersnatch's way), so
   the digest is ready when the last byte lands; a resume re-hashes what is on disk first;
 - `publish` fsyncs the file, gives it its final name *without overwriting* (a hard link,
@@ -25,6 +26,11 @@ import shutil
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from _hashlib import HASH
 
@@ -41,6 +47,8 @@ __all__ = [
     "remove_quietly",
     "remove_tree",
     "replace",
+    "truncate",
+    "try_lock",
     "write_atomically",
 ]
 
@@ -64,6 +72,27 @@ def open_exclusive(path: Path) -> BinaryIO:
     """Create `path` for writing; FileExistsError if anything (even a symlink) is there."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW | _CLOEXEC, 0o666)
     return os.fdopen(fd, "wb")
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock (`flock`) on an open file; False when another open file
+    description holds it. Released when the file is closed (or the process ends: a crash never
+    leaves it stale). Always True where `flock` does not exist."""
+    if fcntl is None:  # pragma: no cover - non-POSIX
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def truncate(file: IO[bytes]) -> None:
+    """Empty an open file, durably: written-over bytes never come back after a crash."""
+    file.seek(0)
+    file.truncate()
+    file.flush()
+    os.fsync(file.fileno())
 
 
 def fsync_path(path: Path) -> None:
@@ -201,9 +230,7 @@ class HashingWriter:
 
     def truncate(self) -> None:
         """Start over: empty the file (durably) and the digest."""
-        self.file.seek(0)
-        self.file.truncate()
-        self.sync()
+        truncate(self.file)
         self._state.reset()
 
     def sync(self) -> None:

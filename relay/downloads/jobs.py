@@ -30,16 +30,16 @@ from pathlib import Path
 
 from relay import disk
 from relay.config import Config
-from relay.downloads.errors import JobFailed
+from relay.downloads.errors import JobFailed, as_job_failure
 from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
 from relay.downloads.model import Job, State
 from relay.downloads.names import DataDir, new_job_id
 from relay.downloads.store import JobStore, StoreError
-from relay.downloads.writer import PartialFile
 from relay.errors import ClientError, Conflict, InsufficientStorage, NotFound, Unavailable
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
+from relay.transfer import PartialFile
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,8 @@ class DownloadManager:
 
     async def _download(self, job: Job, partial_path: Path) -> str:
         target = self._resolve(job)
-        partial = await PartialFile.open(partial_path)
+        with as_job_failure():
+            partial = await PartialFile.open(partial_path)
         try:
             job.bytes_done = partial.size
             fetcher = Fetcher(
@@ -253,12 +254,13 @@ class DownloadManager:
                 checkpoint=lambda: self._checkpoint(job),
             )
             await fetcher.run()
-            return await partial.publish(
-                self._data.file(job.name),
-                expected_size=job.expected_size if job.total is None else job.total,
-                expected_sha256=job.expected_sha256,
-                upstream_sha256=job.upstream_sha256,
-            )
+            with as_job_failure():
+                return await partial.publish(
+                    self._data.file(job.name),
+                    expected_size=job.expected_size if job.total is None else job.total,
+                    expected_sha256=job.expected_sha256,
+                    upstream_sha256=job.upstream_sha256,
+                )
         finally:
             await partial.close()
 

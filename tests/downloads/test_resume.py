@@ -18,8 +18,8 @@ import pytest
 from relay.downloads.model import Job, State
 from relay.downloads.names import DataDir
 from relay.downloads.store import JobStore
-from relay.downloads.writer import PartialFile
 from relay.net.transports import PoolStats, make_transport
+from relay.transfer import PartialFile
 from tests.downloads.test_api import (
     file_sha256,
     get_job,
