@@ -105,7 +105,7 @@ class Fetcher(Events):
         self._job.bytes_done = size
         self._job.rate.add(received)
 
-    def restarting(self, reason: str) -> None:
+    async def restarting(self, reason: str) -> None:
         logger.warning("%s: %s; starting again from zero", self._where, reason)
         self._job.bytes_done = 0
 

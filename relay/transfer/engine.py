@@ -100,8 +100,9 @@ class Events:
     def progress(self, size: int, received: int) -> None:
         """`received` bytes were appended; the sink holds `size`."""
 
-    def restarting(self, reason: str) -> None:
-        """The sink is about to be emptied; the next byte is byte 0."""
+    async def restarting(self, reason: str) -> None:
+        """The sink is about to be emptied; the next byte is byte 0 (forget what described
+        the bytes it held)."""
 
     def retrying(self, error: AttemptFailed, delay: float, failures: int) -> None:
         """An attempt failed; the next starts in `delay` seconds (`failures` counted so far)."""
@@ -188,7 +189,7 @@ class Transfer:
             await asyncio.shield(response.aclose())
 
     async def _restart(self, reason: str) -> None:
-        self._events.restarting(reason)
+        await self._events.restarting(reason)
         await self._sink.restart()
 
     async def _accept(

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -118,9 +118,13 @@ class PartialFile:
             if pending.done():
                 self._pending = None
 
-    async def _write(self, file: BinaryIO, data: bytearray) -> int:
-        """The one call that puts bytes on disk (a seam for tests that inject disk faults)."""
-        return await asyncio.to_thread(file.write, data)
+    def _write(self, file: BinaryIO, data: bytearray) -> Awaitable[int]:
+        """The one call that puts bytes on disk (a seam for tests that inject disk faults).
+
+        Handed to a worker thread at once, not when the event loop next runs: a caller that
+        keeps the loop busy (`relay fetch` reads its socket in place) still overlaps its
+        writes with its reads."""
+        return asyncio.get_running_loop().run_in_executor(None, file.write, data)
 
     async def restart(self) -> None:
         """Drop everything written so far, durably: the next byte written is byte 0."""
@@ -168,12 +172,18 @@ class PartialFile:
         await self.close()  # the lock is held until the final name exists
         return digest
 
-    async def close(self) -> None:
-        """Close the file, keeping it on disk (to resume later; re-hashed then)."""
+    async def close(self, *, flush: bool = True) -> None:
+        """Close the file, keeping it on disk (to resume later; re-hashed then).
+
+        `flush=False` drops the bytes not yet handed to a write: what is kept is then exactly
+        what earlier writes put on disk, whatever state an interruption left this object in
+        (writes are handed over one block after another, so no gap can follow)."""
         if self._file is None:
             return
-        with contextlib.suppress(DiskError):  # what did not reach the disk is fetched again
-            await self._flush_buffer()
+        if flush:
+            with contextlib.suppress(DiskError):  # what did not reach the disk is fetched again
+                await self._flush_buffer()
+        self._buffer = bytearray()
         await self._settle()
         file, self._file = self._file, None
         with contextlib.suppress(OSError):

@@ -20,15 +20,8 @@ import pytest
 
 from relay.cli import main
 from relay.fetch.errors import EXIT_CODES, TransferFailed, UsageError, VerifyFailed
-from relay.fetch.fetcher import (
-    FetchOptions,
-    Reporter,
-    fetch,
-    output_name,
-    parse_content_range,
-    resume_validator,
-)
-from relay.fetch.partial import Meta
+from relay.fetch.fetcher import FetchOptions, Reporter, fetch, output_name
+from relay.fetch.output import ResumeRecord
 from relay.fetch.progress import Progress, format_duration, format_size
 from tests.origin import Origin, RequestRecord, body_bytes, expected_sha256, gzip_body
 
@@ -292,7 +285,8 @@ def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key
     size = 256 * 1024
     url = origin.url_for("/gen/256k", key=key)
     out.with_name("file.bin.part").write_bytes(body_bytes(size))
-    out.with_name("file.bin.part.json").write_text(Meta(url, f'"gen-{size}-v1"', size).dumps())
+    record = ResumeRecord(url, f'"gen-{size}-v1"', size)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out), "--sha256", expected_sha256(size)) == 0
     assert sha256_file(out) == expected_sha256(size)
     assert leftovers(out) == []
@@ -302,7 +296,8 @@ def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key
 def test_fetch_no_resume_discards_the_partial(origin: Origin, out: Path, key: str) -> None:
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
-    out.with_name("file.bin.part.json").write_text(Meta(url, f'"gen-{MiB}-v1"', MiB).dumps())
+    record = ResumeRecord(url, f'"gen-{MiB}-v1"', MiB)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out), "--no-resume") == 0
     assert sha256_file(out) == expected_sha256(MiB)
     assert [r.header("range") for r in seen(origin, key)] == [None]
@@ -314,7 +309,8 @@ def test_fetch_discards_a_partial_from_another_url(
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
     other = origin.url_for("/gen/1m", v=2)
-    out.with_name("file.bin.part.json").write_text(Meta(other, '"gen-1048576-v2"', MiB).dumps())
+    record = ResumeRecord(other, '"gen-1048576-v2"', MiB)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out)) == 0
     assert sha256_file(out) == expected_sha256(MiB)
     assert [r.header("range") for r in seen(origin, key)] == [None]
@@ -421,25 +417,6 @@ def test_fetch_resumes_with_an_implicitly_strong_last_modified(tmp_path: Path) -
     digest, _ = _fetch(tmp_path, handler)
     assert digest == hashlib.sha256(data).hexdigest()
     assert seen_if_range == [None, lm]
-
-
-def test_resume_validator_needs_ranges_and_a_strong_validator() -> None:
-    def v(**headers: str) -> str | None:
-        return resume_validator(httpx.Headers({k.replace("_", "-"): x for k, x in headers.items()}))
-
-    assert v(etag='"a"', accept_ranges="bytes") == '"a"'
-    assert v(etag='"a"') is None
-    assert v(etag='W/"a"', accept_ranges="bytes") is None
-    same = "Wed, 01 Jan 2025 00:00:00 GMT"
-    assert v(last_modified=same, date=same, accept_ranges="bytes") is None
-
-
-def test_parse_content_range() -> None:
-    assert parse_content_range("bytes 10-19/100") == (10, 19, 100)
-    assert parse_content_range("bytes */100") == (None, None, 100)
-    assert parse_content_range("bytes 0-9/*") == (0, 9, None)
-    assert parse_content_range("items 0-9/10") is None
-    assert parse_content_range(None) is None
 
 
 # ---- the progress bar ---------------------------------------------------------------------------
