@@ -88,7 +88,10 @@ class FileOutput:
             why = f"it was downloaded from {record.url}"
         elif record.validator is None:
             why = "the server gave no validator to resume it with"
-        self._partial = partial = await PartialFile.open(self.path, resume=why is None)
+        # Written in place: relay fetch has nothing else to run (see relay.fetch.client).
+        self._partial = partial = await PartialFile.open(
+            self.path, resume=why is None, write_behind=False
+        )
         if why is None and record is not None:
             if record.total is None or partial.size <= record.total:
                 if partial.size:

@@ -322,11 +322,12 @@ def test_download_disk_full_fails_cleanly_and_relay_keeps_serving(
     original = PartialFile._write
     written = 0
 
-    async def write_until_full(self: PartialFile, file: object, data: bytearray) -> int:
+    async def write_until_full(self: PartialFile, file: object, data: list[bytes]) -> int:
         nonlocal written
-        if written + len(data) > 2_500_000:
+        size = sum(map(len, data))
+        if written + size > 2_500_000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        written += len(data)
+        written += size
         return await original(self, file, data)  # type: ignore[arg-type]
 
     monkeypatch.setattr(PartialFile, "_write", write_until_full)
@@ -354,7 +355,7 @@ def test_download_eio_is_reported_as_an_io_error(
     """EIO while writing fails the job with "I/O error", partial removed."""
     relay = make_relay(data_dir=str(tmp_path))
 
-    async def broken(self: PartialFile, file: object, data: bytearray) -> int:
+    async def broken(self: PartialFile, file: object, data: list[bytes]) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(PartialFile, "_write", broken)

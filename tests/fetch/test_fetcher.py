@@ -19,7 +19,13 @@ import httpx
 import pytest
 
 from relay.cli import main
-from relay.fetch.errors import EXIT_CODES, TransferFailed, UsageError, VerifyFailed
+from relay.fetch.errors import (
+    EXIT_CODES,
+    OutputExists,
+    TransferFailed,
+    UsageError,
+    VerifyFailed,
+)
 from relay.fetch.fetcher import FetchOptions, Reporter, fetch, output_name
 from relay.fetch.output import ResumeRecord
 from relay.fetch.progress import Progress, format_duration, format_size
@@ -164,6 +170,18 @@ def test_fetch_sha256_mismatch_exits_6_and_leaves_nothing(
     assert not out.exists()
     assert leftovers(out) == []
     assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def test_fetch_checks_the_sha256_the_server_announces(
+    origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Repr-Digest that does not match the body: exit 6, nothing published or kept."""
+    assert run(origin.url_for("/gen/64k", repr_digest="good"), "-o", str(out)) == 0
+    out.unlink()
+    assert run(origin.url_for("/gen/64k", repr_digest="bad"), "-o", str(out)) == 6
+    assert "the upstream announced" in capsys.readouterr().err
+    assert not out.exists()
+    assert leftovers(out) == []
 
 
 def test_fetch_404_exits_3(origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,6 +404,23 @@ def test_fetch_rejects_a_206_at_the_wrong_offset(tmp_path: Path) -> None:
     assert info.value.exit_code == 5
     assert calls[1].headers["range"] == "bytes=4000-"
     assert (tmp_path / "mock.bin.part").stat().st_size == 4_000  # kept for another run
+
+
+def test_fetch_never_replaces_a_file_that_appeared_while_downloading(tmp_path: Path) -> None:
+    """FILE was absent when the run started; created meanwhile, it is not overwritten (exit 4)."""
+    out = tmp_path / "mock.bin"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        out.write_bytes(b"theirs")
+        body = _DroppingStream(b"abcde", None)
+        return httpx.Response(200, headers={"Content-Length": "5"}, stream=body)
+
+    opts = FetchOptions(url="http://mock/x", output=str(out), retry_delay=0)
+    with pytest.raises(OutputExists, match="not overwritten") as info:
+        fetch(opts, Reporter(io.StringIO()), transport=httpx.MockTransport(handler))
+    assert info.value.exit_code == 4
+    assert out.read_bytes() == b"theirs"
+    assert list(tmp_path.iterdir()) == [out]
 
 
 def test_fetch_size_mismatch_exits_6(tmp_path: Path) -> None:
