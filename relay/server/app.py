@@ -40,7 +40,9 @@ from relay.server.observe import REQUEST_ID_KEY, ObserveMiddleware
 from relay.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class State(TypedDict):
+class LifespanState(TypedDict):
+    """What the lifespan yields: Starlette gives it to each request as `request.state`."""
+
     upstream: Upstream
     routes: RouteTable
     downloads: object | None
@@ -232,7 +234,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     metrics = Metrics(routes=[route.prefix for route in config.routes])
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+    async def lifespan(app: Starlette) -> AsyncIterator[LifespanState]:
         upstream_transport = transport if transport is not None else make_transport(config)
         if isinstance(upstream_transport, PooledTransport):
             metrics.watch_pool(upstream_transport.pool_stats)

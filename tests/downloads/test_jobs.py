@@ -14,7 +14,7 @@ from relay.config import Config, Route
 from relay.downloads.errors import JobFailed
 from relay.downloads.fetch import Fetcher, request_headers
 from relay.downloads.intake import parse_order, path_for_url
-from relay.downloads.model import Job, State
+from relay.downloads.model import Job, JobState
 from relay.downloads.names import DataDir, check_name, name_from_path, new_job_id
 from relay.downloads.rate import RateMeter
 from relay.downloads.store import JobStore
@@ -231,7 +231,7 @@ async def test_store_round_trips_every_field(store: JobStore) -> None:
     job = make_job(
         expected_sha256=BODY_SHA,
         expected_size=10,
-        state=State.RUNNING,
+        state=JobState.RUNNING,
         bytes_done=5,
         total=10,
         attempts=2,
@@ -251,10 +251,10 @@ async def test_store_round_trips_every_field(store: JobStore) -> None:
 
 async def test_store_queries_unfinished_latest_and_completed(store: JobStore) -> None:
     """unfinished() oldest first; latest() newest first; completed lookups by key and name."""
-    old = make_job(state=State.RUNNING, created=1.0)
-    queued = make_job(state=State.QUEUED, created=2.0)
-    done = make_job(state=State.COMPLETED, created=3.0, name="done", sha256=BODY_SHA)
-    failed = make_job(state=State.FAILED, created=4.0)
+    old = make_job(state=JobState.RUNNING, created=1.0)
+    queued = make_job(state=JobState.QUEUED, created=2.0)
+    done = make_job(state=JobState.COMPLETED, created=3.0, name="done", sha256=BODY_SHA)
+    failed = make_job(state=JobState.FAILED, created=4.0)
     for job in (old, queued, done, failed):
         await store.save(job)
     assert [j.id for j in await store.unfinished()] == [old.id, queued.id]

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from relay.downloads.model import Job, State
+from relay.downloads.model import Job, JobState
 from relay.downloads.names import DataDir
 from relay.downloads.store import JobStore
 from relay.net.transports import PoolStats, make_transport
@@ -282,7 +282,7 @@ def test_download_published_before_a_crash_is_adopted_at_start(
     job = Job(
         id=marker(), path=f"/o/gen/5000?m={tag}", url=f"{origin.url}/gen/5000?m={tag}", name="late"
     )
-    job.state, job.total, job.upstream_sha256 = State.RUNNING, 5000, expected_sha256(5000)
+    job.state, job.total, job.upstream_sha256 = JobState.RUNNING, 5000, expected_sha256(5000)
 
     async def seed() -> None:
         store = JobStore(data.store_path)
