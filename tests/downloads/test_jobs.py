@@ -31,6 +31,7 @@ from relay.http.validators import resume_validator
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
 from relay.transfer import PartialFile
+from tests.mock_bodies import ChunkedBody
 
 ROUTE = Route(prefix="/o/", upstream="http://upstream.test/base/")
 URL = "http://upstream.test/base/file.bin"
@@ -285,7 +286,7 @@ def whole(request: httpx.Request, *, etag: str = ETAG, cut: int | None = None) -
     return httpx.Response(
         200,
         headers={"etag": etag, "accept-ranges": "bytes", "content-length": str(len(BODY))},
-        stream=_Stream(body, fail=cut is not None),
+        stream=ChunkedBody(body, cut=cut is not None),
     )
 
 
@@ -298,19 +299,7 @@ def part(request: httpx.Request, *, start: int, cr: str = "") -> httpx.Response:
     }
     if cr == "-":
         del headers["content-range"]
-    return httpx.Response(206, headers=headers, stream=_Stream(BODY[start:]))
-
-
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, body: bytes, *, fail: bool = False) -> None:
-        self._body = body
-        self._fail = fail
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self._body), 1000):
-            yield self._body[i : i + 1000]
-        if self._fail:
-            raise httpx.ReadError("connection reset")
+    return httpx.Response(206, headers=headers, stream=ChunkedBody(BODY[start:]))
 
 
 class Scripted:
@@ -445,7 +434,7 @@ async def test_fetch_retries_5xx_but_not_4xx(tmp_path: Path) -> None:
 async def test_fetch_stops_at_more_bytes_than_expected(tmp_path: Path) -> None:
     """A body running past its expected size is cut off, not stored to the end."""
     script = Scripted(
-        lambda r: httpx.Response(200, stream=_Stream(BODY))  # no length: chunked
+        lambda r: httpx.Response(200, stream=ChunkedBody(BODY))  # no length: chunked
     )
     with pytest.raises(JobFailed, match="more than 5000 bytes"):
         await run_fetch(tmp_path, script, expected_size=5000)

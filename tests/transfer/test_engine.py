@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,6 +19,7 @@ from relay.transfer.errors import (
     UnusableResume,
     VerificationFailed,
 )
+from tests.mock_bodies import ChunkedBody
 
 URL = "http://upstream.test/file.bin"
 BODY = bytes(range(256)) * 40  # 10240 bytes
@@ -27,22 +28,6 @@ ETAG = '"v1"'
 NO_WAIT = Backoff(first=0.0, cap=0.0)
 
 Reply = Callable[[httpx.Request], httpx.Response]
-
-
-class Body(httpx.AsyncByteStream):
-    """`data` in 1000-byte chunks; `cut`: a connection reset after them. Records aclose."""
-
-    def __init__(self, data: bytes, *, cut: bool = False) -> None:
-        self.data, self.cut, self.closed = data, cut, False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self.data), 1000):
-            yield self.data[i : i + 1000]
-        if self.cut:
-            raise httpx.ReadError("connection reset")
-
-    async def aclose(self) -> None:
-        self.closed = True
 
 
 def whole(
@@ -54,7 +39,7 @@ def whole(
         headers["etag"] = etag
     data = BODY if cut is None else BODY[:cut]
     return lambda request: httpx.Response(
-        200, headers=headers, stream=Body(data, cut=cut is not None)
+        200, headers=headers, stream=ChunkedBody(data, cut=cut is not None)
     )
 
 
@@ -65,11 +50,11 @@ def part(start: int, *, content_range: str | None = None, etag: str = ETAG) -> R
         "content-range": content_range or f"bytes {start}-{len(BODY) - 1}/{len(BODY)}",
         "content-length": str(len(BODY) - start),
     }
-    return lambda request: httpx.Response(206, headers=headers, stream=Body(BODY[start:]))
+    return lambda request: httpx.Response(206, headers=headers, stream=ChunkedBody(BODY[start:]))
 
 
 def status(code: int, **headers: str) -> Reply:
-    return lambda request: httpx.Response(code, headers=headers, stream=Body(b""))
+    return lambda request: httpx.Response(code, headers=headers, stream=ChunkedBody(b""))
 
 
 class Upstream:
@@ -78,13 +63,13 @@ class Upstream:
     def __init__(self, *replies: Reply) -> None:
         self.replies = list(replies)
         self.requests: list[httpx.Request] = []
-        self.bodies: list[Body] = []
+        self.bodies: list[ChunkedBody] = []
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._answer))
 
     def _answer(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         response = self.replies.pop(0)(request)
-        assert isinstance(response.stream, Body)
+        assert isinstance(response.stream, ChunkedBody)
         self.bodies.append(response.stream)
         return response
 
@@ -317,7 +302,7 @@ def _cut_part(start: int, stop: int) -> Reply:
         "content-length": str(len(BODY) - start),
     }
     return lambda request: httpx.Response(
-        206, headers=headers, stream=Body(BODY[start:stop], cut=True)
+        206, headers=headers, stream=ChunkedBody(BODY[start:stop], cut=True)
     )
 
 
@@ -326,7 +311,7 @@ def _cut_part(start: int, stop: int) -> Reply:
 
 async def test_a_body_past_its_length_is_cut_at_once(tmp_path: Path) -> None:
     """More bytes than Content-Length (or than expected, when unsized) never reach the disk."""
-    unsized = Upstream(lambda request: httpx.Response(200, stream=Body(BODY)))
+    unsized = Upstream(lambda request: httpx.Response(200, stream=ChunkedBody(BODY)))
     with pytest.raises(VerificationFailed, match="more than 5000 bytes"):
         await transfer(tmp_path, unsized, expected_size=5000)
     assert len(on_disk(tmp_path)) <= 5000
@@ -335,7 +320,9 @@ async def test_a_body_past_its_length_is_cut_at_once(tmp_path: Path) -> None:
 async def test_a_body_ending_short_without_an_error_is_a_size_mismatch(tmp_path: Path) -> None:
     """A transport that does not check framing: the short body is not taken as complete."""
     short = Upstream(
-        lambda request: httpx.Response(200, headers={"content-length": "20000"}, stream=Body(BODY))
+        lambda request: httpx.Response(
+            200, headers={"content-length": "20000"}, stream=ChunkedBody(BODY)
+        )
     )
     with pytest.raises(VerificationFailed, match="received 10240 bytes, expected 20000"):
         await transfer(tmp_path, short)
