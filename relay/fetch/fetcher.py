@@ -70,7 +70,7 @@ from relay.fetch.errors import (
 from relay.fetch.output import FileOutput, ResumeRecord, StdoutSink
 from relay.fetch.progress import Progress, format_size
 from relay.http.continuation import FETCH_BACKOFF, Backoff
-from relay.transfer import Events, Policy, Representation, Transfer, verify
+from relay.transfer import Events, Policy, Representation, Sink, Transfer, verify
 from relay.transfer.errors import (
     AttemptFailed,
     DiskError,
@@ -237,7 +237,7 @@ class _Run(Events):
         self.output = FileOutput(final)
 
     async def main(self) -> None:
-        options, stdout = self.options, self.stdout
+        options = self.options
         known: Representation | None = None
         transfer: Transfer | None = None
         try:
@@ -245,8 +245,7 @@ class _Run(Events):
                 known = await self.output.open(
                     options.url, resume=options.resume, note=self.reporter.note
                 )
-            sink = self.output.partial if self.output is not None else stdout
-            assert sink is not None
+            sink = self.sink
             with httpx.Client(
                 transport=self._transport,
                 headers={"User-Agent": f"relay-fetch/{__version__}"},
@@ -273,13 +272,14 @@ class _Run(Events):
                 self.digest = await self.output.publish(
                     replace=options.force, expected_sha256=options.sha256, upstream_sha256=announced
                 )
-            else:
+            elif self.stdout is not None:
                 verify(
                     sink.size,
                     sink.hexdigest(),
                     expected_sha256=options.sha256,
                     upstream_sha256=announced,
                 )
+                self.stdout.flush()
                 self.digest = sink.hexdigest()
             self.size = sink.size
         except TransferError as exc:
@@ -294,8 +294,14 @@ class _Run(Events):
                 raise LocalError(f"{exc}{self.kept}") from exc
             raise
         finally:
-            if stdout is not None:
-                stdout.flush()
+            if self.output is not None:  # still open only after an unforeseen error: kept
+                await self.output.close(keep=True, flush=False)
+
+    @property
+    def sink(self) -> Sink:
+        sink = self.output.partial if self.output is not None else self.stdout
+        assert sink is not None, "prepare() first"
+        return sink
 
     async def _leave(self, known: Representation | None, error: BaseException) -> None:
         """Close the output after a failure: the partial is kept when it can be resumed."""
@@ -342,7 +348,7 @@ class _Run(Events):
         if self.output is not None:
             record = ResumeRecord(self.options.url, representation.validator, representation.total)
             await self.output.save(record)
-        self.reporter.start(representation.total, self.output.size if self.output else 0)
+        self.reporter.start(representation.total, self.sink.size)
 
     def progress(self, size: int, received: int) -> None:
         self.received += received
@@ -354,7 +360,7 @@ class _Run(Events):
             await self.output.forget()
 
     def retrying(self, error: AttemptFailed, delay: float, failures: int) -> None:
-        size = self.output.size if self.output is not None else 0
+        size = self.sink.size
         what = _said(error.answer) if error.answer is not None else error.reason
         where = f", resuming at {format_size(size)}" if size else ""
         self.reporter.note(

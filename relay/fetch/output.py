@@ -140,7 +140,7 @@ class FileOutput:
         it and fetches the rest.
         """
         partial = self._partial
-        if partial is None:
+        if partial is None or partial.closed:
             return 0
         kept = 0
         if keep:

@@ -99,6 +99,11 @@ class PartialFile:
         """Bytes accepted so far (the offset to resume from)."""
         return self._written.size
 
+    @property
+    def closed(self) -> bool:
+        """Closed, published or discarded."""
+        return self._file is None
+
     def hexdigest(self) -> str:
         return self._written.hexdigest
 
