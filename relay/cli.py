@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relay import __version__
-from relay.config import ENV_PREFIX, Config, settings
+from relay.config import ENV_PREFIX, Config, cli_flag, env_var, routes_setting, settings
 from relay.errors import ConfigError, StartupError
 
 
@@ -22,20 +22,23 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         f"TOML file, {ENV_PREFIX}* environment variables, then these options.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    routes = routes_setting().metadata
     p.add_argument(
-        "--route",
+        routes["flag"],
         dest="routes",
         action="append",
-        metavar="PREFIX=URL",
-        help="serve PREFIX from the upstream base URL (repeatable), e.g. /gh/=https://github.com/",
+        metavar=routes["metavar"],
+        help=f"{routes['help']} (repeatable; env {env_var('routes')})",
     )
     for f in settings():
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{f.name.upper()})"
+        help_text = f"{f.metadata['help']} (default: {f.default}; env {env_var(f.name)})"
         if "choices" in f.metadata:
-            p.add_argument(flag, dest=f.name, choices=f.metadata["choices"], help=help_text)
+            p.add_argument(
+                cli_flag(f.name), dest=f.name, choices=f.metadata["choices"], help=help_text
+            )
         else:
-            p.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(), help=help_text)
+            metavar = f.name.split("_")[-1].upper()
+            p.add_argument(cli_flag(f.name), dest=f.name, metavar=metavar, help=help_text)
 
 
 def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -148,7 +151,7 @@ def _sign_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "sign",
         help="print a signed, expiring URL path for relay's signing_key",
         description="Sign METHOD and PATH with its query (e.g. /gh/org/repo/file.tar.gz?v=1) "
-        f"with the signing key from {ENV_PREFIX}SIGNING_KEY or --key-file, printing "
+        f"with the signing key from {env_var('signing_key')} or --key-file, printing "
         "PATH?...&expires=..&signature=.. The URL is valid only for that method (GET also "
         "covers HEAD), that path and that exact query.",
     )
@@ -180,7 +183,7 @@ def run_sign(args: dict[str, object]) -> int:
             print(f"relay: cannot read {key_file}: {exc.strerror}", file=sys.stderr)
             return 2
     else:
-        key = os.environ.get(ENV_PREFIX + "SIGNING_KEY", "")
+        key = os.environ.get(env_var("signing_key"), "")
     path = str(args["path"])
     if not key or not path.startswith("/"):
         print("relay: need a signing key and a PATH starting with '/'", file=sys.stderr)
@@ -212,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not config.routes:
             print(
                 "relay: no routes configured; give at least one --route PREFIX=URL "
-                f"(or {ENV_PREFIX}ROUTES, or [[routes]] in --config)",
+                f"(or {env_var('routes')}, or [[routes]] in --config)",
                 file=sys.stderr,
             )
             return 2

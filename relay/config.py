@@ -52,6 +52,15 @@ def _read_secret_file(path: str, where: str) -> str:
         raise ConfigError(f"{where} {path!r}: {exc.strerror}") from None
 
 
+def _key(default: Any, help: str, details: str = "", **checks: Any) -> Any:
+    """A `[[routes]]` key's field: its text, as for settings (see `_setting`)."""
+    return field(default=default, metadata={"help": help, "details": details, **checks})
+
+
+_REDIRECTS = ("pass", "follow")
+_PRESETS = ("", "pypi", "npm", "hf")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Route:
     """A path prefix served from an upstream base URL.
@@ -60,36 +69,75 @@ class Route:
     always appended below the base: it can never change the upstream host.
     """
 
-    prefix: str
-    upstream: str
-    allow_private: bool = False
-    """Reach loopback/private/link-local addresses (in-cluster upstreams, tests)."""
-    redirects: str = "pass"
-    """"pass": upstream redirects go to the client; "follow": relay follows them itself, only
-    to hosts in redirect_hosts."""
-    redirect_hosts: tuple[str, ...] = ()
-    """Hosts a followed redirect may go to: exact names or "*.example.com" suffixes."""
-    max_redirects: int = 5
-    auth_header: str = "Authorization"
-    """Header carrying the route's upstream credential."""
-    auth_env: str = ""
-    """Environment variable holding the credential (the whole header value)."""
-    auth_file: str = ""
-    """File holding the credential (the whole header value)."""
-    forward_client_auth: bool = False
-    """Forward the client's own Authorization and Cookie upstream."""
-    preset: str = ""
-    """A package-ecosystem preset (relay/net/presets.py): "pypi" and "npm" rewrite index
-    pages and packuments so their file links point at relay's routes; "hf" keeps the Hub's
-    file metadata headers through redirects and withholds Xet's. Off ("") by default."""
-    immutable: bool = False
-    """Every 200 answer of this route is an immutable file (a files host, a CDN): a marker
-    for caching, changes nothing in relaying."""
-    cache: bool = True
-    """Serve the route through the read-through cache (when cache_dir is set)."""
-    cache_stale_if_error: float = 0.0
-    """Seconds past freshness a cached object may be served when the upstream fails and the
-    upstream itself said nothing (no stale-if-error); 0: only as the upstream allows."""
+    prefix: str = field(
+        metadata={"help": "the path prefix served, starting with '/' (normalised to end with '/')"}
+    )
+    upstream: str = field(
+        metadata={
+            "help": "the http(s) base URL the prefix is served from (normalised to end with '/')",
+            "details": "The part of the request path after the prefix is appended below it as "
+            "the client sent it, with the query: it can never change the upstream host. No "
+            "user information, query or fragment.",
+        }
+    )
+    allow_private: bool = _key(
+        False,
+        "reach loopback, private, link-local and other non-public addresses",
+        "For in-cluster upstreams (and tests); refused at startup or connect time otherwise "
+        "([egress guard](security.md#egress-guard-ssrf)).",
+    )
+    redirects: str = _key(
+        "pass",
+        '"pass": upstream redirects go to the client; "follow": relay follows them itself',
+        "Passed: a `Location` below any route's upstream is rewritten to relay's path. "
+        'Followed: only to `redirect_hosts`, at most `max_redirects` hops; "follow" needs '
+        "`redirect_hosts`.",
+        choices=_REDIRECTS,
+    )
+    redirect_hosts: tuple[str, ...] = _key(
+        (),
+        'hosts a followed redirect may go to: exact names or "*.example.com" suffixes',
+        'E.g. `["objects.githubusercontent.com", "*.s3.amazonaws.com"]`.',
+    )
+    max_redirects: int = _key(5, "followed hops before answering 502 (1-20)")
+    auth_header: str = _key("Authorization", "header carrying the route's upstream credential")
+    auth_env: str = _key(
+        "",
+        "environment variable holding the credential (the whole header value)",
+        "E.g. `Bearer ghp_...`; read once at startup, never logged, masked in the startup log. "
+        "Give `auth_env` or `auth_file`, not both.",
+    )
+    auth_file: str = _key("", "file holding the credential (the whole header value)")
+    forward_client_auth: bool = _key(
+        False,
+        "forward the client's own Authorization and Cookie upstream",
+        "With it, a request carrying either bypasses the cache. Never to another origin on a "
+        "followed redirect.",
+    )
+    preset: str = _key(
+        "",
+        'a package-ecosystem preset: "pypi", "npm" or "hf" ("": none)',
+        '"pypi" and "npm" rewrite index pages and packuments so their file links point at '
+        'relay\'s routes; "hf" (needs `redirects = "follow"`) keeps the Hub\'s file '
+        "metadata headers through redirects and withholds Xet's "
+        "([package mirrors](mirrors.md)). Without a preset, bytes are never changed.",
+        choices=_PRESETS,
+    )
+    immutable: bool = _key(
+        False,
+        "every 200 of this route is an immutable file (a files host, a CDN)",
+        "With the cache on, its files stay fresh for at least a year whatever lifetime the "
+        "upstream gives (unless it says `no-cache`); nothing changes in relaying.",
+    )
+    cache: bool = _key(
+        True, "serve the route through the read-through cache (when cache_dir is set)"
+    )
+    cache_stale_if_error: float = _key(
+        0.0,
+        "seconds past freshness a cached object may be served when the upstream fails",
+        "Only when the upstream said nothing itself (no `stale-if-error`); `0`: only as the "
+        "upstream allows.",
+    )
     credential: str = field(default="", repr=False, compare=False)
     """The resolved credential; never logged."""
 
@@ -103,9 +151,9 @@ class Route:
         object.__setattr__(self, "prefix", prefix)
         object.__setattr__(self, "upstream", _normalise_upstream(self.upstream))
         where = f"route {prefix}"
-        if self.redirects not in ("pass", "follow"):
+        if self.redirects not in _REDIRECTS:
             raise ConfigError(f"{where}: redirects must be 'pass' or 'follow'")
-        if self.preset not in ("", "pypi", "npm", "hf"):
+        if self.preset not in _PRESETS:
             raise ConfigError(f"{where}: preset must be 'pypi', 'npm' or 'hf'")
         if self.preset == "hf" and self.redirects != "follow":
             # huggingface_hub follows same-host redirects while reading a file's metadata: a
@@ -152,9 +200,11 @@ class Route:
         return dataclasses.replace(self, credential=value.strip())
 
     def describe(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["credential"] = "***" if self.credential else ""
-        return out
+        """The route's keys, safe to log: the credential is masked."""
+        return {
+            f.name: masked(getattr(self, f.name), secret=f.name == "credential")
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def parse(cls, text: str) -> Route:
@@ -170,6 +220,14 @@ class Route:
 def mask_url(text: str) -> str:
     """`text` with the user information of any URL in it replaced by "***" (for messages)."""
     return _USERINFO_RE.sub(r"\1***@", text)
+
+
+def masked(value: Any, *, secret: bool = False) -> Any:
+    """A setting's value as relay shows it (the startup log, configuration errors): a secret's
+    value is "***" once set, and so is the user information of any URL in a text."""
+    if secret and value != "":
+        return "***"
+    return mask_url(value) if isinstance(value, str) else value
 
 
 _USERINFO_RE = re.compile(r"(//)[^/?#@\s]*@")
@@ -203,133 +261,349 @@ def _normalise_upstream(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}{path}"
 
 
-def _setting(default: Any, help: str, *, secret: bool = False, **checks: Any) -> Any:
+GROUPS = (
+    "server",
+    "routes",
+    "limits",
+    "timeouts",
+    "upstream",
+    "cache",
+    "downloads",
+    "security",
+    "logging",
+)
+"""The groups settings are documented in (docs/configuration.md), in this order."""
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    details: str = "",
+    secret: bool = False,
+    **checks: Any,
+) -> Any:
+    """A setting's field. `help` is its one line (`relay serve --help` and the reference);
+    `details` says more in the reference only (docs/configuration.md, scripts/gen-docs)."""
+    if group not in GROUPS:
+        raise ValueError(f"setting group {group!r} is not one of {GROUPS}")
     return field(
-        default=default, repr=not secret, metadata={"help": help, "secret": secret, **checks}
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "group": group, "details": details, "secret": secret, **checks},
     )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    routes: tuple[Route, ...] = ()
-    host: str = _setting("127.0.0.1", "address to listen on")
-    port: int = _setting(8000, "port to listen on", min=0, max=65535)
-    max_connections: int = _setting(100, "upstream connections open at once (the pool size)", min=1)
-    max_keepalive: int = _setting(100, "idle upstream connections kept for reuse", min=0)
-    keepalive_expiry: float = _setting(30.0, "seconds an idle upstream connection is kept", min=0)
-    connect_timeout: float = _setting(10.0, "seconds to connect to an upstream", positive=True)
+    routes: tuple[Route, ...] = field(
+        default=(),
+        metadata={
+            "help": "serve PREFIX from the upstream base URL, e.g. /gh/=https://github.com/",
+            "group": "routes",
+            "flag": "--route",
+            "metavar": "PREFIX=URL",
+        },
+    )
+    host: str = _setting(
+        "127.0.0.1", "address to listen on", group="server", details="`0.0.0.0` in containers."
+    )
+    port: int = _setting(8000, "port to listen on", group="server", min=0, max=65535)
+    max_connections: int = _setting(
+        100, "upstream connections open at once (the pool size)", group="upstream", min=1
+    )
+    max_keepalive: int = _setting(
+        100,
+        "idle upstream connections kept for reuse",
+        group="upstream",
+        details="Used by the httpcore transport; aiohttp keeps at most `max_connections`. "
+        "Capped at `max_connections`.",
+        min=0,
+    )
+    keepalive_expiry: float = _setting(
+        30.0, "seconds an idle upstream connection is kept", group="upstream", min=0
+    )
+    connect_timeout: float = _setting(
+        10.0,
+        "seconds to connect to an upstream",
+        group="timeouts",
+        details="DNS, TCP and TLS together; past it, 504.",
+        positive=True,
+    )
     read_timeout: float = _setting(
-        30.0, "seconds to wait for upstream headers and between body reads", positive=True
+        30.0,
+        "seconds to wait for upstream headers and between body reads",
+        group="timeouts",
+        details="The complete response head must arrive within it (else 504, even while a "
+        "head trickles in); then each body read (else the client transfer is aborted, or "
+        "resumed). It counts only time a request waits, never a pooled connection's idle "
+        "time. There is no total timeout: a long healthy download is never cut.",
+        positive=True,
     )
     pool_timeout: float = _setting(
-        5.0, "seconds to wait for a free upstream connection before answering 503", min=0
+        5.0,
+        "seconds to wait for a free upstream connection before answering 503",
+        group="timeouts",
+        details="The 503 carries `Retry-After: 1`.",
+        min=0,
     )
     keepalive_timeout: float = _setting(
-        75.0, "seconds an idle client connection is kept open", positive=True
+        75.0,
+        "seconds an idle client connection is kept open",
+        group="timeouts",
+        details="Longer than CDNs' origin keep-alive, so relay never closes a connection a "
+        "CDN is about to reuse.",
+        positive=True,
     )
     drain_timeout: float = _setting(
-        25.0, "seconds in-flight downloads may finish after shutdown starts", min=0
+        25.0,
+        "seconds in-flight downloads may finish after shutdown starts",
+        group="server",
+        details="Downloads still running then are aborted (never ended cleanly short). On "
+        "Kubernetes, `terminationGracePeriodSeconds` must exceed preStop + `shutdown_delay` + "
+        "`drain_timeout`.",
+        min=0,
     )
     shutdown_delay: float = _setting(
-        0.0, "seconds to keep accepting requests after SIGTERM (not ready meanwhile)", min=0
+        0.0,
+        "seconds to keep accepting requests after SIGTERM (not ready meanwhile)",
+        group="server",
+        details="`/readyz` answers 503 from the SIGTERM on, so load balancers stop sending "
+        "before the listener closes.",
+        min=0,
     )
     resume_attempts: int = _setting(
-        3, "times a failed upstream body is resumed with Range before giving up", min=0
+        3,
+        "times a failed upstream body is resumed with Range before giving up",
+        group="upstream",
+        details="Resumed with `Range` + `If-Range` before the client transfer is aborted; `0` "
+        "turns transparent resume off. For downloads to disk: failures in a row without 1 MiB "
+        "of progress before the job fails.",
+        min=0,
     )
     data_dir: str = _setting(
-        "", "directory for downloads to disk and GET /files/ (empty: disk features off)"
+        "",
+        "directory for downloads to disk and GET /files/ (empty: disk features off)",
+        group="downloads",
+        details="Without it, `/downloads` and `/files/` are not mounted and belong to the routes "
+        "like any other path. One relay per `data_dir`: a second one refuses to start (exit "
+        "code 1).",
     )
-    max_downloads: int = _setting(4, "downloads to disk running at once", min=1)
+    max_downloads: int = _setting(
+        4,
+        "downloads to disk running at once",
+        group="downloads",
+        details="The rest queue.",
+        min=1,
+    )
     downloads_open: bool = _setting(
-        False, "let every client use the /downloads API without admin_token (explicit opt-out)"
+        False,
+        "let every client use the /downloads API without admin_token (explicit opt-out)",
+        group="downloads",
+        details="relay refuses to start with `data_dir` and neither `admin_token` nor this.",
     )
     downloads_max_jobs: int = _setting(
-        1000, "download jobs kept (any state); past it POST /downloads answers 507", min=1
+        1000,
+        "download jobs kept (any state); past it POST /downloads answers 507",
+        group="downloads",
+        min=1,
     )
     downloads_max_bytes: int = _setting(
         10 * 1024**3,
         "bytes of downloaded and partial files in data_dir; past it 507 (0: no limit)",
+        group="downloads",
+        details="Published files plus each queued or running job's partial file or announced "
+        "length. A running job whose announced length does not fit fails.",
         min=0,
     )
     downloads_retention: float = _setting(
         7 * 24 * 3600.0,
         "seconds a finished download job (and a completed job's file) is kept (0: forever)",
+        group="downloads",
+        details="Finished: completed, failed or cancelled.",
         min=0,
     )
     max_streams: int = _setting(
-        1000, "relayed streams at once; past it, 503 with Retry-After at once", min=1
+        1000,
+        "relayed streams at once; past it, 503 with Retry-After at once",
+        group="limits",
+        details="`Retry-After: 1`; streams in flight are unaffected.",
+        min=1,
     )
     send_timeout: float = _setting(
-        60.0, "seconds a client may stop reading before its download is cut", positive=True
+        60.0,
+        "seconds a client may stop reading before its download is cut",
+        group="timeouts",
+        details="The connection is reset and its upstream connection released.",
+        positive=True,
     )
     header_timeout: float = _setting(
-        15.0, "seconds a client may take to send its request headers", positive=True
+        15.0,
+        "seconds a client may take to send its request headers",
+        group="timeouts",
+        details="From the first byte of a request (or from the connection, for the first one) "
+        "to the end of its headers: a slowloris client gets 408 and is closed.",
+        positive=True,
     )
     max_header_bytes: int = _setting(
-        16384, "largest request head (request line and headers) accepted; else 431", min=1024
+        16384,
+        "largest request head (request line and headers) accepted; else 431",
+        group="limits",
+        details="A head may also have at most 100 header fields. The connection is closed.",
+        min=1024,
     )
     body_timeout: float = _setting(
         15.0,
         "seconds a client may take to send a request body after its headers; else 408",
+        group="timeouts",
+        details="Counted from the end of the headers. The connection is closed.",
         positive=True,
     )
     max_body_bytes: int = _setting(
-        65536, "largest request body accepted (POST /downloads); else 413", min=0
+        65536,
+        "largest request body accepted (POST /downloads); else 413",
+        group="limits",
+        details="The connection is closed. The downloads API allows 16 KiB of JSON itself.",
+        min=0,
     )
     max_streams_per_client: int = _setting(
-        0, "relayed streams at once per client address; past it, 429 (0: no limit)", min=0
+        0,
+        "relayed streams at once per client address; past it, 429 (0: no limit)",
+        group="limits",
+        details="The address is the one `trusted_proxies` resolves, so behind a trusted proxy "
+        "each `X-Forwarded-For` client counts alone. The 429 carries `Retry-After: 1`. Off by "
+        "default: without `trusted_proxies`, a CDN or ingress is one address.",
+        min=0,
     )
     min_send_rate: int = _setting(
-        0, "bytes/s a client must read, per min_rate_window, or be cut (0: off)", min=0
+        0,
+        "bytes/s a client must read, per min_rate_window, or be cut (0: off)",
+        group="limits",
+        details="Past a first `min_rate_window` of grace, a client that relay spent at least "
+        "half a window waiting on, and that took less than this rate over that time, is cut "
+        "(connection reset). It judges the client only: a slow upstream does not get its "
+        "clients cut. Off by default: a right value depends on your clients and objects (see "
+        "[operations](operations.md#slow-readers)).",
+        min=0,
     )
     min_rate_window: float = _setting(
         30.0,
         "seconds of grace, then of each window the min_send_rate is judged over",
+        group="limits",
         positive=True,
     )
     trusted_proxies: str = _setting(
-        "", "comma-separated addresses/CIDRs whose X-Forwarded-* headers are trusted"
+        "",
+        "comma-separated addresses/CIDRs whose X-Forwarded-* headers are trusted",
+        group="security",
+        details="relay believes `X-Forwarded-For`, `-Proto` and `-Host` only from these peers; "
+        "from any other it sends `X-Forwarded-For: <peer>` and discards the client's claims.",
     )
     client_secret: str = _setting(
-        "", "shared secret clients must send in client_secret_header", secret=True
+        "",
+        "shared secret clients must send in client_secret_header",
+        group="security",
+        details="How CDNs authenticate to an origin. Missing: 401; wrong: 403. "
+        "`/healthz`, `/readyz` and `/metrics` stay open.",
+        secret=True,
     )
-    client_secret_file: str = _setting("", "file holding client_secret")
+    client_secret_file: str = _setting("", "file holding client_secret", group="security")
     client_secret_header: str = _setting(
-        "X-Relay-Secret", "header carrying the shared secret (as CDNs send to origins)"
+        "X-Relay-Secret",
+        "header carrying the shared secret (as CDNs send to origins)",
+        group="security",
     )
     signing_key: str = _setting(
-        "", "key for HMAC-signed expiring URLs (?expires=&signature=)", secret=True
+        "",
+        "key for HMAC-signed expiring URLs (?expires=&signature=)",
+        group="security",
+        details="`relay sign` makes such URLs; a signature covers the method, the path and the "
+        "query ([security](security.md#client-authentication)).",
+        secret=True,
     )
-    signing_key_file: str = _setting("", "file holding signing_key")
+    signing_key_file: str = _setting("", "file holding signing_key", group="security")
     admin_token: str = _setting(
-        "", "credential for relay's admin endpoints (the /downloads API)", secret=True
+        "",
+        "credential for relay's admin endpoints (the /downloads API)",
+        group="security",
+        details="Required by the `/downloads` API and the cache's purge and prefetch; "
+        "compared in constant time, never logged. Needed with `data_dir` unless "
+        "`downloads_open`.",
+        secret=True,
     )
-    admin_token_file: str = _setting("", "file holding admin_token")
-    admin_header: str = _setting("X-Relay-Admin-Token", "header carrying admin_token")
+    admin_token_file: str = _setting("", "file holding admin_token", group="security")
+    admin_header: str = _setting(
+        "X-Relay-Admin-Token", "header carrying admin_token", group="security"
+    )
     ca_file: str = _setting(
-        "", "PEM file of CA certificates trusted for https upstreams (empty: the defaults)"
+        "",
+        "PEM file of CA certificates trusted for https upstreams (empty: the defaults)",
+        group="upstream",
+        details="Instead of the defaults (the system's for aiohttp, certifi's for httpcore); "
+        "e.g. an internal CA. Loaded once at startup.",
     )
-    transport: str = _setting("aiohttp", "upstream HTTP transport", choices=("aiohttp", "httpcore"))
-    loop: str = _setting("auto", "event loop", choices=("auto", "uvloop", "asyncio"))
+    transport: str = _setting(
+        "aiohttp", "upstream HTTP transport", group="upstream", choices=("aiohttp", "httpcore")
+    )
+    loop: str = _setting(
+        "auto",
+        "event loop",
+        group="server",
+        details="`auto`: uvloop under the aiohttp transport, asyncio under httpcore.",
+        choices=("auto", "uvloop", "asyncio"),
+    )
     log_level: str = _setting(
-        "info", "log level", choices=("debug", "info", "warning", "error", "critical")
+        "info",
+        "log level",
+        group="logging",
+        details="It applies to diagnostic logs; access records follow `access_log` alone.",
+        choices=("debug", "info", "warning", "error", "critical"),
     )
-    log_format: str = _setting("json", "log format", choices=("json", "text"))
-    access_log: bool = _setting(True, "log one record per request")
-    cache_dir: str = _setting("", "directory of the read-through cache (empty: cache off)")
+    log_format: str = _setting(
+        "auto",
+        "log format (auto: text on a terminal, else json)",
+        group="logging",
+        details="`json`: one JSON object per line; `text`: one human-readable line per record; "
+        "`auto`: `text` when stderr is a terminal, `json` otherwise.",
+        choices=("auto", "json", "text"),
+    )
+    access_log: bool = _setting(
+        True,
+        "log one record per request",
+        group="logging",
+        details="Logger `relay.access` ([operations](operations.md#logs)).",
+    )
+    cache_dir: str = _setting(
+        "", "directory of the read-through cache (empty: cache off)", group="cache"
+    )
     cache_max_bytes: int = _setting(
-        0, "disk budget of the cache; least recently used objects are evicted past it", min=0
+        0,
+        "disk budget of the cache; least recently used objects are evicted past it",
+        group="cache",
+        details="Required (> 0) with `cache_dir`.",
+        min=0,
     )
     cache_max_object_bytes: int = _setting(
         0,
         "largest object the cache stores; larger ones are relayed (0: cache_max_bytes / 4)",
+        group="cache",
         min=0,
     )
     cache_slice_bytes: int = _setting(
-        8 * 1024 * 1024, "size of the aligned slices ranges are fetched and stored in", min=65536
+        8 * 1024 * 1024,
+        "size of the aligned slices ranges are fetched and stored in",
+        group="cache",
+        details="A Range request for an object not stored whole is answered from aligned "
+        "slices of this size, each fetched (`Range` + `If-Range`) and stored on its own.",
+        min=65536,
     )
     cache_fill_idle_timeout: float = _setting(
-        300.0, "seconds a cache fill runs on after its last client left", min=0
+        300.0,
+        "seconds a cache fill runs on after its last client left",
+        group="cache",
+        details="Then it stops and stores nothing.",
+        min=0,
     )
 
     def __post_init__(self) -> None:
@@ -401,7 +675,7 @@ class Config:
         routes = env_routes if env_routes is not None else routes
         cli = dict(cli or {})
         cli_routes = cli.pop("routes", None)
-        values.update(_from_strings(cli, source=lambda k: "--" + k.replace("_", "-")))
+        values.update(_from_strings(cli, source=cli_flag))
         if cli_routes:
             routes = tuple(_parse_route_texts(cli_routes))
         environ = environ or {}
@@ -413,22 +687,31 @@ class Config:
         return cls(routes=routes, **values)
 
     def describe(self) -> dict[str, Any]:
-        """The effective settings, safe to log: secrets are masked."""
+        """The effective settings, safe to log: secrets are masked (`masked`)."""
         out = {
-            f.name: (
-                "***"
-                if f.metadata.get("secret") and getattr(self, f.name)
-                else getattr(self, f.name)
-            )
-            for f in dataclasses.fields(self)
+            f.name: masked(getattr(self, f.name), secret=f.metadata["secret"]) for f in settings()
         }
-        out["routes"] = [r.describe() for r in self.routes]
-        return out
+        return {"routes": [r.describe() for r in self.routes], **out}
 
 
 def settings() -> list[dataclasses.Field[Any]]:
     """The scalar settings, in declaration order (routes excluded)."""
     return [f for f in dataclasses.fields(Config) if f.name != "routes"]
+
+
+def routes_setting() -> dataclasses.Field[Any]:
+    """The `routes` field: its text and command-line form (its keys are Route's fields)."""
+    return next(f for f in dataclasses.fields(Config) if f.name == "routes")
+
+
+def env_var(name: str) -> str:
+    """The environment variable of setting `name`: RELAY_READ_TIMEOUT for read_timeout."""
+    return ENV_PREFIX + name.upper()
+
+
+def cli_flag(name: str) -> str:
+    """The `relay serve` option of setting `name`: --read-timeout for read_timeout."""
+    return "--" + name.replace("_", "-")
 
 
 def setting_type(name: str) -> type:
@@ -442,8 +725,8 @@ def _check(f: dataclasses.Field[Any], kind: Any, value: Any, where: str) -> None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        shown = "***" if meta.get("secret") else repr(value)
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {shown}")
+        shown = masked(value, secret=meta["secret"])
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {shown!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
     if meta.get("positive") and not value > 0:
@@ -473,7 +756,7 @@ def _convert(name: str, text: str, where: str) -> Any:
                 "set enableServiceLinks: false in the pod spec)"
             )
         raise ConfigError(
-            f"{name} ({where}): expected {kind.__name__}, got {text!r}{hint}"
+            f"{name} ({where}): expected {kind.__name__}, got {masked(text)!r}{hint}"
         ) from None
 
 
@@ -491,13 +774,9 @@ def _from_strings(raw: Mapping[str, Any], *, source: Any) -> dict[str, Any]:
 
 
 def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], tuple[Route, ...] | None]:
-    raw = {
-        f.name: environ[ENV_PREFIX + f.name.upper()]
-        for f in settings()
-        if ENV_PREFIX + f.name.upper() in environ
-    }
-    values = _from_strings(raw, source=lambda k: ENV_PREFIX + k.upper())
-    routes_text = environ.get(ENV_PREFIX + "ROUTES")
+    raw = {f.name: environ[env_var(f.name)] for f in settings() if env_var(f.name) in environ}
+    values = _from_strings(raw, source=env_var)
+    routes_text = environ.get(env_var("routes"))
     routes = None
     if routes_text is not None and routes_text.strip():
         routes = tuple(_parse_route_texts(re.split(r"[\s,]+", routes_text.strip())))

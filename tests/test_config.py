@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main
-from relay.config import Config, Route
+from relay.config import Config, Route, masked
 from relay.errors import ConfigError
 
 
@@ -117,6 +117,33 @@ def test_describe_is_loggable() -> None:
     config = Config(routes=(Route(prefix="/a/", upstream="https://x/"),))
     described = config.describe()
     assert described["routes"][0]["upstream"] == "https://x/"
+
+
+def test_one_masking_rule_for_the_startup_log_and_configuration_errors() -> None:
+    assert masked("s3cret", secret=True) == "***"
+    assert masked(12345678, secret=True) == "***"  # a secret of the wrong type, in an error
+    assert masked("", secret=True) == ""  # unset stays visibly unset
+    assert (
+        masked("a http://user:pw@h.example/x and //tok@h2/")
+        == "a http://***@h.example/x and //***@h2/"
+    )
+    assert masked("/var/cache/relay") == "/var/cache/relay"
+    assert masked(60.0) == 60.0
+
+
+def test_describe_masks_every_secret_and_route_credential() -> None:
+    route = Route(prefix="/a/", upstream="https://x/", auth_env="TOKEN")
+    config = Config(
+        routes=(route.resolve_credential({"TOKEN": "Bearer route-s3cret"}),),
+        client_secret="client-s3cret",
+        signing_key="signing-s3cret",
+        admin_token="admin-s3cret",
+    )
+    described = config.describe()
+    assert "s3cret" not in repr(described)
+    assert described["client_secret"] == described["signing_key"] == "***"
+    assert described["admin_token"] == described["routes"][0]["credential"] == "***"
+    assert described["routes"][0]["auth_env"] == "TOKEN"
 
 
 def test_ca_file_is_loaded_once_at_startup(tmp_path: Path) -> None:

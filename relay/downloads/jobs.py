@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from relay import disk
 from relay.config import Config
@@ -49,6 +50,13 @@ WATCH_INTERVAL = 1.0
 """Seconds between the background retention sweep and byte-quota checks (at most)."""
 SWEEP_BATCH = 500
 """Expired jobs deleted per sweep step."""
+
+
+class JobCounts(NamedTuple):
+    queued: int
+    """Jobs waiting for one of the max_downloads slots."""
+    running: int
+    """Jobs holding a slot: fetching, verifying or publishing."""
 
 
 class DownloadManager:
@@ -195,6 +203,13 @@ class DownloadManager:
                 # for this job, so a file under it is this job's.
                 await asyncio.to_thread(disk.remove_quietly, self._data.file(job.name))
             await self._finish(job, state, reason)
+
+    def counts(self) -> JobCounts:
+        """Active jobs by state, for the metrics."""
+        states = [job.state for job in self._active.values()]
+        return JobCounts(
+            queued=states.count(JobState.QUEUED), running=states.count(JobState.RUNNING)
+        )
 
     async def published(self, name: str) -> tuple[Path, Job] | None:
         """The file published under `name` and the job that verified it."""

@@ -1,7 +1,7 @@
 """The address policy: which IP addresses relay may connect to by default.
 
 Pure functions with no network library, so configuration can use them at startup. Where the
-checks run on connections: relay/egress.py.
+checks run on connections: relay/net/egress.py.
 """
 
 from __future__ import annotations

@@ -9,9 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from relay.types import Scope
-
-SCOPE_KEY = "relay.proxy.exchange"
+from relay.types import EXCHANGE_KEY, Scope
 
 
 @dataclass(slots=True)
@@ -39,8 +37,8 @@ class Exchange:
 
 def exchange_of(scope: Scope) -> Exchange:
     """The request's record; created on first use so the app also works without middleware."""
-    record = scope.get(SCOPE_KEY)
+    record = scope.get(EXCHANGE_KEY)
     if record is None:
-        record = scope[SCOPE_KEY] = Exchange()
+        record = scope[EXCHANGE_KEY] = Exchange()
     assert isinstance(record, Exchange)
     return record

@@ -35,17 +35,9 @@ from relay.proxy.pacing import ReadPacer
 from relay.proxy.resuming import BodyResumer
 from relay.proxy.rewrite import Preset
 from relay.proxy.send_watch import SendWatchdog
-from relay.types import Receive, Scope, Send
+from relay.types import RESET_KEY, WAIT_FOR_CLIENT, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
-
-# An empty body message: sent after each chunk, it returns once the server's transport has
-# drained (a constant, so the streaming loop allocates no second message per chunk).
-WAIT_FOR_CLIENT = {"type": "http.response.body", "body": b"", "more_body": True}
-
-# Scope key of a callable, set by relay's server protocol, that aborts the client connection
-# with a TCP reset: what is still queued for a client being cut is dropped, not delivered.
-RESET_KEY = "relay.reset_connection"
 
 # Seconds into an exchange before relay starts watching for the client's disconnect if no body
 # has started (a slow upstream): a client gone before that is noticed this much later, the

@@ -1,7 +1,9 @@
 """Logging setup: one JSON object per line (or a human format), and quiet expected aborts.
 
 JSON lines carry `timestamp` (RFC 3339, UTC), `level`, `logger`, `message`, `exception` when
-there is one, and every field passed with `extra=` (the access record's fields, for one).
+there is one, and every field passed with `extra=` (the access record's fields, for one; the
+startup line's `config`). The format is chosen once: `log_format = "auto"` picks text for a
+person at a terminal and JSON for everything else.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import sys
 import time
 from typing import Any, TextIO
 
+from relay import __version__
+from relay.config import Config, settings
 from relay.errors import TransferAborted
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-FORMATS = ("json", "text")
+FORMATS = ("auto", "json", "text")
+
+logger = logging.getLogger(__name__)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, None, None, None))) | {
@@ -212,7 +218,18 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
         super().close()
 
 
-def configure_logging(level: str, fmt: str = "json", *, stream: TextIO | None = None) -> None:
+def chosen_format(fmt: str, stream: TextIO) -> str:
+    """The format written to `stream`: `fmt` itself, or for "auto" text when `stream` is a
+    terminal (a person reads it) and JSON otherwise (a file, a pipe, a log collector)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except ValueError:  # a closed stream: nobody reads it, as a collector would not
+        return "json"
+
+
+def configure_logging(level: str, fmt: str = "auto", *, stream: TextIO | None = None) -> None:
     """Send every log record to stderr (or `stream`), as JSON lines or as text.
 
     Idempotent: calling it again replaces relay's handler, leaving other handlers alone.
@@ -226,7 +243,8 @@ def configure_logging(level: str, fmt: str = "json", *, stream: TextIO | None = 
         root.removeHandler(old)
         old.close()
     handler = _RelayHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    json_lines = chosen_format(fmt, handler.stream) == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
     uvicorn_errors = logging.getLogger("uvicorn.error")
@@ -235,3 +253,33 @@ def configure_logging(level: str, fmt: str = "json", *, stream: TextIO | None = 
     logging.getLogger("relay.access").setLevel(logging.INFO)
     # httpx logs every request at INFO: per-request work on the hot path, and noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+
+
+def log_startup(config: Config) -> None:
+    """The first line relay logs: the effective configuration as the `config` field (secrets
+    masked as in configuration errors: `Config.describe`), and in the message, for a person,
+    where it listens, its routes and the settings that differ from their defaults."""
+    described = config.describe()
+    routes = ", ".join(f"{r['prefix']} -> {r['upstream']}" for r in described["routes"])
+    changed = " ".join(
+        f"{f.name}={_logfmt(described[f.name])}"
+        for f in settings()
+        if f.name not in ("host", "port") and getattr(config, f.name) != f.default
+    )
+    message = f"relay {__version__} starting on {config.host}:{config.port}"
+    message += f"; routes: {routes or '(none)'}"
+    if changed:
+        message += f"; settings: {changed}"
+    logger.info(message, extra={"version": __version__, "config": described})
+
+
+def _logfmt(value: object) -> str:
+    """A value as `key=value` text: booleans as in TOML, odd strings quoted."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = str(value)
+    if isinstance(value, str) and (
+        not text or not text.isprintable() or any(c in text for c in ' "=')
+    ):
+        return _encode(text)
+    return text

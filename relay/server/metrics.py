@@ -7,6 +7,11 @@ when a request comes in and `observe` once when it is over.
 Label values are bounded: `route` is a configured prefix or "-" (health, metrics, no route,
 refused paths), `method` is GET, HEAD or other, `status` is the status sent (0 when none was:
 the client left before the response started).
+
+Limits are exported beside what they limit (`relay_max_streams` beside `relay_active_streams`,
+`relay_upstream_max_connections` beside `relay_upstream_connections`, `relay_cache_max_bytes`
+beside `relay_cache_size_bytes`, `relay_max_downloads` beside `relay_downloads`), so a dashboard
+or an alert divides one by the other without knowing each deployment's settings.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
@@ -29,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
+from relay.downloads.jobs import JobCounts
 from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
 
@@ -56,10 +63,11 @@ class Metrics:
     """relay's metrics and the /metrics endpoint serving them.
 
     `routes` (the configured prefixes) creates their series up front at zero, so a rate over
-    a counter that has not moved yet is 0 rather than absent.
+    a counter that has not moved yet is 0 rather than absent. `max_streams` (the stream
+    limiter's limit) is exported as `relay_max_streams` when given.
     """
 
-    def __init__(self, routes: Iterable[str] = ()) -> None:
+    def __init__(self, routes: Iterable[str] = (), *, max_streams: int | None = None) -> None:
         # prometheus_client's `*_created` series double every counter and histogram in the
         # text format for nothing Prometheus needs. The switch is process-wide.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -129,10 +137,28 @@ class Metrics:
         self._series: dict[str, _RouteSeries] = {}
         self._request_counts: dict[tuple[str, str, int], Counter] = {}
         registry.register(_ActiveStreams(self._live, self._routes))
-        self._pool = _UpstreamPool()
+        if max_streams is not None:
+            Gauge(
+                "relay_max_streams",
+                "Relayed streams admitted at once (max_streams); past it requests get 503.",
+                registry=registry,
+            ).set(max_streams)
+        self._pool = _ByState(
+            "relay_upstream_connections",
+            "Upstream connections by state: in_use (checked out for a response) or idle.",
+            "relay_upstream_max_connections",
+            "Upstream connections open at once (max_connections); past it requests wait.",
+        )
         registry.register(self._pool)
         self._cache = _CacheCollector()
         registry.register(self._cache)
+        self._downloads = _ByState(
+            "relay_downloads",
+            "Downloads to disk by state: queued (waiting for a slot) or running.",
+            "relay_max_downloads",
+            "Downloads to disk running at once (max_downloads); the rest wait queued.",
+        )
+        registry.register(self._downloads)
         ProcessCollector(registry=registry)
         for route in routes:
             self._add_route(route)
@@ -195,9 +221,17 @@ class Metrics:
         elif outcome == "upstream_error":
             series.upstream_errors.inc()
 
-    def watch_pool(self, source: Callable[[], PoolStats] | None) -> None:
-        """Report the upstream pool (the transport's pool_stats) at every scrape."""
+    def watch_pool(self, source: Callable[[], PoolStats] | None, *, limit: int) -> None:
+        """Report the upstream pool (the transport's pool_stats) at every scrape, and its size
+        (`limit`: max_connections) beside it."""
         self._pool.source = source
+        self._pool.limit = limit
+
+    def watch_downloads(self, source: Callable[[], JobCounts] | None, *, limit: int) -> None:
+        """Report the downloads to disk queued and running at every scrape, and how many may
+        run at once (`limit`: max_downloads)."""
+        self._downloads.source = source
+        self._downloads.limit = limit
 
     def watch_cache(self, cache: Cache | None) -> None:
         """Report the read-through cache's counters and size at every scrape."""
@@ -224,25 +258,30 @@ class _RouteSeries:
     upstream_errors: Counter
 
 
-class _UpstreamPool(Collector):
-    """Upstream connections in use and idle, read from the transport at scrape time."""
+class _ByState(Collector):
+    """A gauge by state and the limit on their sum, read at scrape time from a source
+    returning a NamedTuple (one state per field: PoolStats, JobCounts). Nothing is exported
+    until a source is set."""
 
-    NAME = "relay_upstream_connections"
-    HELP = "Upstream connections by state: in_use (checked out for a response) or idle."
-
-    def __init__(self) -> None:
-        self.source: Callable[[], PoolStats] | None = None
+    def __init__(self, name: str, help_text: str, max_name: str, max_help: str) -> None:
+        self.families = (name, help_text, max_name, max_help)
+        self.source: Callable[[], PoolStats | JobCounts] | None = None
+        self.limit = 0
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        name, help_text, max_name, max_help = self.families
+        yield GaugeMetricFamily(name, help_text, labels=["state"])
+        yield GaugeMetricFamily(max_name, max_help)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
-        if self.source is not None:
-            stats = self.source()
-            family.add_metric(["in_use"], stats.in_use)
-            family.add_metric(["idle"], stats.idle)
+        if self.source is None:
+            return
+        name, help_text, max_name, max_help = self.families
+        family = GaugeMetricFamily(name, help_text, labels=["state"])
+        for state, value in self.source()._asdict().items():
+            family.add_metric([state], value)
         yield family
+        yield GaugeMetricFamily(max_name, max_help, value=self.limit)
 
 
 _CACHE_COUNTERS = (
@@ -284,7 +323,18 @@ class _CacheCollector(Collector):
             "relay_cache_size_bytes", "Bytes of complete cached objects.", value=cache.index.stored
         )
         yield GaugeMetricFamily(
+            "relay_cache_max_bytes",
+            "The cache's budget (cache_max_bytes): eviction keeps stored and reserved bytes "
+            "under it.",
+            value=cache.index.max_bytes,
+        )
+        yield GaugeMetricFamily(
             "relay_cache_objects", "Complete cached objects.", value=len(cache.index)
+        )
+        yield GaugeMetricFamily(
+            "relay_cache_fills_in_flight",
+            "Cache fills running (whole objects and slices), coalesced clients counted once.",
+            value=cache.fills_running,
         )
 
 

@@ -18,13 +18,19 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from relay.proxy.exchange import SCOPE_KEY, Exchange
+from relay.proxy.exchange import Exchange
 from relay.server.logs import direct_json_handler, json_line
 from relay.server.metrics import Metrics
-from relay.types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
-
-REQUEST_ID_KEY = "relay.request_id"
-"""Scope key of the request id: the client's X-Request-ID when sane, else a new one."""
+from relay.types import (
+    EXCHANGE_KEY,
+    REQUEST_ID_KEY,
+    ASGIApp,
+    Message,
+    RawHeaders,
+    Receive,
+    Scope,
+    Send,
+)
 
 REQUEST_ID_HEADER = b"x-request-id"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
@@ -82,7 +88,7 @@ class ObserveMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = scope[SCOPE_KEY] = Exchange()
+        exchange = scope[EXCHANGE_KEY] = Exchange()
         request_id = scope[REQUEST_ID_KEY] = request_id_from(scope["headers"])
         id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         start: Message | None = None

@@ -25,13 +25,12 @@ from starlette.applications import Starlette
 
 from relay.config import Config
 from relay.errors import StartupError
-from relay.proxy.streaming import RESET_KEY
 from relay.server.app import create_app
 from relay.server.health import Readiness
-from relay.server.logs import configure_logging
+from relay.server.logs import configure_logging, log_startup
 from relay.server.uvicorn_compat import HttpToolsProtocol, RequestResponseCycle
 from relay.server.zerocopy import ZeroCopySend
-from relay.types import ZERO_COPY_SEND
+from relay.types import RESET_KEY, ZERO_COPY_SEND
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +445,7 @@ def build_server(
 def serve(config: Config) -> None:
     """Run relay until it is stopped; raises StartupError if it could not start."""
     configure_logging(config.log_level, config.log_format)
-    logger.info("relay starting with %s", config.describe())
+    log_startup(config)
     server = build_server(config)
     # Everything alive now (modules, config, app) lives as long as the process: keep it out of
     # the collector's scans. A small request allocates thousands of short-lived container

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relay import __version__
 from tests.harness import CURL, curl, wait_until
 from tests.origin import Origin, expected_sha256
 
@@ -160,3 +162,26 @@ def test_cli_module_and_console_script_run() -> None:
     )
     assert code.returncode == 2
     assert "no routes configured" in code.stderr
+
+
+def test_startup_line_is_json_with_the_configuration_and_secrets_masked(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """stderr to a file (no terminal): the default log format is JSON, and the startup line
+    carries the effective configuration as JSON fields, the signing key masked."""
+    relay = RelayProcess(origin, tmp_path, signing_key="signing-s3cret", read_timeout=60.0)
+    relay.start()
+    try:
+        lines = relay.log.read_text().splitlines()
+    finally:
+        relay.stop()
+    assert not any("s3cret" in line for line in lines)
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    starting = [r for r in records if r["message"].startswith(f"relay {__version__} starting")]
+    assert len(starting) == 1, lines
+    config = starting[0]["config"]
+    assert config["port"] == relay.port
+    assert config["read_timeout"] == 60.0
+    assert config["signing_key"] == "***"
+    assert config["log_format"] == "auto"
+    assert [r["prefix"] for r in config["routes"]] == ["/o/"]

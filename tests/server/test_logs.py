@@ -11,8 +11,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from relay import __version__
+from relay.config import Config, Route
 from relay.errors import TransferAborted
-from relay.server.logs import JsonFormatter, QuietAborts, configure_logging, json_line, rfc3339
+from relay.server.logs import (
+    JsonFormatter,
+    QuietAborts,
+    configure_logging,
+    json_line,
+    log_startup,
+    rfc3339,
+)
 
 
 def make_record(
@@ -161,6 +170,91 @@ def test_configure_logging_keeps_expected_aborts_quiet() -> None:
 def test_configure_logging_refuses_unknown_format() -> None:
     with pytest.raises(ValueError, match="log format"):
         configure_logging("info", "xml")
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (as sys.stderr does when a person runs relay)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(
+    ("fmt", "stream", "json_lines"),
+    [
+        ("auto", Terminal, False),
+        ("auto", io.StringIO, True),
+        ("json", Terminal, True),
+        ("text", io.StringIO, False),
+    ],
+)
+def test_auto_format_is_text_on_a_terminal_and_json_elsewhere(
+    fmt: str, stream: type[io.StringIO], json_lines: bool
+) -> None:
+    """log_format = "auto" (the default) asks the stream: a person at a terminal reads text,
+    a pipe or file (a container's log collector) gets JSON; an explicit format is kept."""
+    out = stream()
+    configure_logging("info", fmt, stream=out)
+    logging.getLogger("relay.test").warning("careful")
+    line = out.getvalue().rstrip()
+    if json_lines:
+        assert json.loads(line)["message"] == "careful"
+    else:
+        assert line.endswith(" WARNING relay.test: careful")
+
+
+SECRET_CONFIG = Config(
+    routes=(
+        Route(
+            prefix="/gh/", upstream="https://github.com/", auth_env="GH_TOKEN"
+        ).resolve_credential({"GH_TOKEN": "Bearer route-s3cret"}),
+    ),
+    port=9000,
+    read_timeout=60.0,
+    signing_key="signing-s3cret",
+    admin_token="admin-s3cret",
+    downloads_open=False,
+)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_startup_line_carries_the_configuration_as_json_fields() -> None:
+    """The startup line's `config` is a JSON object (not a Python dict in the message), with
+    every setting and route, secrets masked as configuration errors mask them."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    log_startup(SECRET_CONFIG)
+    (line,) = stream.getvalue().splitlines()
+    assert "s3cret" not in line
+    record = json.loads(line)
+    assert record["version"] == __version__
+    config = record["config"]
+    assert config["port"] == 9000
+    assert config["read_timeout"] == 60.0
+    assert config["access_log"] is True
+    assert config["signing_key"] == config["admin_token"] == "***"
+    assert config["client_secret"] == ""  # unset: shown as unset
+    assert set(config["routes"][0]) == set(SECRET_CONFIG.routes[0].describe())
+    assert config["routes"][0]["redirect_hosts"] == []
+    assert config["routes"][0]["credential"] == "***"
+    assert config["routes"][0]["upstream"] == "https://github.com/"
+    assert set(config) == set(SECRET_CONFIG.describe())
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_startup_message_says_what_was_configured_for_a_person() -> None:
+    """In text, the message alone names the address, the routes and each setting changed
+    from its default, secrets masked."""
+    stream = io.StringIO()
+    configure_logging("info", "text", stream=stream)
+    log_startup(SECRET_CONFIG)
+    text = stream.getvalue()
+    assert "s3cret" not in text
+    assert f"relay {__version__} starting on 127.0.0.1:9000" in text
+    assert "routes: /gh/ -> https://github.com/" in text
+    assert "settings: read_timeout=60.0 signing_key=*** admin_token=***" in text
+    assert "log_level" not in text  # defaults are left out
 
 
 class RecordingStream(io.StringIO):

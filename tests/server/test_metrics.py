@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.downloads.jobs import JobCounts
+from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
 from relay.server.metrics import Metrics
 from tests.harness import RelayThread, abort_download, wait_until
@@ -136,6 +139,39 @@ def test_metrics_registries_are_per_instance() -> None:
     assert not [k for k in samples_of(second) if k[0] == "relay_requests_total"]
 
 
+def test_metrics_limits_are_exported_beside_what_they_limit() -> None:
+    """max_streams, the pool's size and max_downloads are gauges, so a panel or an alert can
+    divide use by limit; each is exported only once its source is known."""
+    metrics = Metrics(routes=["/o/"])
+    s = samples_of(metrics)
+    assert sample(s, "relay_max_streams") is None
+    assert sample(s, "relay_upstream_max_connections") is None
+    assert sample(s, "relay_max_downloads") is None
+
+    metrics = Metrics(routes=["/o/"], max_streams=64)
+    metrics.watch_pool(lambda: PoolStats(in_use=3, idle=2), limit=10)
+    metrics.watch_downloads(lambda: JobCounts(queued=5, running=2), limit=2)
+    s = samples_of(metrics)
+    assert sample(s, "relay_max_streams") == 64
+    assert sample(s, "relay_upstream_connections", state="in_use") == 3
+    assert sample(s, "relay_upstream_connections", state="idle") == 2
+    assert sample(s, "relay_upstream_max_connections") == 10
+    assert sample(s, "relay_downloads", state="queued") == 5
+    assert sample(s, "relay_downloads", state="running") == 2
+    assert sample(s, "relay_max_downloads") == 2
+
+
+def test_metrics_downloads_are_read_at_every_scrape() -> None:
+    counts = [JobCounts(queued=1, running=0)]
+    metrics = Metrics()
+    metrics.watch_downloads(lambda: counts[-1], limit=4)
+    assert sample(samples_of(metrics), "relay_downloads", state="queued") == 1
+    counts.append(JobCounts(queued=0, running=1))
+    s = samples_of(metrics)
+    assert sample(s, "relay_downloads", state="queued") == 0
+    assert sample(s, "relay_downloads", state="running") == 1
+
+
 def scrape(relay: RelayThread) -> Samples:
     response = httpx.get(f"{relay.url}/metrics")
     assert response.status_code == 200
@@ -229,3 +265,54 @@ def test_metrics_upstream_pool_gauge_tracks_connections(
     with held_stream(f"{relay.url}/o/gen/10m?stall_after=1000"):
         assert scrape("in_use") == 1
     assert wait_until(lambda: scrape("in_use") == 0)
+
+
+@pytest.mark.e2e
+def test_metrics_cache_budget_and_fills_in_flight(
+    make_relay: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """relay_cache_max_bytes is the configured budget; relay_cache_fills_in_flight counts a
+    fill while it runs (a slow upstream: 8 MiB at 128 KiB/s) and is back to 0 once it stopped
+    (its client left: with cache_fill_idle_timeout = 0 the fill stops at its next chunk)."""
+    from tests.e2e.test_faults import held_stream
+
+    relay = make_relay(
+        cache_dir=str(tmp_path / "cache"), cache_max_bytes=64 * MiB, cache_fill_idle_timeout=0
+    )
+
+    def cache(name: str) -> float | None:
+        return sample(scrape(relay), f"relay_cache_{name}")
+
+    assert cache("max_bytes") == 64 * MiB
+    assert cache("fills_in_flight") == 0
+    with held_stream(f"{relay.url}/o/gen/8m?slow=128k"):
+        assert wait_until(lambda: cache("fills_in_flight") == 1)
+    assert wait_until(lambda: cache("fills_in_flight") == 0)
+    assert cache("fills_failed_total") == 1
+
+
+@pytest.mark.e2e
+def test_metrics_downloads_queued_and_running(
+    make_relay: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """With max_downloads = 1 and two downloads of stalled upstreams, one runs and one waits;
+    both gone once cancelled."""
+    relay = make_relay(data_dir=str(tmp_path / "data"), max_downloads=1)
+
+    def downloads(state: str) -> float | None:
+        return sample(scrape(relay), "relay_downloads", state=state)
+
+    assert sample(scrape(relay), "relay_max_downloads") == 1
+    assert (downloads("queued"), downloads("running")) == (0, 0)
+    jobs = [
+        httpx.post(
+            f"{relay.url}/downloads",
+            json={"path": f"/o/gen/4m?stall_after=1000&m={n}", "name": f"f{n}"},
+            timeout=10,
+        ).json()["id"]
+        for n in range(2)
+    ]
+    assert wait_until(lambda: (downloads("queued"), downloads("running")) == (1, 1))
+    for job in jobs:
+        assert httpx.delete(f"{relay.url}/downloads/{job}", timeout=10).status_code in (200, 204)
+    assert wait_until(lambda: (downloads("queued"), downloads("running")) == (0, 0))

@@ -18,8 +18,8 @@ import pytest
 from relay.proxy.exchange import exchange_of
 from relay.server.logs import configure_logging, direct_json_handler
 from relay.server.metrics import Metrics
-from relay.server.observe import REQUEST_ID_KEY, ObserveMiddleware
-from relay.types import Message, Receive, Scope, Send
+from relay.server.observe import ObserveMiddleware
+from relay.types import REQUEST_ID_KEY, Message, Receive, Scope, Send
 from tests.asgi import Client, http_scope
 from tests.harness import RelayThread, wait_until
 from tests.origin import Origin
