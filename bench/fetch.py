@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.procs import raise_interrupt
 from bench.servers import DATA_DIR, REPO, SIZES, ensure_data, nginx_path, start_origin
 
 
@@ -98,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         ensure_data([args.size, "1k"])
     trees = [REPO] + ([args.before.resolve()] if args.before else [])
     runs = [Runs(tree) for tree in trees]
+    signal.signal(signal.SIGTERM, raise_interrupt)
     with tempfile.TemporaryDirectory(prefix="relay-bench-fetch-") as tmp:
         log_dir = Path(tmp)
         origin = start_origin(log_dir, log_dir, use_nginx)
+        out = args.dir / f"relay-fetch-{os.getpid()}.bin"
         try:
             url = f"http://127.0.0.1:{origin.server.port}{origin.path(args.size)}"
             sha256 = expected_sha256(args.size, use_nginx)
-            out = args.dir / f"relay-fetch-{os.getpid()}.bin"
             for n in range(args.rounds):
                 order = runs if n % 2 == 0 else runs[::-1]
                 for r in order:
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {n + 1}: {r.tree}: {wall:.2f} s, {cpu:.2f} CPU s", flush=True)
         finally:
             origin.server.stop()
+            for leftover in (out, Path(f"{out}.part"), Path(f"{out}.part.json")):
+                leftover.unlink(missing_ok=True)
     print()
     print(report(runs, SIZES[args.size], origin.kind, args.rounds))
     return 0
