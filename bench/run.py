@@ -10,11 +10,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from bench.clients import have
 from bench.measure import Row, Settings, measure, stop_quietly
-from bench.procs import Server, ServerError
+from bench.procs import Server, ServerError, raise_interrupt
 from bench.report import render
 from bench.servers import (
     REPO,
@@ -29,15 +28,7 @@ from bench.servers import (
     start_relay,
 )
 
-ROW_KEYS = (
-    "direct",
-    "nginx",
-    "relay",
-    "relay-log",
-    "relay-aiohttp",
-    "relay-httpcore",
-    "baseline",
-)
+ROW_KEYS = ("direct", "nginx", "relay", "relay-log", "baseline")
 # relay rows run with the access log off, as nginx does; relay-log is the relay row with it on.
 DEFAULT_ONLY = "direct,nginx,relay,relay-log"
 
@@ -61,12 +52,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--baseline",
         action="store_true",
         help="also run the naive Starlette+httpx baseline relay row",
-    )
-    p.add_argument(
-        "--transport",
-        choices=("aiohttp", "httpcore"),
-        default=None,
-        help="--transport for the 'relay' row (default: the relay's own default)",
     )
     p.add_argument(
         "--loop",
@@ -133,15 +118,12 @@ def settings(a: argparse.Namespace) -> Settings:
     return s
 
 
-def _label(key: str, transport: str | None) -> str:
-    if key in ("relay", "relay-log"):
-        name = f"relay ({transport})" if transport else "relay (default)"
-        return name + (", access log on" if key == "relay-log" else "")
+def _label(key: str) -> str:
     return {
         "direct": "direct",
         "nginx": "nginx proxy",
-        "relay-aiohttp": "relay (aiohttp)",
-        "relay-httpcore": "relay (httpcore)",
+        "relay": "relay",
+        "relay-log": "relay, access log on",
         "baseline": "baseline relay",
     }[key]
 
@@ -180,15 +162,11 @@ def wait_quiet(max_wait: float, threshold: float = 10.0) -> float:
     return busy
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(args_list)
     s = settings(a)
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     busy_start = wait_quiet(min(a.wait_quiet, 1800.0)) if a.wait_quiet > 0 else machine_busy_pct()
     if busy_start > 10:
         print(f"warning: machine already {busy_start:.0f}% busy; results will be noisy", flush=True)
@@ -218,10 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(k.startswith("relay") for k in a.keys):
                 relay_ok, relay_why = relay_available()
             for key in a.keys:
-                transport = a.transport if key in ("relay", "relay-log") else None
-                if key in ("relay-aiohttp", "relay-httpcore"):
-                    transport = key.split("-", 1)[1]
-                row = Row(key=key, label=_label(key, transport))
+                row = Row(key=key, label=_label(key))
                 rows.append(row)
                 print(f"== {row.label}", flush=True)
                 proxy = None
@@ -252,7 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                             origin,
                             tmp,
                             log_dir,
-                            transport,
                             a.loop,
                             a.extra_relay_args,
                             access_log=key == "relay-log",

@@ -25,6 +25,8 @@ from tests.ecosystems import Hub, PyPI
 from tests.harness import RelayThread, running_relay, wait_until
 from tests.origin import Origin
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1024 * 1024
 _ids = itertools.count(1)
 

@@ -23,6 +23,8 @@ from tests.harness import RelayThread, relay_config, running_relay, wait_until
 from tests.origin import Origin, expected_sha256
 from tests.scripted_upstream import Reply, ScriptedUpstream
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1024 * 1024
 
 

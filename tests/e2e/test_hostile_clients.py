@@ -8,7 +8,6 @@ import logging
 import re
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from starlette.applications import Starlette
 
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter
-from tests.harness import CURL, RelayThread, curl, raw_http, status_of, wait_until
+from tests.harness import CURL, RelayThread, curl, raw_http, read_slowly, status_of, wait_until
 from tests.origin import Origin, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -173,8 +172,9 @@ def test_get_with_an_empty_content_length_is_served(make_relay: Callable[..., Re
     assert status_of(raw_http(relay.port, request)) == 200
 
 
-def _trickle(port: int, head: bytes, *, limit: int = 200) -> bytes:
-    """Send head, then one body byte every 0.05 s until relay answers or closes (bounded)."""
+def _trickle(port: int, head: bytes, *, limit: int = 200) -> tuple[bytes, bool]:
+    """Send head, then one body byte every 0.05 s until relay closes the connection (bounded:
+    `limit` bytes). Returns what relay sent and whether it closed the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head)
         sock.settimeout(0.05)
@@ -186,14 +186,14 @@ def _trickle(port: int, head: bytes, *, limit: int = 200) -> bytes:
                 try:
                     sock.sendall(b"x")
                 except OSError:
-                    break
+                    return received, True
                 continue
             except ConnectionResetError:
-                break
+                return received, True
             if not chunk:
-                break
+                return received, True
             received += chunk
-        return received
+        return received, False
 
 
 @pytest.fixture
@@ -208,9 +208,10 @@ def test_trickled_download_request_body_gets_408_after_body_timeout(
         b"POST /downloads HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
         b"Content-Length: 16000\r\n\r\n{"
     )
-    response = _trickle(downloads_relay.port, head)
+    response, closed = _trickle(downloads_relay.port, head)
     assert status_of(response) == 408
     assert len(STATUS_LINE.findall(response)) == 1
+    assert closed
 
 
 def test_trickled_body_after_an_early_answer_is_not_kept_open(
@@ -220,9 +221,10 @@ def test_trickled_body_after_an_early_answer_is_not_kept_open(
     the body, trickled, cannot hold the connection past body_timeout."""
     relay = make_relay(body_timeout=1.0, keepalive_timeout=60.0)
     head = b"POST /o/gen/10 HTTP/1.1\r\nHost: r\r\nContent-Length: 16000\r\n\r\n"
-    response = _trickle(relay.port, head)
+    response, closed = _trickle(relay.port, head)
     assert status_of(response) == 405
     assert len(STATUS_LINE.findall(response)) == 1
+    assert closed  # by body_timeout, although bytes kept coming
 
 
 def test_declared_body_over_max_body_bytes_gets_413_at_once(
@@ -302,38 +304,14 @@ def test_streams_per_client_address_are_limited_with_429(
     assert relay.call(lambda: dict(limiter.by_client)) == {}
 
 
-def _read_slowly(port: int, path: str) -> tuple[int, str]:
-    """Download reading 4 KiB every 0.1 s (about 40 KB/s) through a 32 KiB receive buffer,
-    for at most 60 s; return the bytes received and how it ended: reset, eof or timeout.
-
-    The small buffer matters: a reset reaches the application only after the data queued
-    before it, which a large buffer read this slowly would take minutes to give."""
-    received = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: r\r\n\r\n".encode())
-        for _ in range(600):
-            try:
-                chunk = sock.recv(4096)
-            except ConnectionResetError:
-                return received, "reset"
-            if not chunk:
-                return received, "eof"
-            received += len(chunk)
-            time.sleep(0.1)
-    return received, "timeout"
-
-
 def test_client_reading_below_min_send_rate_is_reset(
-    make_relay: Callable[..., RelayThread], transport_name: str, caplog: pytest.LogCaptureFixture
+    make_relay: Callable[..., RelayThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client reading at about 40 KB/s against a 256 KB/s minimum is cut after the grace
     window: its connection reset, the cut logged, its upstream connection released."""
     caplog.set_level(logging.INFO, logger="relay.access")
-    relay = make_relay(transport=transport_name, min_send_rate=256_000, min_rate_window=0.5)
-    received, ending = _read_slowly(relay.port, "/o/gen/256m")
+    relay = make_relay(min_send_rate=256_000, min_rate_window=0.5)
+    received, ending = read_slowly(relay.port, "/o/gen/256m")
     assert ending == "reset", (ending, received)
     assert received < 256 * 1024 * 1024
     assert relay.settled()

@@ -19,16 +19,15 @@ import httpx
 import pytest
 
 from relay.cli import main
-from relay.fetch.errors import EXIT_CODES, TransferFailed, UsageError, VerifyFailed
-from relay.fetch.fetcher import (
-    FetchOptions,
-    Reporter,
-    fetch,
-    output_name,
-    parse_content_range,
-    resume_validator,
+from relay.fetch.errors import (
+    EXIT_CODES,
+    OutputExists,
+    TransferFailed,
+    UsageError,
+    VerifyFailed,
 )
-from relay.fetch.partial import Meta
+from relay.fetch.fetcher import FetchOptions, Reporter, fetch, output_name
+from relay.fetch.output import ResumeRecord
 from relay.fetch.progress import Progress, format_duration, format_size
 from tests.origin import Origin, RequestRecord, body_bytes, expected_sha256, gzip_body
 
@@ -70,6 +69,7 @@ def seen(origin: Origin, key: str) -> list[RequestRecord]:
 # ---- end to end: success ------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fetch_complete_download_verified(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -90,6 +90,7 @@ def test_fetch_complete_download_verified(
     assert (req.header("user-agent") or "").startswith("relay-fetch/")
 
 
+@pytest.mark.e2e
 def test_fetch_quiet_prints_nothing(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,18 +99,21 @@ def test_fetch_quiet_prints_nothing(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.e2e
 def test_fetch_empty_body(origin: Origin, out: Path) -> None:
     assert run(origin.url_for("/gen/0"), "-o", str(out)) == 0
     assert out.read_bytes() == b""
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_follows_redirects(origin: Origin, out: Path) -> None:
     target = origin.url_for("/gen/1m")
     assert run(origin.url_for("/redirect", to=target, code=302), "-o", str(out)) == 0
     assert sha256_file(out) == expected_sha256(MiB)
 
 
+@pytest.mark.e2e
 def test_fetch_saves_an_encoded_body_as_sent(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,6 +124,7 @@ def test_fetch_saves_an_encoded_body_as_sent(
     assert "Content-Encoding: gzip" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_default_output_name_is_last_path_segment(
     origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +152,7 @@ def test_output_name_refuses_urls_without_a_name(url: str) -> None:
         output_name(url)
 
 
+@pytest.mark.e2e
 def test_fetch_force_replaces_and_refuses_without(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -164,6 +170,7 @@ def test_fetch_force_replaces_and_refuses_without(
 # ---- end to end: failures -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fetch_sha256_mismatch_exits_6_and_leaves_nothing(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,6 +180,20 @@ def test_fetch_sha256_mismatch_exits_6_and_leaves_nothing(
     assert "sha256 mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+def test_fetch_checks_the_sha256_the_server_announces(
+    origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Repr-Digest that does not match the body: exit 6, nothing published or kept."""
+    assert run(origin.url_for("/gen/64k", repr_digest="good"), "-o", str(out)) == 0
+    out.unlink()
+    assert run(origin.url_for("/gen/64k", repr_digest="bad"), "-o", str(out)) == 6
+    assert "the upstream announced" in capsys.readouterr().err
+    assert not out.exists()
+    assert leftovers(out) == []
+
+
+@pytest.mark.e2e
 def test_fetch_404_exits_3(origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(origin.url_for("/status/404"), "-o", str(out)) == 3
     assert "404 Not Found" in capsys.readouterr().err
@@ -180,6 +201,7 @@ def test_fetch_404_exits_3(origin: Origin, out: Path, capsys: pytest.CaptureFixt
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_503_is_retried_then_exits_3(origin: Origin, out: Path, key: str) -> None:
     url = origin.url_for("/status/503", key=key)
     assert run(url, "-o", str(out), "--retries", "2", "--retry-delay", "0") == 3
@@ -199,6 +221,7 @@ def test_fetch_connection_refused_exits_5(out: Path, capsys: pytest.CaptureFixtu
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_longer_lying_length_exits_5(origin: Origin, out: Path) -> None:
     """A body shorter than its Content-Length is a failed transfer, retried, never saved."""
     url = origin.url_for("/gen/256k", lie_length=300_000)
@@ -206,6 +229,7 @@ def test_fetch_longer_lying_length_exits_5(origin: Origin, out: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_fetch_shorter_lying_length_caught_by_checksum(origin: Origin, out: Path) -> None:
     """A Content-Length shorter than the body looks complete: only --sha256 can tell."""
     url = origin.url_for("/gen/256k", lie_length=1000)
@@ -215,6 +239,7 @@ def test_fetch_shorter_lying_length_caught_by_checksum(origin: Origin, out: Path
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_read_timeout_resumes_then_exits_5_keeping_partial(
     origin: Origin, out: Path, key: str
 ) -> None:
@@ -231,6 +256,7 @@ def test_fetch_read_timeout_resumes_then_exits_5_keeping_partial(
 # ---- resuming -----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fetch_resumes_within_a_run_after_a_drop(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -245,6 +271,7 @@ def test_fetch_resumes_within_a_run_after_a_drop(
     assert "retrying" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_resumes_across_runs(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -265,6 +292,7 @@ def test_fetch_resumes_across_runs(
     assert "resumed at" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_restarts_when_the_etag_changed_between_runs(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -278,6 +306,7 @@ def test_fetch_restarts_when_the_etag_changed_between_runs(
     assert "starting over" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_restarts_when_the_etag_changed_during_a_run(
     origin: Origin, out: Path, key: str
 ) -> None:
@@ -287,40 +316,47 @@ def test_fetch_restarts_when_the_etag_changed_during_a_run(
     assert [r.header("range") for r in seen(origin, key)] == [None, "bytes=2000000-"]
 
 
+@pytest.mark.e2e
 def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key: str) -> None:
     """A partial that already holds every byte is confirmed by a 416 and published."""
     size = 256 * 1024
     url = origin.url_for("/gen/256k", key=key)
     out.with_name("file.bin.part").write_bytes(body_bytes(size))
-    out.with_name("file.bin.part.json").write_text(Meta(url, f'"gen-{size}-v1"', size).dumps())
+    record = ResumeRecord(url, f'"gen-{size}-v1"', size)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out), "--sha256", expected_sha256(size)) == 0
     assert sha256_file(out) == expected_sha256(size)
     assert leftovers(out) == []
     assert [r.header("range") for r in seen(origin, key)] == [f"bytes={size}-"]
 
 
+@pytest.mark.e2e
 def test_fetch_no_resume_discards_the_partial(origin: Origin, out: Path, key: str) -> None:
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
-    out.with_name("file.bin.part.json").write_text(Meta(url, f'"gen-{MiB}-v1"', MiB).dumps())
+    record = ResumeRecord(url, f'"gen-{MiB}-v1"', MiB)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out), "--no-resume") == 0
     assert sha256_file(out) == expected_sha256(MiB)
     assert [r.header("range") for r in seen(origin, key)] == [None]
 
 
+@pytest.mark.e2e
 def test_fetch_discards_a_partial_from_another_url(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
     other = origin.url_for("/gen/1m", v=2)
-    out.with_name("file.bin.part.json").write_text(Meta(other, '"gen-1048576-v2"', MiB).dumps())
+    record = ResumeRecord(other, '"gen-1048576-v2"', MiB)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out)) == 0
     assert sha256_file(out) == expected_sha256(MiB)
     assert [r.header("range") for r in seen(origin, key)] == [None]
     assert "discarding file.bin.part" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_refuses_a_partial_in_use(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -392,6 +428,23 @@ def test_fetch_rejects_a_206_at_the_wrong_offset(tmp_path: Path) -> None:
     assert (tmp_path / "mock.bin.part").stat().st_size == 4_000  # kept for another run
 
 
+def test_fetch_never_replaces_a_file_that_appeared_while_downloading(tmp_path: Path) -> None:
+    """FILE was absent when the run started; created meanwhile, it is not overwritten (exit 4)."""
+    out = tmp_path / "mock.bin"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        out.write_bytes(b"theirs")
+        body = _DroppingStream(b"abcde", None)
+        return httpx.Response(200, headers={"Content-Length": "5"}, stream=body)
+
+    opts = FetchOptions(url="http://mock/x", output=str(out), retry_delay=0)
+    with pytest.raises(OutputExists, match="not overwritten") as info:
+        fetch(opts, Reporter(io.StringIO()), transport=httpx.MockTransport(handler))
+    assert info.value.exit_code == 4
+    assert out.read_bytes() == b"theirs"
+    assert list(tmp_path.iterdir()) == [out]
+
+
 def test_fetch_size_mismatch_exits_6(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
@@ -421,25 +474,6 @@ def test_fetch_resumes_with_an_implicitly_strong_last_modified(tmp_path: Path) -
     digest, _ = _fetch(tmp_path, handler)
     assert digest == hashlib.sha256(data).hexdigest()
     assert seen_if_range == [None, lm]
-
-
-def test_resume_validator_needs_ranges_and_a_strong_validator() -> None:
-    def v(**headers: str) -> str | None:
-        return resume_validator(httpx.Headers({k.replace("_", "-"): x for k, x in headers.items()}))
-
-    assert v(etag='"a"', accept_ranges="bytes") == '"a"'
-    assert v(etag='"a"') is None
-    assert v(etag='W/"a"', accept_ranges="bytes") is None
-    same = "Wed, 01 Jan 2025 00:00:00 GMT"
-    assert v(last_modified=same, date=same, accept_ranges="bytes") is None
-
-
-def test_parse_content_range() -> None:
-    assert parse_content_range("bytes 10-19/100") == (10, 19, 100)
-    assert parse_content_range("bytes */100") == (None, None, 100)
-    assert parse_content_range("bytes 0-9/*") == (0, 9, None)
-    assert parse_content_range("items 0-9/10") is None
-    assert parse_content_range(None) is None
 
 
 # ---- the progress bar ---------------------------------------------------------------------------
@@ -520,6 +554,7 @@ def test_format_helpers() -> None:
     assert format_duration(3725) == "1:02:05"
 
 
+@pytest.mark.e2e
 def test_fetch_progress_flag_draws_the_bar(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -577,6 +612,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.e2e
 def test_fetch_subprocess_to_stdout(origin: Origin) -> None:
     proc = subprocess.run(
         _python_m_relay(origin.url_for("/gen/8m"), "-o", "-"),
@@ -590,6 +626,7 @@ def test_fetch_subprocess_to_stdout(origin: Origin) -> None:
     assert b"saved stdout: 8.0 MiB" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_fetch_subprocess_ctrl_c_keeps_the_partial_then_resumes(
     origin: Origin, out: Path, key: str
 ) -> None:
@@ -622,6 +659,7 @@ def test_fetch_subprocess_ctrl_c_keeps_the_partial_then_resumes(
     assert seen(origin, key)[-1].header("range") == f"bytes={kept}-"
 
 
+@pytest.mark.e2e
 def test_fetch_to_stdout_resumes_by_appending(origin: Origin, key: str) -> None:
     """`-o -` keeps what it already wrote and continues with a range after a drop."""
     sink = io.BytesIO()
