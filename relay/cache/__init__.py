@@ -1,7 +1,22 @@
 """The read-through cache: one upstream fetch per object, streamed to every client from disk.
 
-Modules, one concept each: `key` (what identifies a stored response), `policy` (RFC 9111 rules,
-sans-IO), `disk` (durable writes), `store` (objects on disk), `index` (LRU and the disk
-budget), `fill` (the one upstream fetch of an object), `serve` (the response streamed from the
-file as the fill advances), `cache` (the cache itself: lookups, fills, lifespan).
+Modules, one concept each:
+
+- `clock`: the injected time (`Clock`, `SYSTEM_CLOCK`, `ManualClock` for tests);
+- `key`: what identifies a stored response;
+- `policy`: RFC 9111 rules, sans-IO (storable, lifetime, age, freshness, `answer`);
+- `plan`: the decision for one request, sans-IO (hit / stale / revalidate / miss / slices /
+  pass);
+- `store`: the on-disk layout and the metadata schema (`Meta`, paths, publish, load, remove);
+- `index`: the in-memory LRU and the disk budget;
+- `fill`: the one upstream fetch of an object into its partial file;
+- `cache`: the registry (lookups, one fill per key, budget, eviction, purge, lifespan);
+- `slices`: sliced objects (slice fills, revalidations, hints, the digest check);
+- `slice_answer`: answering a Range or a whole GET from slices;
+- `integrity`: hashing stored files off the loop;
+- `delivery`: response heads and body pumps;
+- `serve`: `CachedResponse`, the response of a cached route;
+- `admission`: which requests the cache takes, and the fill's upstream request;
+- `hub`, `rewritten`, `admin`: the Hub's content-addressed files, rewritten index pages, the
+  admin endpoints.
 """

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from relay.cache.admission import fill_request
 from relay.cache.cache import Cache
 from relay.cache.hub import HubFile, hub_key_of_purge
 from relay.cache.key import base_key, encoding_variant
@@ -139,11 +140,6 @@ async def prefetch(request: Request) -> Response:
     variant = encoding_variant(None)
     if cache.lookup(base, variant) is not None:
         return JSONResponse({"state": "cached"}, headers=_NO_STORE)
-    fill = cache.fill(
-        base,
-        variant,
-        upstream.build_request("GET", upstream.url_for(target), headers, route),
-        route,
-    )
+    fill = cache.fill(base, variant, fill_request(upstream, target, headers), route)
     fill.prefetch = True
     return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)

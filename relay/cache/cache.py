@@ -1,14 +1,13 @@
-"""The cache: lookups, one fill per key, the budget, purge, and its lifespan."""
+"""The cache: lookups, one fill per key, the budget and eviction, purge, and its lifespan.
+
+Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import logging
-import os
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,11 @@ import httpx
 from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
-from relay.cache.key import SLICE_MARK, digest, path_of, slice_key, variant_key
-from relay.cache.store import DATA, META, Meta, Store
+from relay.cache.key import VARIANT_MARK, path_of, variant_key
+from relay.cache.policy import conditional_headers
+from relay.cache.slices import Slices
+from relay.cache.store import Meta, Store
 from relay.config import Config, Route
-from relay.disk import remove_quietly, write_atomically
 from relay.errors import StartupError
 from relay.net.presets import is_immutable
 from relay.net.upstream import Upstream
@@ -66,13 +66,7 @@ class Cache:
         self.fills: dict[str, Fill] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._passes: dict[str, float] = {}
-        self.sliced: set[str] = set()
-        """Storage keys of objects with stored slices or slice fills started (a hint: a whole
-        GET of one is answered from its slices)."""
-        self.slice_revalidations: dict[str, Fill] = {}
-        """Storage key -> the one conditional request refreshing that object's slices."""
-        self.verifying: dict[str, asyncio.Task[None]] = {}
-        """Storage key -> the check of a complete sliced object's digest, while it runs."""
+        self.slices = Slices(self)
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -92,69 +86,6 @@ class Cache:
             del self._passes[key]
             return False
         return True
-
-    def slice_fill(
-        self,
-        base: str,
-        variant: str,
-        index: int,
-        request: httpx.Request,
-        route: Route,
-        validator: str | None,
-        revalidating: Entry | None = None,
-        sha256: str | None = None,
-    ) -> Fill:
-        """The fill of one aligned slice (in flight, or a new one). `revalidating`: the stale
-        stored slice; the request is then conditional (If-None-Match / If-Modified-Since
-        with the Range): a 304 refreshes every slice of the object, anything else drops them
-        and stores this slice of the new version. `sha256`: the whole object's digest (a
-        content-addressed object), checked once every slice is stored."""
-        storage = self.storage_key(base, variant)
-        key = slice_key(storage, index)
-        current = self.fills.get(key)
-        if current is not None and not current.finished:
-            return current
-        size = self.config.cache_slice_bytes
-        first = index * size
-        request.headers["range"] = f"bytes={first}-{first + size - 1}"
-        if revalidating is not None:
-            request.headers.update(_conditionals(revalidating.meta))
-            self.stats.revalidations += 1
-        elif validator is not None:
-            request.headers["if-range"] = validator
-        fill = self._new_fill(key, variant, request, route, revalidating)
-        fill.slice = (first, first + size - 1, validator)
-        fill.sha256 = sha256
-        fill.immutable = is_immutable(route, path_of(base, route.prefix))
-        fill.object_key = storage
-        self.sliced.add(storage)
-        if revalidating is not None:
-            self.slice_revalidations[storage] = fill
-        self._start(fill, base)
-        return fill
-
-    def slice_revalidation(self, base: str, variant: str) -> Fill | None:
-        """The conditional request refreshing this object's slices, if one is in flight."""
-        fill = self.slice_revalidations.get(self.storage_key(base, variant))
-        return fill if fill is not None and not fill.finished else None
-
-    def has_slices(self, base: str, variant: str) -> bool:
-        return self.storage_key(base, variant) in self.sliced
-
-    def slice_entry(self, base: str, variant: str, index: int) -> Entry | None:
-        return self.index.get(slice_key(self.storage_key(base, variant), index))
-
-    def drop_slices(self, base: str, variant: str) -> int:
-        return self._drop_slices_of(self.storage_key(base, variant))
-
-    def _drop_slices_of(self, storage: str) -> int:
-        self.sliced.discard(storage)
-        prefix = slice_key(storage, "")
-        return sum(self.drop(key) for key in self.index.keys_with_prefix(prefix))
-
-    def _slices_of(self, storage: str) -> list[Entry]:
-        prefix = slice_key(storage, "")
-        return [e for k in self.index.keys_with_prefix(prefix) if (e := self.index.peek(k))]
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         fill = self.fills.get(self.storage_key(base, variant))
@@ -178,15 +109,15 @@ class Cache:
         if current is not None and not current.finished:
             return current
         if revalidating is not None:
-            request.headers.update(_conditionals(revalidating.meta))
+            request.headers.update(conditional_headers(revalidating.meta.headers))
             self.stats.revalidations += 1
-        fill = self._new_fill(key, variant, request, route, revalidating)
+        fill = self.new_fill(key, variant, request, route, revalidating)
         fill.sha256 = sha256
         fill.immutable = is_immutable(route, path_of(base, route.prefix))
-        self._start(fill, base)
+        self.start(fill, base)
         return fill
 
-    def _new_fill(
+    def new_fill(
         self,
         key: str,
         variant: str,
@@ -197,7 +128,7 @@ class Cache:
         return Fill(
             key=key,
             variant=variant,
-            directory=self.store.dir_for(digest(key)),
+            store=self.store,
             request=request,
             route=route,
             upstream=self.upstream,
@@ -208,12 +139,13 @@ class Cache:
             reserve=self._reserve,
             on_stored=self._stored,
             on_refreshed=self._refreshed,
-            on_replaced=self._replaced,
+            on_replaced=self.slices.replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
         )
 
-    def _start(self, fill: Fill, base: str) -> None:
+    def start(self, fill: Fill, base: str) -> None:
+        """Run the fill as a tracked task; `base`: its object's base key."""
         self.fills[fill.key] = fill
         task = asyncio.create_task(self._run(fill, base), name=f"cache fill {fill.key[:80]}")
         self.tasks.add(task)
@@ -225,15 +157,8 @@ class Cache:
         finally:
             if self.fills.get(fill.key) is fill:
                 del self.fills[fill.key]
-            if fill.object_key and self.slice_revalidations.get(fill.object_key) is fill:
-                del self.slice_revalidations[fill.object_key]
-            if (
-                fill.object_key
-                and fill.passthrough is not None
-                and not self._slices_of(fill.object_key)
-            ):
-                # No slice stored (no byte ranges, say): whole GETs are not sent to slices.
-                self.sliced.discard(fill.object_key)
+            if fill.object_key:
+                self.slices.finished(fill)
             self.index.reserved -= fill.reserved
             fill.reserved = 0
             self.stats.coalesced += fill.coalesced
@@ -268,117 +193,25 @@ class Cache:
         return True
 
     def _evict(self, entry: Entry) -> None:
-        # Unlinked, never truncated: a reader streaming it keeps its descriptor.
         self.index.remove(entry.key)
-        remove_quietly(entry.directory / META)
-        remove_quietly(entry.directory / DATA)
-        if SLICE_MARK in entry.key:
-            # The hint goes with the object's first evicted slice (a whole GET then fills the
-            # object whole; a slice stored later adds it back), so it stays bounded by what
-            # the cache holds.
-            self.sliced.discard(entry.key.rpartition(SLICE_MARK)[0])
+        self.store.remove(entry)
+        self.slices.evicted(entry.key)
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
 
     def _stored(self, fill: Fill, meta: Meta) -> None:
         self.index.add(Entry(fill.key, fill.directory, meta))
         if fill.object_key:
-            self.sliced.add(fill.object_key)
-            self._verify_when_complete(fill.object_key, meta)
+            self.slices.stored(fill, meta)
 
     def _refreshed(self, fill: Fill, meta: Meta) -> None:
         entry = self.index.get(fill.key)
         if entry is None:
             return
         entry.meta = meta
-        _write_meta(entry)
-        if not fill.object_key:
-            return
-        # A 304 for one slice is a 304 for the object: every slice of it is fresh again.
-        for other in self._slices_of(fill.object_key):
-            if other is entry or other.meta.validator != meta.validator:
-                continue
-            other.meta = dataclasses.replace(
-                other.meta,
-                headers=meta.headers,
-                stored_at=meta.stored_at,
-                initial_age=meta.initial_age,
-                lifetime=meta.lifetime,
-            )
-            _write_meta(other)
-
-    def _replaced(self, fill: Fill) -> None:
-        """A conditional request for a stale slice was answered with a body: the object's
-        stored slices are another version (or no longer to be trusted): all dropped."""
+        self.store.rewrite_meta(entry)
         if fill.object_key:
-            dropped = self._drop_slices_of(fill.object_key)
-            logger.info("cache: %d stale slices replaced (%s)", dropped, fill.object_key[:80])
-
-    # ---- digests of sliced objects ------------------------------------------------------
-
-    def _verify_when_complete(self, storage: str, meta: Meta) -> None:
-        """Once every slice of an object whose upstream announced a whole-object SHA-256 is
-        stored (one version), hash them in order off the loop; a mismatch drops them all."""
-        expected = meta.extra.get("repr-sha256")
-        total = int(meta.extra.get("total", "0"))
-        size = self.config.cache_slice_bytes
-        if not expected or total <= 0:
-            return
-        entries: list[Entry] = []
-        for index in range((total + size - 1) // size):
-            entry = self.index.peek(slice_key(storage, index))
-            if (
-                entry is None
-                or entry.meta.validator != meta.validator
-                or entry.meta.extra.get("repr-sha256") != expected
-            ):
-                return
-            entries.append(entry)
-        task = asyncio.create_task(
-            self._verify_slices(storage, entries, expected), name=f"cache verify {storage[:80]}"
-        )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        self.verifying[storage] = task
-        task.add_done_callback(
-            lambda done: (
-                self.verifying.pop(storage, None) if self.verifying.get(storage) is done else None
-            )
-        )
-
-    async def slices_verified(self, base: str, variant: str, entries: list[Entry]) -> bool:
-        """Wait for the digest check of this object's slices, if one runs; whether `entries`
-        (the slices an answer was made of) are all still stored (a mismatch drops them)."""
-        task = self.verifying.get(self.storage_key(base, variant))
-        if task is not None:
-            await asyncio.wait({task})
-        return all(self.index.peek(entry.key) is entry for entry in entries)
-
-    async def _verify_slices(self, storage: str, entries: list[Entry], expected: str) -> None:
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        directories = [e.directory for e in entries]
-        try:
-            actual = await loop.run_in_executor(None, _hash_files, directories, stop)
-        except OSError:
-            return  # a slice was evicted or purged meanwhile: nothing left to judge
-        finally:
-            stop.set()  # cancelled (relay stopping): the thread stops at its next read
-        if actual is None:
-            return
-        if actual == expected:
-            logger.info("cache: sliced object verified (%s)", entries[0].meta.url)
-            return
-        if any(self.index.peek(e.key) is not e for e in entries):
-            return  # replaced meanwhile: the new version is judged when it is complete
-        self.stats.digest_mismatches += 1
-        self._drop_slices_of(storage)
-        logger.warning(
-            "cache: slices of %s hash to %s, not the announced %s: dropped",
-            entries[0].meta.url,
-            actual,
-            expected,
-        )
+            self.slices.refreshed(fill, entry, meta)
 
     # ---- purge --------------------------------------------------------------------------
 
@@ -386,8 +219,7 @@ class Cache:
         entry = self.index.remove(key)
         if entry is None:
             return False
-        remove_quietly(entry.directory / META)
-        remove_quietly(entry.directory / DATA)
+        self.store.remove(entry)
         return True
 
     def purge_key(self, base: str) -> int:
@@ -397,7 +229,7 @@ class Cache:
             count += self.drop(key)
         self.index.vary.pop(base, None)
         self._passes.pop(base, None)
-        self.sliced = {k for k in self.sliced if k != base and not k.startswith(base + "\x00")}
+        self.slices.purge_key(base)
         return count
 
     def purge_prefix(self, prefix: str) -> int:
@@ -408,7 +240,7 @@ class Cache:
         for base in [b for b in self.index.vary if b.startswith(prefix)]:
             del self.index.vary[base]
         self._passes = {k: v for k, v in self._passes.items() if not k.startswith(prefix)}
-        self.sliced = {k for k in self.sliced if not k.startswith(prefix)}
+        self.slices.purge_prefix(prefix)
         return count
 
     async def close(self) -> None:
@@ -416,38 +248,6 @@ class Cache:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def _write_meta(entry: Entry) -> None:
-    try:
-        write_atomically(entry.directory / META, entry.meta.to_json())
-    except OSError as exc:
-        logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
-
-
-def _hash_files(directories: list[Path], stop: threading.Event) -> str | None:
-    """The SHA-256 of the slices' data files joined in order (None if stopped)."""
-    digest_ = hashlib.sha256()
-    for directory in directories:
-        fd = os.open(directory / DATA, os.O_RDONLY)
-        try:
-            while chunk := os.read(fd, 1024 * 1024):
-                if stop.is_set():
-                    return None
-                digest_.update(chunk)
-        finally:
-            os.close(fd)
-    return digest_.hexdigest()
-
-
-def _conditionals(meta: Meta) -> dict[str, str]:
-    headers = httpx.Headers(meta.headers)
-    out: dict[str, str] = {}
-    if "etag" in headers:
-        out["if-none-match"] = headers["etag"]
-    if "last-modified" in headers:
-        out["if-modified-since"] = headers["last-modified"]
-    return out
 
 
 @contextlib.asynccontextmanager
@@ -469,11 +269,9 @@ async def open_cache(
     for directory, meta, _size in loaded:
         index.add(Entry(meta.key, directory, meta))
         if meta.vary == "accept-encoding":
-            index.vary[meta.key.rsplit("\x00ae=", 1)[0]] = "accept-encoding"
+            index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
     cache = Cache(config, upstream, store, index, clock)
-    cache.sliced.update(
-        entry.key.rsplit(SLICE_MARK, 1)[0] for entry in index.entries() if SLICE_MARK in entry.key
-    )
+    cache.slices.load(index)
     for victim in index.victims(0):
         cache._evict(victim)
     logger.info("cache: %d objects, %d bytes in %s", len(index), index.stored, config.cache_dir)

@@ -1,4 +1,4 @@
-"""The one upstream fetch of an object: written to `data.partial` at its offsets, waking every
+"""The one upstream fetch of an object: written to its partial file at its offsets, waking every
 attached reader at each advance, published (fsync, meta, rename) only when complete and
 verified.
 
@@ -15,16 +15,14 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 
 from relay.cache.clock import Clock
-from relay.cache.key import INDEX_MARK
+from relay.cache.key import INDEX_MARK, VARIANT_MARK
 from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
-from relay.cache.store import DATA, META, PARTIAL, Meta
+from relay.cache.store import Meta, Store
 from relay.config import Route
-from relay.disk import replace, write_atomically
 from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries, content_length
 from relay.http.digests import DigestConflict, upstream_sha256
@@ -86,7 +84,7 @@ class Fill:
         *,
         key: str,
         variant: str,
-        directory: Path,
+        store: Store,
         request: httpx.Request,
         route: Route,
         upstream: Upstream,
@@ -103,8 +101,9 @@ class Fill:
     ) -> None:
         self.key = key
         self.variant = variant
-        self.directory = directory
-        self.partial = directory / PARTIAL
+        self._store = store
+        self.directory = store.directory_of(key)
+        self.partial = store.partial_path(self.directory)
         self._request = request
         self._route = route
         self._upstream = upstream
@@ -154,6 +153,15 @@ class Fill:
         """Started without a client: runs to completion, whatever the idle timeout."""
         self._idle_since: float | None = clock.monotonic()
 
+    @property
+    def upstream_failure(self) -> int | None:
+        """The status telling that the upstream failed (unreachable: the error's; a 5xx), or
+        None: what decides a stale-if-error answer."""
+        if self.error is not None:
+            return self.error.status_code
+        status = self.upstream_status
+        return status if status is not None and status >= 500 else None
+
     # ---- readers ------------------------------------------------------------------------
 
     def attach(self) -> None:
@@ -198,7 +206,7 @@ class Fill:
             if response is None:
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
             await self._write_body(response, fd)
             await self._publish(fd, response.headers)
@@ -226,12 +234,7 @@ class Fill:
             if fd is not None:
                 os.close(fd)
             if not self.published:
-                try:
-                    self.partial.unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    logger.warning("cache: cannot remove %s: %s", self.partial, exc)
+                self._store.remove_partial(self.partial)
             self.headers_ready.set()
             self._notify()
 
@@ -282,7 +285,7 @@ class Fill:
         index_page = INDEX_MARK in self.key
         policy = _without_keyed_vary(headers) if index_page else headers
         reason = not_storable(status, policy)
-        if reason is None and vary_of(policy) and "\x00ae=" not in self.key:
+        if reason is None and vary_of(policy) and VARIANT_MARK not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
         if reason is None and index_page:
             reason = _unrewritable(self._route, headers)
@@ -463,19 +466,9 @@ class Fill:
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
-        await loop.run_in_executor(None, store_files, self.directory, meta)
+        await loop.run_in_executor(None, self._store.publish, self.directory, meta)
         self.published = True
         self._on_stored(self, meta)
-
-
-def store_files(directory: Path, meta: Meta) -> None:
-    """Publish a filled object: the old meta is invalidated first, so no crash in between can
-    leave a complete meta beside another version's data."""
-    meta.complete = False
-    write_atomically(directory / META, meta.to_json())
-    replace(directory / PARTIAL, directory / DATA)
-    meta.complete = True
-    write_atomically(directory / META, meta.to_json())
 
 
 def _announced_sha256(headers: httpx.Headers) -> str | None:
@@ -489,4 +482,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DATA", "DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]
+__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]

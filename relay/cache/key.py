@@ -46,8 +46,12 @@ def index_key(base: str, accept: str) -> str:
     return base + INDEX_MARK + accept
 
 
+#: Marks the key of one encoding variant of an object stored per encoding.
+VARIANT_MARK = "\x00ae="
+
+
 def variant_key(base: str, variant: str) -> str:
-    return base + "\x00ae=" + variant
+    return base + VARIANT_MARK + variant
 
 
 def digest(key: str) -> str:

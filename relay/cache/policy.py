@@ -114,6 +114,23 @@ def initial_age(headers: httpx.Headers, request_time: float, response_time: floa
     return max(apparent, corrected)
 
 
+def current_age(initial_age: float, stored_at: float, now: float) -> float:
+    """The age of a stored response at `now` (RFC 9111 4.2.3: its age when received plus the
+    time it has been stored)."""
+    return initial_age + max(0.0, now - stored_at)
+
+
+def conditional_headers(stored: list[tuple[str, str]]) -> dict[str, str]:
+    """The validators of a stored response, as the headers of a request revalidating it."""
+    headers = httpx.Headers(stored)
+    out: dict[str, str] = {}
+    if "etag" in headers:
+        out["if-none-match"] = headers["etag"]
+    if "last-modified" in headers:
+        out["if-modified-since"] = headers["last-modified"]
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Freshness:
     lifetime: float

@@ -1,5 +1,9 @@
 """Objects on disk: `cache_dir/objects/<hh>/<sha256 of key>/` holding `meta.json` and `data`.
 
+This module alone knows the on-disk layout and the metadata schema (`Meta`): every other module
+asks the `Store` for a path (`data_path`, `partial_path`), to publish a filled object, to
+rewrite an object's meta or to remove its files.
+
 An object counts only once its `meta.json` says `complete` (written after the data was
 fsynced, atomically); on start anything else is removed. A fill writes `data.partial` beside
 the object's `data` and renames it over `data` on completion, so readers of the previous
@@ -13,14 +17,19 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relay.disk import remove_tree, write_atomically
+from relay.cache.key import digest
+from relay.disk import remove_quietly, remove_tree, replace, write_atomically
+
+if TYPE_CHECKING:
+    from relay.cache.index import Entry
 
 logger = logging.getLogger(__name__)
 
-META = "meta.json"
-DATA = "data"
-PARTIAL = "data.partial"
+_META = "meta.json"
+_DATA = "data"
+_PARTIAL = "data.partial"
 
 
 @dataclass(slots=True)
@@ -61,11 +70,64 @@ class Store:
     def prepare(self) -> None:
         self.objects.mkdir(parents=True, exist_ok=True)
 
-    def dir_for(self, digest: str) -> Path:
-        return self.objects / digest[:2] / digest
+    def directory_of(self, key: str) -> Path:
+        """The directory of the object stored under `key`."""
+        name = digest(key)
+        return self.objects / name[:2] / name
 
-    def write_meta(self, directory: Path, meta: Meta) -> None:
-        write_atomically(directory / META, meta.to_json())
+    # ---- one object's files ---------------------------------------------------------------
+
+    @staticmethod
+    def data_path(entry: Entry) -> Path:
+        """The data file of a stored object."""
+        return entry.directory / _DATA
+
+    @staticmethod
+    def partial_path(directory: Path) -> Path:
+        """The file a fill of the object in `directory` writes."""
+        return directory / _PARTIAL
+
+    @staticmethod
+    def open_partial(path: Path) -> int:
+        """A descriptor to write a fill's partial file (created, or emptied)."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @staticmethod
+    def remove_partial(path: Path) -> None:
+        """Remove a fill's partial file that was not published (a warning if it stays)."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cache: cannot remove %s: %s", path, exc)
+
+    @staticmethod
+    def publish(directory: Path, meta: Meta) -> None:
+        """Publish a filled object (blocking): the old meta is invalidated first, so no crash
+        in between can leave a complete meta beside another version's data."""
+        meta.complete = False
+        write_atomically(directory / _META, meta.to_json())
+        replace(directory / _PARTIAL, directory / _DATA)
+        meta.complete = True
+        write_atomically(directory / _META, meta.to_json())
+
+    @staticmethod
+    def rewrite_meta(entry: Entry) -> None:
+        """Write a stored object's meta again (refreshed by a 304); a failure is logged."""
+        try:
+            write_atomically(entry.directory / _META, entry.meta.to_json())
+        except OSError as exc:
+            logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
+
+    @staticmethod
+    def remove(entry: Entry) -> None:
+        """Remove a stored object's files: unlinked, never truncated (a reader streaming it
+        keeps its descriptor)."""
+        remove_quietly(entry.directory / _META)
+        remove_quietly(entry.directory / _DATA)
+
+    # ---- startup --------------------------------------------------------------------------
 
     def load(self) -> list[tuple[Path, Meta, int]]:
         """Every complete object as (directory, meta, bytes on disk); the rest is removed."""
@@ -86,12 +148,12 @@ class Store:
 
     def _complete(self, directory: Path) -> Meta | None:
         try:
-            meta = Meta.from_json((directory / META).read_bytes())
-            size = os.stat(directory / DATA).st_size
+            meta = Meta.from_json((directory / _META).read_bytes())
+            size = os.stat(directory / _DATA).st_size
         except (OSError, ValueError, TypeError, KeyError):
             return None
         if not meta.complete or size != meta.length:
             logger.info("cache: dropping incomplete object %s", directory.name)
             return None
-        remove_tree(directory / PARTIAL)
+        remove_tree(directory / _PARTIAL)
         return meta

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import AsyncIterator
 from typing import TypedDict
 
@@ -14,18 +13,14 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from relay.cache.admin import routes as cache_routes
+from relay.cache.admission import cached_response
 from relay.cache.cache import Cache, open_cache
 from relay.cache.clock import SYSTEM_CLOCK, Clock
-from relay.cache.hub import HubResponse
-from relay.cache.key import base_key, encoding_variant
-from relay.cache.rewritten import RewrittenIndex, caches_as_index
-from relay.cache.serve import CachedResponse
 from relay.config import Config
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, StartupError, error_response
 from relay.net.client import UpstreamClient
-from relay.net.presets import is_hub_file
 from relay.net.routing import RouteTable
 from relay.net.transports import PooledTransport, make_transport
 from relay.net.upstream import Upstream
@@ -46,15 +41,6 @@ class State(TypedDict):
     routes: RouteTable
     downloads: object | None
     cache: Cache | None
-
-
-# Request headers that make the cache relay a request instead of answering it: the client's
-# own credentials, when the route forwards them (a response to them is not shared).
-_PRIVATE_REQUEST = frozenset({b"authorization", b"cookie"})
-# Request headers the cache's own upstream request never carries (it fetches the whole object).
-_NOT_FOR_FILLS = frozenset(
-    {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
-)
 
 
 class Relay:
@@ -111,65 +97,24 @@ class Relay:
             )
 
         cache: Cache | None = scope["state"].get("cache")
-        route = target.route
-        if cache is not None and route.cache and is_hub_file(route, target.rest):
-            # The Hub's LFS files, keyed by their sha256 (relay/cache/hub.py).
-            return HubResponse(
-                cache,
-                upstream,
-                method=scope["method"],
-                target=target,
-                headers=headers,
-                client_headers=httpx.Headers(scope["headers"]),
-                fallback=relayed,
-                limiter=self.limiter,
-                client=forwarded.client,
-                send_timeout=self._config.send_timeout,
-            )
-        if (
-            cache is None
-            or not route.cache
-            # The Hub's other answers are shaped per request (its metadata headers kept
-            # through redirects): relayed. Its LFS files went to HubResponse above.
-            # pypi/npm index pages are cached as the upstream sent them (RewrittenIndex).
-            or route.preset == "hf"
-            or (
-                route.forward_client_auth
-                and any(name.lower() in _PRIVATE_REQUEST for name, _ in scope["headers"])
-            )
-        ):
+        if cache is None:
             return relayed()
-        client_headers = httpx.Headers(scope["headers"])
-        fill_headers = [(n, v) for n, v in headers if n.lower() not in _NOT_FOR_FILLS]
-        base = base_key(route.prefix, raw_path, scope.get("query_string", b""))
-        cached = functools.partial(
-            CachedResponse,
+        cached = cached_response(
             cache,
+            upstream,
             method=scope["method"],
-            base=base,
-            variant=encoding_variant(client_headers.get("accept-encoding")),
-            route=route,
-            request=lambda: upstream.build_request(
-                "GET", upstream.url_for(target), fill_headers, route
-            ),
-            client_headers=client_headers,
-            fallback=relayed,
+            target=target,
+            raw_path=raw_path,
+            query=scope.get("query_string", b""),
+            client_headers=scope["headers"],
+            headers=headers,
+            routes=self._routes,
+            relayed=relayed,
             limiter=self.limiter,
             client=forwarded.client,
             send_timeout=self._config.send_timeout,
         )
-        if caches_as_index(route, target.rest):
-            return RewrittenIndex(
-                cached,
-                cache=cache,
-                base=base,
-                route=route,
-                routes=self._routes,
-                request_headers=headers,
-                client_headers=client_headers,
-                fallback=relayed,
-            )
-        return cached()
+        return cached if cached is not None else relayed()
 
 
 class RelayFirst:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.cache.serve import INLINE_READ
+from relay.cache.delivery import INLINE_READ
 from relay.server.run import RelayHttpToolsProtocol
 from tests.e2e.caching import MakeRelay, caching_relay
 from tests.e2e.caching import cache_metrics as _cache_metrics

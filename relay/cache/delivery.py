@@ -1,0 +1,422 @@
+"""The way out of a cached answer: its head, its body pumps, its error answers, its abort.
+
+A complete object (a hit, a range of one, a stored slice) of more than `INLINE_READ` bytes goes
+out zero-copy when the server offers the ASGI Zero Copy Send extension (relay's own protocol
+does on plain TCP: relay/server/zerocopy.py): `sendfile` from the file to the socket, `CHUNK`
+bytes per message (`FAST_CHUNK` once the client proves fast), each under `send_timeout`;
+nothing is read into Python. A smaller body is read on the loop and leaves with its head in one
+write, cheaper than a head write and a sendfile. Elsewhere (another server, TLS) and for a body
+still being filled (it waits on the fill), reads are `os.pread` of the same sizes in the
+default executor: a slow client holds one small chunk, and waits on the server's back-pressure
+before the next read.
+
+Every head is built by `head` (from the stored headers, or the hit path's `Parsed` encoding of
+them); every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+import httpx
+
+from relay.cache.fill import Fill
+from relay.cache.index import Entry
+from relay.cache.policy import Answer, answer, current_age, freshness
+from relay.cache.store import Meta, Store
+from relay.errors import TransferAborted, UpstreamError, error_response
+from relay.proxy.exchange import Exchange
+from relay.proxy.pacing import ReadPacer
+from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
+
+if TYPE_CHECKING:
+    from relay.cache.cache import Cache
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+# A client that takes bytes faster than pacing.FAST_RATE gets reads of this size instead: as
+# for relayed streams, a slow client holds one small chunk, a fast one costs few reads per GiB.
+FAST_CHUNK = 1024 * 1024
+# Reads up to this size are made on the loop: a thread hop costs more than reading a few KiB
+# of a recently written file, and small objects are most of a hit rate.
+INLINE_READ = 16 * 1024
+# Headers a 304 carries from the stored response (RFC 9110 15.4.5).
+_NOT_MODIFIED_HEADERS = frozenset(
+    {"cache-control", "content-location", "etag", "expires", "vary", "last-modified", "via"}
+)
+
+
+# ---- heads ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Parsed:
+    """What every hit of one stored response needs, derived once from its Meta (kept on the
+    index Entry; a refreshed or replaced Meta is parsed again)."""
+
+    meta: Meta
+    headers: httpx.Headers
+    must_revalidate: bool
+    head: RawHeaders
+    """The stored headers encoded for a 200 or 206 (Accept-Ranges added where it belongs);
+    Content-Range, Content-Length, Age and Cache-Status are added per answer."""
+    data: str
+    """The object's data file."""
+
+
+def parsed(entry: Entry) -> Parsed:
+    """The entry's `Parsed` (made again when its meta was replaced)."""
+    kept = entry.parsed
+    meta = entry.meta
+    if isinstance(kept, Parsed) and kept.meta is meta:
+        return kept
+    headers = httpx.Headers(meta.headers)
+    made = Parsed(
+        meta,
+        headers,
+        freshness(headers, 0.0, meta.lifetime).must_revalidate,
+        _whole_head(meta),
+        os.fspath(Store.data_path(entry)),
+    )
+    entry.parsed = made
+    return made
+
+
+def _whole_head(meta: Meta) -> RawHeaders:
+    head = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in meta.headers]
+    if (meta.complete or meta.validator is not None) and not any(
+        n == b"accept-ranges" for n, _ in head
+    ):
+        head.append((b"accept-ranges", b"bytes"))
+    return head
+
+
+def head(
+    meta: Meta,
+    reply: Answer,
+    *,
+    total: int,
+    age: float,
+    status: str,
+    whole: RawHeaders | None = None,
+    adapt: Callable[[RawHeaders], RawHeaders] | None = None,
+) -> RawHeaders:
+    """The head of an answer from a stored (or filling) response: its headers for `reply`
+    (a 304 keeps only what RFC 9110 15.4.5 lists; a 416 drops the representation's type),
+    then Content-Range / Content-Length of the reply, `adapt`, Age and Cache-Status.
+    `whole`: the stored headers already encoded for a 200/206 (`Parsed.head`)."""
+    code = reply.status
+    if code == 200 or code == 206:
+        headers = whole.copy() if whole is not None else _whole_head(meta)
+        if code == 206:
+            headers.append(
+                (b"content-range", f"bytes {reply.start}-{reply.stop - 1}/{total}".encode())
+            )
+        if reply.stop >= 0:
+            headers.append((b"content-length", str(reply.stop - reply.start).encode()))
+    elif code == 416:
+        headers = [
+            (n, v) for n, v in _whole_head(meta) if n not in (b"content-type", b"content-encoding")
+        ]
+        headers.append((b"content-range", f"bytes */{total}".encode()))
+        headers.append((b"content-length", b"0"))
+    else:
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in meta.headers
+            if name.lower() in _NOT_MODIFIED_HEADERS
+        ]
+    if adapt is not None:
+        headers = adapt(headers)
+    headers.append((b"age", str(int(age)).encode()))
+    headers.append((b"cache-status", status.encode()))
+    return headers
+
+
+# ---- pacing ---------------------------------------------------------------------------------
+
+
+class _ChunkSize:
+    """The read size of one body pump, set by its `ReadPacer` from the client's rate."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = CHUNK
+
+    def __call__(self, small: bool) -> None:
+        self.value = CHUNK if small else FAST_CHUNK
+
+
+# ---- one answer's way out -------------------------------------------------------------------
+
+
+class Delivery:
+    """Sends one cached answer: its head, its body from a file or a fill, or an error; cuts
+    the client connection when the body cannot be completed. `status`: the status sent."""
+
+    __slots__ = (
+        "_adapt",
+        "_cache",
+        "_client_headers",
+        "_method",
+        "_reset",
+        "_send",
+        "_send_timeout",
+        "exchange",
+        "status",
+        "zero_copy",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        cache: Cache,
+        *,
+        method: str,
+        client_headers: httpx.Headers,
+        exchange: Exchange,
+        send_timeout: float,
+        zero_copy: bool,
+        reset: Callable[[], None] | None,
+        adapt: Callable[[RawHeaders], RawHeaders] | None,
+    ) -> None:
+        self._send = send
+        self._cache = cache
+        self._method = method
+        self._client_headers = client_headers
+        self.exchange = exchange
+        self._send_timeout = send_timeout
+        self.zero_copy = zero_copy
+        self._reset = reset
+        self._adapt = adapt
+        self.status = 0
+
+    # ---- heads ----------------------------------------------------------------------------
+
+    async def start(self, meta: Meta, reply: Answer, status: str, age: float, total: int) -> None:
+        headers = head(meta, reply, total=total, age=age, status=status, adapt=self._adapt)
+        self.status = reply.status
+        await self._send(
+            {"type": "http.response.start", "status": reply.status, "headers": headers}
+        )
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def error(self, status: int, text: str) -> None:
+        """A short plain-text answer of relay's own."""
+        body = f"{status} {text}\n".encode()
+        self.status = status
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def upstream_error(self, error: UpstreamError) -> None:
+        """The fill could not reach the upstream: answered as a relayed request would be."""
+        self.exchange.outcome = "upstream_error"
+        failure = error_response(error)
+        self.status = failure.status_code
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": failure.status_code,
+                "headers": failure.raw_headers,
+            }
+        )
+        await self._send({"type": "http.response.body", "body": failure.body, "more_body": False})
+
+    # ---- whole answers --------------------------------------------------------------------
+
+    async def from_entry(self, entry: Entry, status: str) -> None:
+        """Answer from a stored object (its ranges and conditionals included)."""
+        meta = entry.meta
+        cache = self._cache
+        try:
+            fd = os.open(cache.store.data_path(entry), os.O_RDONLY)
+        except OSError:
+            # Evicted or purged between the lookup and here (both run on this loop, so only
+            # an outside hand can do this): say so rather than guess.
+            cache.index.remove(entry.key)
+            await self.error(503, "cached object unavailable, retry")
+            return
+        try:
+            reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
+            age = current_age(meta.initial_age, meta.stored_at, cache.clock.now())
+            await self.start(meta, reply, status, age, meta.length)
+            if reply.status in (200, 206) and self._method == "GET":
+                await self.stream(fd, reply.start, reply.stop, None)
+            else:
+                await self.end()
+        finally:
+            os.close(fd)
+
+    async def from_fill(self, fill: Fill, meta: Meta, status: str) -> bool:
+        """Answer from a fill as it advances (its bytes held back until it is published);
+        False when the object is neither being filled nor stored any more."""
+        try:
+            fd = os.open(fill.partial, os.O_RDONLY)
+        except FileNotFoundError:
+            # Published (renamed) in between: read the stored object.
+            await fill.wait_finished()
+            entry = self._cache.index.get(fill.key)
+            if entry is None:
+                return False
+            await self.from_entry(entry, status + "; stored")
+            return True
+        self.exchange.cache = "miss"
+        fill.attach()
+        try:
+            if fill.length is None:
+                reply = Answer(200, 0, -1)
+            else:
+                reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
+            await self.start(meta, reply, status + "; stored", 0.0, fill.length or 0)
+            if reply.status in (200, 206) and self._method == "GET":
+                await self.stream(fd, reply.start, reply.stop, fill)
+            else:
+                await self.end()
+        finally:
+            fill.detach()
+            os.close(fd)
+        return True
+
+    # ---- body pumps -----------------------------------------------------------------------
+
+    async def stream(
+        self, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
+    ) -> None:
+        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
+        if fill is None and self.zero_copy and stop - start > INLINE_READ:
+            # A small body read on the loop leaves with its head in one write: cheaper than
+            # writing the head, then a sendfile.
+            await self.send_file(fd, start, stop, end=end)
+            return
+        send = self._send
+        loop = asyncio.get_running_loop()
+        position = start
+        sent = 0
+        stats = self._cache.stats
+        size = _ChunkSize()
+        pacer = ReadPacer(size, loop.time())
+        try:
+            while stop < 0 or position < stop:
+                if fill is not None and fill.published and stop < 0:
+                    stop = fill.written
+                    continue
+                # The object's last byte goes out only once it is verified and stored: a
+                # client that trusts Content-Length never ends a clean body early. From a
+                # slice fill, so does the last byte this answer takes from it (the wait is
+                # one slice at most): no range ends cleanly on bytes a digest then refutes.
+                held = -1
+                if fill is not None and fill.length is not None:
+                    held = fill.length
+                    if fill.slice is not None and stop >= 0:
+                        held = min(held, stop)
+                if fill is not None and not fill.published and held >= 0 and position >= held - 1:
+                    await fill.wait_finished()
+                    if not fill.published:
+                        self.abort(f"cache fill failed: {fill.failed}")
+                if fill is not None and not fill.published:
+                    await fill.wait_beyond(position)
+                    if fill.written <= position:
+                        if fill.published and stop < 0:
+                            continue
+                        self.abort(f"cache fill failed: {fill.failed}")
+                    available = fill.written
+                    if held >= 0 and not fill.published:
+                        available = min(available, held - 1)
+                else:
+                    available = stop
+                want = min(size.value, available - position)
+                if stop >= 0:
+                    want = min(want, stop - position)
+                if want <= INLINE_READ:
+                    chunk = os.pread(fd, want, position)
+                else:
+                    chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
+                if not chunk:
+                    self.abort("cached file shorter than its meta")
+                position += len(chunk)
+                sent += len(chunk)
+                if fill is None:
+                    stats.bytes_from_cache += len(chunk)
+                pacer.sent(len(chunk), loop.time())
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                async with asyncio.timeout(self._send_timeout):
+                    await send(WAIT_FOR_CLIENT)
+        except TimeoutError:
+            self.client_stopped()
+        finally:
+            self.exchange.bytes_sent = sent
+        if fill is not None and not fill.published:
+            # The last bytes are out only once the object is verified and stored.
+            await fill.wait_finished()
+            if not fill.published:
+                self.abort(f"cache fill failed: {fill.failed}")
+        if end:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def send_file(self, fd: int, start: int, stop: int, *, end: bool) -> None:
+        """Send bytes [start, stop) of a complete file with the server's zero-copy send."""
+        send = self._send
+        loop = asyncio.get_running_loop()
+        stats = self._cache.stats
+        position = start
+        size = _ChunkSize()
+        pacer = ReadPacer(size, loop.time())
+        message = {"type": ZERO_COPY_SEND, "file": fd, "offset": 0, "count": 0, "more_body": True}
+        try:
+            while position < stop:
+                count = min(size.value, stop - position)
+                message["offset"] = position
+                message["count"] = count
+                try:
+                    async with asyncio.timeout(self._send_timeout):
+                        await send(message)
+                except EOFError:
+                    self.abort("cached file shorter than its meta")
+                position += count
+                stats.bytes_from_cache += count
+                stats.bytes_zero_copy += count
+                pacer.sent(count, loop.time())
+        except TimeoutError:
+            self.client_stopped()
+        finally:
+            self.exchange.bytes_sent = position - start
+        if end:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # ---- cutting the client ---------------------------------------------------------------
+
+    def abort(self, reason: str) -> NoReturn:
+        """The body cannot be completed: the client transfer is aborted, never ended clean."""
+        self.exchange.outcome = "upstream_abort"
+        logger.warning("aborting the client transfer: %s", reason)
+        self.reset()
+        raise TransferAborted(reason)
+
+    def client_stopped(self) -> NoReturn:
+        """The client stopped reading for `send_timeout`: cut."""
+        self.exchange.outcome = "client_abort"
+        self.reset()
+        raise TransferAborted("client stopped reading") from None
+
+    def reset(self) -> None:
+        reset = self._reset
+        if reset is not None:
+            reset()
