@@ -3,7 +3,7 @@ changes, purges, evictions, clock moves, restarts and damaged files, against the
 process (`create_app` on an `httpx.MockTransport` origin and a `ManualClock`), checked after
 every step.
 
-Checked (tests/cache/model.py has the reference model and the checks):
+Checked (the origin: tests/cache/model_origin.py; the checks: model_judge.py):
 1. every 200/206 body is exactly the bytes of the version its ETag names (the whole, or the
    range its Content-Range names), never two versions mixed; Content-Length matches; a
    transfer that cannot be completed is aborted, never ended cleanly short;
@@ -47,23 +47,16 @@ from hypothesis.stateful import (
 from relay import Config, Route, create_app
 from relay.cache.clock import ManualClock
 from tests.asgi import lifespan_state
-from tests.cache.model import (
+from tests.cache.model_app import call, data_files, disk_use, meta_files, open_fds
+from tests.cache.model_judge import Judge, Outcome, Tamper, Violation
+from tests.cache.model_origin import (
     ADMIN_TOKEN,
     HOSTS,
     ORIGIN,
     ROUTE_PREFIX,
-    Judge,
     ObjectSpec,
     Origin,
-    Outcome,
-    Tamper,
-    Violation,
-    call,
-    data_files,
-    disk_use,
     http_date,
-    meta_files,
-    open_fds,
 )
 from tests.fuzz.strategies import scaled
 
@@ -189,6 +182,9 @@ encodings = st.sampled_from([None, "gzip", "identity"])
 
 
 class CacheMachine(RuleBasedStateMachine):
+    tmpfs = True
+    """Keep cache_dir on /dev/shm (fsync is free there)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.runner = asyncio.Runner()
@@ -197,7 +193,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.judge = Judge(self.origin, SLICE)
         # On tmpfs where there is one: the cache fsyncs every file it publishes, which on a
         # disk shared with other work makes each example wait on I/O for nothing it checks.
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        shm = "/dev/shm" if self.tmpfs and os.access("/dev/shm", os.W_OK) else None
         self.root = Path(tempfile.mkdtemp(prefix="relay-model-", dir=shm))
         self.config = Config(
             routes=(Route(prefix=ROUTE_PREFIX, upstream=ORIGIN),),
