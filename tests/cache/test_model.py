@@ -144,6 +144,8 @@ CACHE_CONTROLS = [
     "",
     "public, max-age=0, stale-while-revalidate=10",
 ]
+SECONDS = [1, 4, 5, 6, 10, 11, 25, 30, 31, 55, 60, 61, 359, 3600]
+"""Clock moves: the lifetimes above, one second either side of their end, and long ones."""
 FILLER_FIRST = 50
 FILLERS = 40
 TINY = 99
@@ -597,9 +599,16 @@ class CacheMachine(RuleBasedStateMachine):
         self.origin.mode[pid] = mode
         self.origin.cut_at[pid] = cut_at
 
-    @rule(seconds=st.sampled_from([1, 4, 6, 11, 31, 61, 3600]))
+    @rule(seconds=st.sampled_from(SECONDS))
     def advance(self, seconds: int) -> None:
         self.clock.advance(seconds)
+
+    @rule(index=st.integers(0, 3), seconds=st.sampled_from(SECONDS), ae=encodings)
+    def get_later(self, index: int, seconds: int, ae: str | None) -> None:
+        """The clock moves, then a GET: freshness at and around each lifetime's end."""
+        self.clock.advance(seconds)
+        headers = {"accept-encoding": ae} if ae else {}
+        self._step(self._request("GET", self._pid(index), headers))
 
     # ---- the operator ----
 
