@@ -40,6 +40,8 @@ _NOT_STORED = frozenset({b"content-length", b"age", b"content-range"})
 
 
 VARY_LEARNED = "varies on Accept-Encoding"
+#: Why an object over `cache_max_object_bytes` is not stored (whole or as slices).
+TOO_LARGE = "too large"
 
 
 class FillAbandoned(Exception):
@@ -67,6 +69,12 @@ def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
     if names:
         out["vary"] = ", ".join(names)
     return out
+
+
+def _without_content_range(headers: httpx.Headers) -> httpx.Headers:
+    """A 206's headers as the 200 of the whole object would carry them (for the storage
+    rules)."""
+    return httpx.Headers([(n, v) for n, v in headers.multi_items() if n.lower() != "content-range"])
 
 
 def _unrewritable(route: Route, headers: httpx.Headers) -> str | None:
@@ -127,6 +135,9 @@ class Fill:
         self.upstream_status: int | None = None
         self.passthrough: str | None = None
         """Why the response is not stored: its clients are relayed instead."""
+        self.passes_object = False
+        """A slice fill: the passthrough reason is the object's own (not storable, too
+        large), not this slice's: the whole object is passed, its ranges included."""
         self.refreshed: Meta | None = None
         self.failed: str | None = None
         self.published = False
@@ -291,7 +302,7 @@ class Fill:
             reason = _unrewritable(self._route, headers)
         length = content_length(headers)
         if reason is None and length is not None and length > self._max_object_bytes:
-            reason = "too large"
+            reason = TOO_LARGE
         if (
             reason is None
             and "content-length" not in headers
@@ -338,14 +349,17 @@ class Fill:
             reason = f"status {response.status_code}"
         elif parsed.start != first or parsed.end != min(last, parsed.total - 1):
             reason = "unexpected Content-Range"
+        elif parsed.total > self._max_object_bytes or (
+            reason := not_storable(200, _without_content_range(headers))
+        ):
+            # The object itself may not be stored (too large, private, Set-Cookie, Vary: *):
+            # its other ranges are relayed as the client asked (the key is passed).
+            reason = reason or TOO_LARGE
+            self.passes_object = True
         elif vary_of(headers) != "":
             reason = "vary"
         elif strong is None or (validator is not None and strong != validator):
             reason = "changed" if strong is not None else "no strong validator"
-        else:
-            stripped = httpx.Headers([(n, v) for n, v in headers.multi_items()])
-            del stripped["content-range"]
-            reason = not_storable(200, stripped)
         try:
             self._content_sha256 = upstream_sha256(
                 httpx.Headers([("repr-digest", v) for v in headers.get_list("content-digest")])
@@ -482,4 +496,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]
+__all__ = ["TOO_LARGE", "DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]
