@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -46,6 +46,34 @@ TOO_LARGE = "too large"
 
 class FillAbandoned(Exception):
     pass
+
+
+class Rest:
+    """The rest of a body from the upstream: its response and the iterator of its raw bytes
+    (a response's bytes are iterated once: whoever continues takes both). `aclose` releases
+    both."""
+
+    __slots__ = ("chunks", "response")
+
+    def __init__(self, response: httpx.Response, chunks: AsyncIterator[bytes] | None = None):
+        self.response = response
+        self.chunks = chunks if chunks is not None else response.aiter_raw()
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self.response.aclose()
+
+
+class _Overflow(Exception):
+    """An unsized body outgrew what may be stored: `rest` carries what follows."""
+
+    def __init__(self, rest: Rest) -> None:
+        super().__init__("too large to store")
+        self.rest = rest
 
 
 def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -138,6 +166,13 @@ class Fill:
         self.passes_object = False
         """A slice fill: the passthrough reason is the object's own (not storable, too
         large), not this slice's: the whole object is passed, its ranges included."""
+        self.overflowed = False
+        """An unsized body outgrew what may be stored: nothing is published, and its readers
+        get the rest from the upstream (`take_response`, else `continue_at`) after what the
+        partial file holds."""
+        self._offered: Rest | None = None
+        self._handed: httpx.Response | None = None
+        self._continuation: Continuation | None = None
         self.refreshed: Meta | None = None
         self.failed: str | None = None
         self.published = False
@@ -185,11 +220,59 @@ class Fill:
         self.readers -= 1
         if self.readers == 0:
             self._idle_since = self._clock.monotonic()
+            if self._offered is not None:
+                self._notify()  # nobody left to take the rest of an overflowed body
 
     async def wait_beyond(self, position: int) -> None:
-        """Return once more than `position` bytes are written, or the fill is over."""
-        while self.written <= position and not self.finished:
+        """Return once more than `position` bytes are written, or the fill is over (or
+        overflowed: the rest is the upstream's)."""
+        while self.written <= position and not self.finished and not self.overflowed:
             await self._advance.wait()
+
+    # ---- the rest of a body too large to store ------------------------------------------
+
+    def take_rest(self) -> Rest | None:
+        """The live upstream response of an overflowed fill, continuing right after the
+        `written` bytes, to the first reader that asks (it then owns and closes it); None
+        once taken or closed."""
+        rest, self._offered = self._offered, None
+        if rest is not None:
+            self._handed = rest.response
+            self._notify()
+        return rest
+
+    async def continue_at(self, position: int) -> Rest | None:
+        """An upstream response continuing an overflowed body at `position` (Range +
+        If-Range on its strong validator, judged by `relay.http.continuation`), owned by the
+        caller; None when the body cannot be continued."""
+        plan = self._continuation
+        if plan is None:
+            return None
+        request = self._upstream.build_request(
+            "GET",
+            self._request.url,
+            resume_request_headers(plan, self._request, position),
+            self._route,
+        )
+        try:
+            response = await self._upstream.open(request, self._route)
+        except UpstreamError:
+            return None
+        if plan.judge(response.status_code, response.headers, position).continues:
+            return Rest(response)
+        await response.aclose()
+        return None
+
+    async def _hand_over(self, rest: Rest, first: httpx.Response) -> None:
+        """Offer the live response to the readers (the first to reach `written` takes it);
+        return once it is taken or no reader is left (the caller then closes it)."""
+        self._continuation = Continuation.for_response(first)
+        self._offered = rest
+        self.overflowed = True
+        self._notify()
+        while self._offered is not None and self.readers:
+            await self._advance.wait()
+        self._offered = None
 
     async def wait_finished(self) -> None:
         while not self.finished:
@@ -219,7 +302,16 @@ class Fill:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
-            await self._write_body(response, fd)
+            try:
+                await self._write_body(response, fd)
+            except _Overflow as over:
+                first, response = response, over.rest.response
+                try:
+                    await self._hand_over(over.rest, first)
+                finally:
+                    if response is not self._handed:
+                        await asyncio.shield(over.rest.aclose())
+                return
             await self._publish(fd, response.headers)
         except asyncio.CancelledError:
             self.failed = "cancelled"
@@ -240,7 +332,7 @@ class Fill:
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
             self.finished = True
-            if response is not None and not response.is_closed:
+            if response is not None and response is not self._handed and not response.is_closed:
                 await asyncio.shield(response.aclose())
             if fd is not None:
                 os.close(fd)
@@ -404,10 +496,15 @@ class Fill:
         self._hash = hashlib.sha256()
         while True:
             try:
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_raw()
+                async for chunk in chunks:
                     size = len(chunk)
-                    if self.length is None and not self._reserve(self, size):
-                        raise FillAbandoned("cache budget exceeded by an unsized body")
+                    over = self.length is None and not self._reserve(self, size)
+                    if over:
+                        # Never stored; this chunk is kept (one past the reservation) and
+                        # the rest goes to the readers from the upstream: never a cut body.
+                        too_large = self.reserved + size > self._max_object_bytes
+                        self.passthrough = TOO_LARGE if too_large else "no room"
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
                     await loop.run_in_executor(None, os.pwrite, fd, chunk, self.written)
@@ -415,6 +512,8 @@ class Fill:
                     self.written += size
                     self._count(size)
                     self._notify()
+                    if over:
+                        raise _Overflow(Rest(response, chunks))
                     self._check_idle()
                 break
             except httpx.HTTPError as exc:
@@ -496,4 +595,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["TOO_LARGE", "DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]
+__all__ = ["TOO_LARGE", "DigestMismatch", "Fill", "FillAbandoned", "Rest", "stored_headers"]

@@ -7,6 +7,7 @@ body bytes; every body is checked by sha256."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,3 +91,88 @@ def test_cache_ranges_of_an_object_over_the_object_limit_are_relayed(
     assert len(origin_gets(origin, "/gen/12m")) == 1
     settled(relay)
     assert data_files(tmp_path / "cache") == []
+
+
+def _fetch(relay: RelayThread, path: str) -> str:
+    """The sha256 of a whole GET's body (raises if the transfer is cut)."""
+    digest = hashlib.sha256()
+    with httpx.stream("GET", relay.url + path, timeout=60) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_cache_chunked_body_over_the_object_limit_reaches_its_client_whole(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """Item 12, one client: a 12 MiB chunked body with a 4 MiB object limit is not stored,
+    and its client gets all of it (the fill hands it the live upstream response): one
+    upstream request, the body sent by the origin once."""
+    relay = cached(cache_max_object_bytes=4 * MiB)
+    origin.reset_stats()
+    path = "/o/gen/12m?v=121&cl=0"
+    assert _fetch(relay, path) == expected_sha256(12 * MiB)
+    settled(relay)
+    assert len(origin_gets(origin, "/gen/12m")) == 1
+    assert origin.body_bytes == 12 * MiB
+    assert _cache_metrics(relay)["size_bytes"] == 0
+    assert data_files(tmp_path / "cache") == []
+    # The key is passed: the next GET is relayed at once.
+    assert _fetch(relay, path) == expected_sha256(12 * MiB)
+    assert len(origin_gets(origin, "/gen/12m")) == 2
+
+
+def _clients(relay: RelayThread, path: str, count: int) -> list[str | BaseException]:
+    """`count` whole GETs released together: each one's sha256, or what cut it."""
+    out: list[str | BaseException] = [RuntimeError("not run")] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = _fetch(relay, path)
+        except (httpx.HTTPError, AssertionError) as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return out
+
+
+def test_cache_chunked_body_over_the_object_limit_reaches_every_client_whole(
+    origin: Origin, cached: Callable[..., RelayThread], tmp_path: Path
+) -> None:
+    """Item 12, several clients: one takes the live upstream response, the others continue
+    from where the fill stopped with Range + If-Range on the strong ETag; all get the whole
+    body, nothing is stored."""
+    relay = cached(cache_max_object_bytes=4 * MiB)
+    origin.reset_stats()
+    path = f"/o/gen/12m?v=122&cl=0&slow={16 * MiB}"
+    results = _clients(relay, path, 3)
+    assert results == [expected_sha256(12 * MiB)] * 3
+    settled(relay)
+    gets = [r for r in origin.requests if r.path == "/gen/12m"]
+    assert len(gets) <= 3
+    continued = [r for r in gets if r.header("range") is not None]
+    assert all(r.header("if-range") == '"gen-12582912-v122"' for r in continued)
+    assert _cache_metrics(relay)["size_bytes"] == 0
+    assert data_files(tmp_path / "cache") == []
+
+
+def test_cache_chunked_body_over_the_limit_without_continuation_aborts_the_others(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Item 12, several clients of a body that cannot be continued (its ETag changes on
+    every request): one gets it whole, the other's transfer is aborted, never ended clean."""
+    relay = cached(cache_max_object_bytes=4 * MiB)
+    origin.reset_stats()
+    path = f"/o/gen/12m?etag_changes=1&cl=0&slow={16 * MiB}"
+    results = _clients(relay, path, 2)
+    whole = [r for r in results if r == expected_sha256(12 * MiB)]
+    cut = [r for r in results if isinstance(r, httpx.TransportError)]
+    assert (len(whole), len(cut)) == (1, 1), results
+    settled(relay)
