@@ -92,13 +92,9 @@ KNOWN_BUGS: dict[str, str] = {
     "with If-None-Match not generated)",
     "item-8": "a shared fill carries the first client's Host as X-Forwarded-Host (one Host "
     "header generated)",
-    "item-9": "ranges of an object the origin just called private/no-store each fetch a whole "
-    "slice (check reported)",
     "item-10": "the first GET of a non-storable object is sent upstream twice (check reported)",
     "item-12": "an unsized body over cache_max_object_bytes is cut for its clients (chunked "
     "objects over the limit not generated)",
-    "item-13": "ranges of an object over cache_max_object_bytes are stored as slices (check "
-    "reported)",
     "item-14": "disk use counts no metadata; empty directories stay (checks reported, not failed)",
     "item-15": "concurrent GETs of one key while the origin fails each go upstream (check "
     "reported)",
