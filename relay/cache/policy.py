@@ -186,7 +186,7 @@ class Freshness:
     must_revalidate: bool
     """no-cache (always revalidate) on the response."""
     no_stale: bool
-    """must-revalidate / proxy-revalidate: never served stale, not even on errors."""
+    """must-revalidate / proxy-revalidate / s-maxage: never served stale, not even on errors."""
     while_revalidate: float
     if_error: float | None
     """stale-if-error seconds from the upstream, or None when it said nothing."""
@@ -222,7 +222,8 @@ def freshness(headers: httpx.Headers, age: float, lifetime: float) -> Freshness:
         lifetime=lifetime,
         age=age,
         must_revalidate="no-cache" in cc,
-        no_stale="must-revalidate" in cc or "proxy-revalidate" in cc,
+        # s-maxage carries proxy-revalidate for a shared cache (RFC 9111 5.2.2.10).
+        no_stale="must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc,
         while_revalidate=_seconds(cc.get("stale-while-revalidate")) or 0.0,
         if_error=_seconds(cc.get("stale-if-error")),
     )

@@ -88,9 +88,6 @@ KNOWN_BUGS: dict[str, str] = {
     "reported)",
     "item-16": "a purge does not reach a fill in flight, which stores the object again "
     "(drop_while_asking only evicts)",
-    "new-s-maxage-stale": "s-maxage carries proxy-revalidate for a shared cache (RFC 9111 "
-    "5.2.2.10, 4.2.4): relay serves such a response stale (stale-if-error, "
-    "stale-while-revalidate) (s-maxage objects carry no stale-* directive)",
 }
 CHECKS_KNOWN = {
     "one-request": "item-10",
