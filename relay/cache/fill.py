@@ -102,8 +102,8 @@ class Fill:
         self.key = key
         self.variant = variant
         self._store = store
-        self.directory = store.directory_of(key)
-        self.partial = store.partial_path(self.directory)
+        self.partial = store.partial_path(key)
+        """This fill's own partial file (a new version's name): no other fill touches it."""
         self._request = request
         self._route = route
         self._upstream = upstream
@@ -205,7 +205,6 @@ class Fill:
             response = await self._take(response)
             if response is None:
                 return
-            self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
             await self._write_body(response, fd)
@@ -228,15 +227,19 @@ class Fill:
             self.failed = type(exc).__name__
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
-            self.finished = True
-            if response is not None and not response.is_closed:
-                await asyncio.shield(response.aclose())
-            if fd is not None:
-                os.close(fd)
-            if not self.published:
-                self._store.remove_partial(self.partial)
-            self.headers_ready.set()
-            self._notify()
+            # Finished only once its response, descriptor and partial file are released: a
+            # fill of the same key starts only then (Cache.fill).
+            try:
+                if response is not None and not response.is_closed:
+                    await asyncio.shield(response.aclose())
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                if not self.published:
+                    self._store.remove_partial(self.partial)
+                self.finished = True
+                self.headers_ready.set()
+                self._notify()
 
     async def _take(self, response: httpx.Response) -> httpx.Response | None:
         """The response if its body is to be stored; else records why not and closes it."""
@@ -466,7 +469,7 @@ class Fill:
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
-        await loop.run_in_executor(None, self._store.publish, self.directory, meta)
+        await loop.run_in_executor(None, self._store.publish, self.partial, meta)
         self.published = True
         self._on_stored(self, meta)
 
