@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relay.cache.key import digest
+from relay.cache.policy import DELTA_SECONDS_MAX
 from relay.disk import (
     create_exclusive,
     publish,
@@ -70,7 +71,7 @@ _FIELD_VALUE = re.compile(r"[^\x00\r\n]*")
 
 MAX_LENGTH = 2**62
 """The largest body length a record may state."""
-MAX_SECONDS = 2.0**31
+MAX_SECONDS = DELTA_SECONDS_MAX
 """The largest age or lifetime a record may state (RFC 9111 1.2.2's delta-seconds cap)."""
 MAX_TIME = 253402300799.0
 """The latest `stored_at` a record may state (9999-12-31)."""

@@ -88,3 +88,34 @@ async def test_a_malformed_record_is_dropped_at_startup_and_nothing_else(
             for task in list(state["cache"].tasks):
                 await task
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_huge_upstream_ages_and_lifetimes_are_capped_and_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    """An upstream's `max-age` of 400 digits (and such an `Age`) counts as 2^31 seconds
+    (RFC 9111 1.2.2): the hit's ttl is a number, never a 500, and the record loads again."""
+    huge = "9" * 400
+    body = b"forever"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"cache-control": f"max-age={huge}", "content-length": str(len(body))}
+        if request.url.path == "/aged":
+            headers["age"] = huge
+        return httpx.Response(200, headers=headers, stream=_Body(body))
+
+    config = Config(routes=ROUTES, cache_dir=str(tmp_path), cache_max_bytes=1 << 24)
+    for _ in range(2):
+        app = create_app(config, transport=httpx.MockTransport(handler), clock=ManualClock())
+        async with lifespan_state(app) as state:
+            for path in ("/o/f", "/o/aged"):
+                client = Client()
+                await app(http_scope(state, path), client.receive, client.send)
+                assert client.status == 200
+                assert client.body == body
+                for task in list(state["cache"].tasks):
+                    await task
+            hit = Client()
+            await app(http_scope(state, "/o/f"), hit.receive, hit.send)
+            assert hit.headers[b"cache-status"] == b"relay; hit; ttl=2147483648"
+            assert state["cache"].index.peek(base_key("/o/", b"/o/f", b"")) is not None
