@@ -328,7 +328,7 @@ class Store:
         bucket = path.parent
         for _ in range(3):  # the bucket may be removed (left empty) between mkdir and open
             try:
-                bucket.mkdir(exist_ok=True)
+                bucket.mkdir(parents=True, exist_ok=True)
                 fd = create_exclusive(path)
             except FileNotFoundError:
                 continue
