@@ -4,19 +4,23 @@ discarded at startup, and a budget that counts what the cache occupies on disk."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from relay.cache.clock import ManualClock
+from relay.net.transports import make_transport
 from tests.cache.records import DAMAGES
 from tests.e2e.caching import MakeRelay, MiB, cache_metrics, disk_use, meta_files
-from tests.harness import RelayThread, relay_config
+from tests.harness import RelayThread, curl, relay_config, wait_until
 from tests.origin import Origin, body_bytes, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -139,3 +143,78 @@ def test_cache_malformed_metadata_is_discarded_at_startup(
     assert again.status_code == 200
     assert again.headers["cache-status"] == "relay; fwd=miss; stored"
     assert hashlib.sha256(again.content).hexdigest() == expected_sha256(64 * 1024)
+
+
+class _HeldClose(httpx.AsyncByteStream):
+    """An upstream body whose close waits for `release` (an event on relay's loop); `closing`
+    tells the close began."""
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+        self.closing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await self.release.wait()
+        await self._inner.aclose()
+
+
+def _hold_first_close(transport: httpx.AsyncBaseTransport, held: list[_HeldClose]) -> None:
+    """The transport's first response gets a `_HeldClose` body (appended to `held`): a hook
+    in relay's upstream transport, its pool and counters untouched."""
+    send = transport.handle_async_request
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        response = await send(request)
+        if not held:
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            held.append(_HeldClose(response.stream))
+            response.stream = held[0]
+        return response
+
+    setattr(transport, "handle_async_request", handle)  # noqa: B010 - an instance's hook
+
+
+def test_cache_a_failed_fill_releases_its_files_before_a_successor_starts(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Issue 21 item 2 over HTTP: a fill cut by the upstream is held while it closes its
+    response (a hook in the transport). A client asking meanwhile is relayed whole, not
+    attached to a successor fill whose partial file the failed fill then deletes (its
+    client's transfer was aborted at the publish); the next request fills and stores."""
+    config = relay_config(
+        origin.url, cache_dir=str(tmp_path / "cache"), cache_max_bytes=64 * MiB, resume_attempts=0
+    )
+    transport = make_transport(config)
+    held: list[_HeldClose] = []
+    _hold_first_close(transport, held)
+    relay = RelayThread(config, transport=transport).start()
+    try:
+        path = f"/o/gen/1m?v=803&drop_once=300000&slow={2 * MiB}"
+        first: list[int] = []
+        cut = threading.Thread(target=lambda: first.append(curl(relay.url + path)[0]))
+        cut.start()
+        assert wait_until(lambda: bool(held) and relay.call(held[0].closing.is_set))
+        with httpx.stream("GET", relay.url + path, timeout=30) as meanwhile:
+            chunks = meanwhile.iter_raw()
+            digest = hashlib.sha256(next(chunks))
+            relay.call(held[0].release.set)  # the failed fill removes its partial file now
+            for chunk in chunks:
+                digest.update(chunk)
+        assert meanwhile.status_code == 200
+        assert digest.hexdigest() == expected_sha256(MiB)
+        cut.join(30)
+        assert first[0] in (18, 56)  # the cut fill's client: aborted, never a clean short body
+        stored = httpx.get(relay.url + path, timeout=30)
+        assert stored.headers["cache-status"] == "relay; fwd=miss; stored"
+        assert hashlib.sha256(stored.content).hexdigest() == expected_sha256(MiB)
+        assert relay.settled()
+        hit = httpx.get(relay.url + path, timeout=30)
+        assert hit.headers["cache-status"].startswith("relay; hit")
+    finally:
+        relay.stop()
