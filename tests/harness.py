@@ -28,8 +28,10 @@ from relay.cache.clock import Clock
 from relay.config import Config, Route
 from relay.errors import TransferAborted
 from relay.net.transports import PooledTransport, PoolStats, make_transport
+from relay.net.transports.aiohttp_transport import AiohttpTransport
 from relay.proxy.admission import StreamLimiter
 from relay.server.run import RelayServer, build_server, event_loop
+from tests.loopback import LoopbackServer
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> bool:
@@ -157,7 +159,7 @@ class _ErrorCapture(logging.Handler):
 _relay_ids = itertools.count(1)
 
 
-class RelayThread:
+class RelayThread(LoopbackServer):
     """A relay served by uvicorn in a background thread with its own event loop."""
 
     def __init__(
@@ -190,6 +192,7 @@ class RelayThread:
         self.port = sock.getsockname()[1]
         self.server = build_server(self.config, transport=self.transport, clock=self.clock)
         server = self.server
+        LoopbackServer.started()
 
         def run() -> None:
             if event_loop(self.config) == "asyncio":
@@ -296,6 +299,12 @@ class RelayThread:
         assert isinstance(transport, PooledTransport)
         stats: PoolStats = self.call(transport.pool_stats)
         return stats
+
+    def requests_waiting(self) -> int:
+        """Requests waiting for a free upstream connection (the transport's count)."""
+        transport = self.transport
+        assert isinstance(transport, AiohttpTransport)
+        return int(self.call(transport.requests_waiting))
 
     def connections_in_use(self) -> int:
         """Checked-out upstream connections, counted by relay and by the transport library."""
