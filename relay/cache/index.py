@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.cache.bounded import Lru, hints_bound
 from relay.cache.store import Meta
 
 
@@ -45,7 +46,14 @@ def _no_overhead() -> int:
 
 
 class Index:
-    def __init__(self, max_bytes: int, overhead: Callable[[], int] = _no_overhead) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        overhead: Callable[[], int] = _no_overhead,
+        hints: int | None = None,
+    ) -> None:
+        """`overhead`: the disk bytes of the cache's directories (`Store.directory_bytes`);
+        `hints`: how many Vary hints are kept (default: `hints_bound(max_bytes)`)."""
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.stored = 0
@@ -56,8 +64,9 @@ class Index:
         """Disk bytes promised to fills in flight."""
         self.overhead = overhead
         """Disk bytes of the directories."""
-        self.vary: dict[str, str] = {}
-        """Base key -> "accept-encoding" for objects stored per encoding."""
+        self.vary: Lru[str, str] = Lru(hints if hints is not None else hints_bound(max_bytes))
+        """Base key -> "accept-encoding" for objects stored per encoding (bounded: keyed by
+        client input; a lost hint costs one fill that learns it again)."""
 
     def __len__(self) -> int:
         return len(self._entries)
