@@ -613,7 +613,7 @@ class Fill:
                     if over:
                         # Never stored; this chunk is kept (one past the reservation) and
                         # the rest goes to the readers from the upstream: never a cut body.
-                        too_large = self.reserved + size > self._max_object_bytes
+                        too_large = self.written + size > self._max_object_bytes
                         self.passthrough = TOO_LARGE if too_large else "no room"
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
