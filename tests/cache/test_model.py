@@ -80,16 +80,11 @@ KNOWN_BUGS: dict[str, str] = {
     "item-4-digest": "a stored object whose sha256 relay knows is served with tampered bytes "
     "(objects with a Repr-Digest are not tampered with)",
     "item-5": "Cache-Status says `stored` on a transfer relay aborted (check reported, not failed)",
-    "item-6": "an entry purged or evicted while its revalidation waits on the origin: the "
-    "waiting clients get 503 although the origin answered (drop_while_asking only on objects "
-    "never fetched)",
     "item-7": "a Range answered from slices ignores an If-None-Match listing its ETag (Range "
     "with If-None-Match not generated)",
     "item-8": "a shared fill carries the first client's Host as X-Forwarded-Host (one Host "
     "header generated)",
     "item-10": "the first GET of a non-storable object is sent upstream twice (check reported)",
-    "item-12": "an unsized body over cache_max_object_bytes is cut for its clients (chunked "
-    "objects over the limit not generated)",
     "item-15": "concurrent GETs of one key while the origin fails each go upstream (check "
     "reported)",
     "item-16": "a purge does not reach a fill in flight, which stores the object again "
