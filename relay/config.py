@@ -593,7 +593,9 @@ class Config:
         0,
         "disk budget of the cache; least recently used objects are evicted past it",
         group="cache",
-        details="Required (> 0) with `cache_dir`.",
+        details="Required (> 0) with `cache_dir`. Counts what the cache takes on disk: data "
+        "and metadata files rounded up to the filesystem's block, its directories, and what "
+        "fills in flight reserved.",
         min=0,
     )
     cache_max_object_bytes: int = _setting(

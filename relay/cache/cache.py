@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,21 @@ class Cache:
 
     def passing(self, key: str) -> bool:
         return self.passes.active(key)
+
+    @contextlib.contextmanager
+    def pinned(self, entry: Entry | None) -> Iterator[None]:
+        """Hold the stored version `entry` (when there is one) while answering from it: its
+        files stay until the answer is over, even if a newer version replaces it, or it is
+        evicted or purged, meanwhile. Pin right at the lookup, before any await."""
+        if entry is None:
+            yield
+            return
+        self.index.pin(entry)
+        try:
+            yield
+        finally:
+            if self.index.unpin(entry):
+                self.store.remove(entry)
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         """The fill of this key, if one runs and is not being stopped."""
@@ -277,26 +292,45 @@ class Cache:
         self.stats.bytes_from_upstream += size
 
     def _reserve(self, fill: Fill, size: int) -> bool:
-        """Make room for `size` more bytes of a fill, evicting least recently used objects."""
-        if fill.reserved + size > self.max_object_bytes:
+        """Make room for `size` more bytes of a fill (beyond those it has written), evicting
+        least recently used objects: what they take on disk, its record included."""
+        length = fill.written + size
+        if length > self.max_object_bytes:
             return False
-        for victim in self.index.victims(size, keep=fill.key):
+        more = self.store.reservation(length) - fill.reserved
+        if more <= 0:
+            return True
+        for victim in self.index.victims(more, keep=fill.key):
             self._evict(victim)
-        if self.index.stored + self.index.reserved + size > self.index.max_bytes:
+        if self.index.used + more > self.index.max_bytes:
             return False
-        fill.reserved += size
-        self.index.reserved += size
+        fill.reserved += more
+        self.index.reserved += more
         return True
+
+    def _retire(self, entry: Entry) -> None:
+        """`entry` left the index: its files go now, or when its last reader unpins it."""
+        if self.index.retire(entry):
+            self.store.remove(entry)
 
     def _evict(self, entry: Entry) -> None:
         self.index.remove(entry.key)
-        self.store.remove(entry)
+        self._retire(entry)
         self.slices.evicted(entry.key)
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
 
     def _stored(self, fill: Fill, meta: Meta) -> None:
-        self.index.add(Entry(fill.key, fill.directory, meta))
+        """A fill published a new version: it replaces the stored one in the index (whose
+        files go once no reader holds them), its cost on disk replaces the reservation."""
+        self.index.reserved -= fill.reserved
+        fill.reserved = 0
+        data = self.store.published_path(fill.partial)
+        replaced = self.index.add(Entry(fill.key, data, meta, self.store.cost(meta, data)))
+        if replaced is not None:
+            self._retire(replaced)
+        for victim in self.index.victims(0, keep=fill.key):
+            self._evict(victim)
         if fill.object_key:
             self.slices.stored(fill, meta)
 
@@ -319,6 +353,7 @@ class Cache:
             return
         entry.meta = meta
         self.store.rewrite_meta(entry)
+        self.index.recount(entry, self.store.cost(meta, entry.data))
         if fill.object_key:
             self.slices.refreshed(fill, entry, meta)
 
@@ -328,7 +363,7 @@ class Cache:
         entry = self.index.remove(key)
         if entry is None:
             return False
-        self.store.remove(entry)
+        self._retire(entry)
         return True
 
     def purge_key(self, base: str) -> int:
@@ -374,14 +409,14 @@ async def open_cache(
         yield None
         return
     store = Store(Path(config.cache_dir))
-    index = Index(config.cache_max_bytes)
+    index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
     try:
         store.prepare()
         loaded = await asyncio.get_running_loop().run_in_executor(None, store.load)
     except OSError as exc:
         raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
-    for directory, meta, _size in loaded:
-        index.add(Entry(meta.key, directory, meta))
+    for data, meta, cost in loaded:
+        index.add(Entry(meta.key, data, meta, cost))
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
     cache = Cache(config, upstream, store, index, clock)
@@ -389,7 +424,9 @@ async def open_cache(
     cache.slices.load(index)
     for victim in index.victims(0):
         cache._evict(victim)
-    logger.info("cache: %d objects, %d bytes in %s", len(index), index.stored, config.cache_dir)
+    logger.info(
+        "cache: %d objects, %d bytes on disk in %s", len(index), index.on_disk, config.cache_dir
+    )
     try:
         yield cache
     finally:

@@ -157,8 +157,8 @@ class Fill:
         self.key = key
         self.variant = variant
         self._store = store
-        self.directory = store.directory_of(key)
-        self.partial = store.partial_path(self.directory)
+        self.partial = store.partial_path(key)
+        """This fill's own partial file (a new version's name): no other fill touches it."""
         self._request = request
         self._route = route
         self._upstream = upstream
@@ -412,7 +412,6 @@ class Fill:
             # by the object's unconditional fetch: `_not_modified`).
             response = self._response
             assert response is not None
-            self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
             try:
@@ -448,14 +447,18 @@ class Fill:
             self.failed = type(exc).__name__
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
-            self.finished = True
-            await self._close_response()
-            if fd is not None:
-                os.close(fd)
-            if not self.published:
-                self._store.remove_partial(self.partial)
-            self.headers_ready.set()
-            self._notify()
+            # Finished only once its response, descriptor and partial file are released: a
+            # fill of the same key starts only then (Cache.fill).
+            try:
+                await self._close_response()
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                if not self.published:
+                    self._store.remove_partial(self.partial)
+                self.finished = True
+                self.headers_ready.set()
+                self._notify()
 
     async def _open(self, request: httpx.Request) -> httpx.Response:
         """Open an upstream response (as background work when no client waits); its time
@@ -685,7 +688,7 @@ class Fill:
                     if over:
                         # Never stored; this chunk is kept (one past the reservation) and
                         # the rest goes to the readers from the upstream: never a cut body.
-                        too_large = self.reserved + size > self._max_object_bytes
+                        too_large = self.written + size > self._max_object_bytes
                         self.passthrough = TOO_LARGE if too_large else "no room"
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
@@ -764,7 +767,7 @@ class Fill:
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
-        await loop.run_in_executor(None, self._store.publish, self.directory, meta)
+        await loop.run_in_executor(None, self._store.publish, self.partial, meta)
         self.published = True
         self._on_stored(self, meta)
 

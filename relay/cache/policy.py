@@ -39,11 +39,17 @@ def directives(values: Iterable[str]) -> dict[str, str]:
     return out
 
 
+#: The largest delta-seconds a cache counts (RFC 9111 1.2.2): a larger value means this.
+DELTA_SECONDS_MAX = 2.0**31
+
+
 def _seconds(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    return float(value) if value.isascii() and value.isdigit() else None
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return min(float(value), DELTA_SECONDS_MAX)  # float() of 309+ digits is inf
 
 
 def response_directives(headers: httpx.Headers) -> dict[str, str]:

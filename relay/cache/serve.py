@@ -20,6 +20,7 @@ from relay.cache import plan
 from relay.cache.cache import Cache
 from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
 from relay.cache.fill import Fill, Holds
+from relay.cache.index import Entry
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer
 from relay.cache.slice_answer import SlicedAnswer
@@ -209,10 +210,17 @@ class CachedResponse(Response):
         return True
 
     async def _answer(self, out: Delivery) -> Response | None:
-        """Answer as the plan says; the relayed response when the cache does not take it."""
+        """Answer as the plan says; the relayed response when the cache does not take it. The
+        stored version looked up is pinned until the answer is over: its bytes stay those its
+        head describes whatever is published, evicted or purged meanwhile."""
+        cache = self._cache
+        entry = cache.lookup(self._asked.base, self._asked.variant)
+        with cache.pinned(entry):
+            return await self._answer_from(out, entry)
+
+    async def _answer_from(self, out: Delivery, entry: Entry | None) -> Response | None:
         asked = self._asked
         cache = self._cache
-        entry = cache.lookup(asked.base, asked.variant)
         if entry is not None and asked.sha256 is not None and entry.meta.sha256 != asked.sha256:
             cache.drop(entry.key)  # never expected: stored only once verified against its key
             entry = None

@@ -139,6 +139,10 @@ class SlicedAnswer:
         mismatches = cache.stats.digest_mismatches
         while position < stop:
             if current is None:
+                if self._refuted(used, mismatches):
+                    # The digest check of the object (its read-ahead slices completed it)
+                    # dropped the slices already sent: nothing more to fetch or store.
+                    out.abort("the object's slices do not match its digest")
                 current = await self._slice(index, validator)
             if current is None or (
                 total is not None
@@ -203,6 +207,14 @@ class SlicedAnswer:
         if via is not None:
             out.upstream(via)
         return report
+
+    def _refuted(self, used: list[Entry], mismatches: int) -> bool:
+        """Slices this answer sent are gone, with a digest mismatch counted since it began
+        (`mismatches`: the count then): the object's bytes were refuted."""
+        cache = self._cache
+        return cache.stats.digest_mismatches != mismatches and any(
+            cache.index.peek(entry.key) is not entry for entry in used
+        )
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight), as background

@@ -137,6 +137,7 @@ class Slices:
                 lifetime=meta.lifetime,
             )
             store.rewrite_meta(other)
+            self._cache.index.recount(other, store.cost(other.meta, other.data))
 
     def replaced(self, fill: Fill) -> None:
         """A conditional request for a stale slice was answered with a body: the object's

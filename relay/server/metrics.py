@@ -331,12 +331,15 @@ class _CacheCollector(Collector):
                 f"relay_cache_{name}", help_text, value=getattr(cache.stats, name)
             )
         yield GaugeMetricFamily(
-            "relay_cache_size_bytes", "Bytes of complete cached objects.", value=cache.index.stored
+            "relay_cache_size_bytes",
+            "Disk space the cache takes: stored objects' data and metadata files (rounded up "
+            "to the filesystem's block) and its directories.",
+            value=cache.index.on_disk,
         )
         yield GaugeMetricFamily(
             "relay_cache_max_bytes",
-            "The cache's budget (cache_max_bytes): eviction keeps stored and reserved bytes "
-            "under it.",
+            "The cache's budget (cache_max_bytes): eviction keeps the disk space it takes, "
+            "with what fills in flight reserved, under it.",
             value=cache.index.max_bytes,
         )
         yield GaugeMetricFamily(

@@ -73,17 +73,11 @@ from tests.fuzz.strategies import scaled
 # a check, its violations are reported as known, not failed). The lead removes a key as its fix
 # lands. RELAY_MODEL_KNOWN=1 generates and checks everything.
 KNOWN_BUGS: dict[str, str] = {
-    "item-1": "a stale-while-revalidate hit opened while the revalidation publishes the new "
-    "version sends the new bytes under the old ETag (bursts of objects with "
-    "stale-while-revalidate settle between requests)",
-    "item-4": "meta.json with a wrong type crashes startup or makes requests 500 (break_meta "
-    "only truncates or garbles)",
     "item-4-digest": "a stored object whose sha256 relay knows is served with tampered bytes "
     "(objects with a Repr-Digest are not tampered with)",
     "item-8": "a shared fill carries the first client's Host as X-Forwarded-Host (one Host "
     "header generated)",
     "item-10": "the first GET of a non-storable object is sent upstream twice (check reported)",
-    "item-14": "disk use counts no metadata; empty directories stay (checks reported, not failed)",
     "item-15": "concurrent GETs of one key while the origin fails each go upstream (check "
     "reported)",
     "item-16": "a purge does not reach a fill in flight, which stores the object again "

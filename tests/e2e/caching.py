@@ -3,6 +3,7 @@ cache metrics, and waiting until it has settled."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -54,8 +55,40 @@ def origin_gets(origin: Origin, path: str) -> list[str]:
     return [r.target for r in origin.requests if r.path == path and r.method == "GET"]
 
 
+def _cache_files(root: Path, pattern: str) -> list[Path]:
+    return sorted((root / "objects").rglob(pattern)) if (root / "objects").exists() else []
+
+
 def data_files(root: Path) -> list[Path]:
-    return sorted((root / "objects").rglob("data*")) if (root / "objects").exists() else []
+    """The stored versions' data files under cache_dir `root` (partial files of fills too)."""
+    return [p for p in _cache_files(root, "*") if p.suffix in (".data", ".partial")]
+
+
+def stored_data(root: Path) -> list[Path]:
+    """The data files of published versions under cache_dir `root`."""
+    return _cache_files(root, "*.data")
+
+
+def meta_files(root: Path) -> list[Path]:
+    """The stored versions' records under cache_dir `root`."""
+    return _cache_files(root, "*.meta")
+
+
+def partial_files(root: Path) -> list[Path]:
+    """The partial files of fills under cache_dir `root`."""
+    return _cache_files(root, "*.partial")
+
+
+def disk_use(root: Path) -> tuple[int, list[Path]]:
+    """What the tree at `root` takes on disk (st_blocks of every file and directory, `root`
+    included) and its directories."""
+    used = 0
+    directories: list[Path] = []
+    for here, _, names in os.walk(root):
+        directories.append(Path(here))
+        for path in [here, *(os.path.join(here, n) for n in names)]:
+            used += os.lstat(path).st_blocks * 512
+    return used, directories
 
 
 def aria2c(url: str, out: Path) -> bytes:
