@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from relay.cache.clock import SYSTEM_CLOCK, Clock
+from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
@@ -55,12 +56,17 @@ class Cache:
         store: Store,
         index: Index,
         clock: Clock = SYSTEM_CLOCK,
+        executor: DiskExecutor | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.upstream = upstream
         self.store = store
         self.index = index
+        self.executor = executor or DiskExecutor()
+        """The cache's own threads: every blocking disk job and hash (`relay.cache.executor`)."""
+        self.disk = Ordered(self.executor)
+        """Jobs on one object's files, in the order they were asked for."""
         self.stats = CacheStats()
         self.max_object_bytes = config.cache_max_object_bytes or max(1, config.cache_max_bytes // 4)
         self.fills: dict[str, Fill] = {}
@@ -142,6 +148,8 @@ class Cache:
             on_replaced=self.slices.replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
+            executor=self.executor,
+            disk=self.disk,
         )
 
     def start(self, fill: Fill, base: str) -> None:
@@ -194,7 +202,7 @@ class Cache:
 
     def _evict(self, entry: Entry) -> None:
         self.index.remove(entry.key)
-        self.store.remove(entry)
+        self.remove_files(entry)
         self.slices.evicted(entry.key)
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
@@ -209,9 +217,24 @@ class Cache:
         if entry is None:
             return
         entry.meta = meta
-        self.store.rewrite_meta(entry)
+        refreshed = [entry]
         if fill.object_key:
-            self.slices.refreshed(fill, entry, meta)
+            refreshed += self.slices.refreshed(fill, entry, meta)
+        self.rewrite_metas(refreshed)
+
+    # ---- disk jobs ----------------------------------------------------------------------
+
+    def rewrite_metas(self, entries: list[Entry]) -> None:
+        """Write the entries' (refreshed) meta to disk, all in one job on the cache's threads,
+        after any job already asked for on their files."""
+        metas = [(entry.directory, entry.meta.to_json()) for entry in entries]
+        self.disk.submit([e.key for e in entries], self.store.rewrite_metas, metas)
+
+    def remove_files(self, entry: Entry) -> None:
+        """Remove a dropped object's files on the cache's threads: everything dropped in one
+        loop iteration (a purge, an eviction run) in one job, after any job already asked for
+        on those files; a fill of the same key publishes only after it."""
+        self.disk.add(self.store.remove_all, entry.key, entry.directory)
 
     # ---- purge --------------------------------------------------------------------------
 
@@ -219,7 +242,7 @@ class Cache:
         entry = self.index.remove(key)
         if entry is None:
             return False
-        self.store.remove(entry)
+        self.remove_files(entry)
         return True
 
     def purge_key(self, base: str) -> int:
@@ -253,6 +276,9 @@ class Cache:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Removals and rewrites already asked for are finished, not cancelled: a purged
+        # object must not come back at the next start.
+        await self.disk.drain()
 
 
 @contextlib.asynccontextmanager
@@ -266,16 +292,34 @@ async def open_cache(
         return
     store = Store(Path(config.cache_dir))
     index = Index(config.cache_max_bytes)
+    executor = DiskExecutor()
     try:
-        store.prepare()
-        loaded = await asyncio.get_running_loop().run_in_executor(None, store.load)
-    except OSError as exc:
-        raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
+        try:
+            store.prepare()
+            loaded = await executor.run(store.load)
+        except OSError as exc:
+            raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
+        async with _serving(config, upstream, store, index, clock, executor, loaded) as cache:
+            yield cache
+    finally:
+        await asyncio.to_thread(executor.shutdown)
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    config: Config,
+    upstream: Upstream,
+    store: Store,
+    index: Index,
+    clock: Clock,
+    executor: DiskExecutor,
+    loaded: list[tuple[Path, Meta, int]],
+) -> AsyncIterator[Cache]:
     for directory, meta, _size in loaded:
         index.add(Entry(meta.key, directory, meta))
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
-    cache = Cache(config, upstream, store, index, clock)
+    cache = Cache(config, upstream, store, index, clock, executor)
     cache.slices.load(index)
     for victim in index.victims(0):
         cache._evict(victim)
@@ -284,3 +328,4 @@ async def open_cache(
         yield cache
     finally:
         await cache.close()
+

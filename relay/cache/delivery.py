@@ -348,7 +348,7 @@ class Delivery:
                 if want <= INLINE_READ:
                     chunk = os.pread(fd, want, position)
                 else:
-                    chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
+                    chunk = await self._cache.executor.run(os.pread, fd, want, position)
                 if not chunk:
                     self.abort("cached file shorter than its meta")
                 position += len(chunk)

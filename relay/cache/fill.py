@@ -15,10 +15,13 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from relay.cache.clock import Clock
+from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
 from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
 from relay.cache.store import Meta, Store
@@ -32,6 +35,9 @@ from relay.http.validators import resume_validator
 from relay.net.presets import is_index_type, linked_sha256
 from relay.net.upstream import Upstream
 from relay.proxy.headers import downstream_response_headers
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +104,8 @@ class Fill:
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
         clock: Clock,
+        executor: DiskExecutor,
+        disk: Ordered,
     ) -> None:
         self.key = key
         self.variant = variant
@@ -117,6 +125,8 @@ class Fill:
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
         self._clock = clock
+        self._executor = executor
+        self._disk = disk
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
         self.written = 0
@@ -383,7 +393,7 @@ class Fill:
         return response
 
     async def _write_body(self, response: httpx.Response, fd: int) -> None:
-        loop = asyncio.get_running_loop()
+        run = self._executor.run
         first = response
         plan: Continuation | None = None
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
@@ -396,8 +406,8 @@ class Fill:
                         raise FillAbandoned("cache budget exceeded by an unsized body")
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
-                    await loop.run_in_executor(None, os.pwrite, fd, chunk, self.written)
-                    self._hash.update(chunk)
+                    # One hop per chunk: written and hashed on the cache's thread.
+                    await run(_write_hashed, fd, chunk, self.written, self._hash)
                     self.written += size
                     self._count(size)
                     self._notify()
@@ -461,14 +471,28 @@ class Fill:
         if expected is not None and expected != actual:
             self.digest_mismatch = True
             raise DigestMismatch(f"sha256 {actual} does not match the announced {expected}")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, os.fsync, fd)
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
-        await loop.run_in_executor(None, self._store.publish, self.directory, meta)
+        # After any job asked for on this object's files (a removal, a rewrite): in order.
+        await self._disk.submit([self.key], _publish, fd, self._store, self.directory, meta)
         self.published = True
         self._on_stored(self, meta)
+
+
+def _write_hashed(fd: int, chunk: bytes, offset: int, digest: HASH) -> None:
+    """Write `chunk` at `offset` (all of it) and add it to the running digest (blocking)."""
+    view = memoryview(chunk)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    digest.update(chunk)
+
+
+def _publish(fd: int, store: Store, directory: Path, meta: Meta) -> None:
+    os.fsync(fd)
+    store.publish(directory, meta)
 
 
 def _announced_sha256(headers: httpx.Headers) -> str | None:

@@ -120,10 +120,11 @@ class Slices:
         self.sliced.add(fill.object_key)
         self._verify_when_complete(fill.object_key, meta)
 
-    def refreshed(self, fill: Fill, entry: Entry, meta: Meta) -> None:
+    def refreshed(self, fill: Fill, entry: Entry, meta: Meta) -> list[Entry]:
         """A 304 for one slice (`entry`, refreshed to `meta`) is a 304 for the object: every
-        slice of it is fresh again."""
-        store = self._cache.store
+        slice of it is fresh again. The other slices refreshed (their meta is written to disk
+        by the caller, all in one job)."""
+        refreshed = []
         for other in self.of(fill.object_key):
             if other is entry or other.meta.validator != meta.validator:
                 continue
@@ -134,7 +135,8 @@ class Slices:
                 initial_age=meta.initial_age,
                 lifetime=meta.lifetime,
             )
-            store.rewrite_meta(other)
+            refreshed.append(other)
+        return refreshed
 
     def replaced(self, fill: Fill) -> None:
         """A conditional request for a stale slice was answered with a body: the object's

@@ -121,11 +121,44 @@ class Store:
             logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
 
     @staticmethod
+    def rewrite_metas(metas: list[tuple[Path, bytes]]) -> None:
+        """Write several stored objects' meta again (every slice of an object refreshed by one
+        304), blocking: each written beside its meta, fsynced, renamed over it. The
+        directories are not fsynced: a rename lost in a crash leaves the previous meta, an
+        older but consistent state (the object is revalidated once more). Failures are
+        logged."""
+        for directory, data in metas:
+            tmp = directory / (_META + ".tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, directory / _META)
+            except OSError as exc:
+                logger.warning("cache: cannot refresh %s: %s", directory.name, exc)
+                remove_quietly(tmp)
+
+    @staticmethod
     def remove(entry: Entry) -> None:
         """Remove a stored object's files: unlinked, never truncated (a reader streaming it
         keeps its descriptor)."""
         remove_quietly(entry.directory / _META)
         remove_quietly(entry.directory / _DATA)
+
+    @staticmethod
+    def remove_all(directories: list[Path]) -> None:
+        """Remove the files of several stored objects (blocking; see `remove`)."""
+        for directory in directories:
+            try:
+                remove_quietly(directory / _META)
+                remove_quietly(directory / _DATA)
+            except OSError as exc:
+                logger.warning("cache: cannot remove %s: %s", directory.name, exc)
 
     # ---- startup --------------------------------------------------------------------------
 
