@@ -124,7 +124,8 @@ def cold_fill(origin: str, tmp: Path, size: int) -> dict[str, Any]:
     finally:
         relay.stop()
     ok = digest.hexdigest() == expected_sha256(size)
-    return {"bytes": size, "s": took, "MiB/s": size / MiB / took, "longest_stall_s": stall, "ok": ok}
+    rate = size / MiB / took
+    return {"bytes": size, "s": took, "MiB/s": rate, "longest_stall_s": stall, "ok": ok}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -605,6 +605,23 @@ class Config:
         details="Then it stops and stores nothing.",
         min=0,
     )
+    cache_verify_on_start: bool = _setting(
+        True,
+        "verify the loaded objects with a known digest in the background at startup",
+        group="cache",
+        details="Objects whose SHA-256 relay knows (Hub LFS files, `Repr-Digest`, slices' "
+        "`Content-Digest`) are not trusted after a restart until hashed again: those clients "
+        "ask for are hashed as they are answered; this checks the rest, one at a time at "
+        "`cache_verify_rate`. A mismatch is dropped and counted (`relay_cache_digest_mismatches`).",
+    )
+    cache_verify_rate: int = _setting(
+        64 * 1024 * 1024,
+        "bytes/s the background verification (at startup, scrubs) hashes at most",
+        group="cache",
+        details="Paced so that it never competes with answers; an object a client asks for "
+        "while it is being checked is checked at full speed.",
+        min=1,
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Config)

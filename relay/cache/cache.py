@@ -18,6 +18,7 @@ from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.fill import VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
+from relay.cache.integrity import Scrub, Verifier, has_known_digest
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
@@ -73,6 +74,10 @@ class Cache:
         self.tasks: set[asyncio.Task[None]] = set()
         self._passes: dict[str, float] = {}
         self.slices = Slices(self)
+        self.verifier = Verifier(self)
+        """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
+        self.scrub = Scrub(self, self.verifier, rate=config.cache_verify_rate)
+        """The background verification: at startup, and an operator's scrub."""
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -236,6 +241,21 @@ class Cache:
         on those files; a fill of the same key publishes only after it."""
         self.disk.add(self.store.remove_all, entry.key, entry.directory)
 
+    def corrupted(self, entries: list[Entry], actual: str, expected: str) -> None:
+        """Stored bytes (one object: `entries`, its slices or itself) do not match their
+        digest: dropped and counted; answers under way from them abort (`Entry.corrupt`)."""
+        for entry in entries:
+            entry.corrupt = True
+            if self.index.peek(entry.key) is entry:
+                self.drop(entry.key)
+        self.stats.digest_mismatches += 1
+        logger.warning(
+            "cache: %s hashes to %s, not its digest %s: dropped",
+            entries[0].meta.url,
+            actual,
+            expected,
+        )
+
     # ---- purge --------------------------------------------------------------------------
 
     def drop(self, key: str) -> bool:
@@ -316,7 +336,10 @@ async def _serving(
     loaded: list[tuple[Path, Meta, int]],
 ) -> AsyncIterator[Cache]:
     for directory, meta, _size in loaded:
-        index.add(Entry(meta.key, directory, meta))
+        entry = Entry(meta.key, directory, meta)
+        # Bytes with a known digest are not trusted before they are hashed again.
+        entry.verified = not has_known_digest(entry)
+        index.add(entry)
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
     cache = Cache(config, upstream, store, index, clock, executor)
@@ -324,8 +347,9 @@ async def _serving(
     for victim in index.victims(0):
         cache._evict(victim)
     logger.info("cache: %d objects, %d bytes in %s", len(index), index.stored, config.cache_dir)
+    if config.cache_verify_on_start and any(not e.verified for e in index.entries()):
+        cache.scrub.start("startup")
     try:
         yield cache
     finally:
         await cache.close()
-

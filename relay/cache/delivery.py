@@ -17,6 +17,7 @@ them); every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from relay.proxy.pacing import ReadPacer
 from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
 
 if TYPE_CHECKING:
+    from _hashlib import HASH
+
     from relay.cache.cache import Cache
 
 logger = logging.getLogger(__name__)
@@ -256,10 +259,18 @@ class Delivery:
             return
         try:
             reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
+            body = reply.status in (200, 206) and self._method == "GET"
+            digest = None
+            if not entry.verified:
+                if body and reply.status == 200:
+                    digest = hashlib.sha256()  # hashed as it is sent, its last chunk held
+                elif not await cache.verifier.entry(entry):
+                    await self.error(503, "cached object unavailable, retry")
+                    return
             age = current_age(meta.initial_age, meta.stored_at, cache.clock.now())
             await self.start(meta, reply, status, age, meta.length)
-            if reply.status in (200, 206) and self._method == "GET":
-                await self.stream(fd, reply.start, reply.stop, None)
+            if body:
+                await self.stream(fd, reply.start, reply.stop, None, entry=entry, digest=digest)
             else:
                 await self.end()
         finally:
@@ -298,13 +309,24 @@ class Delivery:
     # ---- body pumps -----------------------------------------------------------------------
 
     async def stream(
-        self, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
+        self,
+        fd: int,
+        start: int,
+        stop: int,
+        fill: Fill | None,
+        *,
+        end: bool = True,
+        entry: Entry | None = None,
+        digest: HASH | None = None,
     ) -> None:
-        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
-        if fill is None and self.zero_copy and stop - start > INLINE_READ:
+        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill).
+        `entry`: the stored object read (the transfer aborts if it is found corrupt
+        meanwhile); `digest`: the whole object is sent from byte 0 unverified: hashed as it is
+        read (in the read's own job), its last chunk sent only if it matches."""
+        if fill is None and digest is None and self.zero_copy and stop - start > INLINE_READ:
             # A small body read on the loop leaves with its head in one write: cheaper than
             # writing the head, then a sendfile.
-            await self.send_file(fd, start, stop, end=end)
+            await self.send_file(fd, start, stop, end=end, entry=entry)
             return
         send = self._send
         loop = asyncio.get_running_loop()
@@ -346,11 +368,16 @@ class Delivery:
                 if stop >= 0:
                     want = min(want, stop - position)
                 if want <= INLINE_READ:
-                    chunk = os.pread(fd, want, position)
+                    chunk = _read(fd, want, position, digest)
                 else:
-                    chunk = await self._cache.executor.run(os.pread, fd, want, position)
+                    chunk = await self._cache.executor.run(_read, fd, want, position, digest)
                 if not chunk:
                     self.abort("cached file shorter than its meta")
+                if entry is not None:
+                    if entry.corrupt:
+                        self.abort("the cached object does not match its digest")
+                    if digest is not None and position + len(chunk) == stop:
+                        self._judge(entry, digest)
                 position += len(chunk)
                 sent += len(chunk)
                 if fill is None:
@@ -371,7 +398,20 @@ class Delivery:
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def send_file(self, fd: int, start: int, stop: int, *, end: bool) -> None:
+    def _judge(self, entry: Entry, digest: HASH) -> None:
+        """The whole object was read and hashed: verified, or dropped and the transfer
+        aborted before its last chunk."""
+        actual = digest.hexdigest()
+        if actual == entry.meta.sha256:
+            entry.verified = True
+            return
+        if not entry.corrupt:
+            self._cache.corrupted([entry], actual, entry.meta.sha256 or "")
+        self.abort("the cached object does not match its digest")
+
+    async def send_file(
+        self, fd: int, start: int, stop: int, *, end: bool, entry: Entry | None = None
+    ) -> None:
         """Send bytes [start, stop) of a complete file with the server's zero-copy send."""
         send = self._send
         loop = asyncio.get_running_loop()
@@ -383,6 +423,8 @@ class Delivery:
         try:
             while position < stop:
                 count = min(size.value, stop - position)
+                if entry is not None and entry.corrupt:
+                    self.abort("the cached object does not match its digest")
                 message["offset"] = position
                 message["count"] = count
                 try:
@@ -420,3 +462,11 @@ class Delivery:
         reset = self._reset
         if reset is not None:
             reset()
+
+
+def _read(fd: int, size: int, offset: int, digest: HASH | None) -> bytes:
+    """Read `size` bytes at `offset`, added to `digest` when given (one job: read and hash)."""
+    chunk = os.pread(fd, size, offset)
+    if digest is not None:
+        digest.update(chunk)
+    return chunk

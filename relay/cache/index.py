@@ -16,6 +16,11 @@ class Entry:
     meta: Meta
     parsed: object = field(default=None, compare=False, repr=False)
     """What the hit path derived from `meta` (its own type; made again when meta is replaced)."""
+    verified: bool = True
+    """False: loaded from disk with a known digest and not hashed since
+    (`relay.cache.integrity`); no answer takes its bytes as they are."""
+    corrupt: bool = False
+    """Its bytes were found not to match its digest: dropped, and answers reading it abort."""
 
     @property
     def size(self) -> int:

@@ -20,6 +20,7 @@ from relay.cache import plan
 from relay.cache.cache import Cache
 from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
 from relay.cache.fill import Fill
+from relay.cache.index import Entry
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer
 from relay.cache.slice_answer import SlicedAnswer
@@ -136,8 +137,8 @@ class CachedResponse(Response):
             return False
         cache = self._cache
         entry = cache.lookup(asked.base, asked.variant)
-        if entry is None:
-            return False
+        if entry is None or not entry.verified:
+            return False  # unverified: `_answer` checks it first
         hit = parsed(entry)
         meta = hit.meta
         age = plan.age_of(meta, cache.clock.now())
@@ -195,6 +196,15 @@ class CachedResponse(Response):
         entry = cache.lookup(asked.base, asked.variant)
         if entry is not None and asked.sha256 is not None and entry.meta.sha256 != asked.sha256:
             cache.drop(entry.key)  # never expected: stored only once verified against its key
+            entry = None
+        # Bytes not trusted yet (loaded with a known digest): only a whole answer from byte 0
+        # hashes as it sends; another waits for the object's check, a miss if it dropped it.
+        if (
+            entry is not None
+            and not entry.verified
+            and not self._whole_from_start(entry)
+            and not await cache.verifier.entry(entry)
+        ):
             entry = None
         if entry is not None:
             now = cache.clock.now()
@@ -264,6 +274,14 @@ class CachedResponse(Response):
             sha256=asked.sha256,
         )
         return await self._from_fill(out, fill, absent.cache_status)
+
+    def _whole_from_start(self, entry: Entry) -> bool:
+        """Whether the answer from `entry` is its whole body from byte 0 (a GET's 200)."""
+        asked = self._asked
+        if asked.method != "GET":
+            return False
+        headers = parsed(entry).headers
+        return answer(asked.client_headers, headers, entry.meta.length).status == 200
 
     async def _from_fill(self, out: Delivery, fill: Fill, status: str) -> Response | None:
         asked = self._asked
