@@ -183,7 +183,8 @@ class Verifier:
         own = pace or Pace(None)
         task = asyncio.get_running_loop().create_task(
             self._guarded(run(what, own, again), background=pace is not None),
-            name=f"cache verify {key[:80]}",
+            # A background check is the scrub's, which lives as long as the cache.
+            name=f"{'service: ' if pace is not None else ''}cache verify {key[:80]}",
         )
         self._running[key] = (task, own)
         cache = self._cache
