@@ -527,7 +527,7 @@ class Config:
         "",
         "credential for relay's admin endpoints (the /downloads API)",
         group="security",
-        details="Required by the `/downloads` API and the cache's purge and prefetch; "
+        details="Required by the `/downloads` API and the cache's purge, prefetch and scrub; "
         "compared in constant time, never logged. Needed with `data_dir` unless "
         "`downloads_open`.",
         secret=True,
