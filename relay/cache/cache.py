@@ -232,7 +232,7 @@ class Cache:
     def rewrite_metas(self, entries: list[Entry]) -> None:
         """Write the entries' (refreshed) meta to disk, all in one job on the cache's threads,
         after any job already asked for on their files."""
-        metas = [(entry.directory, entry.meta.to_json()) for entry in entries]
+        metas = [(entry.directory, entry.meta) for entry in entries]
         self.disk.submit([e.key for e in entries], self.store.rewrite_metas, metas)
 
     def remove_files(self, entry: Entry) -> None:

@@ -121,18 +121,18 @@ class Store:
             logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
 
     @staticmethod
-    def rewrite_metas(metas: list[tuple[Path, bytes]]) -> None:
+    def rewrite_metas(metas: list[tuple[Path, Meta]]) -> None:
         """Write several stored objects' meta again (every slice of an object refreshed by one
         304), blocking: each written beside its meta, fsynced, renamed over it. The
         directories are not fsynced: a rename lost in a crash leaves the previous meta, an
         older but consistent state (the object is revalidated once more). Failures are
-        logged."""
-        for directory, data in metas:
+        logged. The metas are not changed meanwhile (a refresh replaces an entry's meta)."""
+        for directory, meta in metas:
             tmp = directory / (_META + ".tmp")
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
-                    view = memoryview(data)
+                    view = memoryview(meta.to_json())
                     while view:
                         view = view[os.write(fd, view) :]
                     os.fsync(fd)

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from relay.config import Route
 from tests.e2e.caching import MakeRelay, cache_metrics, caching_relay, data_files, settled
+from tests.e2e.test_hf_cache import _cached_relay
 from tests.ecosystems import Hub
-from tests.harness import RelayThread, relay_config, running_relay, wait_until
+from tests.harness import RelayThread, wait_until
 from tests.origin import Origin, body_bytes, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -128,9 +128,7 @@ def test_intact_object_after_restart_is_verified_once_then_hits(
     settled(relay)
 
 
-def test_flipped_byte_found_by_the_startup_verification(
-    cached: MakeRelay, tmp_path: Path
-) -> None:
+def test_flipped_byte_found_by_the_startup_verification(cached: MakeRelay, tmp_path: Path) -> None:
     """With the startup verification on, the flipped object is dropped in the background: the
     GET after it is a plain miss."""
     _stored_then_flipped(cached, tmp_path)
@@ -171,9 +169,7 @@ def test_flipped_slice_after_restart(cached: MakeRelay, tmp_path: Path) -> None:
     settled(relay)
 
 
-def test_scrub_finds_a_flipped_byte_without_a_restart(
-    cached: MakeRelay, tmp_path: Path
-) -> None:
+def test_scrub_finds_a_flipped_byte_without_a_restart(cached: MakeRelay, tmp_path: Path) -> None:
     """POST /cache/scrub (admin) checks every object with a known digest while relay serves;
     GET /cache/scrub shows the run; the flipped object is dropped and counted, the intact one
     kept; the next GET of the flipped one is a miss with the right bytes."""
@@ -238,24 +234,7 @@ def hub() -> Iterator[Hub]:
 
 
 def _hub_relay(hub: Hub, tmp_path: Path) -> Callable[[], Any]:
-    cdn = hub.cdn.url.split("//")[1].split(":")[0]
-    route = Route(
-        prefix="/hf/",
-        upstream=hub.hub.url + "/",
-        allow_private=True,
-        preset="hf",
-        redirects="follow",
-        redirect_hosts=(cdn,),
-    )
-    config = relay_config(
-        hub.hub.url,
-        routes=(route,),
-        cache_dir=str(tmp_path / "cache"),
-        cache_max_bytes=512 * MiB,
-        cache_slice_bytes=1 * MiB,
-        cache_verify_on_start=False,
-    )
-    return lambda: running_relay(config)
+    return lambda: _cached_relay(hub, tmp_path, settings={"cache_verify_on_start": False})
 
 
 def test_hub_lfs_file_flipped_after_restart(hub: Hub, tmp_path: Path) -> None:
