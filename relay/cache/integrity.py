@@ -153,8 +153,13 @@ class Verifier:
         """Verify the unverified slices of the object stored under `storage`: against the
         whole-object digest if every slice is stored, each against its own digest (if it has
         one) otherwise; what cannot be checked stays as it is."""
-        if any(not e.verified for e in self._cache.slices.of(storage)):
+        slices = self._cache.slices
+        if storage not in slices.unverified:
+            return
+        if any(not e.verified for e in slices.of(storage)):
             await self._check(storage, self._slices, storage, pace=pace)
+        if not any(not e.verified for e in slices.of(storage)):
+            slices.unverified.discard(storage)
 
     async def scrub(self, entry: Entry, pace: Pace) -> None:
         """Check `entry` (or its sliced object), verified or not: the scrub's step."""

@@ -42,14 +42,19 @@ class Slices:
         GET of one is answered from its slices)."""
         self.revalidations: dict[str, Fill] = {}
         """Storage key -> the one conditional request refreshing that object's slices."""
+        self.unverified: set[str] = set()
+        """Storage keys of objects that may have unverified slices (loaded with a known
+        digest, or complete and not yet checked against the whole-object digest): a hint
+        that spares answers a scan of the index; `relay.cache.integrity` prunes it."""
 
     def load(self, index: Index) -> None:
         """The hints of the objects whose slices are stored (at startup)."""
-        self.sliced.update(
-            entry.key.rsplit(SLICE_MARK, 1)[0]
-            for entry in index.entries()
-            if SLICE_MARK in entry.key
-        )
+        for entry in index.entries():
+            if SLICE_MARK in entry.key:
+                storage = entry.key.rsplit(SLICE_MARK, 1)[0]
+                self.sliced.add(storage)
+                if not entry.verified:
+                    self.unverified.add(storage)
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -210,11 +215,12 @@ class Slices:
             return
         for entry in complete:
             entry.verified = False
+        self.unverified.add(storage)
         self.verify(storage)
 
     def verify(self, storage: str) -> None:
         """Start the check of the object's unverified slices (if any, and none runs)."""
-        if any(not e.verified for e in self.of(storage)):
+        if storage in self.unverified:
             task = asyncio.create_task(
                 self._cache.verifier.sliced(storage), name=f"cache verify {storage[:80]}"
             )
