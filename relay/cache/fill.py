@@ -475,7 +475,11 @@ class Fill:
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
         # After any job asked for on this object's files (a removal, a rewrite): in order.
-        await self._disk.submit([self.key], _publish, fd, self._store, self.directory, meta)
+        # Shielded: cancelled here, the job still runs its course (a thread cannot be
+        # stopped), and the jobs after it on this object must wait for that.
+        await asyncio.shield(
+            self._disk.submit([self.key], _publish, fd, self._store, self.directory, meta)
+        )
         self.published = True
         self._on_stored(self, meta)
 

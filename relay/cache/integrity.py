@@ -204,11 +204,17 @@ class Verifier:
         await asyncio.shield(task)
 
     async def _guarded(self, check: Awaitable[None], *, background: bool) -> None:
-        if background:
-            await check  # one at a time, paced: the scrub's own bound
-            return
-        async with self._slots:
-            await check
+        """Run a check (a request's under one of `VERIFY_THREADS` slots; the scrub's, one at a
+        time, is bounded on its own). A disk error leaves the object unverified: no
+        answer takes it, and no request fails with it."""
+        try:
+            if background:
+                await check
+                return
+            async with self._slots:
+                await check
+        except OSError as exc:
+            logger.warning("cache: cannot verify a stored object: %s", exc)
 
     async def _whole(self, entry: Entry, pace: Pace, again: bool) -> None:
         expected = entry.meta.sha256
@@ -310,7 +316,8 @@ class Scrub:
         if self.running:
             return False
         units: dict[str, Entry] = {}
-        for entry in self._cache.index.entries():
+        # Most recently used first: those are the likeliest to be asked for next.
+        for entry in reversed(self._cache.index.entries()):
             if has_known_digest(entry) and (reason != "startup" or not entry.verified):
                 units.setdefault(_unit(entry.key), entry)
         progress = self.last = ScrubProgress(reason, len(units))
