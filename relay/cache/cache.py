@@ -1,6 +1,9 @@
 """The cache: lookups, one fill per key, the budget and eviction, purge, and its lifespan.
 
-Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s.
+Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s,
+written, read and removed on the cache's own threads (`Cache.executor`, `Cache.disk`:
+`relay.cache.executor`); checks against known digests `relay.cache.integrity`'s
+(`Cache.verifier`, `Cache.scrub`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 This module alone knows the on-disk layout and the metadata schema (`Meta`): every other module
 asks the `Store` for a path (`data_path`, `partial_path`), to publish a filled object, to
-rewrite an object's meta or to remove its files.
+rewrite objects' meta or to remove their files (blocking: the cache runs these on its own
+threads, `relay.cache.executor`).
 
 An object counts only once its `meta.json` says `complete` (written after the data was
 fsynced, atomically); on start anything else is removed. A fill writes `data.partial` beside
@@ -113,14 +114,6 @@ class Store:
         write_atomically(directory / _META, meta.to_json())
 
     @staticmethod
-    def rewrite_meta(entry: Entry) -> None:
-        """Write a stored object's meta again (refreshed by a 304); a failure is logged."""
-        try:
-            write_atomically(entry.directory / _META, entry.meta.to_json())
-        except OSError as exc:
-            logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
-
-    @staticmethod
     def rewrite_metas(metas: list[tuple[Path, Meta]]) -> None:
         """Write several stored objects' meta again (every slice of an object refreshed by one
         304), blocking: each written beside its meta, fsynced, renamed over it. The
@@ -146,13 +139,14 @@ class Store:
     @staticmethod
     def remove(entry: Entry) -> None:
         """Remove a stored object's files: unlinked, never truncated (a reader streaming it
-        keeps its descriptor)."""
-        remove_quietly(entry.directory / _META)
-        remove_quietly(entry.directory / _DATA)
+        keeps its descriptor). Blocking: the cache batches removals (`remove_all`) on its
+        threads."""
+        Store.remove_all([entry.directory])
 
     @staticmethod
     def remove_all(directories: list[Path]) -> None:
-        """Remove the files of several stored objects (blocking; see `remove`)."""
+        """Remove the files of several stored objects (blocking; see `remove`); a failure is
+        logged."""
         for directory in directories:
             try:
                 remove_quietly(directory / _META)
