@@ -6,6 +6,7 @@ else waits for its check; a mismatch is dropped, counted and a miss."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,25 +95,45 @@ async def _stored(relay: Relay, tmp_path: Path, *, flip: bool) -> None:
         _flip(tmp_path)
 
 
-def _cache(state: dict[str, Any]) -> Cache:
-    cache = state["cache"]
-    assert isinstance(cache, Cache)
-    return cache
+class Restarted:
+    """relay started again on a cache_dir holding the object (its app, state and cache)."""
+
+    def __init__(self, relay: Relay, app: Any, state: dict[str, Any]) -> None:
+        self.relay = relay
+        self.app = app
+        self.state = state
+        cache = state["cache"]
+        assert isinstance(cache, Cache)
+        self.cache = cache
+
+    async def get(self, **headers: str) -> Client:
+        return await _get(self.app, self.state, **headers)
+
+
+@contextlib.asynccontextmanager
+async def _restarted(tmp_path: Path, *, flip: bool, advance: float = 0) -> AsyncIterator[Restarted]:
+    """The object stored (one byte flipped on disk if `flip`), the clock advanced, relay
+    started again: its one entry is unverified."""
+    relay = Relay(tmp_path)
+    await _stored(relay, tmp_path, flip=flip)
+    relay.clock.advance(advance)
+    app = relay.app()
+    async with lifespan_state(app) as state:
+        started = Restarted(relay, app, state)
+        (entry,) = started.cache.index.entries()
+        assert not entry.verified
+        yield started
 
 
 async def test_a_whole_get_holds_its_last_chunk_until_the_digest_matches(tmp_path: Path) -> None:
     """Flipped 3 bytes before the end: every chunk but the last is sent, then the transfer is
     aborted (never completed), the object dropped and counted; the next GET is a miss."""
-    relay = Relay(tmp_path)
-    await _stored(relay, tmp_path, flip=True)
-    app = relay.app()
-    async with lifespan_state(app) as state:
-        cache = _cache(state)
+    async with _restarted(tmp_path, flip=True) as restarted:
+        cache = restarted.cache
         (entry,) = cache.index.entries()
-        assert not entry.verified
         client = Client()
         with pytest.raises(TransferAborted):
-            await app(http_scope(state, "/o/f"), client.receive, client.send)
+            await restarted.app(http_scope(restarted.state, "/o/f"), client.receive, client.send)
         assert client.status == 200
         assert not client.completed
         assert len(client.body) < len(BODY)
@@ -120,26 +141,23 @@ async def test_a_whole_get_holds_its_last_chunk_until_the_digest_matches(tmp_pat
         assert cache.stats.digest_mismatches == 1
         assert entry.corrupt
         assert cache.index.entries() == []
-        again = await _get(app, state)
+        again = await restarted.get()
         assert again.headers[b"cache-status"] == b"relay; fwd=miss; stored"
         assert again.body == BODY
-        assert len(relay.seen) == 2
+        assert len(restarted.relay.seen) == 2
 
 
 async def test_an_intact_whole_get_verifies_the_object(tmp_path: Path) -> None:
-    relay = Relay(tmp_path)
-    await _stored(relay, tmp_path, flip=False)
-    app = relay.app()
-    async with lifespan_state(app) as state:
-        cache = _cache(state)
+    async with _restarted(tmp_path, flip=False) as restarted:
+        cache = restarted.cache
         (entry,) = cache.index.entries()
-        hit = await _get(app, state)
+        hit = await restarted.get()
         assert hit.completed
         assert hit.body == BODY
         assert hit.headers[b"cache-status"].startswith(b"relay; hit")
         assert entry.verified
         assert cache.stats.digest_mismatches == 0
-        assert len(relay.seen) == 1
+        assert len(restarted.relay.seen) == 1
 
 
 @pytest.mark.parametrize(
@@ -152,15 +170,11 @@ async def test_other_answers_wait_for_the_check_and_are_misses(
 ) -> None:
     """A range, a conditional and a HEAD of the flipped object: checked first, dropped,
     counted, and answered as if it had never been stored (from the upstream)."""
-    relay = Relay(tmp_path)
-    await _stored(relay, tmp_path, flip=True)
-    app = relay.app()
-    async with lifespan_state(app) as state:
-        cache = _cache(state)
-        answered = await _get(app, state, **dict(headers))
+    async with _restarted(tmp_path, flip=True) as restarted:
+        answered = await restarted.get(**dict(headers))
         assert b"hit" not in answered.headers.get(b"cache-status", b"")
-        assert cache.stats.digest_mismatches == 1
-        assert len(relay.seen) == 2  # asked of the upstream (a range: its slice)
+        assert restarted.cache.stats.digest_mismatches == 1
+        assert len(restarted.relay.seen) == 2  # asked of the upstream (a range: its slice)
         if "range" in headers:
             assert answered.status == 206
             assert answered.body == BODY[5:10]
@@ -169,17 +183,12 @@ async def test_other_answers_wait_for_the_check_and_are_misses(
 async def test_a_stale_unverified_object_is_checked_then_revalidated(tmp_path: Path) -> None:
     """Past max-age, a range of an intact object: its check passes, then the revalidation's
     304 refreshes it; the object stays verified and is answered from the cache."""
-    relay = Relay(tmp_path)
-    await _stored(relay, tmp_path, flip=False)
-    relay.clock.advance(61)
-    app = relay.app()
-    async with lifespan_state(app) as state:
-        cache = _cache(state)
-        ranged = await _get(app, state, range="bytes=0-3")
+    async with _restarted(tmp_path, flip=False, advance=61) as restarted:
+        ranged = await restarted.get(range="bytes=0-3")
         assert ranged.status == 206
         assert ranged.body == BODY[:4]
         assert ranged.headers[b"cache-status"] == b"relay; fwd=stale; fwd-status=304"
-        assert relay.seen[-1].headers["if-none-match"] == '"v1"'
-        (entry,) = cache.index.entries()
+        assert restarted.relay.seen[-1].headers["if-none-match"] == '"v1"'
+        (entry,) = restarted.cache.index.entries()
         assert entry.verified
-        assert cache.stats.digest_mismatches == 0
+        assert restarted.cache.stats.digest_mismatches == 0
