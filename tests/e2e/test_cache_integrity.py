@@ -261,3 +261,26 @@ def test_hub_lfs_file_flipped_after_restart(hub: Hub, tmp_path: Path) -> None:
         assert httpx.get(relay.url + url).headers["cache-status"].startswith("relay; hit")
         settled(relay)
     assert [m for m, _, _ in hub.cdn.requests].count("GET") > cdn_gets
+
+
+def test_hub_lfs_file_flipped_after_restart_head_then_get(hub: Hub, tmp_path: Path) -> None:
+    """huggingface_hub's way: a HEAD, then the GET. The HEAD finds the flipped byte (its
+    check drops the object) and says nothing from it; the GET is a miss with the exact
+    bytes, never an aborted transfer."""
+    data = hub.lfs["model.bin"]
+    url = f"/hf/{Hub.repo}/resolve/main/model.bin"
+    relay_of = _hub_relay(hub, tmp_path)
+    with relay_of() as relay:
+        assert httpx.get(relay.url + url).content == data
+        settled(relay)
+    (stored,) = data_files(tmp_path / "cache")
+    _flip(stored, len(data) - 1)
+    with relay_of() as relay:
+        head = httpx.head(relay.url + url)
+        assert head.status_code == 200
+        assert "hit" not in head.headers.get("cache-status", "")
+        assert cache_metrics(relay)["digest_mismatches_total"] == 1
+        get = httpx.get(relay.url + url)
+        assert get.headers["cache-status"] == "relay; fwd=miss; stored"
+        assert get.content == data
+        settled(relay)
