@@ -47,7 +47,12 @@ class DiskExecutor:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on one of the cache's threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`fn(*args)` on one of the cache's threads, as a future (to wait it out when the
+        caller is cancelled: a thread cannot be stopped)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def shutdown(self) -> None:
         """Wait for the jobs in flight (blocking: run it in a thread), drop those queued."""

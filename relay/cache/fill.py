@@ -2,15 +2,21 @@
 attached reader at each advance, published (fsync, meta, rename) only when complete and
 verified.
 
-A fill belongs to the cache, not to a client: clients attach and detach; with none attached it
-runs on for `cache_fill_idle_timeout`, then stops (nothing is published). A body the upstream
-cuts is resumed by `relay.http.continuation`'s rules (same validator, same total); if it cannot
-be, the fill fails and every attached reader aborts its transfer.
+A fill belongs to the cache, not to a client: clients hold it (from when their response takes
+it until that response ends) and attach while reading it. With no client it is background
+work, bounded by the cache (`Cache` in cache.py): it runs on for `cache_fill_idle_timeout`
+(a prefetch to completion) unless the cache stops it first (`stop`) to keep fills without
+clients under their limit or to give a client's request its upstream connection. A stopped
+fill publishes nothing, as after the idle timeout, and it can only be stopped before its body
+is complete. A body the upstream cuts is resumed by `relay.http.continuation`'s rules (same
+validator, same total); if it cannot be, the fill fails and every attached reader aborts its
+transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -106,6 +112,7 @@ class Fill:
         clock: Clock,
         executor: DiskExecutor,
         disk: Ordered,
+        on_clientless: Callable[[Fill], None],
     ) -> None:
         self.key = key
         self.variant = variant
@@ -127,6 +134,7 @@ class Fill:
         self._clock = clock
         self._executor = executor
         self._disk = disk
+        self._on_clientless = on_clientless
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
         self.written = 0
@@ -146,6 +154,7 @@ class Fill:
         self.coalesced = 0
         self.digest_mismatch = False
         self.prefetch = False
+        """Started without a client: runs to completion, whatever the idle timeout."""
         self.sha256: str | None = None
         """The digest the whole body must have (a content-addressed object), checked before
         anything the upstream's own headers announce."""
@@ -160,8 +169,18 @@ class Fill:
         """A slice fill: the storage key of the object it is a slice of."""
         self._content_sha256: str | None = None
         """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
-        """Started without a client: runs to completion, whatever the idle timeout."""
+        self.task: asyncio.Task[None] | None = None
+        """The task running `run` (set by the cache when it starts it)."""
+        self.stopping: str | None = None
+        """Why the cache stopped the fill (`stop`), once it did."""
+        self._holds = 0
+        self._started = False
+        self._opening = False
+        self._body_done = False
         self._idle_since: float | None = clock.monotonic()
+        self._response: httpx.Response | None = None
+        """The one upstream response the fill holds (the first, then each resumed one), closed
+        by `_close_response` before another is opened and in `run`'s `finally`."""
 
     @property
     def upstream_failure(self) -> int | None:
@@ -172,9 +191,19 @@ class Fill:
         status = self.upstream_status
         return status if status is not None and status >= 500 else None
 
-    # ---- readers ------------------------------------------------------------------------
+    # ---- clients ------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """A client's response uses this fill (waits on it or reads it) until `release`."""
+        self._holds += 1
+        self._idle_since = None
+
+    def release(self) -> None:
+        self._holds -= 1
+        self._left()
 
     def attach(self) -> None:
+        """A client reads the body as it is written (counted for coalescing)."""
         if self.readers:
             self.coalesced += 1
         self.readers += 1
@@ -182,8 +211,45 @@ class Fill:
 
     def detach(self) -> None:
         self.readers -= 1
-        if self.readers == 0:
+        self._left()
+
+    def _left(self) -> None:
+        if self._holds == 0 and self.readers == 0:
             self._idle_since = self._clock.monotonic()
+            self._on_clientless(self)
+
+    @property
+    def stoppable(self) -> bool:
+        """Not over, and its body not yet complete: stopping it now publishes nothing."""
+        return not self.finished and not self._body_done and self.stopping is None
+
+    @property
+    def going(self) -> bool:
+        """Running, and not being stopped: a client may join it."""
+        return not self.finished and self.stopping is None
+
+    @property
+    def background(self) -> bool:
+        """No client waits for this fill, and the cache may still stop it."""
+        return self._holds == 0 and self.readers == 0 and self.stoppable
+
+    @property
+    def using_upstream(self) -> bool:
+        """Holding (or opening) an upstream response: stopping it frees a connection."""
+        return self._opening or self._response is not None
+
+    @property
+    def idle_since(self) -> float:
+        """When its last client left (or it started without one); +inf while it has one."""
+        since = self._idle_since
+        return since if since is not None else float("inf")
+
+    def stop(self, reason: str) -> None:
+        """Stop a fill no client waits for: its upstream response is closed and nothing is
+        published, as after the idle timeout. The cache calls this only while `stoppable`."""
+        self.stopping = reason
+        if self._started and self.task is not None:
+            self.task.cancel()  # a fill not started yet stops as it starts
 
     async def wait_beyond(self, position: int) -> None:
         """Return once more than `position` bytes are written, or the fill is over."""
@@ -204,25 +270,33 @@ class Fill:
         return self.immutable and not is_index_type(self._route, headers.get("content-type", ""))
 
     async def run(self) -> None:
-        response: httpx.Response | None = None
         fd: int | None = None
+        self._started = True
         try:
+            if self.stopping is not None:
+                raise FillAbandoned(self.stopping)
             try:
-                response = await self._upstream.open(self._request, self._route)
+                response = self._response = await self._open(self._request)
             except UpstreamError as exc:
                 self.error = exc
                 return
-            response = await self._take(response)
-            if response is None:
+            if not await self._take(response):
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
             await self._write_body(response, fd)
+            # The whole body is in: its connection goes back before the fsync and publish.
+            self._body_done = True
+            await self._close_response()
             await self._publish(fd, response.headers)
         except asyncio.CancelledError:
-            self.failed = "cancelled"
-            raise
+            task = asyncio.current_task()
+            if self.stopping is None or (task is not None and task.uncancel() > 0):
+                self.failed = "cancelled"
+                raise
+            self.failed = self.stopping
+            logger.info("cache fill stopped: %s (%s)", self.stopping, self._request.url.path)
         except FillAbandoned as exc:
             self.failed = str(exc)
             logger.info("cache fill stopped: %s (%s)", exc, self._request.url.path)
@@ -239,8 +313,7 @@ class Fill:
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
             self.finished = True
-            if response is not None and not response.is_closed:
-                await asyncio.shield(response.aclose())
+            await self._close_response()
             if fd is not None:
                 os.close(fd)
             if not self.published:
@@ -248,8 +321,23 @@ class Fill:
             self.headers_ready.set()
             self._notify()
 
-    async def _take(self, response: httpx.Response) -> httpx.Response | None:
-        """The response if its body is to be stored; else records why not and closes it."""
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        """Open an upstream response (as background work when no client waits)."""
+        self._opening = True
+        try:
+            return await self._upstream.open(request, self._route, background=self.background)
+        finally:
+            self._opening = False
+
+    async def _close_response(self) -> None:
+        """Close the upstream response the fill holds, if any (shielded: a close must finish
+        even while the fill is being cancelled)."""
+        response, self._response = self._response, None
+        if response is not None and not response.is_closed:
+            await asyncio.shield(response.aclose())
+
+    async def _take(self, response: httpx.Response) -> bool:
+        """Whether the response's body is to be stored; if not, records why and closes it."""
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
@@ -284,8 +372,8 @@ class Fill:
             )
             self._on_refreshed(self, meta)
             self.refreshed = meta
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         if self.slice is not None:
             if self.revalidating is not None and status in (200, 206):
                 # A body, not a 304: the stale slices are another version (or no longer
@@ -315,8 +403,8 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         self.length = length
         self.meta = Meta(
             key=self.key,
@@ -330,9 +418,9 @@ class Fill:
             vary=vary_of(policy) or "",
             extra={"variant": self.variant},
         )
-        return response
+        return True
 
-    async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
+    async def _take_slice(self, response: httpx.Response) -> bool:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
         validator (the one asked for in If-Range, once one is known) and the total length."""
         assert self.slice is not None
@@ -369,8 +457,8 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         assert parsed is not None
         assert parsed.total is not None
         self.length = length
@@ -390,11 +478,12 @@ class Fill:
         if whole_sha256 is not None:
             # The whole object's digest: checked once every slice is stored (Cache).
             self.meta.extra["repr-sha256"] = whole_sha256
-        return response
+        return True
 
-    async def _write_body(self, response: httpx.Response, fd: int) -> None:
-        run = self._executor.run
-        first = response
+    async def _write_body(self, first: httpx.Response, fd: int) -> None:
+        """Write the body of `first`, resuming it (each resumed response replacing the one the
+        fill holds) when the upstream cuts it."""
+        response = first
         plan: Continuation | None = None
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
         self._hash = hashlib.sha256()
@@ -407,7 +496,7 @@ class Fill:
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
                     # One hop per chunk: written and hashed on the cache's thread.
-                    await run(_write_hashed, fd, chunk, self.written, self._hash)
+                    await _write_at(self._executor, fd, chunk, self.written, self._hash)
                     self.written += size
                     self._count(size)
                     self._notify()
@@ -418,7 +507,7 @@ class Fill:
                     plan = Continuation.for_response(first)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
-                response = await self._resume(plan, response, retries)
+                response = await self._resume(plan, response.request, retries)
         if self.length is not None and self.written != self.length:
             raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
 
@@ -432,19 +521,21 @@ class Fill:
             raise FillAbandoned("no client for cache_fill_idle_timeout")
 
     async def _resume(
-        self, plan: Continuation, failed: httpx.Response, retries: Retries
+        self, plan: Continuation, failed: httpx.Request, retries: Retries
     ) -> httpx.Response:
-        await failed.aclose()
+        """The response continuing the body from `self.written` (now the one the fill holds);
+        the failed one is closed first."""
+        await self._close_response()
         while True:
             await asyncio.sleep(retries.delay())
             request = self._upstream.build_request(
                 "GET",
-                failed.request.url,
-                resume_request_headers(plan, failed.request, self.written),
+                failed.url,
+                resume_request_headers(plan, failed, self.written),
                 self._route,
             )
             try:
-                response = await self._upstream.open(request, self._route)
+                response = self._response = await self._open(request)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
             else:
@@ -452,7 +543,7 @@ class Fill:
                 if verdict.continues:
                     logger.info("cache fill resumed at %d bytes", self.written)
                     return response
-                await response.aclose()
+                await self._close_response()
                 cause = verdict.reason
                 if verdict.next is not Next.RETRY:
                     raise TransferAborted(f"cannot resume: {cause}")
@@ -499,6 +590,52 @@ def _publish(fd: int, store: Store, directory: Path, meta: Meta) -> None:
     store.publish(directory, meta)
 
 
+async def _write_at(
+    executor: DiskExecutor, fd: int, data: bytes, offset: int, digest: HASH
+) -> None:
+    """`_write_hashed` on the cache's threads. Cancelled meanwhile (a fill being stopped), it
+    returns only once the write is over: the caller closes `fd` next, and a descriptor closed
+    under a write in flight could be reused by another file by the time the write runs."""
+    write = executor.submit(_write_hashed, fd, data, offset, digest)
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        while not write.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({write})
+        if not write.cancelled():
+            write.exception()  # retrieved: the cancellation is what the caller sees
+        raise
+
+
+class Holds:
+    """The fills one client's response uses (waits on or reads), each held from when the
+    response takes it until `release` in the response's own `finally`: a fill a client waits
+    for is not background work (the cache neither stops it nor counts it as such)."""
+
+    __slots__ = ("_fills",)
+
+    def __init__(self) -> None:
+        self._fills: list[Fill] = []
+
+    async def take(self, get: Callable[[], Fill]) -> Fill:
+        """The fill `get` gives (in flight, or a new one), held. One the cache stopped just as
+        this client came (nothing of it will be published) is waited out, and the one that
+        follows it taken instead."""
+        fill = get()
+        while fill.stopping is not None and fill.task is not None and not fill.task.done():
+            await asyncio.wait({fill.task})
+            fill = get()
+        fill.hold()
+        self._fills.append(fill)
+        return fill
+
+    def release(self) -> None:
+        fills, self._fills = self._fills, []
+        for fill in fills:
+            fill.release()
+
+
 def _announced_sha256(headers: httpx.Headers) -> str | None:
     try:
         return upstream_sha256(headers) or linked_sha256(headers)
@@ -510,4 +647,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]
+__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "Holds", "stored_headers"]

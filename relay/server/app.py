@@ -36,7 +36,9 @@ from relay.server.observe import ObserveMiddleware
 from relay.types import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
 
 
-class State(TypedDict):
+class LifespanState(TypedDict):
+    """What the lifespan yields: Starlette gives it to each request as `request.state`."""
+
     upstream: Upstream
     routes: RouteTable
     downloads: object | None
@@ -186,14 +188,16 @@ def create_app(
     )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+    async def lifespan(app: Starlette) -> AsyncIterator[LifespanState]:
         upstream_transport = transport if transport is not None else make_transport(config)
+        pool = None
         if isinstance(upstream_transport, PooledTransport):
-            metrics.watch_pool(upstream_transport.pool_stats, limit=config.max_connections)
+            pool = upstream_transport.pool_stats
+            metrics.watch_pool(pool, limit=config.max_connections)
         async with UpstreamClient(
             transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
-            upstream = Upstream(client, config)
+            upstream = Upstream(client, config, pool=pool)
             try:
                 async with (
                     open_downloads(config, upstream, routes) as downloads,
