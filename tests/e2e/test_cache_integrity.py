@@ -233,8 +233,22 @@ def hub() -> Iterator[Hub]:
         yield site
 
 
+HUB_FILE = f"/hf/{Hub.repo}/resolve/main/model.bin"
+
+
 def _hub_relay(hub: Hub, tmp_path: Path) -> Callable[[], Any]:
     return lambda: _cached_relay(hub, tmp_path, settings={"cache_verify_on_start": False})
+
+
+def _hub_file_flipped(hub: Hub, tmp_path: Path, offset: int) -> Callable[[], Any]:
+    """model.bin stored by one relay, a byte of it flipped on disk; starts the next relay."""
+    relay_of = _hub_relay(hub, tmp_path)
+    with relay_of() as relay:
+        assert httpx.get(relay.url + HUB_FILE).content == hub.lfs["model.bin"]
+        settled(relay)
+    (stored,) = data_files(tmp_path / "cache")
+    _flip(stored, offset)
+    return relay_of
 
 
 def test_hub_lfs_file_flipped_after_restart(hub: Hub, tmp_path: Path) -> None:
@@ -242,13 +256,8 @@ def test_hub_lfs_file_flipped_after_restart(hub: Hub, tmp_path: Path) -> None:
     after a restart, a range is a miss with the right bytes, and the whole file is fetched
     again from the CDN, exact."""
     data = hub.lfs["model.bin"]
-    url = f"/hf/{Hub.repo}/resolve/main/model.bin"
-    relay_of = _hub_relay(hub, tmp_path)
-    with relay_of() as relay:
-        assert httpx.get(relay.url + url).content == data
-        settled(relay)
-    (stored,) = data_files(tmp_path / "cache")
-    _flip(stored, 7)
+    url = HUB_FILE
+    relay_of = _hub_file_flipped(hub, tmp_path, 7)
     cdn_gets = [m for m, _, _ in hub.cdn.requests].count("GET")
     with relay_of() as relay:
         ranged = httpx.get(relay.url + url, headers={"range": "bytes=0-99"})
@@ -268,13 +277,8 @@ def test_hub_lfs_file_flipped_after_restart_head_then_get(hub: Hub, tmp_path: Pa
     check drops the object) and says nothing from it; the GET is a miss with the exact
     bytes, never an aborted transfer."""
     data = hub.lfs["model.bin"]
-    url = f"/hf/{Hub.repo}/resolve/main/model.bin"
-    relay_of = _hub_relay(hub, tmp_path)
-    with relay_of() as relay:
-        assert httpx.get(relay.url + url).content == data
-        settled(relay)
-    (stored,) = data_files(tmp_path / "cache")
-    _flip(stored, len(data) - 1)
+    url = HUB_FILE
+    relay_of = _hub_file_flipped(hub, tmp_path, len(data) - 1)
     with relay_of() as relay:
         head = httpx.head(relay.url + url)
         assert head.status_code == 200
