@@ -187,7 +187,7 @@ class Verifier:
             return
         own = pace or Pace(None)
         task = asyncio.get_running_loop().create_task(
-            self._guarded(run(what, own, again), background=pace is not None),
+            self._guarded(run, what, own, again, background=pace is not None),
             # A background check is the scrub's, which lives as long as the cache.
             name=f"{'service: ' if pace is not None else ''}cache verify {key[:80]}",
         )
@@ -203,16 +203,24 @@ class Verifier:
         task.add_done_callback(done)
         await asyncio.shield(task)
 
-    async def _guarded(self, check: Awaitable[None], *, background: bool) -> None:
+    async def _guarded(
+        self,
+        run: Callable[[T, Pace, bool], Awaitable[None]],
+        what: T,
+        pace: Pace,
+        again: bool,
+        *,
+        background: bool,
+    ) -> None:
         """Run a check (a request's under one of `VERIFY_THREADS` slots; the scrub's, one at a
         time, is bounded on its own). A disk error leaves the object unverified: no
         answer takes it, and no request fails with it."""
         try:
             if background:
-                await check
+                await run(what, pace, again)
                 return
             async with self._slots:
-                await check
+                await run(what, pace, again)
         except OSError as exc:
             logger.warning("cache: cannot verify a stored object: %s", exc)
 
