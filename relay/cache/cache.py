@@ -33,9 +33,10 @@ from pathlib import Path
 
 import httpx
 
+from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.executor import DiskExecutor, Ordered
-from relay.cache.fill import VARY_LEARNED, Fill
+from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
 from relay.cache.integrity import Scrub, Verifier, has_known_digest
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
@@ -51,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a key whose response was not storable is relayed without trying to store it.
 PASS_SECONDS = 30.0
+#: How long an object found larger than `cache_max_object_bytes` is relayed without a fill
+#: (its size changes only with a new version; its ranges cost no slice fetch meanwhile).
+TOO_LARGE_PASS_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -97,7 +101,8 @@ class Cache:
         """Fills that may run with no client waiting (see the module's docstring)."""
         self.fills: dict[str, Fill] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self._passes: dict[str, float] = {}
+        self.passes = Passes(clock)
+        """Pass markers: keys relayed without trying to store them (bounded, expiring)."""
         self.slices = Slices(self)
         self.verifier = Verifier(self)
         """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
@@ -107,7 +112,9 @@ class Cache:
     # ---- lookups ------------------------------------------------------------------------
 
     def storage_key(self, base: str, variant: str) -> str:
-        if self.index.vary.get(base) == "accept-encoding":
+        vary = self.index.vary
+        if vary.get(base) == "accept-encoding":
+            vary.move_to_end(base)
             return variant_key(base, variant)
         return base
 
@@ -115,13 +122,7 @@ class Cache:
         return self.index.get(self.storage_key(base, variant))
 
     def passing(self, key: str) -> bool:
-        until = self._passes.get(key)
-        if until is None:
-            return False
-        if until < self.clock.monotonic():
-            del self._passes[key]
-            return False
-        return True
+        return self.passes.active(key)
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         """The fill of this key, if one runs and is not being stopped."""
@@ -210,8 +211,11 @@ class Cache:
                 self.drop(fill.key)
             if fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
-            elif fill.passthrough is not None and fill.slice is None:
-                self._passes[fill.key] = self.clock.monotonic() + PASS_SECONDS
+            elif fill.passthrough is not None and (fill.slice is None or fill.passes_object):
+                # A slice fill's reason may be the object's own: its key is passed, so its
+                # other ranges are relayed with the client's own Range, no slice fetched.
+                seconds = TOO_LARGE_PASS_SECONDS if fill.passthrough == TOO_LARGE else PASS_SECONDS
+                self.passes.set(fill.object_key or fill.key, seconds)
                 # A new answer that may not be stored replaces the stored one; an upstream
                 # error (5xx) does not: the stored object stays for stale-if-error, which
                 # the clients waiting on this revalidation are about to read.
@@ -349,7 +353,7 @@ class Cache:
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
         self.index.vary.pop(base, None)
-        self._passes.pop(base, None)
+        self.passes.drop(base)
         self.slices.purge_key(base)
         return count
 
@@ -360,7 +364,7 @@ class Cache:
             count += self.drop(key)
         for base in [b for b in self.index.vary if b.startswith(prefix)]:
             del self.index.vary[base]
-        self._passes = {k: v for k, v in self._passes.items() if not k.startswith(prefix)}
+        self.passes.drop_prefix(prefix)
         self.slices.purge_prefix(prefix)
         return count
 

@@ -11,6 +11,11 @@ fill publishes nothing, as after the idle timeout, and it can only be stopped be
 is complete. A body the upstream cuts is resumed by `relay.http.continuation`'s rules (same
 validator, same total); if it cannot be, the fill fails and every attached reader aborts its
 transfer.
+
+A chunked body that outgrows what may be stored is not stored: the fill offers its live
+upstream response (`Rest`) to its readers and gives up owning it to the first that takes it
+(`take_rest`); the others continue with Range + If-Range (`continue_at`). A rest nobody takes
+is closed by the fill, once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,10 +57,40 @@ _NOT_STORED = frozenset({b"content-length", b"age", b"content-range"})
 
 
 VARY_LEARNED = "varies on Accept-Encoding"
+#: Why an object over `cache_max_object_bytes` is not stored (whole or as slices).
+TOO_LARGE = "too large"
 
 
 class FillAbandoned(Exception):
     pass
+
+
+class Rest:
+    """The rest of a body from the upstream: its response and the iterator of its raw bytes
+    (a response's bytes are iterated once: whoever continues takes both). `aclose` releases
+    both."""
+
+    __slots__ = ("chunks", "response")
+
+    def __init__(self, response: httpx.Response, chunks: AsyncIterator[bytes] | None = None):
+        self.response = response
+        self.chunks = chunks if chunks is not None else response.aiter_raw()
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self.response.aclose()
+
+
+class _Overflow(Exception):
+    """An unsized body outgrew what may be stored: `rest` carries what follows."""
+
+    def __init__(self, rest: Rest) -> None:
+        super().__init__("too large to store")
+        self.rest = rest
 
 
 def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -79,6 +114,12 @@ def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
     if names:
         out["vary"] = ", ".join(names)
     return out
+
+
+def _without_content_range(headers: httpx.Headers) -> httpx.Headers:
+    """A 206's headers as the 200 of the whole object would carry them (for the storage
+    rules)."""
+    return httpx.Headers([(n, v) for n, v in headers.multi_items() if n.lower() != "content-range"])
 
 
 def _unrewritable(route: Route, headers: httpx.Headers) -> str | None:
@@ -145,6 +186,17 @@ class Fill:
         self.upstream_status: int | None = None
         self.passthrough: str | None = None
         """Why the response is not stored: its clients are relayed instead."""
+        self.passes_object = False
+        """A slice fill: the passthrough reason is the object's own (not storable, too
+        large), not this slice's: the whole object is passed, its ranges included."""
+        self.overflowed = False
+        """An unsized body outgrew what may be stored: nothing is published, and its readers
+        get the rest from the upstream (`take_rest`, else `continue_at`) after what the
+        partial file holds."""
+        self._offered: Rest | None = None
+        """The rest of an overflowed body while offered: its response is still the fill's own
+        (`_response`) until a reader takes it."""
+        self._continuation: Continuation | None = None
         self.refreshed: Meta | None = None
         self.failed: str | None = None
         self.published = False
@@ -217,10 +269,18 @@ class Fill:
         if self._holds == 0 and self.readers == 0:
             self._idle_since = self._clock.monotonic()
             self._on_clientless(self)
+        if self.readers == 0 and self._offered is not None:
+            self._notify()  # no reader left to take the rest of an overflowed body
 
     @property
     def stoppable(self) -> bool:
-        """Not over, and its body not yet complete: stopping it now publishes nothing."""
+        """Not over, and its body not yet complete: stopping it now publishes nothing.
+
+        An overflowed fill offering its rest stays stoppable: the cache stops only fills with
+        no client (`background`), and one with no reader left closes its rest anyway, so
+        stopping it cuts nobody and frees its connection at once. Were one stopped with
+        readers, none would end cleanly: the rest not taken is closed, and each reader goes
+        on with `continue_at` (a judged continuation) or aborts."""
         return not self.finished and not self._body_done and self.stopping is None
 
     @property
@@ -252,9 +312,63 @@ class Fill:
             self.task.cancel()  # a fill not started yet stops as it starts
 
     async def wait_beyond(self, position: int) -> None:
-        """Return once more than `position` bytes are written, or the fill is over."""
-        while self.written <= position and not self.finished:
+        """Return once more than `position` bytes are written, or the fill is over (or
+        overflowed: the rest is the upstream's)."""
+        while self.written <= position and not self.finished and not self.overflowed:
             await self._advance.wait()
+
+    # ---- the rest of a body too large to store ------------------------------------------
+
+    def take_rest(self) -> Rest | None:
+        """The live upstream response of an overflowed fill, continuing right after the
+        `written` bytes, to the first reader that asks (it then owns and closes it); None
+        once taken or closed."""
+        rest, self._offered = self._offered, None
+        if rest is not None:
+            # No longer the fill's: `_close_response` (in `run`'s finally) must not close it.
+            assert rest.response is self._response
+            self._response = None
+            self._notify()
+        return rest
+
+    async def continue_at(self, position: int) -> Rest | None:
+        """An upstream response continuing an overflowed body at `position` (Range +
+        If-Range on its strong validator, judged by `relay.http.continuation`), owned by the
+        caller; None when the body cannot be continued."""
+        plan = self._continuation
+        if plan is None:
+            return None
+        request = self._upstream.build_request(
+            "GET",
+            self._request.url,
+            resume_request_headers(plan, self._request, position),
+            self._route,
+        )
+        try:
+            response = await self._upstream.open(request, self._route)
+        except UpstreamError:
+            return None
+        if plan.judge(response.status_code, response.headers, position).continues:
+            return Rest(response)
+        await response.aclose()
+        return None
+
+    async def _hand_over(self, rest: Rest, first: httpx.Response) -> None:
+        """Offer the live response (the one the fill holds) to the readers (the first to reach
+        `written` takes it); return once it is taken or no reader is left. One not taken is
+        closed here, with its byte iterator, and is then no longer the fill's to close."""
+        self._continuation = Continuation.for_response(first)
+        self._offered = rest
+        self.overflowed = True
+        self._notify()
+        try:
+            while self._offered is not None and self.readers:
+                await self._advance.wait()
+        finally:
+            if self._offered is not None:
+                self._offered = None
+                self._response = None
+                await asyncio.shield(rest.aclose())
 
     async def wait_finished(self) -> None:
         while not self.finished:
@@ -285,7 +399,13 @@ class Fill:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
-            await self._write_body(response, fd)
+            try:
+                await self._write_body(response, fd)
+            except _Overflow as over:
+                # Not stored: the live response goes to a reader (then it is no longer the
+                # fill's `_response`) or is closed by `_hand_over`.
+                await self._hand_over(over.rest, response)
+                return
             # The whole body is in: its connection goes back before the fsync and publish.
             self._body_done = True
             await self._close_response()
@@ -389,7 +509,7 @@ class Fill:
             reason = _unrewritable(self._route, headers)
         length = content_length(headers)
         if reason is None and length is not None and length > self._max_object_bytes:
-            reason = "too large"
+            reason = TOO_LARGE
         if (
             reason is None
             and "content-length" not in headers
@@ -436,14 +556,17 @@ class Fill:
             reason = f"status {response.status_code}"
         elif parsed.start != first or parsed.end != min(last, parsed.total - 1):
             reason = "unexpected Content-Range"
+        elif parsed.total > self._max_object_bytes or (
+            reason := not_storable(200, _without_content_range(headers))
+        ):
+            # The object itself may not be stored (too large, private, Set-Cookie, Vary: *):
+            # its other ranges are relayed as the client asked (the key is passed).
+            reason = reason or TOO_LARGE
+            self.passes_object = True
         elif vary_of(headers) != "":
             reason = "vary"
         elif strong is None or (validator is not None and strong != validator):
             reason = "changed" if strong is not None else "no strong validator"
-        else:
-            stripped = httpx.Headers([(n, v) for n, v in headers.multi_items()])
-            del stripped["content-range"]
-            reason = not_storable(200, stripped)
         try:
             self._content_sha256 = upstream_sha256(
                 httpx.Headers([("repr-digest", v) for v in headers.get_list("content-digest")])
@@ -489,10 +612,15 @@ class Fill:
         self._hash = hashlib.sha256()
         while True:
             try:
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_raw()
+                async for chunk in chunks:
                     size = len(chunk)
-                    if self.length is None and not self._reserve(self, size):
-                        raise FillAbandoned("cache budget exceeded by an unsized body")
+                    over = self.length is None and not self._reserve(self, size)
+                    if over:
+                        # Never stored; this chunk is kept (one past the reservation) and
+                        # the rest goes to the readers from the upstream: never a cut body.
+                        too_large = self.reserved + size > self._max_object_bytes
+                        self.passthrough = TOO_LARGE if too_large else "no room"
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
                     # One hop per chunk: written and hashed on the cache's thread.
@@ -500,6 +628,9 @@ class Fill:
                     self.written += size
                     self._count(size)
                     self._notify()
+                    if over:
+                        assert response is self._response  # the one the fill holds
+                        raise _Overflow(Rest(response, chunks))
                     self._check_idle()
                 break
             except httpx.HTTPError as exc:
@@ -647,4 +778,12 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "Holds", "stored_headers"]
+__all__ = [
+    "TOO_LARGE",
+    "DigestMismatch",
+    "Fill",
+    "FillAbandoned",
+    "Holds",
+    "Rest",
+    "stored_headers",
+]

@@ -139,10 +139,10 @@ def for_absent(*, method: str, ranged: bool, filling: bool, passing: bool, slice
     request); `passing`: a recent answer for the key was not storable; `sliced`: the object
     has slices (stored or being filled)."""
     if not filling:
+        if passing:
+            return _PASS  # ranges too: a range of an object that may not be stored is relayed
         if method == "GET" and ranged:
             return Plan(Step.SLICES)
-        if passing:
-            return _PASS
         if sliced:
             return Plan(Step.FROM_SLICES)
         if method != "GET":
