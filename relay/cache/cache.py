@@ -63,6 +63,8 @@ class CacheStats:
     misses: int = 0
     revalidations: int = 0
     stale: int = 0
+    revalidated: int = 0
+    expired: int = 0
     coalesced: int = 0
     bytes_from_cache: int = 0
     bytes_zero_copy: int = 0
@@ -71,6 +73,21 @@ class CacheStats:
     digest_mismatches: int = 0
     fills_failed: int = 0
     background_stopped: int = 0
+
+    def answered(self, outcome: str) -> None:
+        """Count one answer from the cache by its outcome (`relay.cache.plan.Plan.outcome`)."""
+        name = _COUNTER[outcome]
+        setattr(self, name, getattr(self, name) + 1)
+
+
+# The counter of each outcome an answer is logged with.
+_COUNTER = {
+    "hit": "hits",
+    "miss": "misses",
+    "stale": "stale",
+    "revalidated": "revalidated",
+    "expired": "expired",
+}
 
 
 class Cache:
@@ -177,7 +194,7 @@ class Cache:
             reserve=self._reserve,
             on_stored=self._stored,
             on_refreshed=self._refreshed,
-            on_replaced=self.slices.replaced,
+            on_replaced=self._replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
             executor=self.executor,
@@ -299,9 +316,22 @@ class Cache:
         if fill.object_key:
             self.slices.stored(fill, meta)
 
+    def _replaced(self, fill: Fill) -> None:
+        """The stored response `fill` revalidates may not be used any more (the upstream
+        answered with another version, or its 304 named another one or forbade sharing it):
+        dropped at once, so no request is answered from it meanwhile."""
+        if fill.object_key:
+            self.slices.replaced(fill)
+            return
+        entry = self.index.peek(fill.key)
+        if entry is not None and entry.meta is fill.revalidating:
+            self.drop(fill.key)
+
     def _refreshed(self, fill: Fill, meta: Meta) -> None:
+        """A 304 refreshed the stored response `fill` revalidated: its entry takes `meta`,
+        unless it is gone (purged or evicted: that stands) or another version now."""
         entry = self.index.get(fill.key)
-        if entry is None:
+        if entry is None or entry.meta is not fill.revalidating:
             return
         entry.meta = meta
         refreshed = [entry]

@@ -28,6 +28,7 @@ request's task; `CachedResponse` turns that into the cut (`Delivery.cut`). Waiti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -40,6 +41,7 @@ import httpx
 
 from relay.cache.fill import Fill
 from relay.cache.index import Entry
+from relay.cache.plan import Plan
 from relay.cache.policy import Answer, answer, current_age, freshness
 from relay.cache.store import Meta, Store
 from relay.errors import TransferAborted, UpstreamError, error_response
@@ -155,6 +157,11 @@ def head(
     return headers
 
 
+def _stored(report: Plan) -> Plan:
+    """The report of an answer whose head goes out once its fill published the object."""
+    return dataclasses.replace(report, cache_status=report.cache_status + "; stored")
+
+
 # ---- pacing ---------------------------------------------------------------------------------
 
 
@@ -220,84 +227,116 @@ class Delivery:
         self._watchdog: SendWatchdog | None = None
         self.status = 0
 
+    # ---- what the answer is ---------------------------------------------------------------
+
+    def answered(self, outcome: str) -> None:
+        """The answer is the cache's `outcome` (`relay.cache.plan.Plan.outcome`): the access
+        line says so and the cache's counters count it, once."""
+        self.exchange.cache = outcome
+        self._cache.stats.answered(outcome)
+
+    def upstream(self, fill: Fill) -> None:
+        """The answer is made from (or after) `fill`'s upstream response: the access line
+        reports its status, and its time to first byte if no other request reported it (the
+        metrics count each upstream request once; a client that joined the fill waited for
+        no request of its own)."""
+        exchange = self.exchange
+        if exchange.upstream_status is None:
+            exchange.upstream_status = fill.upstream_status
+            exchange.upstream_ttfb = fill.claim_ttfb()
+
     # ---- heads ----------------------------------------------------------------------------
 
     async def start(self, meta: Meta, reply: Answer, status: str, age: float, total: int) -> None:
         headers = head(meta, reply, total=total, age=age, status=status, adapt=self._adapt)
-        self.status = reply.status
-        await self._send(
-            {"type": "http.response.start", "status": reply.status, "headers": headers}
-        )
+        await self.send_head(reply.status, headers)
+
+    async def send_head(self, status: int, headers: RawHeaders) -> None:
+        """Send the head; the body that follows is counted as it goes out."""
+        self.status = status
+        self.exchange.bytes_counted = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def end(self) -> None:
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def send_body(self, body: bytes | memoryview) -> None:
+        """The whole body, in one message."""
+        self.exchange.bytes_sent += len(body)
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
     async def error(self, status: int, text: str) -> None:
         """A short plain-text answer of relay's own."""
         body = f"{status} {text}\n".encode()
-        self.status = status
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await self.send_head(status, headers)
+        await self.send_body(body)
 
     async def upstream_error(self, error: UpstreamError) -> None:
         """The fill could not reach the upstream: answered as a relayed request would be."""
         self.exchange.outcome = "upstream_error"
         failure = error_response(error)
-        self.status = failure.status_code
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": failure.status_code,
-                "headers": failure.raw_headers,
-            }
-        )
-        await self._send({"type": "http.response.body", "body": failure.body, "more_body": False})
+        await self.send_head(failure.status_code, failure.raw_headers)
+        await self.send_body(failure.body)
 
     # ---- whole answers --------------------------------------------------------------------
 
-    async def from_entry(self, entry: Entry, status: str) -> None:
+    async def from_entry(self, entry: Entry, report: Plan) -> None:
         """Answer from a stored object (its ranges and conditionals included)."""
-        meta = entry.meta
-        cache = self._cache
+        fd = self.open(entry)
         try:
-            fd = os.open(cache.store.data_path(entry), os.O_RDONLY)
+            await self.from_file(fd, entry.meta, report, entry=entry)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def open(self, entry: Entry) -> int | None:
+        """A descriptor of the stored object's data (None if it is gone): whoever holds it
+        answers from these bytes whatever happens to the entry meanwhile (files are unlinked
+        or replaced, never truncated)."""
+        try:
+            return os.open(self._cache.store.data_path(entry), os.O_RDONLY)
         except OSError:
             # Evicted or purged between the lookup and here (both run on this loop, so only
-            # an outside hand can do this): say so rather than guess.
-            cache.index.remove(entry.key)
+            # an outside hand can do this): the entry is dropped from the index.
+            if self._cache.index.peek(entry.key) is entry:
+                self._cache.index.remove(entry.key)
+            return None
+
+    async def from_file(
+        self, fd: int | None, meta: Meta, report: Plan, *, entry: Entry | None = None
+    ) -> None:
+        """Answer from stored bytes (`fd`, from `open`; None: they were gone: say so rather
+        than guess) described by `meta`; `entry`: the stored object they are (checked against
+        its digest if it is unverified; the answer aborts if it is found corrupt)."""
+        if fd is None:
             await self.error(503, "cached object unavailable, retry")
             return
-        try:
-            reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
-            body = reply.status in (200, 206) and self._method == "GET"
-            digest = None
-            if not entry.verified:
-                if body and reply.status == 200:
-                    digest = hashlib.sha256()  # hashed as it is sent, its last chunk held
-                elif not await cache.verifier.entry(entry):
-                    await self.error(503, "cached object unavailable, retry")
-                    return
-            age = current_age(meta.initial_age, meta.stored_at, cache.clock.now())
-            await self.start(meta, reply, status, age, meta.length)
-            if body:
-                await self.stream(fd, reply.start, reply.stop, None, entry=entry, digest=digest)
-            else:
-                await self.end()
-        finally:
-            os.close(fd)
+        reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
+        body = reply.status in (200, 206) and self._method == "GET"
+        digest = None
+        if entry is not None and not entry.verified:
+            # Loaded with a known digest and not hashed since (relay.cache.integrity).
+            if body and reply.status == 200:
+                digest = hashlib.sha256()  # hashed as it is sent, its last chunk held
+            elif not await self._cache.verifier.entry(entry):
+                await self.error(503, "cached object unavailable, retry")
+                return
+        self.answered(report.outcome)
+        age = current_age(meta.initial_age, meta.stored_at, self._cache.clock.now())
+        await self.start(meta, reply, report.cache_status, age, meta.length)
+        if body:
+            await self.stream(fd, reply.start, reply.stop, None, entry=entry, digest=digest)
+        else:
+            await self.end()
 
-    async def from_fill(self, fill: Fill, meta: Meta, status: str) -> bool:
+    async def from_fill(self, fill: Fill, meta: Meta, report: Plan) -> bool:
         """Answer from a fill as it advances (its bytes held back until it is published);
-        False when the object is neither being filled nor stored any more."""
+        False when the object is neither being filled nor stored any more. Its Cache-Status
+        says `stored` only when the head goes out after the fill published the object."""
         try:
             fd = os.open(fill.partial, os.O_RDONLY)
         except FileNotFoundError:
@@ -306,16 +345,16 @@ class Delivery:
             entry = self._cache.index.get(fill.key)
             if entry is None:
                 return False
-            await self.from_entry(entry, status + "; stored")
+            self.upstream(fill)
+            await self.from_entry(entry, _stored(report))
             return True
-        self.exchange.cache = "miss"
+        self.answered(report.outcome)
+        self.upstream(fill)
         fill.attach()
         try:
-            if fill.length is None:
-                reply = Answer(200, 0, -1)
-            else:
-                reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
-            await self.start(meta, reply, status + "; stored", 0.0, fill.length or 0)
+            reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
+            status = _stored(report).cache_status if fill.published else report.cache_status
+            await self.start(meta, reply, status, 0.0, fill.length or 0)
             if reply.status in (200, 206) and self._method == "GET":
                 await self.stream(fd, reply.start, reply.stop, fill)
             else:
@@ -422,7 +461,7 @@ class Delivery:
         except TimeoutError:
             self.client_stopped()
         finally:
-            self.exchange.bytes_sent = sent
+            self.exchange.bytes_sent += sent
         if fill is not None and not fill.published and not relayed:
             # The last bytes are out only once the object is verified and stored.
             await fill.wait_finished()
@@ -512,7 +551,7 @@ class Delivery:
         except TimeoutError:
             self.client_stopped()
         finally:
-            self.exchange.bytes_sent = position - start
+            self.exchange.bytes_sent += position - start
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

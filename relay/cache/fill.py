@@ -34,7 +34,14 @@ import httpx
 from relay.cache.clock import Clock
 from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
-from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
+from relay.cache.policy import (
+    freshens,
+    freshness_lifetime,
+    initial_age,
+    not_storable,
+    updated_headers,
+    vary_of,
+)
 from relay.cache.store import Meta, Store
 from relay.config import Route
 from relay.errors import TransferAborted, UpstreamError
@@ -184,6 +191,9 @@ class Fill:
         self.error: UpstreamError | None = None
         """The upstream could not be reached: answered as a relayed request would be."""
         self.upstream_status: int | None = None
+        self._ttfb: float | None = None
+        """Seconds from sending the upstream request to its response headers, until a
+        request answered from this fill reports it (`claim_ttfb`)."""
         self.passthrough: str | None = None
         """Why the response is not stored: its clients are relayed instead."""
         self.passes_object = False
@@ -198,6 +208,12 @@ class Fill:
         (`_response`) until a reader takes it."""
         self._continuation: Continuation | None = None
         self.refreshed: Meta | None = None
+        self.superseded = False
+        """The revalidation's 304 named another version: the stored response was dropped and
+        this fill fetched the object again, unconditionally."""
+        self.withdrawn = False
+        """The revalidation's 304 made the stored response unfit for a shared cache
+        (`private`, `no-store`...): it was dropped, and its waiting clients are relayed."""
         self.failed: str | None = None
         self.published = False
         self.finished = False
@@ -242,6 +258,12 @@ class Fill:
             return self.error.status_code
         status = self.upstream_status
         return status if status is not None and status >= 500 else None
+
+    def claim_ttfb(self) -> float | None:
+        """The upstream's time to first byte, handed to one request only: each upstream
+        request is observed once, however many clients its response answers."""
+        ttfb, self._ttfb = self._ttfb, None
+        return ttfb
 
     # ---- clients ------------------------------------------------------------------------
 
@@ -396,6 +418,10 @@ class Fill:
                 return
             if not await self._take(response):
                 return
+            # The response whose body is stored (a 304 naming another version was followed
+            # by the object's unconditional fetch: `_not_modified`).
+            response = self._response
+            assert response is not None
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.headers_ready.set()
@@ -442,12 +468,16 @@ class Fill:
             self._notify()
 
     async def _open(self, request: httpx.Request) -> httpx.Response:
-        """Open an upstream response (as background work when no client waits)."""
+        """Open an upstream response (as background work when no client waits); its time
+        to first byte is kept for the request that reports it (`claim_ttfb`)."""
         self._opening = True
+        sent_at = self._clock.monotonic()
         try:
-            return await self._upstream.open(request, self._route, background=self.background)
+            response = await self._upstream.open(request, self._route, background=self.background)
         finally:
             self._opening = False
+        self._ttfb = self._clock.monotonic() - sent_at
+        return response
 
     async def _close_response(self) -> None:
         """Close the upstream response the fill holds, if any (shielded: a close must finish
@@ -457,51 +487,21 @@ class Fill:
             await asyncio.shield(response.aclose())
 
     async def _take(self, response: httpx.Response) -> bool:
-        """Whether the response's body is to be stored; if not, records why and closes it."""
+        """Whether the response's body is to be stored (then `_response`: after a 304 naming
+        another version, the object fetched again); if not, records why and closes it."""
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
-        if status == 304 and self.revalidating is not None:
-            old = self.revalidating
-            merged = dict((n.lower(), (n, v)) for n, v in old.headers)
-            for name, value in stored_headers(headers.raw):
-                if name.lower() not in ("content-type", "content-encoding", "via"):
-                    merged[name.lower()] = (name, value)
-            refreshed_headers = httpx.Headers(list(merged.values()))
-            lifetime_headers = httpx.Headers([*refreshed_headers.multi_items()])
-            if "date" in headers:
-                lifetime_headers["date"] = headers["date"]
-            old_lm = old.extra.get("last-modified-for-heuristic")
-            if old_lm and "last-modified" not in lifetime_headers:
-                lifetime_headers["last-modified"] = old_lm
-            meta = Meta(
-                key=old.key,
-                url=old.url,
-                headers=list(merged.values()),
-                length=old.length,
-                stored_at=received,
-                initial_age=initial_age(headers, received, received),
-                lifetime=freshness_lifetime(
-                    lifetime_headers, immutable=self._immutable(refreshed_headers)
-                ),
-                validator=old.validator,
-                sha256=old.sha256,
-                vary=old.vary,
-                complete=True,
-                extra=old.extra,
-            )
-            self._on_refreshed(self, meta)
-            self.refreshed = meta
-            await self._close_response()
-            return False
+        if status == 304 and self.revalidating is not None and not self.superseded:
+            return await self._not_modified(response, received)
         if self.slice is not None:
-            if self.revalidating is not None and status in (200, 206):
+            if self.revalidating is not None and not self.superseded and status in (200, 206):
                 # A body, not a 304: the stale slices are another version (or no longer
                 # trusted). An error says nothing of the object: they are kept, still stale.
                 self._on_replaced(self)
             return await self._take_slice(response)
         index_page = INDEX_MARK in self.key
-        policy = _without_keyed_vary(headers) if index_page else headers
+        policy = self._policy(headers)
         reason = not_storable(status, policy)
         if reason is None and vary_of(policy) and VARIANT_MARK not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
@@ -539,6 +539,81 @@ class Fill:
             extra={"variant": self.variant},
         )
         return True
+
+    def _policy(self, headers: httpx.Headers) -> httpx.Headers:
+        """The headers the storage rules read: an index page's Vary names its key covers
+        (Accept, Accept-Encoding) removed."""
+        return _without_keyed_vary(headers) if INDEX_MARK in self.key else headers
+
+    async def _not_modified(self, response: httpx.Response, received: float) -> bool:
+        """A 304 for the stored response this fill revalidates (RFC 9111 4.3.4). It
+        refreshes that response only if its validator is the stored one's and the updated
+        response may still be stored by a shared cache. If it names another version, the
+        stored bytes are not that version: the stored response is dropped, and the object
+        fetched once unconditionally by this fill (its waiting clients get the new version).
+        If the update forbids storing it (`private`, `no-store`, `Set-Cookie`, a Vary relay
+        does not key): dropped, and its waiting clients relayed (`withdrawn`)."""
+        await self._close_response()
+        old = self.revalidating
+        assert old is not None
+        headers = response.headers
+        if not freshens(httpx.Headers(old.headers), headers):
+            self.superseded = True
+            self._on_replaced(self)
+            logger.info(
+                "cache: a 304 named %s, not the stored %s: fetched again (%s)",
+                headers.get("etag") or headers.get("last-modified"),
+                old.validator,
+                self._request.url.path,
+            )
+            try:
+                fetched = self._response = await self._open(self._unconditional())
+            except UpstreamError as exc:
+                self.error = exc
+                return False
+            return await self._take(fetched)
+        updated = updated_headers(old.headers, stored_headers(headers.raw))
+        refreshed_headers = httpx.Headers(updated)
+        reason = not_storable(200, self._policy(refreshed_headers))
+        if reason is not None:
+            self.passthrough = reason
+            self.withdrawn = True
+            self._on_replaced(self)
+            return False
+        lifetime_headers = httpx.Headers([*refreshed_headers.multi_items()])
+        if "date" in headers:
+            lifetime_headers["date"] = headers["date"]
+        old_lm = old.extra.get("last-modified-for-heuristic")
+        if old_lm and "last-modified" not in lifetime_headers:
+            lifetime_headers["last-modified"] = old_lm
+        meta = Meta(
+            key=old.key,
+            url=old.url,
+            headers=updated,
+            length=old.length,
+            stored_at=received,
+            initial_age=initial_age(headers, received, received),
+            lifetime=freshness_lifetime(
+                lifetime_headers, immutable=self._immutable(refreshed_headers)
+            ),
+            validator=old.validator,
+            sha256=old.sha256,
+            vary=old.vary,
+            complete=True,
+            extra=old.extra,
+        )
+        self._on_refreshed(self, meta)
+        self.refreshed = meta
+        return False
+
+    def _unconditional(self) -> httpx.Request:
+        """This fill's request without its conditions (a slice's Range stays)."""
+        headers = [
+            (name, value)
+            for name, value in self._request.headers.multi_items()
+            if name.lower() not in ("if-none-match", "if-modified-since", "if-range")
+        ]
+        return self._upstream.build_request("GET", self._request.url, headers, self._route)
 
     async def _take_slice(self, response: httpx.Response) -> bool:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong

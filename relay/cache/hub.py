@@ -134,8 +134,10 @@ class HubResponse(Response):
             # never refused halfway. An error answer needs none.
             if answer is None or not hand_over(answer):
                 self._limiter.release(self._client)
-        self.status_code = answer.status_code
-        await answer(scope, receive, send)
+        try:
+            await answer(scope, receive, send)
+        finally:
+            self.status_code = answer.status_code
 
     async def _ask_hub(self) -> Response:
         route = self._route

@@ -6,8 +6,12 @@ acts on the `Plan`; the RFC 9111 rules themselves are `relay.cache.policy`'s.
 
 A stored response is planned in up to two steps: `for_stored` (HIT, STALE_WHILE_REVALIDATE or
 REVALIDATE), then, once a revalidation's headers are in, `after_revalidation` (REVALIDATED,
-STALE_IF_ERROR or FORWARD). Without a stored response, `for_absent` (MISS, SLICES,
-FROM_SLICES or PASS).
+STALE_IF_ERROR, FORWARD or PASS). Without a stored response, `for_absent` (MISS, SLICES,
+FROM_SLICES or PASS); an answer from stored slices, `from_slices`.
+
+Every plan that answers carries both ways the answer is reported, decided together: its
+`Cache-Status` (RFC 9211) and its `outcome`, the access log's `cache` field and the
+`CacheStats` counter it adds to.
 """
 
 from __future__ import annotations
@@ -48,11 +52,12 @@ class Step(enum.Enum):
     REVALIDATE = "revalidate"
     """Start (or join) its revalidation, wait for its headers, then `after_revalidation`."""
     REVALIDATED = "revalidated"
-    """The upstream said 304: answer from the refreshed stored response."""
+    """The upstream said 304 for the stored response: answer from it, refreshed."""
     STALE_IF_ERROR = "stale-if-error"
     """The upstream failed and allows a stale answer: answer from the stored response."""
     FORWARD = "forward"
-    """The revalidation brought another response: answer from its fill."""
+    """The revalidation brought another response (or its 304 named another version, and
+    the fill fetched it): answer from its fill."""
     MISS = "miss"
     """Start (or join) the fill of the object; answer from it."""
     SLICES = "slices"
@@ -71,6 +76,12 @@ class Plan:
     """The answer's Cache-Status (RFC 9211), where the step answers from the cache."""
     stored: Freshness | None = None
     """REVALIDATE: the stored response's freshness, for `after_revalidation`."""
+    outcome: str = ""
+    """Where the step answers from the cache, what the answer is (reported with
+    cache_status): "hit" (a fresh stored response), "miss" (a fill: no usable stored
+    response), "stale" (stale-while-revalidate, stale-if-error), "revalidated" (a stale one
+    the upstream confirmed with a 304) or "expired" (the new response a stale one's
+    revalidation brought). The access log's `cache` field, and the `CacheStats` counter."""
 
 
 def age_of(meta: Meta, now: float) -> float:
@@ -102,10 +113,10 @@ def for_stored(meta: Meta, now: float, *, content_addressed: bool) -> Plan:
     stored = freshness(httpx.Headers(meta.headers), age, meta.lifetime)
     if stored.fresh or content_addressed:
         ttl = meta.lifetime - age if not content_addressed else None
-        return Plan(Step.HIT, cache_status(hit=True, ttl=ttl))
+        return Plan(Step.HIT, cache_status(hit=True, ttl=ttl), outcome="hit")
     if stored.may_serve_stale_while_revalidating():
         status = cache_status(hit=True, fwd="stale", detail="stale-while-revalidate")
-        return Plan(Step.STALE_WHILE_REVALIDATE, status)
+        return Plan(Step.STALE_WHILE_REVALIDATE, status, outcome="stale")
     return Plan(Step.REVALIDATE, stored=stored)
 
 
@@ -115,23 +126,41 @@ def stale_on_error(stored: Freshness, failure: int | None, route_stale_if_error:
     return failure is not None and stored.may_serve_stale_on_error(route_stale_if_error)
 
 
-def after_revalidation(
-    stored: Freshness, *, refreshed: bool, failure: int | None, route_stale_if_error: float
-) -> Plan:
-    """The revalidation's headers are in: `refreshed` (a 304), or the upstream's `failure`."""
-    if refreshed:
-        return Plan(Step.REVALIDATED, cache_status(hit=False, fwd="stale", fwd_status=304))
-    if stale_on_error(stored, failure, route_stale_if_error):
-        status = cache_status(hit=True, fwd="stale", fwd_status=failure, detail="stale-if-error")
-        return Plan(Step.STALE_IF_ERROR, status)
-    return Plan(Step.FORWARD, cache_status(hit=False, fwd="stale"))
-
-
-#: Cache-Status of an answer from a fill that stores what it sends.
-MISS_STORED = cache_status(hit=False, fwd="miss", stored=True)
-
-_MISS = Plan(Step.MISS, cache_status(hit=False, fwd="miss"))
+_REVALIDATED = Plan(
+    Step.REVALIDATED, cache_status(hit=False, fwd="stale", fwd_status=304), outcome="revalidated"
+)
+_EXPIRED = Plan(Step.FORWARD, cache_status(hit=False, fwd="stale"), outcome="expired")
 _PASS = Plan(Step.PASS)
+
+
+def after_revalidation(
+    stored: Freshness,
+    *,
+    refreshed: bool,
+    failure: int | None,
+    route_stale_if_error: float,
+    superseded: bool = False,
+    withdrawn: bool = False,
+) -> Plan:
+    """The revalidation's headers are in: `refreshed` (a 304 for the stored response), or
+    the upstream's `failure`. `superseded`: its 304 named another version, so the stored
+    response may not be used, not even stale (the fill fetches the current one instead);
+    `withdrawn`: its 304 made the stored response unfit to share (`private`, `no-store`...):
+    every waiting client is relayed (`relay.cache.fill`)."""
+    if refreshed:
+        return _REVALIDATED
+    if withdrawn:
+        return _PASS
+    if not superseded and stale_on_error(stored, failure, route_stale_if_error):
+        status = cache_status(hit=True, fwd="stale", fwd_status=failure, detail="stale-if-error")
+        return Plan(Step.STALE_IF_ERROR, status, outcome="stale")
+    return _EXPIRED
+
+
+#: An answer from a fill: no stored response could answer. Its head says `stored` only when
+#: it is sent after the fill published the object (`relay.cache.delivery`): before, nobody
+#: knows whether it will be.
+MISS = Plan(Step.MISS, cache_status(hit=False, fwd="miss"), outcome="miss")
 
 
 def for_absent(*, method: str, ranged: bool, filling: bool, passing: bool, sliced: bool) -> Plan:
@@ -147,21 +176,26 @@ def for_absent(*, method: str, ranged: bool, filling: bool, passing: bool, slice
             return Plan(Step.FROM_SLICES)
         if method != "GET":
             return _PASS
-    return _MISS
+    return MISS
 
 
-def slices_status(
+def from_slices(
     meta: Meta,
     now: float,
     *,
     revalidated: bool,
     stale_status: int | None,
     content_addressed: bool,
-) -> str:
-    """Cache-Status of an answer from stored slices (`meta`: the first one's)."""
+) -> Plan:
+    """An answer from stored slices (`meta`: the first one's), reported as the same answer
+    from a whole object is: refreshed by a 304, stale on an error, or a hit."""
     if revalidated:
-        return cache_status(hit=False, fwd="stale", fwd_status=304)
+        return _REVALIDATED
     if stale_status is not None:
-        return cache_status(hit=True, fwd="stale", fwd_status=stale_status, detail="stale-if-error")
+        status = cache_status(
+            hit=True, fwd="stale", fwd_status=stale_status, detail="stale-if-error"
+        )
+        return Plan(Step.STALE_IF_ERROR, status, outcome="stale")
     # A content-addressed object's slices never go stale: no ttl to tell.
-    return cache_status(hit=True, ttl=ttl_of(meta, now) if not content_addressed else None)
+    ttl = ttl_of(meta, now) if not content_addressed else None
+    return Plan(Step.HIT, cache_status(hit=True, ttl=ttl), outcome="hit")

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import httpx
 
 from relay.http.ranges import Unsatisfiable, parse_range
-from relay.http.validators import if_range_holds, none_match, not_modified_since, parse_http_date
+from relay.http.validators import (
+    if_range_holds,
+    is_strong_etag,
+    none_match,
+    not_modified_since,
+    parse_http_date,
+)
 
 #: Heuristic freshness: this fraction of the Last-Modified age (RFC 9111 4.2.2), capped.
 HEURISTIC_FRACTION = 0.1
@@ -131,6 +137,48 @@ def conditional_headers(stored: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+# ---- a 304 for a stored response (RFC 9111 4.3.4) ------------------------------------------
+
+
+def freshens(stored: httpx.Headers, not_modified: httpx.Headers) -> bool:
+    """Whether a 304 answering relay's conditional request identifies the stored response
+    for update (RFC 9111 4.3.4): a strong ETag must be the stored response's strong ETag; a
+    weak one must match it weakly; without an ETag, a Last-Modified must be the stored one's.
+    Anything else names another representation: the stored response is not updated, and may
+    not be used (its bytes are not the validator's). A 304 with no validator at all answers
+    the one request relay made from this stored response's own validators (one stored
+    response per key, so there is no other it could be about): it is updated. (RFC 9111
+    identifies such a response only when the stored one has no validator either, because a
+    cache may hold several; relay does not.)"""
+    etag: str = not_modified.get("etag", "").strip()
+    stored_etag: str = stored.get("etag", "").strip()
+    if etag:
+        if is_strong_etag(etag):
+            return etag == stored_etag
+        return bool(stored_etag) and etag.removeprefix("W/") == stored_etag.removeprefix("W/")
+    last_modified = not_modified.get("last-modified")
+    if last_modified is not None:
+        modified = parse_http_date(last_modified)
+        return modified is not None and modified == parse_http_date(stored.get("last-modified"))
+    return True
+
+
+# A 304's header fields that do not replace the stored ones: it describes no body, and Via is
+# relay's own (RFC 9111 3.2; Content-Length and the like are not stored at all).
+_NOT_UPDATED = frozenset({"content-type", "content-encoding", "via"})
+
+
+def updated_headers(
+    stored: list[tuple[str, str]], not_modified: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The stored response's headers updated with a 304's (RFC 9111 3.2): the fields the 304
+    carries replace every stored field of their name (a field sent as several lines stays
+    several lines)."""
+    fresh = [(name, value) for name, value in not_modified if name.lower() not in _NOT_UPDATED]
+    replaced = {name.lower() for name, _ in fresh}
+    return [(n, v) for n, v in stored if n.lower() not in replaced] + fresh
+
+
 @dataclass(frozen=True, slots=True)
 class Freshness:
     lifetime: float
@@ -192,8 +240,11 @@ class Answer:
     """The body's bytes [start, stop) of the object (206/200)."""
 
 
-def answer(request: httpx.Headers, headers: httpx.Headers, length: int) -> Answer:
-    """How a stored complete 200 of `length` bytes answers a client's GET or HEAD."""
+def answer(request: httpx.Headers, headers: httpx.Headers, length: int | None) -> Answer:
+    """How a stored complete 200 of `length` bytes answers a client's GET or HEAD (the same
+    rules for a whole object, its slices and a fill). `length` None: a body whose length is
+    not known yet (an unsized fill): its conditionals apply, a Range is answered whole
+    (`stop` -1: to its end)."""
     etag = headers.get("etag", "").strip()
     last_modified = headers.get("last-modified", "").strip()
     inm = request.get("if-none-match")
@@ -205,6 +256,8 @@ def answer(request: httpx.Headers, headers: httpx.Headers, length: int) -> Answe
         modified = parse_http_date(last_modified)
         if ims is not None and modified is not None and not_modified_since(ims, modified):
             return Answer(304)
+    if length is None:
+        return Answer(200, 0, -1)
     whole = Answer(200, 0, length)
     range_value = request.get("range")
     if range_value is None:

@@ -26,6 +26,7 @@ from relay.config import Route
 from relay.http.validators import none_match
 from relay.net.presets import index_accept, is_immutable, is_index_type, rewrites
 from relay.net.routing import RouteTable
+from relay.proxy.exchange import exchange_of
 from relay.proxy.rewrite import (
     REPRESENTATION_HEADERS,
     UrlRewriter,
@@ -80,6 +81,8 @@ class RewrittenIndex(Response):
         self._relayed = False
         self._entry_is_index = False
         self._rewriter: UrlRewriter | None = None
+        self._sent = 0
+        """Body bytes sent once rewritten (the stored page's count is not what went out)."""
         self.status_code = 0
 
     def _relay(self) -> Response:
@@ -119,6 +122,7 @@ class RewrittenIndex(Response):
         return rewritten_etag(upstream, self._public, self._route.preset)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
         inner = self._make(
             base=self._key,
             variant=_IDENTITY,
@@ -132,7 +136,9 @@ class RewrittenIndex(Response):
             elif message["type"] == "http.response.start":
                 await send(self._start(message))
             elif message["type"] == "http.response.body" and self._rewriter is not None:
-                await send(self._body(self._rewriter, message))
+                rewritten = self._body(self._rewriter, message)
+                self._sent += len(rewritten["body"])
+                await send(rewritten)
             else:
                 await send(message)
 
@@ -147,6 +153,8 @@ class RewrittenIndex(Response):
             await inner({**scope, "extensions": extensions}, receive, rewriting)
         finally:
             self.status_code = inner.status_code
+            if self._rewriter is not None:
+                exchange.bytes_sent = self._sent
 
     def _start(self, message: Message) -> Message:
         status: int = message["status"]

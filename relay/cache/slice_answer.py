@@ -17,7 +17,7 @@ from relay.cache import plan
 from relay.cache.delivery import Delivery
 from relay.cache.fill import Fill, Holds
 from relay.cache.index import Entry
-from relay.cache.policy import Answer, answer
+from relay.cache.policy import answer
 from relay.cache.store import Meta
 
 if TYPE_CHECKING:
@@ -39,16 +39,21 @@ class SlicedAnswer:
         self._holds = holds
         self._revalidated = False
         self._stale_status: int | None = None
+        self._revalidation: Fill | None = None
+        """The conditional request whose answer (a 304, an error) let stored slices answer."""
 
     async def range(self) -> bool:
         """A Range of an object not stored whole: answered from aligned slices, each stored on
         its own; only missing slices are fetched (Range + If-Range with the first slice's
-        validator). A slice of another version aborts the transfer and drops the slices."""
+        validator). A slice of another version aborts the transfer and drops the slices.
+        The client's conditionals are answered as for a whole object (`policy.answer`, from
+        the slices' validators): If-None-Match / If-Modified-Since a 304, an If-Range that
+        does not hold the whole object (as `whole`)."""
         match = _SINGLE_RANGE.fullmatch(
             self._asked.client_headers.get("range", "").replace(" ", "")
         )
-        if match is None or "if-range" in self._asked.client_headers:
-            return False  # suffix, multiple or conditional ranges: relayed
+        if match is None:
+            return False  # suffix or multiple ranges: relayed
         cache = self._cache
         out = self._out
         # Slices not trusted yet (loaded with a known digest): a range waits for their check
@@ -63,23 +68,18 @@ class SlicedAnswer:
         first = await self._slice(index, None)
         if first is None:
             return False
-        entry_or_fill, meta = first
+        source, meta = first
         total = int(meta.extra["total"])
-        if start >= total:
-            await out.start(meta, Answer(416), plan.MISS_STORED, 0.0, total)
-            await out.end()
-            return True
-        stop = total if last is None else min(last + 1, total)
-        hit = isinstance(entry_or_fill, Entry)
-        out.exchange.cache = "hit" if hit else "miss"
-        status = self._status(meta) if hit else plan.MISS_STORED
-        if hit:
-            cache.stats.hits += 1
+        reply = answer(self._asked.client_headers, httpx.Headers(meta.headers), total)
+        if reply.status == 200:
+            return await self.whole()  # its If-Range does not hold: the whole object
+        report = self._report(source, meta)
+        age = plan.age_of(meta, cache.clock.now()) if isinstance(source, Entry) else 0.0
+        await out.start(meta, reply, report.cache_status, age, total)
+        if reply.status == 206:
+            await self._stream(index, first, reply.start, reply.stop)
         else:
-            cache.stats.misses += 1
-        age = plan.age_of(meta, cache.clock.now())
-        await out.start(meta, Answer(206, start, stop), status, age, total)
-        await self._stream(index, first, start, stop)
+            await out.end()  # 304, 416
         return True
 
     async def whole(self) -> bool:
@@ -108,20 +108,13 @@ class SlicedAnswer:
             return False  # too large to store whole: not stored as slices either (relayed)
         reply = answer(self._asked.client_headers, httpx.Headers(meta.headers), total)
         size = cache.config.cache_slice_bytes
-        hit = isinstance(source, Entry) and all(
+        stored = all(
             self._slices.entry(self._asked.base, self._asked.variant, i) is not None
             for i in range(1, (total + size - 1) // size)
         )
-        if hit:
-            cache.stats.hits += 1
-            out.exchange.cache = "hit"
-            status = self._status(meta)
-        else:
-            cache.stats.misses += 1
-            out.exchange.cache = "miss"
-            status = plan.MISS_STORED
-        age = plan.age_of(meta, cache.clock.now()) if hit else 0.0
-        await out.start(meta, reply, status, age, total)
+        report = self._report(source, meta, complete=stored)
+        age = plan.age_of(meta, cache.clock.now()) if report.outcome != "miss" else 0.0
+        await out.start(meta, reply, report.cache_status, age, total)
         if reply.status in (200, 206) and self._asked.method == "GET":
             index = reply.start // size
             current = first if index == 0 else None
@@ -191,6 +184,7 @@ class SlicedAnswer:
             if isinstance(source, Entry):
                 used.append(source)
             else:
+                out.upstream(source)
                 stored = cache.index.peek(source.key)
                 if stored is not None:
                     used.append(stored)
@@ -204,15 +198,26 @@ class SlicedAnswer:
         whole-object digest, or slices it was made of that were not verified."""
         return "repr-sha256" in meta.extra or any(not e.verified for e in used)
 
-    def _status(self, meta: Meta) -> str:
-        """Cache-Status of an answer from stored slices."""
-        return plan.slices_status(
-            meta,
-            self._cache.clock.now(),
-            revalidated=self._revalidated,
-            stale_status=self._stale_status,
-            content_addressed=self._asked.sha256 is not None,
-        )
+    def _report(self, source: Entry | Fill, meta: Meta, *, complete: bool = True) -> plan.Plan:
+        """What the answer is, from where its first slice comes (a hit only if stored, and
+        `complete`: no other slice it needs is missing): counted, and its upstream response
+        (the slice's fill, or the revalidation that let stored slices answer) reported."""
+        out = self._out
+        if isinstance(source, Entry) and complete:
+            report = plan.from_slices(
+                meta,
+                self._cache.clock.now(),
+                revalidated=self._revalidated,
+                stale_status=self._stale_status,
+                content_addressed=self._asked.sha256 is not None,
+            )
+        else:
+            report = plan.MISS
+        out.answered(report.outcome)
+        via = source if isinstance(source, Fill) else self._revalidation
+        if via is not None:
+            out.upstream(via)
+        return report
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight), as background
@@ -267,8 +272,11 @@ class SlicedAnswer:
                 )
             )
             await revalidation.headers_ready.wait()
+            if revalidation.withdrawn:
+                return None  # its 304 forbade sharing the object: relayed
             if revalidation.refreshed is not None:
                 self._revalidated = True
+                self._revalidation = revalidation
                 entry = slices.entry(self._asked.base, self._asked.variant, index)
             elif (
                 revalidation.key == entry.key
@@ -288,8 +296,8 @@ class SlicedAnswer:
                             stored, failure, self._asked.route.cache_stale_if_error
                         ):
                             return None
-                        cache.stats.stale += 1
                         self._stale_status = failure
+                        self._revalidation = revalidation
         if entry is not None:
             return entry, entry.meta
         fill = await self._holds.take(lambda: self._fill(index, validator))

@@ -24,6 +24,10 @@ class Exchange:
     """Seconds spent waiting for a free upstream connection."""
     bytes_sent: int = 0
     """Body bytes relayed to the client."""
+    bytes_counted: bool = False
+    """`bytes_sent` counts the body as it went out (set by the cache's answers, whose bodies
+    may be rewritten, cut or served from a file): the access line and the metrics take it
+    rather than the declared Content-Length."""
     outcome: str = "ok"
     """ok, client_abort (client went away), client_slow (cut: read slower than
     min_send_rate), upstream_abort (upstream failed mid-body, the client transfer was
@@ -31,8 +35,9 @@ class Exchange:
     resumes: int = 0
     """Transparent mid-stream resumes."""
     cache: str = "-"
-    """The cache's outcome: hit, miss, revalidated, stale, pass (relayed, not stored), or
-    "-" (not a cached route)."""
+    """The cache's outcome: hit, miss, stale, revalidated, expired (see
+    `relay.cache.plan.Plan.outcome`), pass (relayed, not stored), or "-" (not a cached
+    route)."""
 
 
 def exchange_of(scope: Scope) -> Exchange:

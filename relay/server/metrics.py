@@ -289,6 +289,12 @@ _CACHE_COUNTERS = (
     ("misses", "Requests that found no cached object (served from a fill)."),
     ("revalidations", "Conditional requests sent to refresh a stale cached object."),
     ("stale", "Requests answered with a stale cached object (while revalidating or on error)."),
+    ("revalidated", "Requests answered from a stale cached object the upstream confirmed (304)."),
+    (
+        "expired",
+        "Requests whose stale cached object's revalidation brought a new response, answered "
+        "from it.",
+    ),
     ("coalesced", "Clients that joined a fill another client started."),
     ("bytes_from_cache", "Body bytes sent to clients from complete cached objects."),
     ("bytes_zero_copy", "Of bytes_from_cache, those sent with sendfile (zero-copy)."),

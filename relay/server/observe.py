@@ -132,11 +132,11 @@ class ObserveMiddleware:
         outcome = exchange.outcome
         if failure is not None and outcome == "ok":
             outcome = "cancelled" if isinstance(failure, asyncio.CancelledError) else "error"
-        if exchange.upstream_status is not None:
+        if exchange.upstream_status is not None or exchange.bytes_counted:
             body_bytes = exchange.bytes_sent
         else:
-            # A response relay made itself (health, metrics, error line, stored file) is sent
-            # whole; count what it declared, as the relay loop is not there to count.
+            # A response relay made itself (health, metrics, error line) is sent whole; count
+            # what it declared, as neither the relay loop nor the cache is there to count.
             body_bytes = _declared_length(start, method) if start is not None else 0
         self.metrics.observe(
             exchange, method=method, status=status, body_bytes=body_bytes, duration=duration

@@ -77,32 +77,16 @@ KNOWN_BUGS: dict[str, str] = {
     "item-1": "a stale-while-revalidate hit opened while the revalidation publishes the new "
     "version sends the new bytes under the old ETag (bursts of objects with "
     "stale-while-revalidate settle between requests)",
-    "item-3": "a 304 naming another ETag refreshes the stored bytes, which are then served under "
-    "that ETag (the origin's liar-304 mode not generated)",
-    "item-3-restrict": "a 304 adding private/no-store leaves the stored object served as a hit "
-    "(restrict generates only max-age=600)",
     "item-4": "meta.json with a wrong type crashes startup or makes requests 500 (break_meta "
     "only truncates or garbles)",
-    "item-5": "Cache-Status says `stored` on a transfer relay aborted (check reported, not failed)",
-    "item-6": "an entry purged or evicted while its revalidation waits on the origin: the "
-    "waiting clients get 503 although the origin answered (drop_while_asking only on objects "
-    "never fetched)",
-    "item-7": "a Range answered from slices ignores an If-None-Match listing its ETag (Range "
-    "with If-None-Match not generated)",
     "item-8": "a shared fill carries the first client's Host as X-Forwarded-Host (one Host "
     "header generated)",
     "item-10": "the first GET of a non-storable object is sent upstream twice (check reported)",
-    "item-12": "an unsized body over cache_max_object_bytes is cut for its clients (chunked "
-    "objects over the limit not generated)",
     "item-14": "disk use counts no metadata; empty directories stay (checks reported, not failed)",
     "item-15": "concurrent GETs of one key while the origin fails each go upstream (check "
     "reported)",
     "item-16": "a purge does not reach a fill in flight, which stores the object again "
     "(drop_while_asking only evicts)",
-    "item-18": "a fill whose resumed body fails too leaves the resumed upstream response open "
-    "(resume_attempts = 0)",
-    "new-unsized-conditional": "a miss answered from an unsized (chunked) fill ignores the "
-    "client's If-None-Match / If-Modified-Since (no conditionals on chunked objects)",
     "new-s-maxage-stale": "s-maxage carries proxy-revalidate for a shared cache (RFC 9111 "
     "5.2.2.10, 4.2.4): relay serves such a response stale (stale-if-error, "
     "stale-while-revalidate) (s-maxage objects carry no stale-* directive)",

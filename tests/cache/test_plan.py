@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.cache import plan
-from relay.cache.plan import MISS_STORED, Step
+from relay.cache.plan import MISS, Step
 from relay.cache.store import Meta
 
 NOW = 1_800_000_000.0
@@ -134,20 +134,56 @@ def test_fresh_hit_of_the_hit_path() -> None:
     assert plan.fresh_hit(must_revalidate=True, age=0, lifetime=60) is None
 
 
-def test_slices_status() -> None:
+def test_from_slices_reports_as_whole_objects_do() -> None:
+    """An answer from stored slices is reported (Cache-Status and outcome) as the same answer
+    from a whole object: a hit, refreshed by a 304, or stale on an error."""
     meta = _meta("max-age=60", age=15)
-    assert (
-        plan.slices_status(meta, NOW, revalidated=False, stale_status=None, content_addressed=False)
-        == "relay; hit; ttl=45"
+
+    def report(**kwargs: object) -> tuple[str, str]:
+        settings: dict[str, object] = {
+            "revalidated": False,
+            "stale_status": None,
+            "content_addressed": False,
+            **kwargs,
+        }
+        decided = plan.from_slices(meta, NOW, **settings)  # type: ignore[arg-type]
+        return decided.outcome, decided.cache_status
+
+    assert report() == ("hit", "relay; hit; ttl=45")
+    assert report(content_addressed=True) == ("hit", "relay; hit")
+    assert report(revalidated=True) == ("revalidated", "relay; fwd=stale; fwd-status=304")
+    assert report(stale_status=504) == (
+        "stale",
+        'relay; hit; fwd=stale; fwd-status=504; detail="stale-if-error"',
     )
-    assert (
-        plan.slices_status(meta, NOW, revalidated=False, stale_status=None, content_addressed=True)
-        == "relay; hit"
+
+
+def test_a_miss_does_not_claim_stored() -> None:
+    """A miss's head goes out while its fill runs: it cannot know the response will be
+    stored (RFC 9211 `stored`), so it does not say so."""
+    assert (MISS.outcome, MISS.cache_status) == ("miss", "relay; fwd=miss")
+
+
+def test_every_answering_plan_carries_its_outcome() -> None:
+    """Cache-Status and the access log's outcome come from one plan."""
+    fresh = plan.for_stored(_meta("max-age=60", age=1), NOW, content_addressed=False)
+    swr = plan.for_stored(
+        _meta("max-age=60, stale-while-revalidate=30", age=80), NOW, content_addressed=False
     )
-    assert plan.slices_status(
-        meta, NOW, revalidated=True, stale_status=None, content_addressed=False
-    ).endswith("fwd-status=304")
-    assert "stale-if-error" in plan.slices_status(
-        meta, NOW, revalidated=False, stale_status=504, content_addressed=False
-    )
-    assert MISS_STORED == "relay; fwd=miss; stored"
+    stored = plan.freshness_of(_meta("max-age=60, stale-if-error=100", age=90), NOW)
+
+    def then(**kwargs: object) -> plan.Plan:
+        settings: dict[str, object] = {
+            "refreshed": False,
+            "failure": None,
+            "route_stale_if_error": 0.0,
+            **kwargs,
+        }
+        return plan.after_revalidation(stored, **settings)  # type: ignore[arg-type]
+
+    assert [p.outcome for p in (fresh, swr)] == ["hit", "stale"]
+    assert then(refreshed=True).outcome == "revalidated"
+    assert then(failure=503).outcome == "stale"
+    assert (then().outcome, then().cache_status) == ("expired", "relay; fwd=stale")
+    absent = plan.for_absent(method="GET", ranged=False, filling=False, passing=False, sliced=False)
+    assert absent.outcome == "miss"

@@ -11,10 +11,12 @@ from relay.cache.policy import (
     IMMUTABLE_LIFETIME,
     answer,
     cache_status,
+    freshens,
     freshness,
     freshness_lifetime,
     initial_age,
     not_storable,
+    updated_headers,
     vary_of,
 )
 
@@ -91,6 +93,73 @@ def test_answer_conditionals_and_ranges() -> None:
     assert answer(_h(range="bytes=100-"), stored, 100).status == 416
     assert answer(_h(range="bytes=0-9", if_range='"b"'), stored, 100).status == 200
     assert answer(_h(range="bytes=0-9", if_range='"a"'), stored, 100).status == 206
+    # If-None-Match is answered before the Range, even an unsatisfiable one (RFC 9110 13.2.2).
+    assert answer(_h(range="bytes=100-", if_none_match='"a"'), stored, 100).status == 304
+
+
+def test_answer_of_a_body_whose_length_is_not_known_yet() -> None:
+    """An unsized fill: its conditionals apply; a Range is answered whole, to its end."""
+    stored = _h(etag='"a"')
+    assert answer(_h(if_none_match='"a"'), stored, None).status == 304
+    whole = answer(_h(range="bytes=10-19"), stored, None)
+    assert (whole.status, whole.start, whole.stop) == (200, 0, -1)
+
+
+LM = "Mon, 30 Nov 2026 23:00:00 GMT"
+
+
+@pytest.mark.parametrize(
+    ("stored", "not_modified", "freshened"),
+    [
+        # A strong ETag: the stored strong ETag, compared strongly.
+        ({"etag": '"e1"'}, {"etag": '"e1"'}, True),
+        ({"etag": '"e1"'}, {"etag": '"e2"'}, False),
+        ({"etag": 'W/"e1"'}, {"etag": '"e1"'}, False),
+        ({}, {"etag": '"e1"'}, False),
+        # A weak ETag: compared weakly.
+        ({"etag": '"e1"'}, {"etag": 'W/"e1"'}, True),
+        ({"etag": 'W/"e1"'}, {"etag": 'W/"e1"'}, True),
+        ({"etag": '"e1"'}, {"etag": 'W/"e2"'}, False),
+        # No ETag: the Last-Modified date (the stored ETag is not contradicted).
+        ({"etag": '"e1"', "last-modified": LM}, {"last-modified": LM}, True),
+        ({"last-modified": LM}, {"last-modified": "Tue, 01 Dec 2026 00:00:00 GMT"}, False),
+        ({"etag": '"e1"'}, {"last-modified": LM}, False),
+        ({"last-modified": LM}, {"last-modified": "not a date"}, False),
+        # No validator: the answer to relay's own conditional request for this response.
+        ({"etag": '"e1"'}, {}, True),
+        ({}, {"cache-control": "max-age=60"}, True),
+    ],
+)
+def test_a_304_freshens_only_the_response_whose_validator_it_names(
+    stored: dict[str, str], not_modified: dict[str, str], freshened: bool
+) -> None:
+    """RFC 9111 4.3.4: a 304 naming another validator does not update the stored response."""
+    assert freshens(httpx.Headers(stored), httpx.Headers(not_modified)) is freshened
+
+
+def test_a_304s_fields_replace_the_stored_ones() -> None:
+    """RFC 9111 3.2: each field the 304 carries replaces every stored field of its name (a
+    field of several lines stays several); Content-Type, Content-Encoding and Via do not."""
+    stored = [
+        ("ETag", '"e1"'),
+        ("Cache-Control", "max-age=60"),
+        ("Link", "<a>; rel=x"),
+        ("Link", "<b>; rel=y"),
+        ("Content-Type", "text/plain"),
+    ]
+    updated = updated_headers(
+        stored,
+        [("cache-control", "private"), ("Content-Type", "text/html"), ("X-New", "1")],
+    )
+    assert updated == [
+        ("ETag", '"e1"'),
+        ("Link", "<a>; rel=x"),
+        ("Link", "<b>; rel=y"),
+        ("Content-Type", "text/plain"),
+        ("cache-control", "private"),
+        ("X-New", "1"),
+    ]
+    assert not_storable(200, httpx.Headers(updated)) == "private"
 
 
 def test_cache_status_members() -> None:

@@ -46,7 +46,7 @@ def test_cache_miss_is_stored_then_hit_from_disk(
     url = f"{relay.url}/o/gen/1m?v=11"
     first = httpx.get(url)
     assert first.status_code == 200
-    assert first.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert first.headers["cache-status"] == "relay; fwd=miss"
     assert hashlib.sha256(first.content).hexdigest() == expected_sha256(MiB)
     assert wait_until(lambda: any((tmp_path / "cache" / "objects").rglob("data")))
     second = httpx.get(url)
@@ -175,7 +175,7 @@ def test_cache_fill_resumes_with_a_strong_validator(
     origin.reset_stats()
     path = "/o/gen/2m?v=15&drop_once=300000&key=c15"
     with httpx.stream("GET", relay.url + path, timeout=30) as response:
-        assert response.headers["cache-status"] == "relay; fwd=miss; stored"
+        assert response.headers["cache-status"] == "relay; fwd=miss"
         assert sha256_stream(response) == (expected_sha256(2 * MiB), 2 * MiB)
     gets = [r for r in origin.requests if r.path == "/gen/2m"]
     assert len(gets) == 2
@@ -221,7 +221,7 @@ def test_cache_restart_mid_fill_serves_nothing_incomplete(
     a data file without meta) is never served: the next relay removes it and fetches whole."""
     first = cached()
     path = "/o/gen/2m?v=18"
-    assert _status(first, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(first, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(first)
     first.stop()
     root = tmp_path / "cache" / "objects"
@@ -236,7 +236,7 @@ def test_cache_restart_mid_fill_serves_nothing_incomplete(
     origin.reset_stats()
     second = cached()
     again = _status(second, path)
-    assert again.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert again.headers["cache-status"] == "relay; fwd=miss"
     assert hashlib.sha256(again.content).hexdigest() == expected_sha256(2 * MiB)
     assert origin.body_bytes == 2 * MiB
     assert not stray.exists()
@@ -245,7 +245,7 @@ def test_cache_restart_mid_fill_serves_nothing_incomplete(
 def test_cache_survives_a_restart(origin: Origin, cached: Callable[..., RelayThread]) -> None:
     first = cached()
     path = "/o/gen/1m?v=19"
-    assert _status(first, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(first, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(first)
     first.stop()
     origin.reset_stats()
@@ -311,7 +311,7 @@ def test_cache_revalidates_with_one_conditional_request(
     relay = cached()
     origin.reset_stats()
     path = "/o/gen/256k?v=22&cc=max-age=0"
-    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     again = _status(relay, path)
     assert again.status_code == 200
@@ -332,7 +332,7 @@ def test_cache_changed_object_replaces_the_entry(
     first = _status(relay, path)
     _settled(relay)
     second = _status(relay, path)
-    assert second.headers["cache-status"] == "relay; fwd=stale; stored"
+    assert second.headers["cache-status"] == "relay; fwd=stale"
     assert second.headers["etag"] != first.headers["etag"]
     assert hashlib.sha256(second.content).hexdigest() == expected_sha256(256 * 1024)
 
@@ -367,7 +367,7 @@ def test_cache_stale_if_error_with_the_origin_down(
     allowed = "/d/gen/64k?v=25&cc=max-age=0,stale-if-error=600"
     silent = "/d/gen/64k?v=26&cc=max-age=0"
     for path in (allowed, silent):
-        assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+        assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     down.stop()
     stale = _status(relay, allowed)
@@ -395,7 +395,7 @@ def test_cache_purge_needs_the_admin_credential(
     ok = httpx.delete(f"{relay.url}/cache{path}", headers={"x-relay-admin-token": "sesame"})
     assert ok.status_code == 200
     assert ok.json() == {"purged": 1}
-    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     purge = httpx.post(
         f"{relay.url}/cache/purge",
@@ -403,7 +403,7 @@ def test_cache_purge_needs_the_admin_credential(
         headers={"x-relay-admin-token": "sesame"},
     )
     assert purge.json() == {"purged": 1}
-    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
 
 
 def test_cache_prefetch_warms_an_object(origin: Origin, cached: Callable[..., RelayThread]) -> None:
@@ -437,13 +437,13 @@ def test_cache_eviction_keeps_a_reader_streaming(
         assert reading.headers["cache-status"].startswith("relay; hit")
         chunks = reading.iter_raw()
         head = next(chunks)
-        assert _status(relay, second).headers["cache-status"] == "relay; fwd=miss; stored"
+        assert _status(relay, second).headers["cache-status"] == "relay; fwd=miss"
         digest = hashlib.sha256(head)
         for chunk in chunks:
             digest.update(chunk)
     assert digest.hexdigest() == expected_sha256(2 * MiB)
     assert _cache_metrics(relay)["evictions_total"] == 1
-    assert _status(relay, first).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, first).headers["cache-status"] == "relay; fwd=miss"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -524,7 +524,7 @@ def test_cache_verifies_the_announced_digest(
     client before the last byte, stores nothing and is counted."""
     relay = cached()
     good = _status(relay, "/o/gen/256k?v=34&repr_digest=good")
-    assert good.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert good.headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     assert (
         _status(relay, "/o/gen/256k?v=34&repr_digest=good")
@@ -559,7 +559,7 @@ def test_cache_cold_range_costs_the_upstream_at_most_a_slice(
 
     origin.reset_stats()
     cold = get(100 * MiB, 101 * MiB - 1)
-    assert cold.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert cold.headers["cache-status"] == "relay; fwd=miss"
     assert origin.body_bytes == MiB
     (request,) = [r for r in origin.requests if r.path == "/gen/256m"]
     assert request.header("range") == f"bytes={100 * MiB}-{101 * MiB - 1}"
@@ -633,7 +633,7 @@ def test_cache_small_hit_answers_as_a_streamed_hit_does(
     origin.reset_stats()
     small, big = "/o/gen/1k?v=40", "/o/gen/64k?v=40"
     for path in (small, big):
-        assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+        assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     before = _cache_metrics(relay)
     hits = {path: _status(relay, path) for path in (small, big)}
@@ -683,7 +683,7 @@ def test_cache_hit_of_a_vanished_file_is_a_503_then_a_miss(
     relay = cached()
     origin.reset_stats()
     path = f"/o/gen/{size}?v=41"
-    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     assert _status(relay, path).headers["cache-status"].startswith("relay; hit")
     (data,) = (tmp_path / "cache" / "objects").rglob("data")
@@ -692,7 +692,7 @@ def test_cache_hit_of_a_vanished_file_is_a_503_then_a_miss(
     assert gone.status_code == 503
     assert gone.text == "503 cached object unavailable, retry\n"
     again = _status(relay, path)
-    assert again.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert again.headers["cache-status"] == "relay; fwd=miss"
     assert len(_gets(origin, f"/gen/{size}")) == 2
 
 
@@ -713,7 +713,7 @@ def test_cache_small_hit_after_a_purge_serves_the_new_version(
     purged = httpx.delete(f"{relay.url}/cache{path}", headers={"x-relay-admin-token": "sesame"})
     assert purged.json() == {"purged": 1}
     second = _status(relay, path)
-    assert second.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert second.headers["cache-status"] == "relay; fwd=miss"
     assert second.headers["etag"] != first.headers["etag"]
     _settled(relay)
     for _ in range(3):
@@ -732,7 +732,7 @@ def test_cache_small_hits_to_clients_that_left_hold_nothing(
     nothing is logged as unhandled, and the next client gets a whole hit."""
     relay = cached()
     path = "/o/gen/1k?v=43"
-    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     request = f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
     for _ in range(20):
@@ -785,7 +785,7 @@ def test_cache_small_hits_to_a_client_that_stopped_reading_give_their_slot_back(
     as every other answer does, and the connection is reset."""
     relay = cached(send_timeout=0.5)
     path = "/o/gen/16k?v=44"
-    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss; stored"
+    assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
     _settled(relay)
     request = f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:

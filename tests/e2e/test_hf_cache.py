@@ -88,7 +88,7 @@ def test_hub_lfs_file_is_fetched_once_then_answered_from_the_cache(
         _settled(relay)
         metrics = _cache_metrics(relay)
     assert first.status_code == 200
-    assert first.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert first.headers["cache-status"] == "relay; fwd=miss"
     assert first.headers["age"] == "0"
     assert sha256(first.content) == sha256(data)
     _assert_hub_metadata(first, data)
@@ -126,7 +126,7 @@ def test_hub_lfs_file_is_keyed_by_sha256_not_url(hub: Hub, tmp_path: Path) -> No
         first = httpx.get(relay.url + URL + "model.bin")
         pinned = httpx.get(f"{relay.url}/hf/{Hub.repo}/resolve/{COMMIT}/model.bin")
         _settled(relay)
-    assert first.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert first.headers["cache-status"] == "relay; fwd=miss"
     assert pinned.headers["cache-status"] == "relay; hit"
     assert sha256(pinned.content) == sha256(data)
     assert _cdn_gets(hub) == 1
@@ -175,7 +175,7 @@ def test_a_moved_branch_gets_the_new_bytes(hub: Hub, tmp_path: Path) -> None:
         _settled(relay)
         metrics = _cache_metrics(relay)
     assert sha256(before.content) == sha256(old)
-    assert after.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert after.headers["cache-status"] == "relay; fwd=miss"
     assert sha256(after.content) == sha256(new)
     _assert_hub_metadata(after, new, "f" * 40)
     assert again.headers["cache-status"] == "relay; hit"
@@ -204,7 +204,7 @@ def test_cdn_bytes_that_do_not_match_the_sha256_are_never_served_clean(
     assert size < len(data)
     assert metrics["digest_mismatches_total"] == 1
     assert metrics["objects"] == 0
-    assert good.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert good.headers["cache-status"] == "relay; fwd=miss"
     assert sha256(good.content) == sha256(data)
     assert _cdn_gets(hub) == 2
 
@@ -273,7 +273,7 @@ def test_a_hub_served_file_with_a_sha256_is_cached_without_xet_headers(
         assert not [h for h in answer.headers if h.startswith("x-xet-")]
         assert "xet-auth" not in answer.headers.get("link", "")
         assert 'rel="next"' in answer.headers["link"]
-    assert first.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert first.headers["cache-status"] == "relay; fwd=miss"
     assert second.headers["cache-status"] == "relay; hit"
     gets = [p for m, p, _ in hub.hub.requests if m == "GET"]
     assert gets == [f"/{Hub.repo}/resolve/main/xet.bin"]
@@ -317,7 +317,7 @@ def test_a_cold_range_of_a_hub_file_is_answered_from_slices(hub: Hub, tmp_path: 
     assert cold.status_code == warm.status_code == 206
     assert cold.content == data[100:300]
     assert warm.content == data[300:400]
-    assert cold.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert cold.headers["cache-status"] == "relay; fwd=miss"
     assert warm.headers["cache-status"] == "relay; hit"
     _assert_hub_metadata(warm, data)
     assert _cdn_gets(hub) == 1
@@ -365,9 +365,9 @@ def test_hub_files_are_prefetched_and_purged_by_sha256(hub: Hub, tmp_path: Path)
     assert again.json() == {"state": "cached"}
     assert hit.headers["cache-status"] == "relay; hit"
     assert one.json() == {"purged": 1}
-    assert miss.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert miss.headers["cache-status"] == "relay; fwd=miss"
     assert every.json() == {"purged": 1}
-    assert after.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert after.headers["cache-status"] == "relay; fwd=miss"
     assert sha256(after.content) == sha256(data)
     assert _cdn_gets(hub) == 3
 
@@ -458,7 +458,7 @@ def test_hits_of_a_cdn_fresh_hub_file_carry_this_answers_hub_metadata(
         get = httpx.get(relay.url + URL + "model.bin")
         head = httpx.head(relay.url + URL + "model.bin")
         _settled(relay)
-    assert first.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert first.headers["cache-status"] == "relay; fwd=miss"
     for hit in (get, head):
         assert hit.status_code == 200
         assert hit.headers["cache-status"] == "relay; hit"
