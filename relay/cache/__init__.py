@@ -14,7 +14,9 @@ Modules, one concept each:
 - `cache`: the registry (lookups, one fill per key, budget, eviction, purge, lifespan);
 - `slices`: sliced objects (slice fills, revalidations, hints, the digest check);
 - `slice_answer`: answering a Range or a whole GET from slices;
-- `integrity`: hashing stored files off the loop;
+- `integrity`: stored bytes against their known digest (unverified objects after a restart,
+  coalesced checks, the background verification and the scrub);
+- `executor`: the cache's own threads, and the order of the jobs on one object's files;
 - `delivery`: response heads and body pumps;
 - `serve`: `CachedResponse`, the response of a cached route;
 - `admission`: which requests the cache takes, and the fill's upstream request;

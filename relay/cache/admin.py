@@ -3,6 +3,10 @@
 - `DELETE /cache/<relayed path>[?query]`: drop that object (every encoding variant); on an
   `hf` route, `DELETE /cache/<route>/sha256/<hex>` drops the Hub file stored under that digest;
 - `POST /cache/purge` with `{"prefix": "/route/some/dir/"}`: drop every object under it;
+- `POST /cache/scrub`: start verifying every stored object with a known digest against its
+  bytes, in the background at `cache_verify_rate` (202; 409 with the run under way if one
+  is); `GET /cache/scrub`: the run under way or the last one (objects, checked, bytes hashed,
+  mismatches, running). Mismatches are dropped and counted (`relay.cache.integrity`);
 - `POST /cache/prefetch` with `{"path": "/route/file?query"}`: start a fill with no client
   (it runs to completion, coalesced with any client fill of the same object, unless a client's
   request needs its upstream connection); 202; 503 with Retry-After when fills without a
@@ -46,6 +50,7 @@ def routes(config: Config) -> list[BaseRoute]:
     return [
         Route("/cache/purge", _guard(purge_prefix, admin), methods=["POST"]),
         Route("/cache/prefetch", _guard(prefetch, admin), methods=["POST"]),
+        Route("/cache/scrub", _guard(scrub, admin), methods=["GET", "POST"]),
         Route("/cache/{path:path}", _guard(purge_one, admin), methods=["DELETE"]),
     ]
 
@@ -107,6 +112,21 @@ async def purge_prefix(request: Request) -> Response:
     target = RouteTable(cache.config.routes).resolve(raw_path, query)
     purged = cache.purge_prefix(base_key(target.route.prefix, raw_path, b""))
     return JSONResponse({"purged": purged}, headers=_NO_STORE)
+
+
+async def scrub(request: Request) -> Response:
+    cache = _cache(request)
+    runs = cache.scrub
+    if request.method == "POST":
+        started = runs.start("admin")
+        last = runs.last
+        assert last is not None
+        body = {"state": "started" if started else "running", **last.as_json()}
+        return JSONResponse(body, 202 if started else 409, headers=_NO_STORE)
+    if runs.last is None:
+        return JSONResponse({"state": "never"}, headers=_NO_STORE)
+    state = "running" if runs.running else "done"
+    return JSONResponse({"state": state, **runs.last.as_json()}, headers=_NO_STORE)
 
 
 async def prefetch(request: Request) -> Response:

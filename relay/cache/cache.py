@@ -1,6 +1,9 @@
 """The cache: lookups, one fill per key, the budget and eviction, purge, and its lifespan.
 
-Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s.
+Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s,
+written, read and removed on the cache's own threads (`Cache.executor`, `Cache.disk`:
+`relay.cache.executor`); checks against known digests `relay.cache.integrity`'s
+(`Cache.verifier`, `Cache.scrub`).
 
 Fills no client waits for (their clients left; prefetches, stale-while-revalidate
 revalidations and slice read-ahead, started without one) are background work, and background
@@ -32,8 +35,10 @@ import httpx
 
 from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
+from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
+from relay.cache.integrity import Scrub, Verifier, has_known_digest
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
@@ -93,12 +98,17 @@ class Cache:
         store: Store,
         index: Index,
         clock: Clock = SYSTEM_CLOCK,
+        executor: DiskExecutor | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.upstream = upstream
         self.store = store
         self.index = index
+        self.executor = executor or DiskExecutor()
+        """The cache's own threads: every blocking disk job and hash (`relay.cache.executor`)."""
+        self.disk = Ordered(self.executor)
+        """Jobs on one object's files, in the order they were asked for."""
         self.stats = CacheStats()
         self.max_object_bytes = config.cache_max_object_bytes or max(1, config.cache_max_bytes // 4)
         self.background_limit = min(
@@ -111,6 +121,10 @@ class Cache:
         self.passes = Passes(clock)
         """Pass markers: keys relayed without trying to store them (bounded, expiring)."""
         self.slices = Slices(self)
+        self.verifier = Verifier(self)
+        """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
+        self.scrub = Scrub(self, self.verifier, rate=config.cache_verify_rate)
+        """The background verification: at startup, and an operator's scrub."""
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -140,7 +154,7 @@ class Cache:
             yield
         finally:
             if self.index.unpin(entry):
-                self.store.remove(entry)
+                self.remove_files(entry)
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         """The fill of this key, if one runs and is not being stopped."""
@@ -198,6 +212,8 @@ class Cache:
             on_replaced=self._replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
+            executor=self.executor,
+            disk=self.disk,
             on_clientless=self._lost_clients,
         )
 
@@ -311,7 +327,7 @@ class Cache:
     def _retire(self, entry: Entry) -> None:
         """`entry` left the index: its files go now, or when its last reader unpins it."""
         if self.index.retire(entry):
-            self.store.remove(entry)
+            self.remove_files(entry)
 
     def _evict(self, entry: Entry) -> None:
         self.index.remove(entry.key)
@@ -352,10 +368,40 @@ class Cache:
         if entry is None or entry.meta is not fill.revalidating:
             return
         entry.meta = meta
-        self.store.rewrite_meta(entry)
         self.index.recount(entry, self.store.cost(meta, entry.data))
+        refreshed = [entry]
         if fill.object_key:
-            self.slices.refreshed(fill, entry, meta)
+            refreshed += self.slices.refreshed(fill, entry, meta)
+        self.rewrite_metas(refreshed)
+
+    # ---- disk jobs ----------------------------------------------------------------------
+
+    def rewrite_metas(self, entries: list[Entry]) -> None:
+        """Write the entries' (refreshed) meta to disk, all in one job on the cache's threads,
+        after any job already asked for on their files."""
+        metas = [(entry.data, entry.meta) for entry in entries]
+        self.disk.submit([e.key for e in entries], self.store.rewrite_metas, metas)
+
+    def remove_files(self, entry: Entry) -> None:
+        """Remove a retired version's files on the cache's threads: everything dropped in one
+        loop iteration (a purge, an eviction run) in one job, after any job already asked for
+        on that key's files; a fill of the same key publishes only after it."""
+        self.disk.add(self.store.remove_all, entry.key, entry.data)
+
+    def corrupted(self, entries: list[Entry], actual: str, expected: str) -> None:
+        """Stored bytes (one object: `entries`, its slices or itself) do not match their
+        digest: dropped and counted; answers under way from them abort (`Entry.corrupt`)."""
+        for entry in entries:
+            entry.corrupt = True
+            if self.index.peek(entry.key) is entry:
+                self.drop(entry.key)
+        self.stats.digest_mismatches += 1
+        logger.warning(
+            "cache: %s hashes to %s, not its digest %s: dropped",
+            entries[0].meta.url,
+            actual,
+            expected,
+        )
 
     # ---- purge --------------------------------------------------------------------------
 
@@ -397,6 +443,9 @@ class Cache:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Removals and rewrites already asked for are finished, not cancelled: a purged
+        # object must not come back at the next start.
+        await self.disk.drain()
 
 
 @contextlib.asynccontextmanager
@@ -410,16 +459,37 @@ async def open_cache(
         return
     store = Store(Path(config.cache_dir))
     index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
+    executor = DiskExecutor()
     try:
-        store.prepare()
-        loaded = await asyncio.get_running_loop().run_in_executor(None, store.load)
-    except OSError as exc:
-        raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
+        try:
+            store.prepare()
+            loaded = await executor.run(store.load)
+        except OSError as exc:
+            raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
+        async with _serving(config, upstream, store, index, clock, executor, loaded) as cache:
+            yield cache
+    finally:
+        await asyncio.to_thread(executor.shutdown)
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    config: Config,
+    upstream: Upstream,
+    store: Store,
+    index: Index,
+    clock: Clock,
+    executor: DiskExecutor,
+    loaded: list[tuple[Path, Meta, int]],
+) -> AsyncIterator[Cache]:
     for data, meta, cost in loaded:
-        index.add(Entry(meta.key, data, meta, cost))
+        entry = Entry(meta.key, data, meta, cost)
+        # Bytes with a known digest are not trusted before they are hashed again.
+        entry.verified = not has_known_digest(entry)
+        index.add(entry)
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
-    cache = Cache(config, upstream, store, index, clock)
+    cache = Cache(config, upstream, store, index, clock, executor)
     upstream.make_room = cache.make_room
     cache.slices.load(index)
     for victim in index.victims(0):
@@ -427,6 +497,8 @@ async def open_cache(
     logger.info(
         "cache: %d objects, %d bytes on disk in %s", len(index), index.on_disk, config.cache_dir
     )
+    if config.cache_verify_on_start and any(not e.verified for e in index.entries()):
+        cache.scrub.start("startup")
     try:
         yield cache
     finally:

@@ -6,9 +6,12 @@ does on plain TCP: relay/server/zerocopy.py): `sendfile` from the file to the so
 bytes per message (`FAST_CHUNK` once the client proves fast), each under `send_timeout`;
 nothing is read into Python. A smaller body is read on the loop and leaves with its head in one
 write, cheaper than a head write and a sendfile. Elsewhere (another server, TLS) and for a body
-still being filled (it waits on the fill), reads are `os.pread` of the same sizes in the
-default executor: a slow client holds one small chunk, and waits on the server's back-pressure
-before the next read.
+still being filled (it waits on the fill), reads are `os.pread` of the same sizes on the
+cache's threads (`relay.cache.executor`): a slow client holds one small chunk, and waits on
+the server's back-pressure before the next read. An object loaded with a known digest and not
+verified yet (`relay.cache.integrity`) is never sent zero-copy: a whole answer from byte 0
+reads it, hashing each chunk in the read's own job, and sends its last chunk only if the
+digest matches; an answer from an object found corrupt meanwhile aborts.
 
 Every head is built by `head` (from the stored headers, or the hit path's `Parsed` encoding of
 them); every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -47,6 +51,8 @@ from relay.proxy.send_watch import SendWatchdog
 from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
 
 if TYPE_CHECKING:
+    from _hashlib import HASH
+
     from relay.cache.cache import Cache
 
 logger = logging.getLogger(__name__)
@@ -282,7 +288,7 @@ class Delivery:
         """Answer from a stored object (its ranges and conditionals included)."""
         fd = self.open(entry)
         try:
-            await self.from_file(fd, entry.meta, report)
+            await self.from_file(fd, entry.meta, report, entry=entry)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -300,18 +306,30 @@ class Delivery:
                 self._cache.index.remove(entry.key)
             return None
 
-    async def from_file(self, fd: int | None, meta: Meta, report: Plan) -> None:
+    async def from_file(
+        self, fd: int | None, meta: Meta, report: Plan, *, entry: Entry | None = None
+    ) -> None:
         """Answer from stored bytes (`fd`, from `open`; None: they were gone: say so rather
-        than guess) described by `meta`."""
+        than guess) described by `meta`; `entry`: the stored object they are (checked against
+        its digest if it is unverified; the answer aborts if it is found corrupt)."""
         if fd is None:
             await self.error(503, "cached object unavailable, retry")
             return
-        self.answered(report.outcome)
         reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
+        body = reply.status in (200, 206) and self._method == "GET"
+        digest = None
+        if entry is not None and not entry.verified:
+            # Loaded with a known digest and not hashed since (relay.cache.integrity).
+            if body and reply.status == 200:
+                digest = hashlib.sha256()  # hashed as it is sent, its last chunk held
+            elif not await self._cache.verifier.entry(entry):
+                await self.error(503, "cached object unavailable, retry")
+                return
+        self.answered(report.outcome)
         age = current_age(meta.initial_age, meta.stored_at, self._cache.clock.now())
         await self.start(meta, reply, report.cache_status, age, meta.length)
-        if reply.status in (200, 206) and self._method == "GET":
-            await self.stream(fd, reply.start, reply.stop, None)
+        if body:
+            await self.stream(fd, reply.start, reply.stop, None, entry=entry, digest=digest)
         else:
             await self.end()
 
@@ -349,13 +367,24 @@ class Delivery:
     # ---- body pumps -----------------------------------------------------------------------
 
     async def stream(
-        self, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
+        self,
+        fd: int,
+        start: int,
+        stop: int,
+        fill: Fill | None,
+        *,
+        end: bool = True,
+        entry: Entry | None = None,
+        digest: HASH | None = None,
     ) -> None:
-        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
-        if fill is None and self.zero_copy and stop - start > INLINE_READ:
+        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill).
+        `entry`: the stored object read (the transfer aborts if it is found corrupt
+        meanwhile); `digest`: the whole object is sent from byte 0 unverified: hashed as it is
+        read (in the read's own job), its last chunk sent only if it matches."""
+        if fill is None and digest is None and self.zero_copy and stop - start > INLINE_READ:
             # A small body read on the loop leaves with its head in one write: cheaper than
             # writing the head, then a sendfile.
-            await self.send_file(fd, start, stop, end=end)
+            await self.send_file(fd, start, stop, end=end, entry=entry)
             return
         send = self._send
         loop = asyncio.get_running_loop()
@@ -404,11 +433,16 @@ class Delivery:
                 if stop >= 0:
                     want = min(want, stop - position)
                 if want <= INLINE_READ:
-                    chunk = os.pread(fd, want, position)
+                    chunk = _read(fd, want, position, digest)
                 else:
-                    chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
+                    chunk = await self._cache.executor.run(_read, fd, want, position, digest)
                 if not chunk:
                     self.abort("cached file shorter than its meta")
+                if entry is not None:
+                    if entry.corrupt:
+                        self.abort("the cached object does not match its digest")
+                    if digest is not None and position + len(chunk) == stop:
+                        self._judge(entry, digest)
                 position += len(chunk)
                 sent += len(chunk)
                 if fill is None:
@@ -435,6 +469,17 @@ class Delivery:
                 self.abort(f"cache fill failed: {fill.failed}")
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _judge(self, entry: Entry, digest: HASH) -> None:
+        """The whole object was read and hashed: verified, or dropped and the transfer
+        aborted before its last chunk."""
+        actual = digest.hexdigest()
+        if actual == entry.meta.sha256:
+            entry.verified = True
+            return
+        if not entry.corrupt:
+            self._cache.corrupted([entry], actual, entry.meta.sha256 or "")
+        self.abort("the cached object does not match its digest")
 
     async def _rest(self, fill: Fill, position: int, watch: SendWatchdog | None) -> int:
         """The rest of an overflowed fill's body after `position` (all it wrote), from the
@@ -469,7 +514,9 @@ class Delivery:
             await asyncio.shield(rest.aclose())
         return sent
 
-    async def send_file(self, fd: int, start: int, stop: int, *, end: bool) -> None:
+    async def send_file(
+        self, fd: int, start: int, stop: int, *, end: bool, entry: Entry | None = None
+    ) -> None:
         """Send bytes [start, stop) of a complete file with the server's zero-copy send."""
         send = self._send
         loop = asyncio.get_running_loop()
@@ -482,6 +529,8 @@ class Delivery:
         try:
             while position < stop:
                 count = min(size.value, stop - position)
+                if entry is not None and entry.corrupt:
+                    self.abort("the cached object does not match its digest")
                 message["offset"] = position
                 message["count"] = count
                 if watch is not None:
@@ -553,3 +602,11 @@ class Delivery:
         reset = self._reset
         if reset is not None:
             reset()
+
+
+def _read(fd: int, size: int, offset: int, digest: HASH | None) -> bytes:
+    """Read `size` bytes at `offset`, added to `digest` when given (one job: read and hash)."""
+    chunk = os.pread(fd, size, offset)
+    if digest is not None:
+        digest.update(chunk)
+    return chunk

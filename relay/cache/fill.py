@@ -26,10 +26,13 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from relay.cache.clock import Clock
+from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
 from relay.cache.policy import (
     freshens,
@@ -50,6 +53,9 @@ from relay.http.validators import resume_validator
 from relay.net.presets import is_index_type, linked_sha256
 from relay.net.upstream import Upstream
 from relay.proxy.headers import downstream_response_headers
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +158,8 @@ class Fill:
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
         clock: Clock,
+        executor: DiskExecutor,
+        disk: Ordered,
         on_clientless: Callable[[Fill], None],
     ) -> None:
         self.key = key
@@ -172,6 +180,8 @@ class Fill:
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
         self._clock = clock
+        self._executor = executor
+        self._disk = disk
         self._on_clientless = on_clientless
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
@@ -674,7 +684,6 @@ class Fill:
     async def _write_body(self, first: httpx.Response, fd: int) -> None:
         """Write the body of `first`, resuming it (each resumed response replacing the one the
         fill holds) when the upstream cuts it."""
-        loop = asyncio.get_running_loop()
         response = first
         plan: Continuation | None = None
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
@@ -692,8 +701,8 @@ class Fill:
                         self.passthrough = TOO_LARGE if too_large else "no room"
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
-                    await _write_at(loop, fd, chunk, self.written)
-                    self._hash.update(chunk)
+                    # One hop per chunk: written and hashed on the cache's thread.
+                    await _write_at(self._executor, fd, chunk, self.written, self._hash)
                     self.written += size
                     self._count(size)
                     self._notify()
@@ -762,21 +771,41 @@ class Fill:
         if expected is not None and expected != actual:
             self.digest_mismatch = True
             raise DigestMismatch(f"sha256 {actual} does not match the announced {expected}")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, os.fsync, fd)
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
-        await loop.run_in_executor(None, self._store.publish, self.partial, meta)
+        # After any job asked for on this object's files (a removal, a rewrite): in order.
+        # Shielded: cancelled here, the job still runs its course (a thread cannot be
+        # stopped), and the jobs after it on this object must wait for that.
+        await asyncio.shield(
+            self._disk.submit([self.key], _publish, fd, self._store, self.partial, meta)
+        )
         self.published = True
         self._on_stored(self, meta)
 
 
-async def _write_at(loop: asyncio.AbstractEventLoop, fd: int, data: bytes, offset: int) -> None:
-    """`os.pwrite` in a thread. Cancelled meanwhile (a fill being stopped), it returns only
-    once the write is over: the caller closes `fd` next, and a descriptor closed under a write
-    in flight could be reused by another file by the time the write runs."""
-    write = loop.run_in_executor(None, os.pwrite, fd, data, offset)
+def _write_hashed(fd: int, chunk: bytes, offset: int, digest: HASH) -> None:
+    """Write `chunk` at `offset` (all of it) and add it to the running digest (blocking)."""
+    view = memoryview(chunk)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    digest.update(chunk)
+
+
+def _publish(fd: int, store: Store, partial: Path, meta: Meta) -> None:
+    os.fsync(fd)
+    store.publish(partial, meta)
+
+
+async def _write_at(
+    executor: DiskExecutor, fd: int, data: bytes, offset: int, digest: HASH
+) -> None:
+    """`_write_hashed` on the cache's threads. Cancelled meanwhile (a fill being stopped), it
+    returns only once the write is over: the caller closes `fd` next, and a descriptor closed
+    under a write in flight could be reused by another file by the time the write runs."""
+    write = executor.submit(_write_hashed, fd, data, offset, digest)
     try:
         await asyncio.shield(write)
     except asyncio.CancelledError:

@@ -35,6 +35,11 @@ class Entry:
     """Readers answering from this version now."""
     retired: bool = field(default=False, compare=False)
     """Out of the index: its files go when the last reader unpins."""
+    verified: bool = True
+    """False: loaded from disk with a known digest and not hashed since
+    (`relay.cache.integrity`); no answer takes its bytes as they are."""
+    corrupt: bool = False
+    """Its bytes were found not to match its digest: dropped, and answers reading it abort."""
 
     @property
     def size(self) -> int:

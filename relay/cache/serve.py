@@ -153,8 +153,8 @@ class CachedResponse(Response):
             return False
         cache = self._cache
         entry = cache.lookup(asked.base, asked.variant)
-        if entry is None:
-            return False
+        if entry is None or not entry.verified:
+            return False  # unverified: `_answer` checks it first
         hit = parsed(entry)
         meta = hit.meta
         age = plan.age_of(meta, cache.clock.now())
@@ -224,6 +224,15 @@ class CachedResponse(Response):
         if entry is not None and asked.sha256 is not None and entry.meta.sha256 != asked.sha256:
             cache.drop(entry.key)  # never expected: stored only once verified against its key
             entry = None
+        # Bytes not trusted yet (loaded with a known digest): only a whole answer from byte 0
+        # hashes as it sends; another waits for the object's check, a miss if it dropped it.
+        if (
+            entry is not None
+            and not entry.verified
+            and not self._whole_from_start(entry)
+            and not await cache.verifier.entry(entry)
+        ):
+            entry = None
         if entry is not None:
             now = cache.clock.now()
             stored = plan.for_stored(entry.meta, now, content_addressed=asked.sha256 is not None)
@@ -265,11 +274,11 @@ class CachedResponse(Response):
                 if then.step is Step.REVALIDATED:
                     assert fill.refreshed is not None
                     out.upstream(fill)
-                    await out.from_file(pinned, fill.refreshed, then)
+                    await out.from_file(pinned, fill.refreshed, then, entry=entry)
                     return None
                 if then.step is Step.STALE_IF_ERROR:
                     out.upstream(fill)
-                    await out.from_file(pinned, entry.meta, then)
+                    await out.from_file(pinned, entry.meta, then, entry=entry)
                     return None
             finally:
                 if pinned is not None:
@@ -303,6 +312,14 @@ class CachedResponse(Response):
             )
         )
         return await self._from_fill(out, fill, absent)
+
+    def _whole_from_start(self, entry: Entry) -> bool:
+        """Whether the answer from `entry` is its whole body from byte 0 (a GET's 200)."""
+        asked = self._asked
+        if asked.method != "GET":
+            return False
+        headers = parsed(entry).headers
+        return answer(asked.client_headers, headers, entry.meta.length).status == 200
 
     async def _from_fill(self, out: Delivery, fill: Fill, report: plan.Plan) -> Response | None:
         asked = self._asked

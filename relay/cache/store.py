@@ -8,8 +8,9 @@ no directory of its own:
     <sha256 of key>.<version>.partial  a fill being written (becomes `.data` when published)
 
 This module alone knows the layout and the record's schema: every other module asks the
-`Store` for a fill's partial file, to publish it, to rewrite a stored version's meta or to
-remove its files, and gets paths back.
+`Store` for a fill's partial file, to publish it, to rewrite stored versions' meta or to
+remove their files, and gets paths back. These are blocking: the cache runs them on its own
+threads (`relay.cache.executor`).
 
 - Every fill writes a partial file of its own, created exclusively (O_EXCL|O_NOFOLLOW), under
   a version name of its own: a fill never writes into, removes or publishes another's file.
@@ -357,20 +358,46 @@ class Store:
         self._measure(data.parent)
         return data
 
-    def rewrite_meta(self, entry: Entry) -> None:
-        """Write a stored version's record again (refreshed by a 304); a failure is logged."""
-        data = entry.data
-        try:
-            write_atomically(data.with_suffix(_META), encode(entry.meta, data.name))
-        except OSError as exc:
-            logger.warning("cache: cannot refresh %s: %s", entry.meta.url, exc)
+    def rewrite_metas(self, metas: list[tuple[Path, Meta]]) -> None:
+        """Write several stored versions' records again (every slice of an object refreshed by
+        one 304; each given by its data file), blocking: each written beside its record under
+        a name of its own (created exclusively), fsynced, renamed over it. The directories are
+        not fsynced: a rename lost in a crash leaves the previous record, an older but
+        consistent state (the object is revalidated once more). Failures are logged. The
+        metas are not changed meanwhile (a refresh replaces an entry's meta)."""
+        for data, meta in metas:
+            path = data.with_suffix(_META)
+            tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                fd = create_exclusive(tmp)
+                try:
+                    view = memoryview(encode(meta, data.name))
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except OSError as exc:
+                logger.warning("cache: cannot refresh %s: %s", meta.url, exc)
+                remove_quietly(tmp)
 
     def remove(self, entry: Entry) -> None:
         """Remove a stored version's files: unlinked, never truncated (a reader streaming it
-        keeps its descriptor); its bucket too if that leaves it empty."""
-        remove_quietly(entry.data.with_suffix(_META))
-        remove_quietly(entry.data)
-        self._remove_bucket_if_empty(entry.data.parent)
+        keeps its descriptor); its bucket too if that leaves it empty. Blocking: the cache
+        batches removals (`remove_all`) on its threads."""
+        self.remove_all([entry.data])
+
+    def remove_all(self, datas: list[Path]) -> None:
+        """Remove the files of several stored versions, each given by its data file
+        (blocking; see `remove`); a failure is logged."""
+        for data in datas:
+            try:
+                remove_quietly(data.with_suffix(_META))
+                remove_quietly(data)
+            except OSError as exc:
+                logger.warning("cache: cannot remove %s: %s", data.name, exc)
+            self._remove_bucket_if_empty(data.parent)
 
     # ---- startup --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.cache.executor import DiskExecutor
 from relay.cache.index import Entry
 from relay.cache.integrity import sha256_of_files
 from relay.cache.store import Malformed, Meta, Store, decode, encode
@@ -229,6 +230,10 @@ def test_disk_use_is_block_rounded_with_the_record_and_the_directories(tmp_path:
 async def test_sha256_of_files_joins_them_in_order(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"abc")
     (tmp_path / "b").write_bytes(b"def")
-    joined = await sha256_of_files([tmp_path / "a", tmp_path / "b"])
-    assert joined == hashlib.sha256(b"abcdef").hexdigest()
-    assert await sha256_of_files([tmp_path / "a", tmp_path / "gone"]) is None
+    executor = DiskExecutor(1)
+    try:
+        joined = await sha256_of_files([tmp_path / "a", tmp_path / "b"], executor)
+        assert joined == hashlib.sha256(b"abcdef").hexdigest()
+        assert await sha256_of_files([tmp_path / "a", tmp_path / "gone"], executor) is None
+    finally:
+        executor.shutdown()

@@ -32,7 +32,13 @@ def hub() -> Iterator[Hub]:
         yield site
 
 
-def _cached_relay(hub: Hub, tmp_path: Path, admin_token: str = "", **route: Any) -> Any:
+def _cached_relay(
+    hub: Hub,
+    tmp_path: Path,
+    admin_token: str = "",
+    settings: dict[str, Any] | None = None,
+    **route: Any,
+) -> Any:
     cdn = hub.cdn.url.split("//")[1].split(":")[0]
     routes = (
         Route(
@@ -52,6 +58,7 @@ def _cached_relay(hub: Hub, tmp_path: Path, admin_token: str = "", **route: Any)
         cache_max_bytes=512 * MiB,
         cache_slice_bytes=1 * MiB,
         admin_token=admin_token,
+        **(settings or {}),
     )
     return running_relay(config)
 
