@@ -21,17 +21,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from relay.cache.admission import fill_request
+from relay.cache.admission import fill_request, key_variant
 from relay.cache.cache import Cache
 from relay.cache.hub import HubFile, hub_key_of_purge
-from relay.cache.key import base_key, encoding_variant
+from relay.cache.key import base_key
 from relay.config import Config
 from relay.credentials import AdminAuth
 from relay.errors import ClientError, UpstreamError
 from relay.net.presets import is_hub_file
 from relay.net.routing import RouteTable
-from relay.proxy.forwarded import Forwarded
-from relay.proxy.headers import upstream_request_headers
+from relay.proxy.headers import shared_request_headers
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -114,11 +113,9 @@ async def prefetch(request: Request) -> Response:
     if not route.cache:
         raise ClientError("the route is not cached (cache = false)")
     upstream = cache.upstream
-    headers = upstream_request_headers(
-        [], forwarded=Forwarded("", request.url.scheme, None, None), route=route
-    )
     if is_hub_file(route, target.rest):
         # A Hub file is stored under its sha256, as the Hub names it now (relay/cache/hub.py).
+        headers = shared_request_headers(route, accept_encoding="identity")
         hub_file = await HubFile.ask(upstream, target, headers)
         if hub_file is None:
             raise ClientError(
@@ -137,9 +134,9 @@ async def prefetch(request: Request) -> Response:
         fill.prefetch = True
         return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)
     base = base_key(route.prefix, raw_path, query)
-    variant = encoding_variant(None)
+    variant = key_variant(route, None)
     if cache.lookup(base, variant) is not None:
         return JSONResponse({"state": "cached"}, headers=_NO_STORE)
-    fill = cache.fill(base, variant, fill_request(upstream, target, headers), route)
+    fill = cache.fill(base, variant, fill_request(upstream, target, variant=variant), route)
     fill.prefetch = True
     return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)

@@ -20,11 +20,10 @@ import httpx
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
-from relay.cache.key import index_key
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.http.validators import none_match
-from relay.net.presets import index_accept, is_immutable, is_index_type, rewrites
+from relay.net.presets import is_immutable, is_index_type, rewrites
 from relay.net.routing import RouteTable
 from relay.proxy.rewrite import (
     REPRESENTATION_HEADERS,
@@ -53,16 +52,18 @@ def caches_as_index(route: Route, rest: str) -> bool:
 class RewrittenIndex(Response):
     """Answers a GET or HEAD of a preset route's index page from the cache, rewritten.
 
-    `make` builds the CachedResponse (with this module's key, variant, client headers and
-    fallback); relayed answers (the fallback) are already rewritten by the relayed path and
-    pass through untouched."""
+    `make` builds the CachedResponse (with `key`, the page's `index_key`, and this module's
+    variant, client headers and fallback); relayed answers (the fallback) are already
+    rewritten by the relayed path and pass through untouched. The stored page is the
+    upstream's answer to the fill's request, which carries none of this request's headers:
+    only its way out depends on this request's public base."""
 
     def __init__(
         self,
         make: Callable[..., CachedResponse],
         *,
         cache: Cache,
-        base: str,
+        key: str,
         route: Route,
         routes: RouteTable,
         request_headers: Sequence[tuple[str, str]],
@@ -71,7 +72,7 @@ class RewrittenIndex(Response):
     ) -> None:
         self._make = make
         self._cache = cache
-        self._key = index_key(base, index_accept(route, client_headers.get("accept")))
+        self._key = key
         self._route = route
         self._routes = routes
         self._public = public_base(request_headers)
