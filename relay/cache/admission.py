@@ -17,7 +17,6 @@ Accept, Cache-Control, ranges and conditionals) go only on requests relayed for 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import httpx
 from starlette.responses import Response
@@ -33,6 +32,7 @@ from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.headers import shared_request_headers
+from relay.proxy.streaming import Relayed
 from relay.types import RawHeaders
 
 # Request headers that make the cache relay a request instead of answering it: the client's
@@ -69,7 +69,7 @@ def cached_response(
     client_headers: RawHeaders,
     headers: list[tuple[str, str]],
     routes: RouteTable,
-    relayed: Callable[[], Response],
+    relayed: Relayed,
     limiter: StreamLimiter,
     client: str | None,
     send_timeout: float,

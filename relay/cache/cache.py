@@ -24,11 +24,15 @@ from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
 from relay.net.presets import is_immutable
+from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
-#: How long a key whose response was not storable is relayed without trying to store it.
+#: How long a key whose answer was neither stored nor shared (meant for one client, too large,
+#: varying beyond the key) is relayed to each client on its own (hit-for-pass). An answer that
+#: was shared (an error, a redirect, `no-store`) sets no pass: the next requests are filled
+#: again, together, and stored if the answer then may be (hit-for-miss).
 PASS_SECONDS = 30.0
 
 
@@ -63,6 +67,7 @@ class Cache:
         self.index = index
         self.stats = CacheStats()
         self.max_object_bytes = config.cache_max_object_bytes or max(1, config.cache_max_bytes // 4)
+        self.routes = RouteTable(config.routes)
         self.fills: dict[str, Fill] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._passes: dict[str, float] = {}
@@ -142,6 +147,7 @@ class Cache:
             on_replaced=self.slices.replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
+            routes=self.routes,
         )
 
     def start(self, fill: Fill, base: str) -> None:
@@ -170,7 +176,8 @@ class Cache:
             if fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
             elif fill.passthrough is not None and fill.slice is None:
-                self._passes[fill.key] = self.clock.monotonic() + PASS_SECONDS
+                if not fill.shared:
+                    self._passes[fill.key] = self.clock.monotonic() + PASS_SECONDS
                 # A new answer that may not be stored replaces the stored one; an upstream
                 # error (5xx) does not: the stored object stays for stale-if-error, which
                 # the clients waiting on this revalidation are about to read.

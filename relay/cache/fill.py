@@ -6,6 +6,19 @@ A fill belongs to the cache, not to a client: clients attach and detach; with no
 runs on for `cache_fill_idle_timeout`, then stops (nothing is published). A body the upstream
 cuts is resumed by `relay.http.continuation`'s rules (same validator, same total); if it cannot
 be, the fill fails and every attached reader aborts its transfer.
+
+Whatever the upstream answers, that one request answers the clients attached to the fill: an
+answer the cache may not store (an error, a redirect, `no-store`...) goes through the partial
+file like any other and is never published, so a single-use URL is fetched once and eight
+clients waiting on a 503 cost the upstream one request. Not every answer may be shared: one
+meant for one client (`private`, `Set-Cookie`) goes to the first attached client that takes it
+(`claim`), the others are relayed each on their own; one the file cannot hold (too large for
+the budget, or a 200 of unknown length) is handed, open, to the first attached GET that takes
+it (`take_response`), to relay and close, the others relayed on their own; one that varies on
+request headers the fill does not send as a client would (`Vary` beyond the key), an index
+page relay cannot rewrite and a content-addressed object's refusal answer no client (each is
+relayed). Readers read through `read_fd`, which stays open until the fill is over and its last
+reader detached, whatever becomes of the file's name.
 """
 
 from __future__ import annotations
@@ -20,7 +33,13 @@ import httpx
 
 from relay.cache.clock import Clock
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
-from relay.cache.policy import freshness_lifetime, initial_age, not_storable, vary_of
+from relay.cache.policy import (
+    for_one_client,
+    freshness_lifetime,
+    initial_age,
+    not_storable,
+    vary_of,
+)
 from relay.cache.store import Meta, Store
 from relay.config import Route
 from relay.errors import TransferAborted, UpstreamError
@@ -30,8 +49,10 @@ from relay.http.ranges import parse_content_range
 from relay.http.resume import resume_request_headers
 from relay.http.validators import resume_validator
 from relay.net.presets import is_index_type, linked_sha256
+from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
+from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
-from relay.proxy.headers import downstream_response_headers
+from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +61,11 @@ _NOT_STORED = frozenset({b"content-length", b"age", b"content-range"})
 
 
 VARY_LEARNED = "varies on Accept-Encoding"
+#: Why an answer is not stored, when it can answer none of the fill's clients either: relay
+#: refuses it (an index page it cannot rewrite, a Content-Range on a 200).
+_ANSWERS_NONE = frozenset({"encoded index page", "partial index page", "content-range on a 200"})
+#: Why an answer is not stored, when the partial file cannot hold it either.
+_TOO_BIG = frozenset({"too large", "no room"})
 
 
 class FillAbandoned(Exception):
@@ -51,6 +77,23 @@ def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in downstream_response_headers(raw, 200)
         if name not in _NOT_STORED
+    ]
+
+
+def _answer_headers(response: httpx.Response, routes: RouteTable) -> list[tuple[str, str]]:
+    """The headers of an answer that is not stored, as its clients get them: a 200's as if
+    stored; another status's as relayed (its Content-Range kept, a redirect's Location mapped
+    onto relay's routes), Content-Length and Age left to each answer."""
+    status = response.status_code
+    if status == 200:
+        return stored_headers(response.headers.raw)
+    raw = downstream_response_headers(response.headers.raw, status)
+    if status in REDIRECT_STATUSES:
+        raw = rewrite_location_headers(raw, response.request.url, routes)
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name not in (b"content-length", b"age")
     ]
 
 
@@ -69,11 +112,15 @@ def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
     return out
 
 
-def _unrewritable(route: Route, headers: httpx.Headers) -> str | None:
-    """Why an index page cannot be stored for serve-time rewriting (the relayed path refuses
-    it with a 502 as well): an encoded index."""
+def _unrewritable(route: Route, status: int, headers: httpx.Headers) -> str | None:
+    """Why an index page can be neither stored for serve-time rewriting nor answered (the
+    relayed path refuses it with a 502): an encoded index, a partial one."""
+    if not is_index_type(route, headers.get("content-type", "")):
+        return None
+    if status == 206:
+        return "partial index page"
     encoding = headers.get("content-encoding", "identity").strip().lower()
-    if is_index_type(route, headers.get("content-type", "")) and encoding not in ("", "identity"):
+    if status == 200 and encoding not in ("", "identity"):
         return "encoded index page"
     return None
 
@@ -98,6 +145,7 @@ class Fill:
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
         clock: Clock,
+        routes: RouteTable,
     ) -> None:
         self.key = key
         self.variant = variant
@@ -117,6 +165,7 @@ class Fill:
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
         self._clock = clock
+        self._routes = routes
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
         self.written = 0
@@ -130,6 +179,21 @@ class Fill:
         self.refreshed: Meta | None = None
         self.failed: str | None = None
         self.published = False
+        self.complete = False
+        """The whole body is in the file and checked (published, or an answer not stored):
+        readers may send its last byte."""
+        self.shared = False
+        """An answer not stored that every client waiting on the fill shares; later requests
+        for the key are filled again (not passed)."""
+        self.for_one = False
+        """An answer meant for one client (`private`, `Set-Cookie`): see `claim`."""
+        self._claimed = False
+        self.read_fd: int | None = None
+        """The descriptor readers of the body read from (with pread)."""
+        self.handover: httpx.Response | None = None
+        """An answer not stored that the file cannot hold: the open upstream response, until a
+        reader takes it (`take_response`)."""
+        self._varies_on_encoding = False
         self.finished = False
         self.reserved = 0
         self.readers = 0
@@ -174,6 +238,40 @@ class Fill:
         self.readers -= 1
         if self.readers == 0:
             self._idle_since = self._clock.monotonic()
+            if self.finished:
+                self._close_reader()
+            if self.handover is not None:
+                self._notify()  # nobody left to take it: the fill closes it
+
+    def claim(self, variant: str) -> bool:
+        """Whether this fill's answer is also the answer of a client of encoding `variant`:
+        it has one and has not failed; one varying on Accept-Encoding only for its own
+        variant; one meant for one client only for the first that claims it."""
+        meta = self.meta
+        if meta is None or self.failed is not None:
+            return False
+        if meta.vary and meta.extra.get("variant") != variant:
+            return False
+        if self.for_one:
+            if self._claimed:
+                return False
+            self._claimed = True
+        return True
+
+    def take_response(self, variant: str) -> httpx.Response | None:
+        """The open upstream response of an answer the file cannot hold, for the first GET
+        (of a variant it answers) that takes it: then that client's, to relay and to close."""
+        response = self.handover
+        if response is None or (self._varies_on_encoding and variant != self.variant):
+            return None
+        self.handover = None
+        self._notify()
+        return response
+
+    def _close_reader(self) -> None:
+        fd, self.read_fd = self.read_fd, None
+        if fd is not None:
+            os.close(fd)
 
     async def wait_beyond(self, position: int) -> None:
         """Return once more than `position` bytes are written, or the fill is over."""
@@ -204,9 +302,14 @@ class Fill:
                 return
             response = await self._take(response)
             if response is None:
+                if self.handover is not None:
+                    self.headers_ready.set()
+                    while self.handover is not None and self.readers:
+                        await self._advance.wait()  # until a reader takes it, or none is left
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
+            self.read_fd = os.open(self.partial, os.O_RDONLY)
             self.headers_ready.set()
             await self._write_body(response, fd)
             await self._publish(fd, response.headers)
@@ -231,15 +334,21 @@ class Fill:
             self.finished = True
             if response is not None and not response.is_closed:
                 await asyncio.shield(response.aclose())
+            unclaimed, self.handover = self.handover, None
+            if unclaimed is not None:
+                await asyncio.shield(unclaimed.aclose())
             if fd is not None:
                 os.close(fd)
+            if not self.readers:
+                self._close_reader()  # else the last reader's detach closes it
             if not self.published:
                 self._store.remove_partial(self.partial)
             self.headers_ready.set()
             self._notify()
 
     async def _take(self, response: httpx.Response) -> httpx.Response | None:
-        """The response if its body is to be stored; else records why not and closes it."""
+        """The response if its body is to be stored or to answer the fill's clients; else
+        records why not and closes it."""
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
@@ -287,8 +396,8 @@ class Fill:
         reason = not_storable(status, policy)
         if reason is None and vary_of(policy) and VARIANT_MARK not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
-        if reason is None and index_page:
-            reason = _unrewritable(self._route, headers)
+        if index_page:
+            reason = _unrewritable(self._route, status, headers) or reason
         length = content_length(headers)
         if reason is None and length is not None and length > self._max_object_bytes:
             reason = "too large"
@@ -305,22 +414,70 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await response.aclose()
-            return None
+            answers = self._answers_unstored(reason, status, policy)
+            self.shared = answers == "all"
+            self.for_one = answers == "one"
+            if answers == "none" or not self.readers:
+                # Nobody to answer (a prefetch, clients gone): nothing to write.
+                await response.aclose()
+                return None
+            if status in BODYLESS_STATUSES:
+                length = 0
+            if (
+                reason in _TOO_BIG
+                or (length is None and status == 200)
+                or (length is not None and not self._reserve(self, length))
+            ):
+                await self._hand_over(response, reason, length, policy)
+                return None
         self.length = length
         self.meta = Meta(
             key=self.key,
             url=str(self._request.url.copy_with(query=None)),
-            headers=stored_headers(headers.raw),
+            headers=stored_headers(headers.raw)
+            if reason is None
+            else _answer_headers(response, self._routes),
             length=length or 0,
             stored_at=received,
             initial_age=initial_age(headers, received, received),
             lifetime=freshness_lifetime(headers, immutable=self._immutable(headers)),
-            validator=resume_validator(headers),
+            validator=resume_validator(headers) if status == 200 else None,
             vary=vary_of(policy) or "",
+            status=status,
             extra={"variant": self.variant},
         )
         return response
+
+    async def _hand_over(
+        self,
+        response: httpx.Response,
+        reason: str,
+        length: int | None,
+        headers: httpx.Headers,
+    ) -> None:
+        """An answer not stored that the file cannot hold: the open response is kept for the
+        first reader that takes it (a content-addressed object's is closed: each client asks
+        the Hub again)."""
+        if reason not in _TOO_BIG and length is not None:
+            self.passthrough = "too large" if length > self._max_object_bytes else "no room"
+        self.shared = self.for_one = False  # later requests are relayed (pass)
+        if self.sha256 is not None:
+            await response.aclose()
+            return
+        self._varies_on_encoding = vary_of(headers) == "accept-encoding"
+        self.handover = response
+
+    def _answers_unstored(self, reason: str, status: int, headers: httpx.Headers) -> str:
+        """Which of the fill's clients an answer that is not stored answers (`headers`: its
+        headers as the storage rules read them): "all", "one" (meant for one client), or
+        "none" (each is relayed)."""
+        if reason in _ANSWERS_NONE or vary_of(headers) is None:
+            return "none"
+        if self.sha256 is not None and status != 200:
+            # The Hub named this object to each client on its own request (its credentials
+            # included): a refusal of the fill is not every client's answer.
+            return "none"
+        return "one" if for_one_client(headers) else "all"
 
     async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
@@ -413,6 +570,8 @@ class Fill:
             raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
 
     def _check_idle(self) -> None:
+        if not self.readers and self.passthrough is not None:
+            raise FillAbandoned("no client left for an answer that is not stored")
         since = self._idle_since
         if (
             since is not None
@@ -461,12 +620,16 @@ class Fill:
         if expected is not None and expected != actual:
             self.digest_mismatch = True
             raise DigestMismatch(f"sha256 {actual} does not match the announced {expected}")
+        if self.passthrough is not None:
+            self.complete = True  # its readers end it; it is not stored
+            return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, os.fsync, fd)
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
         await loop.run_in_executor(None, self._store.publish, self.directory, meta)
+        self.complete = True
         self.published = True
         self._on_stored(self, meta)
 

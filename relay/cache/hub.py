@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 
 import httpx
 from starlette.responses import Response
@@ -45,6 +44,7 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import exchange_of
 from relay.proxy.headers import shared_request_headers
 from relay.proxy.send_watch import ClientWatch
+from relay.proxy.streaming import Relayed
 from relay.types import RawHeaders, Receive, Scope, Send
 
 _PURGE_PATH = re.compile(r"sha256/([0-9a-fA-F]{64})")
@@ -79,7 +79,7 @@ class HubResponse(Response):
         method: str,
         target: Target,
         client_headers: RawHeaders,
-        fallback: Callable[[], Response],
+        fallback: Relayed,
         limiter: StreamLimiter,
         client: str | None,
         send_timeout: float,

@@ -130,6 +130,13 @@ def after_revalidation(
 #: Cache-Status of an answer from a fill that stores what it sends.
 MISS_STORED = cache_status(hit=False, fwd="miss", stored=True)
 
+
+def fill_status(planned: str, *, stored: bool, fwd_status: int) -> str:
+    """Cache-Status of an answer from a fill (`planned`: the plan's, e.g. `fwd=miss`): it
+    says `stored`, or the status the upstream answered when the answer is not stored."""
+    return planned + ("; stored" if stored else f"; fwd-status={fwd_status}")
+
+
 _MISS = Plan(Step.MISS, cache_status(hit=False, fwd="miss"))
 _PASS = Plan(Step.PASS)
 

@@ -32,6 +32,7 @@ from relay.proxy.rewrite import (
     rewrite_pairs,
     rewritten_etag,
 )
+from relay.proxy.streaming import Relayed
 from relay.types import ZERO_COPY_SEND, Message, Receive, Scope, Send
 
 # The client's own request headers that do not apply to a rewritten page: its ranges (relay's
@@ -68,7 +69,7 @@ class RewrittenIndex(Response):
         routes: RouteTable,
         request_headers: Sequence[tuple[str, str]],
         client_headers: httpx.Headers,
-        fallback: Callable[[], Response],
+        fallback: Relayed,
     ) -> None:
         self._make = make
         self._cache = cache
@@ -83,9 +84,9 @@ class RewrittenIndex(Response):
         self._rewriter: UrlRewriter | None = None
         self.status_code = 0
 
-    def _relay(self) -> Response:
+    def _relay(self, opened: httpx.Response | None = None) -> Response:
         self._relayed = True
-        return self._fallback()
+        return self._fallback(opened)
 
     def _cache_request_headers(self) -> httpx.Headers:
         """The client's headers as the cache is to see them: no ranges; an If-None-Match with

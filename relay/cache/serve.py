@@ -28,6 +28,7 @@ from relay.errors import error_response
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.send_watch import ClientWatch
+from relay.proxy.streaming import Relayed
 from relay.types import RESET_KEY, ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
 # Client headers that make a stored 200 answer something other than the whole object.
@@ -48,7 +49,7 @@ class CachedResponse(Response):
         route: Route,
         request: Callable[[], httpx.Request],
         client_headers: httpx.Headers,
-        fallback: Callable[[], Response],
+        fallback: Relayed,
         limiter: StreamLimiter,
         client: str | None,
         send_timeout: float,
@@ -217,13 +218,19 @@ class CachedResponse(Response):
                 await out.from_entry(entry, stored.cache_status)
                 return None
             assert stored.stored is not None
-            await fill.headers_ready.wait()
-            then = plan.after_revalidation(
-                stored.stored,
-                refreshed=fill.refreshed is not None,
-                failure=fill.upstream_failure,
-                route_stale_if_error=asked.route.cache_stale_if_error,
-            )
+            fill.attach()
+            try:
+                await fill.headers_ready.wait()
+                then = plan.after_revalidation(
+                    stored.stored,
+                    refreshed=fill.refreshed is not None,
+                    failure=fill.upstream_failure,
+                    route_stale_if_error=asked.route.cache_stale_if_error,
+                )
+                if then.step is Step.FORWARD:
+                    return await self._from_fill(out, fill, then.cache_status)
+            finally:
+                fill.detach()
             if then.step is Step.REVALIDATED:
                 assert fill.refreshed is not None
                 refreshed = cache.lookup(asked.base, asked.variant) or entry
@@ -231,12 +238,11 @@ class CachedResponse(Response):
                 exchange.cache = "revalidated"
                 await out.from_entry(refreshed, then.cache_status)
                 return None
-            if then.step is Step.STALE_IF_ERROR:
-                cache.stats.stale += 1
-                exchange.cache = "stale"
-                await out.from_entry(entry, then.cache_status)
-                return None
-            return await self._from_fill(out, fill, then.cache_status)
+            assert then.step is Step.STALE_IF_ERROR
+            cache.stats.stale += 1
+            exchange.cache = "stale"
+            await out.from_entry(entry, then.cache_status)
+            return None
         filling = cache.fill_in_flight(asked.base, asked.variant)
         absent = plan.for_absent(
             method=asked.method,
@@ -263,20 +269,27 @@ class CachedResponse(Response):
             asked.route,
             sha256=asked.sha256,
         )
-        return await self._from_fill(out, fill, absent.cache_status)
+        fill.attach()
+        try:
+            return await self._from_fill(out, fill, absent.cache_status)
+        finally:
+            fill.detach()
 
     async def _from_fill(self, out: Delivery, fill: Fill, status: str) -> Response | None:
-        asked = self._asked
+        """Answer from `fill` (attached by the caller from the moment it joined, so its body
+        stays readable): whatever the upstream said, where that answer is this client's too
+        (`Fill.claim`); an answer the fill could not hold, relayed from its open response if
+        this client takes it (`Fill.take_response`); else the relayed response."""
         await fill.headers_ready.wait()
         if fill.error is not None:
             await out.upstream_error(fill.error)
             return None
+        if self._asked.method == "GET":
+            opened = fill.take_response(self._asked.variant)
+            if opened is not None:
+                return self._fallback(opened)
         meta = fill.meta
-        if (
-            meta is None
-            or fill.failed is not None
-            or (meta.vary and meta.extra.get("variant") != asked.variant)
-        ):
+        if meta is None or not fill.claim(self._asked.variant):
             return self._fallback()
         if not await out.from_fill(fill, meta, status):
             return self._fallback()

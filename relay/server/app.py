@@ -84,7 +84,7 @@ class Relay:
         # it does (building the upstream request included).
         upstream: Upstream = scope["state"]["upstream"]
 
-        def relayed() -> Response:
+        def relayed(opened: httpx.Response | None = None) -> Response:
             return RelayResponse(
                 upstream,
                 scope["method"],
@@ -94,6 +94,7 @@ class Relay:
                 limiter=self.limiter,
                 client=forwarded.client,
                 config=self._config,
+                opened=opened,
             )
 
         cache: Cache | None = scope["state"].get("cache")

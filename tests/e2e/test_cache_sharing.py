@@ -5,6 +5,7 @@ client gets), its answer reaches every client waiting on it whatever the upstrea
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import httpx
 import pytest
 
 from relay.config import Route
-from tests.e2e.caching import MakeRelay, caching_relay, settled
+from tests.e2e.caching import MakeRelay, caching_relay, data_files, settled
 from tests.ecosystems import Hub
-from tests.harness import RelayThread, relay_config, running_relay
-from tests.origin import Origin
+from tests.harness import RelayThread, relay_config, running_relay, wait_until
+from tests.origin import Origin, body_bytes
 
 ATTACKER = "attacker.example"
 
@@ -129,3 +130,152 @@ def test_cache_hub_requests_carry_only_credentials_of_the_client(tmp_path: Path)
         for name in ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-for", "x-request-id"):
             assert name not in sent, name
         assert sent["user-agent"].startswith("relay/")
+
+
+# ---- one upstream request, whatever it answers (items 10, 15) -----------------------------
+
+
+def _gets_of(origin: Origin, path: str) -> int:
+    return sum(1 for r in origin.requests if r.path == path and r.method == "GET")
+
+
+def _together(
+    relay: RelayThread,
+    origin: Origin,
+    gate: str,
+    path: str,
+    headers: list[dict[str, str]],
+    *,
+    upstream: int,
+) -> list[httpx.Response]:
+    """GET `path` (held by the origin at `gate`) with one client per `headers`, all at once:
+    the gate opens once every client holds a stream slot and the origin has seen `upstream`
+    requests for the path, so every client arrived while the upstream request was pending."""
+    results: list[httpx.Response | BaseException] = [RuntimeError("no answer")] * len(headers)
+
+    def client(i: int) -> None:
+        try:
+            results[i] = httpx.get(relay.url + path, headers=headers[i], timeout=30)
+        except BaseException as exc:
+            results[i] = exc
+
+    origin.close_gate(gate)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(headers))]
+    try:
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: relay.streams_active() == len(headers))
+        upstream_path = path.split("?")[0].removeprefix("/o")
+        assert wait_until(lambda: _gets_of(origin, upstream_path) >= upstream)
+    finally:
+        origin.open_gate(gate)
+        for thread in threads:
+            thread.join(30)
+    answers = [r for r in results if isinstance(r, httpx.Response)]
+    assert len(answers) == len(headers), results
+    return answers
+
+
+_FROM_FILL = "relay; fwd=miss; fwd-status={}"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "cache_status"),
+    [
+        ("/o/gen/64k?v=80&cc=no-store,max-age=0", 200, _FROM_FILL),
+        ("/o/gen/64k?v=81&cc=private,max-age=60", 200, _FROM_FILL),
+        ("/o/status/404?v=83", 404, _FROM_FILL),
+        # Of unknown length, or too large: the fill's open response, relayed.
+        ("/o/gen/64k?v=82&http10=1", 200, None),
+        ("/o/gen/64k?v=79&cc=no-store&cl=0", 200, None),
+        ("/o/gen/2m?v=78", 200, None),
+    ],
+)
+def test_cache_first_request_for_a_url_not_stored_is_sent_upstream_once(
+    origin: Origin,
+    cached: Callable[..., RelayThread],
+    tmp_path: Path,
+    path: str,
+    status: int,
+    cache_status: str | None,
+) -> None:
+    """A single-use URL whose answer the cache will not store (no-store, private, a 404, a
+    body delimited by close or chunked, one over cache_max_object_bytes) costs the upstream
+    exactly one request: the fill's answer is the client's, streamed from its file and never
+    published, or, where the file cannot hold it, its open response relayed."""
+    relay = cached(cache_max_object_bytes=1024 * 1024)
+    origin.reset_stats()
+    answer = httpx.get(relay.url + path)
+    assert answer.status_code == status
+    assert answer.headers.get("cache-status") == (
+        cache_status.format(status) if cache_status else None
+    )
+    if status == 200:
+        assert answer.content == body_bytes(2 * 1024 * 1024 if "2m" in path else 64 * 1024)
+    else:
+        assert answer.text == "404 Not Found\n"
+        assert answer.headers["content-length"] == str(len(answer.content))
+    settled(relay)
+    assert _gets_of(origin, path.split("?")[0].removeprefix("/o")) == 1
+    assert data_files(tmp_path / "cache") == []
+
+
+def test_cache_eight_clients_after_a_503_cost_one_upstream_request(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """After one 503, eight concurrent clients of that URL cost the origin one more request,
+    and each gets the 503 (no pass marker turns them into eight requests)."""
+    relay = cached()
+    origin.reset_stats()
+    path = "/o/status/503?v=84&hold=herd"
+    first = httpx.get(relay.url + path)
+    assert first.status_code == 503
+    settled(relay)
+    answers = _together(relay, origin, "herd", path, [{}] * 8, upstream=2)
+    assert [a.status_code for a in answers] == [503] * 8
+    assert {a.text for a in answers} == {"503 Service Unavailable\n"}
+    assert {a.headers["cache-status"] for a in answers} == {"relay; fwd=miss; fwd-status=503"}
+    settled(relay)
+    assert _gets_of(origin, "/status/503") == 2
+
+
+def test_cache_a_shared_redirect_names_no_clients_host(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """Two clients with different Host headers on one fill of a redirect that an upstream
+    builds from X-Forwarded-Host: one upstream request, and both get the Location the fill's
+    key alone produced (mapped onto relay's route), never the other client's host."""
+    relay = cached()
+    origin.reset_stats()
+    path = "/o/links?v=85&redirect=1&hold=redirect"
+    answers = _together(
+        relay,
+        origin,
+        "redirect",
+        path,
+        [{"host": ATTACKER}, {"host": "mirror.example"}],
+        upstream=1,
+    )
+    assert [a.status_code for a in answers] == [302, 302]
+    assert {a.headers["location"] for a in answers} == {"/o/gen/1k"}
+    settled(relay)
+    assert _gets_of(origin, "/links") == 1
+
+
+def test_cache_an_answer_for_one_client_is_not_shared(
+    origin: Origin, cached: Callable[..., RelayThread]
+) -> None:
+    """A `private` answer goes to one of the clients waiting on its fill; the others are
+    relayed each on their own (hit-for-pass), and so are later requests for a while."""
+    relay = cached()
+    origin.reset_stats()
+    path = "/o/gen/64k?v=86&cc=private,max-age=60&hold=private"
+    answers = _together(relay, origin, "private", path, [{}] * 3, upstream=1)
+    assert all(a.content == body_bytes(64 * 1024) for a in answers)
+    statuses = sorted(a.headers.get("cache-status", "-") for a in answers)
+    assert statuses == ["-", "-", "relay; fwd=miss; fwd-status=200"]
+    settled(relay)
+    assert _gets_of(origin, "/gen/64k") == 3
+    later = httpx.get(relay.url + path)
+    assert "cache-status" not in later.headers  # relayed (pass)
+    assert _gets_of(origin, "/gen/64k") == 4
