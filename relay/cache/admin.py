@@ -3,6 +3,8 @@
 - `DELETE /cache/<relayed path>[?query]`: drop that object (every encoding variant); on an
   `hf` route, `DELETE /cache/<route>/sha256/<hex>` drops the Hub file stored under that digest;
 - `POST /cache/purge` with `{"prefix": "/route/some/dir/"}`: drop every object under it;
+- a purge covers what is being filled: such a fill finishes serving its clients but stores
+  nothing (counted in `purged`), so the next request fetches again;
 - `POST /cache/prefetch` with `{"path": "/route/file?query"}`: start a fill with no client
   (it runs to completion, coalesced with any client fill of the same object); 202. A Hub file
   (`<hf route>/<repo>/resolve/<rev>/<file>`) is asked of the Hub first and stored under its

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +173,9 @@ class Cache:
             if fill.digest_mismatch:
                 self.stats.digest_mismatches += 1
                 self.drop(fill.key)
-            if fill.passthrough == VARY_LEARNED:
+            if fill.purged:
+                pass  # a purge covers the fill: nothing it learned is kept
+            elif fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
             elif fill.passthrough is not None and fill.slice is None:
                 if not fill.shared:
@@ -230,24 +232,43 @@ class Cache:
         return True
 
     def purge_key(self, base: str) -> int:
-        """Drop the object of one URL, every encoding variant included."""
+        """Drop the object of one URL, every encoding variant, index form and slice included,
+        and what is being filled of it; how many objects and fills that was."""
+
+        def covered(key: str) -> bool:
+            return key == base or key.startswith(base + "\x00")
+
         count = int(self.drop(base))
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
+        count += self._purge_fills(covered)
         self.index.vary.pop(base, None)
-        self._passes.pop(base, None)
+        self._passes = {k: v for k, v in self._passes.items() if not covered(k)}
         self.slices.purge_key(base)
         return count
 
     def purge_prefix(self, prefix: str) -> int:
-        """Drop every object whose key starts with `prefix` (a route prefix + path prefix)."""
+        """Drop every object whose key starts with `prefix` (a route prefix + path prefix),
+        and what is being filled under it; how many objects and fills that was."""
         count = 0
         for key in self.index.keys_with_prefix(prefix):
             count += self.drop(key)
+        count += self._purge_fills(lambda key: key.startswith(prefix))
         for base in [b for b in self.index.vary if b.startswith(prefix)]:
             del self.index.vary[base]
         self._passes = {k: v for k, v in self._passes.items() if not k.startswith(prefix)}
         self.slices.purge_prefix(prefix)
+        return count
+
+    def _purge_fills(self, covered: Callable[[str], bool]) -> int:
+        """Mark the fills in flight of the covered keys purged: each finishes serving its
+        readers and publishes nothing (a later request fetches again). Counts those that were
+        to store a new object (a revalidation's object was counted as stored)."""
+        count = 0
+        for key, fill in self.fills.items():
+            if covered(key) and not fill.finished and not fill.purged:
+                fill.purged = True
+                count += fill.revalidating is None
         return count
 
     @property

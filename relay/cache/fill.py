@@ -18,7 +18,8 @@ it (`take_response`), to relay and close, the others relayed on their own; one t
 request headers the fill does not send as a client would (`Vary` beyond the key), an index
 page relay cannot rewrite and a content-addressed object's refusal answer no client (each is
 relayed). Readers read through `read_fd`, which stays open until the fill is over and its last
-reader detached, whatever becomes of the file's name.
+reader detached, whatever becomes of the file's name. A purged fill (`purged`) finishes serving
+its readers but publishes nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import Callable
 import httpx
 
 from relay.cache.clock import Clock
+from relay.cache.index import Entry
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
 from relay.cache.policy import (
     for_one_client,
@@ -188,6 +190,8 @@ class Fill:
         self.for_one = False
         """An answer meant for one client (`private`, `Set-Cookie`): see `claim`."""
         self._claimed = False
+        self.purged = False
+        """A purge covered the key while it was being filled: nothing is published."""
         self.read_fd: int | None = None
         """The descriptor readers of the body read from (with pread)."""
         self.handover: httpx.Response | None = None
@@ -352,6 +356,12 @@ class Fill:
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
+        if status == 304 and self.revalidating is not None and self.purged:
+            # Purged while revalidating: the stored object is gone, nothing is refreshed (its
+            # clients are relayed).
+            self.passthrough = "purged"
+            await response.aclose()
+            return None
         if status == 304 and self.revalidating is not None:
             old = self.revalidating
             merged = dict((n.lower(), (n, v)) for n, v in old.headers)
@@ -570,7 +580,7 @@ class Fill:
             raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
 
     def _check_idle(self) -> None:
-        if not self.readers and self.passthrough is not None:
+        if not self.readers and (self.passthrough is not None or self.purged):
             raise FillAbandoned("no client left for an answer that is not stored")
         since = self._idle_since
         if (
@@ -620,7 +630,7 @@ class Fill:
         if expected is not None and expected != actual:
             self.digest_mismatch = True
             raise DigestMismatch(f"sha256 {actual} does not match the announced {expected}")
-        if self.passthrough is not None:
+        if self.passthrough is not None or self.purged:
             self.complete = True  # its readers end it; it is not stored
             return
         loop = asyncio.get_running_loop()
@@ -630,6 +640,10 @@ class Fill:
         meta.sha256 = actual if expected is not None else None
         await loop.run_in_executor(None, self._store.publish, self.directory, meta)
         self.complete = True
+        if self.purged:
+            # Purged while it was being published: what was just written goes too.
+            self._store.remove(Entry(self.key, self.directory, meta))
+            return
         self.published = True
         self._on_stored(self, meta)
 

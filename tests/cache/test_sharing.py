@@ -197,6 +197,26 @@ async def test_a_head_gets_a_shared_answers_head(tmp_path: Path) -> None:
         assert len(upstream.seen) == 1
 
 
+async def test_a_purge_covers_a_fill_in_flight(tmp_path: Path) -> None:
+    """Purged while its upstream answer is pending: the fill still answers its client, whole,
+    but stores nothing, so the next request fetches again."""
+    upstream = Upstream(200, **{"cache-control": "max-age=60"})
+    async with _relay(tmp_path, upstream) as relay:
+        upstream.gate.clear()
+        first = relay.get("/o/x")
+        await _until(lambda: relay.readers("/o/x") == 1 and len(upstream.seen) == 1)
+        assert relay.cache.purge_key(base_key("/o/", b"/o/x", b"")) == 1
+        upstream.gate.set()
+        answered = await first
+        assert (answered.status, answered.body) == (200, BODY)
+        assert _status(answered) == "relay; fwd=miss; stored"  # said before the purge
+        await _until(lambda: not relay.cache.fills)
+        assert relay.cache.lookup(base_key("/o/", b"/o/x", b""), "identity") is None
+        again = await relay.get("/o/x")
+        assert _status(again) == "relay; fwd=miss; stored"
+        assert len(upstream.seen) == 2
+
+
 async def test_the_fills_read_descriptor_outlives_it_until_its_last_reader(
     tmp_path: Path,
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from relay.config import Route
 from tests.e2e.caching import MakeRelay, caching_relay, data_files, settled
-from tests.ecosystems import Hub
+from tests.ecosystems import Answer, Hub, sha256
 from tests.harness import RelayThread, relay_config, running_relay, wait_until
 from tests.origin import Origin, body_bytes
 
@@ -279,3 +279,97 @@ def test_cache_an_answer_for_one_client_is_not_shared(
     later = httpx.get(relay.url + path)
     assert "cache-status" not in later.headers  # relayed (pass)
     assert _gets_of(origin, "/gen/64k") == 4
+
+
+# ---- a purge covers what is being filled (item 16) ----------------------------------------
+
+
+@pytest.mark.parametrize("purge", ["key", "prefix"])
+def test_cache_purge_during_a_fill_is_not_undone_by_it(
+    origin: Origin, cached: Callable[..., RelayThread], purge: str
+) -> None:
+    """A purge while the object is being filled: the fill finishes serving its client, but
+    never stores; the next GET is a miss (a second upstream request)."""
+    relay = cached(admin_token="sesame")
+    token = {"x-relay-admin-token": "sesame"}
+    origin.reset_stats()
+    path = f"/o/gen/256k?v={87 if purge == 'key' else 88}&hold=purge"
+
+    def purged() -> None:
+        if purge == "key":
+            answer = httpx.delete(f"{relay.url}/cache{path}", headers=token)
+        else:
+            answer = httpx.post(
+                f"{relay.url}/cache/purge", json={"prefix": "/o/gen/"}, headers=token
+            )
+        assert answer.status_code == 200
+        assert answer.json() == {"purged": 1}  # the object being filled
+
+    results: list[httpx.Response] = []
+    origin.close_gate("purge")
+    thread = threading.Thread(target=lambda: results.append(httpx.get(relay.url + path)))
+    thread.start()
+    try:
+        assert wait_until(lambda: _gets_of(origin, "/gen/256k") == 1)
+        assert wait_until(lambda: relay.streams_active() == 1)
+        purged()
+    finally:
+        origin.open_gate("purge")
+        thread.join(30)
+    (first,) = results
+    assert first.status_code == 200
+    assert first.content == body_bytes(256 * 1024)
+    settled(relay)
+    again = httpx.get(relay.url + path)
+    assert again.headers["cache-status"] == "relay; fwd=miss; stored"
+    assert again.content == body_bytes(256 * 1024)
+    assert _gets_of(origin, "/gen/256k") == 2
+
+
+def test_cache_hub_purge_by_sha256_covers_its_fill(tmp_path: Path) -> None:
+    """`DELETE /cache/<hf route>/sha256/<hex>` while that object is being filled from the CDN:
+    the client gets every byte, nothing is stored, the next GET fetches again."""
+    hub = Hub()
+    data = hub.lfs["model.bin"]
+    pause = hub.pause = Answer(pause_after=64 * 1024)
+    with hub.hub, hub.cdn:
+        routes = (
+            Route(
+                prefix="/hf/",
+                upstream=hub.hub.url + "/",
+                allow_private=True,
+                preset="hf",
+                redirects="follow",
+                redirect_hosts=("127.0.0.1",),
+            ),
+        )
+        config = relay_config(
+            hub.hub.url,
+            routes=routes,
+            cache_dir=str(tmp_path / "cache"),
+            cache_max_bytes=64 * 1024 * 1024,
+            admin_token="sesame",
+        )
+        url = f"/hf/{Hub.repo}/resolve/main/model.bin"
+        with running_relay(config) as relay:
+            results: list[httpx.Response] = []
+            thread = threading.Thread(target=lambda: results.append(httpx.get(relay.url + url)))
+            thread.start()
+            try:
+                assert pause.reached.wait(30)
+                purge = httpx.delete(
+                    f"{relay.url}/cache/hf/sha256/{sha256(data)}",
+                    headers={"x-relay-admin-token": "sesame"},
+                )
+                assert purge.json() == {"purged": 1}
+            finally:
+                pause.release.set()
+                thread.join(30)
+            assert [r.content == data for r in results] == [True]
+            settled(relay)
+            again = httpx.get(relay.url + url)
+            assert again.headers["cache-status"] == "relay; fwd=miss; stored"
+            assert again.content == data
+            settled(relay)
+    cdn_gets = [method for method, _, _ in hub.cdn.requests].count("GET")
+    assert cdn_gets == 2
