@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from relay.config import Route
-from tests.e2e.caching import MakeRelay, caching_relay, data_files, settled
+from tests.e2e.caching import MakeRelay, caching_relay, data_files, hub_relay, settled
 from tests.ecosystems import Answer, Hub, sha256
-from tests.harness import RelayThread, relay_config, running_relay, wait_until
+from tests.harness import RelayThread, wait_until
 from tests.origin import Origin, body_bytes
 
 ATTACKER = "attacker.example"
@@ -91,37 +91,19 @@ def test_cache_hub_requests_carry_only_credentials_of_the_client(tmp_path: Path)
     route forwards them) and nothing else of the client; nor does the fill from the CDN."""
     hub = Hub()
     hub.token = "t0ken"
-    with hub.hub, hub.cdn:
-        routes = (
-            Route(
-                prefix="/hf/",
-                upstream=hub.hub.url + "/",
-                allow_private=True,
-                preset="hf",
-                redirects="follow",
-                redirect_hosts=("127.0.0.1",),
-                forward_client_auth=True,
-            ),
+    with hub.hub, hub.cdn, hub_relay(hub, tmp_path, forward_client_auth=True) as relay:
+        answer = httpx.get(
+            f"{relay.url}/hf/{Hub.repo}/resolve/main/model.bin",
+            headers={
+                "host": ATTACKER,
+                "authorization": "Bearer t0ken",
+                "user-agent": "evil/1",
+                "x-request-id": "r-2",
+            },
         )
-        config = relay_config(
-            hub.hub.url,
-            routes=routes,
-            cache_dir=str(tmp_path / "cache"),
-            cache_max_bytes=64 * 1024 * 1024,
-        )
-        with running_relay(config) as relay:
-            answer = httpx.get(
-                f"{relay.url}/hf/{Hub.repo}/resolve/main/model.bin",
-                headers={
-                    "host": ATTACKER,
-                    "authorization": "Bearer t0ken",
-                    "user-agent": "evil/1",
-                    "x-request-id": "r-2",
-                },
-            )
-            assert answer.status_code == 200
-            assert answer.content == hub.lfs["model.bin"]
-            settled(relay)
+        assert answer.status_code == 200
+        assert answer.content == hub.lfs["model.bin"]
+        settled(relay)
     (metadata,) = hub.hub.headers
     (fill,) = hub.cdn.headers
     assert metadata["authorization"] == "Bearer t0ken"
@@ -333,25 +315,8 @@ def test_cache_hub_purge_by_sha256_covers_its_fill(tmp_path: Path) -> None:
     data = hub.lfs["model.bin"]
     pause = hub.pause = Answer(pause_after=64 * 1024)
     with hub.hub, hub.cdn:
-        routes = (
-            Route(
-                prefix="/hf/",
-                upstream=hub.hub.url + "/",
-                allow_private=True,
-                preset="hf",
-                redirects="follow",
-                redirect_hosts=("127.0.0.1",),
-            ),
-        )
-        config = relay_config(
-            hub.hub.url,
-            routes=routes,
-            cache_dir=str(tmp_path / "cache"),
-            cache_max_bytes=64 * 1024 * 1024,
-            admin_token="sesame",
-        )
         url = f"/hf/{Hub.repo}/resolve/main/model.bin"
-        with running_relay(config) as relay:
+        with hub_relay(hub, tmp_path, admin_token="sesame") as relay:
             results: list[httpx.Response] = []
             thread = threading.Thread(target=lambda: results.append(httpx.get(relay.url + url)))
             thread.start()
