@@ -1,6 +1,6 @@
 """Aborted downloads: N clients drop mid-body; afterwards no upstream connection may be in use.
 
-    python -m bench.aborts [--count 500] [--concurrency 20] [--pool 10] [--transport aiohttp]
+    python -m bench.aborts [--count 500] [--concurrency 20] [--pool 10] [--loop auto]
 
 Runs a relay process (pool of --pool connections) in front of the Python test origin, opens
 --count downloads of a 64 MiB body that each close their socket (with RST) after 64 KiB, then
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--pool", type=int, default=10)
-    parser.add_argument("--transport", default="aiohttp", choices=("aiohttp", "httpcore"))
     parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
     args = parser.parse_args(argv)
 
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = tmp / "relay.toml"
     config.write_text(
-        f'max_connections = {args.pool}\npool_timeout = 30\ntransport = "{args.transport}"\n'
+        f"max_connections = {args.pool}\npool_timeout = 30\n"
         f'loop = "{args.loop}"\n'
         'log_level = "warning"\naccess_log = false\n'
         f'[[routes]]\nprefix = "/o/"\nupstream = "http://127.0.0.1:{origin_port}/"\n'
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         aborts = _gauge(relay_port, "relay_client_aborts_total", 'route="/o/"')
         status, body = http_get(relay_port, "/o/gen/1k")
         rss_after = rss_kib(process_tree(relay.pid))
-        title = f"{args.count} aborted downloads ({args.transport}, {args.loop} loop)"
+        title = f"{args.count} aborted downloads ({args.loop} loop)"
         print(f"| {title}, pool {args.pool} | value |")
         print("|---|---|")
         print(f"| time | {elapsed:.1f} s |")

@@ -29,15 +29,7 @@ from bench.servers import (
     start_relay,
 )
 
-ROW_KEYS = (
-    "direct",
-    "nginx",
-    "relay",
-    "relay-log",
-    "relay-aiohttp",
-    "relay-httpcore",
-    "baseline",
-)
+ROW_KEYS = ("direct", "nginx", "relay", "relay-log", "baseline")
 # relay rows run with the access log off, as nginx does; relay-log is the relay row with it on.
 DEFAULT_ONLY = "direct,nginx,relay,relay-log"
 
@@ -61,12 +53,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--baseline",
         action="store_true",
         help="also run the naive Starlette+httpx baseline relay row",
-    )
-    p.add_argument(
-        "--transport",
-        choices=("aiohttp", "httpcore"),
-        default=None,
-        help="--transport for the 'relay' row (default: the relay's own default)",
     )
     p.add_argument(
         "--loop",
@@ -133,15 +119,12 @@ def settings(a: argparse.Namespace) -> Settings:
     return s
 
 
-def _label(key: str, transport: str | None) -> str:
-    if key in ("relay", "relay-log"):
-        name = f"relay ({transport})" if transport else "relay (default)"
-        return name + (", access log on" if key == "relay-log" else "")
+def _label(key: str) -> str:
     return {
         "direct": "direct",
         "nginx": "nginx proxy",
-        "relay-aiohttp": "relay (aiohttp)",
-        "relay-httpcore": "relay (httpcore)",
+        "relay": "relay",
+        "relay-log": "relay, access log on",
         "baseline": "baseline relay",
     }[key]
 
@@ -218,10 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(k.startswith("relay") for k in a.keys):
                 relay_ok, relay_why = relay_available()
             for key in a.keys:
-                transport = a.transport if key in ("relay", "relay-log") else None
-                if key in ("relay-aiohttp", "relay-httpcore"):
-                    transport = key.split("-", 1)[1]
-                row = Row(key=key, label=_label(key, transport))
+                row = Row(key=key, label=_label(key))
                 rows.append(row)
                 print(f"== {row.label}", flush=True)
                 proxy = None
@@ -252,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                             origin,
                             tmp,
                             log_dir,
-                            transport,
                             a.loop,
                             a.extra_relay_args,
                             access_log=key == "relay-log",

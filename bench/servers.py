@@ -223,7 +223,6 @@ def start_relay(
     origin: Origin,
     tmp: Path,
     log_dir: Path,
-    transport: str | None,
     loop: str | None,
     extra_args: str,
     *,
@@ -238,8 +237,6 @@ def start_relay(
     cfg = tmp / ("".join(c if c.isalnum() else "_" for c in label) + ".toml")
     cfg.write_text(f'[[routes]]\nprefix = "/o/"\nupstream = "{origin_url}"\nallow_private = true\n')
     opts: list[str] = ["--log-level", "warning", *relay_log_args(access_log)]
-    if transport:
-        opts += ["--transport", transport]
     if loop:
         opts += ["--loop", loop]
     opts += shlex.split(extra_args)

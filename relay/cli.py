@@ -34,11 +34,27 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help_text = f"{f.metadata['help']} (default: {f.default}; env {env_var(f.name)})"
         if "choices" in f.metadata:
             p.add_argument(
-                cli_flag(f.name), dest=f.name, choices=f.metadata["choices"], help=help_text
+                cli_flag(f.name),
+                dest=f.name,
+                choices=f.metadata["choices"],
+                type=_not_removed(f.metadata.get("removed", {})),
+                help=help_text,
             )
         else:
             metavar = f.name.split("_")[-1].upper()
             p.add_argument(cli_flag(f.name), dest=f.name, metavar=metavar, help=help_text)
+
+
+def _not_removed(removed: dict[str, str]) -> Callable[[str], str]:
+    """An argparse type refusing a value relay no longer has with the reason (say, a removed
+    transport), before argparse's own "invalid choice"."""
+
+    def check(value: str) -> str:
+        if value in removed:
+            raise argparse.ArgumentTypeError(removed[value])
+        return value
+
+    return check
 
 
 def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -315,10 +315,11 @@ class Config:
     )
     max_keepalive: int = _setting(
         100,
-        "idle upstream connections kept for reuse",
+        "no effect: accepted so existing configs load",
         group="upstream",
-        details="Used by the httpcore transport; aiohttp keeps at most `max_connections`. "
-        "Capped at `max_connections`.",
+        details="It bounded the idle pool of the httpcore transport, which was removed. The "
+        "aiohttp transport keeps an idle connection for `keepalive_expiry`, and opens at most "
+        "`max_connections` at once.",
         min=0,
     )
     keepalive_expiry: float = _setting(
@@ -540,17 +541,27 @@ class Config:
         "",
         "PEM file of CA certificates trusted for https upstreams (empty: the defaults)",
         group="upstream",
-        details="Instead of the defaults (the system's for aiohttp, certifi's for httpcore); "
-        "e.g. an internal CA. Loaded once at startup.",
+        details="For an internal CA, say; without it, the system's certificates are trusted. "
+        "Loaded once at startup.",
     )
     transport: str = _setting(
-        "aiohttp", "upstream HTTP transport", group="upstream", choices=("aiohttp", "httpcore")
+        "aiohttp",
+        "upstream HTTP transport: aiohttp, the only one",
+        group="upstream",
+        details="Accepted so configs that name `aiohttp` still load. The httpcore transport was "
+        "removed (3.5x slower per byte): `httpcore` is refused at startup with a message "
+        "saying so.",
+        choices=("aiohttp",),
+        removed={
+            "httpcore": "the httpcore transport was removed; aiohttp is relay's only upstream"
+            " transport (remove the setting)"
+        },
     )
     loop: str = _setting(
         "auto",
         "event loop",
         group="server",
-        details="`auto`: uvloop under the aiohttp transport, asyncio under httpcore.",
+        details="`auto`: uvloop (what relay's figures were measured on).",
         choices=("auto", "uvloop", "asyncio"),
     )
     log_level: str = _setting(
@@ -648,7 +659,7 @@ class Config:
         if not self.ca_file:
             return None
         context = ssl.create_default_context(cafile=self.ca_file)
-        context.set_alpn_protocols(["http/1.1"])  # as the transports' own contexts offer
+        context.set_alpn_protocols(["http/1.1"])  # as the transport's own context offers
         return context
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -727,6 +738,8 @@ def _check(f: dataclasses.Field[Any], kind: Any, value: Any, where: str) -> None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         shown = masked(value, secret=meta["secret"])
         raise ConfigError(f"{where}: expected {kind.__name__}, got {shown!r}")
+    if value in meta.get("removed", {}):
+        raise ConfigError(f"{where}: {meta['removed'][value]}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
     if meta.get("positive") and not value > 0:

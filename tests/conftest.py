@@ -14,11 +14,10 @@ from tests.harness import (
     relay_config,
     take_started_relays,
 )
+from tests.loopback import LoopbackServer
 from tests.origin import Origin
 
 pytest_plugins = ["pytester"]
-
-TRANSPORTS = ["aiohttp", "httpcore"]
 
 # The fuzz tier (tests/fuzz). "default" is bounded so the tier takes about a minute on two
 # cores, and derandomized: the same examples every run, so a CI failure reproduces locally.
@@ -34,10 +33,31 @@ settings.register_profile("long", _FUZZ, max_examples=20_000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+# Servers started in this process when a test's setup began (see _check_e2e_marker).
+_STARTS_AT_SETUP = pytest.StashKey[int]()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     INVARIANTS.enabled = item.get_closest_marker("leaves_resources") is None
     take_started_relays()  # forget relays of earlier tests (module-scoped ones included)
+    item.stash[_STARTS_AT_SETUP] = LoopbackServer.starts
+
+
+def _check_e2e_marker(item: pytest.Item) -> None:
+    """Fail a test that starts a relay or an origin on loopback, or uses one a fixture started,
+    without the e2e marker: `-m "not e2e"` must run no server (tests/loopback.py)."""
+    if item.get_closest_marker("e2e") is not None:
+        return
+    started = LoopbackServer.starts > item.stash.get(_STARTS_AT_SETUP, LoopbackServer.starts)
+    funcargs: dict[str, object] = getattr(item, "funcargs", {})
+    used = sorted(n for n, v in funcargs.items() if isinstance(v, LoopbackServer))
+    if started or used:
+        how = f"uses {', '.join(used)}" if used else "starts a relay or an origin"
+        pytest.fail(
+            f"{item.nodeid} {how} over loopback: mark it e2e (pytestmark = pytest.mark.e2e)",
+            pytrace=False,
+        )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -45,8 +65,11 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     """After a test that started relays passes, check each one's invariants (a relay still
     running is checked now, one the test stopped was checked by stop()): a relay left
     holding a stream slot, an upstream connection or a task, or having logged an unhandled
-    exception, fails the test."""
+    exception, fails the test. A test that started or used a relay or an origin without the
+    e2e marker fails too, before it runs if its fixtures did, else after."""
+    _check_e2e_marker(item)
     yield  # a test that failed on its own raises here and is reported as it is
+    _check_e2e_marker(item)
     if not INVARIANTS.enabled:
         return
     problems: list[str] = []
@@ -78,12 +101,6 @@ def make_relay(origin: Origin) -> Iterator[Callable[..., RelayThread]]:
         relay.stop()
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport_name(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 @pytest.fixture
-def relay(make_relay: Callable[..., RelayThread], transport_name: str) -> RelayThread:
-    return make_relay(transport=transport_name)
+def relay(make_relay: Callable[..., RelayThread]) -> RelayThread:
+    return make_relay()

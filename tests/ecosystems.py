@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
+from tests.loopback import LoopbackServer
+
 RELAY_VIA = "1.1 relay"
 
 
@@ -43,7 +45,7 @@ class Answer:
 Handler = Callable[[str, str, dict[str, str]], Answer]
 
 
-class Site:
+class Site(LoopbackServer):
     """One host: `handle(method, path, headers) -> Answer`; records (method, path, via)."""
 
     def __init__(self, handle: Handler, *, relay_only: bool = True) -> None:
@@ -108,6 +110,7 @@ class Site:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        LoopbackServer.started()
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -186,7 +189,7 @@ def make_sdist(name: str, version: str) -> tuple[str, bytes]:
     return f"{name}-{version}.tar.gz", out.getvalue()
 
 
-class PyPI:
+class PyPI(LoopbackServer):
     """pypi.org (simple index: JSON or HTML by Accept at /simple/, HTML only at /html/simple/,
     always gzip-encoded at /gz/..., always a 206 at /partial/..., 4000 times over at /big/...,
     cut halfway at /cut/...,
@@ -314,7 +317,7 @@ class PyPI:
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-class Hub:
+class Hub(LoopbackServer):
     """The Hub (`/<repo>/resolve/<rev>/<file>`): a regular file answered directly, LFS files
     by a 302 to the CDN with X-Repo-Commit / X-Linked-Etag / X-Linked-Size; `xet.bin` is
     answered by the Hub with Xet headers (X-Xet-Hash, X-Xet-Refresh-Route, Link
@@ -459,7 +462,7 @@ def make_npm_tarball(name: str, version: str) -> bytes:
     return out.getvalue()
 
 
-class Npm:
+class Npm(LoopbackServer):
     """The npm registry: packument at /<name> (/@scope%2fname for a scoped one; tarball URL
     absolute, `integrity` sha512) and the tarball at /<name>/-/<name>-<version>.tgz, on one
     site."""

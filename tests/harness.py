@@ -27,8 +27,10 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from relay.config import Config, Route
 from relay.errors import TransferAborted
 from relay.net.transports import PooledTransport, PoolStats, make_transport
+from relay.net.transports.aiohttp_transport import AiohttpTransport
 from relay.proxy.admission import StreamLimiter
 from relay.server.run import RelayServer, build_server, event_loop
+from tests.loopback import LoopbackServer
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> bool:
@@ -156,7 +158,7 @@ class _ErrorCapture(logging.Handler):
 _relay_ids = itertools.count(1)
 
 
-class RelayThread:
+class RelayThread(LoopbackServer):
     """A relay served by uvicorn in a background thread with its own event loop."""
 
     def __init__(self, config: Config, *, transport: httpx.AsyncBaseTransport | None = None):
@@ -181,6 +183,7 @@ class RelayThread:
         self.port = sock.getsockname()[1]
         self.server = build_server(self.config, transport=self.transport)
         server = self.server
+        LoopbackServer.started()
 
         def run() -> None:
             if event_loop(self.config) == "asyncio":
@@ -287,6 +290,12 @@ class RelayThread:
         assert isinstance(transport, PooledTransport)
         stats: PoolStats = self.call(transport.pool_stats)
         return stats
+
+    def requests_waiting(self) -> int:
+        """Requests waiting for a free upstream connection (the transport's count)."""
+        transport = self.transport
+        assert isinstance(transport, AiohttpTransport)
+        return int(self.call(transport.requests_waiting))
 
     def connections_in_use(self) -> int:
         """Checked-out upstream connections, counted by relay and by the transport library."""

@@ -32,8 +32,9 @@ Endpoints
     Continuation faults: ``stall_resume_once`` (+ ``key``: the first request with a Range
     stalls before its headers), ``ignore_if_range`` (a Range is served even when If-Range
     does not match), ``bare_206`` (206 responses carry no ETag or Last-Modified).
-    Hostile upstreams: ``smuggle=<seconds>`` (after a complete kept-alive response, wait, then
-    send a second, unrequested response carrying ``X-Smuggled: yes``), ``http10=1`` (answer
+    Hostile upstreams: ``smuggle=<seconds>`` (after a complete kept-alive response, wait, and
+    with ``gate=<name>`` until the gate is open, then send a second, unrequested response
+    carrying ``X-Smuggled: yes``), ``http10=1`` (answer
     ``HTTP/1.0`` with no Content-Length: the body ends at close; with ``reset_after`` it ends
     with an RST instead of a FIN), ``trickle_headers=<seconds>`` (the status line, then one
     header line per interval, never completing the head, up to ``TRICKLE_LINES`` lines, then
@@ -79,6 +80,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from tests.loopback import LoopbackServer
 
 __all__ = [
     "BAD_HEADS",
@@ -777,6 +780,16 @@ class _Core:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
+    async def _pass_gate(self, req: _Request) -> None:
+        """Wait while the request's ``gate`` is closed (``Origin.close_gate``)."""
+        name = req.param("gate")
+        if name is None:
+            return
+        with self.stats.lock:
+            gate = self.stats.gates.get(name)
+        while gate is not None and not gate.is_set():
+            await asyncio.sleep(0.01)
+
     @staticmethod
     async def _stall(reader: asyncio.StreamReader) -> None:
         """Send nothing until the client closes (or the server stops and cancels us)."""
@@ -948,14 +961,8 @@ class _Core:
             shift = version
         if delay:
             await asyncio.sleep(delay)
-        gate_name = req.param("gate")
-        if gate_name is not None and (
-            req.header("if-none-match") is not None or req.header("if-modified-since") is not None
-        ):
-            with self.stats.lock:
-                gate = self.stats.gates.get(gate_name)
-            while gate is not None and not gate.is_set():
-                await asyncio.sleep(0.01)
+        if req.header("if-none-match") is not None or req.header("if-modified-since") is not None:
+            await self._pass_gate(req)
 
         # -- representation
         drop_key = (req.path, version, req.param("key"))
@@ -1136,6 +1143,7 @@ class _Core:
         await drain()
         if smuggle is not None and keep:
             await asyncio.sleep(smuggle)
+            await self._pass_gate(req)
             write(SMUGGLED)
             await drain()
         return "keep" if keep else "close"
@@ -1157,7 +1165,7 @@ class _Core:
 # --------------------------------------------------------------------------------------------
 
 
-class Origin:
+class Origin(LoopbackServer):
     """The origin server in a background daemon thread with its own event loop.
 
     ``start()`` returns once listening; ``stop()`` closes every connection (stalls included)
@@ -1203,6 +1211,7 @@ class Origin:
         if self._thread is not None:
             raise RuntimeError("Origin already started")
         self._thread = threading.Thread(target=self._run, name="test-origin", daemon=True)
+        LoopbackServer.started()
         self._thread.start()
         self._ready.wait()
         if self._error is not None:

@@ -1,9 +1,9 @@
 """A loopback upstream whose every byte is given by the test: the fuzz tier's raw origin.
 
 ``tests/origin.py`` is the origin with named faults; this one has none of its own. A test
-says, per request path, what to send (bytes, with pauses between them) and how to end (keep
-the connection for the next request, FIN, RST, or stall until the peer gives up), and reads
-back what arrived (raw bytes, per connection)::
+says, per request path, what to send (bytes, with pauses or events between them) and how to
+end (keep the connection for the next request, FIN, RST, or stall until the peer gives up),
+and reads back what arrived (raw bytes, per connection)::
 
     with ScriptedUpstream() as upstream:
         cut = b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n\\r\\nhel"
@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Literal
 
+from tests.loopback import LoopbackServer
+
 End = Literal["keep", "fin", "rst", "stall"]
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n"
@@ -35,10 +37,11 @@ NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n"
 @dataclasses.dataclass(frozen=True)
 class Reply:
     """What the upstream does for one request: each bytes item is sent, each float is a
-    pause (seconds), then `end`: "keep" reads the next request on the same connection, "fin"
-    closes, "rst" resets, "stall" sends nothing more until the peer closes."""
+    pause (seconds), each event is waited for (set by the test once what it waits for is
+    observable; bounded), then `end`: "keep" reads the next request on the same connection,
+    "fin" closes, "rst" resets, "stall" sends nothing more until the peer closes."""
 
-    parts: Sequence[bytes | float]
+    parts: Sequence[bytes | float | threading.Event]
     end: End = "keep"
 
 
@@ -53,7 +56,7 @@ class Received:
         return parts[1] if len(parts) > 1 else b""
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackServer):
     def __init__(self) -> None:
         self._replies: dict[bytes, list[Reply]] = {}
         self._lock = threading.Lock()
@@ -62,6 +65,7 @@ class ScriptedUpstream:
         self._accepted = 0
         self._closing = False
         self._listener = socket.create_server(("127.0.0.1", 0))
+        LoopbackServer.started()
         self.port: int = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="scripted-upstream", daemon=True)
 
@@ -157,6 +161,8 @@ class ScriptedUpstream:
                 for part in reply.parts:
                     if isinstance(part, bytes):
                         conn.sendall(part)
+                    elif isinstance(part, threading.Event):
+                        part.wait(30)
                     else:
                         time.sleep(part)
                 if reply.end == "keep":

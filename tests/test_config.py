@@ -58,6 +58,10 @@ def test_routes_come_whole_from_the_highest_source(tmp_path: Path) -> None:
         ({"RELAY_PORT": "70000"}, "port (RELAY_PORT): must be at most 65535"),
         ({"RELAY_READ_TIMEOUT": "0"}, "read_timeout (RELAY_READ_TIMEOUT): must be greater than 0"),
         ({"RELAY_TRANSPORT": "curl"}, "transport (RELAY_TRANSPORT): must be one of"),
+        (
+            {"RELAY_TRANSPORT": "httpcore"},
+            "transport (RELAY_TRANSPORT): the httpcore transport was removed",
+        ),
         ({"RELAY_PORT": "tcp://10.0.0.1:80"}, "enableServiceLinks"),
         ({"RELAY_ROUTES": "/x/"}, "expected PREFIX=URL"),
     ],
@@ -111,6 +115,26 @@ def test_serve_without_routes_exits_nonzero(capsys: pytest.CaptureFixture[str]) 
 def test_serve_with_bad_value_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--route", "/a/=https://x/", "--read-timeout", "soon"]) == 2
     assert "read_timeout (--read-timeout)" in capsys.readouterr().err
+
+
+def test_transport_aiohttp_is_still_accepted_from_every_source(tmp_path: Path) -> None:
+    """Configs written when relay had two transports still load when they name aiohttp."""
+    path = write(tmp_path, 'transport = "aiohttp"\nmax_keepalive = 20\n')
+    config = Config.load(
+        config_file=path, environ={"RELAY_TRANSPORT": "aiohttp"}, cli={"transport": "aiohttp"}
+    )
+    assert config.transport == "aiohttp"
+
+
+def test_serve_with_the_removed_httpcore_transport_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--route", "/a/=https://x/", "--transport", "httpcore"])
+    assert exited.value.code == 2
+    assert "--transport: the httpcore transport was removed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"transport \(.*relay.toml\): the httpcore transport"):
+        Config.load(config_file=write(tmp_path, 'transport = "httpcore"\n'))
 
 
 def test_describe_is_loggable() -> None:

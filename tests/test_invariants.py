@@ -76,19 +76,24 @@ def test_invariants_catch_a_task_left_running(make_relay: Callable[..., RelayThr
     assert relay.invariant_violations() == []
 
 
+_INI = (
+    "[pytest]\nmarkers =\n    e2e: over loopback\n    leaves_resources: opt out\n"
+    "asyncio_default_fixture_loop_scope = function\n"
+)
+
+
 def test_invariants_fail_a_test_whose_own_assertions_pass(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The conftest hook fails a passing test that leaves a slot held, and the
     leaves_resources marker opts a test out."""
     pytester.makeconftest("from tests.conftest import *  # noqa: F403\n")
-    pytester.makeini(
-        "[pytest]\nmarkers =\n    leaves_resources: opt out\n"
-        "asyncio_default_fixture_loop_scope = function\n"
-    )
+    pytester.makeini(_INI)
     pytester.makepyfile(
         """
         import pytest
+
+        pytestmark = pytest.mark.e2e
 
         def leak(make_relay):
             relay = make_relay()
@@ -133,3 +138,46 @@ def test_invariants_catch_a_future_exception_never_retrieved(
     assert len(violations) == 1
     assert "exception was never retrieved" in violations[0]
     assert "ConnectionResetError: lost" in violations[0]
+
+
+def test_a_test_that_starts_or_uses_a_relay_or_an_origin_must_be_marked_e2e(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conftest hook fails an unmarked test that starts a relay or an origin (in its body
+    or through a fixture), or uses one an earlier test's fixture started, so `-m "not e2e"`
+    runs no server; marked tests and tests without a server pass."""
+    pytester.makeconftest("from tests.conftest import *  # noqa: F403\n")
+    pytester.makeini(_INI)
+    pytester.makepyfile(
+        """
+        import pytest
+        from tests.origin import Origin
+
+        @pytest.mark.e2e
+        def test_marked(make_relay):
+            make_relay()
+
+        def test_unit():
+            pass
+
+        def test_starts_an_origin_in_its_body():
+            with Origin():
+                pass
+
+        def test_starts_a_relay_through_a_fixture(relay):
+            pass
+
+        def test_uses_the_session_origin_started_earlier(origin):
+            pass
+        """
+    )
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_starts_an_origin_in_its_body starts a relay or an origin over loopback: *",
+            "*::test_starts_a_relay_through_a_fixture uses origin, relay over loopback: *",
+            "*::test_uses_the_session_origin_started_earlier uses origin over loopback: mark it*",
+        ]
+    )

@@ -29,6 +29,8 @@ from tests.origin import (
     parse_size,
 )
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@ lacks a private part relay relies on, and the checks that find those parts.
 
 Each dependency whose private or undocumented API relay uses has one compat module
 (`relay/net/httpx_compat.py`, `relay/net/transports/aiohttp_compat.py`,
-`relay/net/transports/httpcore_compat.py`, `relay/server/uvicorn_compat.py`); nothing else
+`relay/server/uvicorn_compat.py`); nothing else
 touches those parts. Each module's `check()` runs when it is imported, so a dependency that
 renamed one fails relay's start with a message naming it, instead of silently switching a
 guard or a bound off.

@@ -44,7 +44,7 @@ def map_upstream_errors() -> Iterator[None]:
         phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "waiting for"
         raise UpstreamTimeout(f"timed out {phase} the upstream") from exc
     except httpx.ConnectError as exc:
-        # The transports say "refused by egress policy: <host> resolves to <address> ...".
+        # The transport says "refused by egress policy: <host> resolves to <address> ...".
         if _EGRESS_REFUSED in str(exc):
             raise UpstreamUnavailable(f"cannot connect to the upstream: {_EGRESS_REFUSED}") from exc
         raise UpstreamUnavailable("cannot connect to the upstream") from exc

@@ -9,7 +9,7 @@ An app sees `scope["extensions"]["http.response.zerocopysend"]` and may then sen
 "count": int, "more_body": bool}` between the response start and its last body message.
 
 How, and why so (read from uvicorn 0.54, uvloop 0.23, asyncio 3.11; measured here):
-- `relay serve` runs uvloop (with the aiohttp transport, the default), whose `loop.sendfile` is
+- `relay serve` runs uvloop (`loop = "auto"`), whose `loop.sendfile` is
   asyncio's abstract one: it raises NotImplementedError (uvloop issue #228). asyncio's
   selector loop has a native `loop.sendfile`, but only for its own transports and one whole
   count at a time. So one path for both loops: `os.sendfile` on the connection's non-blocking

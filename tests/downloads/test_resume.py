@@ -46,10 +46,10 @@ def requests_for(origin: Origin, tag: str) -> list[dict[str, str | None]]:
 
 
 def test_download_resumes_with_range_after_the_upstream_drops(
-    make_relay: Callable[..., RelayThread], tmp_path: Path, origin: Origin, transport_name: str
+    make_relay: Callable[..., RelayThread], tmp_path: Path, origin: Origin
 ) -> None:
     """A cut body is resumed with Range: bytes=N- and If-Range: <ETag>; the file is exact."""
-    relay = make_relay(data_dir=str(tmp_path), transport=transport_name)
+    relay = make_relay(data_dir=str(tmp_path))
     tag = marker()
     size = 6 * MiB
     job = post(relay, path=f"/o/gen/{size}?drop_once={2 * MiB}&key={tag}&m={tag}").json()

@@ -27,6 +27,8 @@ from tests.e2e.caching import settled as _settled
 from tests.harness import RelayThread, abort_download, curl, sha256_stream, wait_until
 from tests.origin import Origin, expected_sha256
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1024 * 1024
 
 

@@ -22,6 +22,8 @@ from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.harness import RelayThread, abort_download, curl, wait_until
 from tests.origin import body_bytes, expected_sha256
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1024 * 1024
 
 

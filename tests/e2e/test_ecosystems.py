@@ -22,6 +22,8 @@ from relay.errors import ConfigError
 from tests.ecosystems import COMMIT, Answer, Hub, Npm, PyPI, sha256
 from tests.harness import RelayThread, relay_config, running_relay, wait_until
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def pypi() -> Iterator[PyPI]:

@@ -23,6 +23,8 @@ from tests.e2e.test_ecosystems import _pip, _pypi_routes
 from tests.ecosystems import Npm, PyPI, sha256
 from tests.harness import relay_config, running_relay, wait_until
 
+pytestmark = pytest.mark.e2e
+
 JSON = "application/vnd.pypi.simple.v1+json"
 PAGE = "/simple/tinypkg/"
 

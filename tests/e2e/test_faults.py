@@ -47,8 +47,8 @@ def test_reset_before_headers_gives_502(relay: RelayThread) -> None:
     assert relay.settled()
 
 
-def test_no_answer_gives_504(make_relay: Callable[..., RelayThread], transport_name: str) -> None:
-    relay = make_relay(transport=transport_name, read_timeout=0.5)
+def test_no_answer_gives_504(make_relay: Callable[..., RelayThread]) -> None:
+    relay = make_relay(read_timeout=0.5)
     response = httpx.get(f"{relay.url}/o/gen/1000?stall_headers=1", timeout=10)
     assert response.status_code == 504
     assert "timed out" in response.text
@@ -59,8 +59,7 @@ def test_no_answer_gives_504(make_relay: Callable[..., RelayThread], transport_n
 def test_conflicting_upstream_framing_gives_502(
     make_relay: Callable[..., RelayThread], framing: str
 ) -> None:
-    # httpcore's h11 tolerates some conflicting framing; the default transport refuses it.
-    relay = make_relay(transport="aiohttp")
+    relay = make_relay()
     response = httpx.get(f"{relay.url}/o/gen/1000?bad_framing={framing}")
     assert response.status_code == 502
     assert relay.settled()
@@ -87,10 +86,8 @@ def held_stream(url: str) -> Iterator[None]:
         thread.join(10)
 
 
-def test_pool_exhausted_gives_503_with_retry_after(
-    make_relay: Callable[..., RelayThread], transport_name: str
-) -> None:
-    relay = make_relay(transport=transport_name, max_connections=1, pool_timeout=0.3)
+def test_pool_exhausted_gives_503_with_retry_after(make_relay: Callable[..., RelayThread]) -> None:
+    relay = make_relay(max_connections=1, pool_timeout=0.3)
     with held_stream(f"{relay.url}/o/gen/10m?stall_after=1000"):
         response = httpx.get(f"{relay.url}/o/gen/10", timeout=10)
         assert response.status_code == 503
@@ -110,13 +107,13 @@ def test_pool_exhausted_gives_503_with_retry_after(
 )
 @pytest.mark.parametrize("resume", ["off", "impossible"])
 def test_upstream_dying_mid_body_aborts_the_client(
-    make_relay: Callable[..., RelayThread], transport_name: str, fault: str, resume: str
+    make_relay: Callable[..., RelayThread], fault: str, resume: str
 ) -> None:
     """Every byte received is forwarded, then the client transfer is aborted, never cleanly.
 
     With resume off, or when the object changed (a new ETag each time, so If-Range fails).
     """
-    relay = make_relay(transport=transport_name, resume_attempts=0 if resume == "off" else 3)
+    relay = make_relay(resume_attempts=0 if resume == "off" else 3)
     if resume == "impossible":
         fault += "&etag_changes=1"
     received = bytearray()
@@ -149,9 +146,9 @@ def test_bad_chunk_framing_is_never_a_clean_response(relay: RelayThread) -> None
 
 
 def test_upstream_stall_mid_body_aborts_after_read_timeout(
-    make_relay: Callable[..., RelayThread], origin: Origin, transport_name: str
+    make_relay: Callable[..., RelayThread], origin: Origin
 ) -> None:
-    relay = make_relay(transport=transport_name, read_timeout=0.5, resume_attempts=0)
+    relay = make_relay(read_timeout=0.5, resume_attempts=0)
     marker = uuid.uuid4().hex
     with (
         pytest.raises(httpx.RemoteProtocolError),
@@ -174,10 +171,10 @@ def _rss_kib() -> int:
 
 
 def test_aborted_downloads_leave_no_connection_checked_out(
-    make_relay: Callable[..., RelayThread], origin: Origin, transport_name: str
+    make_relay: Callable[..., RelayThread], origin: Origin
 ) -> None:
     """200 clients that drop mid-body against a pool of 10: the pool returns to zero in use."""
-    relay = make_relay(transport=transport_name, max_connections=10, pool_timeout=10)
+    relay = make_relay(max_connections=10, pool_timeout=10)
     baseline_upstream = origin.open_connections
     rss_before = _rss_kib()
     assert rss_before > 0, "the RSS probe measured nothing"
@@ -205,9 +202,9 @@ def test_aborted_downloads_leave_no_connection_checked_out(
 
 
 def test_client_disconnect_while_waiting_for_headers_cancels_upstream(
-    make_relay: Callable[..., RelayThread], origin: Origin, transport_name: str
+    make_relay: Callable[..., RelayThread], origin: Origin
 ) -> None:
-    relay = make_relay(transport=transport_name, read_timeout=30)
+    relay = make_relay(read_timeout=30)
     baseline = origin.open_connections
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
         sock.sendall(b"GET /o/gen/1000?stall_headers=1 HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -218,16 +215,20 @@ def test_client_disconnect_while_waiting_for_headers_cancels_upstream(
 
 
 def test_client_disconnect_while_waiting_for_pool_slot_never_reaches_upstream(
-    make_relay: Callable[..., RelayThread], origin: Origin, transport_name: str
+    make_relay: Callable[..., RelayThread], origin: Origin
 ) -> None:
-    relay = make_relay(transport=transport_name, max_connections=1, pool_timeout=30)
+    relay = make_relay(max_connections=1, pool_timeout=30)
     marker = uuid.uuid4().hex
     with held_stream(f"{relay.url}/o/gen/10m?stall_after=1000"):
         with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
             sock.sendall(f"GET /o/gen/10?m={marker} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-            time.sleep(0.3)  # let it queue for the slot; not a timing assertion
-        time.sleep(0.2)
+            # Queued for the one connection (the transport counts it), not merely slow to start.
+            assert wait_until(lambda: relay.requests_waiting() == 1)
+        # The client left: relay stops waiting for it while the connection is still held.
+        assert wait_until(lambda: relay.requests_waiting() == 0)
+        assert relay.pool_stats().in_use == 1
     assert relay.settled()
+    # The freed connection goes to the next request, never to the abandoned one.
     assert httpx.get(f"{relay.url}/o/gen/10").status_code == 200
     assert not [r for r in origin.requests if marker in r.target]
 
@@ -246,10 +247,10 @@ def test_error_bodies_are_short_and_plain(make_relay: Callable[..., RelayThread]
 
 @pytest.mark.parametrize("cut", [1_000_000, 33_333_333])
 def test_every_byte_received_is_forwarded_before_the_abort(
-    make_relay: Callable[..., RelayThread], transport_name: str, cut: int
+    make_relay: Callable[..., RelayThread], cut: int
 ) -> None:
     """Bytes the transport had buffered when the upstream died still reach the client."""
-    relay = make_relay(transport=transport_name, resume_attempts=0)
+    relay = make_relay(resume_attempts=0)
     received = 0
     with (
         pytest.raises(httpx.RemoteProtocolError),

@@ -1,13 +1,13 @@
 """End to end over loopback: what the fuzz tier (tests/fuzz) found in upstream handling.
 
-A raw scripted upstream (tests/scripted_upstream.py) sends exactly the bytes of each case; each
-test runs on both transports.
+A raw scripted upstream (tests/scripted_upstream.py) sends exactly the bytes of each case.
 """
 
 from __future__ import annotations
 
 import gc
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -27,11 +27,10 @@ def upstream() -> Iterator[ScriptedUpstream]:
 
 
 @pytest.fixture
-def scripted_relay(upstream: ScriptedUpstream, transport_name: str) -> Iterator[RelayThread]:
+def scripted_relay(upstream: ScriptedUpstream) -> Iterator[RelayThread]:
     config = relay_config(
         upstream.url,
         routes=(Route(prefix="/u/", upstream=upstream.url + "/", allow_private=True),),
-        transport=transport_name,
         read_timeout=2.0,
         resume_attempts=0,
     )
@@ -85,12 +84,16 @@ def test_fuzz_finding_pooled_connection_reset_after_a_chunked_response_logs_noth
     body = b"7\r\nabcdefg\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
     # The body comes after the head (so the response watches its connection), the reset
     # once the connection is back in the pool.
-    upstream.script("/reset", Reply([head, 0.05, body, 0.2], "rst"))
+    pooled = threading.Event()
+    upstream.script("/reset", Reply([head, 0.05, body, pooled], "rst"))
     expected = good(upstream, "/next")
     for _ in range(5):
+        pooled.clear()
         response = get(scripted_relay, "/u/reset")
         assert response.status == 206
-        wait_until(lambda: upstream.open_connections == 0, timeout=3)
+        assert wait_until(lambda: scripted_relay.pool_stats() == (0, 1))  # idle, pooled
+        pooled.set()
+        assert wait_until(lambda: upstream.open_connections == 0, timeout=3)
         # The next request finds the reset connection in the pool and drops it.
         following = get(scripted_relay, "/u/next")
         assert (following.status, following.body) == (200, expected)

@@ -18,6 +18,8 @@ from tests.e2e.caching import settled as _settled
 from tests.ecosystems import COMMIT, Answer, Hub, sha256
 from tests.harness import CURL, curl, relay_config, running_relay, wait_until
 
+pytestmark = pytest.mark.e2e
+
 MiB = 1024 * 1024
 URL = f"/hf/{Hub.repo}/resolve/main/"
 

@@ -173,8 +173,9 @@ def test_get_with_an_empty_content_length_is_served(make_relay: Callable[..., Re
     assert status_of(raw_http(relay.port, request)) == 200
 
 
-def _trickle(port: int, head: bytes, *, limit: int = 200) -> bytes:
-    """Send head, then one body byte every 0.05 s until relay answers or closes (bounded)."""
+def _trickle(port: int, head: bytes, *, limit: int = 200) -> tuple[bytes, bool]:
+    """Send head, then one body byte every 0.05 s until relay closes the connection (bounded:
+    `limit` bytes). Returns what relay sent and whether it closed the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head)
         sock.settimeout(0.05)
@@ -186,14 +187,14 @@ def _trickle(port: int, head: bytes, *, limit: int = 200) -> bytes:
                 try:
                     sock.sendall(b"x")
                 except OSError:
-                    break
+                    return received, True
                 continue
             except ConnectionResetError:
-                break
+                return received, True
             if not chunk:
-                break
+                return received, True
             received += chunk
-        return received
+        return received, False
 
 
 @pytest.fixture
@@ -208,9 +209,10 @@ def test_trickled_download_request_body_gets_408_after_body_timeout(
         b"POST /downloads HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
         b"Content-Length: 16000\r\n\r\n{"
     )
-    response = _trickle(downloads_relay.port, head)
+    response, closed = _trickle(downloads_relay.port, head)
     assert status_of(response) == 408
     assert len(STATUS_LINE.findall(response)) == 1
+    assert closed
 
 
 def test_trickled_body_after_an_early_answer_is_not_kept_open(
@@ -220,9 +222,10 @@ def test_trickled_body_after_an_early_answer_is_not_kept_open(
     the body, trickled, cannot hold the connection past body_timeout."""
     relay = make_relay(body_timeout=1.0, keepalive_timeout=60.0)
     head = b"POST /o/gen/10 HTTP/1.1\r\nHost: r\r\nContent-Length: 16000\r\n\r\n"
-    response = _trickle(relay.port, head)
+    response, closed = _trickle(relay.port, head)
     assert status_of(response) == 405
     assert len(STATUS_LINE.findall(response)) == 1
+    assert closed  # by body_timeout, although bytes kept coming
 
 
 def test_declared_body_over_max_body_bytes_gets_413_at_once(
@@ -327,12 +330,12 @@ def _read_slowly(port: int, path: str) -> tuple[int, str]:
 
 
 def test_client_reading_below_min_send_rate_is_reset(
-    make_relay: Callable[..., RelayThread], transport_name: str, caplog: pytest.LogCaptureFixture
+    make_relay: Callable[..., RelayThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client reading at about 40 KB/s against a 256 KB/s minimum is cut after the grace
     window: its connection reset, the cut logged, its upstream connection released."""
     caplog.set_level(logging.INFO, logger="relay.access")
-    relay = make_relay(transport=transport_name, min_send_rate=256_000, min_rate_window=0.5)
+    relay = make_relay(min_send_rate=256_000, min_rate_window=0.5)
     received, ending = _read_slowly(relay.port, "/o/gen/256m")
     assert ending == "reset", (ending, received)
     assert received < 256 * 1024 * 1024

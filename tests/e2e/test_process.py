@@ -16,6 +16,7 @@ import pytest
 
 from relay import __version__
 from tests.harness import CURL, curl, wait_until
+from tests.loopback import LoopbackServer
 from tests.origin import Origin, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +30,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RelayProcess:
+class RelayProcess(LoopbackServer):
     def __init__(self, origin: Origin, tmp_path: Path, **settings: object) -> None:
         self.port = free_port()
         lines = [f"{k} = {v!r}".replace("'", '"') for k, v in settings.items()]
@@ -47,6 +48,7 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        LoopbackServer.started()
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [

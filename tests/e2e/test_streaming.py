@@ -267,7 +267,7 @@ def test_a_slow_client_holds_about_one_small_read_and_one_chunk(
     to take each chunk, so it holds at most a little over two small reads for it, whatever
     the file size (uvloop alone reads 256 KiB at a time, and aiohttp's default buffer and
     uvicorn's default write limit would each have held more)."""
-    relay = make_relay(transport="aiohttp")
+    relay = make_relay()
     upstream, downstream = held_for_a_slow_client(relay)
     assert upstream > 0, "the probe measured nothing upstream"
     # aiohttp pauses above 2 x 16 KiB and then holds at most one more read; the server

@@ -1,5 +1,5 @@
-"""End to end over TLS: an https upstream (the test origin with a trustme certificate), both
-transports. Bytes unchanged, truncation visible, nothing left checked out, the certificate
+"""End to end over TLS: an https upstream (the test origin with a trustme certificate). Bytes
+unchanged, truncation visible, nothing left checked out, the certificate
 checked against `ca_file`, and a slow client's bound holds over TLS too."""
 
 from __future__ import annotations
@@ -47,14 +47,11 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-@pytest.fixture(params=["aiohttp", "httpcore"])
-def tls_relay(
-    request: pytest.FixtureRequest, tls_origin: Origin, ca_file: str
-) -> Iterator[RelayThread]:
+@pytest.fixture
+def tls_relay(tls_origin: Origin, ca_file: str) -> Iterator[RelayThread]:
     config = relay_config(
         tls_origin.url,
         ca_file=ca_file,
-        transport=request.param,
         resume_attempts=0,  # a cut body is aborted, not resumed (tested elsewhere)
     )
     with running_relay(config) as relay:
@@ -91,11 +88,8 @@ def test_https_upstream_dying_mid_body_aborts_the_client(
     assert tls_relay.settled()
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
-def test_an_untrusted_certificate_is_a_502_without_ca_file(
-    tls_origin: Origin, transport: str
-) -> None:
-    config = relay_config(tls_origin.url, transport=transport)
+def test_an_untrusted_certificate_is_a_502_without_ca_file(tls_origin: Origin) -> None:
+    config = relay_config(tls_origin.url)
     with running_relay(config) as relay:
         response = httpx.get(f"{relay.url}/o/gen/10", timeout=10)
         assert response.status_code == 502

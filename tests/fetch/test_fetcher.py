@@ -70,6 +70,7 @@ def seen(origin: Origin, key: str) -> list[RequestRecord]:
 # ---- end to end: success ------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fetch_complete_download_verified(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -90,6 +91,7 @@ def test_fetch_complete_download_verified(
     assert (req.header("user-agent") or "").startswith("relay-fetch/")
 
 
+@pytest.mark.e2e
 def test_fetch_quiet_prints_nothing(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,18 +100,21 @@ def test_fetch_quiet_prints_nothing(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.e2e
 def test_fetch_empty_body(origin: Origin, out: Path) -> None:
     assert run(origin.url_for("/gen/0"), "-o", str(out)) == 0
     assert out.read_bytes() == b""
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_follows_redirects(origin: Origin, out: Path) -> None:
     target = origin.url_for("/gen/1m")
     assert run(origin.url_for("/redirect", to=target, code=302), "-o", str(out)) == 0
     assert sha256_file(out) == expected_sha256(MiB)
 
 
+@pytest.mark.e2e
 def test_fetch_saves_an_encoded_body_as_sent(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,6 +125,7 @@ def test_fetch_saves_an_encoded_body_as_sent(
     assert "Content-Encoding: gzip" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_default_output_name_is_last_path_segment(
     origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +153,7 @@ def test_output_name_refuses_urls_without_a_name(url: str) -> None:
         output_name(url)
 
 
+@pytest.mark.e2e
 def test_fetch_force_replaces_and_refuses_without(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -164,6 +171,7 @@ def test_fetch_force_replaces_and_refuses_without(
 # ---- end to end: failures -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fetch_sha256_mismatch_exits_6_and_leaves_nothing(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,6 +181,7 @@ def test_fetch_sha256_mismatch_exits_6_and_leaves_nothing(
     assert "sha256 mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_404_exits_3(origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(origin.url_for("/status/404"), "-o", str(out)) == 3
     assert "404 Not Found" in capsys.readouterr().err
@@ -180,6 +189,7 @@ def test_fetch_404_exits_3(origin: Origin, out: Path, capsys: pytest.CaptureFixt
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_503_is_retried_then_exits_3(origin: Origin, out: Path, key: str) -> None:
     url = origin.url_for("/status/503", key=key)
     assert run(url, "-o", str(out), "--retries", "2", "--retry-delay", "0") == 3
@@ -199,6 +209,7 @@ def test_fetch_connection_refused_exits_5(out: Path, capsys: pytest.CaptureFixtu
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_longer_lying_length_exits_5(origin: Origin, out: Path) -> None:
     """A body shorter than its Content-Length is a failed transfer, retried, never saved."""
     url = origin.url_for("/gen/256k", lie_length=300_000)
@@ -206,6 +217,7 @@ def test_fetch_longer_lying_length_exits_5(origin: Origin, out: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_fetch_shorter_lying_length_caught_by_checksum(origin: Origin, out: Path) -> None:
     """A Content-Length shorter than the body looks complete: only --sha256 can tell."""
     url = origin.url_for("/gen/256k", lie_length=1000)
@@ -215,6 +227,7 @@ def test_fetch_shorter_lying_length_caught_by_checksum(origin: Origin, out: Path
     assert leftovers(out) == []
 
 
+@pytest.mark.e2e
 def test_fetch_read_timeout_resumes_then_exits_5_keeping_partial(
     origin: Origin, out: Path, key: str
 ) -> None:
@@ -231,6 +244,7 @@ def test_fetch_read_timeout_resumes_then_exits_5_keeping_partial(
 # ---- resuming -----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fetch_resumes_within_a_run_after_a_drop(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -245,6 +259,7 @@ def test_fetch_resumes_within_a_run_after_a_drop(
     assert "retrying" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_resumes_across_runs(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -265,6 +280,7 @@ def test_fetch_resumes_across_runs(
     assert "resumed at" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_restarts_when_the_etag_changed_between_runs(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -278,6 +294,7 @@ def test_fetch_restarts_when_the_etag_changed_between_runs(
     assert "starting over" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_restarts_when_the_etag_changed_during_a_run(
     origin: Origin, out: Path, key: str
 ) -> None:
@@ -287,6 +304,7 @@ def test_fetch_restarts_when_the_etag_changed_during_a_run(
     assert [r.header("range") for r in seen(origin, key)] == [None, "bytes=2000000-"]
 
 
+@pytest.mark.e2e
 def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key: str) -> None:
     """A partial that already holds every byte is confirmed by a 416 and published."""
     size = 256 * 1024
@@ -299,6 +317,7 @@ def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key
     assert [r.header("range") for r in seen(origin, key)] == [f"bytes={size}-"]
 
 
+@pytest.mark.e2e
 def test_fetch_no_resume_discards_the_partial(origin: Origin, out: Path, key: str) -> None:
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
@@ -308,6 +327,7 @@ def test_fetch_no_resume_discards_the_partial(origin: Origin, out: Path, key: st
     assert [r.header("range") for r in seen(origin, key)] == [None]
 
 
+@pytest.mark.e2e
 def test_fetch_discards_a_partial_from_another_url(
     origin: Origin, out: Path, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,6 +341,7 @@ def test_fetch_discards_a_partial_from_another_url(
     assert "discarding file.bin.part" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fetch_refuses_a_partial_in_use(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -520,6 +541,7 @@ def test_format_helpers() -> None:
     assert format_duration(3725) == "1:02:05"
 
 
+@pytest.mark.e2e
 def test_fetch_progress_flag_draws_the_bar(
     origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -577,6 +599,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.e2e
 def test_fetch_subprocess_to_stdout(origin: Origin) -> None:
     proc = subprocess.run(
         _python_m_relay(origin.url_for("/gen/8m"), "-o", "-"),
@@ -590,6 +613,7 @@ def test_fetch_subprocess_to_stdout(origin: Origin) -> None:
     assert b"saved stdout: 8.0 MiB" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_fetch_subprocess_ctrl_c_keeps_the_partial_then_resumes(
     origin: Origin, out: Path, key: str
 ) -> None:
@@ -622,6 +646,7 @@ def test_fetch_subprocess_ctrl_c_keeps_the_partial_then_resumes(
     assert seen(origin, key)[-1].header("range") == f"bytes={kept}-"
 
 
+@pytest.mark.e2e
 def test_fetch_to_stdout_resumes_by_appending(origin: Origin, key: str) -> None:
     """`-o -` keeps what it already wrote and continues with a range after a drop."""
     sink = io.BytesIO()

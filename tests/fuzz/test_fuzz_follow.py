@@ -46,10 +46,8 @@ def other_upstream() -> Iterator[ScriptedUpstream]:
         yield server
 
 
-@pytest.fixture(scope="module", params=["aiohttp", "httpcore"])
-def follow_relay(
-    main_upstream: ScriptedUpstream, request: pytest.FixtureRequest
-) -> Iterator[RelayThread]:
+@pytest.fixture(scope="module")
+def follow_relay(main_upstream: ScriptedUpstream) -> Iterator[RelayThread]:
     routes = (
         Route(
             prefix="/f/",
@@ -65,7 +63,6 @@ def follow_relay(
     config = relay_config(
         main_upstream.url,
         routes=routes,
-        transport=request.param,
         read_timeout=0.5,
         connect_timeout=1.0,
         resume_attempts=2,

@@ -52,18 +52,21 @@ def fuzz_origin() -> Iterator[Origin]:
         yield origin
 
 
-def _relay(origin: Origin, transport: str) -> Iterator[RelayThread]:
+@pytest.fixture(scope="module")
+def fuzz_relay(fuzz_origin: Origin) -> Iterator[RelayThread]:
     routes = (
-        Route(prefix="/o/", upstream=origin.url + "/", allow_private=True),
-        Route(prefix="/b/", upstream=origin.url + "/base/", allow_private=True),
+        Route(prefix="/o/", upstream=fuzz_origin.url + "/", allow_private=True),
+        Route(prefix="/b/", upstream=fuzz_origin.url + "/base/", allow_private=True),
         Route(
-            prefix="/c/", upstream=origin.url + "/cbase/", allow_private=True, credential=CREDENTIAL
+            prefix="/c/",
+            upstream=fuzz_origin.url + "/cbase/",
+            allow_private=True,
+            credential=CREDENTIAL,
         ),
     )
     config = relay_config(
-        origin.url,
+        fuzz_origin.url,
         routes=routes,
-        transport=transport,
         client_secret=CLIENT_SECRET,
         signing_key=SIGNING_KEY,
         read_timeout=2.0,
@@ -72,16 +75,6 @@ def _relay(origin: Origin, transport: str) -> Iterator[RelayThread]:
     )
     with running_relay(config) as relay:
         yield relay
-
-
-@pytest.fixture(scope="module")
-def aiohttp_relay(fuzz_origin: Origin) -> Iterator[RelayThread]:
-    yield from _relay(fuzz_origin, "aiohttp")
-
-
-@pytest.fixture(scope="module")
-def httpcore_relay(fuzz_origin: Origin) -> Iterator[RelayThread]:
-    yield from _relay(fuzz_origin, "httpcore")
 
 
 _OVERLONG_DOT = re.compile(rb"\xc0\xae|\xe0\x80\xae|\xef\xbc\x8e")
@@ -178,17 +171,6 @@ def check(relay: RelayThread, origin: Origin, request: RequestInput) -> None:
 
 @settings(max_examples=scaled(0.8))
 @given(request=requests(secret=CLIENT_SECRET.encode()))
-def test_fuzz_requests_aiohttp(
-    aiohttp_relay: RelayThread, fuzz_origin: Origin, request: RequestInput
-) -> None:
-    """Generated request heads, relay on the aiohttp transport."""
-    check(aiohttp_relay, fuzz_origin, request)
-
-
-@settings(max_examples=scaled(0.4))
-@given(request=requests(secret=CLIENT_SECRET.encode()))
-def test_fuzz_requests_httpcore(
-    httpcore_relay: RelayThread, fuzz_origin: Origin, request: RequestInput
-) -> None:
-    """Generated request heads, relay on the httpcore transport (fewer examples)."""
-    check(httpcore_relay, fuzz_origin, request)
+def test_fuzz_requests(fuzz_relay: RelayThread, fuzz_origin: Origin, request: RequestInput) -> None:
+    """Generated request heads sent as raw bytes."""
+    check(fuzz_relay, fuzz_origin, request)

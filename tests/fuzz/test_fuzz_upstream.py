@@ -27,23 +27,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.fuzz]
 
 # Input classes that fail today, keyed to the finding being fixed on another branch. They are
 # not sent (RELAY_FUZZ_KNOWN=1 sends them); the lead removes an entry once its fix is merged.
-# (Issue 10's six classes are fixed and generated again.)
-KNOWN: dict[str, str] = {
-    # Found by this tier: h11 (httpcore's parser) refuses whitespace before a chunk extension
-    # (`4 ;x=y`, BWS, which RFC 9112 7.1.1 allows); the client transfer is aborted, never cut
-    # cleanly. Fails safe; see README, "Transport differences".
-    "whitespace before a chunk extension (httpcore)": (
-        "h11: `4 ;x=y` (BWS before a chunk extension) aborts the body (httpcore)"
-    ),
-}
+# (Issue 10's six classes are fixed and generated again; the one the httpcore transport had,
+# h11 refusing whitespace before a chunk extension, went with that transport.)
+KNOWN: dict[str, str] = {}
 
 
-def known_findings(response: ResponseInput, transport: str) -> list[str]:
-    """The KNOWN classes this generated response belongs to, on this transport."""
-    found = []
-    bws_extension = response.framing.startswith("chunked") and b" ;" in response.wire
-    if transport == "httpcore" and bws_extension:
-        found.append("whitespace before a chunk extension (httpcore)")
+def known_findings(response: ResponseInput) -> list[str]:
+    """The KNOWN classes this generated response belongs to."""
+    found: list[str] = []
     assert all(name in KNOWN for name in found)
     return found
 
@@ -57,27 +48,17 @@ def upstream() -> Iterator[ScriptedUpstream]:
         yield server
 
 
-def _relay(upstream: ScriptedUpstream, transport: str) -> Iterator[RelayThread]:
+@pytest.fixture(scope="module")
+def fuzz_relay(upstream: ScriptedUpstream) -> Iterator[RelayThread]:
     config = relay_config(
         upstream.url,
         routes=(Route(prefix="/u/", upstream=upstream.url + "/base/", allow_private=True),),
-        transport=transport,
         read_timeout=0.5,
         connect_timeout=2.0,
         resume_attempts=0,
     )
     with running_relay(config) as relay:
         yield relay
-
-
-@pytest.fixture(scope="module")
-def aiohttp_relay(upstream: ScriptedUpstream) -> Iterator[RelayThread]:
-    yield from _relay(upstream, "aiohttp")
-
-
-@pytest.fixture(scope="module")
-def httpcore_relay(upstream: ScriptedUpstream) -> Iterator[RelayThread]:
-    yield from _relay(upstream, "httpcore")
 
 
 def get(relay: RelayThread, path: str) -> WireResponse:
@@ -87,7 +68,7 @@ def get(relay: RelayThread, path: str) -> WireResponse:
 
 
 def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput) -> None:
-    findings = known_findings(generated, relay.config.transport)
+    findings = known_findings(generated)
     if findings and not INCLUDE_KNOWN:
         reject()
     n = next(_numbers)
@@ -133,7 +114,8 @@ def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInp
         # Let the upstream's close land first: a request racing it on a reused connection
         # is a separate case (see the report), not this example's.
         served = [r.connection for r in upstream.received if r.target == f"/base/x{n}".encode()]
-        wait_until(lambda: not any(upstream.is_open(c) for c in served), timeout=3.0)
+        if not wait_until(lambda: not any(upstream.is_open(c) for c in served), timeout=3.0):
+            problems.append("the upstream's close never landed")
     following = get(relay, f"/u/good{n}")
     if (following.status, following.complete, following.body) != (200, True, good):
         problems.append(
@@ -151,17 +133,8 @@ def check(relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInp
 
 @settings(max_examples=scaled(0.4))
 @given(generated=responses())
-def test_fuzz_upstream_aiohttp(
-    aiohttp_relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput
+def test_fuzz_upstream(
+    fuzz_relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput
 ) -> None:
-    """Generated upstream responses, relay on the aiohttp transport."""
-    check(aiohttp_relay, upstream, generated)
-
-
-@settings(max_examples=scaled(0.2))
-@given(generated=responses())
-def test_fuzz_upstream_httpcore(
-    httpcore_relay: RelayThread, upstream: ScriptedUpstream, generated: ResponseInput
-) -> None:
-    """Generated upstream responses, relay on the httpcore transport (fewer examples)."""
-    check(httpcore_relay, upstream, generated)
+    """Generated upstream responses, relayed to a raw-socket client."""
+    check(fuzz_relay, upstream, generated)

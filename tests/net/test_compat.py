@@ -9,7 +9,6 @@ import textwrap
 from collections.abc import Callable
 
 import aiohttp
-import httpcore
 import httpx
 import pytest
 from aiohttp.client_proto import ResponseHandler
@@ -17,7 +16,7 @@ from aiohttp.connector import BaseConnector
 
 from relay.net import httpx_compat
 from relay.net.compat import IncompatibleDependency
-from relay.net.transports import aiohttp_compat, httpcore_compat
+from relay.net.transports import aiohttp_compat
 from relay.server import uvicorn_compat
 from relay.server.run import RelayHttpToolsProtocol
 from relay.server.uvicorn_compat import HttpToolsProtocol, RequestResponseCycle
@@ -38,7 +37,7 @@ def _init_without(cls: type, attribute: str) -> Callable[..., None]:
 
 
 def test_compat_checks_pass_on_the_installed_dependencies() -> None:
-    for module in (aiohttp_compat, httpcore_compat, httpx_compat, uvicorn_compat):
+    for module in (aiohttp_compat, httpx_compat, uvicorn_compat):
         module.check()
 
 
@@ -63,24 +62,6 @@ def test_compat_aiohttp_stream_reader_size_missing(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(reader, "__init__", _init_without(reader, "_size"))
     with pytest.raises(aiohttp_compat.AiohttpIncompatible, match=r"StreamReader._size"):
         aiohttp_compat.check()
-
-
-@pytest.mark.parametrize(
-    ("cls", "attribute"),
-    [
-        (httpx.AsyncHTTPTransport, "_pool"),
-        (httpcore.AsyncHTTPConnection, "_connection"),
-        (httpcore.AsyncHTTP11Connection, "_h11_state"),
-        (httpcore.AsyncConnectionPool, "_network_backend"),
-    ],
-)
-def test_compat_httpcore_attribute_missing(
-    monkeypatch: pytest.MonkeyPatch, cls: type, attribute: str
-) -> None:
-    """`_network_backend` is how the httpcore transport's egress guard is installed."""
-    monkeypatch.setattr(cls, "__init__", _init_without(cls, attribute))
-    with pytest.raises(httpcore_compat.HttpcoreIncompatible, match=f"{cls.__name__}.{attribute}"):
-        httpcore_compat.check()
 
 
 def test_compat_httpx_transport_for_url_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,7 +160,6 @@ def test_compat_uvicorn_checks_every_method_relay_overrides() -> None:
 def test_compat_errors_share_one_base_and_are_import_errors() -> None:
     for error in (
         aiohttp_compat.AiohttpIncompatible,
-        httpcore_compat.HttpcoreIncompatible,
         httpx_compat.HttpxIncompatible,
         uvicorn_compat.UvicornIncompatible,
     ):

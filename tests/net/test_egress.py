@@ -121,6 +121,7 @@ async def test_rebinding_answer_is_refused_on_the_next_lookup() -> None:
         await resolver.resolve("rebind.example", 80)
 
 
+@pytest.mark.e2e
 async def test_connection_goes_to_the_checked_address_with_the_original_host(
     origin: Origin,
 ) -> None:

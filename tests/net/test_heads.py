@@ -1,11 +1,11 @@
-"""The one check of an upstream response head that both transports make."""
+"""The one check of an upstream response head the transport makes."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from relay.net.transports import aiohttp_compat, httpcore_compat
+from relay.net.transports import aiohttp_compat
 from relay.net.transports.heads import check_head, head_problem
 
 OK_HEADERS = [(b"Content-Type", b"text/plain"), (b"X-Tab", b"a\tb"), (b"X-High", b"caf\xe9")]
@@ -49,5 +49,3 @@ def test_heads_check_head_raises_a_protocol_error_naming_the_problem() -> None:
 def test_heads_compat_modules_fail_clearly_on_a_missing_private_attribute() -> None:
     with pytest.raises(aiohttp_compat.AiohttpIncompatible, match="relay needs aiohttp's X_y"):
         aiohttp_compat._require(False, "X_y")
-    with pytest.raises(httpcore_compat.HttpcoreIncompatible, match="relay needs X_y"):
-        httpcore_compat._require(False, "X_y")

@@ -128,6 +128,7 @@ def test_the_buffer_offered_to_the_transport_is_the_chosen_size() -> None:
     run("asyncio", main)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_aiohttp_connections_read_through_sized_reads(origin: Origin, loop_name: str) -> None:
     """The hook into aiohttp (its connector's protocol factory) is in place: if an aiohttp

@@ -249,6 +249,7 @@ def test_metrics_active_streams_follow_a_download_in_flight(
     assert wait_until(lambda: sample(scrape(relay), "relay_active_streams", route="/o/") == 0)
 
 
+@pytest.mark.e2e
 def test_metrics_upstream_pool_gauge_tracks_connections(
     make_relay: Callable[..., RelayThread],
 ) -> None:

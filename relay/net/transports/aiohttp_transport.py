@@ -15,7 +15,7 @@ Guarantees this module owns:
   closed, never reused; a complete response with other bytes right behind it (same read) is
   relayed whole, and its connection closed (aiohttp_compat's `complete_first_parser`); a
   request is sent again (by aiohttp) only if no byte of its response arrived;
-- a response head is complete within the read timeout and passes relay/transports/heads.py,
+- a response head is complete within the read timeout and passes relay/net/transports/heads.py,
   or the request fails (504 / 502) before anything reaches the client.
 """
 
@@ -349,6 +349,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
         self._slots: asyncio.Semaphore | None = None
         self._in_use = 0
+        self._waiting = 0
 
     @classmethod
     def from_config(cls, config: Config) -> AiohttpTransport:
@@ -406,6 +407,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return PoolStats(in_use=self._in_use, idle=idle)
 
+    def requests_waiting(self) -> int:
+        """Requests waiting for a connection to be checked in (the pool was full): what tests
+        wait on to know a request is queued, not merely slow to start."""
+        return self._waiting
+
     def connector_in_use(self) -> int:
         """Connections aiohttp itself counts as acquired: a cross-check of `pool_stats`."""
         return sum(
@@ -429,12 +435,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         if slots.locked():
             waited_from = time.monotonic()
+            self._waiting += 1
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
                     await slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no free upstream connection", request=request) from None
             finally:
+                self._waiting -= 1
                 request.extensions[POOL_WAIT] = time.monotonic() - waited_from
         else:
             await slots.acquire()

@@ -1,9 +1,10 @@
-"""What an upstream response head must be for relay to relay it; both transports check here.
+"""What an upstream response head must be for relay to relay it; the transport checks here.
 
-The parsers under the transports accept heads relay cannot pass on: aiohttp's takes any three
-digits as a status and keeps a transfer coding it does not apply, h11 lets control bytes
-through in header values, and uvicorn then fails the response half-written. A head that fails
-here is refused before anything reaches the client: a 502 naming the reason.
+The parser under the transport accepts heads relay cannot pass on: aiohttp's takes any three
+digits as a status and keeps a transfer coding it does not apply; a control byte in a header
+value would make uvicorn fail the response half-written. A head that fails here is refused
+before anything reaches the client: a 502 naming the reason. (Written against two parsers,
+aiohttp's and h11, when relay had two transports: the rules hold for any parser.)
 """
 
 from __future__ import annotations
@@ -36,16 +37,16 @@ def head_problem(status: int, headers: Iterable[tuple[bytes, bytes]]) -> str | N
             return "malformed header name"
         if _CTL.search(value) is not None:
             return "control character in a header value"
-        # Only chunked is decoded by the transports; any other transfer coding would hand the
+        # Only chunked is decoded by the transport; any other transfer coding would hand the
         # client the coded bytes as if they were the body (RFC 9112 6.1).
         if lower == b"transfer-encoding" and any(
             coding.strip().lower() != b"chunked" for coding in value.split(b",")
         ):
             return "unsupported transfer coding"
     if has_length and has_coding:
-        # Conflicting framing (RFC 9112 6.3): h11 would go by Transfer-Encoding and relay the
-        # upstream's Content-Length to the client with a body of another length. The response
-        # is refused whichever parser read it (a classic request-smuggling shape).
+        # Conflicting framing (RFC 9112 6.3): a parser that goes by Transfer-Encoding (h11
+        # did) would relay the upstream's Content-Length to the client with a body of another
+        # length. The response is refused whichever parser read it (a request-smuggling shape).
         return "Content-Length with Transfer-Encoding"
     return None
 

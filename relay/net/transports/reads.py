@@ -5,7 +5,7 @@ is a plain one. Whatever one read returns stays in memory until relay's client h
 with a client slower than the upstream every stream held about two such reads (one being written
 to the client, one read ahead). `SizedReads` makes the transport read into a buffer of ours
 (`asyncio.BufferedProtocol`, which both loops support), so relay picks the size per connection
-(relay/pacing.py decides): large for a fast stream, so it costs few iterations per GiB, and
+(relay/proxy/pacing.py decides): large for a fast stream, so it costs few iterations per GiB, and
 small for a slow one, so it holds little. The TCP window is not touched: a slow client does not
 slow the upstream connection's kernel buffering, only how much of it relay copies out at once.
 """
@@ -21,7 +21,7 @@ on 1 GiB streams (bench/, this machine): 256 KiB 1.2 GB/s at 0.89 CPU-s/GiB, 512
 at 0.55, 1 MiB 1.88 GB/s at 0.47. A fast stream holds up to about two reads."""
 
 SMALL_READ = 64 * 1024
-"""Bytes per read for a slow stream (relay/pacing.py): what a slow client makes relay hold."""
+"""Bytes per read for a slow stream (relay/proxy/pacing.py): what a slow client makes relay hold."""
 
 
 class _Buffers(threading.local):
