@@ -18,6 +18,8 @@ from tests.ecosystems import Answer, Hub, sha256
 from tests.harness import RelayThread, wait_until
 from tests.origin import Origin, body_bytes
 
+pytestmark = pytest.mark.e2e
+
 ATTACKER = "attacker.example"
 
 
