@@ -143,8 +143,9 @@ _PASS = Plan(Step.PASS)
 
 def for_absent(*, method: str, ranged: bool, filling: bool, passing: bool, sliced: bool) -> Plan:
     """No stored response. `filling`: a fill of the object is in flight (joined whatever the
-    request); `passing`: a recent answer for the key was not storable; `sliced`: the object
-    has slices (stored or being filled)."""
+    request); `passing`: a recent answer for the key could be neither stored nor shared
+    (`relay.cache.cache.PASS_SECONDS`), so each client is relayed; `sliced`: the object has
+    slices (stored or being filled)."""
     if not filling:
         if method == "GET" and ranged:
             return Plan(Step.SLICES)
