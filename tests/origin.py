@@ -1120,13 +1120,15 @@ class _Core:
         write = writer.write
         drain = writer.drain
         for piece in pieces:
+            # Counted before the write: the socket send inside it lets a client thread read
+            # the bytes (and a test read the count) before the next line of this thread runs.
+            self.stats.body_bytes += len(piece)
             if chunked:
                 write(b"%x\r\n" % len(piece))
                 write(piece)
                 write(b"\r\n")
             else:
                 write(piece)
-            self.stats.body_bytes += len(piece)
             await drain()
             if slow:
                 sent += len(piece)
