@@ -483,7 +483,8 @@ class Config:
         group="limits",
         details="Past a first `min_rate_window` of grace, a client that relay spent at least "
         "half a window waiting on, and that took less than this rate over that time, is cut "
-        "(connection reset). It judges the client only: a slow upstream does not get its "
+        "(connection reset), whether relayed or answered from the cache (zero-copy hits "
+        "included). It judges the client only: a slow upstream or cache fill does not get its "
         "clients cut. Off by default: a right value depends on your clients and objects (see "
         "[operations](operations.md#slow-readers)).",
         min=0,
@@ -615,6 +616,29 @@ class Config:
         group="cache",
         details="Then it stops and stores nothing.",
         min=0,
+    )
+    cache_background_fills: int = _setting(
+        8,
+        "cache fills that may run with no client waiting",
+        group="cache",
+        details=(
+            "Fills whose clients left, prefetches, stale-while-revalidate revalidations and "
+            "slice read-ahead. Past the limit (this, and `cache_background_share`), a fill "
+            "whose last client leaves stops at once and stores nothing, and such a fill is "
+            "not started: a prefetch is answered 503, a revalidation is left to the next "
+            "request. Whatever the limit, a client's request that finds every upstream "
+            "connection in use stops the fill without a client for longest and takes its "
+            "connection. 0: a fill stops when its last client leaves."
+        ),
+        min=0,
+    )
+    cache_background_share: float = _setting(
+        0.25,
+        "largest share of max_connections that fills with no client waiting may hold",
+        group="cache",
+        details="At least one fill, unless `cache_background_fills` is 0.",
+        positive=True,
+        max=1.0,
     )
 
     def __post_init__(self) -> None:

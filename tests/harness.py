@@ -110,11 +110,22 @@ def _stray_tasks() -> list[str]:
     return sorted(stray)
 
 
+# uvicorn's ERROR lines about the app itself, logged without a traceback: an app that raised,
+# or that returned without starting or completing its response while its client was there (a
+# client reset relay did not mark on the request's cycle is logged so, and truncates nothing:
+# it is an error line an operator sees for an ordinary abort).
+_UVICORN_APP_ERRORS = (
+    "Exception in ASGI application",
+    "ASGI callable returned without",
+    "ASGI callable should return None",
+)
+
+
 class _ErrorCapture(logging.Handler):
     """Unhandled exceptions logged on one relay's thread: ERROR records carrying a traceback,
-    and uvicorn's "Exception in ASGI application". TransferAborted is relay aborting a client
-    on purpose (raised so uvicorn drops the connection); relay.server.logs.QuietAborts drops those
-    records in production, and so does this."""
+    and uvicorn's errors about the app (`_UVICORN_APP_ERRORS`). TransferAborted is relay
+    aborting a client on purpose (raised so uvicorn drops the connection);
+    relay.server.logs.QuietAborts drops those records in production, and so does this."""
 
     def __init__(self, thread_name: str) -> None:
         super().__init__(logging.ERROR)
@@ -130,7 +141,7 @@ class _ErrorCapture(logging.Handler):
             return
         if record.exc_info and isinstance(record.exc_info[1], TransferAborted):
             return
-        if record.exc_info or "Exception in ASGI application" in record.getMessage():
+        if record.exc_info or record.getMessage().startswith(_UVICORN_APP_ERRORS):
             self.records.append(record)
 
     def on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -351,6 +362,30 @@ def abort_download(port: int, path: str, nbytes: int) -> None:
                 break
             got += len(chunk)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def read_slowly(port: int, path: str) -> tuple[int, str]:
+    """Download reading 4 KiB every 0.1 s (about 40 KB/s) through a 32 KiB receive buffer,
+    for at most 60 s; return the bytes received and how it ended: reset, eof or timeout.
+
+    The small buffer matters: a reset reaches the application only after the data queued
+    before it, which a large buffer read this slowly would take minutes to give."""
+    received = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: r\r\n\r\n".encode())
+        for _ in range(600):
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:
+                return received, "reset"
+            if not chunk:
+                return received, "eof"
+            received += len(chunk)
+            time.sleep(0.1)
+    return received, "timeout"
 
 
 def status_of(response: bytes) -> int:

@@ -59,6 +59,25 @@ def test_invariants_catch_a_logged_unhandled_exception(
     assert relay.invariant_violations() == []
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "ASGI callable returned without completing response.",
+        "ASGI callable returned without starting response.",
+    ],
+)
+def test_invariants_catch_an_app_that_returned_mid_response(
+    make_relay: Callable[..., RelayThread], message: str
+) -> None:
+    """uvicorn's error line for an app that returned without starting or completing its
+    response (no traceback: what an unmarked client reset produces) is reported."""
+    relay = make_relay()
+    relay.call(lambda: logging.getLogger("uvicorn.error").error(message))
+    violations = relay.invariant_violations(timeout=0.2)
+    assert violations == [f"unhandled exception logged: uvicorn.error: {message}"]
+    assert relay.invariant_violations() == []
+
+
 def test_invariants_catch_a_task_left_running(make_relay: Callable[..., RelayThread]) -> None:
     """A task relay started and left running is reported; uvicorn's own are not."""
     relay = make_relay()

@@ -6,7 +6,9 @@
 - a purge covers what is being filled: such a fill finishes serving its clients but stores
   nothing (counted in `purged`), so the next request fetches again;
 - `POST /cache/prefetch` with `{"path": "/route/file?query"}`: start a fill with no client
-  (it runs to completion, coalesced with any client fill of the same object); 202. A Hub file
+  (it runs to completion, coalesced with any client fill of the same object, unless a client's
+  request needs its upstream connection); 202; 503 with Retry-After when fills without a
+  client are at their limit (`cache_background_fills`, `cache_background_share`). A Hub file
   (`<hf route>/<repo>/resolve/<rev>/<file>`) is asked of the Hub first and stored under its
   sha256 (the prefetch carries no client credential: a gated file is refused by the Hub).
 
@@ -25,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from relay.cache.admission import fill_request, key_variant
 from relay.cache.cache import Cache
+from relay.cache.fill import Fill
 from relay.cache.hub import HubFile, hub_key_of_purge
 from relay.cache.key import base_key
 from relay.config import Config
@@ -126,19 +129,26 @@ async def prefetch(request: Request) -> Response:
             )
         if cache.lookup(hub_file.key, "identity") is not None:
             return JSONResponse({"state": "cached"}, headers=_NO_STORE)
-        fill = cache.fill(
-            hub_file.key,
-            "identity",
-            hub_file.fill_request(),
-            route,
-            sha256=hub_file.sha256,
+        return _prefetching(
+            cache.background_fill(
+                hub_file.key, "identity", hub_file.fill_request(), route, sha256=hub_file.sha256
+            )
         )
-        fill.prefetch = True
-        return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)
     base = base_key(route.prefix, raw_path, query)
     variant = key_variant(route, None)
     if cache.lookup(base, variant) is not None:
         return JSONResponse({"state": "cached"}, headers=_NO_STORE)
-    fill = cache.fill(base, variant, fill_request(upstream, target, variant=variant), route)
+    return _prefetching(
+        cache.background_fill(base, variant, fill_request(upstream, target, variant=variant), route)
+    )
+
+
+def _prefetching(fill: Fill | None) -> Response:
+    if fill is None:
+        return JSONResponse(
+            {"error": "too many cache fills running without a client; retry shortly"},
+            503,
+            headers={**_NO_STORE, "Retry-After": "5"},
+        )
     fill.prefetch = True
     return JSONResponse({"state": "filling"}, 202, headers=_NO_STORE)

@@ -1,6 +1,22 @@
 """The cache: lookups, one fill per key, the budget and eviction, purge, and its lifespan.
 
 Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s.
+
+Fills no client waits for (their clients left; prefetches, stale-while-revalidate
+revalidations and slice read-ahead, started without one) are background work, and background
+work never takes capacity from clients:
+- at most `background_limit` run at once: `cache_background_fills`, and no more than
+  `cache_background_share` of `max_connections` (at least one). A fill whose last client
+  leaves when that many already run stops at once (nginx's default, `proxy_ignore_client_abort
+  off`, closes the upstream when the client goes: relay keeps a bounded number going for the
+  next client instead); a background fill is not started then (a prefetch is answered 503, a
+  revalidation is left to the next request, a read-ahead to the client reaching that slice);
+- a client's request that finds every upstream connection in use stops the background fill
+  without a client for longest (`make_room`, called by `Upstream.open`), whose connection it
+  then gets; a background fill's own requests never wait for a connection (they fail at once,
+  as Varnish's background fetches do on a backend at its `max_connections`).
+A stopped fill publishes nothing, as after `cache_fill_idle_timeout`; fills are only stopped
+before their body is complete.
 """
 
 from __future__ import annotations
@@ -49,6 +65,7 @@ class CacheStats:
     evictions: int = 0
     digest_mismatches: int = 0
     fills_failed: int = 0
+    background_stopped: int = 0
 
 
 class Cache:
@@ -68,6 +85,11 @@ class Cache:
         self.stats = CacheStats()
         self.max_object_bytes = config.cache_max_object_bytes or max(1, config.cache_max_bytes // 4)
         self.routes = RouteTable(config.routes)
+        self.background_limit = min(
+            config.cache_background_fills,
+            max(1, int(config.cache_background_share * config.max_connections)),
+        )
+        """Fills that may run with no client waiting (see the module's docstring)."""
         self.fills: dict[str, Fill] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._passes: dict[str, float] = {}
@@ -93,8 +115,9 @@ class Cache:
         return True
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
+        """The fill of this key, if one runs and is not being stopped."""
         fill = self.fills.get(self.storage_key(base, variant))
-        return fill if fill is not None and not fill.finished else None
+        return fill if fill is not None and fill.going else None
 
     # ---- fills --------------------------------------------------------------------------
 
@@ -147,6 +170,7 @@ class Cache:
             on_replaced=self.slices.replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
+            on_clientless=self._lost_clients,
             routes=self.routes,
         )
 
@@ -154,6 +178,7 @@ class Cache:
         """Run the fill as a tracked task; `base`: its object's base key."""
         self.fills[fill.key] = fill
         task = asyncio.create_task(self._run(fill, base), name=f"cache fill {fill.key[:80]}")
+        fill.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -185,6 +210,56 @@ class Cache:
                 # the clients waiting on this revalidation are about to read.
                 if fill.revalidating is not None and (fill.upstream_status or 0) < 500:
                     self.drop(fill.key)
+
+    # ---- background fills ---------------------------------------------------------------
+
+    def background_fill(
+        self,
+        base: str,
+        variant: str,
+        request: httpx.Request,
+        route: Route,
+        revalidating: Entry | None = None,
+        sha256: str | None = None,
+    ) -> Fill | None:
+        """The fill of this key in flight, or a new one started with no client (a prefetch,
+        a revalidation nobody waits for) if there is room for one; None if not (or if the
+        fill of this key is being stopped)."""
+        current = self.fills.get(self.storage_key(base, variant))
+        if current is not None and not current.finished:
+            return current if current.going else None
+        if not self.room_for_background():
+            return None
+        return self.fill(base, variant, request, route, revalidating, sha256)
+
+    def room_for_background(self) -> bool:
+        return self.background_fills() < self.background_limit
+
+    def background_fills(self) -> int:
+        """Fills running with no client waiting."""
+        return sum(1 for fill in self.fills.values() if fill.background)
+
+    def _lost_clients(self, fill: Fill) -> None:
+        """The last client of `fill` is gone: it runs on as background work if there is room,
+        else it stops."""
+        if not fill.stoppable:
+            return
+        others = sum(1 for f in self.fills.values() if f is not fill and f.background)
+        if others >= self.background_limit:
+            self._stop(fill, "no client left, and cache_background_fills fills run without one")
+
+    def make_room(self) -> bool:
+        """Stop the fill without a client for longest that holds (or is opening) an upstream
+        connection, for a client's request that found the pool full; False if there is none."""
+        candidates = [f for f in self.fills.values() if f.background and f.using_upstream]
+        if not candidates:
+            return False
+        self._stop(min(candidates, key=lambda f: f.idle_since), "its connection went to a client")
+        return True
+
+    def _stop(self, fill: Fill, reason: str) -> None:
+        fill.stop(reason)
+        self.stats.background_stopped += 1
 
     def _count_upstream(self, size: int) -> None:
         self.stats.bytes_from_upstream += size
@@ -304,6 +379,7 @@ async def open_cache(
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
     cache = Cache(config, upstream, store, index, clock)
+    upstream.make_room = cache.make_room
     cache.slices.load(index)
     for victim in index.victims(0):
         cache._evict(victim)
@@ -311,4 +387,5 @@ async def open_cache(
     try:
         yield cache
     finally:
+        upstream.make_room = None
         await cache.close()

@@ -12,12 +12,21 @@ before the next read.
 
 Every head is built by `head` (from the stored headers, or the hit path's `Parsed` encoding of
 them); every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`.
+
+A client is cut by the rules relayed streams follow: one that stops reading for `send_timeout`
+(each send waits at most that), and, with `min_send_rate`, one that reads too slowly: every
+pump of an answer (zero-copy, reads of a stored file, reads behind a fill, slice after slice)
+counts what it sends and how long it waits for the client in one `SendWatchdog`
+(relay/proxy/send_watch.py), which judges the rate per `min_rate_window` and cancels the
+request's task; `CachedResponse` turns that into the cut (`Delivery.cut`). Waiting on a fill
+(a slow upstream) is not waiting for the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +43,7 @@ from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.proxy.exchange import Exchange
 from relay.proxy.headers import BODYLESS_STATUSES
 from relay.proxy.pacing import ReadPacer
+from relay.proxy.send_watch import SendWatchdog
 from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
 
 if TYPE_CHECKING:
@@ -171,9 +181,11 @@ class Delivery:
         "_cache",
         "_client_headers",
         "_method",
+        "_path",
         "_reset",
         "_send",
         "_send_timeout",
+        "_watchdog",
         "exchange",
         "status",
         "zero_copy",
@@ -191,7 +203,9 @@ class Delivery:
         zero_copy: bool,
         reset: Callable[[], None] | None,
         adapt: Callable[[RawHeaders], RawHeaders] | None,
+        path: str = "",
     ) -> None:
+        """`path`: the request's, for the log line of a cut."""
         self._send = send
         self._cache = cache
         self._method = method
@@ -201,6 +215,8 @@ class Delivery:
         self.zero_copy = zero_copy
         self._reset = reset
         self._adapt = adapt
+        self._path = path
+        self._watchdog: SendWatchdog | None = None
         self.status = 0
 
     # ---- heads ----------------------------------------------------------------------------
@@ -271,26 +287,33 @@ class Delivery:
             os.close(fd)
 
     async def from_fill(self, fill: Fill, meta: Meta, status: str) -> bool:
-        """Answer from a fill as it advances, the caller attached to it (its last byte held
-        back until the body is whole and checked); False when it has no body to read. An
-        answer the fill does not store keeps the upstream's status, and says so."""
+        """Answer from a fill as it advances (its last byte held back until the body is whole
+        and checked), read through its `read_fd` (the caller holds the fill); False when it
+        has no body to read. An answer the fill does not store keeps the upstream's status,
+        and says so."""
         fd = fill.read_fd
         if fd is None:
             return False
         self.exchange.cache = "miss"
-        length = fill.length
-        if meta.status != 200:
-            reply = Answer(meta.status, 0, -1 if length is None else length)
-        elif length is None:
-            reply = Answer(200, 0, -1)
-        else:
-            reply = answer(self._client_headers, httpx.Headers(meta.headers), length)
-        status = plan.fill_status(status, stored=fill.passthrough is None, fwd_status=meta.status)
-        await self.start(meta, reply, status, 0.0, length or 0)
-        if (reply.status in (200, 206) or reply.status == meta.status) and self._method == "GET":
-            await self.stream(fd, reply.start, reply.stop, fill)
-        else:
-            await self.end()
+        fill.attach()
+        try:
+            length = fill.length
+            if meta.status != 200:
+                reply = Answer(meta.status, 0, -1 if length is None else length)
+            elif length is None:
+                reply = Answer(200, 0, -1)
+            else:
+                reply = answer(self._client_headers, httpx.Headers(meta.headers), length)
+            stored = fill.passthrough is None
+            status = plan.fill_status(status, stored=stored, fwd_status=meta.status)
+            await self.start(meta, reply, status, 0.0, length or 0)
+            body = reply.status in (200, 206) or reply.status == meta.status
+            if body and self._method == "GET":
+                await self.stream(fd, reply.start, reply.stop, fill)
+            else:
+                await self.end()
+        finally:
+            fill.detach()
         return True
 
     # ---- body pumps -----------------------------------------------------------------------
@@ -311,6 +334,7 @@ class Delivery:
         stats = self._cache.stats
         size = _ChunkSize()
         pacer = ReadPacer(size, loop.time())
+        watch = self._watch(loop)
         try:
             while stop < 0 or position < stop:
                 if fill is not None and fill.complete and stop < 0:
@@ -353,10 +377,17 @@ class Delivery:
                 sent += len(chunk)
                 if fill is None:
                     stats.bytes_from_cache += len(chunk)
-                pacer.sent(len(chunk), loop.time())
+                now = loop.time()
+                pacer.sent(len(chunk), now)
+                if watch is not None:
+                    watch.sent += len(chunk)
+                    watch.sending_since = now
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 async with asyncio.timeout(self._send_timeout):
                     await send(WAIT_FOR_CLIENT)
+                if watch is not None:
+                    watch.sending_since = None
+                    watch.client_wait += loop.time() - now
         except TimeoutError:
             self.client_stopped()
         finally:
@@ -377,17 +408,24 @@ class Delivery:
         position = start
         size = _ChunkSize()
         pacer = ReadPacer(size, loop.time())
+        watch = self._watch(loop)
         message = {"type": ZERO_COPY_SEND, "file": fd, "offset": 0, "count": 0, "more_body": True}
         try:
             while position < stop:
                 count = min(size.value, stop - position)
                 message["offset"] = position
                 message["count"] = count
+                if watch is not None:
+                    watch.sent += count
+                    watch.sending_since = since = loop.time()
                 try:
                     async with asyncio.timeout(self._send_timeout):
                         await send(message)
                 except EOFError:
                     self.abort("cached file shorter than its meta")
+                if watch is not None:
+                    watch.sending_since = None
+                    watch.client_wait += loop.time() - since
                 position += count
                 stats.bytes_from_cache += count
                 stats.bytes_zero_copy += count
@@ -400,6 +438,34 @@ class Delivery:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # ---- cutting the client ---------------------------------------------------------------
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> SendWatchdog | None:
+        """The answer's one rate watchdog (started by its first pump), with min_send_rate."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            config = self._cache.config
+            if not config.min_send_rate:
+                return None
+            task = asyncio.current_task()
+            assert task is not None
+            # Stalls are cut by each send's own send_timeout; this judges the rate only.
+            watchdog = SendWatchdog(math.inf, config.min_send_rate, config.min_rate_window)
+            watchdog.start(loop, task)
+            self._watchdog = watchdog
+        return watchdog
+
+    def cut(self, task: asyncio.Task[object]) -> TransferAborted | None:
+        """Called where the answer's task caught a CancelledError: the cut to raise when the
+        rate watchdog cancelled it (see `SendWatchdog.cut`), else None."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            return None
+        return watchdog.cut(task, self.exchange, self._reset, self._path)
+
+    def close(self) -> None:
+        """The answer is over (its response's `finally`): the watchdog stops."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     def abort(self, reason: str) -> NoReturn:
         """The body cannot be completed: the client transfer is aborted, never ended clean."""

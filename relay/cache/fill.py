@@ -2,29 +2,35 @@
 attached reader at each advance, published (fsync, meta, rename) only when complete and
 verified.
 
-A fill belongs to the cache, not to a client: clients attach and detach; with none attached it
-runs on for `cache_fill_idle_timeout`, then stops (nothing is published). A body the upstream
-cuts is resumed by `relay.http.continuation`'s rules (same validator, same total); if it cannot
-be, the fill fails and every attached reader aborts its transfer.
+A fill belongs to the cache, not to a client: clients hold it (from when their response takes
+it until that response ends) and attach while reading it. With no client it is background
+work, bounded by the cache (`Cache` in cache.py): it runs on for `cache_fill_idle_timeout`
+(a prefetch to completion) unless the cache stops it first (`stop`) to keep fills without
+clients under their limit or to give a client's request its upstream connection. A stopped
+fill publishes nothing, as after the idle timeout, and it can only be stopped before its body
+is complete. A body the upstream cuts is resumed by `relay.http.continuation`'s rules (same
+validator, same total); if it cannot be, the fill fails and every attached reader aborts its
+transfer.
 
-Whatever the upstream answers, that one request answers the clients attached to the fill: an
+Whatever the upstream answers, that one request answers the clients holding the fill: an
 answer the cache may not store (an error, a redirect, `no-store`...) goes through the partial
 file like any other and is never published, so a single-use URL is fetched once and eight
 clients waiting on a 503 cost the upstream one request. Not every answer may be shared: one
-meant for one client (`private`, `Set-Cookie`) goes to the first attached client that takes it
+meant for one client (`private`, `Set-Cookie`) goes to the first client that takes it
 (`claim`), the others are relayed each on their own; one the file cannot hold (too large for
-the budget, or a 200 of unknown length) is handed, open, to the first attached GET that takes
-it (`take_response`), to relay and close, the others relayed on their own; one that varies on
+the budget, or a 200 of unknown length) is handed, open, to the first GET that takes it
+(`take_response`), to relay and close, the others relayed on their own; one that varies on
 request headers the fill does not send as a client would (`Vary` beyond the key), an index
 page relay cannot rewrite and a content-addressed object's refusal answer no client (each is
 relayed). Readers read through `read_fd`, which stays open until the fill is over and its last
-reader detached, whatever becomes of the file's name. A purged fill (`purged`) finishes serving
+client gone, whatever becomes of the file's name. A purged fill (`purged`) finishes serving
 its readers but publishes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -147,6 +153,7 @@ class Fill:
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
         clock: Clock,
+        on_clientless: Callable[[Fill], None],
         routes: RouteTable,
     ) -> None:
         self.key = key
@@ -167,6 +174,7 @@ class Fill:
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
         self._clock = clock
+        self._on_clientless = on_clientless
         self._routes = routes
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
@@ -196,7 +204,7 @@ class Fill:
         """The descriptor readers of the body read from (with pread)."""
         self.handover: httpx.Response | None = None
         """An answer not stored that the file cannot hold: the open upstream response, until a
-        reader takes it (`take_response`)."""
+        client takes it (`take_response`)."""
         self._varies_on_encoding = False
         self.finished = False
         self.reserved = 0
@@ -204,6 +212,7 @@ class Fill:
         self.coalesced = 0
         self.digest_mismatch = False
         self.prefetch = False
+        """Started without a client: runs to completion, whatever the idle timeout."""
         self.sha256: str | None = None
         """The digest the whole body must have (a content-addressed object), checked before
         anything the upstream's own headers announce."""
@@ -218,8 +227,18 @@ class Fill:
         """A slice fill: the storage key of the object it is a slice of."""
         self._content_sha256: str | None = None
         """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
-        """Started without a client: runs to completion, whatever the idle timeout."""
+        self.task: asyncio.Task[None] | None = None
+        """The task running `run` (set by the cache when it starts it)."""
+        self.stopping: str | None = None
+        """Why the cache stopped the fill (`stop`), once it did."""
+        self._holds = 0
+        self._started = False
+        self._opening = False
+        self._body_done = False
         self._idle_since: float | None = clock.monotonic()
+        self._response: httpx.Response | None = None
+        """The one upstream response the fill holds (the first, then each resumed one), closed
+        by `_close_response` before another is opened and in `run`'s `finally`."""
 
     @property
     def upstream_failure(self) -> int | None:
@@ -230,9 +249,19 @@ class Fill:
         status = self.upstream_status
         return status if status is not None and status >= 500 else None
 
-    # ---- readers ------------------------------------------------------------------------
+    # ---- clients ------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """A client's response uses this fill (waits on it or reads it) until `release`."""
+        self._holds += 1
+        self._idle_since = None
+
+    def release(self) -> None:
+        self._holds -= 1
+        self._left()
 
     def attach(self) -> None:
+        """A client reads the body as it is written (counted for coalescing)."""
         if self.readers:
             self.coalesced += 1
         self.readers += 1
@@ -240,12 +269,25 @@ class Fill:
 
     def detach(self) -> None:
         self.readers -= 1
-        if self.readers == 0:
+        self._left()
+
+    def _left(self) -> None:
+        if self._holds == 0 and self.readers == 0:
             self._idle_since = self._clock.monotonic()
             if self.finished:
                 self._close_reader()
             if self.handover is not None:
                 self._notify()  # nobody left to take it: the fill closes it
+            self._on_clientless(self)
+
+    @property
+    def holders(self) -> int:
+        """How many clients' responses hold the fill (waiting on it or reading it)."""
+        return self._holds
+
+    @property
+    def _has_clients(self) -> bool:
+        return self._holds > 0 or self.readers > 0
 
     def claim(self, variant: str) -> bool:
         """Whether this fill's answer is also the answer of a client of encoding `variant`:
@@ -277,6 +319,39 @@ class Fill:
         if fd is not None:
             os.close(fd)
 
+    @property
+    def stoppable(self) -> bool:
+        """Not over, and its body not yet complete: stopping it now publishes nothing."""
+        return not self.finished and not self._body_done and self.stopping is None
+
+    @property
+    def going(self) -> bool:
+        """Running, and not being stopped: a client may join it."""
+        return not self.finished and self.stopping is None
+
+    @property
+    def background(self) -> bool:
+        """No client waits for this fill, and the cache may still stop it."""
+        return self._holds == 0 and self.readers == 0 and self.stoppable
+
+    @property
+    def using_upstream(self) -> bool:
+        """Holding (or opening) an upstream response: stopping it frees a connection."""
+        return self._opening or self._response is not None or self.handover is not None
+
+    @property
+    def idle_since(self) -> float:
+        """When its last client left (or it started without one); +inf while it has one."""
+        since = self._idle_since
+        return since if since is not None else float("inf")
+
+    def stop(self, reason: str) -> None:
+        """Stop a fill no client waits for: its upstream response is closed and nothing is
+        published, as after the idle timeout. The cache calls this only while `stoppable`."""
+        self.stopping = reason
+        if self._started and self.task is not None:
+            self.task.cancel()  # a fill not started yet stops as it starts
+
     async def wait_beyond(self, position: int) -> None:
         """Return once more than `position` bytes are written, or the fill is over."""
         while self.written <= position and not self.finished:
@@ -296,30 +371,38 @@ class Fill:
         return self.immutable and not is_index_type(self._route, headers.get("content-type", ""))
 
     async def run(self) -> None:
-        response: httpx.Response | None = None
         fd: int | None = None
+        self._started = True
         try:
+            if self.stopping is not None:
+                raise FillAbandoned(self.stopping)
             try:
-                response = await self._upstream.open(self._request, self._route)
+                response = self._response = await self._open(self._request)
             except UpstreamError as exc:
                 self.error = exc
                 return
-            response = await self._take(response)
-            if response is None:
+            if not await self._take(response):
                 if self.handover is not None:
                     self.headers_ready.set()
-                    while self.handover is not None and self.readers:
-                        await self._advance.wait()  # until a reader takes it, or none is left
+                    while self.handover is not None and self._has_clients:
+                        await self._advance.wait()  # until a client takes it, or none is left
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.read_fd = os.open(self.partial, os.O_RDONLY)
             self.headers_ready.set()
             await self._write_body(response, fd)
+            # The whole body is in: its connection goes back before the fsync and publish.
+            self._body_done = True
+            await self._close_response()
             await self._publish(fd, response.headers)
         except asyncio.CancelledError:
-            self.failed = "cancelled"
-            raise
+            task = asyncio.current_task()
+            if self.stopping is None or (task is not None and task.uncancel() > 0):
+                self.failed = "cancelled"
+                raise
+            self.failed = self.stopping
+            logger.info("cache fill stopped: %s (%s)", self.stopping, self._request.url.path)
         except FillAbandoned as exc:
             self.failed = str(exc)
             logger.info("cache fill stopped: %s (%s)", exc, self._request.url.path)
@@ -336,23 +419,37 @@ class Fill:
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
             self.finished = True
-            if response is not None and not response.is_closed:
-                await asyncio.shield(response.aclose())
+            await self._close_response()
             unclaimed, self.handover = self.handover, None
             if unclaimed is not None:
                 await asyncio.shield(unclaimed.aclose())
             if fd is not None:
                 os.close(fd)
-            if not self.readers:
-                self._close_reader()  # else the last reader's detach closes it
+            if not self._has_clients:
+                self._close_reader()  # else the last client's release closes it
             if not self.published:
                 self._store.remove_partial(self.partial)
             self.headers_ready.set()
             self._notify()
 
-    async def _take(self, response: httpx.Response) -> httpx.Response | None:
-        """The response if its body is to be stored or to answer the fill's clients; else
-        records why not and closes it."""
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        """Open an upstream response (as background work when no client waits)."""
+        self._opening = True
+        try:
+            return await self._upstream.open(request, self._route, background=self.background)
+        finally:
+            self._opening = False
+
+    async def _close_response(self) -> None:
+        """Close the upstream response the fill holds, if any (shielded: a close must finish
+        even while the fill is being cancelled)."""
+        response, self._response = self._response, None
+        if response is not None and not response.is_closed:
+            await asyncio.shield(response.aclose())
+
+    async def _take(self, response: httpx.Response) -> bool:
+        """Whether the response's body is to be written (stored, or to answer the fill's
+        clients); if not, records why and closes it, or keeps it for `take_response`."""
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
@@ -360,8 +457,8 @@ class Fill:
             # Purged while revalidating: the stored object is gone, nothing is refreshed (its
             # clients are relayed).
             self.passthrough = "purged"
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         if status == 304 and self.revalidating is not None:
             old = self.revalidating
             merged = dict((n.lower(), (n, v)) for n, v in old.headers)
@@ -393,8 +490,8 @@ class Fill:
             )
             self._on_refreshed(self, meta)
             self.refreshed = meta
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         if self.slice is not None:
             if self.revalidating is not None and status in (200, 206):
                 # A body, not a 304: the stale slices are another version (or no longer
@@ -427,10 +524,10 @@ class Fill:
             answers = self._answers_unstored(reason, status, policy)
             self.shared = answers == "all"
             self.for_one = answers == "one"
-            if answers == "none" or not self.readers:
+            if answers == "none" or not self._has_clients:
                 # Nobody to answer (a prefetch, clients gone): nothing to write.
-                await response.aclose()
-                return None
+                await self._close_response()
+                return False
             if status in BODYLESS_STATUSES:
                 length = 0
             if (
@@ -438,8 +535,8 @@ class Fill:
                 or (length is None and status == 200)
                 or (length is not None and not self._reserve(self, length))
             ):
-                await self._hand_over(response, reason, length, policy)
-                return None
+                await self._hand_over(reason, length, policy)
+                return False
         self.length = length
         self.meta = Meta(
             key=self.key,
@@ -456,26 +553,20 @@ class Fill:
             status=status,
             extra={"variant": self.variant},
         )
-        return response
+        return True
 
-    async def _hand_over(
-        self,
-        response: httpx.Response,
-        reason: str,
-        length: int | None,
-        headers: httpx.Headers,
-    ) -> None:
-        """An answer not stored that the file cannot hold: the open response is kept for the
-        first reader that takes it (a content-addressed object's is closed: each client asks
-        the Hub again)."""
+    async def _hand_over(self, reason: str, length: int | None, headers: httpx.Headers) -> None:
+        """An answer not stored that the file cannot hold: the open response the fill holds
+        is kept for the first client that takes it (a content-addressed object's is closed:
+        each client asks the Hub again)."""
         if reason not in _TOO_BIG and length is not None:
             self.passthrough = "too large" if length > self._max_object_bytes else "no room"
         self.shared = self.for_one = False  # later requests are relayed (pass)
         if self.sha256 is not None:
-            await response.aclose()
+            await self._close_response()
             return
         self._varies_on_encoding = vary_of(headers) == "accept-encoding"
-        self.handover = response
+        self.handover, self._response = self._response, None
 
     def _answers_unstored(self, reason: str, status: int, headers: httpx.Headers) -> str:
         """Which of the fill's clients an answer that is not stored answers (`headers`: its
@@ -489,7 +580,7 @@ class Fill:
             return "none"
         return "one" if for_one_client(headers) else "all"
 
-    async def _take_slice(self, response: httpx.Response) -> httpx.Response | None:
+    async def _take_slice(self, response: httpx.Response) -> bool:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
         validator (the one asked for in If-Range, once one is known) and the total length."""
         assert self.slice is not None
@@ -526,8 +617,8 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await response.aclose()
-            return None
+            await self._close_response()
+            return False
         assert parsed is not None
         assert parsed.total is not None
         self.length = length
@@ -547,11 +638,13 @@ class Fill:
         if whole_sha256 is not None:
             # The whole object's digest: checked once every slice is stored (Cache).
             self.meta.extra["repr-sha256"] = whole_sha256
-        return response
+        return True
 
-    async def _write_body(self, response: httpx.Response, fd: int) -> None:
+    async def _write_body(self, first: httpx.Response, fd: int) -> None:
+        """Write the body of `first`, resuming it (each resumed response replacing the one the
+        fill holds) when the upstream cuts it."""
         loop = asyncio.get_running_loop()
-        first = response
+        response = first
         plan: Continuation | None = None
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
         self._hash = hashlib.sha256()
@@ -563,7 +656,7 @@ class Fill:
                         raise FillAbandoned("cache budget exceeded by an unsized body")
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
-                    await loop.run_in_executor(None, os.pwrite, fd, chunk, self.written)
+                    await _write_at(loop, fd, chunk, self.written)
                     self._hash.update(chunk)
                     self.written += size
                     self._count(size)
@@ -575,12 +668,12 @@ class Fill:
                     plan = Continuation.for_response(first)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
-                response = await self._resume(plan, response, retries)
+                response = await self._resume(plan, response.request, retries)
         if self.length is not None and self.written != self.length:
             raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
 
     def _check_idle(self) -> None:
-        if not self.readers and (self.passthrough is not None or self.purged):
+        if not self._has_clients and (self.passthrough is not None or self.purged):
             raise FillAbandoned("no client left for an answer that is not stored")
         since = self._idle_since
         if (
@@ -591,19 +684,21 @@ class Fill:
             raise FillAbandoned("no client for cache_fill_idle_timeout")
 
     async def _resume(
-        self, plan: Continuation, failed: httpx.Response, retries: Retries
+        self, plan: Continuation, failed: httpx.Request, retries: Retries
     ) -> httpx.Response:
-        await failed.aclose()
+        """The response continuing the body from `self.written` (now the one the fill holds);
+        the failed one is closed first."""
+        await self._close_response()
         while True:
             await asyncio.sleep(retries.delay())
             request = self._upstream.build_request(
                 "GET",
-                failed.request.url,
-                resume_request_headers(plan, failed.request, self.written),
+                failed.url,
+                resume_request_headers(plan, failed, self.written),
                 self._route,
             )
             try:
-                response = await self._upstream.open(request, self._route)
+                response = self._response = await self._open(request)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
             else:
@@ -611,7 +706,7 @@ class Fill:
                 if verdict.continues:
                     logger.info("cache fill resumed at %d bytes", self.written)
                     return response
-                await response.aclose()
+                await self._close_response()
                 cause = verdict.reason
                 if verdict.next is not Next.RETRY:
                     raise TransferAborted(f"cannot resume: {cause}")
@@ -648,6 +743,50 @@ class Fill:
         self._on_stored(self, meta)
 
 
+async def _write_at(loop: asyncio.AbstractEventLoop, fd: int, data: bytes, offset: int) -> None:
+    """`os.pwrite` in a thread. Cancelled meanwhile (a fill being stopped), it returns only
+    once the write is over: the caller closes `fd` next, and a descriptor closed under a write
+    in flight could be reused by another file by the time the write runs."""
+    write = loop.run_in_executor(None, os.pwrite, fd, data, offset)
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        while not write.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({write})
+        if not write.cancelled():
+            write.exception()  # retrieved: the cancellation is what the caller sees
+        raise
+
+
+class Holds:
+    """The fills one client's response uses (waits on or reads), each held from when the
+    response takes it until `release` in the response's own `finally`: a fill a client waits
+    for is not background work (the cache neither stops it nor counts it as such)."""
+
+    __slots__ = ("_fills",)
+
+    def __init__(self) -> None:
+        self._fills: list[Fill] = []
+
+    async def take(self, get: Callable[[], Fill]) -> Fill:
+        """The fill `get` gives (in flight, or a new one), held. One the cache stopped just as
+        this client came (nothing of it will be published) is waited out, and the one that
+        follows it taken instead."""
+        fill = get()
+        while fill.stopping is not None and fill.task is not None and not fill.task.done():
+            await asyncio.wait({fill.task})
+            fill = get()
+        fill.hold()
+        self._fills.append(fill)
+        return fill
+
+    def release(self) -> None:
+        fills, self._fills = self._fills, []
+        for fill in fills:
+            fill.release()
+
+
 def _announced_sha256(headers: httpx.Headers) -> str | None:
     try:
         return upstream_sha256(headers) or linked_sha256(headers)
@@ -659,4 +798,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "stored_headers"]
+__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "Holds", "stored_headers"]

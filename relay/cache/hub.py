@@ -40,7 +40,7 @@ from relay.net.presets import HF_METADATA_HEADERS, hub_metadata, linked_sha256, 
 from relay.net.redirects import REDIRECT_STATUSES
 from relay.net.routing import Target
 from relay.net.upstream import Upstream
-from relay.proxy.admission import StreamLimiter
+from relay.proxy.admission import StreamLimiter, hand_over
 from relay.proxy.exchange import exchange_of
 from relay.proxy.headers import shared_request_headers
 from relay.proxy.send_watch import ClientWatch
@@ -67,9 +67,9 @@ def hub_key_of_purge(route: Route, rest: str) -> str | None:
 
 
 class HubResponse(Response):
-    """A Hub file request on a cached `hf` route: the Hub's metadata first (under a stream
-    slot of its own), then a CachedResponse of the content-addressed object or the route's
-    relayed response."""
+    """A Hub file request on a cached `hf` route: the Hub's metadata first (under the
+    request's stream slot), then a CachedResponse of the content-addressed object or the
+    route's relayed response, handed that slot."""
 
     def __init__(
         self,
@@ -110,6 +110,7 @@ class HubResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         watch = ClientWatch(receive, task)
+        answer: Response | None = None
         try:
             answer = await self._ask_hub()
         except UpstreamError as exc:
@@ -123,8 +124,10 @@ class HubResponse(Response):
             return
         finally:
             watch.stop()
-            self._limiter.release(self._client)
-        # Answered outside this slot: the cached or relayed response takes its own.
+            # The cached or relayed response is handed this request's slot (and releases it):
+            # never refused halfway. An error answer needs none.
+            if answer is None or not hand_over(answer):
+                self._limiter.release(self._client)
         self.status_code = answer.status_code
         await answer(scope, receive, send)
 

@@ -19,13 +19,13 @@ from starlette.responses import Response
 from relay.cache import plan
 from relay.cache.cache import Cache
 from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
-from relay.cache.fill import Fill
+from relay.cache.fill import Fill, Holds
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer
 from relay.cache.slice_answer import SlicedAnswer
 from relay.config import Route
 from relay.errors import error_response
-from relay.proxy.admission import StreamLimiter
+from relay.proxy.admission import StreamLimiter, hand_over
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.send_watch import ClientWatch
 from relay.proxy.streaming import Relayed
@@ -68,7 +68,14 @@ class CachedResponse(Response):
         self._client = client
         self._send_timeout = send_timeout
         self._exchange = Exchange()
+        self._holds = Holds()
+        self._slot_held = False
         self.status_code = 0
+
+    def take_slot(self) -> None:
+        """Be handed the stream slot of a request already admitted (the Hub path's; see
+        `relay.proxy.admission.TakesSlot`)."""
+        self._slot_held = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = self._exchange = exchange_of(scope)
@@ -82,12 +89,14 @@ class CachedResponse(Response):
             zero_copy=ZERO_COPY_SEND in (scope.get("extensions") or ()),
             reset=scope.get(RESET_KEY),
             adapt=self._adapt,
+            path=scope.get("path", ""),
         )
-        refusal = self._limiter.acquire(self._client)
-        if refusal is not None:
-            exchange.outcome = "rejected"
-            await error_response(refusal)(scope, receive, send)
-            return
+        if not self._slot_held:
+            refusal = self._limiter.acquire(self._client)
+            if refusal is not None:
+                exchange.outcome = "rejected"
+                await error_response(refusal)(scope, receive, send)
+                return
         relayed: Response | None = None
         try:
             try:
@@ -105,6 +114,9 @@ class CachedResponse(Response):
             try:
                 relayed = await self._answer(out)
             except asyncio.CancelledError:
+                cut = out.cut(task)
+                if cut is not None:
+                    raise cut from None
                 if not watch.gone:
                     raise
                 task.uncancel()
@@ -114,11 +126,15 @@ class CachedResponse(Response):
         except OSError:
             exchange.outcome = "client_abort"
         finally:
-            self._limiter.release(self._client)
+            out.close()
+            self._holds.release()
+            # A request relayed instead keeps its slot: the relayed response is handed it
+            # (and releases it), so it is never refused halfway.
+            if relayed is None or not hand_over(relayed):
+                self._limiter.release(self._client)
             if out.status:
                 self.status_code = out.status
         if relayed is not None:
-            # Relayed outside this response's slot: the relayed response takes its own.
             if exchange.cache == "-":
                 exchange.cache = "pass"
             await relayed(scope, receive, send)
@@ -205,32 +221,29 @@ class CachedResponse(Response):
                 exchange.cache = "hit"
                 await out.from_entry(entry, stored.cache_status)
                 return None
-            fill = cache.fill(
-                asked.base,
-                asked.variant,
-                asked.fill_request(),
-                asked.route,
-                entry,
-            )
             if stored.step is Step.STALE_WHILE_REVALIDATE:
+                # Nobody waits for this revalidation: not started when fills without a client
+                # are at their limit (the next request tries again).
+                cache.background_fill(
+                    asked.base, asked.variant, asked.fill_request(), asked.route, entry
+                )
                 cache.stats.stale += 1
                 exchange.cache = "stale"
                 await out.from_entry(entry, stored.cache_status)
                 return None
-            assert stored.stored is not None
-            fill.attach()
-            try:
-                await fill.headers_ready.wait()
-                then = plan.after_revalidation(
-                    stored.stored,
-                    refreshed=fill.refreshed is not None,
-                    failure=fill.upstream_failure,
-                    route_stale_if_error=asked.route.cache_stale_if_error,
+            fill = await self._holds.take(
+                lambda: cache.fill(
+                    asked.base, asked.variant, asked.fill_request(), asked.route, entry
                 )
-                if then.step is Step.FORWARD:
-                    return await self._from_fill(out, fill, then.cache_status)
-            finally:
-                fill.detach()
+            )
+            assert stored.stored is not None
+            await fill.headers_ready.wait()
+            then = plan.after_revalidation(
+                stored.stored,
+                refreshed=fill.refreshed is not None,
+                failure=fill.upstream_failure,
+                route_stale_if_error=asked.route.cache_stale_if_error,
+            )
             if then.step is Step.REVALIDATED:
                 assert fill.refreshed is not None
                 refreshed = cache.lookup(asked.base, asked.variant) or entry
@@ -238,11 +251,12 @@ class CachedResponse(Response):
                 exchange.cache = "revalidated"
                 await out.from_entry(refreshed, then.cache_status)
                 return None
-            assert then.step is Step.STALE_IF_ERROR
-            cache.stats.stale += 1
-            exchange.cache = "stale"
-            await out.from_entry(entry, then.cache_status)
-            return None
+            if then.step is Step.STALE_IF_ERROR:
+                cache.stats.stale += 1
+                exchange.cache = "stale"
+                await out.from_entry(entry, then.cache_status)
+                return None
+            return await self._from_fill(out, fill, then.cache_status)
         filling = cache.fill_in_flight(asked.base, asked.variant)
         absent = plan.for_absent(
             method=asked.method,
@@ -262,24 +276,22 @@ class CachedResponse(Response):
         if absent.step is Step.PASS:
             return self._fallback()
         cache.stats.misses += 1
-        fill = filling or cache.fill(
-            asked.base,
-            asked.variant,
-            asked.fill_request(),
-            asked.route,
-            sha256=asked.sha256,
+        fill = await self._holds.take(
+            lambda: cache.fill(
+                asked.base,
+                asked.variant,
+                asked.fill_request(),
+                asked.route,
+                sha256=asked.sha256,
+            )
         )
-        fill.attach()
-        try:
-            return await self._from_fill(out, fill, absent.cache_status)
-        finally:
-            fill.detach()
+        return await self._from_fill(out, fill, absent.cache_status)
 
     async def _from_fill(self, out: Delivery, fill: Fill, status: str) -> Response | None:
-        """Answer from `fill` (attached by the caller from the moment it joined, so its body
-        stays readable): whatever the upstream said, where that answer is this client's too
-        (`Fill.claim`); an answer the fill could not hold, relayed from its open response if
-        this client takes it (`Fill.take_response`); else the relayed response."""
+        """Answer from `fill` (held since this response joined it, so its body stays readable):
+        whatever the upstream said, where that answer is this client's too (`Fill.claim`); an
+        answer the fill could not hold, relayed from its open response if this client takes it
+        (`Fill.take_response`); else the relayed response."""
         await fill.headers_ready.wait()
         if fill.error is not None:
             await out.upstream_error(fill.error)
@@ -296,4 +308,4 @@ class CachedResponse(Response):
         return None
 
     def _sliced(self, out: Delivery) -> SlicedAnswer:
-        return SlicedAnswer(self._cache, out, self._asked)
+        return SlicedAnswer(self._cache, out, self._asked, self._holds)

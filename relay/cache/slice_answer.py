@@ -15,7 +15,7 @@ import httpx
 
 from relay.cache import plan
 from relay.cache.delivery import Delivery
-from relay.cache.fill import Fill
+from relay.cache.fill import Fill, Holds
 from relay.cache.index import Entry
 from relay.cache.policy import Answer, answer
 from relay.cache.store import Meta
@@ -30,11 +30,13 @@ class SlicedAnswer:
     """Answers one request from an object's slices (`range` or `whole`); False: the slices
     cannot answer it, the request is to be relayed (or, for `whole`, filled whole)."""
 
-    def __init__(self, cache: Cache, out: Delivery, asked: plan.Asked) -> None:
+    def __init__(self, cache: Cache, out: Delivery, asked: plan.Asked, holds: Holds) -> None:
+        """`holds`: the response's, which holds every slice fill this answer waits on."""
         self._cache = cache
         self._slices = cache.slices
         self._out = out
         self._asked = asked
+        self._holds = holds
         self._revalidated = False
         self._stale_status: int | None = None
 
@@ -198,8 +200,13 @@ class SlicedAnswer:
         )
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
-        """Start the fill of slice `index` (if neither stored nor in flight)."""
-        if self._slices.entry(self._asked.base, self._asked.variant, index) is None:
+        """Start the fill of slice `index` (if neither stored nor in flight), as background
+        work until this answer reaches it: not when fills without a client are at their
+        limit (`_slice` fetches it then)."""
+        if (
+            self._slices.entry(self._asked.base, self._asked.variant, index) is None
+            and self._cache.room_for_background()
+        ):
             self._fill(index, validator)
 
     def _fill(self, index: int, validator: str | None) -> Fill:
@@ -229,17 +236,21 @@ class SlicedAnswer:
             # Range of this slice with If-None-Match / If-Modified-Since), shared by every
             # client of the object: a 304 refreshes them all; a body drops them all (the
             # answer is then this slice of the new version).
-            revalidation = slices.revalidation(self._asked.base, self._asked.variant)
-            if revalidation is None:
-                revalidation = slices.fill(
-                    self._asked.base,
-                    self._asked.variant,
-                    index,
-                    self._asked.fill_request(),
-                    self._asked.route,
-                    None,
-                    revalidating=entry,
+            stale = entry
+            revalidation = await self._holds.take(
+                lambda: (
+                    slices.revalidation(self._asked.base, self._asked.variant)
+                    or slices.fill(
+                        self._asked.base,
+                        self._asked.variant,
+                        index,
+                        self._asked.fill_request(),
+                        self._asked.route,
+                        None,
+                        revalidating=stale,
+                    )
                 )
+            )
             await revalidation.headers_ready.wait()
             if revalidation.refreshed is not None:
                 self._revalidated = True
@@ -266,7 +277,7 @@ class SlicedAnswer:
                         self._stale_status = failure
         if entry is not None:
             return entry, entry.meta
-        fill = self._fill(index, validator)
+        fill = await self._holds.take(lambda: self._fill(index, validator))
         await fill.headers_ready.wait()
         if fill.meta is None or fill.failed is not None:
             entry = slices.entry(self._asked.base, self._asked.variant, index)

@@ -70,7 +70,7 @@ class Slices:
     def revalidation(self, base: str, variant: str) -> Fill | None:
         """The conditional request refreshing this object's slices, if one is in flight."""
         fill = self.revalidations.get(self._cache.storage_key(base, variant))
-        return fill if fill is not None and not fill.finished else None
+        return fill if fill is not None and fill.going else None
 
     # ---- fills --------------------------------------------------------------------------
 

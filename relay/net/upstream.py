@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 
@@ -15,7 +15,7 @@ from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, Upstream
 from relay.net.httpx_compat import with_path_and_query
 from relay.net.redirects import REDIRECT_STATUSES, next_hop, same_origin
 from relay.net.routing import Target
-from relay.net.transports import ALLOW_PRIVATE
+from relay.net.transports import ALLOW_PRIVATE, PoolStats
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,21 @@ def cause_of(exc: BaseException) -> str:
 
 
 class Upstream:
-    """Opens upstream responses as streams on the one shared client."""
+    """Opens upstream responses as streams on the one shared client.
 
-    def __init__(self, client: httpx.AsyncClient, config: Config) -> None:
+    Background work (a cache fill no client waits for) yields the pool to clients: its
+    requests never wait for a connection (they fail at once with PoolExhausted when none is
+    free), and a client's request that finds every connection in use first asks `make_room`
+    (set by the cache) to stop one such fill, whose connection it then gets.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        config: Config,
+        *,
+        pool: Callable[[], PoolStats] | None = None,
+    ) -> None:
         self._client = client
         self._timeout = httpx.Timeout(
             connect=config.connect_timeout,
@@ -77,7 +89,13 @@ class Upstream:
             write=config.read_timeout,
             pool=config.pool_timeout,
         ).as_dict()
+        self._background_timeout = {**self._timeout, "pool": 0.0}
         self._bases: dict[str, httpx.URL] = {}
+        self._pool = pool
+        self._max_connections = config.max_connections
+        self.make_room: Callable[[], bool] | None = None
+        """Stops one piece of background work holding an upstream connection, so that it
+        goes to a client's request; False when there is none (the cache sets it)."""
 
     def build_request(
         self,
@@ -114,18 +132,27 @@ class Upstream:
         return with_path_and_query(base, target.rest, target.query)
 
     async def open(
-        self, request: httpx.Request, route: Route, *, follow: bool = True
+        self,
+        request: httpx.Request,
+        route: Route,
+        *,
+        follow: bool = True,
+        background: bool = False,
     ) -> httpx.Response:
         """Send the request and return once headers arrived; the caller must close the body.
 
         With `redirects = "follow"` the route's redirects are followed here, to allowed hosts
         only; the response returned is the first one that is not such a redirect. With
         `follow=False` the first answer is returned whatever it is (the caller may go on with
-        `redirected`).
+        `redirected`). `background`: no client waits for this request (see the class).
         """
         hops: list[httpx.Headers] = []
         try:
             for _ in range(route.max_redirects + 1):
+                if background:
+                    request.extensions["timeout"] = self._background_timeout
+                elif self.make_room is not None and self._pool_full():
+                    self.make_room()
                 with map_upstream_errors():
                     response = await self._client.send(request, stream=True)
                 if (
@@ -149,6 +176,9 @@ class Upstream:
                 cause_of(exc) or "-",
             )
             raise
+
+    def _pool_full(self) -> bool:
+        return self._pool is not None and self._pool().in_use >= self._max_connections
 
     def redirected(
         self, request: httpx.Request, response: httpx.Response, route: Route

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 from relay.errors import Overloaded, RelayError, TooManyStreams
 
 
@@ -40,3 +42,21 @@ class StreamLimiter:
             held = self.by_client.pop(client, 0) - 1
             if held > 0:
                 self.by_client[client] = held
+
+
+@runtime_checkable
+class TakesSlot(Protocol):
+    """A response that can be handed the stream slot of a request already admitted (the
+    cache or the Hub path handing its request on): it then takes none when called, and
+    releases that one, with the same client, in its own `finally`."""
+
+    def take_slot(self) -> None: ...
+
+
+def hand_over(response: object) -> bool:
+    """Hand the caller's stream slot to `response` if it takes one (the caller must then call
+    it at once); False if not (the caller keeps and releases its slot)."""
+    if isinstance(response, TakesSlot):
+        response.take_slot()
+        return True
+    return False

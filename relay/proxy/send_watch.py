@@ -13,8 +13,14 @@ client, so its clients are never cut for it.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
+from relay.errors import TransferAborted
+from relay.proxy.exchange import Exchange
 from relay.types import Receive
+
+logger = logging.getLogger(__name__)
 
 
 class SendWatchdog:
@@ -63,6 +69,42 @@ class SendWatchdog:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def cut(
+        self,
+        task: asyncio.Task[object],
+        exchange: Exchange,
+        reset: Callable[[], None] | None,
+        path: str,
+    ) -> TransferAborted | None:
+        """Called where the watched task caught a CancelledError: when this watchdog cancelled
+        it, the client is cut (the cancellation undone, the exchange's outcome set, why
+        logged, the connection reset) and the error to raise is returned; None otherwise."""
+        if not (self.stalled or self.too_slow):
+            return None
+        task.uncancel()
+        if self.stalled:
+            exchange.outcome = "client_abort"
+            logger.info(
+                "client stopped reading for %.0fs, cutting the download: %s",
+                self.send_timeout,
+                path,
+            )
+            cause = "client stopped reading"
+        else:
+            exchange.outcome = "client_slow"
+            logger.warning(
+                "client read fewer than %d bytes/s over %gs, cutting the download "
+                "after %d bytes: %s",
+                self.min_rate,
+                self.rate_window,
+                self.sent,
+                path,
+            )
+            cause = "client read too slowly"
+        if reset is not None:
+            reset()
+        return TransferAborted(cause)
 
     def _check(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
         since = self.sending_since

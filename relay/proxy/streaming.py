@@ -46,12 +46,6 @@ logger = logging.getLogger(__name__)
 WATCH_AFTER = 0.05
 
 
-def _reset(scope: Scope) -> None:
-    reset = scope.get(RESET_KEY)
-    if reset is not None:
-        reset()
-
-
 class Relayed(Protocol):
     """Builds a request's relayed response; with `opened`, one relaying that upstream response
     (already open, now the response's to close) instead of sending the request."""
@@ -60,11 +54,12 @@ class Relayed(Protocol):
 
 
 class RelayResponse(Response):
-    """Relays one upstream response. Takes a slot of the stream limiter when called and
-    gives it back in its own `finally`, whatever happens in between (building the upstream
-    request included): no path can keep a slot. `opened`: an upstream response someone else
-    opened for this request (a cache fill whose answer the cache does not keep) and handed
-    over: this response owns it from construction and closes it on every path."""
+    """Relays one upstream response. Takes a slot of the stream limiter when called (or is
+    handed the slot of a request already admitted: `take_slot`) and gives it back in its own
+    `finally`, whatever happens in between (building the upstream request included): no path
+    can keep a slot. `opened`: an upstream response someone else opened for this request (a
+    cache fill whose answer the cache does not keep) and handed over: this response owns it
+    from construction and closes it on every path."""
 
     def __init__(
         self,
@@ -100,16 +95,23 @@ class RelayResponse(Response):
         self._client_gone = False
         self._watcher: asyncio.Future[None] | None = None
         self._watch_with: tuple[Receive, asyncio.Task[object]] | None = None
+        self._slot_held = False
         self.status_code = 0
         self._exchange = Exchange()
 
+    def take_slot(self) -> None:
+        """Be handed the slot of a request already admitted (see `TakesSlot`): a request the
+        cache admitted is never refused halfway when it is relayed instead."""
+        self._slot_held = True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            refusal = self._limiter.acquire(self._client)
-            if refusal is not None:
-                exchange_of(scope).outcome = "rejected"
-                await error_response(refusal)(scope, receive, send)
-                return
+            if not self._slot_held:
+                refusal = self._limiter.acquire(self._client)
+                if refusal is not None:
+                    exchange_of(scope).outcome = "rejected"
+                    await error_response(refusal)(scope, receive, send)
+                    return
             try:
                 if self._response is not None:
                     request = self._response.request
@@ -143,29 +145,9 @@ class RelayResponse(Response):
         try:
             await self._relay(scope, receive, send, request)
         except asyncio.CancelledError:
-            if watchdog.stalled:
-                task.uncancel()
-                self._exchange.outcome = "client_abort"
-                logger.info(
-                    "client stopped reading for %.0fs, cutting the download: %s",
-                    watchdog.send_timeout,
-                    request.url.path,
-                )
-                _reset(scope)
-                raise TransferAborted("client stopped reading") from None
-            if watchdog.too_slow:
-                task.uncancel()
-                self._exchange.outcome = "client_slow"
-                _reset(scope)
-                logger.warning(
-                    "client read fewer than %d bytes/s over %gs, cutting the download "
-                    "after %d bytes: %s",
-                    watchdog.min_rate,
-                    watchdog.rate_window,
-                    watchdog.sent,
-                    request.url.path,
-                )
-                raise TransferAborted("client read too slowly") from None
+            cut = watchdog.cut(task, self._exchange, scope.get(RESET_KEY), request.url.path)
+            if cut is not None:
+                raise cut from None
             if not self._client_gone:
                 raise
             task.uncancel()

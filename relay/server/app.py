@@ -189,12 +189,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         upstream_transport = transport if transport is not None else make_transport(config)
+        pool = None
         if isinstance(upstream_transport, PooledTransport):
-            metrics.watch_pool(upstream_transport.pool_stats, limit=config.max_connections)
+            pool = upstream_transport.pool_stats
+            metrics.watch_pool(pool, limit=config.max_connections)
         async with UpstreamClient(
             transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
-            upstream = Upstream(client, config)
+            upstream = Upstream(client, config, pool=pool)
             try:
                 async with (
                     open_downloads(config, upstream, routes) as downloads,

@@ -299,6 +299,11 @@ _CACHE_COUNTERS = (
         "Filled objects dropped because they did not match the upstream's digest.",
     ),
     ("fills_failed", "Cache fills that failed (upstream, disk, no client) and stored nothing."),
+    (
+        "background_stopped",
+        "Cache fills no client waited for that were stopped (over cache_background_fills, or "
+        "to give a client's request their upstream connection); they stored nothing.",
+    ),
 )
 
 
@@ -335,6 +340,18 @@ class _CacheCollector(Collector):
             "relay_cache_fills_in_flight",
             "Cache fills running (whole objects and slices), coalesced clients counted once.",
             value=cache.fills_running,
+        )
+        yield GaugeMetricFamily(
+            "relay_cache_background_fills",
+            "Cache fills running with no client waiting (clients left, prefetches, "
+            "revalidations, read-ahead).",
+            value=cache.background_fills(),
+        )
+        yield GaugeMetricFamily(
+            "relay_cache_max_background_fills",
+            "Cache fills that may run with no client waiting (cache_background_fills, within "
+            "cache_background_share of max_connections).",
+            value=cache.background_limit,
         )
 
 

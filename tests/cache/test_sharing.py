@@ -75,9 +75,9 @@ class Relay:
 
         return asyncio.ensure_future(run())
 
-    def readers(self, path: str) -> int:
+    def holders(self, path: str) -> int:
         fill = self.cache.fills.get(base_key("/o/", path.encode(), b""))
-        return fill.readers if fill is not None else 0
+        return fill.holders if fill is not None else 0
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +96,7 @@ async def _together(relay: Relay, upstream: Upstream, path: str, count: int) -> 
     """`count` clients of `path` at once, all attached to one fill before it is answered."""
     upstream.gate.clear()
     clients = [relay.get(path) for _ in range(count)]
-    await _until(lambda: relay.readers(path) == count and len(upstream.seen) == 1)
+    await _until(lambda: relay.holders(path) == count and len(upstream.seen) == 1)
     upstream.gate.set()
     return list(await asyncio.gather(*clients))
 
@@ -179,7 +179,7 @@ async def test_a_head_gets_a_shared_answers_head(tmp_path: Path) -> None:
     async with _relay(tmp_path, upstream) as relay:
         upstream.gate.clear()
         get = relay.get("/o/h")
-        await _until(lambda: relay.readers("/o/h") == 1)
+        await _until(lambda: relay.holders("/o/h") == 1)
 
         async def head() -> Client:
             client = Client()
@@ -188,7 +188,7 @@ async def test_a_head_gets_a_shared_answers_head(tmp_path: Path) -> None:
             return client
 
         headed = asyncio.ensure_future(head())
-        await _until(lambda: relay.readers("/o/h") == 2)
+        await _until(lambda: relay.holders("/o/h") == 2)
         upstream.gate.set()
         got, answered = await get, await headed
         assert (got.status, got.body) == (404, BODY)
@@ -204,7 +204,7 @@ async def test_a_purge_covers_a_fill_in_flight(tmp_path: Path) -> None:
     async with _relay(tmp_path, upstream) as relay:
         upstream.gate.clear()
         first = relay.get("/o/x")
-        await _until(lambda: relay.readers("/o/x") == 1 and len(upstream.seen) == 1)
+        await _until(lambda: relay.holders("/o/x") == 1 and len(upstream.seen) == 1)
         assert relay.cache.purge_key(base_key("/o/", b"/o/x", b"")) == 1
         upstream.gate.set()
         answered = await first

@@ -8,7 +8,6 @@ import logging
 import re
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from starlette.applications import Starlette
 
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter
-from tests.harness import CURL, RelayThread, curl, raw_http, status_of, wait_until
+from tests.harness import CURL, RelayThread, curl, raw_http, read_slowly, status_of, wait_until
 from tests.origin import Origin, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -305,30 +304,6 @@ def test_streams_per_client_address_are_limited_with_429(
     assert relay.call(lambda: dict(limiter.by_client)) == {}
 
 
-def _read_slowly(port: int, path: str) -> tuple[int, str]:
-    """Download reading 4 KiB every 0.1 s (about 40 KB/s) through a 32 KiB receive buffer,
-    for at most 60 s; return the bytes received and how it ended: reset, eof or timeout.
-
-    The small buffer matters: a reset reaches the application only after the data queued
-    before it, which a large buffer read this slowly would take minutes to give."""
-    received = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: r\r\n\r\n".encode())
-        for _ in range(600):
-            try:
-                chunk = sock.recv(4096)
-            except ConnectionResetError:
-                return received, "reset"
-            if not chunk:
-                return received, "eof"
-            received += len(chunk)
-            time.sleep(0.1)
-    return received, "timeout"
-
-
 def test_client_reading_below_min_send_rate_is_reset(
     make_relay: Callable[..., RelayThread], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -336,7 +311,7 @@ def test_client_reading_below_min_send_rate_is_reset(
     window: its connection reset, the cut logged, its upstream connection released."""
     caplog.set_level(logging.INFO, logger="relay.access")
     relay = make_relay(min_send_rate=256_000, min_rate_window=0.5)
-    received, ending = _read_slowly(relay.port, "/o/gen/256m")
+    received, ending = read_slowly(relay.port, "/o/gen/256m")
     assert ending == "reset", (ending, received)
     assert received < 256 * 1024 * 1024
     assert relay.settled()
