@@ -45,11 +45,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from bench.clients import ClientError, curl_get, have, run_load
 from bench.measure import Settings, slow_readers, stop_quietly
-from bench.procs import Server, ServerError, free_port, start_server
+from bench.procs import Server, ServerError, free_port, raise_interrupt, start_server
 from bench.report import machine_info
 from bench.servers import (
     RELAY_LOG_POSTURE,
@@ -741,12 +740,6 @@ def _stop_side(side: Side) -> None:
     stop_quietly(side.server)
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    # Unwind through every ``finally`` so that the servers (each in its own session, so not
-    # reached by a signal to the bench's group) are stopped; SIGTERM's default would not.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(args)
@@ -767,8 +760,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have("wrk"):
         print("note: wrk is not installed; 1 KiB hits use the weaker aiohttp generator")
     sides = [Side(k) for k in a.sides]
-    old_term = signal.signal(signal.SIGTERM, _sigterm)
-    old_hup = signal.signal(signal.SIGHUP, _sigterm)
+    old_term = signal.signal(signal.SIGTERM, raise_interrupt)
+    old_hup = signal.signal(signal.SIGHUP, raise_interrupt)
     try:
         with (
             tempfile.TemporaryDirectory(prefix="relay-bench-cache-") as tmp_s,

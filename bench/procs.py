@@ -12,8 +12,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from bench.procfs import process_tree
+
+
+def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """A handler for SIGTERM (and SIGHUP): unwind through every ``finally``, so that the servers
+    (each in its own session, so not reached by a signal to the bench's group) are stopped;
+    the signal's default would end the bench at once and leave them running."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def free_port() -> int:

@@ -10,11 +10,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from bench.clients import have
 from bench.measure import Row, Settings, measure, stop_quietly
-from bench.procs import Server, ServerError
+from bench.procs import Server, ServerError, raise_interrupt
 from bench.report import render
 from bench.servers import (
     REPO,
@@ -163,15 +162,11 @@ def wait_quiet(max_wait: float, threshold: float = 10.0) -> float:
     return busy
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(args_list)
     s = settings(a)
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     busy_start = wait_quiet(min(a.wait_quiet, 1800.0)) if a.wait_quiet > 0 else machine_busy_pct()
     if busy_start > 10:
         print(f"warning: machine already {busy_start:.0f}% busy; results will be noisy", flush=True)

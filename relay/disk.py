@@ -1,10 +1,11 @@
 """Durable files: exclusive create, hash while writing, fsync, directory fsync, publish.
 
 The one copy of the protocol every program that writes bodies to disk follows (download
-jobs, `relay fetch`, the cache):
+jobs and `relay fetch` through `relay.transfer.PartialFile`, the cache directly):
 
 - a file being written is created with O_CREAT|O_EXCL and O_NOFOLLOW (`open_exclusive`): a
   fresh start never writes into a file someone else opened, nor through a planted symlink;
+  while it is written it is locked (`try_lock`), so a second process cannot take it over;
 - every chunk goes to the SHA-256 as it is written (`HashingWriter`, bandersnatch's way), so
   the digest is ready when the last byte lands; a resume re-hashes what is on disk first;
 - `publish` fsyncs the file, gives it its final name *without overwriting* (a hard link,
@@ -22,8 +23,14 @@ import errno
 import hashlib
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from _hashlib import HASH
@@ -41,7 +48,10 @@ __all__ = [
     "remove_quietly",
     "remove_tree",
     "replace",
+    "truncate",
+    "try_lock",
     "write_atomically",
+    "write_chunks",
 ]
 
 READ_BLOCK = 1024 * 1024
@@ -53,6 +63,7 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 # link() is refused by some filesystems (FAT, some FUSE and network mounts): fall back to a
 # checked rename there.
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+_IOV_MAX = 1024  # buffers per writev call (Linux's IOV_MAX; the BSDs' too)
 
 
 def no_follow(path: str, flags: int) -> int:
@@ -64,6 +75,27 @@ def open_exclusive(path: Path) -> BinaryIO:
     """Create `path` for writing; FileExistsError if anything (even a symlink) is there."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW | _CLOEXEC, 0o666)
     return os.fdopen(fd, "wb")
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock (`flock`) on an open file; False when another open file
+    description holds it. Released when the file is closed (or the process ends: a crash never
+    leaves it stale). Always True where `flock` does not exist."""
+    if fcntl is None:  # pragma: no cover - non-POSIX
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def truncate(file: IO[bytes]) -> None:
+    """Empty an open file, durably: written-over bytes never come back after a crash."""
+    file.seek(0)
+    file.truncate()
+    file.flush()
+    os.fsync(file.fileno())
 
 
 def fsync_path(path: Path) -> None:
@@ -201,15 +233,35 @@ class HashingWriter:
 
     def truncate(self) -> None:
         """Start over: empty the file (durably) and the digest."""
-        self.file.seek(0)
-        self.file.truncate()
-        self.sync()
+        truncate(self.file)
         self._state.reset()
 
     def sync(self) -> None:
         """Flush and fsync the file."""
         self.file.flush()
         os.fsync(self.file.fileno())
+
+
+def write_chunks(file: IO[bytes], chunks: Sequence[bytes]) -> int:
+    """Write the chunks at the file's position in gathered writes (`writev`: no copy into one
+    buffer); returns the bytes written. The file object's own buffer is flushed first, and
+    its position is the descriptor's afterwards."""
+    file.flush()
+    if not hasattr(os, "writev"):  # pragma: no cover - non-POSIX
+        return sum(file.write(chunk) for chunk in chunks)
+    fd = file.fileno()
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    written = 0
+    first = 0  # views before it are written
+    while first < len(views):
+        n = os.writev(fd, views[first : first + _IOV_MAX])
+        written += n
+        while first < len(views) and n >= len(views[first]):
+            n -= len(views[first])
+            first += 1
+        if n:  # a short write: the rest of this view goes next
+            views[first] = views[first][n:]
+    return written
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -31,14 +31,15 @@
                                another process, an unusable job store): one line, no
                                traceback, `relay serve` exits 1.
 
-A job's own outcomes (JobFailed, DiskError, ...) are not answers to a request: they live in
-`relay.downloads.errors`. `relay fetch` has its exit codes in `relay.fetch.errors`.
+A job's own outcome (JobFailed) is not an answer to a request: it lives in
+`relay.downloads.errors`. `relay fetch` has its exit codes in `relay.fetch.errors`. Both
+translate the failures of their transfers (`relay.transfer.errors`) in one place.
 
 Rendering: `render_text` / `render_json` give (status, headers, body bytes); `error_response`
 and `json_error_response` wrap them in a Starlette response (imported lazily: `relay fetch`
 stays light). Lower-layer errors are translated once per boundary: httpx errors into
 UpstreamError in `relay.net.upstream.map_upstream_errors`, routing errors into the downloads
-API's in `relay.downloads.intake`, OSError into DiskError in `relay.downloads.writer`.
+API's in `relay.downloads.intake`, OSError into DiskError in `relay.transfer.partial`.
 """
 
 from __future__ import annotations

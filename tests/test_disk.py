@@ -218,3 +218,43 @@ def test_remove_tree_removes_a_directory_or_a_file_and_tolerates_absence(tmp_pat
     disk.remove_tree(single)
     disk.remove_tree(tmp_path / "never-there")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_chunks_writes_them_in_order_through_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """writev may write less than asked: the rest follows, nothing twice, nothing skipped."""
+    real = os.writev
+
+    def at_most_7(fd: int, buffers: list[memoryview]) -> int:
+        data = b"".join(bytes(b) for b in buffers)[:7]
+        return real(fd, [data])
+
+    monkeypatch.setattr(os, "writev", at_most_7)
+    chunks = [b"alpha", b"", b"beta", b"gamma-delta", b"e"]
+    with (tmp_path / "f").open("wb") as fh:
+        fh.write(b">")  # still in the file object's buffer: written first
+        assert disk.write_chunks(fh, chunks) == 21
+    assert (tmp_path / "f").read_bytes() == b">alphabetagamma-deltae"
+
+
+def test_try_lock_is_exclusive_between_open_files(tmp_path: Path) -> None:
+    """A second open file of the same path cannot take the lock until the first is closed."""
+    path = tmp_path / "locked"
+    path.write_bytes(b"")
+    with path.open("rb") as first:
+        assert disk.try_lock(first.fileno())
+        with path.open("rb") as second:
+            assert not disk.try_lock(second.fileno())
+    with path.open("rb") as third:
+        assert disk.try_lock(third.fileno())
+
+
+def test_truncate_empties_an_open_file(tmp_path: Path) -> None:
+    """Emptied and positioned at 0: the next write is byte 0."""
+    path = tmp_path / "t"
+    with path.open("w+b") as fh:
+        fh.write(b"old bytes")
+        disk.truncate(fh)
+        fh.write(b"new")
+    assert path.read_bytes() == b"new"

@@ -20,6 +20,10 @@ LAYERS: list[tuple[str, ...]] = [
         "relay.net.addresses",
         "relay.disk",
     ),
+    # Fetching a URL into a verified, resumable file, for the downloads and `relay fetch`:
+    # as low as its imports allow, so it cannot reach routes, credentials or the egress policy
+    # (each program opens the requests).
+    ("relay.transfer",),
     ("relay.config",),
     ("relay.net",),
     # Three programs side by side: none imports another.

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import httpx
 
+from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
-from relay.cache.fill import VARY_LEARNED, Fill
+from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 #: was shared (an error, a redirect, `no-store`) sets no pass: the next requests are filled
 #: again, together, and stored if the answer then may be (hit-for-miss).
 PASS_SECONDS = 30.0
+#: How long an object found larger than `cache_max_object_bytes` is relayed without a fill
+#: (its size changes only with a new version; its ranges cost no slice fetch meanwhile).
+TOO_LARGE_PASS_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -92,13 +96,16 @@ class Cache:
         """Fills that may run with no client waiting (see the module's docstring)."""
         self.fills: dict[str, Fill] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self._passes: dict[str, float] = {}
+        self.passes = Passes(clock)
+        """Pass markers: keys relayed without trying to store them (bounded, expiring)."""
         self.slices = Slices(self)
 
     # ---- lookups ------------------------------------------------------------------------
 
     def storage_key(self, base: str, variant: str) -> str:
-        if self.index.vary.get(base) == "accept-encoding":
+        vary = self.index.vary
+        if vary.get(base) == "accept-encoding":
+            vary.move_to_end(base)
             return variant_key(base, variant)
         return base
 
@@ -106,13 +113,7 @@ class Cache:
         return self.index.get(self.storage_key(base, variant))
 
     def passing(self, key: str) -> bool:
-        until = self._passes.get(key)
-        if until is None:
-            return False
-        if until < self.clock.monotonic():
-            del self._passes[key]
-            return False
-        return True
+        return self.passes.active(key)
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         """The fill of this key, if one runs and is not being stopped."""
@@ -202,9 +203,13 @@ class Cache:
                 pass  # a purge covers the fill: nothing it learned is kept
             elif fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
-            elif fill.passthrough is not None and fill.slice is None:
+            elif fill.passthrough is not None and (fill.slice is None or fill.passes_object):
                 if not fill.shared:
-                    self._passes[fill.key] = self.clock.monotonic() + PASS_SECONDS
+                    # A slice fill's reason may be the object's own: its key is passed, so its
+                    # other ranges are relayed with the client's own Range, no slice fetched.
+                    too_large = fill.passthrough == TOO_LARGE
+                    seconds = TOO_LARGE_PASS_SECONDS if too_large else PASS_SECONDS
+                    self.passes.set(fill.object_key or fill.key, seconds)
                 # A new answer that may not be stored replaces the stored one; an upstream
                 # error (5xx) does not: the stored object stays for stale-if-error, which
                 # the clients waiting on this revalidation are about to read.
@@ -318,7 +323,8 @@ class Cache:
             count += self.drop(key)
         count += self._purge_fills(covered)
         self.index.vary.pop(base, None)
-        self._passes = {k: v for k, v in self._passes.items() if not covered(k)}
+        self.passes.drop(base)
+        self.passes.drop_prefix(base + "\x00")
         self.slices.purge_key(base)
         return count
 
@@ -331,7 +337,7 @@ class Cache:
         count += self._purge_fills(lambda key: key.startswith(prefix))
         for base in [b for b in self.index.vary if b.startswith(prefix)]:
             del self.index.vary[base]
-        self._passes = {k: v for k, v in self._passes.items() if not k.startswith(prefix)}
+        self.passes.drop_prefix(prefix)
         self.slices.purge_prefix(prefix)
         return count
 

@@ -331,6 +331,7 @@ class Delivery:
         loop = asyncio.get_running_loop()
         position = start
         sent = 0
+        relayed = False
         stats = self._cache.stats
         size = _ChunkSize()
         pacer = ReadPacer(size, loop.time())
@@ -358,6 +359,11 @@ class Delivery:
                     if fill.written <= position:
                         if fill.complete and stop < 0:
                             continue
+                        if fill.overflowed and stop < 0:
+                            # Too large to store: the rest comes from the upstream.
+                            sent += await self._rest(fill, position, watch)
+                            relayed = True
+                            break
                         self.abort(f"cache fill failed: {fill.failed}")
                     available = fill.written
                     if held >= 0 and not fill.complete:
@@ -392,13 +398,46 @@ class Delivery:
             self.client_stopped()
         finally:
             self.exchange.bytes_sent = sent
-        if fill is not None and not fill.complete:
+        if fill is not None and not fill.complete and not relayed:
             # The last bytes are out only once the object is verified and stored.
             await fill.wait_finished()
             if not fill.complete:
                 self.abort(f"cache fill failed: {fill.failed}")
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _rest(self, fill: Fill, position: int, watch: SendWatchdog | None) -> int:
+        """The rest of an overflowed fill's body after `position` (all it wrote), from the
+        upstream: its live response if no other reader took it, else a continuation of this
+        reader's own (Range + If-Range); aborted when neither can be had. Bytes sent, counted
+        by the answer's rate watchdog as the pump's own (waiting on the upstream is not
+        waiting for the client)."""
+        rest = fill.take_rest() or await fill.continue_at(position)
+        if rest is None:
+            self.abort("too large to store, and the body cannot be continued from the upstream")
+        send = self._send
+        loop = asyncio.get_running_loop()
+        stats = self._cache.stats
+        sent = 0
+        try:
+            async for chunk in rest.chunks:
+                sent += len(chunk)
+                stats.bytes_from_upstream += len(chunk)
+                now = loop.time()
+                if watch is not None:
+                    watch.sent += len(chunk)
+                    watch.sending_since = now
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                async with asyncio.timeout(self._send_timeout):
+                    await send(WAIT_FOR_CLIENT)
+                if watch is not None:
+                    watch.sending_since = None
+                    watch.client_wait += loop.time() - now
+        except httpx.HTTPError as exc:
+            self.abort(f"upstream body failed: {exc}")
+        finally:
+            await asyncio.shield(rest.aclose())
+        return sent
 
     async def send_file(self, fd: int, start: int, stop: int, *, end: bool) -> None:
         """Send bytes [start, stop) of a complete file with the server's zero-copy send."""

@@ -12,19 +12,24 @@ is complete. A body the upstream cuts is resumed by `relay.http.continuation`'s 
 validator, same total); if it cannot be, the fill fails and every attached reader aborts its
 transfer.
 
+A chunked body that outgrows what may be stored is not stored: the fill offers its live
+upstream response (`Rest`) to its readers and gives up owning it to the first that takes it
+(`take_rest`); the others continue with Range + If-Range (`continue_at`). A rest nobody takes
+is closed by the fill, once.
+
 Whatever the upstream answers, that one request answers the clients holding the fill: an
 answer the cache may not store (an error, a redirect, `no-store`...) goes through the partial
 file like any other and is never published, so a single-use URL is fetched once and eight
 clients waiting on a 503 cost the upstream one request. Not every answer may be shared: one
 meant for one client (`private`, `Set-Cookie`) goes to the first client that takes it
-(`claim`), the others are relayed each on their own; one the file cannot hold (too large for
-the budget, or a 200 of unknown length) is handed, open, to the first GET that takes it
-(`take_response`), to relay and close, the others relayed on their own; one that varies on
-request headers the fill does not send as a client would (`Vary` beyond the key), an index
-page relay cannot rewrite and a content-addressed object's refusal answer no client (each is
-relayed). Readers read through `read_fd`, which stays open until the fill is over and its last
-client gone, whatever becomes of the file's name. A purged fill (`purged`) finishes serving
-its readers but publishes nothing.
+(`claim`), the others are relayed each on their own; one the file cannot hold from its head
+on (a Content-Length over the object limit or the budget) is kept open for the first GET that
+takes it (`take_response`), to relay and close, the others relayed on their own; one that
+varies on request headers the fill does not send as a client would (`Vary` beyond the key),
+an index page relay cannot rewrite and a content-addressed object's refusal answer no client
+(each is relayed). Readers read through `read_fd`, which stays open until the fill is over
+and its last client gone, whatever becomes of the file's name. A purged fill (`purged`)
+finishes serving its readers but publishes nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -69,15 +74,45 @@ _NOT_STORED = frozenset({b"content-length", b"age", b"content-range"})
 
 
 VARY_LEARNED = "varies on Accept-Encoding"
+#: Why an object over `cache_max_object_bytes` is not stored (whole or as slices).
+TOO_LARGE = "too large"
 #: Why an answer is not stored, when it can answer none of the fill's clients either: relay
 #: refuses it (an index page it cannot rewrite, a Content-Range on a 200).
 _ANSWERS_NONE = frozenset({"encoded index page", "partial index page", "content-range on a 200"})
 #: Why an answer is not stored, when the partial file cannot hold it either.
-_TOO_BIG = frozenset({"too large", "no room"})
+_TOO_BIG = frozenset({TOO_LARGE, "no room"})
 
 
 class FillAbandoned(Exception):
     pass
+
+
+class Rest:
+    """The rest of a body from the upstream: its response and the iterator of its raw bytes
+    (a response's bytes are iterated once: whoever continues takes both). `aclose` releases
+    both."""
+
+    __slots__ = ("chunks", "response")
+
+    def __init__(self, response: httpx.Response, chunks: AsyncIterator[bytes] | None = None):
+        self.response = response
+        self.chunks = chunks if chunks is not None else response.aiter_raw()
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self.response.aclose()
+
+
+class _Overflow(Exception):
+    """An unsized body outgrew what may be stored: `rest` carries what follows."""
+
+    def __init__(self, rest: Rest) -> None:
+        super().__init__("too large to store")
+        self.rest = rest
 
 
 def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -118,6 +153,12 @@ def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
     if names:
         out["vary"] = ", ".join(names)
     return out
+
+
+def _without_content_range(headers: httpx.Headers) -> httpx.Headers:
+    """A 206's headers as the 200 of the whole object would carry them (for the storage
+    rules)."""
+    return httpx.Headers([(n, v) for n, v in headers.multi_items() if n.lower() != "content-range"])
 
 
 def _unrewritable(route: Route, status: int, headers: httpx.Headers) -> str | None:
@@ -186,6 +227,17 @@ class Fill:
         self.upstream_status: int | None = None
         self.passthrough: str | None = None
         """Why the response is not stored: its clients are relayed instead."""
+        self.passes_object = False
+        """A slice fill: the passthrough reason is the object's own (not storable, too
+        large), not this slice's: the whole object is passed, its ranges included."""
+        self.overflowed = False
+        """An unsized body outgrew what may be stored: nothing is published, and its readers
+        get the rest from the upstream (`take_rest`, else `continue_at`) after what the
+        partial file holds."""
+        self._offered: Rest | None = None
+        """The rest of an overflowed body while offered: its response is still the fill's own
+        (`_response`) until a reader takes it."""
+        self._continuation: Continuation | None = None
         self.refreshed: Meta | None = None
         self.failed: str | None = None
         self.published = False
@@ -202,9 +254,9 @@ class Fill:
         """A purge covered the key while it was being filled: nothing is published."""
         self.read_fd: int | None = None
         """The descriptor readers of the body read from (with pread)."""
-        self.handover: httpx.Response | None = None
-        """An answer not stored that the file cannot hold: the open upstream response, until a
-        client takes it (`take_response`)."""
+        self.open_answer: httpx.Response | None = None
+        """An answer not stored that the file cannot hold from its head on: the open upstream
+        response, until a client takes it (`take_response`)."""
         self._varies_on_encoding = False
         self.finished = False
         self.reserved = 0
@@ -276,9 +328,11 @@ class Fill:
             self._idle_since = self._clock.monotonic()
             if self.finished:
                 self._close_reader()
-            if self.handover is not None:
+            if self.open_answer is not None:
                 self._notify()  # nobody left to take it: the fill closes it
             self._on_clientless(self)
+        if self.readers == 0 and self._offered is not None:
+            self._notify()  # no reader left to take the rest of an overflowed body
 
     @property
     def holders(self) -> int:
@@ -307,10 +361,10 @@ class Fill:
     def take_response(self, variant: str) -> httpx.Response | None:
         """The open upstream response of an answer the file cannot hold, for the first GET
         (of a variant it answers) that takes it: then that client's, to relay and to close."""
-        response = self.handover
+        response = self.open_answer
         if response is None or (self._varies_on_encoding and variant != self.variant):
             return None
-        self.handover = None
+        self.open_answer = None
         self._notify()
         return response
 
@@ -321,7 +375,13 @@ class Fill:
 
     @property
     def stoppable(self) -> bool:
-        """Not over, and its body not yet complete: stopping it now publishes nothing."""
+        """Not over, and its body not yet complete: stopping it now publishes nothing.
+
+        An overflowed fill offering its rest stays stoppable: the cache stops only fills with
+        no client (`background`), and one with no reader left closes its rest anyway, so
+        stopping it cuts nobody and frees its connection at once. Were one stopped with
+        readers, none would end cleanly: the rest not taken is closed, and each reader goes
+        on with `continue_at` (a judged continuation) or aborts."""
         return not self.finished and not self._body_done and self.stopping is None
 
     @property
@@ -337,7 +397,7 @@ class Fill:
     @property
     def using_upstream(self) -> bool:
         """Holding (or opening) an upstream response: stopping it frees a connection."""
-        return self._opening or self._response is not None or self.handover is not None
+        return self._opening or self._response is not None or self.open_answer is not None
 
     @property
     def idle_since(self) -> float:
@@ -353,9 +413,63 @@ class Fill:
             self.task.cancel()  # a fill not started yet stops as it starts
 
     async def wait_beyond(self, position: int) -> None:
-        """Return once more than `position` bytes are written, or the fill is over."""
-        while self.written <= position and not self.finished:
+        """Return once more than `position` bytes are written, or the fill is over (or
+        overflowed: the rest is the upstream's)."""
+        while self.written <= position and not self.finished and not self.overflowed:
             await self._advance.wait()
+
+    # ---- the rest of a body too large to store ------------------------------------------
+
+    def take_rest(self) -> Rest | None:
+        """The live upstream response of an overflowed fill, continuing right after the
+        `written` bytes, to the first reader that asks (it then owns and closes it); None
+        once taken or closed."""
+        rest, self._offered = self._offered, None
+        if rest is not None:
+            # No longer the fill's: `_close_response` (in `run`'s finally) must not close it.
+            assert rest.response is self._response
+            self._response = None
+            self._notify()
+        return rest
+
+    async def continue_at(self, position: int) -> Rest | None:
+        """An upstream response continuing an overflowed body at `position` (Range +
+        If-Range on its strong validator, judged by `relay.http.continuation`), owned by the
+        caller; None when the body cannot be continued."""
+        plan = self._continuation
+        if plan is None:
+            return None
+        request = self._upstream.build_request(
+            "GET",
+            self._request.url,
+            resume_request_headers(plan, self._request, position),
+            self._route,
+        )
+        try:
+            response = await self._upstream.open(request, self._route)
+        except UpstreamError:
+            return None
+        if plan.judge(response.status_code, response.headers, position).continues:
+            return Rest(response)
+        await response.aclose()
+        return None
+
+    async def _hand_over(self, rest: Rest, first: httpx.Response) -> None:
+        """Offer the live response (the one the fill holds) to the readers (the first to reach
+        `written` takes it); return once it is taken or no reader is left. One not taken is
+        closed here, with its byte iterator, and is then no longer the fill's to close."""
+        self._continuation = Continuation.for_response(first)
+        self._offered = rest
+        self.overflowed = True
+        self._notify()
+        try:
+            while self._offered is not None and self.readers:
+                await self._advance.wait()
+        finally:
+            if self._offered is not None:
+                self._offered = None
+                self._response = None
+                await asyncio.shield(rest.aclose())
 
     async def wait_finished(self) -> None:
         while not self.finished:
@@ -382,16 +496,22 @@ class Fill:
                 self.error = exc
                 return
             if not await self._take(response):
-                if self.handover is not None:
+                if self.open_answer is not None:
                     self.headers_ready.set()
-                    while self.handover is not None and self._has_clients:
+                    while self.open_answer is not None and self._has_clients:
                         await self._advance.wait()  # until a client takes it, or none is left
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
             self.read_fd = os.open(self.partial, os.O_RDONLY)
             self.headers_ready.set()
-            await self._write_body(response, fd)
+            try:
+                await self._write_body(response, fd)
+            except _Overflow as over:
+                # Not stored: the live response goes to a reader (then it is no longer the
+                # fill's `_response`) or is closed by `_hand_over`.
+                await self._hand_over(over.rest, response)
+                return
             # The whole body is in: its connection goes back before the fsync and publish.
             self._body_done = True
             await self._close_response()
@@ -420,7 +540,7 @@ class Fill:
         finally:
             self.finished = True
             await self._close_response()
-            unclaimed, self.handover = self.handover, None
+            unclaimed, self.open_answer = self.open_answer, None
             if unclaimed is not None:
                 await asyncio.shield(unclaimed.aclose())
             if fd is not None:
@@ -507,7 +627,7 @@ class Fill:
             reason = _unrewritable(self._route, status, headers) or reason
         length = content_length(headers)
         if reason is None and length is not None and length > self._max_object_bytes:
-            reason = "too large"
+            reason = TOO_LARGE
         if (
             reason is None
             and "content-length" not in headers
@@ -530,12 +650,8 @@ class Fill:
                 return False
             if status in BODYLESS_STATUSES:
                 length = 0
-            if (
-                reason in _TOO_BIG
-                or (length is None and status == 200)
-                or (length is not None and not self._reserve(self, length))
-            ):
-                await self._hand_over(reason, length, policy)
+            if reason in _TOO_BIG or (length is not None and not self._reserve(self, length)):
+                await self._keep_open(reason, length, policy)
                 return False
         self.length = length
         self.meta = Meta(
@@ -555,18 +671,18 @@ class Fill:
         )
         return True
 
-    async def _hand_over(self, reason: str, length: int | None, headers: httpx.Headers) -> None:
-        """An answer not stored that the file cannot hold: the open response the fill holds
-        is kept for the first client that takes it (a content-addressed object's is closed:
-        each client asks the Hub again)."""
+    async def _keep_open(self, reason: str, length: int | None, headers: httpx.Headers) -> None:
+        """An answer not stored that the file cannot hold from its head on: the open response
+        the fill holds is kept for the first client that takes it (a content-addressed
+        object's is closed: each client asks the Hub again)."""
         if reason not in _TOO_BIG and length is not None:
-            self.passthrough = "too large" if length > self._max_object_bytes else "no room"
+            self.passthrough = TOO_LARGE if length > self._max_object_bytes else "no room"
         self.shared = self.for_one = False  # later requests are relayed (pass)
         if self.sha256 is not None:
             await self._close_response()
             return
         self._varies_on_encoding = vary_of(headers) == "accept-encoding"
-        self.handover, self._response = self._response, None
+        self.open_answer, self._response = self._response, None
 
     def _answers_unstored(self, reason: str, status: int, headers: httpx.Headers) -> str:
         """Which of the fill's clients an answer that is not stored answers (`headers`: its
@@ -596,14 +712,17 @@ class Fill:
             reason = f"status {response.status_code}"
         elif parsed.start != first or parsed.end != min(last, parsed.total - 1):
             reason = "unexpected Content-Range"
+        elif parsed.total > self._max_object_bytes or (
+            reason := not_storable(200, _without_content_range(headers))
+        ):
+            # The object itself may not be stored (too large, private, Set-Cookie, Vary: *):
+            # its other ranges are relayed as the client asked (the key is passed).
+            reason = reason or TOO_LARGE
+            self.passes_object = True
         elif vary_of(headers) != "":
             reason = "vary"
         elif strong is None or (validator is not None and strong != validator):
             reason = "changed" if strong is not None else "no strong validator"
-        else:
-            stripped = httpx.Headers([(n, v) for n, v in headers.multi_items()])
-            del stripped["content-range"]
-            reason = not_storable(200, stripped)
         try:
             self._content_sha256 = upstream_sha256(
                 httpx.Headers([("repr-digest", v) for v in headers.get_list("content-digest")])
@@ -650,10 +769,16 @@ class Fill:
         self._hash = hashlib.sha256()
         while True:
             try:
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_raw()
+                async for chunk in chunks:
                     size = len(chunk)
-                    if self.length is None and not self._reserve(self, size):
-                        raise FillAbandoned("cache budget exceeded by an unsized body")
+                    over = self.length is None and not self._reserve(self, size)
+                    if over:
+                        # Never stored; this chunk is kept (one past the reservation) and
+                        # the rest goes to the readers from the upstream: never a cut body.
+                        too_large = self.reserved + size > self._max_object_bytes
+                        self.passthrough = TOO_LARGE if too_large else "no room"
+                        self.shared = False  # later requests are relayed (pass)
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
                     await _write_at(loop, fd, chunk, self.written)
@@ -661,6 +786,9 @@ class Fill:
                     self.written += size
                     self._count(size)
                     self._notify()
+                    if over:
+                        assert response is self._response  # the one the fill holds
+                        raise _Overflow(Rest(response, chunks))
                     self._check_idle()
                 break
             except httpx.HTTPError as exc:
@@ -798,4 +926,12 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DigestMismatch", "Fill", "FillAbandoned", "Holds", "stored_headers"]
+__all__ = [
+    "TOO_LARGE",
+    "DigestMismatch",
+    "Fill",
+    "FillAbandoned",
+    "Holds",
+    "Rest",
+    "stored_headers",
+]

@@ -6,6 +6,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.cache.bounded import Lru, hints_bound
 from relay.cache.store import Meta
 
 
@@ -23,15 +24,17 @@ class Entry:
 
 
 class Index:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, hints: int | None = None) -> None:
+        """`hints`: how many Vary hints are kept (default: `hints_bound(max_bytes)`)."""
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.stored = 0
         """Bytes of complete objects."""
         self.reserved = 0
         """Bytes promised to fills in flight."""
-        self.vary: dict[str, str] = {}
-        """Base key -> "accept-encoding" for objects stored per encoding."""
+        self.vary: Lru[str, str] = Lru(hints if hints is not None else hints_bound(max_bytes))
+        """Base key -> "accept-encoding" for objects stored per encoding (bounded: keyed by
+        client input; a lost hint costs one fill that learns it again)."""
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -147,10 +147,10 @@ def for_absent(*, method: str, ranged: bool, filling: bool, passing: bool, slice
     (`relay.cache.cache.PASS_SECONDS`), so each client is relayed; `sliced`: the object has
     slices (stored or being filled)."""
     if not filling:
+        if passing:
+            return _PASS  # ranges too: a range of an object that may not be stored is relayed
         if method == "GET" and ranged:
             return Plan(Step.SLICES)
-        if passing:
-            return _PASS
         if sliced:
             return Plan(Step.FROM_SLICES)
         if method != "GET":

@@ -296,7 +296,7 @@ class CachedResponse(Response):
         if fill.error is not None:
             await out.upstream_error(fill.error)
             return None
-        if self._asked.method == "GET":
+        if self._asked.method == "GET" and "range" not in self._asked.client_headers:
             opened = fill.take_response(self._asked.variant)
             if opened is not None:
                 return self._fallback(opened)

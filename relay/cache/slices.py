@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from relay.cache.bounded import LruSet, hints_bound
 from relay.cache.fill import Fill
 from relay.cache.index import Entry, Index
 from relay.cache.integrity import sha256_of_files
@@ -38,9 +39,10 @@ class Slices:
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
-        self.sliced: set[str] = set()
+        self.sliced = LruSet(hints_bound(cache.config.cache_max_bytes))
         """Storage keys of objects with stored slices or slice fills started (a hint: a whole
-        GET of one is answered from its slices)."""
+        GET of one is answered from its slices). Bounded (keyed by client input): a lost hint
+        makes a whole GET of that object a whole fill."""
         self.revalidations: dict[str, Fill] = {}
         """Storage key -> the one conditional request refreshing that object's slices."""
         self.verifying: dict[str, asyncio.Task[None]] = {}
@@ -171,10 +173,14 @@ class Slices:
             self.sliced.discard(key.rpartition(SLICE_MARK)[0])
 
     def purge_key(self, base: str) -> None:
-        self.sliced = {k for k in self.sliced if k != base and not k.startswith(base + "\x00")}
+        for key in self.sliced:
+            if key == base or key.startswith(base + "\x00"):
+                self.sliced.discard(key)
 
     def purge_prefix(self, prefix: str) -> None:
-        self.sliced = {k for k in self.sliced if not k.startswith(prefix)}
+        for key in self.sliced:
+            if key.startswith(prefix):
+                self.sliced.discard(key)
 
     # ---- digests of sliced objects ------------------------------------------------------
 

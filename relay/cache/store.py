@@ -12,6 +12,7 @@ version keep their open file descriptor: files are unlinked or replaced, never t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,13 +95,17 @@ class Store:
 
     @staticmethod
     def remove_partial(path: Path) -> None:
-        """Remove a fill's partial file that was not published (a warning if it stays)."""
+        """Remove a fill's partial file that was not published (a warning if it stays), and
+        the object's directory if that leaves it empty: an answer that is not stored (an
+        error, `no-store`) leaves nothing on disk."""
         try:
             path.unlink()
         except FileNotFoundError:
             pass
         except OSError as exc:
             logger.warning("cache: cannot remove %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # fails, as it should, while a stored version is there
 
     @staticmethod
     def publish(directory: Path, meta: Meta) -> None:

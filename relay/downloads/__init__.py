@@ -4,11 +4,11 @@
     files.py       /files/{name}: validators, single ranges, FileResponse
     intake.py      a POST body -> Order (path or url mapped through the route table)
     jobs.py        DownloadManager: queue, concurrency limit, restart recovery, cancel
-    fetch.py       one job's upstream attempts: Range + If-Range resume (relay.http.continuation)
-    writer.py      the partial file: exclusive create, hash while writing, verified publish
+    fetch.py       a job's side of its transfer (relay.transfer: the engine shared with
+                   `relay fetch` that fetches, resumes, verifies and publishes the file)
     store.py       jobs in SQLite (WAL) on one thread
-    model.py       Job and its states; rate.py the smoothed rate
-    names.py       ids, file names, the data directory layout; errors.py the error tree
+    model.py       Job and JobState; rate.py the smoothed rate
+    names.py       ids, file names, the data directory layout; errors.py JobFailed
 
 The /downloads API needs the admin credential (`admin_token` in `admin_header`) unless
 `downloads_open` is set; the store is bounded by `downloads_max_jobs`, `downloads_max_bytes`

@@ -1,16 +1,18 @@
-"""How a download job ends or retries (never an answer to a request: the downloads API's
-errors, DownloadsError and its subclasses, are members of the one tree in `relay.errors`).
+"""How a download job ends (never an answer to a request: the downloads API's errors,
+DownloadsError and its subclasses, are members of the one tree in `relay.errors`).
 
-JobFailed               ends a job in state "failed" with a short reason (never retried)
-├── VerificationFailed  the body does not match its expected size or sha256
-└── DiskError           writing the partial file failed (ENOSPC, EIO, ...)
-UpstreamFailure         one upstream attempt failed; the job resumes if attempts remain
+JobFailed   ends a job in state "failed" with a short reason (never retried)
+
+A transfer's failures (`relay.transfer.errors`: the upstream, the partial file, the checks)
+become JobFailed in one place, `as_job_failure`.
 """
 
 from __future__ import annotations
 
-import errno
-import os
+import contextlib
+from collections.abc import Iterator
+
+from relay.transfer.errors import AttemptFailed, TransferError
 
 
 class JobFailed(Exception):
@@ -19,24 +21,14 @@ class JobFailed(Exception):
         self.reason = reason
 
 
-class VerificationFailed(JobFailed):
-    pass
-
-
-class DiskError(JobFailed):
-    @classmethod
-    def from_os_error(cls, exc: OSError, doing: str) -> DiskError:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            what = "disk full"
-        elif exc.errno == errno.EIO:
-            what = "I/O error"
-        else:
-            what = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
-        return cls(f"{what} ({code}) {doing}" if code else f"{what} {doing}")
-
-
-class UpstreamFailure(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+@contextlib.contextmanager
+def as_job_failure() -> Iterator[None]:
+    """A transfer's failure, as the reason the job failed."""
+    try:
+        yield
+    except AttemptFailed as exc:
+        raise JobFailed(
+            f"{exc.reason} (gave up after {exc.failures} attempts without progress)"
+        ) from exc
+    except TransferError as exc:
+        raise JobFailed(exc.reason) from exc

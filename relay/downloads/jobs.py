@@ -31,16 +31,16 @@ from typing import NamedTuple
 
 from relay import disk
 from relay.config import Config
-from relay.downloads.errors import JobFailed
+from relay.downloads.errors import JobFailed, as_job_failure
 from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
-from relay.downloads.model import Job, State
+from relay.downloads.model import Job, JobState
 from relay.downloads.names import DataDir, new_job_id
 from relay.downloads.store import JobStore, StoreError
-from relay.downloads.writer import PartialFile
 from relay.errors import ClientError, Conflict, InsufficientStorage, NotFound, Unavailable
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
+from relay.transfer import PartialFile
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class DownloadManager:
             on_disk = await asyncio.to_thread(_size_of, self._data.partial(job.id))
             if on_disk is None and await self._adopt(job):
                 continue
-            job.state = State.QUEUED
+            job.state = JobState.QUEUED
             job.bytes_done = on_disk or 0
             job.touch()
             await self._store.save(job)
@@ -177,12 +177,12 @@ class DownloadManager:
         """Cancel an active job (returning it) or forget a finished one and its file (None)."""
         job = self._active.get(job_id)
         if job is not None:
-            await self._stop(job, State.CANCELLED, "cancelled by request")
+            await self._stop(job, JobState.CANCELLED, "cancelled by request")
             return job
         stored = await self._store.get(job_id)
         if stored is None:
             raise NotFound("no such download")
-        if stored.state == State.COMPLETED:
+        if stored.state == JobState.COMPLETED:
             holder = await self._store.completed_with_name(stored.name)
             if holder is not None and holder.id == stored.id:
                 await asyncio.to_thread(disk.remove_quietly, self._data.file(stored.name))
@@ -190,7 +190,7 @@ class DownloadManager:
         logger.info("download %s deleted", job_id)
         return None
 
-    async def _stop(self, job: Job, state: State, reason: str) -> None:
+    async def _stop(self, job: Job, state: JobState, reason: str) -> None:
         """End an active job's task and its files, recording it as `state` with `reason`."""
         task = self._tasks.get(job.id)
         if task is not None:
@@ -207,7 +207,9 @@ class DownloadManager:
     def counts(self) -> JobCounts:
         """Active jobs by state, for the metrics."""
         states = [job.state for job in self._active.values()]
-        return JobCounts(queued=states.count(State.QUEUED), running=states.count(State.RUNNING))
+        return JobCounts(
+            queued=states.count(JobState.QUEUED), running=states.count(JobState.RUNNING)
+        )
 
     async def published(self, name: str) -> tuple[Path, Job] | None:
         """The file published under `name` and the job that verified it."""
@@ -231,7 +233,7 @@ class DownloadManager:
 
     async def _run(self, job: Job) -> None:
         async with self._slots:
-            job.state = State.RUNNING
+            job.state = JobState.RUNNING
             job.rate.reset()
             job.touch()
             partial_path = self._data.partial(job.id)
@@ -247,14 +249,15 @@ class DownloadManager:
             else:
                 job.sha256 = digest
                 logger.info("download %s completed: %s (%s)", job.id, job.name, digest)
-                await self._finish(job, State.COMPLETED)
+                await self._finish(job, JobState.COMPLETED)
                 return
             await asyncio.to_thread(disk.remove_quietly, partial_path)
-            await self._finish(job, State.FAILED, reason)
+            await self._finish(job, JobState.FAILED, reason)
 
     async def _download(self, job: Job, partial_path: Path) -> str:
         target = self._resolve(job)
-        partial = await PartialFile.open(partial_path)
+        with as_job_failure():
+            partial = await PartialFile.open(partial_path)
         try:
             job.bytes_done = partial.size
             fetcher = Fetcher(
@@ -266,12 +269,13 @@ class DownloadManager:
                 checkpoint=lambda: self._checkpoint(job),
             )
             await fetcher.run()
-            return await partial.publish(
-                self._data.file(job.name),
-                expected_size=job.expected_size if job.total is None else job.total,
-                expected_sha256=job.expected_sha256,
-                upstream_sha256=job.upstream_sha256,
-            )
+            with as_job_failure():
+                return await partial.publish(
+                    self._data.file(job.name),
+                    expected_size=job.expected_size if job.total is None else job.total,
+                    expected_sha256=job.expected_sha256,
+                    upstream_sha256=job.upstream_sha256,
+                )
         finally:
             await partial.close()
 
@@ -364,13 +368,13 @@ class DownloadManager:
         for job in newest_first:
             if used <= self._max_bytes:
                 return
-            if job.state != State.RUNNING or job.total is not None:
+            if job.state != JobState.RUNNING or job.total is not None:
                 continue  # an announced length was checked when it was announced
             used -= job.bytes_done
             logger.warning("download %s: over downloads_max_bytes, stopping it", job.id)
             await self._stop(
                 job,
-                State.FAILED,
+                JobState.FAILED,
                 f"insufficient storage: the body passed downloads_max_bytes ({self._max_bytes})",
             )
 
@@ -387,10 +391,10 @@ class DownloadManager:
                 logger.warning("downloads quota check failed: %s", exc.reason)
             await asyncio.sleep(interval)
 
-    async def _finish(self, job: Job, state: State, error: str | None = None) -> None:
+    async def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         job.state = state
         job.error = error
-        if state == State.COMPLETED:
+        if state == JobState.COMPLETED:
             job.bytes_done = job.total = job.total if job.total is not None else job.bytes_done
         job.touch()
         try:
@@ -402,7 +406,7 @@ class DownloadManager:
     async def _adopt(self, job: Job) -> bool:
         """Complete a job whose file was published just before the last process stopped."""
         target = self._data.file(job.name)
-        if job.state != State.RUNNING or await asyncio.to_thread(_size_of, target) is None:
+        if job.state != JobState.RUNNING or await asyncio.to_thread(_size_of, target) is None:
             return False
         if await self._store.completed_with_name(job.name) is not None:
             return False
@@ -412,11 +416,11 @@ class DownloadManager:
         sizes = {job.total, job.expected_size} - {None}
         if digests - {digest} or sizes - {size}:
             logger.warning("download %s: %s exists but does not match", job.id, target.name)
-            await self._finish(job, State.FAILED, "a different file with this name exists")
+            await self._finish(job, JobState.FAILED, "a different file with this name exists")
             return True
         job.sha256, job.total, job.bytes_done = digest, size, size
         logger.info("download %s: adopting %s, published before the last stop", job.id, job.name)
-        await self._finish(job, State.COMPLETED)
+        await self._finish(job, JobState.COMPLETED)
         return True
 
 

@@ -11,7 +11,9 @@ from typing import Any
 from relay.downloads.rate import RateMeter
 
 
-class State(enum.StrEnum):
+class JobState(enum.StrEnum):
+    """Where a download job stands (stored as its value)."""
+
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -20,7 +22,7 @@ class State(enum.StrEnum):
 
     @property
     def active(self) -> bool:
-        return self in (State.QUEUED, State.RUNNING)
+        return self in (JobState.QUEUED, JobState.RUNNING)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -33,7 +35,7 @@ class Job:
     name: str
     expected_sha256: str | None = None
     expected_size: int | None = None
-    state: State = State.QUEUED
+    state: JobState = JobState.QUEUED
     bytes_done: int = 0
     total: int | None = None
     """The object's complete length, from Content-Length (200) or Content-Range (206)."""
@@ -59,7 +61,7 @@ class Job:
         self.updated = time.time()
 
     def to_json(self) -> dict[str, Any]:
-        rate = self.rate.bytes_per_second() if self.state == State.RUNNING else None
+        rate = self.rate.bytes_per_second() if self.state == JobState.RUNNING else None
         eta = None
         if rate and self.total is not None:
             eta = round(max(self.total - self.bytes_done, 0) / rate, 1)
@@ -78,7 +80,7 @@ class Job:
             "sha256": self.sha256,
             "expected_sha256": self.expected_sha256,
             "expected_size": self.expected_size,
-            "file": f"/files/{self.name}" if self.state == State.COMPLETED else None,
+            "file": f"/files/{self.name}" if self.state == JobState.COMPLETED else None,
             "created": _iso(self.created),
             "updated": _iso(self.updated),
         }

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.downloads.model import Job, State
+from relay.downloads.model import Job, JobState
 from relay.errors import StartupError, Unavailable
 
 T = TypeVar("T")
@@ -115,7 +115,7 @@ class JobStore:
     async def unfinished(self) -> list[Job]:
         """Jobs that were queued or running when relay last stopped, oldest first."""
         return await self._select(
-            "WHERE state IN (?, ?) ORDER BY created", State.QUEUED.value, State.RUNNING.value
+            "WHERE state IN (?, ?) ORDER BY created", JobState.QUEUED.value, JobState.RUNNING.value
         )
 
     async def latest(self, limit: int) -> list[Job]:
@@ -134,7 +134,7 @@ class JobStore:
         row = await self._run(
             lambda db: db.execute(
                 "SELECT COALESCE(SUM(total), 0) FROM jobs WHERE state = ?",
-                (State.COMPLETED.value,),
+                (JobState.COMPLETED.value,),
             ).fetchone()
         )
         return int(row[0])
@@ -143,15 +143,17 @@ class JobStore:
         """Finished jobs (completed, failed, cancelled) last changed before `updated`."""
         return await self._select(
             "WHERE state NOT IN (?, ?) AND updated < ? ORDER BY updated LIMIT ?",
-            State.QUEUED.value,
-            State.RUNNING.value,
+            JobState.QUEUED.value,
+            JobState.RUNNING.value,
             updated,
             limit,
         )
 
     async def completed_with_key(self, key: str) -> Job | None:
         rows = await self._select(
-            "WHERE key = ? AND state = ? ORDER BY created DESC LIMIT 1", key, State.COMPLETED.value
+            "WHERE key = ? AND state = ? ORDER BY created DESC LIMIT 1",
+            key,
+            JobState.COMPLETED.value,
         )
         return rows[0] if rows else None
 
@@ -159,7 +161,7 @@ class JobStore:
         rows = await self._select(
             "WHERE name = ? AND state = ? ORDER BY created DESC LIMIT 1",
             name,
-            State.COMPLETED.value,
+            JobState.COMPLETED.value,
         )
         return rows[0] if rows else None
 
@@ -240,6 +242,6 @@ def _row(job: Job) -> tuple[Any, ...]:
 def _job(row: tuple[Any, ...]) -> Job:
     values = dict(zip(_COLUMNS, row, strict=True))
     values.pop("key")
-    values["state"] = State(values["state"])
+    values["state"] = JobState(values["state"])
     values["byte_ranges"] = bool(values["byte_ranges"])
     return Job(**values)

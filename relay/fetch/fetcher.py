@@ -1,13 +1,16 @@
 """relay fetch: download one URL to a file, resumably and verified; FILE is never half-written.
 
-The body is saved as the server sent it (`iter_raw`; `Accept-Encoding: identity` is asked
-for, so normally there is nothing to decode), into FILE.part next to FILE, hashed with sha256
-while it is written. Only when the size (Content-Length or the Content-Range total) and the
-optional --sha256 match is FILE.part fsynced and renamed over FILE, and the directory fsynced.
-FILE.part.json remembers the URL, the validator and the total, so a later run resumes the
-partial with Range + If-Range; within one run a dropped connection or a read timeout is
-retried the same way (resuming only with a strong validator and `Accept-Ranges: bytes`,
-otherwise starting over).
+The transfer is `relay.transfer`'s, the engine download jobs use too: the body is saved as the
+server sent it (`Accept-Encoding: identity` is asked for, so normally there is nothing to
+decode) into FILE.part next to FILE, hashed with sha256 while it is written. Only when the size
+(Content-Length or the Content-Range total), the optional --sha256 and a sha256 the server
+announced (Repr-Digest, Digest, x-amz-checksum-sha256) match is FILE.part fsynced and renamed
+to FILE (over it only with --force), and the directory fsynced. FILE.part.json remembers the
+URL, the validator and the total, so a later run resumes the partial with Range + If-Range;
+within one run a dropped connection or a read timeout is retried the same way (resuming only
+with a strong validator and `Accept-Ranges: bytes`, otherwise starting over). What is relay
+fetch's own is here: options, the record file (output.py), requests (client.py), messages and
+the progress bar (progress.py), exit codes (errors.py).
 
 Exit codes
     0    ok: FILE complete; size and, with --sha256, checksum verified
@@ -33,20 +36,26 @@ Errors (each carries its exit code)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, TextIO
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from relay import __version__
+from relay.fetch.client import MAX_REDIRECTS, BlockingOpener
 from relay.fetch.errors import (
     ExitCode,
     FetchError,
@@ -58,42 +67,25 @@ from relay.fetch.errors import (
     UsageError,
     VerifyFailed,
 )
-from relay.fetch.partial import Meta, PartialFile, Sink, StdoutSink
+from relay.fetch.output import FileOutput, ResumeRecord, StdoutSink
 from relay.fetch.progress import Progress, format_size
-from relay.http import continuation, ranges
-from relay.http.continuation import (
-    FETCH_BACKOFF,
-    RETRY_STATUSES,
-    Backoff,
-    Continuation,
-    Next,
-    Retries,
+from relay.http.continuation import FETCH_BACKOFF, Backoff
+from relay.transfer import Events, Policy, Representation, Sink, Transfer, verify
+from relay.transfer.errors import (
+    AttemptFailed,
+    DiskError,
+    FileInUse,
+    StatusLine,
+    TargetExists,
+    TransferError,
+    UnexpectedStatus,
+    VerificationFailed,
 )
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX: no advisory lock on the partial
-    fcntl = None  # type: ignore[assignment]
-
 
 DEFAULT_RETRIES = 5
 DEFAULT_RETRY_DELAY = FETCH_BACKOFF.first
 MAX_RETRY_DELAY = FETCH_BACKOFF.cap
 DEFAULT_TIMEOUT = 30.0
-MAX_REDIRECTS = 10
-
-
-class _Retry(Exception):
-    """A transient failure: retry (within --retries), else raise `error`."""
-
-    def __init__(self, error: FetchError, retry_after: float | None = None) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.retry_after = retry_after
-
-
-# Dropped, reset, refused, timed out, short or malformed body: worth another try.
-_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 # ---- options and argument parsing ---------------------------------------------------------------
@@ -168,42 +160,6 @@ def output_name(url: str) -> str:
     return name
 
 
-# ---- HTTP details -------------------------------------------------------------------------------
-
-
-def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
-    """ "bytes 10-19/100" -> (10, 19, 100); "bytes */100" -> (None, None, 100); bad -> None."""
-    parsed = ranges.parse_content_range(value)
-    if parsed is not None:
-        return parsed.start, parsed.end, parsed.total
-    total = ranges.parse_unsatisfied_range(value)
-    return None if total is None else (None, None, total)
-
-
-def content_length(response: httpx.Response) -> int | None:
-    return continuation.content_length(response.headers)
-
-
-def resume_validator(headers: httpx.Headers) -> str | None:
-    """The If-Range value to resume with (see relay.http.continuation), or None when not safe."""
-    return continuation.validator_for(headers)
-
-
-def _describe(exc: httpx.HTTPError, received: int = 0) -> str:
-    kinds: dict[type[httpx.HTTPError], str] = {
-        httpx.ConnectTimeout: "timed out connecting",
-        httpx.ReadTimeout: "timed out reading",
-        httpx.ConnectError: "cannot connect",
-        httpx.RemoteProtocolError: "connection lost",
-        httpx.ReadError: "connection lost",
-    }
-    kind = kinds.get(type(exc), type(exc).__name__)
-    if received:
-        kind += f" after {format_size(received)}"
-    detail = str(exc)
-    return f"{kind}: {detail}" if detail and detail != "timed out" else kind
-
-
 # ---- reporting ----------------------------------------------------------------------------------
 
 
@@ -242,138 +198,178 @@ class Reporter:
 # ---- the download -------------------------------------------------------------------------------
 
 
-class Fetcher:
-    """Requests, retries and resumes until `sink` holds the whole representation."""
+class _Run(Events):
+    """One `relay fetch`: the output, the transfer, and what the user is told on the way."""
 
     def __init__(
         self,
         options: FetchOptions,
-        sink: Sink,
-        client: httpx.Client,
         reporter: Reporter,
         *,
-        meta: Meta | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None,
+        stdout: IO[bytes] | None,
+        sleep: Callable[[float], Awaitable[None]],
     ) -> None:
         self.options = options
-        self.sink = sink
-        self.client = client
         self.reporter = reporter
-        self.meta = meta
-        self.received = 0  # body bytes received in this run
+        self._transport = transport
+        self._stdout = stdout
         self._sleep = sleep
+        self.output: FileOutput | None = None
+        self.stdout: StdoutSink | None = None
+        self.size = 0  # bytes the output holds
+        self.received = 0  # body bytes received in this run
+        self.digest = ""
+        self.kept = ""  # "; N kept in FILE.part, ..." when a failed run leaves the partial
 
-    def run(self) -> None:
-        retries = Retries(self.options.retries, self.options.backoff_policy())
-        while True:
-            try:
-                if self._attempt():
-                    break
-                continue  # start over at once (the partial was of no use)
-            except _Retry as retry:
-                if not retries.fail():
-                    done = retries.failures - 1
-                    plural = "y" if done == 1 else "ies"
-                    suffix = f" (gave up after {done} retr{plural})" if done else ""
-                    raise type(retry.error)(f"{retry.error}{suffix}") from retry.__cause__
-                delay = retries.delay(retry.retry_after)
-                resumable = self.meta is not None and self.meta.validator is not None
-                if self.sink.size and not resumable:
-                    try:
-                        self.sink.restart()
-                    except TransferFailed as exc:
-                        raise TransferFailed(f"{retry.error}; {exc}") from retry.__cause__
-                where = f", resuming at {format_size(self.sink.size)}" if self.sink.size else ""
-                self.reporter.note(
-                    f"{retry.error}; retrying in {delay:.1f} s "
-                    f"({retries.failures}/{self.options.retries}){where}"
-                )
-                self._sleep(delay)
-        self._verify()
+    def prepare(self) -> None:
+        """Check the output before anything is requested."""
+        options = self.options
+        if options.output == "-":
+            out = self._stdout if self._stdout is not None else sys.stdout.buffer
+            self.stdout = StdoutSink(out)
+            return
+        final = Path(options.output)
+        if final.is_dir():
+            raise LocalError(f"{final} is a directory")
+        if os.path.lexists(final) and not options.force:
+            raise OutputExists(f"{final} exists (give --force to replace it)")
+        self.output = FileOutput(final)
 
-    def _attempt(self) -> bool:
-        offset, meta = self.sink.size, self.meta
-        headers = {"Accept-Encoding": "identity", **dict(self.options.headers)}
-        plan: Continuation | None = None
-        if offset > 0 and meta is not None and meta.validator is not None:
-            plan = Continuation(validator=meta.validator, total=meta.total)
-            headers.update(plan.request_headers(offset))
+    async def main(self) -> None:
+        options = self.options
+        known: Representation | None = None
+        transfer: Transfer | None = None
         try:
-            with self.client.stream("GET", self.options.url, headers=headers) as response:
-                return self._handle(response, offset, plan)
-        except _TRANSIENT as exc:
-            raise _Retry(TransferFailed(_describe(exc, self.sink.size))) from exc
-        except httpx.TooManyRedirects as exc:
-            raise HTTPStatusError(f"more than {MAX_REDIRECTS} redirects") from exc
-        except httpx.HTTPError as exc:
-            raise TransferFailed(_describe(exc)) from exc
+            if self.output is not None:
+                known = await self.output.open(
+                    options.url, resume=options.resume, note=self.reporter.note
+                )
+            sink = self.sink
+            with httpx.Client(
+                transport=self._transport,
+                headers={"User-Agent": f"relay-fetch/{__version__}"},
+                timeout=httpx.Timeout(options.timeout),
+                follow_redirects=True,
+                max_redirects=MAX_REDIRECTS,
+            ) as client:
+                transfer = Transfer(
+                    BlockingOpener(client, options.url, options.headers),
+                    sink,
+                    policy=Policy(
+                        retries=options.retries,
+                        backoff=options.backoff_policy(),
+                        # A 206 at the wrong offset ends the run (exit 5), FILE.part kept.
+                        restart_bad_range=False,
+                    ),
+                    known=known,
+                    events=self,
+                    sleep=self._sleep,
+                )
+                await transfer.run()
+            announced = transfer.representation.sha256
+            if self.output is not None:
+                self.digest = await self.output.publish(
+                    replace=options.force, expected_sha256=options.sha256, upstream_sha256=announced
+                )
+            elif self.stdout is not None:
+                verify(
+                    sink.size,
+                    sink.hexdigest(),
+                    expected_sha256=options.sha256,
+                    upstream_sha256=announced,
+                )
+                self.stdout.flush()
+                self.digest = sink.hexdigest()
+            self.size = sink.size
+        except TransferError as exc:
+            error = self._fetch_error(exc)
+            await self._leave(transfer.representation if transfer else known, error)
+            raise type(error)(f"{error}{self.kept}") from exc
+        except (FetchError, OSError, KeyboardInterrupt, asyncio.CancelledError) as exc:
+            await self._leave(transfer.representation if transfer else known, exc)
+            if isinstance(exc, FetchError):
+                raise type(exc)(f"{exc}{self.kept}") from exc
+            if isinstance(exc, OSError):
+                raise LocalError(f"{exc}{self.kept}") from exc
+            raise
+        finally:
+            if self.output is not None:  # still open only after an unforeseen error: kept
+                await self.output.close(keep=True, flush=False)
 
-    def _handle(self, response: httpx.Response, offset: int, plan: Continuation | None) -> bool:
-        status = response.status_code
-        if plan is not None:
-            assert self.meta is not None
-            verdict = plan.judge(status, response.headers, offset)
-            if verdict.next is Next.APPEND:
-                if self.meta.total is None:
-                    self.meta = Meta(self.meta.url, self.meta.validator, verdict.total)
-                    self.sink.save_meta(self.meta)
-                self._body(response)
-                return True
-            if verdict.next is Next.COMPLETE:
-                self.meta = Meta(self.meta.url, self.meta.validator, verdict.total)
-                return True  # the partial already holds every byte
-            if verdict.next is Next.BAD_RANGE:
-                known = self.meta.total
-                raise TransferFailed(
-                    f"unusable 206 from {response.url}: asked for bytes {offset}- of "
-                    f"{'?' if known is None else known} bytes, got Content-Range "
-                    f"{response.headers.get('content-range')!r} ({verdict.reason})"
-                )
-            if verdict.next in (Next.CHANGED, Next.REFUSED):
-                what = (
-                    "file changed" if verdict.next is Next.CHANGED else "server refused the range"
-                )
-                self.reporter.note(f"the {what} ({verdict.reason}); starting over")
-                self.sink.restart()
-                self.meta = None
-                return False
-            if verdict.next is Next.RESTART:
-                self.reporter.note(
-                    "the server sent the whole file (it changed, or ignored the range); "
-                    "starting over"
-                )
-                self.sink.restart()
-        if status == 200:
-            validator = resume_validator(response.headers)
-            self.meta = Meta(self.options.url, validator, content_length(response))
-            self.sink.save_meta(self.meta)
-            self._body(response)
-            return True
-        message = f"{status} {response.reason_phrase} from {response.url}"
-        if status in RETRY_STATUSES:
-            raise _Retry(HTTPStatusError(message), continuation.retry_after(response.headers))
-        if status == 206:
-            raise TransferFailed(f"unexpected {message} to a request without Range")
-        raise HTTPStatusError(message if status >= 400 else f"unexpected status {message}")
+    @property
+    def sink(self) -> Sink:
+        sink = self.output.partial if self.output is not None else self.stdout
+        assert sink is not None, "prepare() first"
+        return sink
 
-    def _body(self, response: httpx.Response) -> None:
+    async def _leave(self, known: Representation | None, error: BaseException) -> None:
+        """Close the output after a failure: the partial is kept when it can be resumed."""
+        output = self.output
+        if output is None:
+            return
+        resumable = known is not None and known.validator is not None
+        keep = output.size > 0 and resumable and not isinstance(error, VerifyFailed)
+        interrupted = isinstance(error, KeyboardInterrupt | asyncio.CancelledError)
+        kept = await output.close(keep=keep, flush=not interrupted)
+        if kept:
+            self.kept = (
+                f"; {format_size(kept)} kept in {output.path}, run the same command again to resume"
+            )
+
+    def _fetch_error(self, exc: TransferError) -> FetchError:
+        """The one translation of a transfer's failure into relay fetch's errors."""
+        if isinstance(exc, AttemptFailed):
+            done = exc.failures - 1
+            plural = "y" if done == 1 else "ies"
+            suffix = f" (gave up after {done} retr{plural})" if done else ""
+            if exc.answer is not None:
+                return HTTPStatusError(f"{_said(exc.answer)}{suffix}")
+            return TransferFailed(f"{exc.reason}{suffix}")
+        if isinstance(exc, UnexpectedStatus):
+            said = _said(exc.answer)
+            if exc.answer.status < 400:
+                said = f"unexpected status {said}"
+            return HTTPStatusError(said)
+        if isinstance(exc, VerificationFailed):
+            return VerifyFailed(exc.reason)
+        if isinstance(exc, DiskError | FileInUse):
+            return LocalError(exc.reason)
+        if isinstance(exc, TargetExists):
+            return OutputExists(f"{exc.reason} (give --force to replace it)")
+        return TransferFailed(exc.reason)
+
+    # ---- the transfer's events --------------------------------------------------------------
+
+    async def head(self, representation: Representation, response: httpx.Response) -> None:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             self.reporter.note(f"saving the body as sent (Content-Encoding: {encoding})", once=True)
-        assert self.meta is not None
-        self.reporter.start(self.meta.total, self.sink.size)
-        for chunk in response.iter_raw():
-            self.sink.write(chunk)
-            self.received += len(chunk)
-            self.reporter.update(self.sink.size)
+        if self.output is not None:
+            record = ResumeRecord(self.options.url, representation.validator, representation.total)
+            await self.output.save(record)
+        self.reporter.start(representation.total, self.sink.size)
 
-    def _verify(self) -> None:
-        total = self.meta.total if self.meta is not None else None
-        if total is not None and self.sink.size != total:
-            raise VerifyFailed(f"size mismatch: got {self.sink.size} bytes, expected {total}")
-        expected, digest = self.options.sha256, self.sink.digest()
-        if expected is not None and digest != expected:
-            raise VerifyFailed(f"sha256 mismatch: got {digest}, expected {expected}")
+    def progress(self, size: int, received: int) -> None:
+        self.received += received
+        self.reporter.update(size)
+
+    async def restarting(self, reason: str) -> None:
+        self.reporter.note(f"{reason}; starting over")
+        if self.output is not None:
+            await self.output.forget()
+
+    def retrying(self, error: AttemptFailed, delay: float, failures: int) -> None:
+        size = self.sink.size
+        what = _said(error.answer) if error.answer is not None else error.reason
+        where = f", resuming at {format_size(size)}" if size else ""
+        self.reporter.note(
+            f"{what}; retrying in {delay:.1f} s ({failures}/{self.options.retries}){where}"
+        )
+
+
+def _said(answer: StatusLine) -> str:
+    return f"{answer.status} {answer.phrase} from {answer.url}"
 
 
 def fetch(
@@ -383,77 +379,58 @@ def fetch(
     transport: httpx.BaseTransport | None = None,
     stdout: IO[bytes] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> str:
     """Download `options.url` to `options.output`; returns the sha256. Raises FetchError."""
     started = clock()
-    partial: PartialFile | None = None
-    out: IO[bytes] | None = None
-    sink: Sink
-    if options.output == "-":
-        out = stdout if stdout is not None else sys.stdout.buffer
-        sink = StdoutSink(out)
-    else:
-        final = Path(options.output)
-        if final.is_dir():
-            raise LocalError(f"{final} is a directory")
-        if os.path.lexists(final) and not options.force:
-            raise OutputExists(f"{final} exists (give --force to replace it)")
-        sink = partial = PartialFile(final)
-    meta: Meta | None = None
-    fetcher: Fetcher | None = None
+    run = _Run(options, reporter, transport=transport, stdout=stdout, sleep=sleep)
+    run.prepare()
     try:
-        if partial is not None:
-            meta = partial.open(options.url, resume=options.resume, note=reporter.note)
-        with httpx.Client(
-            transport=transport,
-            headers={"User-Agent": f"relay-fetch/{__version__}"},
-            timeout=httpx.Timeout(options.timeout),
-            follow_redirects=True,
-            max_redirects=MAX_REDIRECTS,
-        ) as client:
-            fetcher = Fetcher(options, sink, client, reporter, meta=meta, sleep=sleep)
-            fetcher.run()
-        if partial is not None:
-            partial.publish()
-        elif out is not None:
-            out.flush()
-    except VerifyFailed:
-        if partial is not None:
-            partial.close(keep=False)
-        raise
-    except (FetchError, OSError, KeyboardInterrupt) as exc:
-        kept = ""
-        if partial is not None:
-            if fetcher is not None:
-                meta = fetcher.meta
-            keep = partial.size > 0 and meta is not None and meta.validator is not None
-            partial.close(keep=keep)
-            if keep:
-                kept = (
-                    f"; {format_size(partial.size)} kept in {partial.path}, "
-                    "run the same command again to resume"
-                )
-        if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(f"interrupted{kept}") from None
-        if isinstance(exc, OSError):
-            raise LocalError(f"{exc}{kept}") from exc
-        raise type(exc)(f"{exc}{kept}") from exc
+        with _ctrl_c_interrupts():
+            asyncio.run(run.main())
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted{run.kept}") from None
     finally:
         if reporter.bar is not None:
             reporter.bar.clear()
     if not reporter.quiet:
         elapsed = max(clock() - started, 1e-6)
-        where = "stdout" if partial is None else str(partial.final)
-        resumed = sink.size - fetcher.received
+        where = "stdout" if run.output is None else str(run.output.final)
+        resumed = run.size - run.received
         extra = f", resumed at {format_size(resumed)}" if resumed > 0 else ""
         print(
-            f"relay fetch: saved {where}: {format_size(sink.size)} in {elapsed:.2f} s "
-            f"({format_size(fetcher.received / elapsed)}/s{extra}), sha256 {sink.digest()}",
+            f"relay fetch: saved {where}: {format_size(run.size)} in {elapsed:.2f} s "
+            f"({format_size(run.received / elapsed)}/s{extra}), sha256 {run.digest}",
             file=reporter.stream,
             flush=True,
         )
-    return sink.digest()
+    return run.digest
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt where the program is, as in any Python program.
+
+    asyncio.run would instead cancel the task, which notices only when it next waits: a read
+    blocked on a stalled server would keep the user waiting for the read timeout. The partial
+    file is then closed without flushing (`FileOutput.close`), so an interrupt landing in the
+    middle of its bookkeeping cannot leave a gap in what is kept.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def run_fetch(args: Mapping[str, Any]) -> int:

@@ -36,7 +36,9 @@ from relay.server.observe import ObserveMiddleware
 from relay.types import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
 
 
-class State(TypedDict):
+class LifespanState(TypedDict):
+    """What the lifespan yields: Starlette gives it to each request as `request.state`."""
+
     upstream: Upstream
     routes: RouteTable
     downloads: object | None
@@ -187,7 +189,7 @@ def create_app(
     )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+    async def lifespan(app: Starlette) -> AsyncIterator[LifespanState]:
         upstream_transport = transport if transport is not None else make_transport(config)
         pool = None
         if isinstance(upstream_transport, PooledTransport):

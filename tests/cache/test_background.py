@@ -167,3 +167,89 @@ async def test_a_client_coming_as_its_fill_is_stopped_gets_the_next_fill(
         assert client.completed
         assert upstream.requests == ["/a", "/a"]
         assert len(cache.index) == 1
+
+
+class _Chunked(httpx.AsyncByteStream):
+    """An unsized body: `abc`, then (once `gates[0]` is set) `def`, then (`gates[1]`) `ghi`."""
+
+    def __init__(self) -> None:
+        self.gates = (asyncio.Event(), asyncio.Event())
+        self.closes = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"abc"
+        await self.gates[0].wait()
+        yield b"def"
+        await self.gates[1].wait()
+        yield b"ghi"
+
+    async def aclose(self) -> None:
+        self.closes += 1
+
+
+def _overflowing(tmp_path: Path, body: _Chunked) -> Any:
+    """Every GET answers `body`, chunked: it outgrows cache_max_object_bytes = 4 at `def`."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Transfer-Encoding": "chunked", "ETag": '"v1"', "Cache-Control": "max-age=60"}
+        return httpx.Response(200, headers=headers, stream=body)
+
+    config = Config(
+        routes=(Route(prefix="/o/", upstream="http://up.test/"),),
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=1 << 20,
+        cache_max_object_bytes=4,
+    )
+    return create_app(config, transport=httpx.MockTransport(handler))
+
+
+async def _written(fill: Fill, size: int) -> None:
+    while fill.written < size:
+        await fill.wait_beyond(fill.written)
+
+
+async def test_an_overflowed_fill_hands_its_response_to_its_reader(tmp_path: Path) -> None:
+    """The reader that takes the rest owns it: the fill ends without closing it (it is no
+    longer the fill's response), and the reader relays it to the end and closes it."""
+    body = _Chunked()
+    app = _overflowing(tmp_path, body)
+    async with lifespan_state(app) as state:
+        cache: Cache = state["cache"]
+        client = Client()
+        reading = asyncio.create_task(app(http_scope(state, "/o/big"), client.receive, client.send))
+        while not cache.fills:
+            await asyncio.sleep(0)
+        fill = _fill(cache, "/o/big")
+        await _written(fill, 3)
+        body.gates[0].set()
+        await _over(fill)
+        assert fill.overflowed
+        assert not fill.published
+        assert not fill.using_upstream
+        assert body.closes == 0  # the reader's now, still being read
+        body.gates[1].set()
+        await reading
+        assert client.status == 200
+        assert client.body == b"abcdefghi"
+        assert body.closes == 1
+        assert not cache.index.get(fill.key)
+
+
+async def test_an_overflowed_fill_closes_the_rest_nobody_takes(tmp_path: Path) -> None:
+    """Its client gone before the overflow: the fill (background work within the limit)
+    closes the rest it offered, once, stores nothing and is not counted as stopped."""
+    body = _Chunked()
+    app = _overflowing(tmp_path, body)
+    async with lifespan_state(app) as state:
+        cache: Cache = state["cache"]
+        await _leave_after_first_chunk(app, state, "/o/big")
+        fill = _fill(cache, "/o/big")
+        assert fill.stopping is None
+        body.gates[0].set()
+        body.gates[1].set()
+        await _over(fill)
+        assert fill.overflowed
+        assert not fill.published
+        assert not fill.using_upstream
+        assert body.closes == 1
+        assert cache.stats.background_stopped == 0

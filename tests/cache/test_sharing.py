@@ -231,34 +231,18 @@ async def test_the_fills_read_descriptor_outlives_it_until_its_last_reader(
         assert len(os.listdir("/proc/self/fd")) == opened
 
 
-class _Chunks(httpx.AsyncByteStream):
-    """BODY without a length; records whether it was closed."""
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield BODY
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
 async def test_an_answer_the_file_cannot_hold_is_handed_to_one_client(tmp_path: Path) -> None:
-    """A 200 not stored and of unknown length (it may be any size): the fill's open response is
-    relayed to the first client waiting on it, the other is relayed on its own, and later
-    requests pass: never a second request for the client that caused it."""
-    bodies: list[_Chunks] = []
-    upstream = Upstream(200, **{"cache-control": "no-store"})
-
-    async def handle(request: httpx.Request) -> httpx.Response:
-        upstream.seen.append(request)
-        await upstream.gate.wait()
-        bodies.append(_Chunks())
-        return httpx.Response(200, headers={"cache-control": "no-store"}, stream=bodies[-1])
-
-    upstream.handle = handle  # type: ignore[method-assign]
-    async with _relay(tmp_path, upstream) as relay:
+    """A Content-Length over cache_max_object_bytes: the fill's open response is relayed to the
+    first client waiting on it (the fill's request, once), the other is relayed on its own,
+    and later requests pass: never a second request for the client that caused it."""
+    upstream = Upstream(200, **{"cache-control": "max-age=60"})
+    clock = ManualClock()
+    config = Config(
+        routes=ROUTES, cache_dir=str(tmp_path), cache_max_bytes=1 << 20, cache_max_object_bytes=8
+    )
+    app = create_app(config, transport=upstream.transport(), clock=clock)
+    async with lifespan_state(app) as state:
+        relay = Relay(app, state, clock)
         answers = await _together(relay, upstream, "/o/u", 2)
         assert [(a.status, a.body, _status(a)) for a in answers] == [(200, BODY, None)] * 2
         assert ["x-forwarded-proto" in r.headers for r in upstream.seen] == [
@@ -268,7 +252,7 @@ async def test_an_answer_the_file_cannot_hold_is_handed_to_one_client(tmp_path: 
         later = await relay.get("/o/u")
         assert (later.body, _status(later)) == (BODY, None)
         assert len(upstream.seen) == 3
-    assert all(body.closed for body in bodies)
+        assert relay.cache.fills == {}
 
 
 async def test_an_object_too_large_to_store_costs_its_first_client_one_request(

@@ -11,15 +11,15 @@ import httpx
 import pytest
 
 from relay.config import Config, Route
-from relay.downloads.errors import DiskError, JobFailed, VerificationFailed
-from relay.downloads.fetch import Fetcher, backoff_delay, request_headers
+from relay.downloads.errors import JobFailed
+from relay.downloads.fetch import Fetcher, request_headers
 from relay.downloads.intake import parse_order, path_for_url
-from relay.downloads.model import Job, State
+from relay.downloads.model import Job, JobState
 from relay.downloads.names import DataDir, check_name, name_from_path, new_job_id
 from relay.downloads.rate import RateMeter
 from relay.downloads.store import JobStore
-from relay.downloads.writer import WRITE_BLOCK, PartialFile
 from relay.errors import BadPath, InvalidField
+from relay.http.continuation import DOWNLOAD_BACKOFF
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.ranges import (
     Unsatisfiable,
@@ -30,6 +30,8 @@ from relay.http.ranges import (
 from relay.http.validators import resume_validator
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
+from relay.transfer import PartialFile
+from tests.mock_bodies import ChunkedBody
 
 ROUTE = Route(prefix="/o/", upstream="http://upstream.test/base/")
 URL = "http://upstream.test/base/file.bin"
@@ -206,116 +208,6 @@ def test_rate_is_smoothed_and_decays_when_nothing_arrives() -> None:
     assert decayed < rate / 10
 
 
-# ---- the partial file --------------------------------------------------------------------------
-
-
-async def test_writer_hashes_while_writing_and_publishes_atomically(tmp_path: Path) -> None:
-    """The digest is ready at the last byte; the final name appears only after verification."""
-    partial = await PartialFile.open(tmp_path / "x.partial")
-    await partial.write(BODY[:100])
-    await partial.write(BODY[100:])
-    assert partial.hexdigest() == BODY_SHA
-    target = tmp_path / "final"
-    digest = await partial.publish(
-        target, expected_size=len(BODY), expected_sha256=BODY_SHA, upstream_sha256=BODY_SHA
-    )
-    assert digest == BODY_SHA
-    assert target.read_bytes() == BODY
-    assert not (tmp_path / "x.partial").exists()
-
-
-@pytest.mark.parametrize(
-    ("size", "sha", "announced", "message"),
-    [
-        (len(BODY), "00" * 32, None, "sha256 mismatch: expected"),
-        (len(BODY), None, "00" * 32, "announced"),
-        (len(BODY) + 1, None, None, "size mismatch"),
-    ],
-)
-async def test_writer_never_publishes_what_does_not_verify(
-    tmp_path: Path, size: int, sha: str | None, announced: str | None, message: str
-) -> None:
-    """Wrong size or digest: VerificationFailed, the final name never exists."""
-    partial = await PartialFile.open(tmp_path / "x.partial")
-    await partial.write(BODY)
-    with pytest.raises(VerificationFailed, match=message):
-        await partial.publish(
-            tmp_path / "final", expected_size=size, expected_sha256=sha, upstream_sha256=announced
-        )
-    await partial.discard()
-    assert list(tmp_path.iterdir()) == []
-
-
-async def test_writer_resume_rehashes_what_is_on_disk(tmp_path: Path) -> None:
-    """Opening an existing partial re-hashes it and appends; restart() starts from byte 0."""
-    path = tmp_path / "x.partial"
-    path.write_bytes(BODY[:4000])
-    partial = await PartialFile.open(path)
-    assert partial.size == 4000
-    await partial.write(BODY[4000:])
-    assert partial.hexdigest() == BODY_SHA
-    await partial.restart()
-    assert partial.size == 0
-    await partial.write(b"abc")
-    await partial.close()
-    assert path.read_bytes() == b"abc"
-
-
-async def test_writer_does_not_overwrite_a_file_that_appeared(tmp_path: Path) -> None:
-    """os.replace never clobbers a final name that exists by the time of publishing."""
-    target = tmp_path / "final"
-    target.write_bytes(b"someone else's")
-    partial = await PartialFile.open(tmp_path / "x.partial")
-    await partial.write(BODY)
-    with pytest.raises(VerificationFailed, match="appeared"):
-        await partial.publish(
-            target, expected_size=None, expected_sha256=None, upstream_sha256=None
-        )
-    assert target.read_bytes() == b"someone else's"
-    await partial.discard()
-
-
-async def test_writer_disk_errors_name_the_cause(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A failed block write is reported by the next call as a DiskError saying what failed."""
-    import errno
-
-    async def full(self: PartialFile, file: object, data: bytearray) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(PartialFile, "_write", full)
-    partial = await PartialFile.open(tmp_path / "x.partial")
-    try:
-        await partial.write(b"x" * WRITE_BLOCK)  # the write starts in a thread, and fails
-        with pytest.raises(DiskError, match=r"^disk full \(ENOSPC\) writing x.partial$"):
-            await partial.write(b"x" * WRITE_BLOCK)
-    finally:
-        await partial.discard()
-
-
-async def test_writer_publish_reports_a_failed_last_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The last block's write error stops publish: nothing is moved into place."""
-    import errno
-
-    async def broken(self: PartialFile, file: object, data: bytearray) -> int:
-        raise OSError(errno.EIO, "Input/output error")
-
-    partial = await PartialFile.open(tmp_path / "x.partial")
-    await partial.write(BODY)
-    monkeypatch.setattr(PartialFile, "_write", broken)
-    try:
-        with pytest.raises(DiskError, match="I/O error"):
-            await partial.publish(
-                tmp_path / "final", expected_size=None, expected_sha256=None, upstream_sha256=None
-            )
-    finally:
-        await partial.discard()
-    assert list(tmp_path.iterdir()) == []
-
-
 # ---- the store ---------------------------------------------------------------------------------
 
 
@@ -340,7 +232,7 @@ async def test_store_round_trips_every_field(store: JobStore) -> None:
     job = make_job(
         expected_sha256=BODY_SHA,
         expected_size=10,
-        state=State.RUNNING,
+        state=JobState.RUNNING,
         bytes_done=5,
         total=10,
         attempts=2,
@@ -360,10 +252,10 @@ async def test_store_round_trips_every_field(store: JobStore) -> None:
 
 async def test_store_queries_unfinished_latest_and_completed(store: JobStore) -> None:
     """unfinished() oldest first; latest() newest first; completed lookups by key and name."""
-    old = make_job(state=State.RUNNING, created=1.0)
-    queued = make_job(state=State.QUEUED, created=2.0)
-    done = make_job(state=State.COMPLETED, created=3.0, name="done", sha256=BODY_SHA)
-    failed = make_job(state=State.FAILED, created=4.0)
+    old = make_job(state=JobState.RUNNING, created=1.0)
+    queued = make_job(state=JobState.QUEUED, created=2.0)
+    done = make_job(state=JobState.COMPLETED, created=3.0, name="done", sha256=BODY_SHA)
+    failed = make_job(state=JobState.FAILED, created=4.0)
     for job in (old, queued, done, failed):
         await store.save(job)
     assert [j.id for j in await store.unfinished()] == [old.id, queued.id]
@@ -394,7 +286,7 @@ def whole(request: httpx.Request, *, etag: str = ETAG, cut: int | None = None) -
     return httpx.Response(
         200,
         headers={"etag": etag, "accept-ranges": "bytes", "content-length": str(len(BODY))},
-        stream=_Stream(body, fail=cut is not None),
+        stream=ChunkedBody(body, cut=cut is not None),
     )
 
 
@@ -407,19 +299,7 @@ def part(request: httpx.Request, *, start: int, cr: str = "") -> httpx.Response:
     }
     if cr == "-":
         del headers["content-range"]
-    return httpx.Response(206, headers=headers, stream=_Stream(BODY[start:]))
-
-
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, body: bytes, *, fail: bool = False) -> None:
-        self._body = body
-        self._fail = fail
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self._body), 1000):
-            yield self._body[i : i + 1000]
-        if self._fail:
-            raise httpx.ReadError("connection reset")
+    return httpx.Response(206, headers=headers, stream=ChunkedBody(BODY[start:]))
 
 
 class Scripted:
@@ -437,11 +317,6 @@ class Scripted:
         return [r.headers.get("range") for r in self.requests]
 
 
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relay.downloads.fetch.backoff_delay", lambda failures: 0.0)
-
-
 async def run_fetch(
     tmp_path: Path, script: Scripted, *, attempts: int = 3, **fields: object
 ) -> tuple[Job, PartialFile]:
@@ -456,6 +331,7 @@ async def run_fetch(
             partial,
             resume_attempts=attempts,
             checkpoint=_nothing,
+            sleep=_no_wait,
         )
         try:
             await fetcher.run()
@@ -465,6 +341,10 @@ async def run_fetch(
 
 
 async def _nothing() -> None:
+    return None
+
+
+async def _no_wait(seconds: float) -> None:
     return None
 
 
@@ -554,7 +434,7 @@ async def test_fetch_retries_5xx_but_not_4xx(tmp_path: Path) -> None:
 async def test_fetch_stops_at_more_bytes_than_expected(tmp_path: Path) -> None:
     """A body running past its expected size is cut off, not stored to the end."""
     script = Scripted(
-        lambda r: httpx.Response(200, stream=_Stream(BODY))  # no length: chunked
+        lambda r: httpx.Response(200, stream=ChunkedBody(BODY))  # no length: chunked
     )
     with pytest.raises(JobFailed, match="more than 5000 bytes"):
         await run_fetch(tmp_path, script, expected_size=5000)
@@ -574,5 +454,5 @@ async def test_fetch_sends_only_relays_own_headers_and_the_route_credential() ->
 
 def test_fetch_backoff_doubles_and_is_capped() -> None:
     """0.2 s, 0.4 s, 0.8 s, ... never more than 10 s."""
-    assert [backoff_delay(k) for k in (1, 2, 3)] == [0.2, 0.4, 0.8]
-    assert backoff_delay(50) == 10.0
+    assert [DOWNLOAD_BACKOFF.delay(k) for k in (1, 2, 3)] == [0.2, 0.4, 0.8]
+    assert DOWNLOAD_BACKOFF.delay(50) == 10.0

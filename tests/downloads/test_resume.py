@@ -15,11 +15,11 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from relay.downloads.model import Job, State
+from relay.downloads.model import Job, JobState
 from relay.downloads.names import DataDir
 from relay.downloads.store import JobStore
-from relay.downloads.writer import PartialFile
 from relay.net.transports import PoolStats, make_transport
+from relay.transfer import PartialFile
 from tests.downloads.test_api import (
     file_sha256,
     get_job,
@@ -282,7 +282,7 @@ def test_download_published_before_a_crash_is_adopted_at_start(
     job = Job(
         id=marker(), path=f"/o/gen/5000?m={tag}", url=f"{origin.url}/gen/5000?m={tag}", name="late"
     )
-    job.state, job.total, job.upstream_sha256 = State.RUNNING, 5000, expected_sha256(5000)
+    job.state, job.total, job.upstream_sha256 = JobState.RUNNING, 5000, expected_sha256(5000)
 
     async def seed() -> None:
         store = JobStore(data.store_path)
@@ -322,11 +322,12 @@ def test_download_disk_full_fails_cleanly_and_relay_keeps_serving(
     original = PartialFile._write
     written = 0
 
-    async def write_until_full(self: PartialFile, file: object, data: bytearray) -> int:
+    async def write_until_full(self: PartialFile, file: object, data: list[bytes]) -> int:
         nonlocal written
-        if written + len(data) > 2_500_000:
+        size = sum(map(len, data))
+        if written + size > 2_500_000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        written += len(data)
+        written += size
         return await original(self, file, data)  # type: ignore[arg-type]
 
     monkeypatch.setattr(PartialFile, "_write", write_until_full)
@@ -354,7 +355,7 @@ def test_download_eio_is_reported_as_an_io_error(
     """EIO while writing fails the job with "I/O error", partial removed."""
     relay = make_relay(data_dir=str(tmp_path))
 
-    async def broken(self: PartialFile, file: object, data: bytearray) -> int:
+    async def broken(self: PartialFile, file: object, data: list[bytes]) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(PartialFile, "_write", broken)

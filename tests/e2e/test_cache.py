@@ -556,7 +556,7 @@ def test_cache_cold_range_costs_the_upstream_at_most_a_slice(
 ) -> None:
     """A 1 MiB range of a cold 256 MiB object fetches only the slice it covers; asked again it
     is a hit; a range across that slice and the next fetches only the missing slice."""
-    relay = cached()  # cache_slice_bytes = 1 MiB
+    relay = cached(cache_max_object_bytes=256 * MiB)  # cache_slice_bytes = 1 MiB
     path = "/o/gen/256m?v=36"
     total = 256 * MiB
 

@@ -169,9 +169,9 @@ _FROM_FILL = "relay; fwd=miss; fwd-status={}"
         ("/o/gen/64k?v=80&cc=no-store,max-age=0", 200, _FROM_FILL),
         ("/o/gen/64k?v=81&cc=private,max-age=60", 200, _FROM_FILL),
         ("/o/status/404?v=83", 404, _FROM_FILL),
-        # Of unknown length, or too large: the fill's open response, relayed.
-        ("/o/gen/64k?v=82&http10=1", 200, None),
-        ("/o/gen/64k?v=79&cc=no-store&cl=0", 200, None),
+        ("/o/gen/64k?v=82&http10=1", 200, _FROM_FILL),
+        ("/o/gen/64k?v=79&cc=no-store&cl=0", 200, _FROM_FILL),
+        # A Content-Length over the object limit: the fill's open response, relayed.
         ("/o/gen/2m?v=78", 200, None),
     ],
 )

@@ -19,16 +19,15 @@ import httpx
 import pytest
 
 from relay.cli import main
-from relay.fetch.errors import EXIT_CODES, TransferFailed, UsageError, VerifyFailed
-from relay.fetch.fetcher import (
-    FetchOptions,
-    Reporter,
-    fetch,
-    output_name,
-    parse_content_range,
-    resume_validator,
+from relay.fetch.errors import (
+    EXIT_CODES,
+    OutputExists,
+    TransferFailed,
+    UsageError,
+    VerifyFailed,
 )
-from relay.fetch.partial import Meta
+from relay.fetch.fetcher import FetchOptions, Reporter, fetch, output_name
+from relay.fetch.output import ResumeRecord
 from relay.fetch.progress import Progress, format_duration, format_size
 from tests.origin import Origin, RequestRecord, body_bytes, expected_sha256, gzip_body
 
@@ -182,6 +181,19 @@ def test_fetch_sha256_mismatch_exits_6_and_leaves_nothing(
 
 
 @pytest.mark.e2e
+def test_fetch_checks_the_sha256_the_server_announces(
+    origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Repr-Digest that does not match the body: exit 6, nothing published or kept."""
+    assert run(origin.url_for("/gen/64k", repr_digest="good"), "-o", str(out)) == 0
+    out.unlink()
+    assert run(origin.url_for("/gen/64k", repr_digest="bad"), "-o", str(out)) == 6
+    assert "the upstream announced" in capsys.readouterr().err
+    assert not out.exists()
+    assert leftovers(out) == []
+
+
+@pytest.mark.e2e
 def test_fetch_404_exits_3(origin: Origin, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(origin.url_for("/status/404"), "-o", str(out)) == 3
     assert "404 Not Found" in capsys.readouterr().err
@@ -310,7 +322,8 @@ def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key
     size = 256 * 1024
     url = origin.url_for("/gen/256k", key=key)
     out.with_name("file.bin.part").write_bytes(body_bytes(size))
-    out.with_name("file.bin.part.json").write_text(Meta(url, f'"gen-{size}-v1"', size).dumps())
+    record = ResumeRecord(url, f'"gen-{size}-v1"', size)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out), "--sha256", expected_sha256(size)) == 0
     assert sha256_file(out) == expected_sha256(size)
     assert leftovers(out) == []
@@ -321,7 +334,8 @@ def test_fetch_finishes_a_complete_partial_on_416(origin: Origin, out: Path, key
 def test_fetch_no_resume_discards_the_partial(origin: Origin, out: Path, key: str) -> None:
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
-    out.with_name("file.bin.part.json").write_text(Meta(url, f'"gen-{MiB}-v1"', MiB).dumps())
+    record = ResumeRecord(url, f'"gen-{MiB}-v1"', MiB)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out), "--no-resume") == 0
     assert sha256_file(out) == expected_sha256(MiB)
     assert [r.header("range") for r in seen(origin, key)] == [None]
@@ -334,7 +348,8 @@ def test_fetch_discards_a_partial_from_another_url(
     url = origin.url_for("/gen/1m", key=key)
     out.with_name("file.bin.part").write_bytes(b"x" * 1000)
     other = origin.url_for("/gen/1m", v=2)
-    out.with_name("file.bin.part.json").write_text(Meta(other, '"gen-1048576-v2"', MiB).dumps())
+    record = ResumeRecord(other, '"gen-1048576-v2"', MiB)
+    out.with_name("file.bin.part.json").write_text(record.dumps())
     assert run(url, "-o", str(out)) == 0
     assert sha256_file(out) == expected_sha256(MiB)
     assert [r.header("range") for r in seen(origin, key)] == [None]
@@ -413,6 +428,23 @@ def test_fetch_rejects_a_206_at_the_wrong_offset(tmp_path: Path) -> None:
     assert (tmp_path / "mock.bin.part").stat().st_size == 4_000  # kept for another run
 
 
+def test_fetch_never_replaces_a_file_that_appeared_while_downloading(tmp_path: Path) -> None:
+    """FILE was absent when the run started; created meanwhile, it is not overwritten (exit 4)."""
+    out = tmp_path / "mock.bin"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        out.write_bytes(b"theirs")
+        body = _DroppingStream(b"abcde", None)
+        return httpx.Response(200, headers={"Content-Length": "5"}, stream=body)
+
+    opts = FetchOptions(url="http://mock/x", output=str(out), retry_delay=0)
+    with pytest.raises(OutputExists, match="not overwritten") as info:
+        fetch(opts, Reporter(io.StringIO()), transport=httpx.MockTransport(handler))
+    assert info.value.exit_code == 4
+    assert out.read_bytes() == b"theirs"
+    assert list(tmp_path.iterdir()) == [out]
+
+
 def test_fetch_size_mismatch_exits_6(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
@@ -442,25 +474,6 @@ def test_fetch_resumes_with_an_implicitly_strong_last_modified(tmp_path: Path) -
     digest, _ = _fetch(tmp_path, handler)
     assert digest == hashlib.sha256(data).hexdigest()
     assert seen_if_range == [None, lm]
-
-
-def test_resume_validator_needs_ranges_and_a_strong_validator() -> None:
-    def v(**headers: str) -> str | None:
-        return resume_validator(httpx.Headers({k.replace("_", "-"): x for k, x in headers.items()}))
-
-    assert v(etag='"a"', accept_ranges="bytes") == '"a"'
-    assert v(etag='"a"') is None
-    assert v(etag='W/"a"', accept_ranges="bytes") is None
-    same = "Wed, 01 Jan 2025 00:00:00 GMT"
-    assert v(last_modified=same, date=same, accept_ranges="bytes") is None
-
-
-def test_parse_content_range() -> None:
-    assert parse_content_range("bytes 10-19/100") == (10, 19, 100)
-    assert parse_content_range("bytes */100") == (None, None, 100)
-    assert parse_content_range("bytes 0-9/*") == (0, 9, None)
-    assert parse_content_range("items 0-9/10") is None
-    assert parse_content_range(None) is None
 
 
 # ---- the progress bar ---------------------------------------------------------------------------

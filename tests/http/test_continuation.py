@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from relay.http.continuation import (
     whole_range_total,
 )
 from tests.asgi import Client, http_scope, lifespan_state
+from tests.mock_bodies import ChunkedBody
 
 ETAG = '"v1"'
 LM = "Wed, 01 Jan 2025 00:00:00 GMT"
@@ -329,24 +329,10 @@ ROUTES = (Route(prefix="/o/", upstream="http://upstream.test/"),)
 WHOLE = {"etag": ETAG, "accept-ranges": "bytes", "content-length": str(len(BODY))}
 
 
-class _Body(httpx.AsyncByteStream):
-    def __init__(self, data: bytes, *, cut: bool = False) -> None:
-        self.data, self.cut, self.closed = data, cut, False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self.data), 1000):
-            yield self.data[i : i + 1000]
-        if self.cut:
-            raise httpx.ReadError("connection reset by peer")
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
 class _Upstream:
     """Answers each request with the next scripted (status, headers, body); records them."""
 
-    def __init__(self, *replies: tuple[int, dict[str, str], _Body]) -> None:
+    def __init__(self, *replies: tuple[int, dict[str, str], ChunkedBody]) -> None:
         self.replies = list(replies)
         self.bodies = [body for _, _, body in replies]
         self.ranges: list[str | None] = []
@@ -374,9 +360,9 @@ async def test_stream_resume_answered_503_is_retried_within_resume_attempts() ->
     """A transient status to the resume request is one failed attempt; the next one continues."""
     part = {"etag": ETAG, "content-range": f"bytes 3000-{len(BODY) - 1}/{len(BODY)}"}
     upstream = _Upstream(
-        (200, WHOLE, _Body(BODY[:3000], cut=True)),
-        (503, {"retry-after": "0"}, _Body(b"busy")),
-        (206, part, _Body(BODY[3000:])),
+        (200, WHOLE, ChunkedBody(BODY[:3000], cut=True)),
+        (503, {"retry-after": "0"}, ChunkedBody(b"busy")),
+        (206, part, ChunkedBody(BODY[3000:])),
     )
     client = await _relay(upstream, resume_attempts=2)
     assert _body_of(client) == BODY
@@ -389,9 +375,9 @@ async def test_stream_resume_answered_503_is_retried_within_resume_attempts() ->
 async def test_stream_resume_statuses_spend_resume_attempts_then_abort() -> None:
     """The body's cut and each 503 to a resume count: resume_attempts=2 allows two resumes."""
     upstream = _Upstream(
-        (200, WHOLE, _Body(BODY[:3000], cut=True)),
-        (503, {}, _Body(b"busy")),
-        (503, {}, _Body(b"busy")),
+        (200, WHOLE, ChunkedBody(BODY[:3000], cut=True)),
+        (503, {}, ChunkedBody(b"busy")),
+        (503, {}, ChunkedBody(b"busy")),
     )
     with pytest.raises(TransferAborted, match="resume answered 503"):
         await _relay(upstream, resume_attempts=2)
