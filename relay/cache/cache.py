@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +46,15 @@ from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
 from relay.net.presets import is_immutable
+from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
-#: How long a key whose response was not storable is relayed without trying to store it.
+#: How long a key whose answer was neither stored nor shared (meant for one client, too large,
+#: varying beyond the key) is relayed to each client on its own (hit-for-pass). An answer that
+#: was shared (an error, a redirect, `no-store`) sets no pass: the next requests are filled
+#: again, together, and stored if the answer then may be (hit-for-miss).
 PASS_SECONDS = 30.0
 #: How long an object found larger than `cache_max_object_bytes` is relayed without a fill
 #: (its size changes only with a new version; its ranges cost no slice fetch meanwhile).
@@ -111,6 +115,7 @@ class Cache:
         """Jobs on one object's files, in the order they were asked for."""
         self.stats = CacheStats()
         self.max_object_bytes = config.cache_max_object_bytes or max(1, config.cache_max_bytes // 4)
+        self.routes = RouteTable(config.routes)
         self.background_limit = min(
             config.cache_background_fills,
             max(1, int(config.cache_background_share * config.max_connections)),
@@ -215,6 +220,7 @@ class Cache:
             executor=self.executor,
             disk=self.disk,
             on_clientless=self._lost_clients,
+            routes=self.routes,
         )
 
     def start(self, fill: Fill, base: str) -> None:
@@ -241,13 +247,17 @@ class Cache:
             if fill.digest_mismatch:
                 self.stats.digest_mismatches += 1
                 self.drop(fill.key)
-            if fill.passthrough == VARY_LEARNED:
+            if fill.purged:
+                pass  # a purge covers the fill: nothing it learned is kept
+            elif fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
             elif fill.passthrough is not None and (fill.slice is None or fill.passes_object):
-                # A slice fill's reason may be the object's own: its key is passed, so its
-                # other ranges are relayed with the client's own Range, no slice fetched.
-                seconds = TOO_LARGE_PASS_SECONDS if fill.passthrough == TOO_LARGE else PASS_SECONDS
-                self.passes.set(fill.object_key or fill.key, seconds)
+                if not fill.shared:
+                    # A slice fill's reason may be the object's own: its key is passed, so its
+                    # other ranges are relayed with the client's own Range, no slice fetched.
+                    too_large = fill.passthrough == TOO_LARGE
+                    seconds = TOO_LARGE_PASS_SECONDS if too_large else PASS_SECONDS
+                    self.passes.set(fill.object_key or fill.key, seconds)
                 # A new answer that may not be stored replaces the stored one; an upstream
                 # error (5xx) does not: the stored object stays for stale-if-error, which
                 # the clients waiting on this revalidation are about to read.
@@ -413,24 +423,44 @@ class Cache:
         return True
 
     def purge_key(self, base: str) -> int:
-        """Drop the object of one URL, every encoding variant included."""
+        """Drop the object of one URL, every encoding variant, index form and slice included,
+        and what is being filled of it; how many objects and fills that was."""
+
+        def covered(key: str) -> bool:
+            return key == base or key.startswith(base + "\x00")
+
         count = int(self.drop(base))
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
+        count += self._purge_fills(covered)
         self.index.vary.pop(base, None)
         self.passes.drop(base)
+        self.passes.drop_prefix(base + "\x00")
         self.slices.purge_key(base)
         return count
 
     def purge_prefix(self, prefix: str) -> int:
-        """Drop every object whose key starts with `prefix` (a route prefix + path prefix)."""
+        """Drop every object whose key starts with `prefix` (a route prefix + path prefix),
+        and what is being filled under it; how many objects and fills that was."""
         count = 0
         for key in self.index.keys_with_prefix(prefix):
             count += self.drop(key)
+        count += self._purge_fills(lambda key: key.startswith(prefix))
         for base in [b for b in self.index.vary if b.startswith(prefix)]:
             del self.index.vary[base]
         self.passes.drop_prefix(prefix)
         self.slices.purge_prefix(prefix)
+        return count
+
+    def _purge_fills(self, covered: Callable[[str], bool]) -> int:
+        """Mark the fills in flight of the covered keys purged: each finishes serving its
+        readers and publishes nothing (a later request fetches again). Counts those that were
+        to store a new object (a revalidation's object was counted as stored)."""
+        count = 0
+        for key, fill in self.fills.items():
+            if covered(key) and not fill.finished and not fill.purged:
+                fill.purged = True
+                count += fill.revalidating is None
         return count
 
     @property

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import httpx
 
+from relay.cache import plan
 from relay.cache.fill import Fill
 from relay.cache.index import Entry
 from relay.cache.plan import Plan
@@ -46,6 +47,7 @@ from relay.cache.policy import Answer, answer, current_age, freshness
 from relay.cache.store import Meta, Store
 from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.proxy.exchange import Exchange
+from relay.proxy.headers import BODYLESS_STATUSES
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.send_watch import SendWatchdog
 from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
@@ -108,6 +110,8 @@ def parsed(entry: Entry) -> Parsed:
 
 def _whole_head(meta: Meta) -> RawHeaders:
     head = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in meta.headers]
+    if meta.status != 200:
+        return head  # a fill's answer that is not stored, as the upstream said it
     if (meta.complete or meta.validator is not None) and not any(
         n == b"accept-ranges" for n, _ in head
     ):
@@ -128,15 +132,16 @@ def head(
     """The head of an answer from a stored (or filling) response: its headers for `reply`
     (a 304 keeps only what RFC 9110 15.4.5 lists; a 416 drops the representation's type),
     then Content-Range / Content-Length of the reply, `adapt`, Age and Cache-Status.
-    `whole`: the stored headers already encoded for a 200/206 (`Parsed.head`)."""
+    `whole`: the stored headers already encoded for a 200/206 (`Parsed.head`). A fill's
+    answer that is not stored keeps its own status (`meta.status`) and headers."""
     code = reply.status
-    if code == 200 or code == 206:
+    if code == 200 or code == 206 or code == meta.status:
         headers = whole.copy() if whole is not None else _whole_head(meta)
-        if code == 206:
+        if code == 206 and code != meta.status:
             headers.append(
                 (b"content-range", f"bytes {reply.start}-{reply.stop - 1}/{total}".encode())
             )
-        if reply.stop >= 0:
+        if reply.stop >= 0 and code not in BODYLESS_STATUSES:
             headers.append((b"content-length", str(reply.stop - reply.start).encode()))
     elif code == 416:
         headers = [
@@ -334,34 +339,37 @@ class Delivery:
             await self.end()
 
     async def from_fill(self, fill: Fill, meta: Meta, report: Plan) -> bool:
-        """Answer from a fill as it advances (its bytes held back until it is published);
-        False when the object is neither being filled nor stored any more. Its Cache-Status
-        says `stored` only when the head goes out after the fill published the object."""
-        try:
-            fd = os.open(fill.partial, os.O_RDONLY)
-        except FileNotFoundError:
-            # Published (renamed) in between: read the stored object.
-            await fill.wait_finished()
-            entry = self._cache.index.get(fill.key)
-            if entry is None:
-                return False
-            self.upstream(fill)
-            await self.from_entry(entry, _stored(report))
-            return True
+        """Answer from a fill as it advances (its last byte held back until the body is whole
+        and checked), read through its `read_fd` (the caller holds the fill); False when it
+        has no body to read. Its Cache-Status says `stored` only when the head goes out after
+        the fill published the object; an answer the fill will not store keeps the upstream's
+        status, and says so (`fwd-status=N`)."""
+        fd = fill.read_fd
+        if fd is None:
+            return False
         self.answered(report.outcome)
         self.upstream(fill)
         fill.attach()
         try:
-            reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
-            status = _stored(report).cache_status if fill.published else report.cache_status
-            await self.start(meta, reply, status, 0.0, fill.length or 0)
-            if reply.status in (200, 206) and self._method == "GET":
+            length = fill.length
+            if meta.status != 200:  # an answer not stored: relayed as the upstream said
+                reply = Answer(meta.status, 0, -1 if length is None else length)
+            else:  # conditionals and ranges (unsized fills too: `answer`)
+                reply = answer(self._client_headers, httpx.Headers(meta.headers), length)
+            if fill.passthrough is not None or fill.purged:  # known not to be stored
+                status = plan.fill_status(report.cache_status, stored=False, fwd_status=meta.status)
+            elif fill.published:
+                status = _stored(report).cache_status
+            else:
+                status = report.cache_status
+            await self.start(meta, reply, status, 0.0, length or 0)
+            body = reply.status in (200, 206) or reply.status == meta.status
+            if body and self._method == "GET":
                 await self.stream(fd, reply.start, reply.stop, fill)
             else:
                 await self.end()
         finally:
             fill.detach()
-            os.close(fd)
         return True
 
     # ---- body pumps -----------------------------------------------------------------------
@@ -397,7 +405,7 @@ class Delivery:
         watch = self._watch(loop)
         try:
             while stop < 0 or position < stop:
-                if fill is not None and fill.published and stop < 0:
+                if fill is not None and fill.complete and stop < 0:
                     stop = fill.written
                     continue
                 # The object's last byte goes out only once it is verified and stored: a
@@ -409,14 +417,14 @@ class Delivery:
                     held = fill.length
                     if fill.slice is not None and stop >= 0:
                         held = min(held, stop)
-                if fill is not None and not fill.published and held >= 0 and position >= held - 1:
+                if fill is not None and not fill.complete and held >= 0 and position >= held - 1:
                     await fill.wait_finished()
-                    if not fill.published:
+                    if not fill.complete:
                         self.abort(f"cache fill failed: {fill.failed}")
-                if fill is not None and not fill.published:
+                if fill is not None and not fill.complete:
                     await fill.wait_beyond(position)
                     if fill.written <= position:
-                        if fill.published and stop < 0:
+                        if fill.complete and stop < 0:
                             continue
                         if fill.overflowed and stop < 0:
                             # Too large to store: the rest comes from the upstream.
@@ -425,7 +433,7 @@ class Delivery:
                             break
                         self.abort(f"cache fill failed: {fill.failed}")
                     available = fill.written
-                    if held >= 0 and not fill.published:
+                    if held >= 0 and not fill.complete:
                         available = min(available, held - 1)
                 else:
                     available = stop
@@ -462,10 +470,10 @@ class Delivery:
             self.client_stopped()
         finally:
             self.exchange.bytes_sent += sent
-        if fill is not None and not fill.published and not relayed:
+        if fill is not None and not fill.complete and not relayed:
             # The last bytes are out only once the object is verified and stored.
             await fill.wait_finished()
-            if not fill.published:
+            if not fill.complete:
                 self.abort(f"cache fill failed: {fill.failed}")
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

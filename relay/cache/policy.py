@@ -73,6 +73,13 @@ def not_storable(status: int, headers: httpx.Headers) -> str | None:
     return None
 
 
+def for_one_client(headers: httpx.Headers) -> bool:
+    """Whether a response is meant for one client: `private` (RFC 9111 5.2.2.7) or one setting
+    a cookie. A shared cache neither stores it nor hands it to another client waiting on the
+    same upstream request (Varnish's hit-for-pass)."""
+    return "private" in response_directives(headers) or "set-cookie" in headers
+
+
 def vary_of(headers: httpx.Headers) -> str | None:
     """ "" when the response does not vary, "accept-encoding" when it varies on that only,
     None when it varies on anything else (not cached)."""

@@ -29,6 +29,7 @@ from relay.errors import error_response
 from relay.proxy.admission import StreamLimiter, hand_over
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.send_watch import ClientWatch
+from relay.proxy.streaming import Relayed
 from relay.types import RESET_KEY, ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
 # Client headers that make a stored 200 answer something other than the whole object.
@@ -49,7 +50,7 @@ class CachedResponse(Response):
         route: Route,
         request: Callable[[], httpx.Request],
         client_headers: httpx.Headers,
-        fallback: Callable[[], Response],
+        fallback: Relayed,
         limiter: StreamLimiter,
         client: str | None,
         send_timeout: float,
@@ -322,17 +323,20 @@ class CachedResponse(Response):
         return answer(asked.client_headers, headers, entry.meta.length).status == 200
 
     async def _from_fill(self, out: Delivery, fill: Fill, report: plan.Plan) -> Response | None:
-        asked = self._asked
+        """Answer from `fill` (held since this response joined it, so its body stays readable):
+        whatever the upstream said, where that answer is this client's too (`Fill.claim`); an
+        answer the fill could not hold, relayed from its open response if this client takes it
+        (`Fill.take_response`); else the relayed response."""
         await fill.headers_ready.wait()
         if fill.error is not None:
             await out.upstream_error(fill.error)
             return None
+        if self._asked.method == "GET" and "range" not in self._asked.client_headers:
+            opened = fill.take_response(self._asked.variant)
+            if opened is not None:
+                return self._fallback(opened)
         meta = fill.meta
-        if (
-            meta is None
-            or fill.failed is not None
-            or (meta.vary and meta.extra.get("variant") != asked.variant)
-        ):
+        if meta is None or not fill.claim(self._asked.variant):
             return self._fallback()
         if not await out.from_fill(fill, meta, report):
             return self._fallback()

@@ -338,7 +338,9 @@ class Store:
         raise FileNotFoundError(errno.ENOENT, "bucket directory keeps vanishing", str(bucket))
 
     def remove_partial(self, path: Path) -> None:
-        """Remove a fill's partial file that was not published (a warning if it stays)."""
+        """Remove a fill's partial file that was not published (a warning if it stays), and
+        its bucket if that leaves it empty: an answer that is not stored (an error,
+        `no-store`) leaves nothing on disk."""
         try:
             path.unlink()
         except FileNotFoundError:

@@ -3,6 +3,7 @@ cache metrics, and waiting until it has settled."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from typing import Any
 
 import httpx
 
-from tests.harness import RelayThread, wait_until
+from relay.config import Route
+from tests.ecosystems import Hub
+from tests.harness import RelayThread, relay_config, running_relay, wait_until
 from tests.origin import Origin
 
 MiB = 1024 * 1024
@@ -33,6 +36,32 @@ def caching_relay(make_relay: MakeRelay, tmp_path: Path, **defaults: Any) -> Mak
         return make_relay(**settings)
 
     return start
+
+
+def hub_relay(
+    hub: Hub,
+    tmp_path: Path,
+    admin_token: str = "",
+    settings: dict[str, Any] | None = None,
+    **route: Any,
+) -> contextlib.AbstractContextManager[RelayThread]:
+    """A relay caching an `hf` route to the fake Hub (its redirects to the CDN followed);
+    `settings`: config overrides; extra keyword arguments are the route's."""
+    cdn = hub.cdn.url.split("//")[1].split(":")[0]
+    hf: dict[str, Any] = {"redirects": "follow", "redirect_hosts": (cdn,), **route}
+    routes = (
+        Route(prefix="/hf/", upstream=hub.hub.url + "/", allow_private=True, preset="hf", **hf),
+    )
+    config = relay_config(
+        hub.hub.url,
+        routes=routes,
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=512 * MiB,
+        cache_slice_bytes=1 * MiB,
+        admin_token=admin_token,
+        **(settings or {}),
+    )
+    return running_relay(config)
 
 
 def cache_metrics(relay: RelayThread) -> dict[str, float]:

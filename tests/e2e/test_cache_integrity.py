@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.e2e.caching import MakeRelay, cache_metrics, caching_relay, data_files, settled
-from tests.e2e.test_hf_cache import _cached_relay
+from tests.e2e.caching import hub_relay as _cached_relay
 from tests.ecosystems import Hub
 from tests.harness import RelayThread, wait_until
 from tests.origin import Origin, body_bytes, expected_sha256
