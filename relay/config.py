@@ -529,7 +529,7 @@ class Config:
         "",
         "credential for relay's admin endpoints (the /downloads API)",
         group="security",
-        details="Required by the `/downloads` API and the cache's purge and prefetch; "
+        details="Required by the `/downloads` API and the cache's purge, prefetch and scrub; "
         "compared in constant time, never logged. Needed with `data_dir` unless "
         "`downloads_open`.",
         secret=True,
@@ -593,7 +593,9 @@ class Config:
         0,
         "disk budget of the cache; least recently used objects are evicted past it",
         group="cache",
-        details="Required (> 0) with `cache_dir`.",
+        details="Required (> 0) with `cache_dir`. Counts what the cache takes on disk: data "
+        "and metadata files rounded up to the filesystem's block, its directories, and what "
+        "fills in flight reserved.",
         min=0,
     )
     cache_max_object_bytes: int = _setting(
@@ -616,6 +618,23 @@ class Config:
         group="cache",
         details="Then it stops and stores nothing.",
         min=0,
+    )
+    cache_verify_on_start: bool = _setting(
+        True,
+        "verify the loaded objects with a known digest in the background at startup",
+        group="cache",
+        details="Objects whose SHA-256 relay knows (Hub LFS files, `Repr-Digest`, slices' "
+        "`Content-Digest`) are not trusted after a restart until hashed again: those clients "
+        "ask for are hashed as they are answered; this checks the rest, one at a time at "
+        "`cache_verify_rate`. A mismatch is dropped and counted (`relay_cache_digest_mismatches`).",
+    )
+    cache_verify_rate: int = _setting(
+        64 * 1024 * 1024,
+        "bytes/s the background verification (at startup, scrubs) hashes at most",
+        group="cache",
+        details="Paced so that it never competes with answers; an object a client asks for "
+        "while it is being checked is checked at full speed.",
+        min=1,
     )
     cache_background_fills: int = _setting(
         8,

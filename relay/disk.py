@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "READ_BLOCK",
     "HashingWriter",
     "Sha256",
+    "create_exclusive",
     "fsync_dir",
     "fsync_path",
     "hash_file",
@@ -71,10 +73,15 @@ def no_follow(path: str, flags: int) -> int:
     return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o666)
 
 
+def create_exclusive(path: Path) -> int:
+    """A write descriptor of a new file at `path`; FileExistsError if anything (even a
+    symlink) is there."""
+    return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW | _CLOEXEC, 0o666)
+
+
 def open_exclusive(path: Path) -> BinaryIO:
     """Create `path` for writing; FileExistsError if anything (even a symlink) is there."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW | _CLOEXEC, 0o666)
-    return os.fdopen(fd, "wb")
+    return os.fdopen(create_exclusive(path), "wb")
 
 
 def try_lock(fd: int) -> bool:
@@ -265,16 +272,24 @@ def write_chunks(file: IO[bytes], chunks: Sequence[bytes]) -> int:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write tmp, fsync, rename, fsync the directory: `path` holds the old or the new content."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """Write tmp, fsync, rename, fsync the directory: `path` holds the old or the new content.
+
+    The temporary file is created exclusively under a name of its own (`<name>.<random>.tmp`),
+    so two writers of one path never write into each other's file, and never through a
+    planted symlink; it is removed if anything fails before the rename."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = create_exclusive(tmp)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    replace(tmp, path)  # fsyncs tmp, renames, fsyncs the directory
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        replace(tmp, path)  # fsyncs tmp, renames, fsyncs the directory
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def remove_tree(path: Path) -> None:

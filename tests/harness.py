@@ -24,6 +24,7 @@ import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from relay.cache.clock import Clock
 from relay.config import Config, Route
 from relay.errors import TransferAborted
 from relay.net.transports import PooledTransport, PoolStats, make_transport
@@ -172,9 +173,17 @@ _relay_ids = itertools.count(1)
 class RelayThread(LoopbackServer):
     """A relay served by uvicorn in a background thread with its own event loop."""
 
-    def __init__(self, config: Config, *, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
+    ):
+        """`clock`: the time the relay's cache reads (a `ManualClock` the test moves)."""
         self.config = config
         self.transport = transport if transport is not None else make_transport(config)
+        self.clock = clock
         self.server: RelayServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -192,7 +201,7 @@ class RelayThread(LoopbackServer):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        self.server = build_server(self.config, transport=self.transport)
+        self.server = build_server(self.config, transport=self.transport, clock=self.clock)
         server = self.server
         LoopbackServer.started()
 

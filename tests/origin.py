@@ -44,6 +44,12 @@ Endpoints
     with a gzip body)).
 ``GET /status/<code>``, ``GET /redirect?to=<url>&code=302``, ``ANY /echo`` (JSON of the
 request), ``GET /headers?set=Name:Value&set=...`` (extra response headers).
+``GET /links``: an app server building absolute URLs from ``X-Forwarded-Proto`` /
+``X-Forwarded-Host`` (else its ``Host``), as devpi and Nexus do: a cacheable HTML page linking
+to ``<base>/gen/1k``, or with ``redirect=1`` a 302 there (``cc`` replaces Cache-Control).
+Any path: ``hold=<name>`` makes the request wait, after being recorded, while
+``Origin.close_gate(name)`` holds it (before its response head), so a test knows every client
+arrived while that one upstream request was pending.
 """
 
 from __future__ import annotations
@@ -820,6 +826,9 @@ class _Core:
         self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Action:
         path = req.path
+        hold = req.param("hold")
+        if hold is not None:
+            await self._held(hold)
         if path.startswith("/gen/"):
             if req.method not in ("GET", "HEAD"):
                 return await self._simple(
@@ -852,6 +861,21 @@ class _Core:
             }
             body = json.dumps(doc, indent=1).encode() + b"\n"
             return await self._simple(writer, req, 200, body, content_type="application/json")
+        if path == "/links":
+            proto = req.header("x-forwarded-proto") or "http"
+            host = req.header("x-forwarded-host") or req.header("host") or "-"
+            link = f"{proto}://{host}/gen/1k"
+            if _BAD_VALUE.search(link):
+                return await self._simple(writer, req, 400, b"bad forwarded host\n")
+            cache_control = ("Cache-Control", req.param("cc") or "public, max-age=60")
+            if _q_flag(req, "redirect"):
+                return await self._simple(
+                    writer, req, 302, b"elsewhere\n", [("Location", link), cache_control]
+                )
+            page = f'<a href="{link}">gen-1k</a>\n'.encode()
+            return await self._simple(
+                writer, req, 200, page, [cache_control], content_type="text/html"
+            )
         if path == "/headers":
             extra: Headers = []
             for k, v in req.params:
@@ -864,6 +888,13 @@ class _Core:
                 extra.append((name, value))
             return await self._simple(writer, req, 200, b"ok\n", extra)
         return await self._simple(writer, req, 404, b"not found\n")
+
+    async def _held(self, name: str) -> None:
+        """Wait while gate `name` is closed (``Origin.close_gate``)."""
+        with self.stats.lock:
+            gate = self.stats.gates.get(name)
+        while gate is not None and not gate.is_set():
+            await asyncio.sleep(0.01)
 
     async def _gen(
         self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -1089,13 +1120,15 @@ class _Core:
         write = writer.write
         drain = writer.drain
         for piece in pieces:
+            # Counted before the write: the socket send inside it lets a client thread read
+            # the bytes (and a test read the count) before the next line of this thread runs.
+            self.stats.body_bytes += len(piece)
             if chunked:
                 write(b"%x\r\n" % len(piece))
                 write(piece)
                 write(b"\r\n")
             else:
                 write(piece)
-            self.stats.body_bytes += len(piece)
             await drain()
             if slow:
                 sent += len(piece)
@@ -1267,8 +1300,9 @@ class Origin(LoopbackServer):
             self._stats.versions[vkey] = version
 
     def close_gate(self, name: str) -> None:
-        """Conditional requests (If-None-Match / If-Modified-Since) to ``/gen/...?gate=<name>``
-        wait, after being recorded, until ``open_gate(name)``."""
+        """Conditional requests (If-None-Match / If-Modified-Since) to ``/gen/...?gate=<name>``,
+        and any request with ``hold=<name>``, wait, after being recorded, until
+        ``open_gate(name)``."""
         with self._stats.lock:
             self._stats.gates[name] = threading.Event()
 

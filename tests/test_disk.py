@@ -208,6 +208,20 @@ def test_write_atomically_replaces_the_whole_content(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
 
 
+def test_write_atomically_never_writes_through_a_planted_temporary_name(tmp_path: Path) -> None:
+    """The temporary file has a name of its own, created exclusively: a file or symlink left
+    at the old fixed name (`<name>.tmp`) is neither written through nor a collision, and two
+    writers of one path never share a temporary file."""
+    target = tmp_path / "meta"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    (tmp_path / "meta.tmp").symlink_to(victim)
+    disk.write_atomically(target, b"record")
+    assert target.read_bytes() == b"record"
+    assert victim.read_bytes() == b"untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta", "meta.tmp", "victim"]
+
+
 def test_remove_tree_removes_a_directory_or_a_file_and_tolerates_absence(tmp_path: Path) -> None:
     tree = tmp_path / "obj"
     (tree / "sub").mkdir(parents=True)

@@ -3,6 +3,12 @@
 - `DELETE /cache/<relayed path>[?query]`: drop that object (every encoding variant); on an
   `hf` route, `DELETE /cache/<route>/sha256/<hex>` drops the Hub file stored under that digest;
 - `POST /cache/purge` with `{"prefix": "/route/some/dir/"}`: drop every object under it;
+- a purge covers what is being filled: such a fill finishes serving its clients but stores
+  nothing (counted in `purged`), so the next request fetches again;
+- `POST /cache/scrub`: start verifying every stored object with a known digest against its
+  bytes, in the background at `cache_verify_rate` (202; 409 with the run under way if one
+  is); `GET /cache/scrub`: the run under way or the last one (objects, checked, bytes hashed,
+  mismatches, running). Mismatches are dropped and counted (`relay.cache.integrity`);
 - `POST /cache/prefetch` with `{"path": "/route/file?query"}`: start a fill with no client
   (it runs to completion, coalesced with any client fill of the same object, unless a client's
   request needs its upstream connection); 202; 503 with Retry-After when fills without a
@@ -23,18 +29,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from relay.cache.admission import fill_request
+from relay.cache.admission import fill_request, key_variant
 from relay.cache.cache import Cache
 from relay.cache.fill import Fill
 from relay.cache.hub import HubFile, hub_key_of_purge
-from relay.cache.key import base_key, encoding_variant
+from relay.cache.key import base_key
 from relay.config import Config
 from relay.credentials import AdminAuth
 from relay.errors import ClientError, UpstreamError
 from relay.net.presets import is_hub_file
 from relay.net.routing import RouteTable
-from relay.proxy.forwarded import Forwarded
-from relay.proxy.headers import upstream_request_headers
+from relay.proxy.headers import shared_request_headers
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -46,6 +51,7 @@ def routes(config: Config) -> list[BaseRoute]:
     return [
         Route("/cache/purge", _guard(purge_prefix, admin), methods=["POST"]),
         Route("/cache/prefetch", _guard(prefetch, admin), methods=["POST"]),
+        Route("/cache/scrub", _guard(scrub, admin), methods=["GET", "POST"]),
         Route("/cache/{path:path}", _guard(purge_one, admin), methods=["DELETE"]),
     ]
 
@@ -109,6 +115,21 @@ async def purge_prefix(request: Request) -> Response:
     return JSONResponse({"purged": purged}, headers=_NO_STORE)
 
 
+async def scrub(request: Request) -> Response:
+    cache = _cache(request)
+    runs = cache.scrub
+    if request.method == "POST":
+        started = runs.start("admin")
+        last = runs.last
+        assert last is not None
+        body = {"state": "started" if started else "running", **last.as_json()}
+        return JSONResponse(body, 202 if started else 409, headers=_NO_STORE)
+    if runs.last is None:
+        return JSONResponse({"state": "never"}, headers=_NO_STORE)
+    state = "running" if runs.running else "done"
+    return JSONResponse({"state": state, **runs.last.as_json()}, headers=_NO_STORE)
+
+
 async def prefetch(request: Request) -> Response:
     cache = _cache(request)
     raw_path, query = _split(await _json_field(request, "path"))
@@ -117,11 +138,9 @@ async def prefetch(request: Request) -> Response:
     if not route.cache:
         raise ClientError("the route is not cached (cache = false)")
     upstream = cache.upstream
-    headers = upstream_request_headers(
-        [], forwarded=Forwarded("", request.url.scheme, None, None), route=route
-    )
     if is_hub_file(route, target.rest):
         # A Hub file is stored under its sha256, as the Hub names it now (relay/cache/hub.py).
+        headers = shared_request_headers(route, accept_encoding="identity")
         hub_file = await HubFile.ask(upstream, target, headers)
         if hub_file is None:
             raise ClientError(
@@ -136,11 +155,11 @@ async def prefetch(request: Request) -> Response:
             )
         )
     base = base_key(route.prefix, raw_path, query)
-    variant = encoding_variant(None)
+    variant = key_variant(route, None)
     if cache.lookup(base, variant) is not None:
         return JSONResponse({"state": "cached"}, headers=_NO_STORE)
     return _prefetching(
-        cache.background_fill(base, variant, fill_request(upstream, target, headers), route)
+        cache.background_fill(base, variant, fill_request(upstream, target, variant=variant), route)
     )
 
 

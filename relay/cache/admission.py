@@ -6,43 +6,56 @@ files go to `HubResponse` (keyed by their sha256), a rewriting preset's index pa
 does not take the request (it is relayed as without a cache): the route is not cached, an `hf`
 route's other answers (shaped per request), or a request carrying the client's own
 credentials on a route that forwards them (a response to them is not shared).
+
+A fill's answer serves every client of its key, so its upstream request is built from the key
+alone (`fill_request`): the route, the path and query, the key's encoding variant, an index
+page's negotiated Accept, the route's credential and relay's own identity. The client's own
+headers (its Host as X-Forwarded-Host, X-Forwarded-For/-Proto, the request id, its User-Agent,
+Accept, Cache-Control, ranges and conditionals) go only on requests relayed for that client.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 
 import httpx
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
 from relay.cache.hub import HubResponse
-from relay.cache.key import base_key, encoding_variant
+from relay.cache.key import base_key, encoding_variant, index_key
 from relay.cache.rewritten import RewrittenIndex, caches_as_index
 from relay.cache.serve import CachedResponse
-from relay.net.presets import is_hub_file
+from relay.config import Route
+from relay.net.presets import index_accept, is_hub_file, rewrites
 from relay.net.routing import RouteTable, Target
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter
+from relay.proxy.headers import shared_request_headers
+from relay.proxy.streaming import Relayed
 from relay.types import RawHeaders
 
 # Request headers that make the cache relay a request instead of answering it: the client's
 # own credentials, when the route forwards them (a response to them is not shared).
 _PRIVATE_REQUEST = frozenset({b"authorization", b"cookie"})
-# Request headers the cache's own upstream request never carries (it fetches the whole object).
-_NOT_FOR_FILLS = frozenset(
-    {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
-)
+
+
+def key_variant(route: Route, accept_encoding: str | None) -> str:
+    """The encoding variant a request of `route` is keyed (and filled) by: its Accept-Encoding
+    normalised; identity on a rewriting preset's route, which always asks the upstream for
+    identity (its index pages are rewritten)."""
+    return "identity" if rewrites(route) else encoding_variant(accept_encoding)
 
 
 def fill_request(
-    upstream: Upstream, target: Target, headers: Sequence[tuple[str, str]]
+    upstream: Upstream, target: Target, *, variant: str, accept: str = ""
 ) -> httpx.Request:
-    """The GET a fill of `target` sends: the request's upstream headers without the client's
-    own range and conditionals."""
-    fill_headers = [(n, v) for n, v in headers if n.lower() not in _NOT_FOR_FILLS]
-    return upstream.build_request("GET", upstream.url_for(target), fill_headers, target.route)
+    """The GET a fill of `target` sends (a prefetch's too), built from its key alone: the key's
+    encoding `variant` as Accept-Encoding, an index page's negotiated `accept`, the route's
+    credential and relay's identity; no header of the client whose request started it."""
+    route = target.route
+    headers = shared_request_headers(route, accept_encoding=variant, accept=accept)
+    return upstream.build_request("GET", upstream.url_for(target), headers, route)
 
 
 def cached_response(
@@ -56,13 +69,14 @@ def cached_response(
     client_headers: RawHeaders,
     headers: list[tuple[str, str]],
     routes: RouteTable,
-    relayed: Callable[[], Response],
+    relayed: Relayed,
     limiter: StreamLimiter,
     client: str | None,
     send_timeout: float,
 ) -> Response | None:
     """The cache's response to a request for `target` (`headers`: its upstream request
-    headers; `client_headers`: the client's own), or None when the cache does not take it."""
+    headers, for the relayed answer and a rewritten page's public base; `client_headers`: the
+    client's own), or None when the cache does not take it."""
     route = target.route
     if not route.cache:
         return None
@@ -73,8 +87,7 @@ def cached_response(
             upstream,
             method=method,
             target=target,
-            headers=headers,
-            client_headers=httpx.Headers(client_headers),
+            client_headers=client_headers,
             fallback=relayed,
             limiter=limiter,
             client=client,
@@ -93,25 +106,29 @@ def cached_response(
         return None
     parsed_headers = httpx.Headers(client_headers)
     base = base_key(route.prefix, raw_path, query)
+    variant = key_variant(route, parsed_headers.get("accept-encoding"))
+    index = caches_as_index(route, target.rest)
+    # An index page is keyed by its negotiated form, and its fill asks for exactly that form.
+    accept = index_accept(route, parsed_headers.get("accept")) if index else ""
     cached = functools.partial(
         CachedResponse,
         cache,
         method=method,
         base=base,
-        variant=encoding_variant(parsed_headers.get("accept-encoding")),
+        variant=variant,
         route=route,
-        request=lambda: fill_request(upstream, target, headers),
+        request=lambda: fill_request(upstream, target, variant=variant, accept=accept),
         client_headers=parsed_headers,
         fallback=relayed,
         limiter=limiter,
         client=client,
         send_timeout=send_timeout,
     )
-    if caches_as_index(route, target.rest):
+    if index:
         return RewrittenIndex(
             cached,
             cache=cache,
-            base=base,
+            key=index_key(base, accept),
             route=route,
             routes=routes,
             request_headers=headers,

@@ -1,6 +1,9 @@
 """The cache: lookups, one fill per key, the budget and eviction, purge, and its lifespan.
 
-Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s.
+Sliced objects are `relay.cache.slices`' (`Cache.slices`); files on disk `relay.cache.store`'s,
+written, read and removed on the cache's own threads (`Cache.executor`, `Cache.disk`:
+`relay.cache.executor`); checks against known digests `relay.cache.integrity`'s
+(`Cache.verifier`, `Cache.scrub`).
 
 Fills no client waits for (their clients left; prefetches, stale-while-revalidate
 revalidations and slice read-ahead, started without one) are background work, and background
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +35,10 @@ import httpx
 
 from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
+from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
+from relay.cache.integrity import Scrub, Verifier, has_known_digest
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
@@ -41,11 +46,15 @@ from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
 from relay.net.presets import is_immutable
+from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
-#: How long a key whose response was not storable is relayed without trying to store it.
+#: How long a key whose answer was neither stored nor shared (meant for one client, too large,
+#: varying beyond the key) is relayed to each client on its own (hit-for-pass). An answer that
+#: was shared (an error, a redirect, `no-store`) sets no pass: the next requests are filled
+#: again, together, and stored if the answer then may be (hit-for-miss).
 PASS_SECONDS = 30.0
 #: How long an object found larger than `cache_max_object_bytes` is relayed without a fill
 #: (its size changes only with a new version; its ranges cost no slice fetch meanwhile).
@@ -93,14 +102,20 @@ class Cache:
         store: Store,
         index: Index,
         clock: Clock = SYSTEM_CLOCK,
+        executor: DiskExecutor | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.upstream = upstream
         self.store = store
         self.index = index
+        self.executor = executor or DiskExecutor()
+        """The cache's own threads: every blocking disk job and hash (`relay.cache.executor`)."""
+        self.disk = Ordered(self.executor)
+        """Jobs on one object's files, in the order they were asked for."""
         self.stats = CacheStats()
         self.max_object_bytes = config.cache_max_object_bytes or max(1, config.cache_max_bytes // 4)
+        self.routes = RouteTable(config.routes)
         self.background_limit = min(
             config.cache_background_fills,
             max(1, int(config.cache_background_share * config.max_connections)),
@@ -111,6 +126,10 @@ class Cache:
         self.passes = Passes(clock)
         """Pass markers: keys relayed without trying to store them (bounded, expiring)."""
         self.slices = Slices(self)
+        self.verifier = Verifier(self)
+        """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
+        self.scrub = Scrub(self, self.verifier, rate=config.cache_verify_rate)
+        """The background verification: at startup, and an operator's scrub."""
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -126,6 +145,21 @@ class Cache:
 
     def passing(self, key: str) -> bool:
         return self.passes.active(key)
+
+    @contextlib.contextmanager
+    def pinned(self, entry: Entry | None) -> Iterator[None]:
+        """Hold the stored version `entry` (when there is one) while answering from it: its
+        files stay until the answer is over, even if a newer version replaces it, or it is
+        evicted or purged, meanwhile. Pin right at the lookup, before any await."""
+        if entry is None:
+            yield
+            return
+        self.index.pin(entry)
+        try:
+            yield
+        finally:
+            if self.index.unpin(entry):
+                self.remove_files(entry)
 
     def fill_in_flight(self, base: str, variant: str) -> Fill | None:
         """The fill of this key, if one runs and is not being stopped."""
@@ -183,7 +217,10 @@ class Cache:
             on_replaced=self._replaced,
             count_upstream_bytes=self._count_upstream,
             clock=self.clock,
+            executor=self.executor,
+            disk=self.disk,
             on_clientless=self._lost_clients,
+            routes=self.routes,
         )
 
     def start(self, fill: Fill, base: str) -> None:
@@ -210,13 +247,17 @@ class Cache:
             if fill.digest_mismatch:
                 self.stats.digest_mismatches += 1
                 self.drop(fill.key)
-            if fill.passthrough == VARY_LEARNED:
+            if fill.purged:
+                pass  # a purge covers the fill: nothing it learned is kept
+            elif fill.passthrough == VARY_LEARNED:
                 self.index.vary[base] = "accept-encoding"
             elif fill.passthrough is not None and (fill.slice is None or fill.passes_object):
-                # A slice fill's reason may be the object's own: its key is passed, so its
-                # other ranges are relayed with the client's own Range, no slice fetched.
-                seconds = TOO_LARGE_PASS_SECONDS if fill.passthrough == TOO_LARGE else PASS_SECONDS
-                self.passes.set(fill.object_key or fill.key, seconds)
+                if not fill.shared:
+                    # A slice fill's reason may be the object's own: its key is passed, so its
+                    # other ranges are relayed with the client's own Range, no slice fetched.
+                    too_large = fill.passthrough == TOO_LARGE
+                    seconds = TOO_LARGE_PASS_SECONDS if too_large else PASS_SECONDS
+                    self.passes.set(fill.object_key or fill.key, seconds)
                 # A new answer that may not be stored replaces the stored one; an upstream
                 # error (5xx) does not: the stored object stays for stale-if-error, which
                 # the clients waiting on this revalidation are about to read.
@@ -277,26 +318,45 @@ class Cache:
         self.stats.bytes_from_upstream += size
 
     def _reserve(self, fill: Fill, size: int) -> bool:
-        """Make room for `size` more bytes of a fill, evicting least recently used objects."""
-        if fill.reserved + size > self.max_object_bytes:
+        """Make room for `size` more bytes of a fill (beyond those it has written), evicting
+        least recently used objects: what they take on disk, its record included."""
+        length = fill.written + size
+        if length > self.max_object_bytes:
             return False
-        for victim in self.index.victims(size, keep=fill.key):
+        more = self.store.reservation(length) - fill.reserved
+        if more <= 0:
+            return True
+        for victim in self.index.victims(more, keep=fill.key):
             self._evict(victim)
-        if self.index.stored + self.index.reserved + size > self.index.max_bytes:
+        if self.index.used + more > self.index.max_bytes:
             return False
-        fill.reserved += size
-        self.index.reserved += size
+        fill.reserved += more
+        self.index.reserved += more
         return True
+
+    def _retire(self, entry: Entry) -> None:
+        """`entry` left the index: its files go now, or when its last reader unpins it."""
+        if self.index.retire(entry):
+            self.remove_files(entry)
 
     def _evict(self, entry: Entry) -> None:
         self.index.remove(entry.key)
-        self.store.remove(entry)
+        self._retire(entry)
         self.slices.evicted(entry.key)
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
 
     def _stored(self, fill: Fill, meta: Meta) -> None:
-        self.index.add(Entry(fill.key, fill.directory, meta))
+        """A fill published a new version: it replaces the stored one in the index (whose
+        files go once no reader holds them), its cost on disk replaces the reservation."""
+        self.index.reserved -= fill.reserved
+        fill.reserved = 0
+        data = self.store.published_path(fill.partial)
+        replaced = self.index.add(Entry(fill.key, data, meta, self.store.cost(meta, data)))
+        if replaced is not None:
+            self._retire(replaced)
+        for victim in self.index.victims(0, keep=fill.key):
+            self._evict(victim)
         if fill.object_key:
             self.slices.stored(fill, meta)
 
@@ -318,9 +378,40 @@ class Cache:
         if entry is None or entry.meta is not fill.revalidating:
             return
         entry.meta = meta
-        self.store.rewrite_meta(entry)
+        self.index.recount(entry, self.store.cost(meta, entry.data))
+        refreshed = [entry]
         if fill.object_key:
-            self.slices.refreshed(fill, entry, meta)
+            refreshed += self.slices.refreshed(fill, entry, meta)
+        self.rewrite_metas(refreshed)
+
+    # ---- disk jobs ----------------------------------------------------------------------
+
+    def rewrite_metas(self, entries: list[Entry]) -> None:
+        """Write the entries' (refreshed) meta to disk, all in one job on the cache's threads,
+        after any job already asked for on their files."""
+        metas = [(entry.data, entry.meta) for entry in entries]
+        self.disk.submit([e.key for e in entries], self.store.rewrite_metas, metas)
+
+    def remove_files(self, entry: Entry) -> None:
+        """Remove a retired version's files on the cache's threads: everything dropped in one
+        loop iteration (a purge, an eviction run) in one job, after any job already asked for
+        on that key's files; a fill of the same key publishes only after it."""
+        self.disk.add(self.store.remove_all, entry.key, entry.data)
+
+    def corrupted(self, entries: list[Entry], actual: str, expected: str) -> None:
+        """Stored bytes (one object: `entries`, its slices or itself) do not match their
+        digest: dropped and counted; answers under way from them abort (`Entry.corrupt`)."""
+        for entry in entries:
+            entry.corrupt = True
+            if self.index.peek(entry.key) is entry:
+                self.drop(entry.key)
+        self.stats.digest_mismatches += 1
+        logger.warning(
+            "cache: %s hashes to %s, not its digest %s: dropped",
+            entries[0].meta.url,
+            actual,
+            expected,
+        )
 
     # ---- purge --------------------------------------------------------------------------
 
@@ -328,28 +419,48 @@ class Cache:
         entry = self.index.remove(key)
         if entry is None:
             return False
-        self.store.remove(entry)
+        self._retire(entry)
         return True
 
     def purge_key(self, base: str) -> int:
-        """Drop the object of one URL, every encoding variant included."""
+        """Drop the object of one URL, every encoding variant, index form and slice included,
+        and what is being filled of it; how many objects and fills that was."""
+
+        def covered(key: str) -> bool:
+            return key == base or key.startswith(base + "\x00")
+
         count = int(self.drop(base))
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
+        count += self._purge_fills(covered)
         self.index.vary.pop(base, None)
         self.passes.drop(base)
+        self.passes.drop_prefix(base + "\x00")
         self.slices.purge_key(base)
         return count
 
     def purge_prefix(self, prefix: str) -> int:
-        """Drop every object whose key starts with `prefix` (a route prefix + path prefix)."""
+        """Drop every object whose key starts with `prefix` (a route prefix + path prefix),
+        and what is being filled under it; how many objects and fills that was."""
         count = 0
         for key in self.index.keys_with_prefix(prefix):
             count += self.drop(key)
+        count += self._purge_fills(lambda key: key.startswith(prefix))
         for base in [b for b in self.index.vary if b.startswith(prefix)]:
             del self.index.vary[base]
         self.passes.drop_prefix(prefix)
         self.slices.purge_prefix(prefix)
+        return count
+
+    def _purge_fills(self, covered: Callable[[str], bool]) -> int:
+        """Mark the fills in flight of the covered keys purged: each finishes serving its
+        readers and publishes nothing (a later request fetches again). Counts those that were
+        to store a new object (a revalidation's object was counted as stored)."""
+        count = 0
+        for key, fill in self.fills.items():
+            if covered(key) and not fill.finished and not fill.purged:
+                fill.purged = True
+                count += fill.revalidating is None
         return count
 
     @property
@@ -362,6 +473,9 @@ class Cache:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Removals and rewrites already asked for are finished, not cancelled: a purged
+        # object must not come back at the next start.
+        await self.disk.drain()
 
 
 @contextlib.asynccontextmanager
@@ -374,22 +488,47 @@ async def open_cache(
         yield None
         return
     store = Store(Path(config.cache_dir))
-    index = Index(config.cache_max_bytes)
+    index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
+    executor = DiskExecutor()
     try:
-        store.prepare()
-        loaded = await asyncio.get_running_loop().run_in_executor(None, store.load)
-    except OSError as exc:
-        raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
-    for directory, meta, _size in loaded:
-        index.add(Entry(meta.key, directory, meta))
+        try:
+            store.prepare()
+            loaded = await executor.run(store.load)
+        except OSError as exc:
+            raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
+        async with _serving(config, upstream, store, index, clock, executor, loaded) as cache:
+            yield cache
+    finally:
+        await asyncio.to_thread(executor.shutdown)
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    config: Config,
+    upstream: Upstream,
+    store: Store,
+    index: Index,
+    clock: Clock,
+    executor: DiskExecutor,
+    loaded: list[tuple[Path, Meta, int]],
+) -> AsyncIterator[Cache]:
+    for data, meta, cost in loaded:
+        entry = Entry(meta.key, data, meta, cost)
+        # Bytes with a known digest are not trusted before they are hashed again.
+        entry.verified = not has_known_digest(entry)
+        index.add(entry)
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
-    cache = Cache(config, upstream, store, index, clock)
+    cache = Cache(config, upstream, store, index, clock, executor)
     upstream.make_room = cache.make_room
     cache.slices.load(index)
     for victim in index.victims(0):
         cache._evict(victim)
-    logger.info("cache: %d objects, %d bytes in %s", len(index), index.stored, config.cache_dir)
+    logger.info(
+        "cache: %d objects, %d bytes on disk in %s", len(index), index.on_disk, config.cache_dir
+    )
+    if config.cache_verify_on_start and any(not e.verified for e in index.entries()):
+        cache.scrub.start("startup")
     try:
         yield cache
     finally:

@@ -6,9 +6,12 @@ does on plain TCP: relay/server/zerocopy.py): `sendfile` from the file to the so
 bytes per message (`FAST_CHUNK` once the client proves fast), each under `send_timeout`;
 nothing is read into Python. A smaller body is read on the loop and leaves with its head in one
 write, cheaper than a head write and a sendfile. Elsewhere (another server, TLS) and for a body
-still being filled (it waits on the fill), reads are `os.pread` of the same sizes in the
-default executor: a slow client holds one small chunk, and waits on the server's back-pressure
-before the next read.
+still being filled (it waits on the fill), reads are `os.pread` of the same sizes on the
+cache's threads (`relay.cache.executor`): a slow client holds one small chunk, and waits on
+the server's back-pressure before the next read. An object loaded with a known digest and not
+verified yet (`relay.cache.integrity`) is never sent zero-copy: a whole answer from byte 0
+reads it, hashing each chunk in the read's own job, and sends its last chunk only if the
+digest matches; an answer from an object found corrupt meanwhile aborts.
 
 Every head is built by `head` (from the stored headers, or the hit path's `Parsed` encoding of
 them); every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import httpx
 
+from relay.cache import plan
 from relay.cache.fill import Fill
 from relay.cache.index import Entry
 from relay.cache.plan import Plan
@@ -42,11 +47,14 @@ from relay.cache.policy import Answer, answer, current_age, freshness
 from relay.cache.store import Meta, Store
 from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.proxy.exchange import Exchange
+from relay.proxy.headers import BODYLESS_STATUSES
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.send_watch import SendWatchdog
 from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
 
 if TYPE_CHECKING:
+    from _hashlib import HASH
+
     from relay.cache.cache import Cache
 
 logger = logging.getLogger(__name__)
@@ -102,6 +110,8 @@ def parsed(entry: Entry) -> Parsed:
 
 def _whole_head(meta: Meta) -> RawHeaders:
     head = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in meta.headers]
+    if meta.status != 200:
+        return head  # a fill's answer that is not stored, as the upstream said it
     if (meta.complete or meta.validator is not None) and not any(
         n == b"accept-ranges" for n, _ in head
     ):
@@ -122,15 +132,16 @@ def head(
     """The head of an answer from a stored (or filling) response: its headers for `reply`
     (a 304 keeps only what RFC 9110 15.4.5 lists; a 416 drops the representation's type),
     then Content-Range / Content-Length of the reply, `adapt`, Age and Cache-Status.
-    `whole`: the stored headers already encoded for a 200/206 (`Parsed.head`)."""
+    `whole`: the stored headers already encoded for a 200/206 (`Parsed.head`). A fill's
+    answer that is not stored keeps its own status (`meta.status`) and headers."""
     code = reply.status
-    if code == 200 or code == 206:
+    if code == 200 or code == 206 or code == meta.status:
         headers = whole.copy() if whole is not None else _whole_head(meta)
-        if code == 206:
+        if code == 206 and code != meta.status:
             headers.append(
                 (b"content-range", f"bytes {reply.start}-{reply.stop - 1}/{total}".encode())
             )
-        if reply.stop >= 0:
+        if reply.stop >= 0 and code not in BODYLESS_STATUSES:
             headers.append((b"content-length", str(reply.stop - reply.start).encode()))
     elif code == 416:
         headers = [
@@ -282,7 +293,7 @@ class Delivery:
         """Answer from a stored object (its ranges and conditionals included)."""
         fd = self.open(entry)
         try:
-            await self.from_file(fd, entry.meta, report)
+            await self.from_file(fd, entry.meta, report, entry=entry)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -300,62 +311,88 @@ class Delivery:
                 self._cache.index.remove(entry.key)
             return None
 
-    async def from_file(self, fd: int | None, meta: Meta, report: Plan) -> None:
+    async def from_file(
+        self, fd: int | None, meta: Meta, report: Plan, *, entry: Entry | None = None
+    ) -> None:
         """Answer from stored bytes (`fd`, from `open`; None: they were gone: say so rather
-        than guess) described by `meta`."""
+        than guess) described by `meta`; `entry`: the stored object they are (checked against
+        its digest if it is unverified; the answer aborts if it is found corrupt)."""
         if fd is None:
             await self.error(503, "cached object unavailable, retry")
             return
-        self.answered(report.outcome)
         reply = answer(self._client_headers, httpx.Headers(meta.headers), meta.length)
+        body = reply.status in (200, 206) and self._method == "GET"
+        digest = None
+        if entry is not None and not entry.verified:
+            # Loaded with a known digest and not hashed since (relay.cache.integrity).
+            if body and reply.status == 200:
+                digest = hashlib.sha256()  # hashed as it is sent, its last chunk held
+            elif not await self._cache.verifier.entry(entry):
+                await self.error(503, "cached object unavailable, retry")
+                return
+        self.answered(report.outcome)
         age = current_age(meta.initial_age, meta.stored_at, self._cache.clock.now())
         await self.start(meta, reply, report.cache_status, age, meta.length)
-        if reply.status in (200, 206) and self._method == "GET":
-            await self.stream(fd, reply.start, reply.stop, None)
+        if body:
+            await self.stream(fd, reply.start, reply.stop, None, entry=entry, digest=digest)
         else:
             await self.end()
 
     async def from_fill(self, fill: Fill, meta: Meta, report: Plan) -> bool:
-        """Answer from a fill as it advances (its bytes held back until it is published);
-        False when the object is neither being filled nor stored any more. Its Cache-Status
-        says `stored` only when the head goes out after the fill published the object."""
-        try:
-            fd = os.open(fill.partial, os.O_RDONLY)
-        except FileNotFoundError:
-            # Published (renamed) in between: read the stored object.
-            await fill.wait_finished()
-            entry = self._cache.index.get(fill.key)
-            if entry is None:
-                return False
-            self.upstream(fill)
-            await self.from_entry(entry, _stored(report))
-            return True
+        """Answer from a fill as it advances (its last byte held back until the body is whole
+        and checked), read through its `read_fd` (the caller holds the fill); False when it
+        has no body to read. Its Cache-Status says `stored` only when the head goes out after
+        the fill published the object; an answer the fill will not store keeps the upstream's
+        status, and says so (`fwd-status=N`)."""
+        fd = fill.read_fd
+        if fd is None:
+            return False
         self.answered(report.outcome)
         self.upstream(fill)
         fill.attach()
         try:
-            reply = answer(self._client_headers, httpx.Headers(meta.headers), fill.length)
-            status = _stored(report).cache_status if fill.published else report.cache_status
-            await self.start(meta, reply, status, 0.0, fill.length or 0)
-            if reply.status in (200, 206) and self._method == "GET":
+            length = fill.length
+            if meta.status != 200:  # an answer not stored: relayed as the upstream said
+                reply = Answer(meta.status, 0, -1 if length is None else length)
+            else:  # conditionals and ranges (unsized fills too: `answer`)
+                reply = answer(self._client_headers, httpx.Headers(meta.headers), length)
+            if fill.passthrough is not None or fill.purged:  # known not to be stored
+                status = plan.fill_status(report.cache_status, stored=False, fwd_status=meta.status)
+            elif fill.published:
+                status = _stored(report).cache_status
+            else:
+                status = report.cache_status
+            await self.start(meta, reply, status, 0.0, length or 0)
+            body = reply.status in (200, 206) or reply.status == meta.status
+            if body and self._method == "GET":
                 await self.stream(fd, reply.start, reply.stop, fill)
             else:
                 await self.end()
         finally:
             fill.detach()
-            os.close(fd)
         return True
 
     # ---- body pumps -----------------------------------------------------------------------
 
     async def stream(
-        self, fd: int, start: int, stop: int, fill: Fill | None, *, end: bool = True
+        self,
+        fd: int,
+        start: int,
+        stop: int,
+        fill: Fill | None,
+        *,
+        end: bool = True,
+        entry: Entry | None = None,
+        digest: HASH | None = None,
     ) -> None:
-        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill)."""
-        if fill is None and self.zero_copy and stop - start > INLINE_READ:
+        """Send bytes [start, stop) of the file (stop -1: to the end of an unsized fill).
+        `entry`: the stored object read (the transfer aborts if it is found corrupt
+        meanwhile); `digest`: the whole object is sent from byte 0 unverified: hashed as it is
+        read (in the read's own job), its last chunk sent only if it matches."""
+        if fill is None and digest is None and self.zero_copy and stop - start > INLINE_READ:
             # A small body read on the loop leaves with its head in one write: cheaper than
             # writing the head, then a sendfile.
-            await self.send_file(fd, start, stop, end=end)
+            await self.send_file(fd, start, stop, end=end, entry=entry)
             return
         send = self._send
         loop = asyncio.get_running_loop()
@@ -368,7 +405,7 @@ class Delivery:
         watch = self._watch(loop)
         try:
             while stop < 0 or position < stop:
-                if fill is not None and fill.published and stop < 0:
+                if fill is not None and fill.complete and stop < 0:
                     stop = fill.written
                     continue
                 # The object's last byte goes out only once it is verified and stored: a
@@ -380,14 +417,14 @@ class Delivery:
                     held = fill.length
                     if fill.slice is not None and stop >= 0:
                         held = min(held, stop)
-                if fill is not None and not fill.published and held >= 0 and position >= held - 1:
+                if fill is not None and not fill.complete and held >= 0 and position >= held - 1:
                     await fill.wait_finished()
-                    if not fill.published:
+                    if not fill.complete:
                         self.abort(f"cache fill failed: {fill.failed}")
-                if fill is not None and not fill.published:
+                if fill is not None and not fill.complete:
                     await fill.wait_beyond(position)
                     if fill.written <= position:
-                        if fill.published and stop < 0:
+                        if fill.complete and stop < 0:
                             continue
                         if fill.overflowed and stop < 0:
                             # Too large to store: the rest comes from the upstream.
@@ -396,7 +433,7 @@ class Delivery:
                             break
                         self.abort(f"cache fill failed: {fill.failed}")
                     available = fill.written
-                    if held >= 0 and not fill.published:
+                    if held >= 0 and not fill.complete:
                         available = min(available, held - 1)
                 else:
                     available = stop
@@ -404,11 +441,16 @@ class Delivery:
                 if stop >= 0:
                     want = min(want, stop - position)
                 if want <= INLINE_READ:
-                    chunk = os.pread(fd, want, position)
+                    chunk = _read(fd, want, position, digest)
                 else:
-                    chunk = await loop.run_in_executor(None, os.pread, fd, want, position)
+                    chunk = await self._cache.executor.run(_read, fd, want, position, digest)
                 if not chunk:
                     self.abort("cached file shorter than its meta")
+                if entry is not None:
+                    if entry.corrupt:
+                        self.abort("the cached object does not match its digest")
+                    if digest is not None and position + len(chunk) == stop:
+                        self._judge(entry, digest)
                 position += len(chunk)
                 sent += len(chunk)
                 if fill is None:
@@ -428,13 +470,24 @@ class Delivery:
             self.client_stopped()
         finally:
             self.exchange.bytes_sent += sent
-        if fill is not None and not fill.published and not relayed:
+        if fill is not None and not fill.complete and not relayed:
             # The last bytes are out only once the object is verified and stored.
             await fill.wait_finished()
-            if not fill.published:
+            if not fill.complete:
                 self.abort(f"cache fill failed: {fill.failed}")
         if end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _judge(self, entry: Entry, digest: HASH) -> None:
+        """The whole object was read and hashed: verified, or dropped and the transfer
+        aborted before its last chunk."""
+        actual = digest.hexdigest()
+        if actual == entry.meta.sha256:
+            entry.verified = True
+            return
+        if not entry.corrupt:
+            self._cache.corrupted([entry], actual, entry.meta.sha256 or "")
+        self.abort("the cached object does not match its digest")
 
     async def _rest(self, fill: Fill, position: int, watch: SendWatchdog | None) -> int:
         """The rest of an overflowed fill's body after `position` (all it wrote), from the
@@ -469,7 +522,9 @@ class Delivery:
             await asyncio.shield(rest.aclose())
         return sent
 
-    async def send_file(self, fd: int, start: int, stop: int, *, end: bool) -> None:
+    async def send_file(
+        self, fd: int, start: int, stop: int, *, end: bool, entry: Entry | None = None
+    ) -> None:
         """Send bytes [start, stop) of a complete file with the server's zero-copy send."""
         send = self._send
         loop = asyncio.get_running_loop()
@@ -482,6 +537,8 @@ class Delivery:
         try:
             while position < stop:
                 count = min(size.value, stop - position)
+                if entry is not None and entry.corrupt:
+                    self.abort("the cached object does not match its digest")
                 message["offset"] = position
                 message["count"] = count
                 if watch is not None:
@@ -553,3 +610,11 @@ class Delivery:
         reset = self._reset
         if reset is not None:
             reset()
+
+
+def _read(fd: int, size: int, offset: int, digest: HASH | None) -> bytes:
+    """Read `size` bytes at `offset`, added to `digest` when given (one job: read and hash)."""
+    chunk = os.pread(fd, size, offset)
+    if digest is not None:
+        digest.update(chunk)
+    return chunk

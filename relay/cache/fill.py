@@ -16,6 +16,20 @@ A chunked body that outgrows what may be stored is not stored: the fill offers i
 upstream response (`Rest`) to its readers and gives up owning it to the first that takes it
 (`take_rest`); the others continue with Range + If-Range (`continue_at`). A rest nobody takes
 is closed by the fill, once.
+
+Whatever the upstream answers, that one request answers the clients holding the fill: an
+answer the cache may not store (an error, a redirect, `no-store`...) goes through the partial
+file like any other and is never published, so a single-use URL is fetched once and eight
+clients waiting on a 503 cost the upstream one request. Not every answer may be shared: one
+meant for one client (`private`, `Set-Cookie`) goes to the first client that takes it
+(`claim`), the others are relayed each on their own; one the file cannot hold from its head
+on (a Content-Length over the object limit or the budget) is kept open for the first GET that
+takes it (`take_response`), to relay and close, the others relayed on their own; one that
+varies on request headers the fill does not send as a client would (`Vary` beyond the key),
+an index page relay cannot rewrite and a content-addressed object's refusal answer no client
+(each is relayed). Readers read through `read_fd`, which stays open until the fill is over
+and its last client gone, whatever becomes of the file's name. A purged fill (`purged`)
+finishes serving its readers but publishes nothing.
 """
 
 from __future__ import annotations
@@ -26,12 +40,17 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from relay.cache.clock import Clock
+from relay.cache.executor import DiskExecutor, Ordered
+from relay.cache.index import Entry
 from relay.cache.key import INDEX_MARK, VARIANT_MARK
 from relay.cache.policy import (
+    for_one_client,
     freshens,
     freshness_lifetime,
     initial_age,
@@ -48,8 +67,13 @@ from relay.http.ranges import parse_content_range
 from relay.http.resume import resume_request_headers
 from relay.http.validators import resume_validator
 from relay.net.presets import is_index_type, linked_sha256
+from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
+from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
-from relay.proxy.headers import downstream_response_headers
+from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +84,11 @@ _NOT_STORED = frozenset({b"content-length", b"age", b"content-range"})
 VARY_LEARNED = "varies on Accept-Encoding"
 #: Why an object over `cache_max_object_bytes` is not stored (whole or as slices).
 TOO_LARGE = "too large"
+#: Why an answer is not stored, when it can answer none of the fill's clients either: relay
+#: refuses it (an index page it cannot rewrite, a Content-Range on a 200).
+_ANSWERS_NONE = frozenset({"encoded index page", "partial index page", "content-range on a 200"})
+#: Why an answer is not stored, when the partial file cannot hold it either.
+_TOO_BIG = frozenset({TOO_LARGE, "no room"})
 
 
 class FillAbandoned(Exception):
@@ -102,6 +131,23 @@ def stored_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     ]
 
 
+def _answer_headers(response: httpx.Response, routes: RouteTable) -> list[tuple[str, str]]:
+    """The headers of an answer that is not stored, as its clients get them: a 200's as if
+    stored; another status's as relayed (its Content-Range kept, a redirect's Location mapped
+    onto relay's routes), Content-Length and Age left to each answer."""
+    status = response.status_code
+    if status == 200:
+        return stored_headers(response.headers.raw)
+    raw = downstream_response_headers(response.headers.raw, status)
+    if status in REDIRECT_STATUSES:
+        raw = rewrite_location_headers(raw, response.request.url, routes)
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name not in (b"content-length", b"age")
+    ]
+
+
 def _without_keyed_vary(headers: httpx.Headers) -> httpx.Headers:
     """An index page's headers with the Vary names its key covers (Accept, Accept-Encoding)
     removed, for the storage rules."""
@@ -123,11 +169,15 @@ def _without_content_range(headers: httpx.Headers) -> httpx.Headers:
     return httpx.Headers([(n, v) for n, v in headers.multi_items() if n.lower() != "content-range"])
 
 
-def _unrewritable(route: Route, headers: httpx.Headers) -> str | None:
-    """Why an index page cannot be stored for serve-time rewriting (the relayed path refuses
-    it with a 502 as well): an encoded index."""
+def _unrewritable(route: Route, status: int, headers: httpx.Headers) -> str | None:
+    """Why an index page can be neither stored for serve-time rewriting nor answered (the
+    relayed path refuses it with a 502): an encoded index, a partial one."""
+    if not is_index_type(route, headers.get("content-type", "")):
+        return None
+    if status == 206:
+        return "partial index page"
     encoding = headers.get("content-encoding", "identity").strip().lower()
-    if is_index_type(route, headers.get("content-type", "")) and encoding not in ("", "identity"):
+    if status == 200 and encoding not in ("", "identity"):
         return "encoded index page"
     return None
 
@@ -152,13 +202,16 @@ class Fill:
         on_replaced: Callable[[Fill], None],
         count_upstream_bytes: Callable[[int], None],
         clock: Clock,
+        executor: DiskExecutor,
+        disk: Ordered,
         on_clientless: Callable[[Fill], None],
+        routes: RouteTable,
     ) -> None:
         self.key = key
         self.variant = variant
         self._store = store
-        self.directory = store.directory_of(key)
-        self.partial = store.partial_path(self.directory)
+        self.partial = store.partial_path(key)
+        """This fill's own partial file (a new version's name): no other fill touches it."""
         self._request = request
         self._route = route
         self._upstream = upstream
@@ -172,7 +225,10 @@ class Fill:
         self._on_replaced = on_replaced
         self._count = count_upstream_bytes
         self._clock = clock
+        self._executor = executor
+        self._disk = disk
         self._on_clientless = on_clientless
+        self._routes = routes
         self.headers_ready = asyncio.Event()
         self._advance = asyncio.Event()
         self.written = 0
@@ -206,6 +262,23 @@ class Fill:
         (`private`, `no-store`...): it was dropped, and its waiting clients are relayed."""
         self.failed: str | None = None
         self.published = False
+        self.complete = False
+        """The whole body is in the file and checked (published, or an answer not stored):
+        readers may send its last byte."""
+        self.shared = False
+        """An answer not stored that every client waiting on the fill shares; later requests
+        for the key are filled again (not passed)."""
+        self.for_one = False
+        """An answer meant for one client (`private`, `Set-Cookie`): see `claim`."""
+        self._claimed = False
+        self.purged = False
+        """A purge covered the key while it was being filled: nothing is published."""
+        self.read_fd: int | None = None
+        """The descriptor readers of the body read from (with pread)."""
+        self.open_answer: httpx.Response | None = None
+        """An answer not stored that the file cannot hold from its head on: the open upstream
+        response, until a client takes it (`take_response`)."""
+        self._varies_on_encoding = False
         self.finished = False
         self.reserved = 0
         self.readers = 0
@@ -280,9 +353,52 @@ class Fill:
     def _left(self) -> None:
         if self._holds == 0 and self.readers == 0:
             self._idle_since = self._clock.monotonic()
+            if self.finished:
+                self._close_reader()
+            if self.open_answer is not None:
+                self._notify()  # nobody left to take it: the fill closes it
             self._on_clientless(self)
         if self.readers == 0 and self._offered is not None:
             self._notify()  # no reader left to take the rest of an overflowed body
+
+    @property
+    def holders(self) -> int:
+        """How many clients' responses hold the fill (waiting on it or reading it)."""
+        return self._holds
+
+    @property
+    def _has_clients(self) -> bool:
+        return self._holds > 0 or self.readers > 0
+
+    def claim(self, variant: str) -> bool:
+        """Whether this fill's answer is also the answer of a client of encoding `variant`:
+        it has one and has not failed; one varying on Accept-Encoding only for its own
+        variant; one meant for one client only for the first that claims it."""
+        meta = self.meta
+        if meta is None or self.failed is not None:
+            return False
+        if meta.vary and meta.extra.get("variant") != variant:
+            return False
+        if self.for_one:
+            if self._claimed:
+                return False
+            self._claimed = True
+        return True
+
+    def take_response(self, variant: str) -> httpx.Response | None:
+        """The open upstream response of an answer the file cannot hold, for the first GET
+        (of a variant it answers) that takes it: then that client's, to relay and to close."""
+        response = self.open_answer
+        if response is None or (self._varies_on_encoding and variant != self.variant):
+            return None
+        self.open_answer = None
+        self._notify()
+        return response
+
+    def _close_reader(self) -> None:
+        fd, self.read_fd = self.read_fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def stoppable(self) -> bool:
@@ -308,7 +424,7 @@ class Fill:
     @property
     def using_upstream(self) -> bool:
         """Holding (or opening) an upstream response: stopping it frees a connection."""
-        return self._opening or self._response is not None
+        return self._opening or self._response is not None or self.open_answer is not None
 
     @property
     def idle_since(self) -> float:
@@ -407,13 +523,17 @@ class Fill:
                 self.error = exc
                 return
             if not await self._take(response):
+                if self.open_answer is not None:
+                    self.headers_ready.set()
+                    while self.open_answer is not None and self._has_clients:
+                        await self._advance.wait()  # until a client takes it, or none is left
                 return
             # The response whose body is stored (a 304 naming another version was followed
             # by the object's unconditional fetch: `_not_modified`).
             response = self._response
             assert response is not None
-            self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._store.open_partial(self.partial)
+            self.read_fd = os.open(self.partial, os.O_RDONLY)
             self.headers_ready.set()
             try:
                 await self._write_body(response, fd)
@@ -448,14 +568,23 @@ class Fill:
             self.failed = type(exc).__name__
             logger.exception("cache fill failed (%s)", self._request.url.path)
         finally:
-            self.finished = True
-            await self._close_response()
-            if fd is not None:
-                os.close(fd)
-            if not self.published:
-                self._store.remove_partial(self.partial)
-            self.headers_ready.set()
-            self._notify()
+            # Finished only once its response, descriptor and partial file are released: a
+            # fill of the same key starts only then (Cache.fill).
+            try:
+                await self._close_response()
+                unclaimed, self.open_answer = self.open_answer, None
+                if unclaimed is not None:
+                    await asyncio.shield(unclaimed.aclose())
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                if not self._has_clients:
+                    self._close_reader()  # else the last client's release closes it
+                if not self.published:
+                    self._store.remove_partial(self.partial)
+                self.finished = True
+                self.headers_ready.set()
+                self._notify()
 
     async def _open(self, request: httpx.Request) -> httpx.Response:
         """Open an upstream response (as background work when no client waits); its time
@@ -477,8 +606,8 @@ class Fill:
             await asyncio.shield(response.aclose())
 
     async def _take(self, response: httpx.Response) -> bool:
-        """Whether the response's body is to be stored (then `_response`: after a 304 naming
-        another version, the object fetched again); if not, records why and closes it."""
+        """Whether the response's body is to be written (stored, or to answer the fill's
+        clients); if not, records why and closes it, or keeps it for `take_response`."""
         status = self.upstream_status = response.status_code
         headers = response.headers
         received = self._clock.now()
@@ -495,8 +624,8 @@ class Fill:
         reason = not_storable(status, policy)
         if reason is None and vary_of(policy) and VARIANT_MARK not in self.key:
             reason = VARY_LEARNED  # stored per encoding from the next request on
-        if reason is None and index_page:
-            reason = _unrewritable(self._route, headers)
+        if index_page:
+            reason = _unrewritable(self._route, status, headers) or reason
         length = content_length(headers)
         if reason is None and length is not None and length > self._max_object_bytes:
             reason = TOO_LARGE
@@ -513,19 +642,32 @@ class Fill:
             reason = "no room"
         if reason is not None:
             self.passthrough = reason
-            await self._close_response()
-            return False
+            answers = self._answers_unstored(reason, status, policy)
+            self.shared = answers == "all"
+            self.for_one = answers == "one"
+            if answers == "none" or not self._has_clients:
+                # Nobody to answer (a prefetch, clients gone): nothing to write.
+                await self._close_response()
+                return False
+            if status in BODYLESS_STATUSES:
+                length = 0
+            if reason in _TOO_BIG or (length is not None and not self._reserve(self, length)):
+                await self._keep_open(reason, length, policy)
+                return False
         self.length = length
         self.meta = Meta(
             key=self.key,
             url=str(self._request.url.copy_with(query=None)),
-            headers=stored_headers(headers.raw),
+            headers=stored_headers(headers.raw)
+            if reason is None
+            else _answer_headers(response, self._routes),
             length=length or 0,
             stored_at=received,
             initial_age=initial_age(headers, received, received),
             lifetime=freshness_lifetime(headers, immutable=self._immutable(headers)),
-            validator=resume_validator(headers),
+            validator=resume_validator(headers) if status == 200 else None,
             vary=vary_of(policy) or "",
+            status=status,
             extra={"variant": self.variant},
         )
         return True
@@ -605,6 +747,31 @@ class Fill:
         ]
         return self._upstream.build_request("GET", self._request.url, headers, self._route)
 
+    async def _keep_open(self, reason: str, length: int | None, headers: httpx.Headers) -> None:
+        """An answer not stored that the file cannot hold from its head on: the open response
+        the fill holds is kept for the first client that takes it (a content-addressed
+        object's is closed: each client asks the Hub again)."""
+        if reason not in _TOO_BIG and length is not None:
+            self.passthrough = TOO_LARGE if length > self._max_object_bytes else "no room"
+        self.shared = self.for_one = False  # later requests are relayed (pass)
+        if self.sha256 is not None:
+            await self._close_response()
+            return
+        self._varies_on_encoding = vary_of(headers) == "accept-encoding"
+        self.open_answer, self._response = self._response, None
+
+    def _answers_unstored(self, reason: str, status: int, headers: httpx.Headers) -> str:
+        """Which of the fill's clients an answer that is not stored answers (`headers`: its
+        headers as the storage rules read them): "all", "one" (meant for one client), or
+        "none" (each is relayed)."""
+        if reason in _ANSWERS_NONE or vary_of(headers) is None:
+            return "none"
+        if self.sha256 is not None and status != 200:
+            # The Hub named this object to each client on its own request (its credentials
+            # included): a refusal of the fill is not every client's answer.
+            return "none"
+        return "one" if for_one_client(headers) else "all"
+
     async def _take_slice(self, response: httpx.Response) -> bool:
         """A slice is stored only from a 206 of exactly the bytes asked for, with a strong
         validator (the one asked for in If-Range, once one is known) and the total length."""
@@ -671,7 +838,6 @@ class Fill:
     async def _write_body(self, first: httpx.Response, fd: int) -> None:
         """Write the body of `first`, resuming it (each resumed response replacing the one the
         fill holds) when the upstream cuts it."""
-        loop = asyncio.get_running_loop()
         response = first
         plan: Continuation | None = None
         retries = Retries(self._resume_attempts, STREAM_BACKOFF)
@@ -685,12 +851,13 @@ class Fill:
                     if over:
                         # Never stored; this chunk is kept (one past the reservation) and
                         # the rest goes to the readers from the upstream: never a cut body.
-                        too_large = self.reserved + size > self._max_object_bytes
+                        too_large = self.written + size > self._max_object_bytes
                         self.passthrough = TOO_LARGE if too_large else "no room"
+                        self.shared = False  # later requests are relayed (pass)
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
-                    await _write_at(loop, fd, chunk, self.written)
-                    self._hash.update(chunk)
+                    # One hop per chunk: written and hashed on the cache's thread.
+                    await _write_at(self._executor, fd, chunk, self.written, self._hash)
                     self.written += size
                     self._count(size)
                     self._notify()
@@ -709,6 +876,8 @@ class Fill:
             raise TransferAborted(f"short body: {self.written} of {self.length} bytes")
 
     def _check_idle(self) -> None:
+        if not self._has_clients and (self.passthrough is not None or self.purged):
+            raise FillAbandoned("no client left for an answer that is not stored")
         since = self._idle_since
         if (
             since is not None
@@ -759,21 +928,51 @@ class Fill:
         if expected is not None and expected != actual:
             self.digest_mismatch = True
             raise DigestMismatch(f"sha256 {actual} does not match the announced {expected}")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, os.fsync, fd)
+        if self.passthrough is not None or self.purged:
+            self.complete = True  # its readers end it; it is not stored
+            return
         meta = self.meta
         meta.length = self.written
         meta.sha256 = actual if expected is not None else None
-        await loop.run_in_executor(None, self._store.publish, self.directory, meta)
+        # After any job asked for on this object's files (a removal, a rewrite): in order.
+        # Shielded: cancelled here, the job still runs its course (a thread cannot be
+        # stopped), and the jobs after it on this object must wait for that.
+        await asyncio.shield(
+            self._disk.submit([self.key], _publish, fd, self._store, self.partial, meta)
+        )
+        self.complete = True
+        if self.purged:
+            # Purged while it was being published: what was just written goes too.
+            data = self._store.published_path(self.partial)
+            entry = Entry(self.key, data, meta)
+            await asyncio.shield(self._disk.submit([self.key], self._store.remove, entry))
+            return
         self.published = True
         self._on_stored(self, meta)
 
 
-async def _write_at(loop: asyncio.AbstractEventLoop, fd: int, data: bytes, offset: int) -> None:
-    """`os.pwrite` in a thread. Cancelled meanwhile (a fill being stopped), it returns only
-    once the write is over: the caller closes `fd` next, and a descriptor closed under a write
-    in flight could be reused by another file by the time the write runs."""
-    write = loop.run_in_executor(None, os.pwrite, fd, data, offset)
+def _write_hashed(fd: int, chunk: bytes, offset: int, digest: HASH) -> None:
+    """Write `chunk` at `offset` (all of it) and add it to the running digest (blocking)."""
+    view = memoryview(chunk)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    digest.update(chunk)
+
+
+def _publish(fd: int, store: Store, partial: Path, meta: Meta) -> None:
+    os.fsync(fd)
+    store.publish(partial, meta)
+
+
+async def _write_at(
+    executor: DiskExecutor, fd: int, data: bytes, offset: int, digest: HASH
+) -> None:
+    """`_write_hashed` on the cache's threads. Cancelled meanwhile (a fill being stopped), it
+    returns only once the write is over: the caller closes `fd` next, and a descriptor closed
+    under a write in flight could be reused by another file by the time the write runs."""
+    write = executor.submit(_write_hashed, fd, data, offset, digest)
     try:
         await asyncio.shield(write)
     except asyncio.CancelledError:

@@ -1,10 +1,16 @@
 """The Hub's LFS files in the cache, keyed by their sha256.
 
 On an `hf` route with the cache on, a GET or HEAD of `<repo>/resolve/<rev>/<file>` first asks
-the Hub, without following its redirect, for the file's metadata (a HEAD with the client's own
-headers, credentials included where the route forwards them). That is done for every client
-request, so the answer follows the Hub: a branch that moves names new bytes, and a client the
-Hub refuses gets the Hub's refusal, whatever is stored.
+the Hub, without following its redirect, for the file's metadata (a HEAD carrying the client's
+credentials where the route forwards them). That is done for every client request, so the
+answer follows the Hub: a branch that moves names new bytes, and a client the Hub refuses gets
+the Hub's refusal, whatever is stored.
+
+Of that per-client answer, what is shared is the sha256 (the key) and the Location (the source
+of the one fill every client of that sha256 joins); the metadata headers are each answer's
+own. So the HEAD, like the fill, carries nothing else of the client (no X-Forwarded-*, request
+id, User-Agent, Accept): a Hub that builds its Location from them would send every client's
+fill where one client said. The bytes are checked against the sha256 before they are stored.
 
 When the answer (a redirect to the CDN, or the Hub's own 200) carries an `X-Linked-Etag` that
 is a sha256, the bytes are content-addressed: stored under the route prefix and that digest
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 
 import httpx
 from starlette.responses import Response
@@ -37,22 +42,11 @@ from relay.net.routing import Target
 from relay.net.upstream import Upstream
 from relay.proxy.admission import StreamLimiter, hand_over
 from relay.proxy.exchange import exchange_of
+from relay.proxy.headers import shared_request_headers
 from relay.proxy.send_watch import ClientWatch
+from relay.proxy.streaming import Relayed
 from relay.types import RawHeaders, Receive, Scope, Send
 
-# Request headers the metadata request and the fill never carry: the client's own range and
-# conditionals are answered from the stored object; the fill asks for the bytes as stored.
-_NOT_UPSTREAM = frozenset(
-    {
-        "range",
-        "if-range",
-        "if-none-match",
-        "if-modified-since",
-        "if-match",
-        "if-unmodified-since",
-        "accept-encoding",
-    }
-)
 _PURGE_PATH = re.compile(r"sha256/([0-9a-fA-F]{64})")
 _METADATA_NAMES = frozenset(name.encode() for name in HF_METADATA_HEADERS)
 
@@ -84,9 +78,8 @@ class HubResponse(Response):
         *,
         method: str,
         target: Target,
-        headers: list[tuple[str, str]],
-        client_headers: httpx.Headers,
-        fallback: Callable[[], Response],
+        client_headers: RawHeaders,
+        fallback: Relayed,
         limiter: StreamLimiter,
         client: str | None,
         send_timeout: float,
@@ -96,10 +89,11 @@ class HubResponse(Response):
         self._method = method
         self._target = target
         self._route: Route = target.route
-        self._hub_headers = [
-            (name, value) for name, value in headers if name.lower() not in _NOT_UPSTREAM
-        ]
-        self._client_headers = client_headers
+        # The client's own range and conditionals are answered from the stored object.
+        self._hub_headers = shared_request_headers(
+            self._route, accept_encoding="identity", client_headers=client_headers
+        )
+        self._client_headers = httpx.Headers(client_headers)
         self._fallback = fallback
         self._limiter = limiter
         self._client = client
@@ -202,8 +196,9 @@ class HubFile:
             await asyncio.shield(response.aclose())
 
     def fill_request(self) -> httpx.Request:
-        """The GET of the bytes: the Location (or the Hub URL), credentials only where
-        `Upstream.redirected` kept them, asked for as stored (identity)."""
+        """The GET of the bytes: the Location (or the Hub URL) with the metadata request's
+        headers (relay's identity, credentials only where `Upstream.redirected` kept them),
+        asked for as stored (identity)."""
         headers = [
             (name, value)
             for name, value in self._source.headers.multi_items()

@@ -130,6 +130,15 @@ _REVALIDATED = Plan(
     Step.REVALIDATED, cache_status(hit=False, fwd="stale", fwd_status=304), outcome="revalidated"
 )
 _EXPIRED = Plan(Step.FORWARD, cache_status(hit=False, fwd="stale"), outcome="expired")
+
+
+def fill_status(planned: str, *, stored: bool, fwd_status: int) -> str:
+    """Cache-Status of an answer from a fill (`planned`: the plan's, e.g. `fwd=miss`): it
+    says `stored` (only once the fill published the object: `MISS`), or the status the
+    upstream answered when the answer is known not to be stored."""
+    return planned + ("; stored" if stored else f"; fwd-status={fwd_status}")
+
+
 _PASS = Plan(Step.PASS)
 
 
@@ -165,8 +174,9 @@ MISS = Plan(Step.MISS, cache_status(hit=False, fwd="miss"), outcome="miss")
 
 def for_absent(*, method: str, ranged: bool, filling: bool, passing: bool, sliced: bool) -> Plan:
     """No stored response. `filling`: a fill of the object is in flight (joined whatever the
-    request); `passing`: a recent answer for the key was not storable; `sliced`: the object
-    has slices (stored or being filled)."""
+    request); `passing`: a recent answer for the key could be neither stored nor shared
+    (`relay.cache.cache.PASS_SECONDS`), so each client is relayed; `sliced`: the object has
+    slices (stored or being filled)."""
     if not filling:
         if passing:
             return _PASS  # ranges too: a range of an object that may not be stored is relayed

@@ -39,11 +39,17 @@ def directives(values: Iterable[str]) -> dict[str, str]:
     return out
 
 
+#: The largest delta-seconds a cache counts (RFC 9111 1.2.2): a larger value means this.
+DELTA_SECONDS_MAX = 2.0**31
+
+
 def _seconds(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    return float(value) if value.isascii() and value.isdigit() else None
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return min(float(value), DELTA_SECONDS_MAX)  # float() of 309+ digits is inf
 
 
 def response_directives(headers: httpx.Headers) -> dict[str, str]:
@@ -65,6 +71,13 @@ def not_storable(status: int, headers: httpx.Headers) -> str | None:
     if "content-range" in headers:
         return "content-range on a 200"
     return None
+
+
+def for_one_client(headers: httpx.Headers) -> bool:
+    """Whether a response is meant for one client: `private` (RFC 9111 5.2.2.7) or one setting
+    a cookie. A shared cache neither stores it nor hands it to another client waiting on the
+    same upstream request (Varnish's hit-for-pass)."""
+    return "private" in response_directives(headers) or "set-cookie" in headers
 
 
 def vary_of(headers: httpx.Headers) -> str | None:

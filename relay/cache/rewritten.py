@@ -20,11 +20,10 @@ import httpx
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
-from relay.cache.key import index_key
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.http.validators import none_match
-from relay.net.presets import index_accept, is_immutable, is_index_type, rewrites
+from relay.net.presets import is_immutable, is_index_type, rewrites
 from relay.net.routing import RouteTable
 from relay.proxy.exchange import exchange_of
 from relay.proxy.rewrite import (
@@ -34,6 +33,7 @@ from relay.proxy.rewrite import (
     rewrite_pairs,
     rewritten_etag,
 )
+from relay.proxy.streaming import Relayed
 from relay.types import ZERO_COPY_SEND, Message, Receive, Scope, Send
 
 # The client's own request headers that do not apply to a rewritten page: its ranges (relay's
@@ -54,25 +54,27 @@ def caches_as_index(route: Route, rest: str) -> bool:
 class RewrittenIndex(Response):
     """Answers a GET or HEAD of a preset route's index page from the cache, rewritten.
 
-    `make` builds the CachedResponse (with this module's key, variant, client headers and
-    fallback); relayed answers (the fallback) are already rewritten by the relayed path and
-    pass through untouched."""
+    `make` builds the CachedResponse (with `key`, the page's `index_key`, and this module's
+    variant, client headers and fallback); relayed answers (the fallback) are already
+    rewritten by the relayed path and pass through untouched. The stored page is the
+    upstream's answer to the fill's request, which carries none of this request's headers:
+    only its way out depends on this request's public base."""
 
     def __init__(
         self,
         make: Callable[..., CachedResponse],
         *,
         cache: Cache,
-        base: str,
+        key: str,
         route: Route,
         routes: RouteTable,
         request_headers: Sequence[tuple[str, str]],
         client_headers: httpx.Headers,
-        fallback: Callable[[], Response],
+        fallback: Relayed,
     ) -> None:
         self._make = make
         self._cache = cache
-        self._key = index_key(base, index_accept(route, client_headers.get("accept")))
+        self._key = key
         self._route = route
         self._routes = routes
         self._public = public_base(request_headers)
@@ -85,9 +87,9 @@ class RewrittenIndex(Response):
         """Body bytes sent once rewritten (the stored page's count is not what went out)."""
         self.status_code = 0
 
-    def _relay(self) -> Response:
+    def _relay(self, opened: httpx.Response | None = None) -> Response:
         self._relayed = True
-        return self._fallback()
+        return self._fallback(opened)
 
     def _cache_request_headers(self) -> httpx.Headers:
         """The client's headers as the cache is to see them: no ranges; an If-None-Match with

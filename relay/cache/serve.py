@@ -20,6 +20,7 @@ from relay.cache import plan
 from relay.cache.cache import Cache
 from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
 from relay.cache.fill import Fill, Holds
+from relay.cache.index import Entry
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer
 from relay.cache.slice_answer import SlicedAnswer
@@ -28,6 +29,7 @@ from relay.errors import error_response
 from relay.proxy.admission import StreamLimiter, hand_over
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.send_watch import ClientWatch
+from relay.proxy.streaming import Relayed
 from relay.types import RESET_KEY, ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
 # Client headers that make a stored 200 answer something other than the whole object.
@@ -48,7 +50,7 @@ class CachedResponse(Response):
         route: Route,
         request: Callable[[], httpx.Request],
         client_headers: httpx.Headers,
-        fallback: Callable[[], Response],
+        fallback: Relayed,
         limiter: StreamLimiter,
         client: str | None,
         send_timeout: float,
@@ -152,8 +154,8 @@ class CachedResponse(Response):
             return False
         cache = self._cache
         entry = cache.lookup(asked.base, asked.variant)
-        if entry is None:
-            return False
+        if entry is None or not entry.verified:
+            return False  # unverified: `_answer` checks it first
         hit = parsed(entry)
         meta = hit.meta
         age = plan.age_of(meta, cache.clock.now())
@@ -209,12 +211,28 @@ class CachedResponse(Response):
         return True
 
     async def _answer(self, out: Delivery) -> Response | None:
-        """Answer as the plan says; the relayed response when the cache does not take it."""
+        """Answer as the plan says; the relayed response when the cache does not take it. The
+        stored version looked up is pinned until the answer is over: its bytes stay those its
+        head describes whatever is published, evicted or purged meanwhile."""
+        cache = self._cache
+        entry = cache.lookup(self._asked.base, self._asked.variant)
+        with cache.pinned(entry):
+            return await self._answer_from(out, entry)
+
+    async def _answer_from(self, out: Delivery, entry: Entry | None) -> Response | None:
         asked = self._asked
         cache = self._cache
-        entry = cache.lookup(asked.base, asked.variant)
         if entry is not None and asked.sha256 is not None and entry.meta.sha256 != asked.sha256:
             cache.drop(entry.key)  # never expected: stored only once verified against its key
+            entry = None
+        # Bytes not trusted yet (loaded with a known digest): only a whole answer from byte 0
+        # hashes as it sends; another waits for the object's check, a miss if it dropped it.
+        if (
+            entry is not None
+            and not entry.verified
+            and not self._whole_from_start(entry)
+            and not await cache.verifier.entry(entry)
+        ):
             entry = None
         if entry is not None:
             now = cache.clock.now()
@@ -257,11 +275,11 @@ class CachedResponse(Response):
                 if then.step is Step.REVALIDATED:
                     assert fill.refreshed is not None
                     out.upstream(fill)
-                    await out.from_file(pinned, fill.refreshed, then)
+                    await out.from_file(pinned, fill.refreshed, then, entry=entry)
                     return None
                 if then.step is Step.STALE_IF_ERROR:
                     out.upstream(fill)
-                    await out.from_file(pinned, entry.meta, then)
+                    await out.from_file(pinned, entry.meta, then, entry=entry)
                     return None
             finally:
                 if pinned is not None:
@@ -296,18 +314,29 @@ class CachedResponse(Response):
         )
         return await self._from_fill(out, fill, absent)
 
-    async def _from_fill(self, out: Delivery, fill: Fill, report: plan.Plan) -> Response | None:
+    def _whole_from_start(self, entry: Entry) -> bool:
+        """Whether the answer from `entry` is its whole body from byte 0 (a GET's 200)."""
         asked = self._asked
+        if asked.method != "GET":
+            return False
+        headers = parsed(entry).headers
+        return answer(asked.client_headers, headers, entry.meta.length).status == 200
+
+    async def _from_fill(self, out: Delivery, fill: Fill, report: plan.Plan) -> Response | None:
+        """Answer from `fill` (held since this response joined it, so its body stays readable):
+        whatever the upstream said, where that answer is this client's too (`Fill.claim`); an
+        answer the fill could not hold, relayed from its open response if this client takes it
+        (`Fill.take_response`); else the relayed response."""
         await fill.headers_ready.wait()
         if fill.error is not None:
             await out.upstream_error(fill.error)
             return None
+        if self._asked.method == "GET" and "range" not in self._asked.client_headers:
+            opened = fill.take_response(self._asked.variant)
+            if opened is not None:
+                return self._fallback(opened)
         meta = fill.meta
-        if (
-            meta is None
-            or fill.failed is not None
-            or (meta.vary and meta.extra.get("variant") != asked.variant)
-        ):
+        if meta is None or not fill.claim(self._asked.variant):
             return self._fallback()
         if not await out.from_fill(fill, meta, report):
             return self._fallback()

@@ -56,6 +56,9 @@ class SlicedAnswer:
             return False  # suffix or multiple ranges: relayed
         cache = self._cache
         out = self._out
+        # Slices not trusted yet (loaded with a known digest): a range waits for their check
+        # (what it drops is then fetched again).
+        await cache.verifier.sliced(cache.storage_key(self._asked.base, self._asked.variant))
         size = cache.config.cache_slice_bytes
         start = int(match.group(1))
         last = int(match.group(2)) if match.group(2) else None
@@ -88,7 +91,9 @@ class SlicedAnswer:
         relayed). A HEAD is answered only from a stored, fresh slice 0."""
         cache = self._cache
         out = self._out
+        storage = cache.storage_key(self._asked.base, self._asked.variant)
         if self._asked.method != "GET":
+            await cache.verifier.sliced(storage)  # a HEAD waits for their check
             entry = self._slices.entry(self._asked.base, self._asked.variant, 0)
             if entry is None or not plan.freshness_of(entry.meta, cache.clock.now()).fresh:
                 return False
@@ -113,6 +118,11 @@ class SlicedAnswer:
         if reply.status in (200, 206) and self._asked.method == "GET":
             index = reply.start // size
             current = first if index == 0 else None
+            if reply.status == 200:
+                # Unverified slices are checked while this is sent; its last byte waits.
+                self._slices.verify(storage)
+            else:
+                await cache.verifier.sliced(storage)
             await self._stream(index, current, reply.start, reply.stop)
         else:
             await out.end()
@@ -139,6 +149,10 @@ class SlicedAnswer:
         mismatches = cache.stats.digest_mismatches
         while position < stop:
             if current is None:
+                if self._refuted(used, mismatches):
+                    # The digest check of the object (its read-ahead slices completed it)
+                    # dropped the slices already sent: nothing more to fetch or store.
+                    out.abort("the object's slices do not match its digest")
                 current = await self._slice(index, validator)
             if current is None or (
                 total is not None
@@ -153,7 +167,7 @@ class SlicedAnswer:
             if offset + size < stop:
                 self._read_ahead(index + 1, validator)
             end = min(stop, offset + slice_meta.length)
-            if whole and end == stop == total and "repr-sha256" in slice_meta.extra:
+            if whole and end == stop == total and self._checked(slice_meta, used):
                 # The whole object's last byte waits for its digest check (run once every
                 # slice is stored): bytes the digest refutes never end cleanly.
                 if end - 1 > position:
@@ -183,6 +197,11 @@ class SlicedAnswer:
             current = None
         await out.end()
 
+    def _checked(self, meta: Meta, used: list[Entry]) -> bool:
+        """Whether a whole answer's last byte waits for a check of the object's slices: its
+        whole-object digest, or slices it was made of that were not verified."""
+        return "repr-sha256" in meta.extra or any(not e.verified for e in used)
+
     def _report(self, source: Entry | Fill, meta: Meta, *, complete: bool = True) -> plan.Plan:
         """What the answer is, from where its first slice comes (a hit only if stored, and
         `complete`: no other slice it needs is missing): counted, and its upstream response
@@ -203,6 +222,14 @@ class SlicedAnswer:
         if via is not None:
             out.upstream(via)
         return report
+
+    def _refuted(self, used: list[Entry], mismatches: int) -> bool:
+        """Slices this answer sent are gone, with a digest mismatch counted since it began
+        (`mismatches`: the count then): the object's bytes were refuted."""
+        cache = self._cache
+        return cache.stats.digest_mismatches != mismatches and any(
+            cache.index.peek(entry.key) is not entry for entry in used
+        )
 
     def _read_ahead(self, index: int, validator: str | None) -> None:
         """Start the fill of slice `index` (if neither stored nor in flight), as background
@@ -310,7 +337,8 @@ class SlicedAnswer:
         if fill is not None:
             fill.attach()
         try:
-            await self._out.stream(fd, start, stop, fill, end=False)
+            entry = source if isinstance(source, Entry) else None
+            await self._out.stream(fd, start, stop, fill, end=False, entry=entry)
         finally:
             if fill is not None:
                 fill.detach()

@@ -21,7 +21,6 @@ import httpx
 from relay.cache.bounded import LruSet, hints_bound
 from relay.cache.fill import Fill
 from relay.cache.index import Entry, Index
-from relay.cache.integrity import sha256_of_files
 from relay.cache.key import SLICE_MARK, path_of, slice_key
 from relay.cache.policy import conditional_headers
 from relay.cache.store import Meta
@@ -45,16 +44,19 @@ class Slices:
         makes a whole GET of that object a whole fill."""
         self.revalidations: dict[str, Fill] = {}
         """Storage key -> the one conditional request refreshing that object's slices."""
-        self.verifying: dict[str, asyncio.Task[None]] = {}
-        """Storage key -> the check of a complete sliced object's digest, while it runs."""
+        self.unverified: set[str] = set()
+        """Storage keys of objects that may have unverified slices (loaded with a known
+        digest, or complete and not yet checked against the whole-object digest): a hint
+        that spares answers a scan of the index; `relay.cache.integrity` prunes it."""
 
     def load(self, index: Index) -> None:
         """The hints of the objects whose slices are stored (at startup)."""
-        self.sliced.update(
-            entry.key.rsplit(SLICE_MARK, 1)[0]
-            for entry in index.entries()
-            if SLICE_MARK in entry.key
-        )
+        for entry in index.entries():
+            if SLICE_MARK in entry.key:
+                storage = entry.key.rsplit(SLICE_MARK, 1)[0]
+                self.sliced.add(storage)
+                if not entry.verified:
+                    self.unverified.add(storage)
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -122,10 +124,11 @@ class Slices:
         self.sliced.add(fill.object_key)
         self._verify_when_complete(fill.object_key, meta)
 
-    def refreshed(self, fill: Fill, entry: Entry, meta: Meta) -> None:
+    def refreshed(self, fill: Fill, entry: Entry, meta: Meta) -> list[Entry]:
         """A 304 for one slice (`entry`, refreshed to `meta`) is a 304 for the object: every
-        slice of it is fresh again."""
-        store = self._cache.store
+        slice of it is fresh again. The other slices refreshed (their meta is written to disk
+        by the caller, all in one job)."""
+        refreshed = []
         for other in self.of(fill.object_key):
             if other is entry or other.meta.validator != meta.validator:
                 continue
@@ -136,7 +139,9 @@ class Slices:
                 initial_age=meta.initial_age,
                 lifetime=meta.lifetime,
             )
-            store.rewrite_meta(other)
+            self._cache.index.recount(other, self._cache.store.cost(other.meta, other.data))
+            refreshed.append(other)
+        return refreshed
 
     def replaced(self, fill: Fill) -> None:
         """A conditional request for a stale slice was answered with a body: the object's
@@ -184,61 +189,56 @@ class Slices:
 
     # ---- digests of sliced objects ------------------------------------------------------
 
-    def _verify_when_complete(self, storage: str, meta: Meta) -> None:
-        """Once every slice of an object whose upstream announced a whole-object SHA-256 is
-        stored (one version), hash them in order off the loop; a mismatch drops them all."""
+    def complete(self, storage: str) -> list[Entry] | None:
+        """Every slice of the object, in order, if all are stored as one version carrying a
+        whole-object SHA-256 (`extra["repr-sha256"]`); else None."""
         cache = self._cache
-        expected = meta.extra.get("repr-sha256")
-        total = int(meta.extra.get("total", "0"))
+        first = cache.index.peek(slice_key(storage, 0))
+        if first is None:
+            return None
+        expected = first.meta.extra.get("repr-sha256")
+        total = int(first.meta.extra.get("total", "0"))
         size = cache.config.cache_slice_bytes
         if not expected or total <= 0:
-            return
+            return None
         entries: list[Entry] = []
         for index in range((total + size - 1) // size):
             entry = cache.index.peek(slice_key(storage, index))
             if (
                 entry is None
-                or entry.meta.validator != meta.validator
+                or entry.meta.validator != first.meta.validator
                 or entry.meta.extra.get("repr-sha256") != expected
             ):
-                return
+                return None
             entries.append(entry)
-        task = asyncio.create_task(
-            self._verify(storage, entries, expected), name=f"cache verify {storage[:80]}"
-        )
-        cache.tasks.add(task)
-        task.add_done_callback(cache.tasks.discard)
-        self.verifying[storage] = task
-        task.add_done_callback(
-            lambda done: (
-                self.verifying.pop(storage, None) if self.verifying.get(storage) is done else None
+        return entries
+
+    def _verify_when_complete(self, storage: str, meta: Meta) -> None:
+        """Once every slice of an object whose upstream announced a whole-object SHA-256 is
+        stored (one version), they are unverified until hashed in order (started now, off the
+        loop); a mismatch drops them all."""
+        complete = self.complete(storage)
+        if complete is None or complete[-1].meta.validator != meta.validator:
+            return
+        for entry in complete:
+            entry.verified = False
+        self.unverified.add(storage)
+        self.verify(storage)
+
+    def verify(self, storage: str) -> None:
+        """Start the check of the object's unverified slices (if any, and none runs)."""
+        if storage in self.unverified:
+            task = asyncio.create_task(
+                self._cache.verifier.sliced(storage), name=f"cache verify {storage[:80]}"
             )
-        )
+            cache = self._cache
+            cache.tasks.add(task)
+            task.add_done_callback(cache.tasks.discard)
 
     async def verified(self, base: str, variant: str, entries: list[Entry]) -> bool:
-        """Wait for the digest check of this object's slices, if one runs; whether `entries`
-        (the slices an answer was made of) are all still stored (a mismatch drops them)."""
+        """Wait for the check of this object's unverified slices (joined, or started);
+        whether `entries` (the slices an answer was made of) are all still stored (a mismatch
+        drops them)."""
         cache = self._cache
-        task = self.verifying.get(cache.storage_key(base, variant))
-        if task is not None:
-            await asyncio.wait({task})
+        await cache.verifier.sliced(cache.storage_key(base, variant))
         return all(cache.index.peek(entry.key) is entry for entry in entries)
-
-    async def _verify(self, storage: str, entries: list[Entry], expected: str) -> None:
-        cache = self._cache
-        actual = await sha256_of_files([cache.store.data_path(e) for e in entries])
-        if actual is None:
-            return  # a slice was evicted or purged meanwhile, or relay is stopping
-        if actual == expected:
-            logger.info("cache: sliced object verified (%s)", entries[0].meta.url)
-            return
-        if any(cache.index.peek(e.key) is not e for e in entries):
-            return  # replaced meanwhile: the new version is judged when it is complete
-        cache.stats.digest_mismatches += 1
-        self.drop_object(storage)
-        logger.warning(
-            "cache: slices of %s hash to %s, not the announced %s: dropped",
-            entries[0].meta.url,
-            actual,
-            expected,
-        )

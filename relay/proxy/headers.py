@@ -123,6 +123,43 @@ def upstream_request_headers(
     return out
 
 
+def shared_request_headers(
+    route: Route,
+    *,
+    accept_encoding: str,
+    accept: str = "",
+    client_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> list[tuple[str, str]]:
+    """The headers of an upstream request whose answer serves more than one client (a cache
+    fill, its revalidation, a prefetch, the Hub's metadata request naming a shared object).
+
+    Built from what the cache key holds and nothing a client chose: `accept_encoding` (the
+    key's encoding variant), `accept` (an index page's negotiated form, "" for none), the
+    route's own credential and relay's fixed identity (User-Agent, Via). No client's
+    X-Forwarded-*, request id, User-Agent, Via or Cache-Control reaches it: an upstream that
+    builds links or redirects from them (devpi, Nexus and many app servers do) would hand
+    one client's host to every client of the shared answer. `client_headers`: read only for
+    the client's own Authorization and Cookie, where the route forwards them (the Hub's
+    metadata request, whose answer is the asking client's).
+    """
+    out = [("accept-encoding", accept_encoding), ("user-agent", USER_AGENT)]
+    if accept:
+        out.append(("accept", accept))
+    out.append(("via", VIA.decode("latin-1")))
+    if route.forward_client_auth:
+        headers = list(client_headers)
+        named = connection_tokens(headers)
+        credential_name = route.auth_header.lower().encode() if route.credential else None
+        for raw_name, raw_value in headers:
+            name = raw_name.lower()
+            if name in CLIENT_CREDENTIAL_HEADERS and name not in named and name != credential_name:
+                _check_ascii(name, raw_value)
+                out.append((name.decode("latin-1"), raw_value.decode("latin-1")))
+    if route.credential:
+        out.append((route.auth_header, route.credential))
+    return out
+
+
 def _check_ascii(name: bytes, value: bytes) -> None:
     """Refuse a value with bytes >= 0x80 (RFC 9110 obs-text) in a header relay forwards.
 

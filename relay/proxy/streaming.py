@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 import httpx
 from starlette.responses import Response
@@ -45,11 +46,20 @@ logger = logging.getLogger(__name__)
 WATCH_AFTER = 0.05
 
 
+class Relayed(Protocol):
+    """Builds a request's relayed response; with `opened`, one relaying that upstream response
+    (already open, now the response's to close) instead of sending the request."""
+
+    def __call__(self, opened: httpx.Response | None = None) -> Response: ...
+
+
 class RelayResponse(Response):
     """Relays one upstream response. Takes a slot of the stream limiter when called (or is
     handed the slot of a request already admitted: `take_slot`) and gives it back in its own
     `finally`, whatever happens in between (building the upstream request included): no path
-    can keep a slot."""
+    can keep a slot. `opened`: an upstream response someone else opened for this request (a
+    cache fill whose answer the cache does not keep) and handed over: this response owns it
+    from construction and closes it on every path."""
 
     def __init__(
         self,
@@ -62,6 +72,7 @@ class RelayResponse(Response):
         limiter: StreamLimiter,
         client: str | None,
         config: Config,
+        opened: httpx.Response | None = None,
     ) -> None:
         # Response.__init__ would render a body; this response streams one instead. Nothing of
         # Starlette reads a response it did not build but calls it (its ASGI `__call__`,
@@ -78,7 +89,7 @@ class RelayResponse(Response):
         self._watchdog = SendWatchdog(
             config.send_timeout, config.min_send_rate, config.min_rate_window
         )
-        self._response: httpx.Response | None = None
+        self._response: httpx.Response | None = opened
         self._preset: Preset | None = None
         self._active = True
         self._client_gone = False
@@ -94,22 +105,28 @@ class RelayResponse(Response):
         self._slot_held = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._slot_held:
-            refusal = self._limiter.acquire(self._client)
-            if refusal is not None:
-                exchange_of(scope).outcome = "rejected"
-                await error_response(refusal)(scope, receive, send)
-                return
         try:
-            request = self._upstream.build_request(
-                self._method,
-                self._upstream.url_for(self._target),
-                self._request_headers,
-                self._route,
-            )
-            await self._run(scope, receive, send, request)
+            if not self._slot_held:
+                refusal = self._limiter.acquire(self._client)
+                if refusal is not None:
+                    exchange_of(scope).outcome = "rejected"
+                    await error_response(refusal)(scope, receive, send)
+                    return
+            try:
+                if self._response is not None:
+                    request = self._response.request
+                else:
+                    request = self._upstream.build_request(
+                        self._method,
+                        self._upstream.url_for(self._target),
+                        self._request_headers,
+                        self._route,
+                    )
+                await self._run(scope, receive, send, request)
+            finally:
+                self._limiter.release(self._client)
         finally:
-            self._limiter.release(self._client)
+            await self._close()  # a handed-over response this did not get to relay
 
     async def _run(
         self, scope: Scope, receive: Receive, send: Send, request: httpx.Request
@@ -176,8 +193,11 @@ class RelayResponse(Response):
     ) -> None:
         exchange = self._exchange
         sent_at = time.monotonic()
+        opened = self._response is not None
         try:
-            response = self._response = await self._upstream.open(request, self._route)
+            if self._response is None:
+                self._response = await self._upstream.open(request, self._route)
+            response = self._response
             preset = self._preset = Preset.open(
                 self._route, response, self._routes, self._request_headers
             )
@@ -188,7 +208,8 @@ class RelayResponse(Response):
             self.status_code = reply.status_code
             await reply(scope, receive, send)
             return
-        exchange.upstream_ttfb = time.monotonic() - sent_at
+        if not opened:
+            exchange.upstream_ttfb = time.monotonic() - sent_at
         exchange.pool_wait = request.extensions.get(POOL_WAIT)
         status = self.status_code = exchange.upstream_status = response.status_code
         headers = downstream_response_headers(response.headers.raw, status)
@@ -197,7 +218,7 @@ class RelayResponse(Response):
         if preset is not None:
             headers = preset.headers(headers)
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        if request.method == "HEAD" or status in BODYLESS_STATUSES:
+        if self._method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._stream_body(response, send)

@@ -86,7 +86,7 @@ class Relay:
         # it does (building the upstream request included).
         upstream: Upstream = scope["state"]["upstream"]
 
-        def relayed() -> Response:
+        def relayed(opened: httpx.Response | None = None) -> Response:
             return RelayResponse(
                 upstream,
                 scope["method"],
@@ -96,6 +96,7 @@ class Relay:
                 limiter=self.limiter,
                 client=forwarded.client,
                 config=self._config,
+                opened=opened,
             )
 
         cache: Cache | None = scope["state"].get("cache")

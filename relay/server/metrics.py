@@ -302,7 +302,8 @@ _CACHE_COUNTERS = (
     ("evictions", "Cached objects evicted to stay under cache_max_bytes."),
     (
         "digest_mismatches",
-        "Filled objects dropped because they did not match the upstream's digest.",
+        "Objects dropped because their bytes did not match their digest (a fill, or stored "
+        "bytes checked after a restart, by a scrub or as they were answered).",
     ),
     ("fills_failed", "Cache fills that failed (upstream, disk, no client) and stored nothing."),
     (
@@ -331,12 +332,15 @@ class _CacheCollector(Collector):
                 f"relay_cache_{name}", help_text, value=getattr(cache.stats, name)
             )
         yield GaugeMetricFamily(
-            "relay_cache_size_bytes", "Bytes of complete cached objects.", value=cache.index.stored
+            "relay_cache_size_bytes",
+            "Disk space the cache takes: stored objects' data and metadata files (rounded up "
+            "to the filesystem's block) and its directories.",
+            value=cache.index.on_disk,
         )
         yield GaugeMetricFamily(
             "relay_cache_max_bytes",
-            "The cache's budget (cache_max_bytes): eviction keeps stored and reserved bytes "
-            "under it.",
+            "The cache's budget (cache_max_bytes): eviction keeps the disk space it takes, "
+            "with what fills in flight reserved, under it.",
             value=cache.index.max_bytes,
         )
         yield GaugeMetricFamily(
@@ -359,6 +363,18 @@ class _CacheCollector(Collector):
             "cache_background_share of max_connections).",
             value=cache.background_limit,
         )
+        scrub = cache.scrub
+        yield GaugeMetricFamily(
+            "relay_cache_scrub_running",
+            "1 while the cache's background verification (at startup, or a scrub) runs.",
+            value=int(scrub.running),
+        )
+        for name, value, help_text in (
+            ("objects_checked", scrub.total_checked, "Objects the background check verified."),
+            ("bytes_hashed", scrub.total_bytes, "Bytes the background verification hashed."),
+            ("mismatches", scrub.total_mismatches, "Objects it found not matching their digest."),
+        ):
+            yield CounterMetricFamily(f"relay_cache_scrub_{name}", help_text, value=value)
 
 
 class _ActiveStreams(Collector):

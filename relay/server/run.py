@@ -23,6 +23,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from relay.cache.clock import Clock
 from relay.config import Config
 from relay.errors import StartupError
 from relay.server.app import create_app
@@ -424,9 +425,13 @@ def uvicorn_config(config: Config, app: Starlette) -> uvicorn.Config:
 
 
 def build_server(
-    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
+    config: Config,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock | None = None,
 ) -> RelayServer:
-    app = create_app(config, transport=transport)
+    """`clock`: the time the cache reads (tests: `relay.cache.clock.ManualClock`)."""
+    app = create_app(config, transport=transport, clock=clock)
     return RelayServer(
         uvicorn_config(config, app),
         readiness=app.state.readiness,

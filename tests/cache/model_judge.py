@@ -126,6 +126,11 @@ class Tamper:
     offset: int
     """Offset in the whole representation."""
     value: int
+    loaded: bool = False
+    """relay restarted since: it loaded the tampered file from disk. Only then must it never
+    serve the bytes cleanly (an object with a known digest is verified after a restart;
+    while relay runs, changed bytes under a verified object are a scrub's to find: hits are
+    sent zero-copy, not hashed)."""
 
 
 class Judge:
@@ -359,8 +364,14 @@ class Judge:
                 for t in self.tampered
                 if (t.pid, t.version, t.variant) == (out.pid, version.number, variant)
             }
+            loaded = any(
+                t.loaded
+                for t in self.tampered
+                if (t.pid, t.version, t.variant) == (out.pid, version.number, variant)
+                and t.offset - start in diffs
+            )
             if diffs and set(diffs) <= flips:
-                if spec.digest and out.completed:
+                if spec.digest and out.completed and loaded:
                     fail(
                         "tampered-digest-served",
                         f"{etag} (Repr-Digest known) ended cleanly with tampered bytes "

@@ -28,12 +28,12 @@ def _meta(etag: str, cache_control: str = "max-age=60") -> Meta:
 def test_parsed_is_kept_until_the_entry_meta_is_replaced(tmp_path: Path) -> None:
     """A refresh (a 304's new Meta put on the same Entry) or a new version is parsed again:
     hits never send the previous response's head."""
-    entry = Entry("k", tmp_path, _meta('"v1"'))
+    entry = Entry("k", tmp_path / "k.data", _meta('"v1"'))
     first = parsed(entry)
     assert parsed(entry) is first
     assert (b"etag", b'"v1"') in first.head
     assert first.head[-1] == (b"accept-ranges", b"bytes")
-    assert first.data == str(tmp_path / "data")
+    assert first.data == str(tmp_path / "k.data")
     assert not first.must_revalidate
     entry.meta = _meta('"v2"', "no-cache")
     second = parsed(entry)

@@ -9,6 +9,7 @@ objects."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -249,8 +250,15 @@ async def test_clients_waiting_on_a_revalidation_are_answered_after_their_entry_
         return _ok(V1, '"e1"', "no-cache")(request)
 
     clock = ManualClock()
+    # The disk budget counts blocks, records and directories (cache_dir, objects/, a bucket):
+    # room for f (a block of data, one of record) and a block to spare, not for f and g too.
+    directory = os.lstat(tmp_path).st_blocks * 512
+    block = max(512, os.statvfs(tmp_path).f_frsize)
     config = Config(
-        routes=ROUTES, cache_dir=str(tmp_path), cache_max_bytes=40, cache_max_object_bytes=40
+        routes=ROUTES,
+        cache_dir=str(tmp_path),
+        cache_max_bytes=3 * directory + 3 * block,
+        cache_max_object_bytes=40,
     )
     app = create_app(config, transport=httpx.MockTransport(handler), clock=clock)
 
@@ -268,7 +276,7 @@ async def test_clients_waiting_on_a_revalidation_are_answered_after_their_entry_
         if dropped_by == "purge":
             assert cache.purge_key(base_key("/o/", b"/o/f", b"")) == 1
         else:
-            assert (await get("/o/g")).body == b"x" * 30  # evicts f: 17 + 30 > 40 bytes
+            assert (await get("/o/g")).body == b"x" * 30  # evicts f: no room for both
         assert cache.lookup(base_key("/o/", b"/o/f", b""), "identity") is None
         answer.set()
         for client in await asyncio.gather(*waiting):

@@ -18,9 +18,9 @@ import pytest
 from relay.config import Route
 from tests.e2e.caching import MakeRelay, caching_relay
 from tests.e2e.caching import cache_metrics as _cache_metrics
+from tests.e2e.caching import hub_relay as _cached_relay
 from tests.e2e.caching import settled as _settled
 from tests.e2e.test_ecosystems_cache import JSON, PAGE, _pypi_relay
-from tests.e2e.test_hf_cache import _cached_relay
 from tests.ecosystems import Hub, PyPI
 from tests.harness import RelayThread, running_relay, wait_until
 from tests.origin import Origin

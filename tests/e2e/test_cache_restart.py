@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.caching import meta_files, partial_files
 from tests.e2e.test_process import RelayProcess
 from tests.harness import wait_until
 from tests.origin import Origin, expected_sha256
@@ -21,14 +22,14 @@ pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
 
 
-def _objects(root: Path) -> list[Path]:
-    """Object directories under cache_dir."""
-    return sorted(d for bucket in (root / "objects").iterdir() for d in bucket.iterdir())
+def _objects(root: Path) -> list[str]:
+    """The objects with files under cache_dir (the key digests their file names start with)."""
+    return sorted({p.name.split(".")[0] for p in (root / "objects").rglob("*") if p.is_file()})
 
 
 def _meta_of(root: Path, url_part: str, *, slice_: bool = False) -> list[Path]:
     found = []
-    for meta in (root / "objects").rglob("meta.json"):
+    for meta in meta_files(root):
         data = json.loads(meta.read_bytes())
         if url_part in data["url"] and ("total" in data["extra"]) == slice_:
             found.append(meta)
@@ -37,10 +38,12 @@ def _meta_of(root: Path, url_part: str, *, slice_: bool = False) -> list[Path]:
 
 def test_cache_sigkill_mid_fill_then_restart(origin: Origin, tmp_path: Path) -> None:
     """SIGKILL while a whole fill (8 MiB, rate-limited) and a slice fill (a Range of a 64 MiB
-    object) are running, and with an object caught between its data and its final meta: the
-    next process removes every partial file and incomplete object at startup, serves nothing
-    incomplete (a whole GET and a Range are exact misses, fetched again), and still hits the
-    objects completed before the kill."""
+    object) are running, with an object caught between its data and its record, and beside a
+    completed object the leftovers of earlier versions and fills (partial files of two fills,
+    an old version's data file without its record, an old version complete but superseded):
+    the next process removes every partial file, incomplete object and old version at
+    startup, serves nothing incomplete (a whole GET and a Range are exact misses, fetched
+    again), and still hits the newest version of the objects completed before the kill."""
     root = tmp_path / "cache"
     settings = {
         "cache_dir": str(root),
@@ -76,25 +79,38 @@ def test_cache_sigkill_mid_fill_then_restart(origin: Origin, tmp_path: Path) -> 
     finally:
         first.stop()
     assert len(_partials(root)) == 2  # what the killed process left
-    # The window between publishing the data and the final meta: data complete, meta not
-    # (store_files writes `complete: false` first). A kill cannot be timed into it, so the
-    # state is made by hand on a completed object.
+    # The window between publishing a version's data and writing its record. A kill cannot
+    # be timed into it, so the state is made by hand on a completed object.
     (meta,) = _meta_of(root, "/gen/256k")
-    meta.write_text(meta.read_text().replace('"complete":true', '"complete":false'))
-    # A refill of a stored object killed mid-way leaves its partial beside the stored data.
+    meta.unlink()
+    # Beside a completed object, what earlier fills and versions can leave: the partial files
+    # of two fills killed mid-way, the data file of an old version whose record was removed
+    # first, and a whole old version (its record says it was stored earlier) not yet removed.
     (done_meta,) = _meta_of(root, "/gen/1m")
-    (done_meta.parent / "data.partial").write_bytes(b"x" * 1000)
-    assert len(_objects(root)) == 4  # done, window, and the two killed fills' directories
+    digest = done_meta.name.split(".")[0]
+    bucket = done_meta.parent
+    for token in ("a" * 16, "b" * 16):
+        (bucket / f"{digest}.{token}.partial").write_bytes(b"x" * 1000)
+    (bucket / f"{digest}.{'c' * 16}.data").write_bytes(b"o" * MiB)
+    old = json.loads(done_meta.read_bytes())
+    old["stored_at"] -= 100
+    old["data"] = f"{digest}.{'d' * 16}.data"
+    (bucket / old["data"]).write_bytes(b"o" * MiB)
+    (bucket / f"{digest}.{'d' * 16}.meta").write_text(json.dumps(old))
+    assert len([p for p in bucket.iterdir() if p.name.startswith(digest + ".")]) == 7
+    newest = [done_meta.name, done_meta.with_suffix(".data").name]
+    assert len(_objects(root)) == 4  # done, window, and the two killed fills
 
     # The origin notices the killed process's connections are gone before counting anew.
     assert origin.wait_for(lambda o: o.open_connections == 0, timeout=20)
     origin.reset_stats()
     second = RelayProcess(origin, tmp_path, **settings).start()
     try:
-        # At startup: partial files and incomplete objects are gone; the completed one stays.
+        # At startup: partial files, incomplete objects and old versions are gone; the
+        # completed object's newest version stays.
         assert _partials(root) == []
-        (kept,) = _objects(root)
-        assert _meta_of(root, "/gen/1m") == [kept / "meta.json"]
+        assert _objects(root) == [digest]
+        assert sorted(p.name for p in bucket.iterdir()) == sorted(newest)
 
         hit = httpx.get(second.url + done, timeout=30)
         assert hit.headers["cache-status"].startswith("relay; hit")
@@ -133,7 +149,7 @@ def test_cache_sigkill_mid_fill_then_restart(origin: Origin, tmp_path: Path) -> 
 
 
 def _partials(root: Path) -> list[Path]:
-    return sorted((root / "objects").rglob("data.partial")) if (root / "objects").exists() else []
+    return partial_files(root)
 
 
 def _two_fills_under_way(root: Path) -> Callable[[], bool]:

@@ -17,7 +17,7 @@ import pytest
 
 from relay.cache.delivery import INLINE_READ
 from relay.server.run import RelayHttpToolsProtocol
-from tests.e2e.caching import MakeRelay, caching_relay
+from tests.e2e.caching import MakeRelay, caching_relay, stored_data
 from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.harness import RelayThread, abort_download, curl, wait_until
 from tests.origin import body_bytes, expected_sha256
@@ -270,7 +270,7 @@ def test_a_cached_file_cut_short_on_disk_aborts_the_transfer(
     size = 4 * MiB
     path = f"/o/gen/{size}?v=208"
     _warm(relay, path)
-    (data,) = list((tmp_path / "cache" / "objects").rglob("data"))
+    (data,) = stored_data(tmp_path / "cache")
     os.truncate(data, size // 2)
     before = _zero_copy(relay)
     code, _, length = curl(relay.url + path)

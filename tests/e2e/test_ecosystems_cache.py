@@ -19,6 +19,7 @@ import pytest
 
 from relay.config import Config, Route
 from relay.proxy.rewrite import rewritten_etag
+from tests.e2e.caching import stored_data
 from tests.e2e.test_ecosystems import _pip, _pypi_routes
 from tests.ecosystems import Npm, PyPI, sha256
 from tests.harness import relay_config, running_relay, wait_until
@@ -57,7 +58,7 @@ def _rewritten(pypi: PyPI, path: str, headers: dict[str, str], public: str) -> b
 
 
 def _stored(tmp_path: Path) -> list[Path]:
-    return list((tmp_path / "cache" / "objects").rglob("data"))
+    return stored_data(tmp_path / "cache")
 
 
 def test_pip_installs_twice_each_index_page_and_file_fetched_once(

@@ -204,3 +204,38 @@ async def test_a_body_done_in_one_chunk_needs_no_disconnect_watcher(
         await app(http_scope(state, "/o/big"), big.receive, big.send)
         assert big.completed
         assert started == [True]
+
+
+async def test_a_handed_over_response_is_closed_when_its_slot_is_refused() -> None:
+    """A RelayResponse given an open upstream response owns it from construction: refused a
+    stream slot, it still closes it."""
+    from relay.net.routing import RouteTable
+    from relay.net.upstream import Upstream
+    from relay.proxy.admission import StreamLimiter
+    from relay.proxy.streaming import RelayResponse
+
+    body = EndlessBody()
+    config = Config(routes=ROUTES)
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, stream=body))
+    ) as http:
+        opened = await http.send(httpx.Request("GET", "http://upstream.test/f"), stream=True)
+        routes = RouteTable(config.routes)
+        full = StreamLimiter(1)
+        assert full.acquire() is None
+        response = RelayResponse(
+            Upstream(http, config),
+            "GET",
+            routes.resolve(b"/o/f", b""),
+            [],
+            routes=routes,
+            limiter=full,
+            client=None,
+            config=config,
+            opened=opened,
+        )
+        client = Client()
+        await response(http_scope({}, "/o/f"), client.receive, client.send)
+    assert client.status == 503
+    assert body.closed
+    assert full.active == 1
