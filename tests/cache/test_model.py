@@ -73,8 +73,7 @@ from tests.fuzz.strategies import scaled
 # while a key is here, the rule or origin behaviour that triggers it is not generated (or, for
 # a check, its violations are reported as known, not failed). The lead removes a key as its fix
 # lands. RELAY_MODEL_KNOWN=1 generates and checks everything.
-KNOWN_BUGS: dict[str, str] = {
-}
+KNOWN_BUGS: dict[str, str] = {}
 CHECKS_KNOWN = {
     "one-request": "item-10",
     "herd": "item-15",
