@@ -123,20 +123,11 @@ class _OnDisk(CacheMachine):
     tmpfs = False
 
 
-#: A fixed bug's sequence that still shows another known bug (its check fails too): a strict
-#: xfail until that one is fixed as well. Item 4's tampered object, once found and dropped,
-#: leaves its directory empty (item 14's check).
-ALSO_SHOWS = {"item-4-digest": "item-14"}
-
-
 def _reproduction(key: str) -> Any:
     marks = []
-    blocking = key if known(key) else ALSO_SHOWS.get(key)
-    if blocking is not None and known(blocking):
+    if known(key):
         marks.append(
-            pytest.mark.xfail(
-                strict=key != "item-1", raises=AssertionError, reason=KNOWN_BUGS[blocking]
-            )
+            pytest.mark.xfail(strict=key != "item-1", raises=AssertionError, reason=KNOWN_BUGS[key])
         )
     return pytest.param(key, id=key, marks=marks)
 

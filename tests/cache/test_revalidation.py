@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from relay import Config, Route, create_app
+from relay.cache.cache import Cache
 from relay.cache.clock import ManualClock
 from relay.cache.key import base_key
 from tests.asgi import Client, http_scope, lifespan_state
@@ -180,6 +181,9 @@ async def test_a_304_that_forbids_sharing_stops_the_stored_object_being_served(
         later = await relay.get()
         assert b"cache-status" not in later.headers
         assert len(upstream.seen) == 4
+        cache = relay.state["cache"]
+        assert isinstance(cache, Cache)
+        await cache.disk.drain()  # files are removed on the cache's threads
         assert list(tmp_path.rglob("data")) == []
 
 
