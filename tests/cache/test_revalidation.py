@@ -184,7 +184,7 @@ async def test_a_304_that_forbids_sharing_stops_the_stored_object_being_served(
         cache = relay.state["cache"]
         assert isinstance(cache, Cache)
         await cache.disk.drain()  # files are removed on the cache's threads
-        assert list(tmp_path.rglob("data")) == []
+        assert list(tmp_path.rglob("*.data")) == []
 
 
 async def test_a_304_for_a_stale_slice_naming_another_version_replaces_the_slices(

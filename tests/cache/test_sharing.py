@@ -89,7 +89,7 @@ async def _relay(tmp_path: Path, upstream: Upstream, **settings: Any) -> AsyncIt
         relay = Relay(app, state, clock)
         yield relay
         assert relay.cache.fills == {}
-    assert not list(tmp_path.rglob("data.partial"))
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 async def _together(relay: Relay, upstream: Upstream, path: str, count: int) -> list[Client]:

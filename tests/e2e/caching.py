@@ -4,6 +4,7 @@ cache metrics, and waiting until it has settled."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import subprocess
 from collections.abc import Callable
@@ -85,7 +86,12 @@ def origin_gets(origin: Origin, path: str) -> list[str]:
 
 
 def _cache_files(root: Path, pattern: str) -> list[Path]:
-    return sorted((root / "objects").rglob(pattern)) if (root / "objects").exists() else []
+    """The files matching `pattern` under `root`/objects; directories the relay removes while
+    this walks them (a purge, an eviction) are skipped, not an error."""
+    found: list[Path] = []
+    for top, _dirs, names in os.walk(root / "objects"):
+        found.extend(Path(top) / n for n in names if fnmatch.fnmatch(n, pattern))
+    return sorted(found)
 
 
 def data_files(root: Path) -> list[Path]:
