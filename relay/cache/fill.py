@@ -64,8 +64,9 @@ from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries, content_length
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.ranges import parse_content_range
-from relay.http.resume import resume_request_headers
+from relay.http.resume import mark_continuation, resume_request_headers
 from relay.http.validators import resume_validator
+from relay.net.mirrors import pinned_sha256
 from relay.net.presets import is_index_type, linked_sha256
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable
@@ -253,6 +254,8 @@ class Fill:
         """The rest of an overflowed body while offered: its response is still the fill's own
         (`_response`) until a reader takes it."""
         self._continuation: Continuation | None = None
+        self._pinned: str | None = None
+        """The digest that lets a cut body continue from another mirror (`pinned_sha256`)."""
         self.refreshed: Meta | None = None
         self.superseded = False
         """The revalidation's 304 named another version: the stored response was dropped and
@@ -472,6 +475,7 @@ class Fill:
             resume_request_headers(plan, self._request, position),
             self._route,
         )
+        mark_continuation(request, None)
         try:
             response = await self._upstream.open(request, self._route)
         except UpstreamError:
@@ -869,6 +873,9 @@ class Fill:
             except httpx.HTTPError as exc:
                 if plan is None and self._resume_attempts:
                     plan = Continuation.for_response(first)
+                    if self.slice is None and first.status_code == 200:
+                        url, headers = first.request.url, first.headers
+                        self._pinned = pinned_sha256(self._route, url.path, headers, self.sha256)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
                 response = await self._resume(plan, response.request, retries)
@@ -900,12 +907,13 @@ class Fill:
                 resume_request_headers(plan, failed, self.written),
                 self._route,
             )
+            mark_continuation(request, self._pinned)
             try:
                 response = self._response = await self._open(request)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
             else:
-                verdict = plan.judge(response.status_code, response.headers, self.written)
+                verdict = plan.judge_answer(response, self.written)
                 if verdict.continues:
                     logger.info("cache fill resumed at %d bytes", self.written)
                     return response
@@ -920,7 +928,9 @@ class Fill:
         assert self.meta is not None
         whole = self.slice is None
         expected = (
-            (self.sha256 or upstream_sha256(headers) or linked_sha256(headers)) if whole else None
+            (self.sha256 or upstream_sha256(headers) or linked_sha256(headers) or self._pinned)
+            if whole
+            else None
         )
         if not whole:
             expected = self._content_sha256  # a slice's own bytes, when announced

@@ -15,6 +15,7 @@ after a body's first chunk or `WATCH_AFTER` into the exchange, so small response
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import Protocol
@@ -25,6 +26,7 @@ from starlette.responses import Response
 from relay.config import Config
 from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.http.continuation import content_length
+from relay.net.mirrors import pinned_sha256
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable, Target
 from relay.net.transports import POOL_WAIT, READ_PACE
@@ -226,6 +228,12 @@ class RelayResponse(Response):
     async def _stream_body(self, response: httpx.Response, send: Send) -> None:
         rewritten = self._preset is not None and self._preset.rewrites_body
         length = None if rewritten else content_length(response.headers)
+        # A whole body whose identity a digest pins may be continued from another mirror:
+        # hashed as it goes, its last chunk held until the digest is checked.
+        pinned = None
+        if length is not None and response.status_code == 200 and self._resume_attempts:
+            pinned = pinned_sha256(self._route, response.request.url.path, response.headers)
+        hashed = hashlib.sha256() if pinned is not None else None
         # Made when a body first fails (from the first response, which every continuation is
         # judged against): most bodies never need one.
         resumer: BodyResumer | None = None
@@ -241,6 +249,10 @@ class RelayResponse(Response):
                     raw = response.aiter_raw()
                     async for chunk in self._preset.body(raw) if self._preset else raw:
                         sent += len(chunk)
+                        if hashed is not None:
+                            hashed.update(chunk)
+                            if sent == length and hashed.hexdigest() != pinned:
+                                raise TransferAborted(f"the body does not match sha256 {pinned}")
                         watchdog.sent = sent
                         now = watchdog.sending_since = clock()
                         if pacer is not None:
@@ -266,6 +278,7 @@ class RelayResponse(Response):
                             self._route,
                             0 if rewritten else self._resume_attempts,
                             self._exchange,
+                            pinned,
                         )
                     response = self._response = await resumer.resume(response, sent, exc)
         finally:
