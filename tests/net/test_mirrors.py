@@ -205,7 +205,9 @@ def test_another_mirrors_206_continues_on_the_pinned_digest_not_its_validator() 
     assert verdict.next is Next.CHANGED
     # From another mirror without a pin: never appended, whatever its validator.
     same_etag = {"content-range": "bytes 10-99/100", "etag": '"a-1"'}
-    assert plan.judge_answer(_answer(same_etag, switched=True, pinned=None), 10).next is Next.CHANGED
+    assert (
+        plan.judge_answer(_answer(same_etag, switched=True, pinned=None), 10).next is Next.CHANGED
+    )
 
 
 def test_another_mirror_must_match_the_offset_total_and_announced_digest() -> None:
