@@ -50,9 +50,10 @@ to ``<base>/gen/1k``, or with ``redirect=1`` a 302 there (``cc`` replaces Cache-
 Any path: ``/p/<k=v&k2=v2>/<path>`` serves ``<path>`` with those parameters (before the
 query's): a base URL that carries faults, e.g. one mirror of several that dies mid-body;
 ``answer=<code>`` answers that status with a short body, ``gen=<size>`` serves
-``/gen/<size>`` for any path below (a digest-named path: ``.../blobs/sha256:<hex>``). ``hold=<name>`` makes the request wait, after being recorded, while
-``Origin.close_gate(name)`` holds it (before its response head), so a test knows every client
-arrived while that one upstream request was pending.
+``/gen/<size>`` for any path below (a digest-named path: ``.../blobs/sha256:<hex>``).
+``hold=<name>`` makes the request wait, after being recorded, while ``Origin.close_gate(name)``
+holds it (before its response head), so a test knows every client arrived while that one
+upstream request was pending.
 """
 
 from __future__ import annotations
