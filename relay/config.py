@@ -84,7 +84,7 @@ class Mirror:
         return urlsplit(self.url).netloc
 
 
-_PRESETS = ("", "pypi", "npm", "hf")
+_PRESETS = ("", "pypi", "npm", "hf", "debian")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,11 +183,12 @@ class Route:
     )
     preset: str = _key(
         "",
-        'a package-ecosystem preset: "pypi", "npm" or "hf" ("": none)',
+        'a package-ecosystem preset: "pypi", "npm", "hf" or "debian" ("": none)',
         '"pypi" and "npm" rewrite index pages and packuments so their file links point at '
         'relay\'s routes; "hf" (needs `redirects = "follow"`) keeps the Hub\'s file '
-        "metadata headers through redirects and withholds Xet's "
-        "([package mirrors](mirrors.md)). Without a preset, bytes are never changed.",
+        'metadata headers through redirects and withholds Xet\'s; "debian" caches `pool/` '
+        "and `by-hash/` files as immutable and revalidates the rest of `dists/` on every "
+        "request ([package mirrors](mirrors.md)). Without a preset, bytes are never changed.",
         choices=_PRESETS,
     )
     immutable: bool = _key(

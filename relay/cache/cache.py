@@ -45,7 +45,7 @@ from relay.cache.slices import Slices
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
-from relay.net.presets import is_immutable
+from relay.net.presets import is_immutable, revalidated
 from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
 
@@ -189,6 +189,7 @@ class Cache:
         fill = self.new_fill(key, variant, request, route, revalidating)
         fill.sha256 = sha256
         fill.immutable = is_immutable(route, path_of(base, route.prefix))
+        fill.revalidate = revalidated(route, path_of(base, route.prefix))
         self.start(fill, base)
         return fill
 

@@ -295,6 +295,8 @@ class Fill:
         self.immutable = False
         """The operator declared this file immutable (`is_immutable`): it stays fresh for at
         least a year unless the upstream says `no-cache`; an index page never is."""
+        self.revalidate = False
+        """A preset's metadata revalidated by every request (`revalidated`)."""
         self.slice: tuple[int, int, str | None] | None = None
         """A slice fill: (first byte, last byte, the validator it must carry or None)."""
         self.total: int | None = None
@@ -668,7 +670,9 @@ class Fill:
             length=length or 0,
             stored_at=received,
             initial_age=initial_age(headers, received, received),
-            lifetime=freshness_lifetime(headers, immutable=self._immutable(headers)),
+            lifetime=freshness_lifetime(
+                headers, immutable=self._immutable(headers), revalidate=self.revalidate
+            ),
             validator=resume_validator(headers) if status == 200 else None,
             vary=vary_of(policy) or "",
             status=status,
@@ -730,7 +734,9 @@ class Fill:
             stored_at=received,
             initial_age=initial_age(headers, received, received),
             lifetime=freshness_lifetime(
-                lifetime_headers, immutable=self._immutable(refreshed_headers)
+                lifetime_headers,
+                immutable=self._immutable(refreshed_headers),
+                revalidate=self.revalidate,
             ),
             validator=old.validator,
             sha256=old.sha256,
@@ -829,7 +835,9 @@ class Fill:
             length=length,
             stored_at=received,
             initial_age=initial_age(headers, received, received),
-            lifetime=freshness_lifetime(headers, immutable=self._immutable(headers)),
+            lifetime=freshness_lifetime(
+                headers, immutable=self._immutable(headers), revalidate=self.revalidate
+            ),
             validator=strong,
             vary=vary_of(headers) or "",
             extra={"total": str(parsed.total), "first": str(first)},
