@@ -9,6 +9,7 @@ by the origins' own request logs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 import time
@@ -446,3 +447,25 @@ def test_relay_fetch_mirror_on_not_found(origin: Origin, second: Origin, tmp_pat
     )
     assert fetch(options, Reporter(io.StringIO())) == expected_sha256(4096)
     assert asked(second, tag) == [None]
+
+
+def test_a_slice_fill_goes_on_to_the_next_mirror(
+    make_relay: Callable[..., RelayThread], origin: Origin, second: Origin, tmp_path: Path
+) -> None:
+    """A range of an object not stored is fetched as an aligned slice: from the next mirror
+    when the first has no such file."""
+    tag = uuid.uuid4().hex
+    relay = make_relay(
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=64 * MiB,
+        cache_slice_bytes=65536,
+        routes=(route(base(origin, "answer=404"), base(second)),),
+    )
+    response = httpx.get(
+        f"{relay.url}/m/gen/{MiB}?t={tag}", headers={"Range": "bytes=100000-100099"}
+    )
+    assert response.status_code == 206
+    assert hashlib.sha256(response.content).hexdigest() == expected_sha256(MiB, 100000, 100100)
+    assert asked(origin, tag) == ["bytes=65536-131071"]
+    assert asked(second, tag) == ["bytes=65536-131071"]
+    assert relay.settled()
