@@ -982,7 +982,8 @@ def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], tuple[Route, 
     if routes_text is not None and routes_text.strip():
         # A comma separates routes when the next starts with "/" (a prefix), and mirrors
         # when it starts with a URL: "/a/=https://x/,https://y/,/b/=https://z/".
-        routes = tuple(_parse_route_texts(re.split(r"\s+|,(?=/)", routes_text.strip())))
+        texts = re.split(r"\s*,\s*(?=/)|\s+", routes_text.strip().strip(","))
+        routes = tuple(_parse_route_texts(texts))
     return values, routes
 
 

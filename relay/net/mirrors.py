@@ -244,7 +244,9 @@ class MirrorBoard:
 
     def of(self, route: Route) -> RouteMirrors:
         mirrors = self.routes.get(route.prefix)
-        if mirrors is None or mirrors.route.upstreams != route.upstreams:
+        if mirrors is None or (
+            mirrors.route is not route and mirrors.route.upstreams != route.upstreams
+        ):
             # A route made outside the configuration (tests): its own, unshared state.
             mirrors = RouteMirrors(route, self._clock)
         return mirrors

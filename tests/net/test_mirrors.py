@@ -254,6 +254,13 @@ def test_the_environment_separates_routes_from_mirrors() -> None:
         ("/o/", [C]),
         ("/p/", [A, C]),
     ]
+    # The forms that worked before mirrors still mean what they meant.
+    for text in (f"/m/={A}, /o/={C}", f"/m/={A},/o/={C}", f"/m/={A} /o/={C},"):
+        routes = Config.load(environ={"RELAY_ROUTES": text}).routes
+        assert [(r.prefix, [m.url for m in r.upstreams]) for r in routes] == [
+            ("/m/", [A]),
+            ("/o/", [C]),
+        ]
 
 
 def test_toml_mirrors_each_with_their_own_credential(tmp_path: object) -> None:
