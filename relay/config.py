@@ -445,7 +445,8 @@ class Config:
     routes: tuple[Route, ...] = field(
         default=(),
         metadata={
-            "help": "serve PREFIX from the upstream base URL, e.g. /gh/=https://github.com/",
+            "help": "serve PREFIX from the upstream base URL, e.g. /gh/=https://github.com/ "
+            "(mirrors: PREFIX=URL1,URL2 next on not-found, PREFIX=URL1|URL2 next on any failure)",
             "group": "routes",
             "flag": "--route",
             "metavar": "PREFIX=URL",
