@@ -328,22 +328,36 @@ class _MirrorOpen:
     async def run(
         self, attempts: list[Attempt], *, follow: bool, background: bool
     ) -> httpx.Response:
+        hedge = self._mirrors.hedge_after
+        if hedge and not background and len(attempts) > 1:
+            return await self._hedged(attempts, hedge, follow)
+        for k, attempt in enumerate(attempts):
+            outcome = await self._ask(attempt, follow, background)
+            if self._settle(attempt, outcome, last=k == len(attempts) - 1):
+                if isinstance(outcome, UpstreamError):
+                    raise outcome
+                return outcome
+            if isinstance(outcome, httpx.Response):
+                await asyncio.shield(outcome.aclose())
+            self._mirrors.passed_on(attempt.index)
+        raise AssertionError("the last mirror's outcome is always the request's")
+
+    async def _hedged(self, attempts: list[Attempt], hedge: float, follow: bool) -> httpx.Response:
+        """`run` with each attempt in a task of its own, the next one started when the
+        others have not answered their head within `hedge` seconds (or have failed)."""
         queue = list(attempts)
-        hedge = self._mirrors.hedge_after or None
         pending: dict[asyncio.Task[_Outcome], Attempt] = {}
 
         def launch() -> None:
             attempt = queue.pop(0)
-            task = asyncio.ensure_future(self._ask(attempt, follow, background))
+            task = asyncio.ensure_future(self._ask(attempt, follow, False))
             pending[task] = attempt
 
         launch()
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    pending,
-                    timeout=hedge if queue and not background else None,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    pending, timeout=hedge if queue else None, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
                     launch()  # the head is late: ask the next mirror too
