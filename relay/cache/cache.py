@@ -36,12 +36,13 @@ import httpx
 from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.executor import DiskExecutor, Ordered
-from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
+from relay.cache.fill import Fill
 from relay.cache.index import Entry, Index
 from relay.cache.integrity import Scrub, Verifier, has_known_digest
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
+from relay.cache.storable import TOO_LARGE, VARY_LEARNED
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
@@ -241,7 +242,7 @@ class Cache:
                 self.slices.finished(fill)
             self.index.reserved -= fill.reserved
             fill.reserved = 0
-            self.stats.coalesced += fill.coalesced
+            self.stats.coalesced += fill.clients.coalesced
             if fill.failed is not None and fill.failed != "cancelled":
                 self.stats.fills_failed += 1
             if fill.digest_mismatch:
@@ -307,7 +308,9 @@ class Cache:
         candidates = [f for f in self.fills.values() if f.background and f.using_upstream]
         if not candidates:
             return False
-        self._stop(min(candidates, key=lambda f: f.idle_since), "its connection went to a client")
+        self._stop(
+            min(candidates, key=lambda f: f.clients.idle_since), "its connection went to a client"
+        )
         return True
 
     def _stop(self, fill: Fill, reason: str) -> None:

@@ -349,7 +349,7 @@ class Delivery:
             return False
         self.answered(report.outcome)
         self.upstream(fill)
-        fill.attach()
+        fill.clients.attach()
         try:
             length = fill.length
             if meta.status != 200:  # an answer not stored: relayed as the upstream said
@@ -369,7 +369,7 @@ class Delivery:
             else:
                 await self.end()
         finally:
-            fill.detach()
+            fill.clients.detach()
         return True
 
     # ---- body pumps -----------------------------------------------------------------------
@@ -426,7 +426,7 @@ class Delivery:
                     if fill.written <= position:
                         if fill.complete and stop < 0:
                             continue
-                        if fill.overflowed and stop < 0:
+                        if fill.overflow is not None and stop < 0:
                             # Too large to store: the rest comes from the upstream.
                             sent += await self._rest(fill, position, watch)
                             relayed = True
@@ -495,7 +495,9 @@ class Delivery:
         reader's own (Range + If-Range); aborted when neither can be had. Bytes sent, counted
         by the answer's rate watchdog as the pump's own (waiting on the upstream is not
         waiting for the client)."""
-        rest = fill.take_rest() or await fill.continue_at(position)
+        hand_over = fill.overflow
+        assert hand_over is not None
+        rest = hand_over.take() or await hand_over.continue_at(position)
         if rest is None:
             self.abort("too large to store, and the body cannot be continued from the upstream")
         send = self._send

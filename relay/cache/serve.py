@@ -19,7 +19,8 @@ from starlette.responses import Response
 from relay.cache import plan
 from relay.cache.cache import Cache
 from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
-from relay.cache.fill import Fill, Holds
+from relay.cache.fill import Fill
+from relay.cache.holds import Holds
 from relay.cache.index import Entry
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer

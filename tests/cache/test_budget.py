@@ -14,8 +14,8 @@ import httpx
 from relay import Config, Route, create_app
 from relay.cache.cache import Cache
 from relay.cache.clock import ManualClock
-from relay.cache.fill import TOO_LARGE
 from relay.cache.key import base_key
+from relay.cache.storable import TOO_LARGE
 from tests.asgi import lifespan_state
 
 ROUTE = Route(prefix="/o/", upstream="http://upstream.test/")
