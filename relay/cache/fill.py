@@ -25,25 +25,23 @@ fill is over and its last client gone, whatever becomes of the file's name. A pu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
 from relay.cache import storable
 from relay.cache.clock import Clock
 from relay.cache.executor import DiskExecutor, Ordered
-from relay.cache.holds import Clients
+from relay.cache.holds import SharedFill
 from relay.cache.index import Entry
 from relay.cache.overflow import HandOver, Overflow, Rest
+from relay.cache.partial import publish, write_at
 from relay.cache.policy import freshens, vary_of
 from relay.cache.store import Meta, Store
-from relay.config import Route
+from relay.config import Config, Route
 from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries
 from relay.http.digests import DigestConflict, upstream_sha256
@@ -53,7 +51,7 @@ from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
 
 if TYPE_CHECKING:
-    from _hashlib import HASH
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -62,58 +60,59 @@ class FillAbandoned(Exception):
     pass
 
 
-class Fill:
+class Owner(Protocol):
+    """What a fill needs of the cache that runs it (`relay.cache.cache.Cache`)."""
+
+    config: Config
+    store: Store
+    upstream: Upstream
+    clock: Clock
+    executor: DiskExecutor
+    disk: Ordered
+    routes: RouteTable
+    max_object_bytes: int
+
+    def reserve(self, fill: Fill, size: int) -> bool:
+        """Room for `size` more bytes of the fill (beyond what it wrote), evicting if need be."""
+
+    def count_upstream(self, size: int) -> None:
+        """Body bytes the fill fetched."""
+
+    def fill_stored(self, fill: Fill, meta: Meta) -> None:
+        """The fill published a new version."""
+
+    def fill_refreshed(self, fill: Fill, meta: Meta) -> None:
+        """A 304 refreshed the stored response the fill revalidates."""
+
+    def fill_replaced(self, fill: Fill) -> None:
+        """The stored response the fill revalidates is dropped (another version, unfit)."""
+
+    def fill_lost_clients(self, fill: Fill) -> None:
+        """The last client of the fill left."""
+
+
+class Fill(SharedFill):
     def __init__(
         self,
+        owner: Owner,
         *,
         key: str,
         variant: str,
-        store: Store,
         request: httpx.Request,
         route: Route,
-        upstream: Upstream,
         revalidating: Meta | None,
-        resume_attempts: int,
-        max_object_bytes: int,
-        idle_timeout: float,
-        reserve: Callable[[Fill, int], bool],
-        on_stored: Callable[[Fill, Meta], None],
-        on_refreshed: Callable[[Fill, Meta], None],
-        on_replaced: Callable[[Fill], None],
-        count_upstream_bytes: Callable[[int], None],
-        clock: Clock,
-        executor: DiskExecutor,
-        disk: Ordered,
-        on_clientless: Callable[[Fill], None],
-        routes: RouteTable,
     ) -> None:
-        self.key = key
-        self.variant = variant
-        self._store = store
-        self.partial = store.partial_path(key)
+        super().__init__(key=key, variant=variant, clock=owner.clock)
+        self._owner = owner
+        self._store = owner.store
+        self._upstream = owner.upstream
+        self._clock = owner.clock
+        self.partial = owner.store.partial_path(key)
         """This fill's own partial file (a new version's name): no other fill touches it."""
         self._request = request
         self._route = route
-        self._upstream = upstream
         self.revalidating = revalidating
-        self._resume_attempts = resume_attempts
-        self._max_object_bytes = max_object_bytes
-        self._idle_timeout = idle_timeout
-        self._reserve = reserve
-        self._on_stored = on_stored
-        self._on_refreshed = on_refreshed
-        self._on_replaced = on_replaced
-        self._count = count_upstream_bytes
-        self._clock = clock
-        self._executor = executor
-        self._disk = disk
-        self._on_clientless = on_clientless
-        self._routes = routes
-        self.headers_ready = asyncio.Event()
-        self._advance = asyncio.Event()
-        self.written = 0
-        self.length: int | None = None
-        self.meta: Meta | None = None
+        self._max_object_bytes = owner.max_object_bytes
         self.error: UpstreamError | None = None
         """The upstream could not be reached: answered as a relayed request would be."""
         self.upstream_status: int | None = None
@@ -125,10 +124,6 @@ class Fill:
         self.passes_object = False
         """A slice fill: the passthrough reason is the object's own (not storable, too
         large), not this slice's: the whole object is passed, its ranges included."""
-        self.overflow: HandOver | None = None
-        """An unsized body outgrew what may be stored: nothing is published, and its readers
-        get the rest from the upstream through the hand-over, after what the partial file
-        holds."""
         self.refreshed: Meta | None = None
         self.superseded = False
         """The revalidation's 304 named another version: the stored response was dropped and
@@ -136,7 +131,6 @@ class Fill:
         self.withdrawn = False
         """The revalidation's 304 made the stored response unfit for a shared cache
         (`private`, `no-store`...): it was dropped, and its waiting clients are relayed."""
-        self.failed: str | None = None
         self.published = False
         self.complete = False
         """The whole body is in the file and checked (published, or an answer not stored):
@@ -144,20 +138,9 @@ class Fill:
         self.shared = False
         """An answer not stored that every client waiting on the fill shares; later requests
         for the key are filled again (not passed)."""
-        self.for_one = False
-        """An answer meant for one client (`private`, `Set-Cookie`): see `claim`."""
-        self._claimed = False
         self.purged = False
         """A purge covered the key while it was being filled: nothing is published."""
-        self.read_fd: int | None = None
-        """The descriptor readers of the body read from (with pread)."""
-        self.open_answer: httpx.Response | None = None
-        """An answer not stored that the file cannot hold from its head on: the open upstream
-        response, until a client takes it (`take_response`)."""
-        self._varies_on_encoding = False
-        self.finished = False
         self.reserved = 0
-        self.clients = Clients(clock, self._left)
         self.digest_mismatch = False
         self.prefetch = False
         """Started without a client: runs to completion, whatever the idle timeout."""
@@ -175,13 +158,7 @@ class Fill:
         """A slice fill: the storage key of the object it is a slice of."""
         self._content_sha256: str | None = None
         """A slice fill: the SHA-256 the 206's Content-Digest announces for its bytes."""
-        self.task: asyncio.Task[None] | None = None
-        """The task running `run` (set by the cache when it starts it)."""
-        self.stopping: str | None = None
-        """Why the cache stopped the fill (`stop`), once it did."""
-        self._started = False
         self._opening = False
-        self._body_done = False
         self._response: httpx.Response | None = None
         """The one upstream response the fill holds (the first, then each resumed one), closed
         by `_close_response` before another is opened and in `run`'s `finally`."""
@@ -201,70 +178,6 @@ class Fill:
         ttfb, self._ttfb = self._ttfb, None
         return ttfb
 
-    # ---- clients ------------------------------------------------------------------------
-
-    def _left(self) -> None:
-        """A client left (`Clients`)."""
-        if not self.clients.any:
-            if self.finished:
-                self._close_reader()
-            if self.open_answer is not None:
-                self._notify()  # nobody left to take it: the fill closes it
-            self._on_clientless(self)
-        if self.clients.readers == 0 and self.overflow is not None:
-            self.overflow.reader_left()  # none left to take the rest of an overflowed body
-
-    def claim(self, variant: str) -> bool:
-        """Whether this fill's answer is also the answer of a client of encoding `variant`:
-        it has one and has not failed; one varying on Accept-Encoding only for its own
-        variant; one meant for one client only for the first that claims it."""
-        meta = self.meta
-        if meta is None or self.failed is not None:
-            return False
-        if meta.vary and meta.extra.get("variant") != variant:
-            return False
-        if self.for_one:
-            if self._claimed:
-                return False
-            self._claimed = True
-        return True
-
-    def take_response(self, variant: str) -> httpx.Response | None:
-        """The open upstream response of an answer the file cannot hold, for the first GET
-        (of a variant it answers) that takes it: then that client's, to relay and to close."""
-        response = self.open_answer
-        if response is None or (self._varies_on_encoding and variant != self.variant):
-            return None
-        self.open_answer = None
-        self._notify()
-        return response
-
-    def _close_reader(self) -> None:
-        fd, self.read_fd = self.read_fd, None
-        if fd is not None:
-            os.close(fd)
-
-    @property
-    def stoppable(self) -> bool:
-        """Not over, and its body not yet complete: stopping it now publishes nothing.
-
-        An overflowed fill offering its rest stays stoppable: the cache stops only fills with
-        no client (`background`), and one with no reader left closes its rest anyway, so
-        stopping it cuts nobody and frees its connection at once. Were one stopped with
-        readers, none would end cleanly: the rest not taken is closed, and each reader goes
-        on with `continue_at` (a judged continuation) or aborts."""
-        return not self.finished and not self._body_done and self.stopping is None
-
-    @property
-    def going(self) -> bool:
-        """Running, and not being stopped: a client may join it."""
-        return not self.finished and self.stopping is None
-
-    @property
-    def background(self) -> bool:
-        """No client waits for this fill, and the cache may still stop it."""
-        return not self.clients.any and self.stoppable
-
     @property
     def using_upstream(self) -> bool:
         """Holding (or opening) an upstream response: stopping it frees a connection."""
@@ -275,26 +188,8 @@ class Fill:
             or (self.overflow is not None and self.overflow.offered)
         )
 
-    def stop(self, reason: str) -> None:
-        """Stop a fill no client waits for: its upstream response is closed and nothing is
-        published, as after the idle timeout. The cache calls this only while `stoppable`."""
-        self.stopping = reason
-        if self._started and self.task is not None:
-            self.task.cancel()  # a fill not started yet stops as it starts
-
-    async def wait_beyond(self, position: int) -> None:
-        """Return once more than `position` bytes are written, or the fill is over (or
-        overflowed: the rest is the upstream's)."""
-        while self.written <= position and not self.finished and self.overflow is None:
-            await self._advance.wait()
-
-    async def wait_finished(self) -> None:
-        while not self.finished:
-            await self._advance.wait()
-
-    def _notify(self) -> None:
-        event, self._advance = self._advance, asyncio.Event()
-        event.set()
+    def _clientless(self) -> None:
+        self._owner.fill_lost_clients(self)
 
     # ---- the fetch ----------------------------------------------------------------------
 
@@ -412,7 +307,7 @@ class Fill:
             if self.revalidating is not None and not self.superseded and status in (200, 206):
                 # A body, not a 304: the stale slices are another version (or no longer
                 # trusted). An error says nothing of the object: they are kept, still stale.
-                self._on_replaced(self)
+                self._owner.fill_replaced(self)
             return await self._take_slice(response, received)
         verdict = storable.whole(
             self._route,
@@ -443,12 +338,12 @@ class Fill:
             variant=self.variant,
             received=received,
             immutable=self._immutable(response.headers),
-            routes=self._routes,
+            routes=self._owner.routes,
         )
         return True
 
     def _room(self, size: int) -> bool:
-        return self._reserve(self, size)
+        return self._owner.reserve(self, size)
 
     def _immutable(self, headers: httpx.Headers) -> bool:
         return storable.is_immutable(self._route, self.immutable, headers)
@@ -472,7 +367,7 @@ class Fill:
         headers = response.headers
         if not freshens(httpx.Headers(old.headers), headers):
             self.superseded = True
-            self._on_replaced(self)
+            self._owner.fill_replaced(self)
             logger.info(
                 "cache: a 304 named %s, not the stored %s: fetched again (%s)",
                 headers.get("etag") or headers.get("last-modified"),
@@ -496,9 +391,9 @@ class Fill:
         if isinstance(meta, str):
             self.passthrough = meta
             self.withdrawn = True
-            self._on_replaced(self)
+            self._owner.fill_replaced(self)
             return False
-        self._on_refreshed(self, meta)
+        self._owner.fill_refreshed(self, meta)
         self.refreshed = meta
         return False
 
@@ -558,14 +453,14 @@ class Fill:
         fill holds) when the upstream cuts it."""
         response = first
         plan: Continuation | None = None
-        retries = Retries(self._resume_attempts, STREAM_BACKOFF)
+        retries = Retries(self._owner.config.resume_attempts, STREAM_BACKOFF)
         self._hash = hashlib.sha256()
         while True:
             try:
                 chunks = response.aiter_raw()
                 async for chunk in chunks:
                     size = len(chunk)
-                    over = self.length is None and not self._reserve(self, size)
+                    over = self.length is None and not self._owner.reserve(self, size)
                     if over:
                         # Never stored; this chunk is kept (one past the reservation) and
                         # the rest goes to the readers from the upstream: never a cut body.
@@ -575,9 +470,9 @@ class Fill:
                     if self.length is not None and self.written + size > self.length:
                         raise TransferAborted("upstream sent more than its Content-Length")
                     # One hop per chunk: written and hashed on the cache's thread.
-                    await _write_at(self._executor, fd, chunk, self.written, self._hash)
+                    await write_at(self._owner.executor, fd, chunk, self.written, self._hash)
                     self.written += size
-                    self._count(size)
+                    self._owner.count_upstream(size)
                     self._notify()
                     if over:
                         assert response is self._response  # the one the fill holds
@@ -585,7 +480,7 @@ class Fill:
                     self._check_idle()
                 break
             except httpx.HTTPError as exc:
-                if plan is None and self._resume_attempts:
+                if plan is None and self._owner.config.resume_attempts:
                     plan = Continuation.for_response(first)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
@@ -597,7 +492,7 @@ class Fill:
         if not self.clients.any and (self.passthrough is not None or self.purged):
             raise FillAbandoned("no client left for an answer that is not stored")
         idle = self._clock.monotonic() - self.clients.idle_since  # -inf with a client
-        if not self.prefetch and idle > self._idle_timeout:
+        if not self.prefetch and idle > self._owner.config.cache_fill_idle_timeout:
             raise FillAbandoned("no client for cache_fill_idle_timeout")
 
     async def _resume(
@@ -652,50 +547,17 @@ class Fill:
         # Shielded: cancelled here, the job still runs its course (a thread cannot be
         # stopped), and the jobs after it on this object must wait for that.
         await asyncio.shield(
-            self._disk.submit([self.key], _publish, fd, self._store, self.partial, meta)
+            self._owner.disk.submit([self.key], publish, fd, self._store, self.partial, meta)
         )
         self.complete = True
         if self.purged:
             # Purged while it was being published: what was just written goes too.
             data = self._store.published_path(self.partial)
             entry = Entry(self.key, data, meta)
-            await asyncio.shield(self._disk.submit([self.key], self._store.remove, entry))
+            await asyncio.shield(self._owner.disk.submit([self.key], self._store.remove, entry))
             return
         self.published = True
-        self._on_stored(self, meta)
-
-
-def _write_hashed(fd: int, chunk: bytes, offset: int, digest: HASH) -> None:
-    """Write `chunk` at `offset` (all of it) and add it to the running digest (blocking)."""
-    view = memoryview(chunk)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-    digest.update(chunk)
-
-
-def _publish(fd: int, store: Store, partial: Path, meta: Meta) -> None:
-    os.fsync(fd)
-    store.publish(partial, meta)
-
-
-async def _write_at(
-    executor: DiskExecutor, fd: int, data: bytes, offset: int, digest: HASH
-) -> None:
-    """`_write_hashed` on the cache's threads. Cancelled meanwhile (a fill being stopped), it
-    returns only once the write is over: the caller closes `fd` next, and a descriptor closed
-    under a write in flight could be reused by another file by the time the write runs."""
-    write = executor.submit(_write_hashed, fd, data, offset, digest)
-    try:
-        await asyncio.shield(write)
-    except asyncio.CancelledError:
-        while not write.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({write})
-        if not write.cancelled():
-            write.exception()  # retrieved: the cancellation is what the caller sees
-        raise
+        self._owner.fill_stored(self, meta)
 
 
 class DigestMismatch(OSError):

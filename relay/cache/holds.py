@@ -1,18 +1,26 @@
-"""Who a fill serves: the clients' responses that hold it and the readers attached to its body.
+"""A fill as its clients and the cache see it, apart from its fetch (`relay.cache.fill`).
 
 A fill belongs to the cache, not to a client: a client's response holds it from when it takes
-it until the response's own `finally` (`Holds`), and attaches while it reads the body. A fill
-with neither (`Clients.any` false) is background work, which the cache bounds and may stop
-(`relay.cache.cache`); when its last client leaves is what its idle timeout counts from.
+it until the response's own `finally` (`Holds`), and attaches while it reads the body
+(`Clients`). A fill with neither is background work, which the cache bounds and may stop
+(`SharedFill.stop`, only while `stoppable`; `relay.cache.cache` has the limits); when its last
+client left is what its idle timeout counts from. An answer the fill does not store goes to
+the clients `relay.cache.storable` says: one meant for one client to the first that claims it
+(`claim`), an open response to the first GET that takes it (`take_response`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
+
+import httpx
 
 from relay.cache.clock import Clock
+from relay.cache.overflow import HandOver
+from relay.cache.store import Meta
 
 
 class Clients:
@@ -73,15 +81,130 @@ class Clients:
         return since if since is not None else float("inf")
 
 
-class Held(Protocol):
-    """What a response holds: a fill (`relay.cache.fill.Fill`)."""
+class SharedFill:
+    """A fill as its clients and the cache see it (`relay.cache.fill.Fill` does the fetch):
+    how far its body is written, who holds it, which client an answer it does not store
+    goes to, and whether the cache may stop it."""
 
-    clients: Clients
-    stopping: str | None
-    task: asyncio.Task[None] | None
+    def __init__(self, *, key: str, variant: str, clock: Clock) -> None:
+        self.key = key
+        self.variant = variant
+        self.clients = Clients(clock, self._left)
+        self.headers_ready = asyncio.Event()
+        self._advance = asyncio.Event()
+        self.written = 0
+        self.length: int | None = None
+        self.meta: Meta | None = None
+        self.failed: str | None = None
+        self.finished = False
+        self.overflow: HandOver | None = None
+        """An unsized body outgrew what may be stored: nothing is published, and its readers
+        get the rest from the upstream through the hand-over, after what the partial file
+        holds."""
+        self.for_one = False
+        """An answer meant for one client (`private`, `Set-Cookie`): see `claim`."""
+        self._claimed = False
+        self.read_fd: int | None = None
+        """The descriptor readers of the body read from (with pread)."""
+        self.open_answer: httpx.Response | None = None
+        """An answer not stored that the file cannot hold from its head on: the open upstream
+        response, until a client takes it (`take_response`)."""
+        self._varies_on_encoding = False
+        self.task: asyncio.Task[None] | None = None
+        """The task running the fill (set by the cache when it starts it)."""
+        self.stopping: str | None = None
+        """Why the cache stopped the fill (`stop`), once it did."""
+        self._started = False
+        self._body_done = False
+
+    def _clientless(self) -> None:
+        """The last client left (the fill tells the cache)."""
+
+    def _left(self) -> None:
+        """A client left (`Clients`)."""
+        if not self.clients.any:
+            if self.finished:
+                self._close_reader()
+            if self.open_answer is not None:
+                self._notify()  # nobody left to take it: the fill closes it
+            self._clientless()
+        if self.clients.readers == 0 and self.overflow is not None:
+            self.overflow.reader_left()  # none left to take the rest of an overflowed body
+
+    def claim(self, variant: str) -> bool:
+        """Whether this fill's answer is also the answer of a client of encoding `variant`:
+        it has one and has not failed; one varying on Accept-Encoding only for its own
+        variant; one meant for one client only for the first that claims it."""
+        meta = self.meta
+        if meta is None or self.failed is not None:
+            return False
+        if meta.vary and meta.extra.get("variant") != variant:
+            return False
+        if self.for_one:
+            if self._claimed:
+                return False
+            self._claimed = True
+        return True
+
+    def take_response(self, variant: str) -> httpx.Response | None:
+        """The open upstream response of an answer the file cannot hold, for the first GET
+        (of a variant it answers) that takes it: then that client's, to relay and to close."""
+        response = self.open_answer
+        if response is None or (self._varies_on_encoding and variant != self.variant):
+            return None
+        self.open_answer = None
+        self._notify()
+        return response
+
+    def _close_reader(self) -> None:
+        fd, self.read_fd = self.read_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def stoppable(self) -> bool:
+        """Not over, and its body not yet complete: stopping it now publishes nothing.
+
+        An overflowed fill offering its rest stays stoppable: the cache stops only fills with
+        no client (`background`), and one with no reader left closes its rest anyway, so
+        stopping it cuts nobody and frees its connection at once. Were one stopped with
+        readers, none would end cleanly: the rest not taken is closed, and each reader goes
+        on with `continue_at` (a judged continuation) or aborts."""
+        return not self.finished and not self._body_done and self.stopping is None
+
+    @property
+    def going(self) -> bool:
+        """Running, and not being stopped: a client may join it."""
+        return not self.finished and self.stopping is None
+
+    @property
+    def background(self) -> bool:
+        """No client waits for this fill, and the cache may still stop it."""
+        return not self.clients.any and self.stoppable
+
+    def stop(self, reason: str) -> None:
+        """Stop a fill no client waits for: its upstream response is closed and nothing is
+        published, as after the idle timeout. The cache calls this only while `stoppable`."""
+        self.stopping = reason
+        if self._started and self.task is not None:
+            self.task.cancel()  # a fill not started yet stops as it starts
+
+    async def wait_beyond(self, position: int) -> None:
+        """Return once more than `position` bytes are written, or the fill is over (or
+        overflowed: the rest is the upstream's)."""
+        while self.written <= position and not self.finished and self.overflow is None:
+            await self._advance.wait()
+
+    async def wait_finished(self) -> None:
+        while not self.finished:
+            await self._advance.wait()
+
+    def _notify(self) -> None:
+        event, self._advance = self._advance, asyncio.Event()
+        event.set()
 
 
-H = TypeVar("H", bound=Held)
+H = TypeVar("H", bound=SharedFill)
 
 
 class Holds:
@@ -92,7 +215,7 @@ class Holds:
     __slots__ = ("_fills",)
 
     def __init__(self) -> None:
-        self._fills: list[Held] = []
+        self._fills: list[SharedFill] = []
 
     async def take(self, get: Callable[[], H]) -> H:
         """The fill `get` gives (in flight, or a new one), held. One the cache stopped just as
