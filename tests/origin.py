@@ -1192,8 +1192,9 @@ class Origin(LoopbackServer):
     ) -> None:
         """`tls`: a server-side context; the origin then speaks https. `clock`: the time
         its Date headers (and `etag_changes`' Last-Modified) are stamped with; settable
-        later (`origin.clock = manual.now`), so a test moving a relay's `ManualClock`
-        moves the origin's time with it instead of sleeping."""
+        later (`monkeypatch.setattr(origin, "clock", manual.now)`: the session shares one
+        origin), so a test moving a relay's `ManualClock` moves the origin's time with it
+        instead of sleeping."""
         self.clock = clock
         self.host = host
         self._tls = tls

@@ -82,13 +82,13 @@ SWR = 'relay; hit; fwd=stale; detail="stale-while-revalidate"'
 
 
 def test_cache_stale_while_revalidate_one_conditional_then_fresh(
-    origin: Origin, cached: Callable[..., RelayThread]
+    origin: Origin, cached: Callable[..., RelayThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stale within stale-while-revalidate: ten concurrent clients are all answered from the
     cache while the one conditional request is held at the origin; after the 304 the entry
     is fresh again. Time moves on one clock, the relay's and the origin's."""
     clock = ManualClock(now=time.time())
-    origin.clock = clock.now
+    monkeypatch.setattr(origin, "clock", clock.now)  # the origin is the session's
     relay = cached(clock=clock)
     origin.set_version("swr304", 5)
     origin.close_gate("swr304")
