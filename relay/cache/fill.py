@@ -38,7 +38,7 @@ from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.holds import SharedFill
 from relay.cache.index import Entry
 from relay.cache.overflow import HandOver, Overflow, Rest
-from relay.cache.partial import publish, write_at
+from relay.cache.partial import open_partial, publish, write_at
 from relay.cache.policy import freshens, vary_of
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
@@ -214,8 +214,7 @@ class Fill(SharedFill):
             # by the object's unconditional fetch: `_not_modified`).
             response = self._response
             assert response is not None
-            fd = self._store.open_partial(self.partial)
-            self.read_fd = os.open(self.partial, os.O_RDONLY)
+            fd, self.read_fd = await open_partial(self._owner.executor, self._store, self.partial)
             self.headers_ready.set()
             try:
                 await self._write_body(response, fd)
