@@ -96,16 +96,10 @@ def vary_of(headers: httpx.Headers) -> str | None:
     return None
 
 
-def freshness_lifetime(
-    headers: httpx.Headers, *, immutable: bool = False, revalidate: bool = False
-) -> float:
+def freshness_lifetime(headers: httpx.Headers, *, immutable: bool = False) -> float:
     """s-maxage > max-age > Expires - Date > heuristic (10% of the Last-Modified age, 1 day
     at most) > 0. `immutable` (the operator declared the file immutable): at least
-    IMMUTABLE_LIFETIME, unless the upstream asks for revalidation every time (`no-cache`).
-    `revalidate` (a preset's metadata that must follow its upstream, a Debian `Release`): 0,
-    revalidated by every request."""
-    if revalidate:
-        return 0.0
+    IMMUTABLE_LIFETIME, unless the upstream asks for revalidation every time (`no-cache`)."""
     lifetime = _upstream_lifetime(headers)
     if immutable and "no-cache" not in response_directives(headers):
         return max(lifetime, IMMUTABLE_LIFETIME)
