@@ -38,7 +38,7 @@ from relay.cache.clock import Clock
 from relay.config import Route
 from relay.errors import UpstreamError, UpstreamUnavailable
 from relay.net.redirects import host_allowed
-from relay.net.upstream import USER_AGENT, Upstream
+from relay.net.upstream import USER_AGENT, VIA, Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ DEFAULT_EXPIRES_IN = 60
 EXPIRY_MARGIN = 5.0
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 _MAX_SCOPE = 512
+#: How relay names itself on its own requests (as on every upstream request).
+_IDENTITY = (("user-agent", USER_AGENT), ("via", VIA.decode("latin-1")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,7 @@ class RegistryAuth:
     async def _fetch(self, route: Route, challenge: Challenge, scope: str) -> tuple[str, float]:
         url = realm_url(route, challenge.realm)
         params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
-        headers = [("accept", "application/json"), ("user-agent", USER_AGENT)]
+        headers = [("accept", "application/json"), *_IDENTITY]
         if route.registry_credential is not None:
             headers.append(("authorization", _basic(route)))
         upstream = self._upstream
@@ -223,7 +225,7 @@ class RegistryAuth:
         self._probes[route.prefix] = future
         try:
             upstream = self._upstream
-            headers = [("user-agent", USER_AGENT), ("accept-encoding", "identity")]
+            headers = [("accept-encoding", "identity"), *_IDENTITY]
             request = upstream.build_request("GET", route.upstream + "v2/", headers, route)
             response = await upstream.open(request, route, follow=False)
             try:
