@@ -331,8 +331,8 @@ def render(sides: Sequence[Side], image: Image, argv: Sequence[str], a: argparse
         ttfbs = ", ".join(f"{t:.3f}" for t in sorted(p.layer_ttfb for p in side.cold))
         lines.append(f"  - cold first layer bytes (s): {ttfbs}")
         if side.warm_one:
-            warm = ", ".join(f"{v:.0f}" for v in side.warm_one)
-            lines.append(f"  - warm single pulls (MB/s): {warm}")
+            runs = ", ".join(f"{v:.0f}" for v in side.warm_one)
+            lines.append(f"  - warm single pulls (MB/s): {runs}")
         lines.extend(f"  - {note}" for note in side.notes)
     return "\n".join(lines) + "\n"
 
