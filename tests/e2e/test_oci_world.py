@@ -96,3 +96,16 @@ def test_containerd_pulls_through_a_hosts_toml_mirror_with_ns(
     manifests = [r for r in fault_proxy.records if "/manifests/" in r.path]
     assert manifests
     assert all(r.query == "ns=registry.test" for r in manifests)
+
+
+@needs("docker-registry", "skopeo")
+def test_a_proxy_mode_registry_pulls_through_the_fault_proxy(
+    oci_layout: OciLayoutFixture, fault_proxy: FaultProxy, oci_tmp: Path
+) -> None:
+    """The bench's other side: distribution as a pull-through cache of the same upstream."""
+    with Registry(oci_tmp / "registry-proxy", proxy_remote=fault_proxy.url) as mirror:
+        digest = skopeo_copy(f"{mirror.host}/small:v1", oci_tmp / "out", workdir=oci_tmp)
+    assert digest == oci_layout.v1.manifests["amd64"].digest
+    layer = oci_layout.v1.layers["amd64"][1].digest
+    # distribution 2.8 fetched this layer twice (HEAD, GET, GET) for this one pull.
+    assert fault_proxy.count("GET", layer) >= 1
