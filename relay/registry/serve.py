@@ -297,7 +297,8 @@ class RegistryResponse(Response):
         self._count(self._route.prefix, outcome)
 
     def _accept(self) -> str:
-        accept = next((v for n, v in self._client_headers if n.lower() == b"accept"), b"")
+        # Clients send one Accept line per media type (skopeo, containerd): all of them.
+        accept = b",".join(v for n, v in self._client_headers if n.lower() == b"accept")
         return normalised_accept(accept.decode("latin-1"))
 
 

@@ -53,12 +53,20 @@ class Mirror:
                 await asyncio.gather(*list(cache.tasks), return_exceptions=True)
 
     async def get(
-        self, path: str, *, method: str = "GET", query: bytes = b"", **headers: str
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        query: bytes = b"",
+        more: list[tuple[bytes, bytes]] | None = None,
+        **headers: str,
     ) -> Client:
+        """`headers` as keywords (`_` for `-`); `more`: raw header lines (repeated names)."""
         client = Client()
         raw = [(b"host", b"relay.test")] + [
             (k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()
         ]
+        raw += more or []
         await self.app(
             http_scope(self.state, path, method=method, headers=raw, query=query),
             client.receive,

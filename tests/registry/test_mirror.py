@@ -386,6 +386,24 @@ async def test_a_tag_is_keyed_by_the_requests_accept(tmp_path: Path) -> None:
     ]
 
 
+async def test_every_accept_line_counts(tmp_path: Path) -> None:
+    """skopeo and containerd send one Accept line per media type: all of them select the
+    manifest's form (the first alone made the registry answer 404 for an index)."""
+    registry = FakeRegistry()
+    registry.add_image("library/a", "1", LAYER)
+    mirror = _mirror(tmp_path, registry)
+    lines = [
+        (b"accept", INDEX.encode()),
+        (b"accept", b"application/vnd.oci.image.manifest.v1+json"),
+    ]
+    async with mirror.running():
+        assert (await mirror.get("/v2/library/a/manifests/1", more=lines)).status == 200
+    (head,) = [
+        r for r in registry.requests("HEAD", part="/manifests/") if "authorization" in r.headers
+    ]
+    assert head.headers["accept"] == f"{INDEX},application/vnd.oci.image.manifest.v1+json"
+
+
 async def test_a_manifest_by_digest_is_verified(tmp_path: Path) -> None:
     registry = FakeRegistry()
     digest, _ = registry.add_image("library/a", "1", LAYER)
