@@ -20,9 +20,7 @@ from tests.oci_world import PULLER, OciLayoutFixture, TokenWorld, needs
 pytestmark = pytest.mark.e2e
 
 
-def _relay(
-    upstream: str, tmp_path: Path, **route: object
-) -> contextlib.AbstractContextManager[RelayThread]:
+def _relay(upstream: str, tmp_path: Path) -> contextlib.AbstractContextManager[RelayThread]:
     oci = Route(
         prefix="/kit/",
         upstream=upstream,
@@ -30,7 +28,6 @@ def _relay(
         allow_private=True,
         registry_hosts=(UPSTREAM_NAME,),
         redirect_hosts=("127.0.0.1",),
-        **route,  # type: ignore[arg-type]
     )
     config = relay_config(
         upstream,
@@ -91,7 +88,6 @@ def test_relay_does_the_token_dance_with_its_own_credentials(
     registry: Registry = oci_token_world.registry
     issuer = oci_token_world.issuer
     issuer.reset()
-    route = {"username_env": "KIT_USER", "password_env": "KIT_PASS"}
     env = {"KIT_USER": PULLER[0], "KIT_PASS": PULLER[1]}
     oci = Route(
         prefix="/kit/",
@@ -99,7 +95,8 @@ def test_relay_does_the_token_dance_with_its_own_credentials(
         preset="oci",
         allow_private=True,
         registry_hosts=(UPSTREAM_NAME,),
-        **route,
+        username_env="KIT_USER",
+        password_env="KIT_PASS",
     ).resolve_credential(env)
     config = relay_config(registry.url, routes=(oci,))
     with running_relay(config) as relay:
