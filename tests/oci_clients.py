@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +116,27 @@ def podman_pull(name: str, mirror: str, *, workdir: Path, timeout: float = 300) 
     assert PODMAN is not None
     env = skopeo_env(workdir)
     Path(env["CONTAINERS_REGISTRIES_CONF"]).write_text(registries_conf(mirror))
-    storage = workdir / "storage.conf"
-    storage.write_text(
-        f'[storage]\ndriver = "vfs"\nrunroot = "{workdir / "run"}"\n'
-        f'graphroot = "{workdir / "root"}"\n'
-    )
-    env["CONTAINERS_STORAGE_CONF"] = str(storage)
+    # podman refuses a runroot path over 50 characters: a short one of its own, removed after.
+    runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))
+    try:
+        storage = workdir / "storage.conf"
+        storage.write_text(
+            f'[storage]\ndriver = "vfs"\nrunroot = "{runroot}"\ngraphroot = "{workdir / "root"}"\n'
+        )
+        env["CONTAINERS_STORAGE_CONF"] = str(storage)
+        return _podman(name, workdir, runroot, env, timeout)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+def _podman(name: str, workdir: Path, runroot: Path, env: dict[str, str], timeout: float) -> str:
+    assert PODMAN is not None
     base = [
         PODMAN,
         "--root",
         str(workdir / "root"),
         "--runroot",
-        str(workdir / "runroot"),
+        str(runroot),
         "--storage-driver",
         "vfs",
         "--tmpdir",

@@ -13,19 +13,29 @@ Registered as a plugin in tests/conftest.py, so every test can ask for:
 - `fault_proxy` (per test): a `FaultProxy` in front of `oci_registry`, fresh counts.
 - `oci_tmp`: a per-test directory for client state (outside the worktree).
 
+`oci_relay(upstream, cache_dir)` starts a relay (tests/harness.py `RelayThread`) with one
+`preset = "oci"` route: prefix `/up/` (registries.conf mirror `127.0.0.1:<port>/up`, skopeo
+`127.0.0.1:<port>/up/<name>`), registry host `registry.test` (containerd's `ns=`).
+
 `needs(*tools)` marks a test that needs those programs: skipped, with the reason, where one
 is missing (the CI script installs them: `.ci/run`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from relay.cache.clock import Clock
+from relay.config import Config, Route
+from tests.harness import RelayThread, running_relay
+from tests.oci_clients import UPSTREAM_NAME
 from tests.oci_fault_proxy import FaultProxy
 from tests.oci_image import Image, LayerSpec, OciLayout, Platform
 from tests.oci_upstream import Registry, TokenIssuer, push_layout
@@ -67,6 +77,43 @@ class TokenWorld:
     registry: Registry
 
 
+ROUTE_PREFIX = "up"
+
+
+def oci_route(upstream: str, *, environ: Mapping[str, str] | None = None, **keys: Any) -> Route:
+    """The tests' oci route to `upstream` (a registry's base URL); `environ` resolves
+    `username_env`/`password_env`."""
+    route = Route(
+        prefix=f"/{ROUTE_PREFIX}/",
+        upstream=upstream.rstrip("/") + "/",
+        preset="oci",
+        allow_private=True,
+        registry_hosts=(UPSTREAM_NAME,),
+        **keys,
+    )
+    return route.resolve_credential(environ or {})
+
+
+@contextlib.contextmanager
+def oci_relay(
+    upstream: str,
+    cache_dir: Path | None,
+    *,
+    clock: Clock | None = None,
+    environ: Mapping[str, str] | None = None,
+    **keys: Any,
+) -> Iterator[RelayThread]:
+    """A relay with the oci route (and the cache in `cache_dir`, unless None)."""
+    config = Config(
+        routes=(oci_route(upstream, environ=environ, **keys),),
+        log_level="warning",
+        cache_dir=str(cache_dir) if cache_dir is not None else "",
+        cache_max_bytes=2 * 1024 * 1024 * 1024 if cache_dir is not None else 0,
+    )
+    with running_relay(config, clock=clock) as relay:
+        yield relay
+
+
 def _platforms(seed: int) -> list[Platform]:
     return [
         Platform(arch, layers=(LayerSpec(4096, seed=seed), LayerSpec(64 * 1024, seed=seed + n)))
@@ -102,7 +149,14 @@ def oci_big(oci_layout: OciLayoutFixture, oci_registry: Registry) -> Image:
     big = oci_layout.layout.add_image(
         "big", [Platform("amd64", layers=(LayerSpec(BIG_LAYER, seed=3, gzip=False),))]
     )
-    push_layout(oci_layout.layout.path, "big", oci_registry.host, "big", workdir=oci_layout.workdir)
+    push_layout(
+        oci_layout.layout.path,
+        "big",
+        oci_registry.host,
+        "big",
+        dest_tag="v1",
+        workdir=oci_layout.workdir,
+    )
     # The registry holds it now: the layout's copy is not needed again.
     for blob in big.layers["amd64"]:
         oci_layout.layout.blob_path(blob.digest).unlink()
