@@ -25,15 +25,14 @@ import dataclasses
 import json
 import re
 import threading
-from collections.abc import Callable
-
-import httpx
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 from tests.harness import wait_until
 from tests.loopback import LoopbackServer
 
 MAX_RECORDS = 100_000
-PIECE = 64 * 1024
+PIECE = 1024 * 1024
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -78,6 +77,10 @@ class FaultProxy(LoopbackServer):
 
     def __init__(self, upstream: str, *, port: int = 0) -> None:
         self.upstream = upstream.rstrip("/")
+        split = urlsplit(self.upstream)
+        assert split.scheme == "http", "the fault proxy forwards to a plain-http registry"
+        self._up_host = split.hostname or "127.0.0.1"
+        self._up_port = split.port or 80
         self.port = port
         self.rate = 0
         """Bytes per second each response body is paced at (0: as fast as it goes)."""
@@ -206,8 +209,8 @@ class FaultProxy(LoopbackServer):
             assert task is not None
             connections[task] = writer
             try:
-                await self._serve(client, reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError, httpx.HTTPError):
+                await self._serve(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 pass
             except asyncio.CancelledError:
                 pass  # stop(): the connection ends with the proxy
@@ -215,27 +218,24 @@ class FaultProxy(LoopbackServer):
                 connections.pop(task, None)
                 writer.transport.abort()
 
-        async with httpx.AsyncClient(
-            base_url=self.upstream, timeout=httpx.Timeout(60.0), trust_env=False
-        ) as client:
-            try:
-                server = await asyncio.start_server(on_connect, "127.0.0.1", self.port)
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self.port = server.sockets[0].getsockname()[1]
+        try:
+            server = await asyncio.start_server(on_connect, "127.0.0.1", self.port)
+        except BaseException as exc:
+            self._error = exc
             self._ready.set()
-            try:
-                await self._stop.wait()
-            finally:
-                server.close()
-                for task, writer in list(connections.items()):
-                    writer.transport.abort()
-                    task.cancel()
-                if connections:
-                    await asyncio.wait(list(connections), timeout=10)
-                await server.wait_closed()
+            return
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for task, writer in list(connections.items()):
+                writer.transport.abort()
+                task.cancel()
+            if connections:
+                await asyncio.wait(list(connections), timeout=10)
+            await server.wait_closed()
 
     # ---- serving ----------------------------------------------------------------------------
 
@@ -250,9 +250,7 @@ class FaultProxy(LoopbackServer):
                     return fault
         return None
 
-    async def _serve(
-        self, client: httpx.AsyncClient, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             first = await reader.readexactly(1)
             if not first.isalpha():
@@ -282,7 +280,7 @@ class FaultProxy(LoopbackServer):
             if fault is not None and fault.status:
                 await self._answer_error(writer, fault.status)
                 continue
-            keep = await self._forward(client, writer, method, target, headers, body, fault)
+            keep = await self._forward(writer, method, target, headers, body, fault)
             if not keep or joined.get("connection", "").lower() == "close":
                 return
 
@@ -302,7 +300,6 @@ class FaultProxy(LoopbackServer):
 
     async def _forward(
         self,
-        client: httpx.AsyncClient,
         writer: asyncio.StreamWriter,
         method: str,
         target: str,
@@ -310,33 +307,47 @@ class FaultProxy(LoopbackServer):
         body: bytes,
         fault: Fault | None,
     ) -> bool:
-        """Forward one request; return whether the connection may serve another."""
-        sent_headers = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP | {"host"}]
-        if not any(n.lower() == "accept-encoding" for n, _ in sent_headers):
-            sent_headers.append(("Accept-Encoding", "identity"))
-        request = client.build_request(method, target, headers=sent_headers, content=body or None)
-        response = await client.send(request, stream=True)
+        """Forward one request on a connection of its own to the registry (plain asyncio
+        streams: a Python HTTP client would cap the proxy near the rates it paces at);
+        return whether the client's connection may serve another."""
+        up_reader, up_writer = await asyncio.open_connection(self._up_host, self._up_port)
         try:
-            out = [f"HTTP/1.1 {response.status_code} {response.reason_phrase}"]
-            length = response.headers.get("content-length")
-            for name, value in response.headers.multi_items():
-                if name.lower() not in HOP_BY_HOP:
-                    out.append(f"{name}: {value}")
-            chunked = method != "HEAD" and length is None and response.status_code not in (204, 304)
+            out = [f"{method} {target} HTTP/1.1", f"Host: {self._up_host}:{self._up_port}"]
+            out += [f"{n}: {v}" for n, v in headers if n.lower() not in HOP_BY_HOP | {"host"}]
+            if not any(n.lower() == "accept-encoding" for n, _ in headers):
+                out.append("Accept-Encoding: identity")
+            out.append("Connection: close")
+            up_writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + body)
+            head = (await up_reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            status_line, *lines = head.split("\r\n")
+            status = int(status_line.split(" ", 2)[1])
+            response_headers = [
+                (n.strip(), v.strip()) for n, _, v in (x.partition(":") for x in lines if x)
+            ]
+            names = {n.lower(): v for n, v in response_headers}
+            length = names.get("content-length")
+            no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+            chunked = not no_body and length is None
+            sent = [status_line]
+            sent += [f"{n}: {v}" for n, v in response_headers if n.lower() not in HOP_BY_HOP]
             if chunked:
-                out.append("Transfer-Encoding: chunked")
-            writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
-            if method == "HEAD":
+                sent.append("Transfer-Encoding: chunked")
+            writer.write(("\r\n".join(sent) + "\r\n\r\n").encode("latin-1"))
+            if no_body:
                 await writer.drain()
                 return True
-            return await self._body(writer, response, fault, chunked)
+            if "chunked" in names.get("transfer-encoding", "").lower():
+                pieces = _dechunk(up_reader)
+            else:
+                pieces = _read(up_reader, None if length is None else int(length))
+            return await self._body(writer, pieces, fault, chunked)
         finally:
-            await response.aclose()
+            up_writer.transport.abort()
 
     async def _body(
         self,
         writer: asyncio.StreamWriter,
-        response: httpx.Response,
+        pieces: AsyncIterator[bytes],
         fault: Fault | None,
         chunked: bool,
     ) -> bool:
@@ -345,7 +356,8 @@ class FaultProxy(LoopbackServer):
         sent = 0
         cut = fault.cut_after if fault is not None else -1
         tamper = fault.tamper_at if fault is not None else -1
-        async for piece in response.aiter_raw(PIECE):
+        async for data in pieces:
+            piece = data
             if cut >= 0 and sent + len(piece) >= cut:
                 piece = piece[: cut - sent]
             if 0 <= tamper - sent < len(piece):
@@ -370,3 +382,29 @@ class FaultProxy(LoopbackServer):
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+
+async def _read(reader: asyncio.StreamReader, length: int | None) -> AsyncIterator[bytes]:
+    """A body of `length` bytes (None: until the connection closes), in pieces."""
+    left = length
+    while left is None or left > 0:
+        piece = await reader.read(PIECE if left is None else min(PIECE, left))
+        if not piece:
+            if left:
+                raise ConnectionError("the registry closed before the end of the body")
+            return
+        if left is not None:
+            left -= len(piece)
+        yield piece
+
+
+async def _dechunk(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """A chunked body's data, chunk by chunk (trailers skipped)."""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":
+                pass
+            return
+        yield await reader.readexactly(size)
+        await reader.readexactly(2)
