@@ -97,6 +97,13 @@ def skopeo_inspect(
     return parsed
 
 
+def skopeo_list_tags(repo: str, *, workdir: Path, timeout: float = 60) -> list[str]:
+    """`skopeo list-tags docker://<repo>`: the repository's tags."""
+    out = _skopeo(workdir, "list-tags", "--tls-verify=false", f"docker://{repo}", timeout=timeout)
+    tags: list[str] = json.loads(out)["Tags"]
+    return tags
+
+
 def registries_conf(mirror: str) -> str:
     """registries.conf: `registry.test` (dead itself) mirrored at `mirror` (host:port/path)."""
     return (

@@ -8,7 +8,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.oci_clients import UPSTREAM_NAME, Containerd, podman_pull, skopeo_copy, skopeo_inspect
+from tests.oci_clients import (
+    UPSTREAM_NAME,
+    Containerd,
+    podman_pull,
+    skopeo_copy,
+    skopeo_inspect,
+    skopeo_list_tags,
+)
 from tests.oci_fault_proxy import FaultProxy
 from tests.oci_image import INDEX, MANIFEST
 from tests.oci_world import ROUTE_PREFIX, OciLayoutFixture, needs, oci_relay
@@ -38,6 +45,9 @@ def test_skopeo_podman_and_containerd_pull_through_relay_and_each_blob_is_fetche
         for blob in v1.blobs():
             path = out / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
             assert path.stat().st_size == blob.size
+
+        repo = f"127.0.0.1:{relay.port}/{ROUTE_PREFIX}/small"
+        assert set(skopeo_list_tags(repo, workdir=oci_tmp / "skopeo")) >= {"v1", "v2"}
 
         mirror = f"127.0.0.1:{relay.port}/{ROUTE_PREFIX}"
         assert podman_pull("small:v1", mirror, workdir=oci_tmp / "podman") == v1.top.digest
@@ -99,6 +109,11 @@ def test_a_manifest_by_tag_and_by_digest_has_the_registry_headers_on_get_and_hea
         assert httpx.get(f"{relay.url}/v2/").headers["docker-distribution-api-version"] == (
             "registry/2.0"
         )
+        missing = httpx.get(f"{base}/manifests/nosuchtag", headers={"Accept": INDEX})
+        assert missing.status_code == 404
+        assert missing.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        absent = "sha256:" + "0" * 64
+        assert httpx.get(f"{base}/blobs/{absent}").status_code == 404
         push = httpx.post(f"{base}/blobs/uploads/")
         assert push.status_code in (401, 403, 405)
         assert push.json()["errors"][0]["code"]
