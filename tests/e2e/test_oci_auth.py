@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.oci_clients import skopeo_copy
+from tests.oci_clients import skopeo_copy, skopeo_list_tags
 from tests.oci_fault_proxy import FaultProxy
 from tests.oci_image import INDEX
 from tests.oci_world import PULLER, ROUTE_PREFIX, OciLayoutFixture, TokenWorld, needs, oci_relay
@@ -73,17 +73,14 @@ def test_relay_pulls_from_a_token_auth_registry_with_its_own_credentials_and_reu
         assert all(r.status == 200 for r in first)
         assert all(scope == "repository:small:pull" for r in first for scope in r.scopes)
 
-        # Another pull of the same repository (new blobs to fetch? none: a new client of the
-        # same tag and, by digest, of a manifest relay has not stored yet): the token is reused.
-        arm64 = v1.manifests["arm64"].digest
-        response = httpx.get(
-            f"{relay.url}/v2/{ROUTE_PREFIX}/small/manifests/{arm64}",
-            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
-        )
-        assert response.status_code == 200
-        assert skopeo_copy(ref, oci_tmp / "b", workdir=oci_tmp, all_platforms=True) == (
-            v1.top.digest
-        )
+        # More requests of the same scope that go upstream (tag lists are never cached):
+        # the token relay holds is used again, the issuer is not asked.
+        upstream_before = len(token_proxy.records)
+        repo = f"127.0.0.1:{relay.port}/{ROUTE_PREFIX}/small"
+        for _ in range(2):
+            assert "v1" in skopeo_list_tags(repo, workdir=oci_tmp)
+        assert token_proxy.count("GET", "/small/tags/list") == 2
+        assert len(token_proxy.records) > upstream_before
         assert issuer.requests == first, "relay fetched a new token for a scope it held"
 
         _client_requests(relay.url, v1.manifests["amd64"].digest, v1.layers["amd64"][1].digest)
