@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import wait_until
-from tests.oci_upstream import skopeo_env
+from tests.oci_upstream import skopeo_env, stop_process
 
 SKOPEO = shutil.which("skopeo")
 PODMAN = shutil.which("podman")
@@ -220,14 +220,8 @@ class Containerd:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> Containerd:
         return self.start()

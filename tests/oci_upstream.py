@@ -57,6 +57,16 @@ def free_port() -> int:
         return port
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM a child, wait for it (bounded), SIGKILL it if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -348,12 +358,7 @@ class Registry(LoopbackServer):
         proc, self._proc = self._proc, None
         try:
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+                stop_process(proc)
         finally:
             if self._log is not None:
                 self._log.close()

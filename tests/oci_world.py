@@ -121,6 +121,11 @@ def _platforms(seed: int) -> list[Platform]:
     ]
 
 
+def _skip_without_registry() -> None:
+    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
+        pytest.skip("needs docker-registry and skopeo")
+
+
 @pytest.fixture(scope="session")
 def oci_layout(tmp_path_factory: pytest.TempPathFactory) -> OciLayoutFixture:
     root = tmp_path_factory.mktemp("oci-layout")
@@ -134,8 +139,7 @@ def oci_layout(tmp_path_factory: pytest.TempPathFactory) -> OciLayoutFixture:
 def oci_registry(
     oci_layout: OciLayoutFixture, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Registry]:
-    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
-        pytest.skip("needs docker-registry and skopeo")
+    _skip_without_registry()
     with Registry(tmp_path_factory.mktemp("oci-registry")) as registry:
         for tag in ("v1", "v2"):
             push_layout(
@@ -167,8 +171,7 @@ def oci_big(oci_layout: OciLayoutFixture, oci_registry: Registry) -> Image:
 def oci_token_world(
     oci_layout: OciLayoutFixture, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TokenWorld]:
-    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
-        pytest.skip("needs docker-registry and skopeo")
+    _skip_without_registry()
     root = tmp_path_factory.mktemp("oci-token")
     users = dict([PUSHER, PULLER])
     with (
