@@ -108,18 +108,22 @@ async def test_a_realm_over_http_is_refused_without_allow_private(tmp_path: Path
     assert registry.requests(host="auth.test") == []
 
 
-async def test_client_credentials_never_reach_an_upstream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [True, False])
+async def test_client_credentials_never_reach_an_upstream(tmp_path: Path, cached: bool) -> None:
     registry = FakeRegistry(storage="storage.test")
     digest, layer = registry.add_image("library/alpine", "1", LAYER)
-    mirror = _mirror(tmp_path, registry)
+    mirror = _mirror(tmp_path, registry) if cached else Mirror(Config(routes=(HUB,)), registry)
     async with mirror.running():
-        for path in (
-            "/v2/library/alpine/manifests/1",
-            "/v2/library/alpine/manifests/" + digest,
-            "/v2/library/alpine/blobs/" + layer,
-            "/v2/library/alpine/tags/list",
+        for method, path in (
+            ("HEAD", "/v2/library/alpine/blobs/" + layer),  # a miss's HEAD: relayed
+            ("GET", "/v2/library/alpine/manifests/1"),
+            ("GET", "/v2/library/alpine/manifests/" + digest),
+            ("GET", "/v2/library/alpine/blobs/" + layer),
+            ("GET", "/v2/library/alpine/tags/list"),
         ):
-            client = await mirror.get(path, authorization="Bearer client-token", cookie="c=1")
+            client = await mirror.get(
+                path, method=method, authorization="Bearer client-token", cookie="c=1"
+            )
             assert client.status == 200, path
     assert registry.seen
     for request in registry.seen:
@@ -417,10 +421,13 @@ async def test_a_manifest_by_digest_is_verified(tmp_path: Path) -> None:
 
 async def test_upstream_404s_keep_their_registry_codes(tmp_path: Path) -> None:
     registry = FakeRegistry()
+    registry.add_image("library/a", "1", LAYER)
     mirror = _mirror(tmp_path, registry)
     async with mirror.running():
         missing = await mirror.get("/v2/library/a/manifests/nope")
         assert (missing.status, errors(missing)) == (404, ["MANIFEST_UNKNOWN"])
+        unknown = await mirror.get("/v2/library/none/manifests/sha256:" + "0" * 64)
+        assert (unknown.status, errors(unknown)) == (404, ["NAME_UNKNOWN"])
         blob = await mirror.get("/v2/library/a/blobs/sha256:" + "0" * 64)
         assert (blob.status, errors(blob)) == (404, ["BLOB_UNKNOWN"])
         bad = await mirror.get("/v2/library/a/blobs/sha512:" + "0" * 128)
