@@ -502,3 +502,23 @@ async def test_client_authentication_is_relays_own_challenge(tmp_path: Path) -> 
         blob = await mirror.get("/v2/library/a/manifests/" + digest)
         assert blob.status == 401
     assert all("s3cret" not in r.headers.get("authorization", "") for r in registry.seen)
+
+
+async def test_metrics_count_token_fetches_and_tag_answers(tmp_path: Path) -> None:
+    registry = FakeRegistry()
+    registry.add_image("library/a", "1", LAYER)
+    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
+    async with mirror.running():
+        await mirror.get("/v2/library/a/manifests/1")
+        await mirror.get("/v2/library/a/manifests/1")
+        mirror.clock.advance(61)
+        registry.manifest_status = 429
+        await mirror.get("/v2/library/a/manifests/1")
+        text = (await mirror.get("/metrics")).body.decode()
+    for line in (
+        'relay_registry_token_fetches_total{outcome="ok",route="/dockerhub/"} 1.0',
+        'relay_registry_tag_answers_total{outcome="miss",route="/dockerhub/"} 1.0',
+        'relay_registry_tag_answers_total{outcome="hit",route="/dockerhub/"} 1.0',
+        'relay_registry_tag_answers_total{outcome="stale",route="/dockerhub/"} 1.0',
+    ):
+        assert line in text, line
