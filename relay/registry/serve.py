@@ -306,7 +306,7 @@ def _manifest_head(entry: TagEntry) -> Response:
     response = Response(b"", 200)
     digest = entry.digest.encode()
     response.raw_headers = [
-        (b"content-type", entry.media_type.encode("latin-1")),
+        *([(b"content-type", entry.media_type.encode("latin-1"))] if entry.media_type else []),
         (b"content-length", str(entry.length).encode()),
         (b"docker-content-digest", digest),
         (b"etag", b'"' + digest + b'"'),
