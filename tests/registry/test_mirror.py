@@ -521,3 +521,19 @@ async def test_metrics_count_token_fetches_and_tag_answers(tmp_path: Path) -> No
         'relay_registry_tag_answers_total{outcome="stale",route="/dockerhub/"} 1.0',
     ):
         assert line in text, line
+
+
+async def test_a_range_of_a_cold_blob_is_answered_from_what_is_fetched(tmp_path: Path) -> None:
+    registry = FakeRegistry(storage="storage.test")
+    layer = registry.add_blob(LAYER)
+    mirror = _mirror(tmp_path, registry)
+    async with mirror.running():
+        ranged = await mirror.get("/v2/library/a/blobs/" + layer, range="bytes=1000-1999")
+        assert ranged.status == 206
+        assert ranged.body == LAYER[1000:2000]
+        assert ranged.headers[b"content-range"] == f"bytes 1000-1999/{len(LAYER)}".encode()
+        assert ranged.headers[b"docker-content-digest"] == layer.encode()
+        tail = await mirror.get("/v2/library/a/blobs/" + layer, range=f"bytes={len(LAYER) - 10}-")
+        assert tail.body == LAYER[-10:]
+    for request in registry.requests(host="storage.test"):
+        assert "authorization" not in request.headers
