@@ -36,9 +36,8 @@ from relay.cache.policy import cache_status
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.errors import RelayError, UpstreamError
-from relay.proxy.admission import hand_over
+from relay.proxy.deciding import decided
 from relay.proxy.exchange import exchange_of
-from relay.proxy.send_watch import ClientWatch
 from relay.registry.errors import API_VERSION, API_VERSION_HEADER, RegistryError, error_response
 from relay.registry.heads import blob_head, listing_head, manifest_head
 from relay.registry.names import RegistryRequest
@@ -97,34 +96,17 @@ class RegistryResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
-        limiter = self._relaying.limiter
-        client = self._relaying.client
-        refused = limiter.acquire(client)
-        if refused is not None:
-            exchange.outcome = "rejected"
-            await error_response(refused)(scope, receive, send)
+        answer = await decided(
+            scope,
+            receive,
+            send,
+            limiter=self._relaying.limiter,
+            client=self._relaying.client,
+            decide=lambda: self._decide(scope["method"]),
+            render=_render,
+        )
+        if answer is None:
             return
-        task = asyncio.current_task()
-        assert task is not None
-        watch = ClientWatch(receive, task)
-        answer: Response | None = None
-        try:
-            answer = await self._decide(scope["method"])
-        except RelayError as exc:
-            if isinstance(exc, UpstreamError):
-                exchange.outcome = "upstream_error"
-                exc = upstream_failure(exc)
-            answer = error_response(exc)
-        except asyncio.CancelledError:
-            if not watch.gone:
-                raise
-            task.uncancel()
-            exchange.outcome = "client_abort"
-            return
-        finally:
-            watch.stop()
-            if answer is None or not hand_over(answer):
-                limiter.release(client)
         status = self._status
         try:
             await answer(scope, receive, _with_cache_status(send, status) if status else send)
@@ -302,11 +284,15 @@ class RegistryResponse(Response):
         return normalised_accept(accept.decode("latin-1"))
 
 
+def _render(exc: RelayError) -> Response:
+    return error_response(upstream_failure(exc) if isinstance(exc, UpstreamError) else exc)
+
+
 def _manifest_head(entry: TagEntry) -> Response:
     response = Response(b"", 200)
     digest = entry.digest.encode()
     response.raw_headers = [
-        (b"content-type", entry.media_type.encode("latin-1")),
+        *([(b"content-type", entry.media_type.encode("latin-1"))] if entry.media_type else []),
         (b"content-length", str(entry.length).encode()),
         (b"docker-content-digest", digest),
         (b"etag", b'"' + digest + b'"'),

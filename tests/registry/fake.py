@@ -170,6 +170,8 @@ class FakeRegistry:
     def _manifest(self, request: httpx.Request, name: str, reference: str) -> httpx.Response:
         if self.manifest_status is not None:
             return _error(self.manifest_status, "UNAVAILABLE")
+        if not any(n == name for n, _ in self.tags):
+            return _error(404, "NAME_UNKNOWN")
         digest = reference if reference.startswith("sha256:") else self.tags.get((name, reference))
         if digest is None or digest not in self.manifests:
             return _error(404, "MANIFEST_UNKNOWN")

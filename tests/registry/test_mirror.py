@@ -27,6 +27,15 @@ def _mirror(tmp_path: Path, registry: FakeRegistry | None = None, **route_keys: 
     return Mirror(cached_config(tmp_path, route), registry or FakeRegistry())
 
 
+def _tagged(tmp_path: Path, tag: str = "3") -> tuple[FakeRegistry, str, Mirror, str]:
+    """A registry with library/alpine:`tag` (its manifest's digest), a mirror of it whose tags
+    are fresh for 60 s, and the tag's path."""
+    registry = FakeRegistry()
+    digest, _ = registry.add_image("library/alpine", tag, LAYER)
+    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
+    return registry, digest, mirror, f"/v2/library/alpine/manifests/{tag}"
+
+
 async def test_v2_answers_itself_with_the_api_version() -> None:
     mirror = Mirror(Config(routes=(HUB,)), FakeRegistry())
     async with mirror.running():
@@ -83,43 +92,48 @@ async def test_the_token_dance_is_relays_and_tokens_are_kept_per_scope(tmp_path:
         assert registry.requests(part="tags")[0].headers["authorization"] == "Bearer tok-2"
 
 
-async def test_a_realm_on_a_host_the_route_does_not_allow_is_refused(tmp_path: Path) -> None:
-    registry = FakeRegistry(realm="https://evil.test/token")
+@pytest.mark.parametrize(
+    ("realm", "host", "cause"),
+    [
+        (
+            "https://evil.test/token",
+            "evil.test",
+            b"evil.test is not the registry's host or in redirect_hosts",
+        ),
+        ("http://auth.test/token", "auth.test", b"not https"),  # no allow_private
+    ],
+)
+async def test_a_realm_the_route_does_not_allow_is_refused(
+    tmp_path: Path, realm: str, host: str, cause: bytes
+) -> None:
+    registry = FakeRegistry(realm=realm)
     digest, _ = registry.add_image("library/alpine", "1", LAYER)
     mirror = _mirror(tmp_path, registry)
     async with mirror.running():
         client = await mirror.get("/v2/library/alpine/manifests/" + digest)
         assert client.status == 502
         assert errors(client) == ["UNAVAILABLE"]
-        assert b"evil.test" in client.body
-        assert b"redirect_hosts" in client.body
+        assert cause in client.body
         assert b"www-authenticate" not in client.headers
-    assert registry.requests(host="evil.test") == []
+    assert registry.requests(host=host) == []
 
 
-async def test_a_realm_over_http_is_refused_without_allow_private(tmp_path: Path) -> None:
-    registry = FakeRegistry(realm="http://auth.test/token")
-    digest, _ = registry.add_image("library/alpine", "1", LAYER)
-    mirror = _mirror(tmp_path, registry)
-    async with mirror.running():
-        client = await mirror.get("/v2/library/alpine/manifests/" + digest)
-        assert client.status == 502
-        assert b"https" in client.body
-    assert registry.requests(host="auth.test") == []
-
-
-async def test_client_credentials_never_reach_an_upstream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [True, False])
+async def test_client_credentials_never_reach_an_upstream(tmp_path: Path, cached: bool) -> None:
     registry = FakeRegistry(storage="storage.test")
     digest, layer = registry.add_image("library/alpine", "1", LAYER)
-    mirror = _mirror(tmp_path, registry)
+    mirror = _mirror(tmp_path, registry) if cached else Mirror(Config(routes=(HUB,)), registry)
     async with mirror.running():
-        for path in (
-            "/v2/library/alpine/manifests/1",
-            "/v2/library/alpine/manifests/" + digest,
-            "/v2/library/alpine/blobs/" + layer,
-            "/v2/library/alpine/tags/list",
+        for method, path in (
+            ("HEAD", "/v2/library/alpine/blobs/" + layer),  # a miss's HEAD: relayed
+            ("GET", "/v2/library/alpine/manifests/1"),
+            ("GET", "/v2/library/alpine/manifests/" + digest),
+            ("GET", "/v2/library/alpine/blobs/" + layer),
+            ("GET", "/v2/library/alpine/tags/list"),
         ):
-            client = await mirror.get(path, authorization="Bearer client-token", cookie="c=1")
+            client = await mirror.get(
+                path, method=method, authorization="Bearer client-token", cookie="c=1"
+            )
             assert client.status == 200, path
     assert registry.seen
     for request in registry.seen:
@@ -262,10 +276,7 @@ async def test_without_the_cache_a_blob_is_relayed_and_verified(tmp_path: Path) 
 async def test_a_tag_is_checked_with_a_head_and_an_unchanged_tag_costs_no_get(
     tmp_path: Path,
 ) -> None:
-    registry = FakeRegistry()
-    digest, _ = registry.add_image("library/alpine", "3.20", LAYER)
-    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
-    path = "/v2/library/alpine/manifests/3.20"
+    registry, digest, mirror, path = _tagged(tmp_path, "3.20")
     async with mirror.running():
         first = await mirror.get(path)
         assert first.status == 200
@@ -285,10 +296,7 @@ async def test_a_tag_is_checked_with_a_head_and_an_unchanged_tag_costs_no_get(
 
 
 async def test_a_moved_tag_is_seen_after_its_freshness(tmp_path: Path) -> None:
-    registry = FakeRegistry()
-    registry.add_image("library/alpine", "3", LAYER)
-    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
-    path = "/v2/library/alpine/manifests/3"
+    registry, _, mirror, path = _tagged(tmp_path)
     async with mirror.running():
         await mirror.get(path)
         moved, _ = registry.add_image("library/alpine", "3", LAYER + b"v2")
@@ -304,10 +312,7 @@ async def test_a_moved_tag_is_seen_after_its_freshness(tmp_path: Path) -> None:
 async def test_a_stored_tag_is_answered_stale_when_the_upstream_errs(
     tmp_path: Path, status: int
 ) -> None:
-    registry = FakeRegistry()
-    digest, _ = registry.add_image("library/alpine", "3", LAYER)
-    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
-    path = "/v2/library/alpine/manifests/3"
+    registry, digest, mirror, path = _tagged(tmp_path)
     async with mirror.running():
         first = await mirror.get(path)
         mirror.clock.advance(61)
@@ -331,18 +336,16 @@ async def test_a_stored_tag_is_answered_stale_when_the_upstream_is_unreachable(
 ) -> None:
     import httpx
 
-    registry = FakeRegistry()
-    digest, _ = registry.add_image("library/alpine", "3", LAYER)
-    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
+    registry, digest, mirror, path = _tagged(tmp_path)
     async with mirror.running():
-        await mirror.get("/v2/library/alpine/manifests/3")
+        await mirror.get(path)
         mirror.clock.advance(61)
 
         def down(request: httpx.Request) -> httpx.Response:
             raise httpx.ConnectError("refused")
 
         registry.handle = down  # type: ignore[method-assign]
-        client = await mirror.get("/v2/library/alpine/manifests/3")
+        client = await mirror.get(path)
         assert client.status == 200
         assert b"stale-if-error" in client.headers[b"cache-status"]
         assert digest_of(client.body) == digest
@@ -417,10 +420,13 @@ async def test_a_manifest_by_digest_is_verified(tmp_path: Path) -> None:
 
 async def test_upstream_404s_keep_their_registry_codes(tmp_path: Path) -> None:
     registry = FakeRegistry()
+    registry.add_image("library/a", "1", LAYER)
     mirror = _mirror(tmp_path, registry)
     async with mirror.running():
         missing = await mirror.get("/v2/library/a/manifests/nope")
         assert (missing.status, errors(missing)) == (404, ["MANIFEST_UNKNOWN"])
+        unknown = await mirror.get("/v2/library/none/manifests/sha256:" + "0" * 64)
+        assert (unknown.status, errors(unknown)) == (404, ["NAME_UNKNOWN"])
         blob = await mirror.get("/v2/library/a/blobs/sha256:" + "0" * 64)
         assert (blob.status, errors(blob)) == (404, ["BLOB_UNKNOWN"])
         bad = await mirror.get("/v2/library/a/blobs/sha512:" + "0" * 128)
@@ -495,3 +501,39 @@ async def test_client_authentication_is_relays_own_challenge(tmp_path: Path) -> 
         blob = await mirror.get("/v2/library/a/manifests/" + digest)
         assert blob.status == 401
     assert all("s3cret" not in r.headers.get("authorization", "") for r in registry.seen)
+
+
+async def test_metrics_count_token_fetches_and_tag_answers(tmp_path: Path) -> None:
+    registry = FakeRegistry()
+    registry.add_image("library/a", "1", LAYER)
+    mirror = _mirror(tmp_path, registry, tag_max_age=60.0)
+    async with mirror.running():
+        await mirror.get("/v2/library/a/manifests/1")
+        await mirror.get("/v2/library/a/manifests/1")
+        mirror.clock.advance(61)
+        registry.manifest_status = 429
+        await mirror.get("/v2/library/a/manifests/1")
+        text = (await mirror.get("/metrics")).body.decode()
+    for line in (
+        'relay_registry_token_fetches_total{outcome="ok",route="/dockerhub/"} 1.0',
+        'relay_registry_tag_answers_total{outcome="miss",route="/dockerhub/"} 1.0',
+        'relay_registry_tag_answers_total{outcome="hit",route="/dockerhub/"} 1.0',
+        'relay_registry_tag_answers_total{outcome="stale",route="/dockerhub/"} 1.0',
+    ):
+        assert line in text, line
+
+
+async def test_a_range_of_a_cold_blob_is_answered_from_what_is_fetched(tmp_path: Path) -> None:
+    registry = FakeRegistry(storage="storage.test")
+    layer = registry.add_blob(LAYER)
+    mirror = _mirror(tmp_path, registry)
+    async with mirror.running():
+        ranged = await mirror.get("/v2/library/a/blobs/" + layer, range="bytes=1000-1999")
+        assert ranged.status == 206
+        assert ranged.body == LAYER[1000:2000]
+        assert ranged.headers[b"content-range"] == f"bytes 1000-1999/{len(LAYER)}".encode()
+        assert ranged.headers[b"docker-content-digest"] == layer.encode()
+        tail = await mirror.get("/v2/library/a/blobs/" + layer, range=f"bytes={len(LAYER) - 10}-")
+        assert tail.body == LAYER[-10:]
+    for request in registry.requests(host="storage.test"):
+        assert "authorization" not in request.headers
