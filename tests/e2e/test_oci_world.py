@@ -69,7 +69,7 @@ def test_the_fault_proxy_forwards_counts_cuts_tampers_and_refuses(
 @needs("docker-registry", "skopeo")
 def test_the_token_registry_trusts_the_issuer(oci_token_world: TokenWorld, oci_tmp: Path) -> None:
     registry, issuer = oci_token_world.registry, oci_token_world.issuer
-    issuer.reset()  # the issuer is the session's: earlier tests' requests are not this one's
+    issuer.reset()  # the session's issuer: earlier tests (test_oci_auth) asked it too
     challenge = httpx.get(f"{registry.url}/v2/small/manifests/v1")
     assert challenge.status_code == 401
     assert issuer.realm in challenge.headers["www-authenticate"]
