@@ -138,6 +138,22 @@ def _fetch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="extra request header (repeatable); Range and If-Range are refused",
     )
     p.add_argument(
+        "--mirror",
+        dest="mirrors",
+        action="append",
+        metavar="URL",
+        type=arg_type(fetcher.url_arg, "URL"),
+        help="the same file at another URL, asked after URL (repeatable, in order)",
+    )
+    p.add_argument(
+        "--failover",
+        choices=("not-found", "any"),
+        default="not-found",
+        help="when the next mirror is asked: on 404/410 only (default), or also on a "
+        "connect error, timeout, 5xx or 429 (any); with any and a known sha256 a dropped "
+        "body continues from the next mirror, verified",
+    )
+    p.add_argument(
         "--no-resume", action="store_true", help="discard an existing FILE.part and start over"
     )
     p.add_argument(

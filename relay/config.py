@@ -58,7 +58,33 @@ def _key(default: Any, help: str, details: str = "", **checks: Any) -> Any:
 
 
 _REDIRECTS = ("pass", "follow")
-_PRESETS = ("", "pypi", "npm", "hf", "oci")
+_FAILOVER = ("not-found", "any")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mirror:
+    """One of a route's upstream base URLs, with the credential sent to it alone."""
+
+    url: str
+    auth_env: str = ""
+    auth_file: str = ""
+    credential: str = field(default="", repr=False, compare=False)
+    """The resolved credential; never logged."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", _normalise_upstream(self.url))
+        if self.auth_env and self.auth_file:
+            raise ConfigError(f"mirror {self.url}: give auth_env or auth_file, not both")
+
+    def describe(self) -> dict[str, str]:
+        return {"url": self.url, "auth_env": self.auth_env, "auth_file": self.auth_file}
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+
+_PRESETS = ("", "pypi", "npm", "hf", "oci", "debian")
 _REGISTRY_HOST_RE = re.compile(
     r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$"
 )
@@ -75,13 +101,54 @@ class Route:
     prefix: str = field(
         metadata={"help": "the path prefix served, starting with '/' (normalised to end with '/')"}
     )
-    upstream: str = field(
-        metadata={
-            "help": "the http(s) base URL the prefix is served from (normalised to end with '/')",
-            "details": "The part of the request path after the prefix is appended below it as "
-            "the client sent it, with the query: it can never change the upstream host. No "
-            "user information, query or fragment.",
-        }
+    upstream: str = _key(
+        "",
+        "the http(s) base URL the prefix is served from (normalised to end with '/')",
+        "The part of the request path after the prefix is appended below it as the client "
+        "sent it, with the query: it can never change the upstream host. No user "
+        "information, query or fragment. Give `upstream` or `upstreams`.",
+    )
+    upstreams: tuple[Mirror, ...] = _key(
+        (),
+        "several base URLs serving the same files (mirrors), tried in order",
+        'Instead of `upstream`. Each item is a URL or a table `{ url = "...", auth_env = '
+        '"..." }` (or `auth_file`) whose credential goes to that mirror alone; the route\'s '
+        "own `auth_env`/`auth_file` are then not accepted. When the next mirror is asked: "
+        "`failover`; mirrors that keep failing rest: `max_fails`, `fail_timeout` "
+        "([mirrors](mirrors.md#several-mirrors-per-route)). On the command line and in the "
+        'environment: `PREFIX=URL1,URL2` (`failover = "not-found"`) or `PREFIX=URL1|URL2` '
+        '(`failover = "any"`), as in Go\'s GOPROXY.',
+        kind="list of URLs or `{ url, auth_env, auth_file }` tables",
+    )
+    failover: str = _key(
+        "not-found",
+        '"not-found": the next mirror only on 404/410; "any": also on a connect error, '
+        "timeout, 5xx or 429",
+        "Never on 401, 403, 407 or any other 4xx, and never once a byte of the body went to "
+        'the client. With "not-found", a name one mirror does not know reaches the next only '
+        "when the first answered that it does not have it (never during its outage).",
+        choices=_FAILOVER,
+    )
+    max_fails: int = _key(
+        1,
+        "failures within fail_timeout after which a mirror rests (0: never)",
+        "A failure: a connect error, a timeout, a 5xx or 429 answer. Only routes with several "
+        "mirrors; a single upstream is always asked.",
+        min=0,
+    )
+    fail_timeout: float = _key(
+        10.0,
+        "seconds in which max_fails failures make a mirror rest, and how long it rests",
+        "Then it is asked again; one more failure and it rests again (as nginx's `max_fails`, "
+        '`fail_timeout`). A resting mirror is skipped with `failover = "any"`; when every '
+        "mirror rests, the route answers 503 at once, naming the cause.",
+        positive=True,
+    )
+    hedge_after: float = _key(
+        0.0,
+        "seconds to wait for a mirror's response head before also asking the next (0: off)",
+        'The first good head wins; the other request is closed. Needs `failover = "any"`.',
+        min=0,
     )
     allow_private: bool = _key(
         False,
@@ -119,12 +186,14 @@ class Route:
     )
     preset: str = _key(
         "",
-        'a package-ecosystem preset: "pypi", "npm", "hf" or "oci" ("": none)',
+        'a package-ecosystem preset: "pypi", "npm", "hf", "oci" or "debian" ("": none)',
         '"pypi" and "npm" rewrite index pages and packuments so their file links point at '
         'relay\'s routes; "hf" (needs `redirects = "follow"`) keeps the Hub\'s file '
         'metadata headers through redirects and withholds Xet\'s; "oci" makes the route a '
-        "read-only pull-through container registry mirror, answered under `/v2/` "
-        "([package mirrors](mirrors.md)). Without a preset, bytes are never changed.",
+        "read-only pull-through container registry mirror, answered under `/v2/`; "
+        '"debian" caches `pool/` and `by-hash/` files as immutable and revalidates the rest '
+        "of `dists/` on every request ([package mirrors](mirrors.md)). Without a preset, "
+        "bytes are never changed.",
         choices=_PRESETS,
     )
     registry_hosts: tuple[str, ...] = _key(
@@ -182,12 +251,12 @@ class Route:
                 "unreserved URL characters, without '.' or '..' segments"
             )
         object.__setattr__(self, "prefix", prefix)
-        object.__setattr__(self, "upstream", _normalise_upstream(self.upstream))
         where = f"route {prefix}"
+        self._set_mirrors(where)
         if self.redirects not in _REDIRECTS:
             raise ConfigError(f"{where}: redirects must be 'pass' or 'follow'")
         if self.preset not in _PRESETS:
-            raise ConfigError(f"{where}: preset must be 'pypi', 'npm', 'hf' or 'oci'")
+            raise ConfigError(f"{where}: preset must be one of {', '.join(_PRESETS[1:])}")
         if self.preset == "oci":
             self._check_oci(where)
         if self.preset == "hf" and self.redirects != "follow":
@@ -208,13 +277,57 @@ class Route:
         object.__setattr__(self, "redirect_hosts", tuple(h.lower() for h in self.redirect_hosts))
         if self.cache_stale_if_error < 0:
             raise ConfigError(f"{where}: cache_stale_if_error must be >= 0")
+        if self.failover not in _FAILOVER:
+            raise ConfigError(f"{where}: failover must be 'not-found' or 'any'")
+        if self.max_fails < 0 or not self.fail_timeout > 0 or self.hedge_after < 0:
+            raise ConfigError(
+                f"{where}: max_fails must be >= 0, fail_timeout > 0 and hedge_after >= 0"
+            )
+        if self.hedge_after and (self.failover != "any" or len(self.upstreams) < 2):
+            raise ConfigError(
+                f"{where}: hedge_after needs several upstreams and failover = 'any' "
+                "(a hedged request goes to the next mirror whatever the first answers)"
+            )
         if not self.allow_private:
-            reason = _literal_refusal(urlsplit(self.upstream).hostname or "")
-            if reason:
-                raise ConfigError(
-                    f"{where}: upstream {self.upstream} is a {reason}; "
-                    "set allow_private = true to reach it deliberately"
-                )
+            for mirror in self.upstreams:
+                reason = _literal_refusal(urlsplit(mirror.url).hostname or "")
+                if reason:
+                    raise ConfigError(
+                        f"{where}: upstream {mirror.url} is a {reason}; "
+                        "set allow_private = true to reach it deliberately"
+                    )
+
+    def _set_mirrors(self, where: str) -> None:
+        """`upstream` and `upstreams` made one: `upstreams` holds every mirror, the first
+        being `upstream`, whose credential is the route's own (`auth_env`/`auth_file`)."""
+        items = tuple(m if isinstance(m, Mirror) else Mirror(url=m) for m in self.upstreams)
+        if self.upstream and len(items) <= 1:
+            first = Mirror(url=self.upstream, auth_env=self.auth_env, auth_file=self.auth_file)
+            object.__setattr__(self, "upstreams", (first,))
+            object.__setattr__(self, "upstream", first.url)
+            return
+        if not items:
+            raise ConfigError(f"{where}: give upstream or upstreams")
+        if self.upstream and _normalise_upstream(self.upstream) != items[0].url:
+            raise ConfigError(f"{where}: give upstream or upstreams, not both")
+        urls = [m.url for m in items]
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"{where}: upstreams lists a URL twice")
+        first = items[0]
+        route_auth = (self.auth_env, self.auth_file)
+        if first.auth_env or first.auth_file:
+            if any(route_auth) and route_auth != (first.auth_env, first.auth_file):
+                raise ConfigError(f"{where}: the first mirror's credential is given twice")
+            object.__setattr__(self, "auth_env", first.auth_env)
+            object.__setattr__(self, "auth_file", first.auth_file)
+        elif len(items) > 1 and any(route_auth):
+            raise ConfigError(
+                f"{where}: with several upstreams, give each mirror its own credential: "
+                'upstreams = [{ url = "...", auth_env = "..." }, ...] (a credential is sent '
+                "to its own mirror only)"
+            )
+        object.__setattr__(self, "upstreams", items)
+        object.__setattr__(self, "upstream", first.url)
 
     def _check_oci(self, where: str) -> None:
         """An oci route: always follows redirects (to redirect_hosts only: blobs live in
@@ -242,8 +355,9 @@ class Route:
         object.__setattr__(self, "registry_hosts", hosts)
 
     def resolve_credential(self, environ: Mapping[str, str]) -> Route:
-        """Read the credential named by auth_env/auth_file, or an oci route's user name and
-        password (username_env/password_env), at startup, never at import."""
+        """Read the credentials named by auth_env/auth_file (the route's, its first
+        mirror's, and each other mirror's own), or an oci route's user name and password
+        (username_env/password_env), at startup, never at import."""
         where = f"route {self.prefix}"
         if self.username_env:
             user, password = environ.get(self.username_env), environ.get(self.password_env)
@@ -257,39 +371,71 @@ class Route:
             if ":" in user:
                 raise ConfigError(f"{where}: {self.username_env}: a user name cannot hold ':'")
             return dataclasses.replace(self, registry_credential=(user, password))
-        if self.auth_env:
-            if not environ.get(self.auth_env):
-                raise ConfigError(f"{where}: auth_env {self.auth_env} is not set")
-            value = environ[self.auth_env]
-        elif self.auth_file:
-            value = _read_secret_file(self.auth_file, f"{where}: auth_file")
-        else:
-            return self
-        if any(c in value for c in "\r\n\x00"):
-            raise ConfigError(f"{where}: the credential must be a single header value")
-        if not value.isascii():
-            # httpx sends header text as ASCII: every request would fail (500) otherwise.
-            raise ConfigError(f"{where}: the credential must be ASCII")
-        return dataclasses.replace(self, credential=value.strip())
+        mirrors = [self.upstreams[0]]
+        for i, mirror in enumerate(self.upstreams[1:], 2):
+            value = _credential(mirror.auth_env, mirror.auth_file, environ, f"{where} mirror {i}")
+            mirrors.append(dataclasses.replace(mirror, credential=value or ""))
+        route = self
+        if len(mirrors) > 1:
+            route = dataclasses.replace(route, upstreams=tuple(mirrors))
+        value = _credential(self.auth_env, self.auth_file, environ, where)
+        return route if value is None else dataclasses.replace(route, credential=value)
+
+    def mirror_credential(self, index: int) -> str:
+        """The credential sent to mirror `index` ("": none)."""
+        return self.credential if index == 0 else self.upstreams[index].credential
 
     def describe(self) -> dict[str, Any]:
-        """The route's keys, safe to log: the credential is masked."""
-        return {
+        """The route's keys, safe to log: the credentials are masked."""
+        out = {
             f.name: masked(
                 getattr(self, f.name), secret=f.name in ("credential", "registry_credential")
             )
             for f in dataclasses.fields(self)
         }
+        out["upstreams"] = [m.describe() for m in self.upstreams]
+        return out
 
     @classmethod
     def parse(cls, text: str) -> Route:
-        """Parse the command-line form PREFIX=URL."""
+        """Parse the command-line form PREFIX=URL, PREFIX=URL1,URL2 (mirrors, the next asked
+        on not-found) or PREFIX=URL1|URL2 (the next asked on any failure)."""
         prefix, sep, upstream = text.partition("=")
         if not sep or not prefix or not upstream:
             raise ConfigError(
                 f"route {mask_url(text)!r}: expected PREFIX=URL, e.g. /gh/=https://github.com/"
             )
-        return cls(prefix=prefix.strip(), upstream=upstream.strip())
+        if "," in upstream and "|" in upstream:
+            raise ConfigError(
+                f"route {mask_url(text)!r}: separate mirrors with ',' (next on not-found) or "
+                "'|' (next on any failure), not both"
+            )
+        separator = "|" if "|" in upstream else ","
+        urls = [u.strip() for u in upstream.split(separator)]
+        if len(urls) == 1:
+            return cls(prefix=prefix.strip(), upstream=urls[0])
+        failover = "any" if separator == "|" else "not-found"
+        mirrors = tuple(Mirror(url=url) for url in urls)
+        return cls(prefix=prefix.strip(), upstreams=mirrors, failover=failover)
+
+
+def _credential(
+    auth_env: str, auth_file: str, environ: Mapping[str, str], where: str
+) -> str | None:
+    if auth_env:
+        if not environ.get(auth_env):
+            raise ConfigError(f"{where}: auth_env {auth_env} is not set")
+        value = environ[auth_env]
+    elif auth_file:
+        value = _read_secret_file(auth_file, f"{where}: auth_file")
+    else:
+        return None
+    if any(c in value for c in "\r\n\x00"):
+        raise ConfigError(f"{where}: the credential must be a single header value")
+    if not value.isascii():
+        # httpx sends header text as ASCII: every request would fail (500) otherwise.
+        raise ConfigError(f"{where}: the credential must be ASCII")
+    return value.strip()
 
 
 def mask_url(text: str) -> str:
@@ -375,7 +521,8 @@ class Config:
     routes: tuple[Route, ...] = field(
         default=(),
         metadata={
-            "help": "serve PREFIX from the upstream base URL, e.g. /gh/=https://github.com/",
+            "help": "serve PREFIX from the upstream base URL, e.g. /gh/=https://github.com/ "
+            "(mirrors: PREFIX=URL1,URL2 next on not-found, PREFIX=URL1|URL2 next on any failure)",
             "group": "routes",
             "flag": "--route",
             "metavar": "PREFIX=URL",
@@ -918,7 +1065,10 @@ def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], tuple[Route, 
     routes_text = environ.get(env_var("routes"))
     routes = None
     if routes_text is not None and routes_text.strip():
-        routes = tuple(_parse_route_texts(re.split(r"[\s,]+", routes_text.strip())))
+        # A comma separates routes when the next starts with "/" (a prefix), and mirrors
+        # when it starts with a URL: "/a/=https://x/,https://y/,/b/=https://z/".
+        texts = re.split(r"\s*,\s*(?=/)|\s+", routes_text.strip().strip(","))
+        routes = tuple(_parse_route_texts(texts))
     return values, routes
 
 
@@ -933,13 +1083,17 @@ def _route_from_table(table: dict[str, Any], where: str) -> Route:
     unknown = set(table) - _ROUTE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    for required in ("prefix", "upstream"):
-        if required not in table:
-            raise ConfigError(f"{where}.{required}: required")
+    if "prefix" not in table:
+        raise ConfigError(f"{where}.prefix: required")
+    if "upstream" not in table and "upstreams" not in table:
+        raise ConfigError(f"{where}.upstream: required (or upstreams)")
     hints = typing.get_type_hints(Route)
     values: dict[str, Any] = {}
     for key, value in table.items():
         kind = hints[key]
+        if key == "upstreams":
+            values[key] = _mirrors_from_toml(value, f"{where}.{key}")
+            continue
         if kind == tuple[str, ...]:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.{key}: expected a list of strings")
@@ -950,6 +1104,27 @@ def _route_from_table(table: dict[str, Any], where: str) -> Route:
             raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
         values[key] = value
     return Route(**values)
+
+
+_MIRROR_KEYS = frozenset({"url", "auth_env", "auth_file"})
+
+
+def _mirrors_from_toml(value: Any, where: str) -> tuple[Mirror, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of URLs or {{ url = ... }} tables")
+    mirrors = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict) or "url" not in item:
+            raise ConfigError(f"{where}[{i}]: expected a URL or a table with url")
+        unknown = set(item) - _MIRROR_KEYS
+        if unknown:
+            raise ConfigError(f"{where}[{i}]: unknown key {sorted(unknown)[0]!r}")
+        if not all(isinstance(v, str) for v in item.values()):
+            raise ConfigError(f"{where}[{i}]: expected strings")
+        mirrors.append(Mirror(**item))
+    return tuple(mirrors)
 
 
 def _from_toml(path: Path) -> tuple[dict[str, Any], tuple[Route, ...] | None]:

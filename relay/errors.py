@@ -14,7 +14,9 @@
     ├── UpstreamError          5xx: upstream trouble before the response started
     │   ├── UpstreamUnavailable  502: refused, reset, DNS failure, bad framing
     │   ├── PoolExhausted        503 + Retry-After: no free upstream connection in time
-    │   └── UpstreamTimeout      504: no response headers in time
+    │   ├── UpstreamTimeout      504: no response headers in time
+    │   └── MirrorsDown          503 + Retry-After: every mirror of the route is resting
+    │                            after failures (passive health); answered at once
     └── DownloadsError         the downloads API (/downloads, /files), 400 unless given:
         ├── InvalidField         400/422: a request field is malformed or refused
         ├── Conflict             409: the name is taken by another download or a different file
@@ -122,6 +124,14 @@ class PoolExhausted(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status_code = 504
+
+
+class MirrorsDown(UpstreamError):
+    status_code = 503
+
+    def __init__(self, reason: str, *, retry_after: float) -> None:
+        super().__init__(reason)
+        self.headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
 
 
 class DownloadsError(RelayError):

@@ -47,9 +47,13 @@ request), ``GET /headers?set=Name:Value&set=...`` (extra response headers).
 ``GET /links``: an app server building absolute URLs from ``X-Forwarded-Proto`` /
 ``X-Forwarded-Host`` (else its ``Host``), as devpi and Nexus do: a cacheable HTML page linking
 to ``<base>/gen/1k``, or with ``redirect=1`` a 302 there (``cc`` replaces Cache-Control).
-Any path: ``hold=<name>`` makes the request wait, after being recorded, while
-``Origin.close_gate(name)`` holds it (before its response head), so a test knows every client
-arrived while that one upstream request was pending.
+Any path: ``/p/<k=v&k2=v2>/<path>`` serves ``<path>`` with those parameters (before the
+query's): a base URL that carries faults, e.g. one mirror of several that dies mid-body;
+``answer=<code>`` answers that status with a short body, ``gen=<size>`` serves
+``/gen/<size>`` for any path below (a digest-named path: ``.../blobs/sha256:<hex>``).
+``hold=<name>`` makes the request wait, after being recorded, while ``Origin.close_gate(name)``
+holds it (before its response head), so a test knows every client arrived while that one
+upstream request was pending.
 """
 
 from __future__ import annotations
@@ -705,6 +709,14 @@ class _Core:
         else:
             raise _BadRequest("malformed request target")
         params = parse_qsl(split.query, keep_blank_values=True)
+        path = split.path or "/"
+        if path.startswith("/p/"):  # parameters in the path: a mirror's base URL's faults
+            segment, _, rest = path[3:].partition("/")
+            params = parse_qsl(segment, keep_blank_values=True) + params
+            path = "/" + rest
+            served = dict(parse_qsl(segment)).get("gen")
+            if served is not None:  # any path below serves /gen/<size>
+                path = f"/gen/{served}"
         first_params: dict[str, str] = {}
         for k, v in params:
             first_params.setdefault(k, v)
@@ -713,7 +725,7 @@ class _Core:
             target=target,
             version=version,
             headers=headers,
-            path=split.path or "/",
+            path=path,
             params=params,
             first=first_params,
         )
@@ -834,6 +846,10 @@ class _Core:
         hold = req.param("hold")
         if hold is not None:
             await self._held(hold)
+        answer = req.param("answer")
+        if answer is not None and answer.isdigit() and 200 <= int(answer) <= 599:
+            status = int(answer)
+            return await self._simple(writer, req, status, f"{status} {_reason(status)}\n".encode())
         if path.startswith("/gen/"):
             if req.method not in ("GET", "HEAD"):
                 return await self._simple(

@@ -46,7 +46,7 @@ from relay.cache.storable import TOO_LARGE, VARY_LEARNED
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
-from relay.net.presets import is_immutable
+from relay.net.presets import is_immutable, revalidated
 from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
 
@@ -197,6 +197,7 @@ class Cache:
         fill = self.new_fill(key, order.variant, order.request, route, revalidating)
         fill.sha256 = order.sha256
         fill.immutable = is_immutable(route, path_of(order.base, route.prefix))
+        fill.revalidate = revalidated(route, path_of(order.base, route.prefix))
         self.start(fill, order.base)
         return fill
 

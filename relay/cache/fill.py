@@ -45,7 +45,8 @@ from relay.config import Config, Route
 from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries
 from relay.http.digests import DigestConflict, upstream_sha256
-from relay.http.resume import resume_request_headers
+from relay.http.resume import mark_continuation, resume_request_headers
+from relay.net.mirrors import pinned_sha256
 from relay.net.presets import linked_sha256
 from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
@@ -150,6 +151,11 @@ class Fill(SharedFill):
         self.immutable = False
         """The operator declared this file immutable (`is_immutable`): it stays fresh for at
         least a year unless the upstream says `no-cache`; an index page never is."""
+        self.revalidate = False
+        """A preset's metadata revalidated by every request (`revalidated`): stored with a
+        lifetime of 0, whatever the upstream gives."""
+        self._pinned: str | None = None
+        """The digest that lets a cut body continue from another mirror (`pinned_sha256`)."""
         self.slice: tuple[int, int, str | None] | None = None
         """A slice fill: (first byte, last byte, the validator it must carry or None)."""
         self.total: int | None = None
@@ -339,10 +345,15 @@ class Fill(SharedFill):
             immutable=self._immutable(response.headers),
             routes=self._owner.routes,
         )
+        self._lifetime(self.meta)
         return True
 
     def _room(self, size: int) -> bool:
         return self._owner.reserve(self, size)
+
+    def _lifetime(self, meta: Meta) -> None:
+        if self.revalidate:
+            meta.lifetime = 0.0
 
     def _immutable(self, headers: httpx.Headers) -> bool:
         return storable.is_immutable(self._route, self.immutable, headers)
@@ -392,6 +403,7 @@ class Fill(SharedFill):
             self.withdrawn = True
             self._owner.fill_replaced(self)
             return False
+        self._lifetime(meta)
         self._owner.fill_refreshed(self, meta)
         self.refreshed = meta
         return False
@@ -445,6 +457,7 @@ class Fill(SharedFill):
             received=received,
             immutable=self._immutable(response.headers),
         )
+        self._lifetime(self.meta)
         return True
 
     async def _write_body(self, first: httpx.Response, fd: int) -> None:
@@ -481,6 +494,9 @@ class Fill(SharedFill):
             except httpx.HTTPError as exc:
                 if plan is None and self._owner.config.resume_attempts:
                     plan = Continuation.for_response(first)
+                    if self.slice is None and first.status_code == 200:
+                        url, headers = first.request.url, first.headers
+                        self._pinned = pinned_sha256(self._route, url.path, headers, self.sha256)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
                 response = await self._resume(plan, response.request, retries)
@@ -508,12 +524,13 @@ class Fill(SharedFill):
                 resume_request_headers(plan, failed, self.written),
                 self._route,
             )
+            mark_continuation(request, self._pinned)
             try:
                 response = self._response = await self._open(request)
             except UpstreamError as exc:
                 cause = f"resume failed: {exc.reason}"
             else:
-                verdict = plan.judge(response.status_code, response.headers, self.written)
+                verdict = plan.judge_answer(response, self.written)
                 if verdict.continues:
                     logger.info("cache fill resumed at %d bytes", self.written)
                     return response
@@ -528,7 +545,9 @@ class Fill(SharedFill):
         assert self.meta is not None
         whole = self.slice is None
         expected = (
-            (self.sha256 or upstream_sha256(headers) or linked_sha256(headers)) if whole else None
+            (self.sha256 or upstream_sha256(headers) or linked_sha256(headers) or self._pinned)
+            if whole
+            else None
         )
         if not whole:
             expected = self._content_sha256  # a slice's own bytes, when announced

@@ -17,7 +17,7 @@ import httpx
 from relay.config import Route
 from relay.errors import UpstreamError
 from relay.http.continuation import Continuation
-from relay.http.resume import resume_request_headers
+from relay.http.resume import mark_continuation, resume_request_headers
 from relay.net.upstream import Upstream
 
 
@@ -116,6 +116,7 @@ class HandOver:
             resume_request_headers(plan, self._request, position),
             self._route,
         )
+        mark_continuation(request, None)  # another mirror's bytes are never joined here
         try:
             response = await self._upstream.open(request, self._route)
         except UpstreamError:

@@ -25,7 +25,7 @@ from relay.cache.key import SLICE_MARK, path_of, slice_key
 from relay.cache.policy import conditional_headers
 from relay.cache.store import Meta
 from relay.config import Route
-from relay.net.presets import is_immutable
+from relay.net.presets import is_immutable, revalidated
 
 if TYPE_CHECKING:
     from relay.cache.cache import Cache
@@ -112,6 +112,7 @@ class Slices:
         fill.slice = (first, first + size - 1, validator)
         fill.sha256 = sha256
         fill.immutable = is_immutable(route, path_of(base, route.prefix))
+        fill.revalidate = revalidated(route, path_of(base, route.prefix))
         fill.object_key = storage
         self.sliced.add(storage)
         if revalidating is not None:

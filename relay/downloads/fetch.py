@@ -9,6 +9,10 @@ module gives it what belongs to the job:
   job and saved (`checkpoint`, which also checks the byte quota) before its body is appended,
   so a job resumed after a restart continues the same representation;
 - progress, the rate and the attempt count are the job's; restarts and retries are logged;
+- a route with several mirrors: the first request goes to them in turn (`Upstream.open`); a
+  continuation goes to the mirror that sent the first bytes, or, when the file's sha256 is
+  known (the job's expected one, or one the upstream announced, both checked before the file
+  is published), to the next mirror too;
 - the policy: `resume_attempts` failed attempts in a row, counted afresh after each
   `MIN_PROGRESS` bytes of progress; `DOWNLOAD_BACKOFF` between attempts; a 206 at the wrong
   offset restarts from zero once (nobody is there to retry a job by hand);
@@ -28,6 +32,8 @@ from relay.downloads.errors import as_job_failure
 from relay.downloads.model import Job
 from relay.errors import UpstreamError
 from relay.http.continuation import DOWNLOAD_BACKOFF
+from relay.http.resume import mark_continuation
+from relay.net.mirrors import pinned_sha256
 from relay.net.routing import Target
 from relay.net.upstream import USER_AGENT, VIA, Upstream
 from relay.transfer import Events, PartialFile, Policy, Representation, Transfer
@@ -56,6 +62,9 @@ class Fetcher(Events):
         self._partial = partial
         self._checkpoint = checkpoint
         self._where = target.url.split("?", 1)[0]  # for logs: a query may carry signatures
+        self._source: tuple[httpx.URL, int] | None = None
+        """The mirror URL (and its index) whose answer the partial file's bytes came from;
+        None: the target's own URL (a followed redirect's is never asked directly)."""
         known = Representation(
             validator=job.validator if job.byte_ranges else None,
             total=job.total,
@@ -79,9 +88,21 @@ class Fetcher(Events):
 
     async def _open(self, extra: list[tuple[str, str]]) -> httpx.Response:
         route = self._target.route
-        request = self._upstream.build_request(
-            "GET", self._target.url, request_headers(route, extra), route
-        )
+        continues = any(name == "range" for name, _ in extra)
+        url: str | httpx.URL = self._target.url
+        headers = request_headers(route, extra)
+        if continues and self._source is not None:
+            url, index = self._source
+            headers = [(n, v) for n, v in headers if n != route.auth_header]
+            if route.mirror_credential(index):
+                headers.append((route.auth_header, route.mirror_credential(index)))
+        request = self._upstream.build_request("GET", url, headers, route)
+        if continues:
+            known = self._job.expected_sha256 or self._job.upstream_sha256
+            pinned = (
+                pinned_sha256(route, request.url.path, httpx.Headers(), known) if known else None
+            )
+            mark_continuation(request, pinned)
         self._job.attempts += 1
         try:
             return await self._upstream.open(request, route)
@@ -98,6 +119,9 @@ class Fetcher(Events):
     # ---- the transfer's events ------------------------------------------------------------
 
     async def head(self, representation: Representation, response: httpx.Response) -> None:
+        url = response.request.url
+        index = self._upstream.mirrors.of(self._target.route).index_of(str(url))
+        self._source = (url, index) if index is not None else None
         self._record(representation)
         await self._checkpoint()
 

@@ -63,9 +63,9 @@ def path_for_url(url: str, table: RouteTable) -> str:
         raise InvalidField("url", "expected an absolute http(s) URL", status_code=400)
     # Scheme and host are case-insensitive; route upstreams are stored lower-cased.
     normalised = m.group(1).lower() + m.group(2)
-    for route in table.by_upstream():
-        if normalised.startswith(route.upstream):
-            return route.prefix + normalised[len(route.upstream) :]
+    for upstream, route in table.by_upstream():
+        if normalised.startswith(upstream):
+            return route.prefix + normalised[len(upstream) :]
     raise NotFound("no configured route serves this URL", field="url")
 
 

@@ -10,15 +10,25 @@ thread either way, started without waiting for the loop.
 
 Failures are sorted here: dropped, reset, refused or timed out is worth another attempt
 (`AttemptFailed`); too many redirects is an HTTP error; anything else ends the run.
+
+Mirrors (`--mirror URL`, the same file elsewhere) follow a route's rules (`relay.net.mirrors`):
+before the first byte the next URL is asked on 404/410, or with `--failover any` also on a
+connect error, timeout, 5xx or 429; a continuation goes to the URL that sent the first bytes,
+or, when a sha256 pins the file (`--sha256`, or one the server announced: both checked before
+FILE is written) and the failover is "any", to the next URLs first, without If-Range.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
 from relay.fetch.errors import HTTPStatusError, TransferFailed
+from relay.http.continuation import CONTINUATION, SWITCHED_FROM
+from relay.http.digests import DigestConflict, upstream_sha256
+from relay.net.mirrors import failed_status, falls_through
 from relay.transfer import describe
 from relay.transfer.errors import AttemptFailed
 
@@ -29,15 +39,67 @@ _TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolEr
 
 
 class BlockingOpener:
-    """Sends `GET url` with the user's headers (and the engine's Range, If-Range)."""
+    """Sends `GET url` (or a mirror's) with the user's headers (and the engine's Range,
+    If-Range)."""
 
-    def __init__(self, client: httpx.Client, url: str, headers: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        client: httpx.Client,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        *,
+        mirrors: Sequence[str] = (),
+        failover: str = "not-found",
+        sha256: str | None = None,
+    ) -> None:
         self._client = client
-        self._url = url
+        self._urls = [url, *mirrors]
         self._headers = {"Accept-Encoding": "identity", **dict(headers)}
+        self._failover = failover
+        self._pinned = sha256
+        self._current = 0  # the URL whose answer the bytes had came from
 
     async def __call__(self, extra: list[tuple[str, str]]) -> httpx.Response:
-        request = self._client.build_request("GET", self._url, headers=self._headers | dict(extra))
+        n = len(self._urls)
+        continues = any(name.lower() == "range" for name, _ in extra)
+        if not continues:
+            order = list(range(n))
+        elif self._pinned and self._failover == "any":
+            order = [(self._current + k) % n for k in range(1, n + 1)]
+        else:
+            order = [self._current]
+        for k, index in enumerate(order):
+            last = k == len(order) - 1
+            headers = self._headers | dict(extra)
+            if continues and index != self._current:
+                headers = {k: v for k, v in headers.items() if k.lower() != "if-range"}
+            request = self._client.build_request("GET", self._urls[index], headers=headers)
+            if continues:
+                request.extensions[CONTINUATION] = self._pinned or ""
+            try:
+                response = self._send(request)
+            except AttemptFailed:
+                if last or self._failover != "any":
+                    raise
+                continue
+            status = response.status_code
+            if not last and (
+                falls_through(self._failover, status)
+                or (continues and index != self._current and failed_status(status))
+            ):
+                await response.aclose()
+                continue
+            if continues and index != self._current:
+                response.extensions[SWITCHED_FROM] = self._current
+            if status in (200, 206):
+                self._current = index
+            if status == 200 and self._pinned is None:
+                with contextlib.suppress(DigestConflict):
+                    self._pinned = upstream_sha256(response.headers)
+            return response
+        raise AssertionError("unreachable: the last URL's answer is returned")
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
         try:
             sent = self._client.send(request, stream=True)
         except _TRANSIENT as exc:

@@ -102,6 +102,9 @@ class FetchOptions:
     headers: tuple[tuple[str, str], ...] = ()
     resume: bool = True
     force: bool = False
+    mirrors: tuple[str, ...] = ()
+    """Other URLs of the same file, asked in order after `url` (see relay.fetch.client)."""
+    failover: str = "not-found"
 
     def backoff(self, retry: int) -> float:
         """Seconds before retry number `retry` (0-based): retry_delay x 2^retry, capped."""
@@ -254,7 +257,14 @@ class _Run(Events):
                 max_redirects=MAX_REDIRECTS,
             ) as client:
                 transfer = Transfer(
-                    BlockingOpener(client, options.url, options.headers),
+                    BlockingOpener(
+                        client,
+                        options.url,
+                        options.headers,
+                        mirrors=options.mirrors,
+                        failover=options.failover,
+                        sha256=options.sha256,
+                    ),
                     sink,
                     policy=Policy(
                         retries=options.retries,
@@ -453,6 +463,8 @@ def run_fetch(args: Mapping[str, Any]) -> int:
             headers=tuple(headers),
             resume=not args.get("no_resume"),
             force=bool(args.get("force")),
+            mirrors=tuple(args.get("mirrors") or ()),
+            failover=args.get("failover") or "not-found",
         )
         fetch(options, reporter)
     except FetchError as exc:

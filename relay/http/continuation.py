@@ -20,6 +20,12 @@ A body is continued only with the same representation (RFC 9110 13.1.5, 14.4):
 - a 416 whose length equals the bytes already had means the body is complete; any other 416
   is never appended.
 
+Another mirror (`SWITCHED_FROM`): validators are not comparable across mirrors, so a body
+continues from another mirror only when its identity is pinned by a SHA-256 the caller
+verifies over the whole body before its last byte goes out (the mid-body switch): the 206 must
+then start at N, end where the first response would have and give the same total, and any
+digest it announces must be the pinned one; its validator is not compared.
+
 Every failed attempt (a body cut, a resume request that fails to connect or times out, a
 transient status in `RETRY_STATUSES`) counts against one budget, with `Backoff` between them.
 """
@@ -31,8 +37,21 @@ from dataclasses import dataclass
 
 import httpx
 
+from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.ranges import parse_content_range, parse_unsatisfied_range
 from relay.http.validators import accepts_byte_ranges, is_strong_etag, resume_validator
+
+#: Request extension: the request continues a body already partly had (Range from the byte
+#: delivered). Its value is the SHA-256 (hex) pinning the body's identity, verified by the
+#: caller before the body ends, or "" when none is known. Without a pin a continuation is
+#: asked of the source that sent the first bytes only; with one, of another mirror too
+#: (`relay.net.upstream.Upstream.open`).
+CONTINUATION = "relay.continuation"
+
+#: Response extension: the continuation was answered by another source than the one it was
+#: asked of (the index of that mirror). Its validator says nothing about the first bytes:
+#: judged with `pinned` (`Continuation.judge`).
+SWITCHED_FROM = "relay.switched_from"
 
 #: Transient statuses: the attempt failed, another may succeed (as curl --retry and pip do).
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -206,11 +225,15 @@ class Continuation:
         """What to ask for next, after `have` body bytes: Range and If-Range."""
         return [("range", self.range_header(have)), ("if-range", self.validator)]
 
-    def judge(self, status: int, headers: httpx.Headers, have: int) -> Verdict:
-        """Whether a response to `request_headers(have)` continues the body, else what it is."""
+    def judge(
+        self, status: int, headers: httpx.Headers, have: int, *, pinned: str | None = None
+    ) -> Verdict:
+        """Whether a response to `request_headers(have)` continues the body, else what it is.
+        `pinned`: the response comes from another mirror and the body's identity is this
+        SHA-256, which the caller verifies before the body ends (see the module)."""
         offset = self.start + have
         if status == 206:
-            return self._judge_206(headers, offset)
+            return self._judge_206(headers, offset, pinned)
         if status == 200:
             return Verdict(
                 Next.RESTART, "resume answered 200, not 206", total=content_length(headers)
@@ -220,12 +243,21 @@ class Continuation:
         kind = Next.RETRY if status in RETRY_STATUSES else Next.FAIL
         return Verdict(kind, f"resume answered {status}, not 206")
 
+    def judge_answer(self, response: httpx.Response, have: int) -> Verdict:
+        """`judge` for the response to a continuation request: one from another mirror
+        (`SWITCHED_FROM`) is judged on the digest its request was marked with
+        (`CONTINUATION`), never on its validator."""
+        pinned = None
+        if SWITCHED_FROM in response.extensions:
+            pinned = response.request.extensions.get(CONTINUATION) or ""
+        return self.judge(response.status_code, response.headers, have, pinned=pinned)
+
     def mismatch(self, response: httpx.Response, have: int) -> str | None:
         """Why `response` cannot continue the body after `have` bytes, or None if it can."""
         verdict = self.judge(response.status_code, response.headers, have)
         return None if verdict.continues else verdict.reason
 
-    def _judge_206(self, headers: httpx.Headers, offset: int) -> Verdict:
+    def _judge_206(self, headers: httpx.Headers, offset: int, pinned: str | None) -> Verdict:
         parsed = parse_content_range(headers.get("content-range"))
         if parsed is None:
             return Verdict(Next.BAD_RANGE, "resume answered without a single Content-Range")
@@ -238,6 +270,18 @@ class Continuation:
         end = self.end if self.end is not None else parsed.total - 1
         if parsed.end != end:
             return Verdict(Next.BAD_RANGE, f"resume ends at byte {parsed.end}, not {end}")
+        if pinned is not None:
+            if not pinned:
+                return Verdict(Next.CHANGED, "another mirror, and no digest pins the body")
+            if self.total is None:
+                return Verdict(Next.CHANGED, "another mirror, and the length is not known")
+            try:
+                announced = upstream_sha256(headers)
+            except DigestConflict:
+                announced = "conflicting"
+            if announced not in (None, pinned):
+                return Verdict(Next.CHANGED, "another mirror announces another digest")
+            return Verdict(Next.APPEND, total=parsed.total)
         changed = self._validator_change(headers)
         if changed is not None:
             return Verdict(Next.CHANGED, changed)
@@ -267,10 +311,12 @@ class Continuation:
 
 
 __all__ = [
+    "CONTINUATION",
     "DOWNLOAD_BACKOFF",
     "FETCH_BACKOFF",
     "RETRY_STATUSES",
     "STREAM_BACKOFF",
+    "SWITCHED_FROM",
     "Backoff",
     "Continuation",
     "Next",

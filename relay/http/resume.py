@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import httpx
 
-from relay.http.continuation import Continuation
+from relay.http.continuation import CONTINUATION, Continuation
 
 # The plan a stream resumes by: what its first response promised.
 ResumePlan = Continuation
@@ -33,3 +33,10 @@ def resume_request_headers(
         if name not in _DROPPED_ON_RESUME and name != "host"
     ]
     return headers + plan.request_headers(sent)
+
+
+def mark_continuation(request: httpx.Request, pinned: str | None) -> httpx.Request:
+    """Mark `request` as continuing a body (`CONTINUATION`): it stays on the mirror that sent
+    the first bytes unless `pinned`, the SHA-256 the caller verifies before the body ends."""
+    request.extensions[CONTINUATION] = pinned or ""
+    return request

@@ -1,8 +1,10 @@
-"""Package-ecosystem presets of a route (`preset = "pypi" | "npm" | "hf"`): the facts about
-each ecosystem that relaying (relay/proxy/rewrite.py) and caching both need.
+"""Package-ecosystem presets of a route (`preset = "pypi" | "npm" | "hf" | "debian"`): the
+facts about each ecosystem that relaying (relay/proxy/rewrite.py) and caching both need.
 
 - Which answers are index pages (rewritten by relay, fresh only as long as the upstream says)
-  and which are immutable files (a wheel, a tarball, an LFS object): `is_immutable`.
+  and which are immutable files (a wheel, a tarball, an LFS object, a Debian `pool/` or
+  `by-hash/` file): `is_immutable`; which are metadata revalidated by every request, so that
+  a mirror's update is seen at once (a Debian archive's `dists/`): `revalidated`.
 - What of a request's Accept selects an index page's form (PEP 691: JSON or HTML; npm: the
   abbreviated or the full packument): `index_accept`, the cache's variant of a page.
 - The Hub's file-metadata headers, kept through a followed redirect, and Xet's, withheld.
@@ -54,6 +56,11 @@ _HF_RESOLVE = re.compile(r"^(?:[^/]+/)*[^/]+/[^/]+/resolve/[^/]+/[^?]+")
 _LINK_SPLIT = re.compile(r",\s*(?=<)")
 _XET_AUTH = re.compile(r'rel\s*=\s*"?xet-auth"?', re.I)
 _PYPI_FILE = re.compile(r"\.(whl|tar\.gz|zip|tar\.bz2|egg|metadata)$")
+# A Debian archive: packages in pool/ never change under their versioned names; by-hash/ files
+# are named by their digest; the rest of dists/ (InRelease, Release, Release.gpg, Packages*,
+# Sources*, Contents*, Translation*, pdiff indexes) changes with every archive update.
+_DEBIAN_IMMUTABLE = re.compile(r"^(?:pool/|dists/(?:[^/]+/)+by-hash/)")
+_DEBIAN_METADATA = re.compile(r"^dists/")
 
 
 def rewrites(route: Route) -> bool:
@@ -88,7 +95,22 @@ def is_immutable(route: Route, rest: str, content_type: str = "") -> bool:
         return bool(_PYPI_FILE.search(path))
     if route.preset == "hf":
         return bool(_HF_PINNED.match(path))
+    if route.preset == "debian":
+        return bool(_DEBIAN_IMMUTABLE.match(path))
     return False
+
+
+def revalidated(route: Route, rest: str) -> bool:
+    """Whether a cached answer for `rest` is revalidated by every request, whatever lifetime
+    its upstream gives: a Debian archive's metadata (`dists/`, but not `by-hash/`), so that
+    `apt-get update` sees a mirror's update at once and never pairs a new Release with old
+    indexes (a 304 makes it cheap)."""
+    path = rest.split("?", 1)[0]
+    return (
+        route.preset == "debian"
+        and bool(_DEBIAN_METADATA.match(path))
+        and not _DEBIAN_IMMUTABLE.match(path)
+    )
 
 
 def index_accept(route: Route, accept: str | None) -> str:

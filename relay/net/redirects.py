@@ -43,9 +43,9 @@ def rewrite_location(location: str, base: httpx.URL, routes: RouteTable) -> str:
         absolute = str(base.join(location))
     except (httpx.InvalidURL, ValueError, UnicodeError):
         return location
-    for route in routes.by_upstream():
-        if absolute.startswith(route.upstream):
-            return route.prefix + absolute[len(route.upstream) :]
+    for upstream, route in routes.by_upstream():
+        if absolute.startswith(upstream):
+            return route.prefix + absolute[len(upstream) :]
     return location
 
 

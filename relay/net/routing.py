@@ -54,10 +54,11 @@ class RouteTable:
         # Longest prefix first, so /a/b/ wins over /a/.
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._prefixes = [(r.prefix.encode("ascii"), r) for r in self._routes]
-        self._by_upstream = sorted(routes, key=lambda r: len(r.upstream), reverse=True)
+        bases = [(m.url, r) for r in routes for m in r.upstreams]
+        self._by_upstream = sorted(bases, key=lambda pair: len(pair[0]), reverse=True)
 
-    def by_upstream(self) -> list[Route]:
-        """Routes with the longest upstream base first."""
+    def by_upstream(self) -> list[tuple[str, Route]]:
+        """Every upstream base (each mirror's) with its route, the longest base first."""
         return self._by_upstream
 
     def resolve(self, raw_path: bytes, query_string: bytes = b"") -> Target:

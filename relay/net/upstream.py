@@ -1,7 +1,10 @@
-"""Talking to upstreams: building the request, opening the stream, translating failures."""
+"""Talking to upstreams: building the request, opening the stream, translating failures,
+and a route's mirrors (`relay.net.mirrors`): the next one asked before the first byte, a
+body continued from another one only when its identity is pinned by a digest."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -12,7 +15,17 @@ import httpx
 from relay import __version__
 from relay.config import Config, Route
 from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from relay.http.continuation import CONTINUATION, SWITCHED_FROM
 from relay.net.httpx_compat import with_path_and_query
+from relay.net.mirrors import (
+    Attempt,
+    MirrorBoard,
+    RouteMirrors,
+    error_counts,
+    error_falls_through,
+    failed_status,
+    falls_through,
+)
 from relay.net.redirects import REDIRECT_STATUSES, next_hop, same_origin
 from relay.net.routing import Target
 from relay.net.transports import ALLOW_PRIVATE, PoolStats
@@ -81,8 +94,10 @@ class Upstream:
         config: Config,
         *,
         pool: Callable[[], PoolStats] | None = None,
+        mirrors: MirrorBoard | None = None,
     ) -> None:
         self._client = client
+        self.mirrors = mirrors if mirrors is not None else MirrorBoard(config.routes, _monotonic)
         self._timeout = httpx.Timeout(
             connect=config.connect_timeout,
             read=config.read_timeout,
@@ -145,7 +160,64 @@ class Upstream:
         only; the response returned is the first one that is not such a redirect. With
         `follow=False` the first answer is returned whatever it is (the caller may go on with
         `redirected`). `background`: no client waits for this request (see the class).
+
+        On a route with several mirrors, a request below one of them goes on to the next as
+        the route's `failover` allows (`relay.net.mirrors`), each mirror with its own
+        credential. A request continuing a body (marked `CONTINUATION` by its caller) stays
+        on its mirror, unless the body's identity is pinned by a digest (the mark's value)
+        and the route's failover is "any": then the next mirrors are asked first, without
+        If-Range (validators are not comparable across mirrors), and an answer from another
+        mirror is marked `SWITCHED_FROM` (the caller verifies the digest before the body ends).
         """
+        mirrors = self.mirrors.of(route)
+        current = mirrors.index_of(str(request.url)) if mirrors.several else None
+        if current is None:
+            return await self._open_one(request, route, follow=follow, background=background)
+        continuation = request.extensions.get(CONTINUATION)
+        if continuation is None:
+            attempts = mirrors.order(current)
+        elif continuation and mirrors.policy == "any":
+            attempts = mirrors.order(current + 1)
+        else:
+            attempts = [Attempt(current, route.upstreams[current].url)]
+        return await _MirrorOpen(self, request, route, mirrors, current).run(
+            attempts, follow=follow, background=background
+        )
+
+    def for_mirror(
+        self, request: httpx.Request, route: Route, current: int, index: int
+    ) -> httpx.Request:
+        """`request` (made for mirror `current`) made for mirror `index`: the same path below
+        its base, its own credential in place of the other's, the client's credentials only
+        to the same origin; a continuation without If-Range."""
+        url = str(request.url)
+        base = route.upstreams[current].url
+        assert url.startswith(base)
+        target = httpx.URL(route.upstreams[index].url + url[len(base) :])
+        dropped = {"host"}
+        if CONTINUATION in request.extensions:
+            dropped.add("if-range")
+        if route.mirror_credential(current):
+            dropped.add(route.auth_header.lower())
+        if not same_origin(target, request.url):
+            dropped |= _CREDENTIAL_HEADERS
+        headers = [(n, v) for n, v in request.headers.multi_items() if n not in dropped]
+        credential = route.mirror_credential(index)
+        if credential:
+            headers.append((route.auth_header, credential))
+        moved = self.build_request(request.method, target, headers, route)
+        if CONTINUATION in request.extensions:
+            moved.extensions[CONTINUATION] = request.extensions[CONTINUATION]
+        return moved
+
+    async def _open_one(
+        self,
+        request: httpx.Request,
+        route: Route,
+        *,
+        follow: bool = True,
+        background: bool = False,
+    ) -> httpx.Response:
         hops: list[httpx.Headers] = []
         try:
             for _ in range(route.max_redirects + 1):
@@ -221,3 +293,151 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization
 def _safe_url(url: httpx.URL) -> str:
     """The URL without its query, which may carry signatures or tokens."""
     return str(url.copy_with(query=None))
+
+
+def _monotonic() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# Response extension: the index (in the route's `upstreams`) of the mirror that answered.
+MIRROR_INDEX = "relay.mirror"
+
+_Outcome = httpx.Response | UpstreamError
+
+
+class _MirrorOpen:
+    """One request over a route's mirrors: asked in turn (or hedged: the next one also asked
+    when the first has not answered its head within `hedge_after`), the first answer that
+    does not fall through returned. Every other response is closed here, each in this
+    object's own `finally` (a hedge's loser included); the one returned is the caller's."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        request: httpx.Request,
+        route: Route,
+        mirrors: RouteMirrors,
+        current: int,
+    ) -> None:
+        self._upstream = upstream
+        self._request = request
+        self._route = route
+        self._mirrors = mirrors
+        self._current = current
+
+    async def run(
+        self, attempts: list[Attempt], *, follow: bool, background: bool
+    ) -> httpx.Response:
+        hedge = self._mirrors.hedge_after
+        if hedge and not background and len(attempts) > 1:
+            return await self._hedged(attempts, hedge, follow)
+        for k, attempt in enumerate(attempts):
+            outcome = await self._ask(attempt, follow, background)
+            if self._settle(attempt, outcome, last=k == len(attempts) - 1):
+                if isinstance(outcome, UpstreamError):
+                    raise outcome
+                return outcome
+            if isinstance(outcome, httpx.Response):
+                await asyncio.shield(outcome.aclose())
+            self._mirrors.passed_on(attempt.index)
+        raise AssertionError("the last mirror's outcome is always the request's")
+
+    async def _hedged(self, attempts: list[Attempt], hedge: float, follow: bool) -> httpx.Response:
+        """`run` with each attempt in a task of its own, the next one started when the
+        others have not answered their head within `hedge` seconds (or have failed)."""
+        queue = list(attempts)
+        pending: dict[asyncio.Task[_Outcome], Attempt] = {}
+
+        def launch() -> None:
+            attempt = queue.pop(0)
+            task = asyncio.ensure_future(self._ask(attempt, follow, False))
+            pending[task] = attempt
+
+        launch()
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    pending, timeout=hedge if queue else None, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    launch()  # the head is late: ask the next mirror too
+                    continue
+                for task in done:
+                    attempt = pending.pop(task)
+                    outcome = task.result()
+                    last = not queue and not pending
+                    if self._settle(attempt, outcome, last):
+                        if isinstance(outcome, UpstreamError):
+                            raise outcome
+                        return outcome
+                    if isinstance(outcome, httpx.Response):
+                        await asyncio.shield(outcome.aclose())
+                    self._mirrors.passed_on(attempt.index)
+                    if queue and not pending:
+                        launch()
+        finally:
+            for task in pending:
+                task.cancel()
+            await _settled(list(pending))
+
+    async def _ask(self, attempt: Attempt, follow: bool, background: bool) -> _Outcome:
+        request = self._request
+        if attempt.index != self._current:
+            request = self._upstream.for_mirror(request, self._route, self._current, attempt.index)
+        try:
+            response = await self._upstream._open_one(
+                request, self._route, follow=follow, background=background
+            )
+        except UpstreamError as exc:
+            return exc
+        response.extensions[MIRROR_INDEX] = attempt.index
+        if attempt.index != self._current and CONTINUATION in request.extensions:
+            response.extensions[SWITCHED_FROM] = self._current
+        return response
+
+    def _settle(self, attempt: Attempt, outcome: _Outcome, last: bool) -> bool:
+        """Record what the mirror did; True when this outcome is the request's."""
+        mirrors, policy = self._mirrors, self._mirrors.policy
+        if isinstance(outcome, UpstreamError):
+            if error_counts(outcome):
+                mirrors.failed(attempt.index, outcome.reason)
+            return last or not error_falls_through(policy, outcome)
+        status = outcome.status_code
+        if failed_status(status):
+            mirrors.failed(attempt.index, f"answered {status}")
+        else:
+            mirrors.succeeded(attempt.index)
+        if last or not falls_through(policy, status):
+            return True
+        logger.info(
+            "mirror %d of %s answered %d: asking the next (%s)",
+            attempt.index + 1,
+            self._route.prefix,
+            status,
+            self._request.url.path,
+        )
+        return False
+
+
+async def _settled(tasks: list[asyncio.Task[_Outcome]]) -> None:
+    """Wait for cancelled attempts to end and close any response one got meanwhile; a
+    cancellation of the caller is held until then, and raised after."""
+    cancelled = False
+
+    async def wait(future: asyncio.Future[object]) -> None:
+        nonlocal cancelled
+        while not future.done():
+            try:
+                await asyncio.wait({future})
+            except asyncio.CancelledError:
+                cancelled = True
+
+    for task in tasks:
+        await wait(task)  # type: ignore[arg-type]
+        if task.cancelled() or task.exception() is not None:
+            continue
+        outcome = task.result()
+        if isinstance(outcome, httpx.Response):
+            await wait(asyncio.ensure_future(outcome.aclose()))
+    if cancelled:
+        raise asyncio.CancelledError

@@ -21,7 +21,7 @@ import httpx
 from relay.config import Route
 from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries, retry_after
-from relay.http.resume import resume_request_headers
+from relay.http.resume import mark_continuation, resume_request_headers
 from relay.net.upstream import Upstream
 from relay.proxy.exchange import Exchange
 
@@ -36,7 +36,7 @@ class BodyResumer:
     continue the body is closed here. The caller owns (and closes) the response it is given.
     """
 
-    __slots__ = ("_attempts", "_exchange", "_plan", "_retries", "_route", "_upstream")
+    __slots__ = ("_attempts", "_exchange", "_pinned", "_plan", "_retries", "_route", "_upstream")
 
     def __init__(
         self,
@@ -45,8 +45,12 @@ class BodyResumer:
         route: Route,
         attempts: int,
         exchange: Exchange,
+        pinned: str | None = None,
     ) -> None:
+        """`pinned`: the SHA-256 the caller checks before the body ends; with it, the body
+        may continue from another of the route's mirrors."""
         self._upstream = upstream
+        self._pinned = pinned
         self._route = route
         self._attempts = attempts
         self._exchange = exchange
@@ -96,6 +100,7 @@ class BodyResumer:
                 resume_request_headers(plan, failed.request, sent),
                 self._route,
             )
+            mark_continuation(request, self._pinned)
             try:
                 response = await self._upstream.open(request, self._route)
             except UpstreamError as exc:
@@ -103,7 +108,7 @@ class BodyResumer:
                 wait_at_least = None
             else:
                 try:
-                    verdict = plan.judge(response.status_code, response.headers, sent)
+                    verdict = plan.judge_answer(response, sent)
                 except BaseException:
                     await asyncio.shield(response.aclose())
                     raise

@@ -215,8 +215,7 @@ def rewritten_etag(upstream: str, base: str, preset: str) -> str:
 
 def rewrite_pairs(routes: RouteTable, base: str) -> list[tuple[bytes, bytes]]:
     pairs: list[tuple[bytes, bytes]] = []
-    for route in routes.by_upstream():
-        old = route.upstream
+    for old, route in routes.by_upstream():
         new = base + route.prefix
         pairs.append((old.encode("latin-1"), new.encode("latin-1")))
         # JSON may escape "/" as "\/".

@@ -27,6 +27,7 @@ from starlette.responses import Response
 from relay.config import Config
 from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.http.continuation import content_length
+from relay.net.mirrors import pinned_sha256
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable, Target
 from relay.net.transports import POOL_WAIT, READ_PACE
@@ -244,7 +245,14 @@ class RelayResponse(Response):
         clock = asyncio.get_running_loop().time
         watchdog = self._watchdog
         measuring = watchdog.min_rate > 0
-        check = Sha256Check(self._sha256) if self._sha256 and response.status_code == 200 else None
+        # A whole body whose identity a digest pins may be continued from another mirror
+        # (`pinned_sha256`): checked like a digest the caller gave, its last chunk held.
+        pinned = None
+        if length is not None and response.status_code == 200 and self._resume_attempts:
+            path = response.request.url.path
+            pinned = pinned_sha256(self._route, path, response.headers, self._sha256)
+        expected = pinned or (self._sha256 if response.status_code == 200 else None)
+        check = Sha256Check(expected) if expected else None
         try:
             while True:
                 pace = response.extensions.get(READ_PACE)
@@ -280,6 +288,7 @@ class RelayResponse(Response):
                             self._route,
                             0 if rewritten else self._resume_attempts,
                             self._exchange,
+                            pinned,
                         )
                     response = self._response = await resumer.resume(response, sent, exc)
         finally:

@@ -21,6 +21,7 @@ from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, NoRoute, StartupError, error_response
 from relay.net.client import UpstreamClient
+from relay.net.mirrors import MirrorBoard
 from relay.net.routing import RouteTable
 from relay.net.transports import PooledTransport, make_transport
 from relay.net.upstream import Upstream
@@ -199,6 +200,7 @@ def create_app(
     `clock` the time the cache reads (tests: `relay.cache.clock.ManualClock`)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)
+    mirrors = MirrorBoard(config.routes, (clock or SYSTEM_CLOCK).monotonic)
     relay = Relay(config, routes)
     auth = ClientAuth(
         secret=config.client_secret,
@@ -227,7 +229,7 @@ def create_app(
         async with UpstreamClient(
             transport=upstream_transport, follow_redirects=False, trust_env=False
         ) as client:
-            upstream = Upstream(client, config, pool=pool)
+            upstream = Upstream(client, config, pool=pool, mirrors=mirrors)
             if registry is not None:
                 registry.open(upstream)
             try:
@@ -277,6 +279,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.readiness = readiness
+    app.state.mirrors = mirrors
+    metrics.watch_mirrors(mirrors)
     app.state.startup_error = None
     app.state.limiter = relay.limiter
     return app

@@ -36,6 +36,7 @@ from starlette.responses import Response
 
 from relay.cache.cache import Cache
 from relay.downloads.jobs import JobCounts
+from relay.net.mirrors import MirrorBoard
 from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
 from relay.registry.endpoint import Registry
@@ -160,6 +161,8 @@ class Metrics:
             "Downloads to disk running at once (max_downloads); the rest wait queued.",
         )
         registry.register(self._downloads)
+        self._mirrors = _Mirrors()
+        registry.register(self._mirrors)
         self._registry = _RegistryCollector()
         registry.register(self._registry)
         ProcessCollector(registry=registry)
@@ -236,6 +239,10 @@ class Metrics:
         self._downloads.source = source
         self._downloads.limit = limit
 
+    def watch_mirrors(self, board: MirrorBoard) -> None:
+        """Report the passive health of every mirror of the routes that have several."""
+        self._mirrors.board = board
+
     def watch_cache(self, cache: Cache | None) -> None:
         """Report the read-through cache's counters and size at every scrape."""
         self._cache.cache = cache
@@ -263,6 +270,54 @@ class _RouteSeries:
     client_aborts: Counter
     upstream_aborts: Counter
     upstream_errors: Counter
+
+
+class _Mirrors(Collector):
+    """Each mirror of a route with several: up or resting, failures, requests passed on.
+    Labels: the route's prefix and the mirror's place in `upstreams` (1-based): bounded by
+    the configuration."""
+
+    def __init__(self) -> None:
+        self.board: MirrorBoard | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        labels = ["route", "mirror"]
+        return (
+            GaugeMetricFamily(
+                "relay_upstream_mirror_up",
+                "1 while the mirror is asked, 0 while it rests after failures (max_fails).",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "relay_upstream_mirror_failures",
+                "Failures of the mirror: connect errors, timeouts, 5xx and 429 answers.",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "relay_upstream_mirror_fall_throughs",
+                "Requests the mirror did not answer that went on to the next mirror.",
+                labels=labels,
+            ),
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        board = self.board
+        if board is None:
+            return
+        up, failures, passed = self._families()
+        now = board.now()
+        for route in board.routes.values():
+            if not route.several:
+                continue
+            for health in route.health:
+                labels = [route.prefix, str(health.index + 1)]
+                up.add_metric(labels, 0 if health.resting(now) else 1)
+                failures.add_metric(labels, health.failures)
+                passed.add_metric(labels, health.fall_throughs)
+        yield from (up, failures, passed)
 
 
 class _ByState(Collector):

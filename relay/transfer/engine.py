@@ -198,7 +198,7 @@ class Transfer:
         """Judge the response head; True when its body is to be appended."""
         status, headers = response.status_code, response.headers
         if plan is not None:
-            verdict = plan.judge(status, headers, offset)
+            verdict = plan.judge_answer(response, offset)
             if verdict.next is Next.APPEND:
                 # The same representation: what this response says about it still holds.
                 announced = self._announced(headers) or self._rep.sha256

@@ -686,3 +686,18 @@ def test_fetch_to_stdout_cannot_start_over(tmp_path: Path) -> None:
             stdout=io.BytesIO(),
             transport=httpx.MockTransport(handler),
         )
+
+
+@pytest.mark.e2e
+def test_fetch_mirror_options_ask_the_next_url(origin: Origin, out: Path, key: str) -> None:
+    """`--mirror URL --failover any`: a 503 from the first URL goes on to the mirror."""
+    first = f"{origin.url}/p/answer=503/gen/4096?key={key}"
+    mirror = origin.url_for("/gen/4096", key=key)
+    assert (
+        run(first, "-o", str(out), "--retries", "0", "--mirror", mirror, "--failover", "any") == 0
+    )
+    assert sha256_file(out) == expected_sha256(4096)
+    assert [r.path for r in seen(origin, key)] == ["/p/answer=503/gen/4096", "/gen/4096"]
+    out.unlink()
+    # The default policy (not-found) answers the 503.
+    assert run(first, "-o", str(out), "--retries", "0", "--mirror", mirror) == 3

@@ -7,7 +7,9 @@ from relay.net.presets import (
     hub_metadata,
     index_accept,
     is_hub_file,
+    is_immutable,
     linked_sha256,
+    revalidated,
     without_xet,
 )
 
@@ -110,3 +112,37 @@ def test_hub_metadata_comes_from_the_last_hop_with_a_commit_and_never_doubles() 
     ]
     assert hub_metadata([first], {b"x-repo-commit"}) == [(b"x-linked-etag", f'"{SHA}"'.encode())]
     assert hub_metadata([cdn], set()) == []
+
+
+DEBIAN = Route(prefix="/debian/", upstream="https://deb.example/debian/", preset="debian")
+
+
+def test_debian_pool_and_by_hash_files_are_immutable_and_dists_revalidated() -> None:
+    immutable = [
+        "pool/main/h/hello/hello_2.10-3_amd64.deb",
+        "pool/main/h/hello/hello_2.10-3.dsc",
+        f"dists/bookworm/main/binary-amd64/by-hash/SHA256/{SHA}",
+        f"dists/bookworm/main/i18n/by-hash/SHA256/{SHA}",
+    ]
+    metadata = [
+        "dists/bookworm/InRelease",
+        "dists/bookworm/Release",
+        "dists/bookworm/Release.gpg",
+        "dists/bookworm/main/binary-amd64/Packages.xz",
+        "dists/bookworm/main/source/Sources.gz",
+        "dists/bookworm/main/Contents-amd64.gz",
+        "dists/bookworm/main/i18n/Translation-en.bz2",
+        "dists/bookworm/main/binary-amd64/Packages.diff/Index",
+    ]
+    for path in immutable:
+        assert is_immutable(DEBIAN, path), path
+        assert not revalidated(DEBIAN, path), path
+    for path in metadata:
+        assert not is_immutable(DEBIAN, path), path
+        assert revalidated(DEBIAN, path), path
+    assert not is_immutable(DEBIAN, "README")
+    assert not revalidated(DEBIAN, "README")
+    # Only the debian preset says so.
+    plain = Route(prefix="/d/", upstream="https://deb.example/debian/")
+    assert not is_immutable(plain, immutable[0])
+    assert not revalidated(plain, metadata[0])

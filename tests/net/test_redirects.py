@@ -37,3 +37,11 @@ def test_redirects_location_elsewhere_or_unparsable_is_passed_on_unchanged() -> 
 def test_redirects_location_bytes_outside_ascii_survive_as_latin_1() -> None:
     headers = [(b"location", b"https://elsewhere.test/caf\xe9")]
     assert rewrite_location_headers(headers, BASE, TABLE) == headers
+
+
+def test_a_location_below_any_mirror_of_a_route_maps_to_its_prefix() -> None:
+    """A passed redirect from the second mirror to a path below it keeps the client on relay."""
+    table = RouteTable((Route.parse("/m/=https://a.example/,https://b.example/mirror/"),))
+    headers = [(b"location", b"https://b.example/mirror/pkg/file.tgz")]
+    base = httpx.URL("https://b.example/mirror/pkg/")
+    assert rewrite_location_headers(headers, base, table) == [(b"location", b"/m/pkg/file.tgz")]
