@@ -203,7 +203,9 @@ def create_app(
         limiter = StreamLimiter(config.max_streams, config.max_streams_per_client)
     relay = Relay(config, routes, limiter)
     metrics = Metrics(
-        routes=[route.prefix for route in config.routes], max_streams=config.max_streams
+        routes=[route.prefix for route in config.routes],
+        max_streams=config.max_streams,
+        worker=worker,
     )
 
     @contextlib.asynccontextmanager

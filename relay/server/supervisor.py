@@ -9,7 +9,7 @@ see docs/operations.md#workers for the figures and why one shared socket was cho
 What the supervisor does:
 - makes the run directory (mode 0700, removed at exit): the shared stream slots
   (`relay.proxy.shared_admission`), the server state below, the metrics files
-  (`PROMETHEUS_MULTIPROCESS_DIR`), each worker's peer socket (`relay.net.peers`);
+  (`PROMETHEUS_MULTIPROC_DIR`), each worker's peer socket (`relay.net.peers`);
 - holds `data_dir`'s lock for the whole server (its workers share the job store);
 - starts the workers and waits until each says it is up. One that fails to start (its
   lifespan refused, say) stops the server: the reason is printed once and relay exits 1;
@@ -377,7 +377,7 @@ def supervise(config: Config) -> int:
             lock = DataDirLock.acquire(Path(config.data_dir))
         sock = listen(config)
         (run_dir / METRICS_DIR).mkdir()
-        os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = str(run_dir / METRICS_DIR)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / METRICS_DIR)
         SlotTable.create(
             run_dir,
             workers=config.workers,
@@ -390,7 +390,7 @@ def supervise(config: Config) -> int:
         )
         return Supervisor(config, sock, run_dir).run()
     finally:
-        os.environ.pop("PROMETHEUS_MULTIPROCESS_DIR", None)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if sock is not None:
             sock.close()
         if lock is not None:
