@@ -221,7 +221,7 @@ def create_app(
             upstream = Upstream(client, config, pool=pool)
             try:
                 async with (
-                    open_downloads(config, upstream, routes) as downloads,
+                    open_downloads(config, upstream, routes, shared=worker.shared) as downloads,
                     open_cache(config, upstream, clock or SYSTEM_CLOCK) as cache,
                 ):
                     if cache is not None:
