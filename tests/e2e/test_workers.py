@@ -15,8 +15,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,7 +39,7 @@ class Workers(LoopbackServer):
     """`python -m relay serve --workers N` with a TOML config, logging JSON to a file."""
 
     def __init__(
-        self, origin: Origin, tmp_path: Path, *, workers: int = 2, **settings: object
+        self, origin: Origin, tmp_path: Path, *, workers: int = 2, **settings: Any
     ) -> None:
         self.port = free_port()
         values = {"workers": workers, "log_format": "json", **settings}
@@ -126,16 +127,20 @@ class Workers(LoopbackServer):
         return sorted(pids)
 
 
+MakeWorkers = Callable[..., Workers]
+"""make_workers(**settings): a Workers (not started) stopped after the test."""
+
+
 @pytest.fixture
-def make_workers(origin: Origin, tmp_path: Path) -> Iterator[type[Workers]]:
+def make_workers(origin: Origin, tmp_path: Path) -> Iterator[MakeWorkers]:
     started: list[Workers] = []
 
-    class Started(Workers):
-        def __init__(self, **settings: object) -> None:
-            super().__init__(origin, tmp_path, **settings)
-            started.append(self)
+    def make(**settings: Any) -> Workers:
+        relay = Workers(origin, tmp_path, **settings)
+        started.append(relay)
+        return relay
 
-    yield Started  # type: ignore[misc]
+    yield make
     for relay in started:
         relay.stop()
 
@@ -231,7 +236,7 @@ class Held:
 # ---- spreading, metrics ----------------------------------------------------------------------
 
 
-def test_requests_reach_both_workers_and_one_scrape_sums_them(make_workers: type[Workers]) -> None:
+def test_requests_reach_both_workers_and_one_scrape_sums_them(make_workers: MakeWorkers) -> None:
     relay = make_workers().start()
     by_worker = spread(relay, "/o/gen/1k")
     assert sorted(by_worker) == [0, 1], by_worker
@@ -252,7 +257,7 @@ def test_requests_reach_both_workers_and_one_scrape_sums_them(make_workers: type
 # ---- global limits ---------------------------------------------------------------------------
 
 
-def test_max_streams_holds_across_workers(make_workers: type[Workers], origin: Origin) -> None:
+def test_max_streams_holds_across_workers(make_workers: MakeWorkers, origin: Origin) -> None:
     """max_streams = 4 with 2 workers: 4 streams in flight, the 5th is refused with 503 at
     once by whichever worker it reaches, and the gauge of streams in flight sums both."""
     relay = make_workers(max_streams=4).start()
@@ -276,7 +281,7 @@ def test_max_streams_holds_across_workers(make_workers: type[Workers], origin: O
     assert get(f"{relay.url}/o/gen/1k").status_code == 200
 
 
-def test_per_client_limit_holds_across_workers(make_workers: type[Workers], origin: Origin) -> None:
+def test_per_client_limit_holds_across_workers(make_workers: MakeWorkers, origin: Origin) -> None:
     relay = make_workers(max_streams_per_client=2).start()
     held = Held(relay, origin, "client")
     try:
@@ -289,7 +294,7 @@ def test_per_client_limit_holds_across_workers(make_workers: type[Workers], orig
 
 
 def test_a_killed_worker_is_restarted_and_its_slots_come_back(
-    make_workers: type[Workers], origin: Origin
+    make_workers: MakeWorkers, origin: Origin
 ) -> None:
     """Both workers killed in turn while their clients hold every slot: each is restarted
     (/readyz is 503 until it is up), the held transfers are aborted, never answered, and the
@@ -319,7 +324,7 @@ def test_a_killed_worker_is_restarted_and_its_slots_come_back(
 # ---- lifecycle --------------------------------------------------------------------------------
 
 
-def test_sigterm_drains_every_worker_and_exits_zero(make_workers: type[Workers]) -> None:
+def test_sigterm_drains_every_worker_and_exits_zero(make_workers: MakeWorkers) -> None:
     relay = make_workers(drain_timeout=3, shutdown_delay=1).start()
     assert relay.proc is not None
     clients = [httpx.Client(timeout=30) for _ in range(6)]
@@ -360,7 +365,7 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_a_port_in_use_stops_the_start_with_one_line(make_workers: type[Workers]) -> None:
+def test_a_port_in_use_stops_the_start_with_one_line(make_workers: MakeWorkers) -> None:
     relay = make_workers()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", relay.port))
@@ -379,7 +384,7 @@ def test_a_port_in_use_stops_the_start_with_one_line(make_workers: type[Workers]
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_one_line(
-    make_workers: type[Workers], tmp_path: Path
+    make_workers: MakeWorkers, tmp_path: Path
 ) -> None:
     """Every worker refuses a damaged job store; the reason is printed once, exit code 1."""
     data = tmp_path / "data"
@@ -399,7 +404,7 @@ def test_a_worker_that_cannot_start_stops_the_server_with_one_line(
 
 
 def test_a_download_runs_once_and_every_worker_answers_for_it(
-    make_workers: type[Workers], origin: Origin, tmp_path: Path
+    make_workers: MakeWorkers, origin: Origin, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     relay = make_workers(data_dir=str(data), downloads_open=True).start()
@@ -430,7 +435,7 @@ def test_a_download_runs_once_and_every_worker_answers_for_it(
 
 
 def test_a_dead_runners_download_is_resumed_by_another_worker(
-    make_workers: type[Workers], origin: Origin, tmp_path: Path
+    make_workers: MakeWorkers, origin: Origin, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     relay = make_workers(data_dir=str(data), downloads_open=True).start()
