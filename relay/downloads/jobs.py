@@ -343,9 +343,10 @@ class DownloadManager:
             job.rate.reset()
             job.touch()
             partial_path = self._data.partial(job.id)
+            if not await self._claim(job):
+                return
             try:
-                if not await self._store.save(job):
-                    raise _Withdrawn
+                await self._store.save(job)
                 digest = await self._download(job, partial_path)
             except _Withdrawn:
                 await asyncio.to_thread(disk.remove_quietly, partial_path)
@@ -364,6 +365,18 @@ class DownloadManager:
                 return
             await asyncio.to_thread(disk.remove_quietly, partial_path)
             await self._finish(job, JobState.FAILED, reason)
+
+    async def _claim(self, job: Job) -> bool:
+        """Take the queued job for this worker; False (touching nothing: its partial file may
+        be another worker's) if it is no longer queued."""
+        try:
+            if await self._store.claim(job.id, job.updated):
+                return True
+        except StoreError as exc:
+            logger.warning("download %s: could not start: %s", job.id, exc.reason)
+            return False
+        logger.info("download %s: no longer queued (run or ended elsewhere)", job.id)
+        return False
 
     async def _download(self, job: Job, partial_path: Path) -> str:
         target = self._resolve(job)

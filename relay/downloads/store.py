@@ -127,6 +127,21 @@ class JobStore:
             )
         )
 
+    async def claim(self, job_id: str, updated: float) -> bool:
+        """Move a queued job to running; False if it is not queued (another worker took it,
+        or it was cancelled): a job is run by one worker only, whatever happens to the
+        runner lock."""
+        return bool(
+            await self._run(
+                lambda db: (
+                    db.execute(
+                        "UPDATE jobs SET state = ?, updated = ? WHERE id = ? AND state = ?",
+                        (JobState.RUNNING.value, updated, job_id, JobState.QUEUED.value),
+                    ).rowcount
+                )
+            )
+        )
+
     async def active(self) -> list[Job]:
         """Jobs queued or running (in any worker), oldest first."""
         return await self.unfinished()
