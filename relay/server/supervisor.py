@@ -30,6 +30,7 @@ workers are up (a restart in progress).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import multiprocessing
@@ -138,8 +139,6 @@ def worker_config(config: Config, index: int) -> Config:
     `max_connections` is split (the first `max_connections % workers` workers get one more),
     so the server never opens more than `max_connections` upstream connections at once.
     """
-    import dataclasses
-
     share, extra = divmod(config.max_connections, config.workers)
     return dataclasses.replace(config, max_connections=share + (1 if index < extra else 0))
 
@@ -369,7 +368,7 @@ def supervise(config: Config) -> int:
     not start (printed once by the CLI)."""
     from relay.downloads import DataDirLock
 
-    run_dir = Path(tempfile.mkdtemp(prefix="relay-run-"))
+    run_dir = _run_dir(config.workers)
     lock = None
     sock: socket.socket | None = None
     try:
@@ -396,6 +395,20 @@ def supervise(config: Config) -> int:
         if lock is not None:
             lock.release()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_SUN_PATH_MAX = 100
+"""Bytes a Unix socket's path may take (108 on Linux, 104 on BSDs; with a margin)."""
+
+
+def _run_dir(workers: int) -> Path:
+    """A new private directory under $TMPDIR, or under /tmp when $TMPDIR is too deep for the
+    peer sockets' paths."""
+    run_dir = Path(tempfile.mkdtemp(prefix="relay-run-"))
+    if len(str(run_dir / f"worker-{workers - 1}.sock").encode()) > _SUN_PATH_MAX:
+        run_dir.rmdir()
+        run_dir = Path(tempfile.mkdtemp(prefix="relay-run-", dir="/tmp"))
+    return run_dir
 
 
 def worker_main(
