@@ -403,16 +403,23 @@ def test_a_worker_that_cannot_start_stops_the_server_with_one_line(
 # ---- downloads to disk ------------------------------------------------------------------------
 
 
+def start_download(
+    make_workers: MakeWorkers, data: Path, order: dict[str, str]
+) -> tuple[Workers, str]:
+    """Two workers on the data directory `data`, and a download of `order`: the relay and
+    the job's id."""
+    relay = make_workers(data_dir=str(data), downloads_open=True).start()
+    first = httpx.post(f"{relay.url}/downloads", json=order, timeout=10)
+    assert first.status_code == 202, first.text
+    return relay, str(first.json()["id"])
+
+
 def test_a_download_runs_once_and_every_worker_answers_for_it(
     make_workers: MakeWorkers, origin: Origin, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    relay = make_workers(data_dir=str(data), downloads_open=True).start()
-    size = 2 * 1024 * 1024
+    data, size = tmp_path / "data", 2 * 1024 * 1024
     order = {"path": f"/o/gen/{size}?slow=4000000", "name": "big.bin"}
-    first = httpx.post(f"{relay.url}/downloads", json=order, timeout=10)
-    assert first.status_code == 202, first.text
-    job_id = first.json()["id"]
+    relay, job_id = start_download(make_workers, data, order)
     # The same order through fresh connections (any worker): the same job.
     for _ in range(10):
         again = httpx.post(f"{relay.url}/downloads", json=order, timeout=10)
@@ -437,11 +444,9 @@ def test_a_download_runs_once_and_every_worker_answers_for_it(
 def test_a_dead_runners_download_is_resumed_by_another_worker(
     make_workers: MakeWorkers, origin: Origin, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    relay = make_workers(data_dir=str(data), downloads_open=True).start()
-    size = 8 * 1024 * 1024
+    data, size = tmp_path / "data", 8 * 1024 * 1024
     order = {"path": f"/o/gen/{size}?slow=2000000", "name": "resumed.bin"}
-    job_id = httpx.post(f"{relay.url}/downloads", json=order, timeout=10).json()["id"]
+    relay, job_id = start_download(make_workers, data, order)
 
     def runner() -> int | None:
         for record in relay.records():
