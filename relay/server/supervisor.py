@@ -61,6 +61,8 @@ STABLE_AFTER = 30.0
 """Seconds a worker must stay up for its restart backoff to start again from the first."""
 MAX_RESTARTS = 10
 """Restarts of one worker in a row (each dying within STABLE_AFTER) before relay gives up."""
+LOOP_TICK = 1.0
+"""Seconds the supervisor waits at most before looking at its signals and workers again."""
 _UP = 0
 _DRAINING = 1
 
@@ -174,6 +176,7 @@ class Supervisor:
             per_client=config.max_streams_per_client > 0,
         )
         self.stopping: int | None = None
+        self.signals: list[int] = []
         self.started_all = False
         self.failed: str | None = None
 
@@ -269,7 +272,7 @@ class Supervisor:
         os.set_blocking(wake_read, False)
         previous_wakeup = signal.set_wakeup_fd(wake_write)
         originals = {
-            sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)
+            sig: signal.signal(sig, self._received) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
             for slot in self.slots:
@@ -313,8 +316,9 @@ class Supervisor:
                     waitables.append(slot.process.sentinel)
                     if slot.status is not None:
                         waitables.append(slot.status)
-            ready = wait(waitables, timeout=max(0.0, timeout) if timeout is not None else None)
-            if wake_read in ready:
+            timeout = LOOP_TICK if timeout is None else min(max(0.0, timeout), LOOP_TICK)
+            ready = wait(waitables, timeout=timeout)
+            if wake_read in ready or self.signals:
                 self._signals(wake_read)
             for slot in self.slots:
                 if slot.status is not None and slot.status in ready:
@@ -323,11 +327,15 @@ class Supervisor:
                 if process is not None and process.sentinel in ready:
                     self._reaped(slot)
 
+    def _received(self, number: int, frame: object) -> None:
+        """The signal handler: noted here, acted on by the loop (woken by the wakeup fd, and
+        in any case within LOOP_TICK)."""
+        self.signals.append(number)
+
     def _signals(self, wake_read: int) -> None:
-        try:
-            received = os.read(wake_read, 64)
-        except BlockingIOError:
-            return
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_read, 64)
+        received, self.signals = self.signals, []
         for number in received:
             sig = signal.Signals(number)
             if self.stopping is None:
