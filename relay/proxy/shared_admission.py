@@ -88,13 +88,22 @@ class SlotTable:
 
     @contextmanager
     def locked(self) -> Iterator[memoryview]:
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.lock()
         try:
             yield self._words
         finally:
-            if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.unlock()
+
+    # lock() and unlock() are called directly on the request path (no context manager).
+
+    def lock(self) -> memoryview:
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self._words
+
+    def unlock(self) -> None:
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # ---- under the lock -------------------------------------------------------------------
 
@@ -200,16 +209,18 @@ class SharedStreamLimiter(StreamLimiter):
     def acquire(self, client: str | None = None) -> RelayError | None:
         table = self.table
         counted = bool(self.per_client) and client is not None
-        with table.locked() as words:
-            if table.total(words) >= self.limit:
+        key = _client_key(client) if counted and client is not None else 0
+        words = table.lock()
+        try:
+            if sum(words[: table.workers]) >= self.limit:
                 return Overloaded("too many downloads in progress; retry shortly")
             if counted:
-                assert client is not None
-                key = _client_key(client)
                 if table.held(words, table.find(words, key)) >= self.per_client:
                     return TooManyStreams("too many downloads in progress from this client")
                 table.add(words, key, self.worker, 1)
             words[self.worker] += 1
+        finally:
+            table.unlock()
         self.active += 1
         if counted:
             assert client is not None
@@ -219,11 +230,14 @@ class SharedStreamLimiter(StreamLimiter):
     def release(self, client: str | None = None) -> None:
         table = self.table
         counted = bool(self.per_client) and client is not None
-        with table.locked() as words:
+        key = _client_key(client) if counted and client is not None else 0
+        words = table.lock()
+        try:
             words[self.worker] = max(0, words[self.worker] - 1)
             if counted:
-                assert client is not None
-                table.add(words, _client_key(client), self.worker, -1)
+                table.add(words, key, self.worker, -1)
+        finally:
+            table.unlock()
         self.active -= 1
         if counted:
             assert client is not None
