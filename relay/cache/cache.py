@@ -36,12 +36,13 @@ import httpx
 from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.executor import DiskExecutor, Ordered
-from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
+from relay.cache.fill import Fill
 from relay.cache.index import Entry, Index
 from relay.cache.integrity import Scrub, Verifier, has_known_digest
 from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
+from relay.cache.storable import TOO_LARGE, VARY_LEARNED
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import StartupError
@@ -59,6 +60,21 @@ PASS_SECONDS = 30.0
 #: How long an object found larger than `cache_max_object_bytes` is relayed without a fill
 #: (its size changes only with a new version; its ranges cost no slice fetch meanwhile).
 TOO_LARGE_PASS_SECONDS = 600.0
+
+
+@dataclass(slots=True, eq=False)
+class FillOrder:
+    """What a fill of a whole object is to fetch (`Cache.fill`, `Cache.background_fill`)."""
+
+    base: str
+    variant: str
+    request: httpx.Request
+    """Built from the key alone (`relay.cache.plan.Asked.fill_request`)."""
+    route: Route
+    revalidating: Entry | None = None
+    """The stored object the fill revalidates (its request is then made conditional)."""
+    sha256: str | None = None
+    """The digest the body must have to be stored (a content-addressed object)."""
 
 
 @dataclass(slots=True)
@@ -168,28 +184,20 @@ class Cache:
 
     # ---- fills --------------------------------------------------------------------------
 
-    def fill(
-        self,
-        base: str,
-        variant: str,
-        request: httpx.Request,
-        route: Route,
-        revalidating: Entry | None = None,
-        sha256: str | None = None,
-    ) -> Fill:
-        """The fill of this key in flight, or a new one (started as a tracked task); `sha256`:
-        the digest the body must have to be stored (a content-addressed object)."""
-        key = self.storage_key(base, variant)
+    def fill(self, order: FillOrder) -> Fill:
+        """The fill of the order's key in flight, or a new one (started as a tracked task)."""
+        key = self.storage_key(order.base, order.variant)
         current = self.fills.get(key)
         if current is not None and not current.finished:
             return current
+        route, revalidating = order.route, order.revalidating
         if revalidating is not None:
-            request.headers.update(conditional_headers(revalidating.meta.headers))
+            order.request.headers.update(conditional_headers(revalidating.meta.headers))
             self.stats.revalidations += 1
-        fill = self.new_fill(key, variant, request, route, revalidating)
-        fill.sha256 = sha256
-        fill.immutable = is_immutable(route, path_of(base, route.prefix))
-        self.start(fill, base)
+        fill = self.new_fill(key, order.variant, order.request, route, revalidating)
+        fill.sha256 = order.sha256
+        fill.immutable = is_immutable(route, path_of(order.base, route.prefix))
+        self.start(fill, order.base)
         return fill
 
     def new_fill(
@@ -201,26 +209,12 @@ class Cache:
         revalidating: Entry | None,
     ) -> Fill:
         return Fill(
+            self,
             key=key,
             variant=variant,
-            store=self.store,
             request=request,
             route=route,
-            upstream=self.upstream,
             revalidating=revalidating.meta if revalidating is not None else None,
-            resume_attempts=self.config.resume_attempts,
-            max_object_bytes=self.max_object_bytes,
-            idle_timeout=self.config.cache_fill_idle_timeout,
-            reserve=self._reserve,
-            on_stored=self._stored,
-            on_refreshed=self._refreshed,
-            on_replaced=self._replaced,
-            count_upstream_bytes=self._count_upstream,
-            clock=self.clock,
-            executor=self.executor,
-            disk=self.disk,
-            on_clientless=self._lost_clients,
-            routes=self.routes,
         )
 
     def start(self, fill: Fill, base: str) -> None:
@@ -241,7 +235,7 @@ class Cache:
                 self.slices.finished(fill)
             self.index.reserved -= fill.reserved
             fill.reserved = 0
-            self.stats.coalesced += fill.coalesced
+            self.stats.coalesced += fill.clients.coalesced
             if fill.failed is not None and fill.failed != "cancelled":
                 self.stats.fills_failed += 1
             if fill.digest_mismatch:
@@ -266,24 +260,16 @@ class Cache:
 
     # ---- background fills ---------------------------------------------------------------
 
-    def background_fill(
-        self,
-        base: str,
-        variant: str,
-        request: httpx.Request,
-        route: Route,
-        revalidating: Entry | None = None,
-        sha256: str | None = None,
-    ) -> Fill | None:
-        """The fill of this key in flight, or a new one started with no client (a prefetch,
-        a revalidation nobody waits for) if there is room for one; None if not (or if the
-        fill of this key is being stopped)."""
-        current = self.fills.get(self.storage_key(base, variant))
+    def background_fill(self, order: FillOrder) -> Fill | None:
+        """The fill of the order's key in flight, or a new one started with no client (a
+        prefetch, a revalidation nobody waits for) if there is room for one; None if not (or
+        if the fill of this key is being stopped)."""
+        current = self.fills.get(self.storage_key(order.base, order.variant))
         if current is not None and not current.finished:
             return current if current.going else None
         if not self.room_for_background():
             return None
-        return self.fill(base, variant, request, route, revalidating, sha256)
+        return self.fill(order)
 
     def room_for_background(self) -> bool:
         return self.background_fills() < self.background_limit
@@ -292,7 +278,7 @@ class Cache:
         """Fills running with no client waiting."""
         return sum(1 for fill in self.fills.values() if fill.background)
 
-    def _lost_clients(self, fill: Fill) -> None:
+    def fill_lost_clients(self, fill: Fill) -> None:
         """The last client of `fill` is gone: it runs on as background work if there is room,
         else it stops."""
         if not fill.stoppable:
@@ -307,17 +293,19 @@ class Cache:
         candidates = [f for f in self.fills.values() if f.background and f.using_upstream]
         if not candidates:
             return False
-        self._stop(min(candidates, key=lambda f: f.idle_since), "its connection went to a client")
+        self._stop(
+            min(candidates, key=lambda f: f.clients.idle_since), "its connection went to a client"
+        )
         return True
 
     def _stop(self, fill: Fill, reason: str) -> None:
         fill.stop(reason)
         self.stats.background_stopped += 1
 
-    def _count_upstream(self, size: int) -> None:
+    def count_upstream(self, size: int) -> None:
         self.stats.bytes_from_upstream += size
 
-    def _reserve(self, fill: Fill, size: int) -> bool:
+    def reserve(self, fill: Fill, size: int) -> bool:
         """Make room for `size` more bytes of a fill (beyond those it has written), evicting
         least recently used objects: what they take on disk, its record included."""
         length = fill.written + size
@@ -346,7 +334,7 @@ class Cache:
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
 
-    def _stored(self, fill: Fill, meta: Meta) -> None:
+    def fill_stored(self, fill: Fill, meta: Meta) -> None:
         """A fill published a new version: it replaces the stored one in the index (whose
         files go once no reader holds them), its cost on disk replaces the reservation."""
         self.index.reserved -= fill.reserved
@@ -360,7 +348,7 @@ class Cache:
         if fill.object_key:
             self.slices.stored(fill, meta)
 
-    def _replaced(self, fill: Fill) -> None:
+    def fill_replaced(self, fill: Fill) -> None:
         """The stored response `fill` revalidates may not be used any more (the upstream
         answered with another version, or its 304 named another one or forbade sharing it):
         dropped at once, so no request is answered from it meanwhile."""
@@ -371,7 +359,7 @@ class Cache:
         if entry is not None and entry.meta is fill.revalidating:
             self.drop(fill.key)
 
-    def _refreshed(self, fill: Fill, meta: Meta) -> None:
+    def fill_refreshed(self, fill: Fill, meta: Meta) -> None:
         """A 304 refreshed the stored response `fill` revalidated: its entry takes `meta`,
         unless it is gone (purged or evicted: that stands) or another version now."""
         entry = self.index.get(fill.key)
