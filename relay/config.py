@@ -58,7 +58,10 @@ def _key(default: Any, help: str, details: str = "", **checks: Any) -> Any:
 
 
 _REDIRECTS = ("pass", "follow")
-_PRESETS = ("", "pypi", "npm", "hf")
+_PRESETS = ("", "pypi", "npm", "hf", "oci")
+_REGISTRY_HOST_RE = re.compile(
+    r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,12 +119,40 @@ class Route:
     )
     preset: str = _key(
         "",
-        'a package-ecosystem preset: "pypi", "npm" or "hf" ("": none)',
+        'a package-ecosystem preset: "pypi", "npm", "hf" or "oci" ("": none)',
         '"pypi" and "npm" rewrite index pages and packuments so their file links point at '
         'relay\'s routes; "hf" (needs `redirects = "follow"`) keeps the Hub\'s file '
-        "metadata headers through redirects and withholds Xet's "
+        'metadata headers through redirects and withholds Xet\'s; "oci" makes the route a '
+        "read-only pull-through container registry mirror, answered under `/v2/` "
         "([package mirrors](mirrors.md)). Without a preset, bytes are never changed.",
         choices=_PRESETS,
+    )
+    registry_hosts: tuple[str, ...] = _key(
+        (),
+        'oci: the registry host names this route mirrors (containerd\'s "ns=")',
+        'E.g. `["docker.io"]` for `https://registry-1.docker.io`. Empty: the upstream\'s '
+        "host (and port). A request's `ns` must name one of a configured route's hosts; it "
+        "never selects a host by itself.",
+    )
+    registry_default: bool = _key(
+        False,
+        "oci: answer `/v2/<name>` requests that carry no ns= and no route name prefix",
+        "For docker's `registry-mirrors` (Docker Hub only). At most one route.",
+    )
+    tag_max_age: float = _key(
+        300.0,
+        "oci: seconds a tag's manifest is fresh; then it is checked with a HEAD",
+        "An unchanged `Docker-Content-Digest` refreshes it without a GET (no rate-limit "
+        "cost); a stored tag is answered stale when the upstream errs or answers 429.",
+    )
+    username_env: str = _key(
+        "",
+        "oci: environment variable holding the registry user name",
+        "With `password_env`: sent (Basic) to the registry's token realm, or to the registry "
+        "when it asks for Basic. Without them relay pulls anonymously.",
+    )
+    password_env: str = _key(
+        "", "oci: environment variable holding the registry password or access token"
     )
     immutable: bool = _key(
         False,
@@ -140,6 +171,8 @@ class Route:
     )
     credential: str = field(default="", repr=False, compare=False)
     """The resolved credential; never logged."""
+    registry_credential: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    """oci: the resolved (user name, password) of username_env/password_env; never logged."""
 
     def __post_init__(self) -> None:
         prefix = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
@@ -154,12 +187,14 @@ class Route:
         if self.redirects not in _REDIRECTS:
             raise ConfigError(f"{where}: redirects must be 'pass' or 'follow'")
         if self.preset not in _PRESETS:
-            raise ConfigError(f"{where}: preset must be 'pypi', 'npm' or 'hf'")
+            raise ConfigError(f"{where}: preset must be 'pypi', 'npm', 'hf' or 'oci'")
+        if self.preset == "oci":
+            self._check_oci(where)
         if self.preset == "hf" and self.redirects != "follow":
             # huggingface_hub follows same-host redirects while reading a file's metadata: a
             # passed redirect to relay's CDN route would lose X-Repo-Commit and X-Linked-*.
             raise ConfigError(f"{where}: preset = 'hf' needs redirects = 'follow'")
-        if self.redirects == "follow" and not self.redirect_hosts:
+        if self.redirects == "follow" and not self.redirect_hosts and self.preset != "oci":
             raise ConfigError(f"{where}: redirects = 'follow' needs redirect_hosts")
         for host in self.redirect_hosts:
             if not _HOST_PATTERN_RE.match(host):
@@ -181,9 +216,47 @@ class Route:
                     "set allow_private = true to reach it deliberately"
                 )
 
+    def _check_oci(self, where: str) -> None:
+        """An oci route: always follows redirects (to redirect_hosts only: blobs live in
+        object storage), never forwards a client's or a fixed credential (relay does the
+        registry's token dance itself), mirrors named registry hosts."""
+        if self.auth_env or self.auth_file or self.forward_client_auth:
+            raise ConfigError(
+                f"{where}: preset = 'oci' takes username_env/password_env, not auth_env, "
+                "auth_file or forward_client_auth (relay fetches the registry's tokens itself)"
+            )
+        if bool(self.username_env) != bool(self.password_env):
+            raise ConfigError(f"{where}: give both username_env and password_env, or neither")
+        if self.tag_max_age < 0:
+            raise ConfigError(f"{where}: tag_max_age must be >= 0")
+        if self.prefix == "/v2/" or self.prefix.startswith("/v2/"):
+            raise ConfigError(f"{where}: an oci route's prefix cannot be under /v2/")
+        object.__setattr__(self, "redirects", "follow")
+        parts = urlsplit(self.upstream)
+        if parts.path != "/":
+            raise ConfigError(f"{where}: an oci upstream is a registry's base URL (no path)")
+        hosts = tuple(h.lower() for h in self.registry_hosts) or (parts.netloc,)
+        for host in hosts:
+            if not _REGISTRY_HOST_RE.match(host):
+                raise ConfigError(f"{where}: registry_hosts entry {host!r} is not a host name")
+        object.__setattr__(self, "registry_hosts", hosts)
+
     def resolve_credential(self, environ: Mapping[str, str]) -> Route:
-        """Read the credential named by auth_env/auth_file (at startup, never at import)."""
+        """Read the credential named by auth_env/auth_file, or an oci route's user name and
+        password (username_env/password_env), at startup, never at import."""
         where = f"route {self.prefix}"
+        if self.username_env:
+            user, password = environ.get(self.username_env), environ.get(self.password_env)
+            for name, value in ((self.username_env, user), (self.password_env, password)):
+                if not value:
+                    raise ConfigError(f"{where}: {name} is not set")
+                if any(c in value for c in "\r\n\x00") or not value.isascii():
+                    raise ConfigError(f"{where}: {name} must be one line of ASCII")
+            assert user is not None
+            assert password is not None
+            if ":" in user:
+                raise ConfigError(f"{where}: {self.username_env}: a user name cannot hold ':'")
+            return dataclasses.replace(self, registry_credential=(user, password))
         if self.auth_env:
             if not environ.get(self.auth_env):
                 raise ConfigError(f"{where}: auth_env {self.auth_env} is not set")
@@ -202,7 +275,9 @@ class Route:
     def describe(self) -> dict[str, Any]:
         """The route's keys, safe to log: the credential is masked."""
         return {
-            f.name: masked(getattr(self, f.name), secret=f.name == "credential")
+            f.name: masked(
+                getattr(self, f.name), secret=f.name in ("credential", "registry_credential")
+            )
             for f in dataclasses.fields(self)
         }
 
@@ -225,7 +300,7 @@ def mask_url(text: str) -> str:
 def masked(value: Any, *, secret: bool = False) -> Any:
     """A setting's value as relay shows it (the startup log, configuration errors): a secret's
     value is "***" once set, and so is the user information of any URL in a text."""
-    if secret and value != "":
+    if secret and value not in ("", None):
         return "***"
     return mask_url(value) if isinstance(value, str) else value
 
@@ -707,6 +782,14 @@ class Config:
                 "data_dir: the /downloads API needs an admin credential; set admin_token "
                 "(or admin_token_file), or downloads_open = true to let every client use it"
             )
+        if sum(1 for r in self.routes if r.preset == "oci" and r.registry_default) > 1:
+            raise ConfigError("routes: registry_default is set on more than one oci route")
+        if any(r.registry_default and r.preset != "oci" for r in self.routes):
+            raise ConfigError("routes: registry_default needs preset = 'oci'")
+        if any(r.preset == "oci" for r in self.routes) and any(
+            r.prefix.startswith("/v2/") for r in self.routes
+        ):
+            raise ConfigError("routes: /v2/ belongs to the oci routes' registry API")
         if self.cache_dir and self.cache_max_bytes <= 0:
             raise ConfigError("cache_max_bytes: required (> 0) when cache_dir is set")
         if self.ca_file:
@@ -897,7 +980,7 @@ def _parse_route_texts(texts: Sequence[str]) -> list[Route]:
     return [Route.parse(t) for t in texts if t]
 
 
-_ROUTE_KEYS = {f.name for f in dataclasses.fields(Route)} - {"credential"}
+_ROUTE_KEYS = {f.name for f in dataclasses.fields(Route)} - {"credential", "registry_credential"}
 
 
 def _route_from_table(table: dict[str, Any], where: str) -> Route:

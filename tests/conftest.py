@@ -18,7 +18,8 @@ from tests.harness import (
 from tests.loopback import LoopbackServer
 from tests.origin import Origin
 
-pytest_plugins = ["pytester"]
+# tests.oci_world: the registries, images and container clients of the OCI tests.
+pytest_plugins = ["pytester", "tests.oci_world"]
 
 # The fuzz tier (tests/fuzz). "default" is bounded so the tier takes about a minute on two
 # cores, and derandomized: the same examples every run, so a CI failure reproduces locally.

@@ -30,6 +30,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("relay.proxy", "relay.downloads", "relay.fetch"),
     # The cache serves relayed requests: it builds on the proxy's pieces.
     ("relay.cache",),
+    # The registry mirror (preset = "oci") serves through the cache.
+    ("relay.registry",),
     ("relay.server",),
     ("relay.cli", "relay.__main__"),
 ]

@@ -35,15 +35,14 @@ from relay.cache.cache import Cache
 from relay.cache.key import base_key
 from relay.cache.serve import CachedResponse
 from relay.config import Route
-from relay.errors import UpstreamError, error_response
+from relay.errors import error_response
 from relay.net.presets import HF_METADATA_HEADERS, hub_metadata, linked_sha256, without_xet
 from relay.net.redirects import REDIRECT_STATUSES
 from relay.net.routing import Target
 from relay.net.upstream import Upstream
-from relay.proxy.admission import StreamLimiter, hand_over
-from relay.proxy.exchange import exchange_of
+from relay.proxy.admission import StreamLimiter
+from relay.proxy.deciding import decided
 from relay.proxy.headers import shared_request_headers
-from relay.proxy.send_watch import ClientWatch
 from relay.proxy.streaming import Relayed
 from relay.types import RawHeaders, Receive, Scope, Send
 
@@ -101,33 +100,17 @@ class HubResponse(Response):
         self.status_code = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = exchange_of(scope)
-        refusal = self._limiter.acquire(self._client)
-        if refusal is not None:
-            exchange.outcome = "rejected"
-            await error_response(refusal)(scope, receive, send)
+        answer = await decided(
+            scope,
+            receive,
+            send,
+            limiter=self._limiter,
+            client=self._client,
+            decide=self._ask_hub,
+            render=error_response,
+        )
+        if answer is None:
             return
-        task = asyncio.current_task()
-        assert task is not None
-        watch = ClientWatch(receive, task)
-        answer: Response | None = None
-        try:
-            answer = await self._ask_hub()
-        except UpstreamError as exc:
-            exchange.outcome = "upstream_error"
-            answer = error_response(exc)
-        except asyncio.CancelledError:
-            if not watch.gone:
-                raise
-            task.uncancel()
-            exchange.outcome = "client_abort"
-            return
-        finally:
-            watch.stop()
-            # The cached or relayed response is handed this request's slot (and releases it):
-            # never refused halfway. An error answer needs none.
-            if answer is None or not hand_over(answer):
-                self._limiter.release(self._client)
         try:
             await answer(scope, receive, send)
         finally:

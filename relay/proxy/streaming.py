@@ -15,8 +15,10 @@ after a body's first chunk or `WATCH_AFTER` into the exchange, so small response
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import httpx
@@ -36,7 +38,7 @@ from relay.proxy.pacing import ReadPacer
 from relay.proxy.resuming import BodyResumer
 from relay.proxy.rewrite import Preset
 from relay.proxy.send_watch import SendWatchdog
-from relay.types import RESET_KEY, WAIT_FOR_CLIENT, Receive, Scope, Send
+from relay.types import RESET_KEY, WAIT_FOR_CLIENT, RawHeaders, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,12 @@ class RelayResponse(Response):
         client: str | None,
         config: Config,
         opened: httpx.Response | None = None,
+        sha256: str | None = None,
+        adapt: Callable[[RawHeaders], RawHeaders] | None = None,
     ) -> None:
+        """`sha256`: a 200's body must have this digest: its last chunk is held until the
+        digest is checked, and a mismatch aborts the transfer (a registry's blob relayed
+        without the cache). `adapt`: applied to the response head's headers."""
         # Response.__init__ would render a body; this response streams one instead. Nothing of
         # Starlette reads a response it did not build but calls it (its ASGI `__call__`,
         # overridden here), so none of Response's own attributes are needed.
@@ -90,6 +97,8 @@ class RelayResponse(Response):
             config.send_timeout, config.min_send_rate, config.min_rate_window
         )
         self._response: httpx.Response | None = opened
+        self._sha256 = sha256
+        self._adapt = adapt
         self._preset: Preset | None = None
         self._active = True
         self._client_gone = False
@@ -217,6 +226,8 @@ class RelayResponse(Response):
             headers = rewrite_location_headers(headers, response.request.url, self._routes)
         if preset is not None:
             headers = preset.headers(headers)
+        if self._adapt is not None:
+            headers = self._adapt(headers)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if self._method == "HEAD" or status in BODYLESS_STATUSES:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -233,6 +244,7 @@ class RelayResponse(Response):
         clock = asyncio.get_running_loop().time
         watchdog = self._watchdog
         measuring = watchdog.min_rate > 0
+        check = Sha256Check(self._sha256) if self._sha256 and response.status_code == 200 else None
         try:
             while True:
                 pace = response.extensions.get(READ_PACE)
@@ -240,7 +252,9 @@ class RelayResponse(Response):
                 try:
                     raw = response.aiter_raw()
                     async for chunk in self._preset.body(raw) if self._preset else raw:
-                        sent += len(chunk)
+                        sent += len(chunk)  # taken from the upstream (a resume's offset)
+                        if check is not None:
+                            chunk = check.hold(chunk)
                         watchdog.sent = sent
                         now = watchdog.sending_since = clock()
                         if pacer is not None:
@@ -269,7 +283,7 @@ class RelayResponse(Response):
                         )
                     response = self._response = await resumer.resume(response, sent, exc)
         finally:
-            self._exchange.bytes_sent = sent
+            self._exchange.bytes_sent = sent - (check.held if check is not None else 0)
         if length is not None and length != sent:
             # Defence in depth: the transport should have raised already.
             logger.warning(
@@ -278,4 +292,41 @@ class RelayResponse(Response):
                 length,
             )
             raise TransferAborted(f"short body: {sent} of {length} bytes")
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        last = b""
+        if check is not None:
+            last = check.release()  # raises TransferAborted on a mismatch
+            self._exchange.bytes_sent = sent
+        await send({"type": "http.response.body", "body": last, "more_body": False})
+
+
+class Sha256Check:
+    """Hashes a body as it passes and holds back its last chunk (each chunk is let go when the
+    next arrives) until the whole body matched the expected sha256: a body that does not is
+    never delivered complete."""
+
+    __slots__ = ("_expected", "_hash", "_held")
+
+    def __init__(self, expected: str) -> None:
+        self._expected = expected
+        self._hash = hashlib.sha256()
+        self._held = b""
+
+    def hold(self, chunk: bytes) -> bytes:
+        """Take `chunk`; what may go out now (the chunk held before)."""
+        self._hash.update(chunk)
+        out, self._held = self._held, chunk
+        return out
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def release(self) -> bytes:
+        """The held last chunk, once the digest matched; TransferAborted when it did not."""
+        if self._hash.hexdigest() != self._expected:
+            logger.warning(
+                "upstream body does not match its sha256 %s, aborting the client transfer",
+                self._expected[:16],
+            )
+            raise TransferAborted("body does not match its digest")
+        return self._held

@@ -18,6 +18,7 @@ in `admin_header`, compared in constant time (`AdminAuth`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import time
@@ -94,6 +95,18 @@ class ClientAuth:
             return
         raise Unauthorized("authentication required")
 
+    def check_registry(self, scope: Scope) -> None:
+        """`check`, accepting also a registry client's `Authorization: Basic` whose password
+        is the client secret (any user name): container clients can send credentials per
+        registry (`docker login`, auth.json), not an arbitrary header."""
+        if self._secret:
+            for name, value in scope["headers"]:
+                if name.lower() == b"authorization" and value[:6].lower() == b"basic ":
+                    if hmac.compare_digest(_basic_password(value[6:]), self._secret):
+                        return
+                    raise Forbidden("wrong client secret")
+        self.check(scope)
+
     def _check_signature(self, scope: Scope, query: bytes) -> bytes:
         params: dict[bytes, bytes] = {}
         kept = []
@@ -121,13 +134,33 @@ class ClientAuth:
         return kept_query
 
 
+def _basic_password(encoded: bytes) -> bytes:
+    """The password of a Basic credential (b"" when it does not decode)."""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:
+        return b""
+    return decoded.partition(b":")[2]
+
+
 class ClientAuthMiddleware:
-    def __init__(self, app: ASGIApp, auth: ClientAuth) -> None:
+    """Checks every request but those of the open paths and, with `skip`, the paths it
+    claims (an endpoint that checks its clients itself: the registry API)."""
+
+    def __init__(
+        self, app: ASGIApp, auth: ClientAuth, skip: Callable[[str], bool] | None = None
+    ) -> None:
         self.app = app
         self.auth = auth
+        self.skip = skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.auth.enabled and scope["path"] not in OPEN_PATHS:
+        if (
+            scope["type"] == "http"
+            and self.auth.enabled
+            and scope["path"] not in OPEN_PATHS
+            and (self.skip is None or not self.skip(scope["path"]))
+        ):
             try:
                 self.auth.check(scope)
             except RelayError as exc:

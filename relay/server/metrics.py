@@ -41,6 +41,7 @@ from relay.downloads.jobs import JobCounts
 from relay.net.peers import ask_peers, is_peer_request
 from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
+from relay.registry.endpoint import Registry
 from relay.server.metrics_merge import Fixed, families_json, merge, peers_missing
 
 NO_ROUTE = "-"
@@ -175,6 +176,8 @@ class Metrics:
             "Downloads to disk running at once (max_downloads); the rest wait queued.",
         )
         self._register_live(self._downloads)
+        self._registry = _RegistryCollector()
+        self._register_live(self._registry)
         self._register_live(ProcessCollector(registry=None))
         for route in routes:
             self._add_route(route)
@@ -261,6 +264,10 @@ class Metrics:
     def watch_cache(self, cache: Cache | None) -> None:
         """Report the read-through cache's counters and size at every scrape."""
         self._cache.cache = cache
+
+    def watch_registry(self, source: Registry | None) -> None:
+        """Report the registry mirror's token fetches and tag answers at every scrape."""
+        self._registry.source = source
 
     async def endpoint(self, request: Request) -> Response:
         if self._files is None:
@@ -448,3 +455,38 @@ class _ActiveStreams(Collector):
         for route, count in sorted(counts.items()):
             family.add_metric([route], count)
         yield family
+
+
+class _RegistryCollector(Collector):
+    """relay_registry_*: the oci routes' token fetches and tag answers (labels: the route
+    prefix, configured, and a fixed outcome), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Registry | None = None
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return iter(())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        source = self.source
+        if source is None:
+            return
+        tokens = CounterMetricFamily(
+            "relay_registry_token_fetches",
+            "Tokens relay asked upstream registries' realms for, by route and outcome.",
+            labels=["route", "outcome"],
+        )
+        fetches = source.auth.token_fetches if source.auth is not None else {}
+        for (route, outcome), value in sorted(fetches.items()):
+            tokens.add_metric([route, outcome], value)
+        yield tokens
+        tags = CounterMetricFamily(
+            "relay_registry_tag_answers",
+            "Manifest-by-tag answers by route and outcome: hit, revalidated (a HEAD found the "
+            "same digest), expired (moved), miss, stale (the upstream failed or answered 429), "
+            "pass (no digest upstream).",
+            labels=["route", "outcome"],
+        )
+        for (route, outcome), value in sorted(source.tag_answers.items()):
+            tags.add_metric([route, outcome], value)
+        yield tags

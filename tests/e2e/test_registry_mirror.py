@@ -1,0 +1,159 @@
+"""The registry mirror (`preset = "oci"`) end to end: a real relay under uvicorn in front of a
+tiny registry on loopback (tests/fake_registry.py: registry, token realm, object storage),
+real HTTP clients. The real clients (skopeo, podman, containerd) against the CNCF registry
+are the oci-world kit's tests (tests/e2e/test_oci*.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relay.config import Route
+from tests.fake_registry import FakeRegistry, digest_of
+from tests.harness import RelayThread, relay_config, running_relay
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1024 * 1024
+LAYER = hashlib.sha256(b"layer").digest() * (4 * MiB // 32)  # 4 MiB
+ACCEPT = {"accept": "application/vnd.oci.image.manifest.v1+json"}
+
+
+@pytest.fixture
+def registry() -> Iterator[FakeRegistry]:
+    with FakeRegistry() as fake:
+        yield fake
+
+
+def _relay(
+    registry: FakeRegistry, tmp_path: Path, **route: Any
+) -> contextlib.AbstractContextManager[RelayThread]:
+    oci = Route(
+        prefix="/fake/",
+        upstream=registry.registry.url,
+        preset="oci",
+        allow_private=True,
+        registry_default=True,
+        redirect_hosts=("127.0.0.1",),
+        **route,
+    )
+    config = relay_config(
+        registry.registry.url,
+        routes=(oci,),
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=256 * MiB,
+        cache_slice_bytes=1 * MiB,
+    )
+    return running_relay(config)
+
+
+def test_concurrent_cold_pulls_cost_the_upstream_one_fetch_per_blob(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    manifest, layer = registry.add_image("library/app", "1", LAYER)
+    with _relay(registry, tmp_path) as relay:
+
+        def pull(i: int) -> tuple[str, str]:
+            with httpx.Client(base_url=relay.url, timeout=60) as client:
+                answer = client.get("/v2/library/app/manifests/1", headers=ACCEPT)
+                assert answer.status_code == 200
+                blob = client.get(f"/v2/library/app/blobs/{layer}")
+                assert blob.status_code == 200
+                return answer.headers["docker-content-digest"], digest_of(blob.content)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(pull, range(8)))
+        relay.check_invariants()
+    assert results == [(manifest, layer)] * 8
+    assert registry.storage_gets(layer) == 1
+
+
+def test_a_layer_cut_mid_body_is_resumed(registry: FakeRegistry, tmp_path: Path) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    registry.cut_once.add(layer)
+    with _relay(registry, tmp_path) as relay:
+        blob = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        again = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert blob.status_code == 200
+    assert digest_of(blob.content) == layer
+    assert again.headers["cache-status"].startswith("relay; hit")
+    assert any(r.startswith("bytes=") for r in registry.storage.ranges)
+
+
+def test_a_tampered_layer_never_reaches_a_client_as_complete(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    registry.tampered[layer] = LAYER[:-1] + b"!"
+    with _relay(registry, tmp_path) as relay:
+        for _ in range(2):
+            with pytest.raises(httpx.TransportError):  # reset or cut: never complete
+                httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert registry.storage_gets(layer) == 2  # nothing stored
+
+
+def test_a_stored_tag_pulls_with_the_registry_stopped(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    manifest, layer = registry.add_image("library/app", "1", LAYER)
+    with _relay(registry, tmp_path, tag_max_age=0.0) as relay:
+        first = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        assert first.status_code == 200
+        httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        registry.status = 429
+        limited = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        registry.registry.__exit__(None, None, None)
+        stopped = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        blob = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert limited.status_code == 200
+    assert limited.headers["cache-status"].endswith('fwd-status=429; detail="stale-if-error"')
+    assert stopped.status_code == 200
+    assert "stale-if-error" in stopped.headers["cache-status"]
+    assert stopped.content == first.content
+    assert stopped.headers["docker-content-digest"] == manifest
+    assert digest_of(blob.content) == layer
+
+
+def test_client_credentials_never_reach_the_upstream(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    with _relay(registry, tmp_path) as relay:
+        secret = {"authorization": "Bearer client-secret-token", **ACCEPT}
+        assert (
+            httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=secret).status_code == 200
+        )
+        assert (
+            httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", headers=secret).status_code
+            == 200
+        )
+        relay.check_invariants()
+    for site in (registry.registry, registry.realm, registry.storage):
+        assert site.headers
+        assert all("client-secret-token" not in h.get("authorization", "") for h in site.headers)
+    assert all("authorization" not in h for h in registry.storage.headers)
+
+
+def test_writes_and_bad_names_get_registry_errors(registry: FakeRegistry, tmp_path: Path) -> None:
+    with _relay(registry, tmp_path) as relay:
+        push = httpx.post(f"{relay.url}/v2/library/app/blobs/uploads/")
+        bad = httpx.get(f"{relay.url}/v2/library/app/blobs/sha512:{'0' * 128}")
+        base = httpx.get(f"{relay.url}/v2/")
+        relay.check_invariants()
+    assert push.status_code == 405
+    assert push.json()["errors"][0]["code"] == "UNSUPPORTED"
+    assert bad.status_code == 400
+    assert bad.json()["errors"][0]["code"] == "DIGEST_INVALID"
+    assert base.status_code == 200
+    assert base.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert registry.registry.requests == []
