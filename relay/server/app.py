@@ -16,7 +16,7 @@ from relay.cache.admin import routes as cache_routes
 from relay.cache.admission import cached_response
 from relay.cache.cache import Cache, open_cache
 from relay.cache.clock import SYSTEM_CLOCK, Clock
-from relay.config import Config
+from relay.config import SINGLE_PROCESS, Config, WorkerInfo
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, NoRoute, StartupError, error_response
@@ -29,12 +29,14 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import exchange_of
 from relay.proxy.forwarded import ForwardedPolicy
 from relay.proxy.headers import upstream_request_headers
+from relay.proxy.shared_admission import SLOTS_FILE, SharedStreamLimiter
 from relay.proxy.streaming import RelayResponse
 from relay.registry.endpoint import Registry
 from relay.server.auth import ClientAuth, ClientAuthMiddleware
 from relay.server.health import Readiness, healthz, readyz
 from relay.server.metrics import Metrics
 from relay.server.observe import ObserveMiddleware
+from relay.server.supervisor import server_readiness
 from relay.types import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
 
 
@@ -50,10 +52,10 @@ class LifespanState(TypedDict):
 class Relay:
     """The relay endpoint: maps the raw path, then hands over to a RelayResponse."""
 
-    def __init__(self, config: Config, routes: RouteTable) -> None:
+    def __init__(self, config: Config, routes: RouteTable, limiter: StreamLimiter) -> None:
         self._routes = routes
         self._forwarded = ForwardedPolicy(config.trusted_networks())
-        self.limiter = StreamLimiter(config.max_streams, config.max_streams_per_client)
+        self.limiter = limiter
         self._config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -195,13 +197,29 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock | None = None,
+    worker: WorkerInfo = SINGLE_PROCESS,
 ) -> Starlette:
     """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches);
-    `clock` the time the cache reads (tests: `relay.cache.clock.ManualClock`)."""
+    `clock` the time the cache reads (tests: `relay.cache.clock.ManualClock`); `worker` which
+    of the server's processes runs it (`relay.config.WorkerInfo`; one process by default)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)
     mirrors = MirrorBoard(config.routes, (clock or SYSTEM_CLOCK).monotonic)
-    relay = Relay(config, routes)
+    limiter: StreamLimiter
+    if worker.shared:
+        assert worker.run_dir is not None
+        # max_streams and max_streams_per_client hold for the whole server.
+        limiter = SharedStreamLimiter(
+            worker.run_dir / SLOTS_FILE,
+            worker=worker.index,
+            workers=worker.count,
+            limit=config.max_streams,
+            per_client=config.max_streams_per_client,
+        )
+        readiness.server = server_readiness(worker)
+    else:
+        limiter = StreamLimiter(config.max_streams, config.max_streams_per_client)
+    relay = Relay(config, routes, limiter)
     auth = ClientAuth(
         secret=config.client_secret,
         secret_header=config.client_secret_header,
@@ -216,7 +234,9 @@ def create_app(
             check_client=auth.check_registry if auth.enabled else None,
         )
     metrics = Metrics(
-        routes=[route.prefix for route in config.routes], max_streams=config.max_streams
+        routes=[route.prefix for route in config.routes],
+        max_streams=config.max_streams,
+        worker=worker,
     )
 
     @contextlib.asynccontextmanager
@@ -234,7 +254,7 @@ def create_app(
                 registry.open(upstream)
             try:
                 async with (
-                    open_downloads(config, upstream, routes) as downloads,
+                    open_downloads(config, upstream, routes, shared=worker.shared) as downloads,
                     open_cache(config, upstream, clock or SYSTEM_CLOCK) as cache,
                 ):
                     if cache is not None:
@@ -281,6 +301,7 @@ def create_app(
     app.state.readiness = readiness
     app.state.mirrors = mirrors
     metrics.watch_mirrors(mirrors)
+    app.state.worker = worker
     app.state.startup_error = None
     app.state.limiter = relay.limiter
     return app
