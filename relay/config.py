@@ -310,6 +310,19 @@ class Config:
         "127.0.0.1", "address to listen on", group="server", details="`0.0.0.0` in containers."
     )
     port: int = _setting(8000, "port to listen on", group="server", min=0, max=65535)
+    workers: int = _setting(
+        1,
+        "server processes sharing the port, the limits, /metrics and the stores",
+        group="server",
+        details="`1`: one process, no supervisor. More: a supervisor binds the port, runs this "
+        "many worker processes and restarts one that dies; `max_streams` and "
+        "`max_streams_per_client` hold across all of them, `max_connections` is split evenly "
+        "between them, one `/metrics` scrape sums them all, and downloads to disk run once "
+        "whichever worker was asked ([operations](operations.md#workers)). On Kubernetes, "
+        "keep 1 and add replicas.",
+        min=1,
+        max=256,
+    )
     max_connections: int = _setting(
         100, "upstream connections open at once (the pool size)", group="upstream", min=1
     )
@@ -670,6 +683,11 @@ class Config:
         for p in prefixes:
             if prefixes.count(p) > 1:
                 raise ConfigError(f"routes: prefix {p!r} is configured twice")
+        if self.workers > self.max_connections:
+            raise ConfigError(
+                f"workers: {self.workers} workers need max_connections >= {self.workers} "
+                "(each worker gets an even share of the upstream pool)"
+            )
         if self.max_keepalive > self.max_connections:
             object.__setattr__(self, "max_keepalive", self.max_connections)
         try:
@@ -746,6 +764,42 @@ class Config:
             f.name: masked(getattr(self, f.name), secret=f.metadata["secret"]) for f in settings()
         }
         return {"routes": [r.describe() for r in self.routes], **out}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerInfo:
+    """Which of the server's processes this one is: `index` of `count` (0 of 1: relay runs as
+    one process). With several, `run_dir` is the directory the supervisor made for this run,
+    private to the server's processes (mode 0700) and removed when it stops: shared state
+    (stream slots, metrics, each worker's peer socket) lives there."""
+
+    index: int = 0
+    count: int = 1
+    run_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"worker index {self.index} is not below the count {self.count}")
+        if self.count > 1 and self.run_dir is None:
+            raise ValueError("several workers need a run_dir")
+
+    @property
+    def shared(self) -> bool:
+        """Whether other workers share this one's port, limits and stores."""
+        return self.count > 1
+
+    def peer_socket(self, index: int) -> Path:
+        """The Unix socket worker `index` answers its peers on (served by the same app)."""
+        assert self.run_dir is not None, "a single process has no peers"
+        return self.run_dir / f"worker-{index}.sock"
+
+    def peers(self) -> list[int]:
+        """The other workers' indexes."""
+        return [i for i in range(self.count) if i != self.index]
+
+
+SINGLE_PROCESS = WorkerInfo()
+"""relay as one process: no supervisor, nothing shared."""
 
 
 def settings() -> list[dataclasses.Field[Any]]:

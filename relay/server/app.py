@@ -16,7 +16,7 @@ from relay.cache.admin import routes as cache_routes
 from relay.cache.admission import cached_response
 from relay.cache.cache import Cache, open_cache
 from relay.cache.clock import SYSTEM_CLOCK, Clock
-from relay.config import Config
+from relay.config import SINGLE_PROCESS, Config, WorkerInfo
 from relay.downloads import open_downloads
 from relay.downloads import routes as download_routes
 from relay.errors import ClientError, StartupError, error_response
@@ -178,9 +178,11 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock | None = None,
+    worker: WorkerInfo = SINGLE_PROCESS,
 ) -> Starlette:
     """Build relay's ASGI app. `transport` replaces the upstream transport (tests, benches);
-    `clock` the time the cache reads (tests: `relay.cache.clock.ManualClock`)."""
+    `clock` the time the cache reads (tests: `relay.cache.clock.ManualClock`); `worker` which
+    of the server's processes runs it (`relay.config.WorkerInfo`; one process by default)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)
     relay = Relay(config, routes)
@@ -245,6 +247,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.readiness = readiness
+    app.state.worker = worker
     app.state.startup_error = None
     app.state.limiter = relay.limiter
     return app
