@@ -20,6 +20,11 @@ work never takes capacity from clients:
   as Varnish's background fetches do on a backend at its `max_connections`).
 A stopped fill publishes nothing, as after `cache_fill_idle_timeout`; fills are only stopped
 before their body is complete.
+
+With several workers on one `cache_dir` (`relay.cache.workers`): a miss's fill runs in the one
+worker that takes the key's fill lock, the others follow it (`Follower`); the index is a
+`LedgerIndex`, synced with the other workers' changes at each lookup, and the budget, the
+reservations and the eviction order are the ledger's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -43,7 +49,13 @@ from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
 from relay.cache.store import Meta, Store
-from relay.config import Config, Route
+from relay.cache.workers.follow import Follower
+from relay.cache.workers.index import LedgerIndex
+from relay.cache.workers.lead import Lead
+from relay.cache.workers.ledger import Row
+from relay.cache.workers.shared import Shared
+from relay.cache.workers.volume import UnfitVolume
+from relay.config import SINGLE_PROCESS, Config, Route, WorkerInfo
 from relay.errors import StartupError
 from relay.net.presets import is_immutable
 from relay.net.routing import RouteTable
@@ -103,8 +115,12 @@ class Cache:
         index: Index,
         clock: Clock = SYSTEM_CLOCK,
         executor: DiskExecutor | None = None,
+        shared: Shared | None = None,
     ) -> None:
         self.config = config
+        self.shared = shared
+        """With several workers: this worker's part in the shared cache (`relay.cache.workers`)."""
+        self.ledger_index = index if isinstance(index, LedgerIndex) else None
         self.clock = clock
         self.upstream = upstream
         self.store = store
@@ -130,6 +146,9 @@ class Cache:
         """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
         self.scrub = Scrub(self, self.verifier, rate=config.cache_verify_rate)
         """The background verification: at startup, and an operator's scrub."""
+        if self.ledger_index is not None:
+            self.ledger_index.remove_files = self.remove_files
+            self.ledger_index.learned = self._learned
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -141,7 +160,15 @@ class Cache:
         return base
 
     def lookup(self, base: str, variant: str) -> Entry | None:
+        if self.ledger_index is not None:
+            self.ledger_index.sync()
         return self.index.get(self.storage_key(base, variant))
+
+    def _learned(self, entry: Entry) -> None:
+        """A version another worker stored: the hints a stored version gives (as at load)."""
+        if entry.meta.vary == "accept-encoding":
+            self.index.vary[entry.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
+        self.slices.learned(entry)
 
     def passing(self, key: str) -> bool:
         return self.passes.active(key)
@@ -187,10 +214,39 @@ class Cache:
             request.headers.update(conditional_headers(revalidating.meta.headers))
             self.stats.revalidations += 1
         fill = self.new_fill(key, variant, request, route, revalidating)
+        lead: Lead | None = None
+        if self.shared is not None and revalidating is None:
+            lead, leader = self._lead(fill)
+            if leader is not None:
+                fill = self._follower(fill, leader, request, route)
         fill.sha256 = sha256
         fill.immutable = is_immutable(route, path_of(base, route.prefix))
-        self.start(fill, base)
+        self.start(fill, base, lead)
         return fill
+
+    def _lead(self, fill: Fill) -> tuple[Lead | None, str | None]:
+        """With several workers: take the key's fill lock for `fill` (its lead), or find the
+        version of the fill another worker runs (to follow); (None, None) in the rare case
+        the lock keeps changing hands (the fill then runs on its own, as with one worker)."""
+        assert self.shared is not None
+        locks = self.shared.locks
+        name = self.store.partial_of(fill.key, "0" * 16).name.split(".")[0]
+        for _ in range(3):
+            lead = locks.lead(name, self.store.version_of(fill.partial))
+            if lead is not None:
+                return lead, None
+            leader = locks.leader(name)
+            if leader is not None:
+                return None, leader
+        return None, None
+
+    def _follower(self, fill: Fill, version: str, request: httpx.Request, route: Route) -> Fill:
+        assert self.shared is not None
+        return Follower(
+            locks=self.shared.locks,
+            version=version,
+            **self._fill_arguments(fill.key, fill.variant, request, route, None),
+        )
 
     def new_fill(
         self,
@@ -200,7 +256,17 @@ class Cache:
         route: Route,
         revalidating: Entry | None,
     ) -> Fill:
-        return Fill(
+        return Fill(**self._fill_arguments(key, variant, request, route, revalidating))
+
+    def _fill_arguments(
+        self,
+        key: str,
+        variant: str,
+        request: httpx.Request,
+        route: Route,
+        revalidating: Entry | None,
+    ) -> dict[str, Any]:
+        return dict(
             key=key,
             variant=variant,
             store=self.store,
@@ -223,17 +289,21 @@ class Cache:
             routes=self.routes,
         )
 
-    def start(self, fill: Fill, base: str) -> None:
-        """Run the fill as a tracked task; `base`: its object's base key."""
+    def start(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
+        """Run the fill as a tracked task; `base`: its object's base key; `lead`: the key's
+        fill lock it holds (several workers), released when it is over."""
         self.fills[fill.key] = fill
-        task = asyncio.create_task(self._run(fill, base), name=f"cache fill {fill.key[:80]}")
+        task = asyncio.create_task(self._run(fill, base, lead), name=f"cache fill {fill.key[:80]}")
         fill.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, fill: Fill, base: str) -> None:
+    async def _run(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
         try:
-            await fill.run()
+            if lead is None:
+                await fill.run()
+            else:
+                await self._lead_fill(fill, lead)
         finally:
             if self.fills.get(fill.key) is fill:
                 del self.fills[fill.key]
@@ -263,6 +333,38 @@ class Cache:
                 # the clients waiting on this revalidation are about to read.
                 if fill.revalidating is not None and (fill.upstream_status or 0) < 500:
                     self.drop(fill.key)
+
+    async def _lead_fill(self, fill: Fill, lead: Lead) -> None:
+        """Run `fill` holding its key's fill lock: what a leader that died left of its fill
+        is removed first; the fill's head is written for other workers to follow as soon as
+        it is known (`_announce`); the lock is released once the fill is over (published, or
+        its partial file removed), its head removed first."""
+        assert self.shared is not None
+        locks = self.shared.locks
+        announce: asyncio.Task[None] | None = None
+        try:
+            if lead.previous is not None:
+                await self.executor.run(self.store.remove_leftovers, fill.key, lead.previous)
+            announce = asyncio.create_task(self._announce(fill), name="cache fill head")
+            await fill.run()
+        finally:
+            if announce is not None:
+                announce.cancel()
+                await asyncio.gather(announce, return_exceptions=True)
+            try:
+                await asyncio.shield(self.executor.run(self.store.remove_head, fill.partial))
+            finally:
+                locks.release(lead)
+
+    async def _announce(self, fill: Fill) -> None:
+        """Write the head of `fill` for the workers following it, once it is known, if its
+        body is to be stored (an answer not stored is not followed: see `Follower`)."""
+        await fill.headers_ready.wait()
+        if fill.read_fd is None or fill.meta is None or fill.passthrough is not None:
+            return
+        if fill.finished or fill.purged:
+            return
+        await self.executor.run(self.store.write_head, fill.partial, fill.meta, fill.length)
 
     # ---- background fills ---------------------------------------------------------------
 
@@ -326,6 +428,14 @@ class Cache:
         more = self.store.reservation(length) - fill.reserved
         if more <= 0:
             return True
+        if self.ledger_index is not None:
+            # Every worker's budget, in one ledger transaction (relay.cache.workers.index).
+            fits, victims = self.ledger_index.reserve(fill.key, more)
+            for victim in victims:
+                self._evict(victim)
+            if fits:
+                fill.reserved += more
+            return fits
         for victim in self.index.victims(more, keep=fill.key):
             self._evict(victim)
         if self.index.used + more > self.index.max_bytes:
@@ -340,7 +450,8 @@ class Cache:
             self.remove_files(entry)
 
     def _evict(self, entry: Entry) -> None:
-        self.index.remove(entry.key)
+        if self.index.peek(entry.key) is entry:
+            self.index.remove(entry.key)
         self._retire(entry)
         self.slices.evicted(entry.key)
         self.stats.evictions += 1
@@ -429,6 +540,8 @@ class Cache:
         def covered(key: str) -> bool:
             return key == base or key.startswith(base + "\x00")
 
+        if self.ledger_index is not None:
+            self.ledger_index.sync()  # what other workers stored is purged too
         count = int(self.drop(base))
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
@@ -443,6 +556,8 @@ class Cache:
         """Drop every object whose key starts with `prefix` (a route prefix + path prefix),
         and what is being filled under it; how many objects and fills that was."""
         count = 0
+        if self.ledger_index is not None:
+            self.ledger_index.sync()  # what other workers stored is purged too
         for key in self.index.keys_with_prefix(prefix):
             count += self.drop(key)
         count += self._purge_fills(lambda key: key.startswith(prefix))
@@ -480,26 +595,69 @@ class Cache:
 
 @contextlib.asynccontextmanager
 async def open_cache(
-    config: Config, upstream: Upstream, clock: Clock = SYSTEM_CLOCK
+    config: Config,
+    upstream: Upstream,
+    clock: Clock = SYSTEM_CLOCK,
+    worker: WorkerInfo = SINGLE_PROCESS,
 ) -> AsyncIterator[Cache | None]:
     """The cache for the app's lifespan (None when cache_dir is not set); its fills are
-    cancelled and awaited when the app stops. `clock`: the time every cache decision reads."""
+    cancelled and awaited when the app stops. `clock`: the time every cache decision reads;
+    `worker`: with several, the cache is shared with the other workers (`relay.cache.workers`)."""
     if not config.cache_dir:
         yield None
         return
-    store = Store(Path(config.cache_dir))
-    index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
+    root = Path(config.cache_dir)
+    store = Store(root)
     executor = DiskExecutor()
+    shared = Shared(root) if worker.shared else None
     try:
         try:
+            if shared is not None:
+                await executor.run(shared.open)
             store.prepare()
-            loaded = await executor.run(store.load)
+            if shared is None or shared.first:
+                loaded = await executor.run(store.load)
+            else:
+                loaded = await executor.run(_from_ledger, shared, store)
+        except UnfitVolume as exc:
+            raise StartupError(f"cache_dir {config.cache_dir!r}: {exc}") from None
         except OSError as exc:
             raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
-        async with _serving(config, upstream, store, index, clock, executor, loaded) as cache:
+        index: Index
+        if shared is not None:
+            measure = shared.overhead
+            index = LedgerIndex(
+                config.cache_max_bytes,
+                lambda: measure(store.objects),
+                shared.ledger,
+                store,
+                clock.monotonic,
+            )
+        else:
+            index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
+        async with _serving(
+            config, upstream, store, index, clock, executor, loaded, shared
+        ) as cache:
             yield cache
     finally:
-        await asyncio.to_thread(executor.shutdown)
+        try:
+            await asyncio.to_thread(executor.shutdown)
+        finally:
+            if shared is not None:
+                shared.close()
+
+
+def _from_ledger(shared: Shared, store: Store) -> list[tuple[Path, Meta, int]]:
+    """The stored versions the ledger records, their records read (a worker joining others:
+    nothing on disk is cleaned up, a fill of another worker may be writing)."""
+    loaded: list[tuple[Path, Meta, int]] = []
+    rows, _ = shared.ledger.rows()
+    for row in rows:
+        data = store.objects / row.data
+        meta = store.read_published(data.with_suffix(".partial"))
+        if meta is not None and meta.key == row.key:
+            loaded.append((data, meta, row.cost))
+    return loaded
 
 
 @contextlib.asynccontextmanager
@@ -511,15 +669,29 @@ async def _serving(
     clock: Clock,
     executor: DiskExecutor,
     loaded: list[tuple[Path, Meta, int]],
+    shared: Shared | None = None,
 ) -> AsyncIterator[Cache]:
+    first = shared is None or shared.first
+    ledger_index = index if isinstance(index, LedgerIndex) else None
+    rows: list[Row] = []
     for data, meta, cost in loaded:
         entry = Entry(meta.key, data, meta, cost)
         # Bytes with a known digest are not trusted before they are hashed again.
         entry.verified = not has_known_digest(entry)
-        index.add(entry)
+        if ledger_index is None:
+            index.add(entry)
+        else:
+            ledger_index.load(entry)
+            rows.append(ledger_index.row_of(entry))
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
-    cache = Cache(config, upstream, store, index, clock, executor)
+    if ledger_index is not None and shared is not None:
+        if shared.first:
+            shared.ledger.rebuild(rows)
+            shared.joined()
+        ledger_index.seq = shared.ledger.last_change()
+        ledger_index.ledger.changed()
+    cache = Cache(config, upstream, store, index, clock, executor, shared)
     upstream.make_room = cache.make_room
     cache.slices.load(index)
     for victim in index.victims(0):
@@ -527,10 +699,14 @@ async def _serving(
     logger.info(
         "cache: %d objects, %d bytes on disk in %s", len(index), index.on_disk, config.cache_dir
     )
-    if config.cache_verify_on_start and any(not e.verified for e in index.entries()):
+    # With several workers, the first to open the cache verifies what it loaded; the others
+    # check an unverified object when they answer from it.
+    if first and config.cache_verify_on_start and any(not e.verified for e in index.entries()):
         cache.scrub.start("startup")
     try:
         yield cache
     finally:
         upstream.make_room = None
         await cache.close()
+        if ledger_index is not None:
+            ledger_index.flush()

@@ -376,6 +376,16 @@ class Store:
             return None
         return meta, length
 
+    def remove_leftovers(self, key: str, version: str) -> None:
+        """Remove what a fill of `key` killed mid-way left (blocking): its partial file and
+        head, and its data file if its record was never written."""
+        partial = self.partial_of(key, version)
+        remove_quietly(partial)
+        remove_quietly(partial.with_suffix(_HEAD))
+        data = self.published_path(partial)
+        if not data.with_suffix(_META).exists():
+            remove_quietly(data)
+
     def remove_head(self, partial: Path) -> None:
         remove_quietly(partial.with_suffix(_HEAD))
 
@@ -505,9 +515,7 @@ class Store:
                 older += 1
                 remove_tree(path)
             elif (
-                match is None
-                or match.group(3) in (_PARTIAL, _HEAD)
-                or not stat.S_ISREG(st.st_mode)
+                match is None or match.group(3) in (_PARTIAL, _HEAD) or not stat.S_ISREG(st.st_mode)
             ):
                 remove_quietly(path)  # a fill's partial file or head, a temporary file, a stranger
             else:

@@ -21,6 +21,7 @@ files is the number of fills in flight plus those of leaders that died.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -154,10 +155,8 @@ def _version(raw: bytes) -> str | None:
 
 
 def _close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 __all__ = ["Lead", "Locks"]

@@ -1,0 +1,345 @@
+"""The ledger: what every worker of one `cache_dir` stores, what it costs, and in what order
+it was used; one SQLite database in WAL mode (`workers/ledger.sqlite`).
+
+- `objects`: one row per stored version the index holds (its key, its data file relative to
+  `objects/`, its cost on disk, its place in the LRU order, whether its bytes were verified).
+  The budget and the eviction order are this table's: `reserve` and `evict` choose victims
+  across all workers in one write transaction, so two workers never both spend the last free
+  bytes, and the bytes counted are exactly those of the rows (plus what fills reserved, plus
+  the directories and the ledger's own files, measured by the caller).
+- `reserved`: what each worker's fills in flight reserved (one row per worker, its `owner`
+  token); a worker that died leaves its row, removed by the next worker to start.
+- `changes`: every version stored or removed, in order (`seq`): each worker applies the
+  changes it has not seen to its in-memory index before it looks an object up (`changes`,
+  asked only when SQLite's `data_version` says another connection wrote), so an object
+  stored, evicted, purged or replaced by one worker is seen by all. Old changes are pruned
+  (`KEEP_CHANGES`); a worker that fell further behind reloads every row (`rows`).
+- LRU order: hits are counted in memory by each worker and written in batches (`touch`, at
+  most every `TOUCH_SECONDS` and before each eviction), so the order is shared to within
+  that delay.
+
+Every method is one short transaction on a connection used by one thread (the worker's event
+loop): a few tens of microseconds, no fsync (WAL with `synchronous=NORMAL` fsyncs at
+checkpoints). The ledger is rebuilt from the files at the first start of the cache (`rebuild`):
+the files are the truth, the ledger an index of them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Changes kept in the log: a worker further behind than this reloads every row.
+KEEP_CHANGES = 10_000
+#: Seconds a worker keeps its hits before writing them to the LRU order.
+TOUCH_SECONDS = 1.0
+#: Seconds a writer waits for another's transaction (each is short) before failing.
+BUSY_SECONDS = 10.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    cost INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    verified INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objects_by_use ON objects (used);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    data TEXT NOT NULL,
+    stored INTEGER NOT NULL,
+    owner TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reserved (owner TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), stored INTEGER NOT
+    NULL, clock INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One stored version as the ledger holds it."""
+
+    key: str
+    data: str
+    """Its data file, relative to `objects/`."""
+    cost: int
+    verified: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    seq: int
+    key: str
+    data: str
+    stored: bool
+    """True: this version was stored (replacing any other of the key); False: removed."""
+    mine: bool
+    """Made by this worker (its index already holds it)."""
+
+
+class Ledger:
+    def __init__(self, path: Path, owner: str) -> None:
+        """`owner`: this worker's token (its row of reservations)."""
+        self.path = path
+        self.owner = owner
+        self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._version = -1
+
+    def close(self) -> None:
+        self._db.close()
+
+    def files(self) -> list[Path]:
+        """The ledger's files on disk (counted against the budget)."""
+        return [self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))]
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def changed(self) -> bool:
+        """Whether another connection wrote since the last call (a cheap check: no table
+        is read)."""
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        changed = version != self._version
+        self._version = version
+        return changed
+
+    def last_change(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+
+    def changes(self, after: int) -> list[Change] | None:
+        """The changes after `after`, the last of each key only, in order; None when some
+        were pruned (reload `rows`). A key whose last change is this worker's own is in its
+        index as it should be; one whose last change is another's is to be applied."""
+        with self._read():
+            first = self._db.execute("SELECT MIN(seq) FROM changes").fetchone()[0]
+            if first is not None and first > after + 1:
+                return None
+            rows = self._db.execute(
+                "SELECT seq, key, data, stored, owner FROM changes WHERE seq > ? ORDER BY seq",
+                (after,),
+            ).fetchall()
+        last: dict[str, Change] = {}
+        for seq, key, data, stored, owner in rows:
+            last.pop(key, None)
+            last[key] = Change(seq, key, data, bool(stored), owner == self.owner)
+        return list(last.values())
+
+    def rows(self) -> tuple[list[Row], int]:
+        """Every stored version, least recently used first, and the last change they
+        include."""
+        with self._read():
+            rows = self._db.execute(
+                "SELECT key, data, cost, verified FROM objects ORDER BY used"
+            ).fetchall()
+            last = self.last_change()
+        return [Row(k, d, c, bool(v)) for k, d, c, v in rows], last
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes of the stored versions, bytes reserved by fills in flight), all workers."""
+        with self._read():
+            stored = self._db.execute("SELECT stored FROM totals").fetchone()[0]
+            reserved = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM reserved").fetchone()[
+                0
+            ]
+        return int(stored), int(reserved)
+
+    def row(self, key: str) -> Row | None:
+        found = self._db.execute(
+            "SELECT key, data, cost, verified FROM objects WHERE key = ?", (key,)
+        ).fetchone()
+        return None if found is None else Row(found[0], found[1], found[2], bool(found[3]))
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def rebuild(self, rows: Iterable[Row]) -> None:
+        """Start over from the files (the first process to open the cache): the rows given,
+        least recently used first; no change log, no reservation."""
+        with self._write():
+            self._db.execute("DELETE FROM objects")
+            self._db.execute("DELETE FROM changes")
+            self._db.execute("DELETE FROM reserved")
+            total = 0
+            used = 0
+            for used, row in enumerate(rows, 1):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
+                    (row.key, row.data, row.cost, used, int(row.verified)),
+                )
+                total += row.cost
+            self._db.execute("UPDATE totals SET stored = ?, clock = ?", (total, used))
+            # The log starts after the rebuilt rows (a joining worker reads them as rows).
+            self._db.execute("DELETE FROM sqlite_sequence WHERE name = 'changes'")
+
+    def forget_owners(self, owners: Iterable[str]) -> None:
+        """Drop the reservations of workers that are gone."""
+        with self._write():
+            self._db.executemany("DELETE FROM reserved WHERE owner = ?", [(o,) for o in owners])
+
+    def owners(self) -> list[str]:
+        return [o for (o,) in self._db.execute("SELECT owner FROM reserved").fetchall()]
+
+    def set_reserved(self, amount: int) -> None:
+        """This worker's fills in flight now reserve `amount` bytes."""
+        with self._write():
+            self._set_reserved(amount)
+
+    def stored(self, row: Row, reserved: int) -> Row | None:
+        """A version is stored (replacing the key's row, returned if it is another version's);
+        this worker's reservations become `reserved`."""
+        with self._write():
+            old = self.row(row.key)
+            self._put(row)
+            self._set_reserved(reserved)
+        return old if old is not None and old.data != row.data else None
+
+    def removed(self, key: str, data: str) -> bool:
+        """The version `data` of `key` left the index (evicted, purged, dropped, replaced);
+        False when the ledger no longer held it (another worker removed or replaced it)."""
+        with self._write():
+            removed = self._remove(key, data)
+        return removed
+
+    def recount(self, key: str, data: str, cost: int) -> None:
+        """A stored version's record was rewritten: it now costs `cost`."""
+        with self._write():
+            old = self.row(key)
+            if old is not None and old.data == data:
+                self._db.execute("UPDATE objects SET cost = ? WHERE key = ?", (cost, key))
+                self._db.execute("UPDATE totals SET stored = stored + ?", (cost - old.cost,))
+
+    def verified(self, key: str, data: str) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE objects SET verified = 1 WHERE key = ? AND data = ?", (key, data)
+            )
+
+    def touch(self, keys: Iterable[str]) -> None:
+        """These keys were used, in this order (most recent last)."""
+        with self._write():
+            last = start = self._one("SELECT clock FROM totals")
+            for last, key in enumerate(keys, start + 1):
+                self._db.execute("UPDATE objects SET used = ? WHERE key = ?", (last, key))
+            self._db.execute("UPDATE totals SET clock = ?", (last,))
+
+    def reserve(
+        self, more: int, reserved: int, limit: int, keep: str | None
+    ) -> tuple[bool, list[Row]]:
+        """Reserve `more` bytes for a fill of `keep` (this worker's reservations become
+        `reserved + more`), evicting least recently used versions (not `keep`) until the
+        stored bytes and every worker's reservations fit in `limit`. Returns whether it was
+        reserved, and the rows evicted (their files are the caller's to remove). Nothing is
+        evicted when the reservation cannot fit anyway."""
+        with self._write():
+            victims = self._victims(more, limit, keep)
+            if victims is None:
+                return False, []
+            for victim in victims:
+                self._remove(victim.key, victim.data)
+            self._set_reserved(reserved + more)
+        return True, victims
+
+    def evict(self, limit: int, keep: str | None = None) -> list[Row]:
+        """Evict least recently used versions until what is stored and reserved fits in
+        `limit` (after a version was stored); the rows evicted."""
+        with self._write():
+            victims = self._victims(0, limit, keep) or []
+            for victim in victims:
+                self._remove(victim.key, victim.data)
+        return victims
+
+    # ---- inside a transaction ---------------------------------------------------------------
+
+    def _victims(self, more: int, limit: int, keep: str | None) -> list[Row] | None:
+        stored = self._db.execute("SELECT stored FROM totals").fetchone()[0]
+        reserved = self._db.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM reserved WHERE owner != ?", (self.owner,)
+        ).fetchone()[0]
+        mine = self._db.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM reserved WHERE owner = ?", (self.owner,)
+        ).fetchone()[0]
+        excess = stored + reserved + mine + more - limit
+        if excess <= 0:
+            return []
+        victims: list[Row] = []
+        for key, data, cost, verified in self._db.execute(
+            "SELECT key, data, cost, verified FROM objects ORDER BY used"
+        ):
+            if key == keep:
+                continue
+            victims.append(Row(key, data, cost, bool(verified)))
+            excess -= cost
+            if excess <= 0:
+                return victims
+        return None if more else victims
+
+    def _put(self, row: Row) -> None:
+        old = self.row(row.key)
+        clock = self._db.execute("UPDATE totals SET clock = clock + 1 RETURNING clock").fetchone()[
+            0
+        ]
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
+            (row.key, row.data, row.cost, clock, int(row.verified)),
+        )
+        self._db.execute(
+            "UPDATE totals SET stored = stored + ?", (row.cost - (old.cost if old else 0),)
+        )
+        self._log(row.key, row.data, True)
+
+    def _remove(self, key: str, data: str) -> bool:
+        old = self.row(key)
+        if old is None or old.data != data:
+            return False
+        self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
+        self._db.execute("UPDATE totals SET stored = stored - ?", (old.cost,))
+        self._log(key, data, False)
+        return True
+
+    def _log(self, key: str, data: str, stored: bool) -> None:
+        seq = self._db.execute(
+            "INSERT INTO changes (key, data, stored, owner) VALUES (?, ?, ?, ?) RETURNING seq",
+            (key, data, int(stored), self.owner),
+        ).fetchone()[0]
+        if seq % 1000 == 0:
+            self._db.execute("DELETE FROM changes WHERE seq <= ?", (seq - KEEP_CHANGES,))
+
+    def _set_reserved(self, amount: int) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO reserved VALUES (?, ?)", (self.owner, max(0, amount))
+        )
+
+    def _one(self, sql: str, *args: object) -> int:
+        return int(self._db.execute(sql, args).fetchone()[0])
+
+    # ---- transactions -----------------------------------------------------------------------
+
+    def _write(self) -> _Transaction:
+        return _Transaction(self._db, "BEGIN IMMEDIATE")
+
+    def _read(self) -> _Transaction:
+        return _Transaction(self._db, "BEGIN")
+
+
+class _Transaction:
+    __slots__ = ("_begin", "_db")
+
+    def __init__(self, db: sqlite3.Connection, begin: str) -> None:
+        self._db = db
+        self._begin = begin
+
+    def __enter__(self) -> None:
+        self._db.execute(self._begin)
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+__all__ = ["BUSY_SECONDS", "KEEP_CHANGES", "TOUCH_SECONDS", "Change", "Ledger", "Row"]
