@@ -238,11 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.server.run import serve  # imported late: uvicorn is not needed for --help
 
         try:
-            serve(config)
+            return serve(config)
         except StartupError as exc:
             print(f"relay: cannot start: {exc}", file=sys.stderr)
             return 1
-        return 0
     parser.error(f"unknown command {command}")  # pragma: no cover - argparse enforces choices
     return 2
 

@@ -17,10 +17,10 @@ and `downloads_retention`.
 With `data_dir` empty the feature is off: `open_downloads` yields None and no endpoint is
 mounted, so /downloads and /files belong to the routes like any other path.
 
-One process per data directory: `open_downloads` holds an exclusive lock on
-`data_dir/relay.lock` for the app's lifetime. Two relays on one directory (a volume shared by
-two pods) would take over each other's jobs and write into each other's files; the second one
-refuses to start instead.
+One relay per data directory: `open_downloads` (or, with several workers, the supervisor)
+holds an exclusive lock on `data_dir/relay.lock` for the server's lifetime. Two relays on one
+directory (a volume shared by two pods) would take over each other's jobs and write into each
+other's files; the second one refuses to start instead.
 """
 
 from __future__ import annotations
@@ -74,11 +74,13 @@ def routes(config: Config) -> list[BaseRoute]:
 
 @contextlib.asynccontextmanager
 async def open_downloads(
-    config: Config, upstream: Upstream, route_table: RouteTable
+    config: Config, upstream: Upstream, route_table: RouteTable, *, shared: bool = False
 ) -> AsyncIterator[DownloadManager | None]:
     """Open the download manager for the app's lifetime (None when disk features are off).
 
     Raises StartupError when the data directory is held by another process or unusable.
+    `shared`: one of several workers (relay/downloads/shared.py); the supervisor holds the
+    data directory's lock for them all.
     """
     if not config.data_dir:
         yield None
@@ -86,9 +88,9 @@ async def open_downloads(
     data = DataDir(config.data_dir)
     # Taken on the loop thread (a few microseconds): a thread the lifespan's cancellation
     # could abandon would leave the lock held by nobody's code.
-    lock = DataDirLock.acquire(data.root)
+    lock = None if shared else DataDirLock.acquire(data.root)
     try:
-        manager = DownloadManager(config, upstream, route_table, data)
+        manager = DownloadManager(config, upstream, route_table, data, shared=shared)
         try:
             await manager.start()
         except BaseException as exc:
@@ -106,7 +108,8 @@ async def open_downloads(
         finally:
             await manager.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 class DataDirLock:

@@ -36,6 +36,7 @@ from relay.downloads.fetch import Fetcher
 from relay.downloads.intake import Order
 from relay.downloads.model import Job, JobState
 from relay.downloads.names import DataDir, new_job_id
+from relay.downloads.shared import PROGRESS_EVERY, RUNNER_LOCK, RUNNER_POLL, SUBMIT_LOCK, FileLock
 from relay.downloads.store import JobStore, StoreError
 from relay.errors import ClientError, Conflict, InsufficientStorage, NotFound, Unavailable
 from relay.net.routing import RouteTable, Target
@@ -59,9 +60,22 @@ class JobCounts(NamedTuple):
     """Jobs holding a slot: fetching, verifying or publishing."""
 
 
+class _Withdrawn(Exception):
+    """The job's record was ended by another worker (cancelled): stop, record nothing."""
+
+
 class DownloadManager:
+    """With several workers (`shared`), see relay/downloads/shared.py: every worker answers
+    from the store, one (the runner) runs the jobs."""
+
     def __init__(
-        self, config: Config, upstream: Upstream, route_table: RouteTable, data: DataDir
+        self,
+        config: Config,
+        upstream: Upstream,
+        route_table: RouteTable,
+        data: DataDir,
+        *,
+        shared: bool = False,
     ) -> None:
         self.route_table = route_table
         self._upstream = upstream
@@ -77,12 +91,30 @@ class DownloadManager:
         self._max_bytes = config.downloads_max_bytes
         self._retention = config.downloads_retention
         self._sweeper: asyncio.Task[None] | None = None
+        self._shared = shared
+        self._runner: FileLock | None = None
+        self._submit_lock: FileLock | None = None
+        self._coordinator: asyncio.Task[None] | None = None
+
+    @property
+    def running_jobs(self) -> bool:
+        """Whether this process runs the jobs (always, as one process; the runner, shared)."""
+        return not self._shared or (self._runner is not None and self._runner.held)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(self._data.create)
         await self._store.open()
+        if not self._shared:
+            await self._recover()
+            return
+        self._runner = FileLock(self._data.root / RUNNER_LOCK)
+        self._submit_lock = FileLock(self._data.root / SUBMIT_LOCK)
+        self._coordinator = asyncio.create_task(self._coordinate(), name="service: downloads")
+
+    async def _recover(self) -> None:
+        """Take over the jobs left queued or running (the last run, or a dead runner)."""
         unfinished = await self._store.unfinished()
         orphans = await asyncio.to_thread(self._data.orphan_partials, {j.id for j in unfinished})
         for orphan in orphans:
@@ -105,38 +137,103 @@ class DownloadManager:
     async def close(self) -> None:
         self._closing = True
         tasks = list(self._tasks.values())
-        if self._sweeper is not None:
-            tasks.append(self._sweeper)
+        for service in (self._sweeper, self._coordinator):
+            if service is not None:
+                tasks.append(service)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._store.close()
+        try:
+            await self._store.close()
+        finally:
+            for lock in (self._runner, self._submit_lock):
+                if lock is not None:
+                    lock.close()
+
+    async def _coordinate(self) -> None:
+        """Shared: become the runner when the lock is free; as the runner, pick up jobs other
+        workers queued, stop those they cancelled and save progress for them to answer with."""
+        assert self._runner is not None
+        saved = 0.0
+        while True:
+            try:
+                if not self._runner.held and self._runner.try_acquire():
+                    logger.info("this worker now runs the downloads to disk")
+                    await self._recover()
+                elif self._runner.held:
+                    await self._pick_up()
+                    now = time.monotonic()
+                    if now - saved >= PROGRESS_EVERY:
+                        saved = now
+                        for job in [j for j in self._active.values() if j.state.active]:
+                            if not await self._store.save(job):
+                                await self._withdrawn(job)
+            except StoreError as exc:
+                logger.warning("downloads: the job store failed: %s", exc.reason)
+            await asyncio.sleep(RUNNER_POLL)
+
+    async def _pick_up(self) -> None:
+        stored = {job.id: job for job in await self._store.active()}
+        for job_id, job in stored.items():
+            if job_id not in self._active and job.state == JobState.QUEUED:
+                self._schedule(job)
+        for job in list(self._active.values()):
+            if job.id not in stored and job.state.active and job.id in self._tasks:
+                await self._withdrawn(job)
+
+    async def _withdrawn(self, job: Job) -> None:
+        """Stop a job another worker ended (cancelled), leaving its record as that worker
+        wrote it."""
+        task = self._tasks.get(job.id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        await asyncio.to_thread(disk.remove_quietly, self._data.partial(job.id))
+        logger.info("download %s: ended by another worker, stopped", job.id)
 
     # ---- requests ---------------------------------------------------------------------------
 
     async def submit(self, order: Order) -> Job:
         """The job for `order`: an existing one for the same file, or a new queued one."""
         async with self._submitting:
-            if self._closing:
-                raise Unavailable("relay is shutting down; retry shortly")
-            job = Job(
-                id=new_job_id(),
-                path=order.path,
-                url=order.url,
-                name=order.name,
-                expected_sha256=order.sha256,
-                expected_size=order.size,
-            )
-            existing = await self._existing(job)
-            if existing is not None:
-                return existing
-            if len(self._active) >= MAX_ACTIVE:
-                raise Unavailable("too many downloads queued; retry later")
-            await self._check_quotas(order.size)
-            await self._store.save(job)
-            self._schedule(job)
-            logger.info("download %s queued: %s -> %s", job.id, job.url.split("?")[0], job.name)
-            return job
+            lock = self._submit_lock
+            if lock is None:
+                return await self._submit(order)
+            acquiring = asyncio.ensure_future(asyncio.to_thread(lock.acquire))
+            try:
+                await asyncio.shield(acquiring)
+            except asyncio.CancelledError:
+                # The thread may still get the lock: give it back then, or no worker could
+                # ever submit again.
+                acquiring.add_done_callback(lambda _: lock.release())
+                raise
+            try:
+                return await self._submit(order)
+            finally:
+                lock.release()
+
+    async def _submit(self, order: Order) -> Job:
+        if self._closing:
+            raise Unavailable("relay is shutting down; retry shortly")
+        job = Job(
+            id=new_job_id(),
+            path=order.path,
+            url=order.url,
+            name=order.name,
+            expected_sha256=order.sha256,
+            expected_size=order.size,
+        )
+        existing = await self._existing(job)
+        if existing is not None:
+            return existing
+        if len(await self._all_active()) >= MAX_ACTIVE:
+            raise Unavailable("too many downloads queued; retry later")
+        await self._check_quotas(order.size)
+        await self._store.save(job)
+        if self.running_jobs:
+            self._schedule(job)  # else the runner picks it up from the store
+        logger.info("download %s queued: %s -> %s", job.id, job.url.split("?")[0], job.name)
+        return job
 
     async def _existing(self, job: Job) -> Job | None:
         """A job to share instead of `job`; None when `job` may go ahead under its name.
@@ -145,14 +242,15 @@ class DownloadManager:
         the job that published a file under this name with the sha256 `job` expects. Any
         other holder of the name (an active job, a different file) is a conflict.
         """
-        same = next((j for j in self._active.values() if j.key == job.key), None)
+        active = await self._all_active()
+        same = next((j for j in active if j.key == job.key), None)
         if same is not None:
             return same
         done = await self._store.completed_with_key(job.key)
         done_file = self._data.file(done.name) if done is not None else None
         if done_file is not None and await asyncio.to_thread(_size_of, done_file) is not None:
             return done
-        writer = next((j for j in self._active.values() if j.name == job.name), None)
+        writer = next((j for j in active if j.name == job.name), None)
         if writer is not None:
             raise Conflict(f"download {writer.id} is writing this name", field="name")
         if not await asyncio.to_thread(os.path.lexists, self._data.file(job.name)):
@@ -182,6 +280,14 @@ class DownloadManager:
         stored = await self._store.get(job_id)
         if stored is None:
             raise NotFound("no such download")
+        if stored.state.active:
+            # Another worker runs it (shared): end its record; that worker stops it.
+            reason = "cancelled by request"
+            if await self._store.withdraw(job_id, JobState.CANCELLED, reason, time.time()):
+                stored.state, stored.error = JobState.CANCELLED, reason
+                logger.info("download %s cancelled (run by another worker)", job_id)
+                return stored
+            return await self.remove(job_id)  # it finished meanwhile
         if stored.state == JobState.COMPLETED:
             holder = await self._store.completed_with_name(stored.name)
             if holder is not None and holder.id == stored.id:
@@ -238,8 +344,13 @@ class DownloadManager:
             job.touch()
             partial_path = self._data.partial(job.id)
             try:
-                await self._store.save(job)
+                if not await self._store.save(job):
+                    raise _Withdrawn
                 digest = await self._download(job, partial_path)
+            except _Withdrawn:
+                await asyncio.to_thread(disk.remove_quietly, partial_path)
+                logger.info("download %s: ended by another worker, stopped", job.id)
+                return
             except (JobFailed, StoreError) as exc:
                 reason = exc.reason
                 logger.warning("download %s failed: %s", job.id, reason)
@@ -318,17 +429,24 @@ class DownloadManager:
             return False
         return used >= self._max_bytes or used + (size or 0) > self._max_bytes
 
+    async def _all_active(self) -> list[Job]:
+        """The active jobs: this process's (live progress) and, shared, every worker's."""
+        if not self._shared:
+            return list(self._active.values())
+        return [self._active.get(job.id, job) for job in await self._store.active()]
+
     async def _bytes_used(self) -> int:
         """Published files, plus each active job's partial file or announced length."""
         reserved = sum(
             max(job.bytes_done, job.total or job.expected_size or 0)
-            for job in self._active.values()
+            for job in await self._all_active()
         )
         return await self._store.completed_bytes() + reserved
 
     async def _checkpoint(self, job: Job) -> None:
         """Record the job's progress; fail it if its announced length passes the byte quota."""
-        await self._store.save(job)
+        if not await self._store.save(job):
+            raise _Withdrawn
         if self._max_bytes and job.total is not None:
             used = await self._bytes_used()
             if used > self._max_bytes:
@@ -398,10 +516,14 @@ class DownloadManager:
             job.bytes_done = job.total = job.total if job.total is not None else job.bytes_done
         job.touch()
         try:
-            await self._store.save(job)
+            recorded = await self._store.save(job)
         except StoreError as exc:
             # The store keeps the job's previous state: the next start runs it again.
             logger.error("download %s: could not record %s: %s", job.id, state, exc.reason)
+            return
+        if not recorded and state == JobState.COMPLETED:
+            # Cancelled through another worker as it completed: the cancel stands.
+            await asyncio.to_thread(disk.remove_quietly, self._data.file(job.name))
 
     async def _adopt(self, job: Job) -> bool:
         """Complete a job whose file was published just before the last process stopped."""

@@ -69,9 +69,15 @@ CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key, state);
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs (name, state);
 """
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"  # noqa: S608 - constant column names
+_ACTIVE_STATES = ("queued", "running")
+# A job's record is written only while it is active: once finished (or cancelled by another
+# worker of the same server) a late progress or state save from its runner changes nothing,
+# and the runner learns the job was withdrawn (`save` returns False).
 _UPSERT = (
-    f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) "  # noqa: S608 - constant names
-    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+    f"INSERT INTO jobs ({', '.join(_COLUMNS)}) "  # noqa: S608 - constant names
+    f"VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "id")
+    + " WHERE jobs.state IN ('queued', 'running')"
 )
 
 
@@ -101,9 +107,29 @@ class JobStore:
         finally:
             self._executor.shutdown(wait=False)
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job) -> bool:
+        """Record `job`; False (nothing written) when its record is no longer active."""
         row = _row(job)
-        await self._run(lambda db: db.execute(_UPSERT, row))
+        return bool(await self._run(lambda db: db.execute(_UPSERT, row).rowcount))
+
+    async def withdraw(self, job_id: str, state: JobState, error: str, updated: float) -> bool:
+        """End an active job's record as `state` (another worker runs it); False if it was
+        not active."""
+        return bool(
+            await self._run(
+                lambda db: (
+                    db.execute(
+                        "UPDATE jobs SET state = ?, error = ?, updated = ? "
+                        "WHERE id = ? AND state IN (?, ?)",
+                        (state.value, error, updated, job_id, *_ACTIVE_STATES),
+                    ).rowcount
+                )
+            )
+        )
+
+    async def active(self) -> list[Job]:
+        """Jobs queued or running (in any worker), oldest first."""
+        return await self.unfinished()
 
     async def delete(self, job_id: str) -> None:
         await self._run(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))

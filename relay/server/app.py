@@ -28,11 +28,13 @@ from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import exchange_of
 from relay.proxy.forwarded import ForwardedPolicy
 from relay.proxy.headers import upstream_request_headers
+from relay.proxy.shared_admission import SLOTS_FILE, SharedStreamLimiter
 from relay.proxy.streaming import RelayResponse
 from relay.server.auth import ClientAuth, ClientAuthMiddleware
 from relay.server.health import Readiness, healthz, readyz
 from relay.server.metrics import Metrics
 from relay.server.observe import ObserveMiddleware
+from relay.server.supervisor import server_readiness
 from relay.types import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
 
 
@@ -48,10 +50,10 @@ class LifespanState(TypedDict):
 class Relay:
     """The relay endpoint: maps the raw path, then hands over to a RelayResponse."""
 
-    def __init__(self, config: Config, routes: RouteTable) -> None:
+    def __init__(self, config: Config, routes: RouteTable, limiter: StreamLimiter) -> None:
         self._routes = routes
         self._forwarded = ForwardedPolicy(config.trusted_networks())
-        self.limiter = StreamLimiter(config.max_streams, config.max_streams_per_client)
+        self.limiter = limiter
         self._config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -185,9 +187,25 @@ def create_app(
     of the server's processes runs it (`relay.config.WorkerInfo`; one process by default)."""
     readiness = Readiness()
     routes = RouteTable(config.routes)
-    relay = Relay(config, routes)
+    limiter: StreamLimiter
+    if worker.shared:
+        assert worker.run_dir is not None
+        # max_streams and max_streams_per_client hold for the whole server.
+        limiter = SharedStreamLimiter(
+            worker.run_dir / SLOTS_FILE,
+            worker=worker.index,
+            workers=worker.count,
+            limit=config.max_streams,
+            per_client=config.max_streams_per_client,
+        )
+        readiness.server = server_readiness(worker)
+    else:
+        limiter = StreamLimiter(config.max_streams, config.max_streams_per_client)
+    relay = Relay(config, routes, limiter)
     metrics = Metrics(
-        routes=[route.prefix for route in config.routes], max_streams=config.max_streams
+        routes=[route.prefix for route in config.routes],
+        max_streams=config.max_streams,
+        worker=worker,
     )
 
     @contextlib.asynccontextmanager
@@ -203,7 +221,7 @@ def create_app(
             upstream = Upstream(client, config, pool=pool)
             try:
                 async with (
-                    open_downloads(config, upstream, routes) as downloads,
+                    open_downloads(config, upstream, routes, shared=worker.shared) as downloads,
                     open_cache(config, upstream, clock or SYSTEM_CLOCK, worker) as cache,
                 ):
                     if cache is not None:

@@ -30,14 +30,18 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from relay.cache.cache import Cache
+from relay.config import SINGLE_PROCESS, WorkerInfo
 from relay.downloads.jobs import JobCounts
+from relay.net.peers import ask_peers, is_peer_request
 from relay.net.transports import PoolStats
 from relay.proxy.exchange import Exchange
+from relay.server.metrics_merge import Fixed, families_json, merge, peers_missing
 
 NO_ROUTE = "-"
 
@@ -53,6 +57,7 @@ DURATION_BUCKETS = (
 POOL_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 _METHODS = {"GET": "GET", "HEAD": "HEAD"}
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
 def method_label(method: str) -> str:
@@ -67,7 +72,17 @@ class Metrics:
     limiter's limit) is exported as `relay_max_streams` when given.
     """
 
-    def __init__(self, routes: Iterable[str] = (), *, max_streams: int | None = None) -> None:
+    def __init__(
+        self,
+        routes: Iterable[str] = (),
+        *,
+        max_streams: int | None = None,
+        worker: WorkerInfo = SINGLE_PROCESS,
+    ) -> None:
+        self.worker = worker
+        # What is read at scrape time from this process's memory (with several workers,
+        # gathered from each and summed: relay/server/metrics_merge.py).
+        self.live = CollectorRegistry(auto_describe=True)
         # prometheus_client's `*_created` series double every counter and histogram in the
         # text format for nothing Prometheus needs. The switch is process-wide.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -136,12 +151,13 @@ class Metrics:
         # on every call, three times per request (~7 us) before these caches.
         self._series: dict[str, _RouteSeries] = {}
         self._request_counts: dict[tuple[str, str, int], Counter] = {}
-        registry.register(_ActiveStreams(self._live, self._routes))
+        self._register_live(_ActiveStreams(self._live, self._routes))
         if max_streams is not None:
             Gauge(
                 "relay_max_streams",
                 "Relayed streams admitted at once (max_streams); past it requests get 503.",
                 registry=registry,
+                multiprocess_mode="max",  # the same server-wide limit in every worker
             ).set(max_streams)
         self._pool = _ByState(
             "relay_upstream_connections",
@@ -149,19 +165,28 @@ class Metrics:
             "relay_upstream_max_connections",
             "Upstream connections open at once (max_connections); past it requests wait.",
         )
-        registry.register(self._pool)
+        self._register_live(self._pool)
         self._cache = _CacheCollector()
-        registry.register(self._cache)
+        self._register_live(self._cache)
         self._downloads = _ByState(
             "relay_downloads",
             "Downloads to disk by state: queued (waiting for a slot) or running.",
             "relay_max_downloads",
             "Downloads to disk running at once (max_downloads); the rest wait queued.",
         )
-        registry.register(self._downloads)
-        ProcessCollector(registry=registry)
+        self._register_live(self._downloads)
+        self._register_live(ProcessCollector(registry=None))
         for route in routes:
             self._add_route(route)
+        self._files = (
+            MultiProcessCollector(None)  # type: ignore[no-untyped-call]  # untyped upstream
+            if worker.shared
+            else None
+        )
+
+    def _register_live(self, collector: Collector) -> None:
+        self.registry.register(collector)
+        self.live.register(collector)
 
     def _add_route(self, route: str) -> None:
         self._routes.add(route)
@@ -238,11 +263,29 @@ class Metrics:
         self._cache.cache = cache
 
     async def endpoint(self, request: Request) -> Response:
-        return Response(
-            generate_latest(self.registry),
-            media_type=CONTENT_TYPE_LATEST,
-            headers={"Cache-Control": "no-store"},
-        )
+        if self._files is None:
+            body = generate_latest(self.registry)
+        elif is_peer_request(request.scope):
+            return JSONResponse(families_json(self.live), headers=_NO_STORE)
+        else:
+            body = await self._server_wide()
+        return Response(body, media_type=CONTENT_TYPE_LATEST, headers=_NO_STORE)
+
+    async def _server_wide(self) -> bytes:
+        """Every worker's metrics in one exposition (several workers)."""
+        assert self._files is not None
+        answers = await ask_peers(self.worker, "GET", "/metrics")
+        gathered = [families_json(self.live)]
+        missing = 0
+        for answer in answers:
+            if answer.response is None or answer.response.status_code != 200:
+                missing += 1
+                continue
+            gathered.append(answer.response.json())
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self._files)
+        registry.register(Fixed([*merge(gathered), peers_missing(missing)]))
+        return generate_latest(registry)
 
 
 @dataclass(slots=True, frozen=True)

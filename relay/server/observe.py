@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from relay.net.peers import is_peer_request
 from relay.proxy.exchange import Exchange
 from relay.server.logs import direct_json_handler, json_line
 from relay.server.metrics import Metrics
@@ -90,6 +91,10 @@ class ObserveMiddleware:
             return
         exchange = scope[EXCHANGE_KEY] = Exchange()
         request_id = scope[REQUEST_ID_KEY] = request_id_from(scope["headers"])
+        if is_peer_request(scope):
+            # Another worker asking (a scrape, a purge): counted where the client asked.
+            await self.app(scope, receive, send)
+            return
         id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         start: Message | None = None
 

@@ -14,8 +14,9 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from types import FrameType
 from typing import cast
 
@@ -24,7 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from relay.cache.clock import Clock
-from relay.config import Config
+from relay.config import SINGLE_PROCESS, Config, WorkerInfo
 from relay.errors import StartupError
 from relay.server.app import create_app
 from relay.server.health import Readiness
@@ -354,6 +355,15 @@ class RelayServer(uvicorn.Server):
         self._readiness = readiness
         self._shutdown_delay = shutdown_delay
         self._exit_requested_at: float | None = None
+        self.on_started: Callable[[], None] | None = None
+        """Called once the server listens (a worker tells its supervisor it is up)."""
+        self.parent: int | None = None
+        """A worker's supervisor: if the worker's parent changes, it shuts down."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._exit_requested_at is None:
@@ -377,6 +387,10 @@ class RelayServer(uvicorn.Server):
         return error if isinstance(error, StartupError) else None
 
     async def on_tick(self, counter: int) -> bool:
+        if self.parent is not None and os.getppid() != self.parent:
+            logger.warning("the supervisor is gone: shutting down")
+            self.parent = None
+            self.handle_exit(signal.SIGTERM, None)
         requested = self._exit_requested_at
         if requested is not None and time.monotonic() - requested >= self._shutdown_delay:
             self.should_exit = True
@@ -429,9 +443,10 @@ def build_server(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock | None = None,
+    worker: WorkerInfo = SINGLE_PROCESS,
 ) -> RelayServer:
     """`clock`: the time the cache reads (tests: `relay.cache.clock.ManualClock`)."""
-    app = create_app(config, transport=transport, clock=clock)
+    app = create_app(config, transport=transport, clock=clock, worker=worker)
     return RelayServer(
         uvicorn_config(config, app),
         readiness=app.state.readiness,
@@ -439,17 +454,26 @@ def build_server(
     )
 
 
-def serve(config: Config) -> None:
-    """Run relay until it is stopped; raises StartupError if it could not start."""
-    configure_logging(config.log_level, config.log_format)
-    log_startup(config)
-    server = build_server(config)
+def _long_lived_heap() -> None:
     # Everything alive now (modules, config, app) lives as long as the process: keep it out of
     # the collector's scans. A small request allocates thousands of short-lived container
     # objects; collecting the youngest generation every 700 of them cost ~8% of its CPU.
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 1000)
+
+
+def serve(config: Config) -> int:
+    """Run relay until it is stopped, as one process or under a supervisor (`workers`); the
+    exit code. Raises StartupError if it could not start."""
+    configure_logging(config.log_level, config.log_format)
+    log_startup(config)
+    if config.workers > 1:
+        from relay.server.supervisor import supervise
+
+        return supervise(config)
+    server = build_server(config)
+    _long_lived_heap()
     try:
         server.run()
     except SystemExit:
@@ -457,3 +481,36 @@ def serve(config: Config) -> None:
         if server.startup_error is not None:
             raise server.startup_error from None
         raise
+    return 0
+
+
+def serve_worker(
+    config: Config, worker: WorkerInfo, sock: socket.socket, status: Connection
+) -> int:
+    """One worker under the supervisor (relay/server/supervisor.py): today's server on the
+    shared socket and on its peer socket; it tells the supervisor when it is up, or why it
+    could not start (the supervisor prints that once)."""
+    configure_logging(config.log_level, config.log_format)
+    server = build_server(config, worker=worker)
+    server.parent = os.getppid()
+    server.on_started = lambda: status.send(("up", None))
+    peer_path = worker.peer_socket(worker.index)
+    with contextlib.suppress(FileNotFoundError):
+        peer_path.unlink()  # left by this index's previous process
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.bind(str(peer_path))
+    peer.listen(128)
+    _long_lived_heap()
+    try:
+        server.run(sockets=[sock, peer])
+    except SystemExit as exc:
+        error = server.startup_error
+        if error is not None:
+            status.send(("failed", str(error)))
+            return 1
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        peer.close()
+        with contextlib.suppress(OSError):
+            peer_path.unlink()
+    return 0
