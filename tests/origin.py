@@ -47,6 +47,8 @@ request), ``GET /headers?set=Name:Value&set=...`` (extra response headers).
 ``GET /links``: an app server building absolute URLs from ``X-Forwarded-Proto`` /
 ``X-Forwarded-Host`` (else its ``Host``), as devpi and Nexus do: a cacheable HTML page linking
 to ``<base>/gen/1k``, or with ``redirect=1`` a 302 there (``cc`` replaces Cache-Control).
+``pause_after=<n>`` with ``gate=<name>``: the body stops after (at least) ``n`` bytes while
+the gate is closed, so a test sees what clients got of a body still being fetched.
 Any path: ``hold=<name>`` makes the request wait, after being recorded, while
 ``Origin.close_gate(name)`` holds it (before its response head), so a test knows every client
 arrived while that one upstream request was pending.
@@ -1119,7 +1121,14 @@ class _Core:
         sent = 0
         write = writer.write
         drain = writer.drain
+        pause_after = _q_size(req, "pause_after")
+        written = 0
         for piece in pieces:
+            if pause_after is not None and written >= pause_after:
+                pause_after = None
+                await drain()
+                await self._held(req.param("gate") or "")
+            written += len(piece)
             # Counted before the write: the socket send inside it lets a client thread read
             # the bytes (and a test read the count) before the next line of this thread runs.
             self.stats.body_bytes += len(piece)

@@ -364,7 +364,11 @@ class Cache:
             return
         if fill.finished or fill.purged:
             return
-        await self.executor.run(self.store.write_head, fill.partial, fill.meta, fill.length)
+        try:
+            await self.executor.run(self.store.write_head, fill.partial, fill.meta, fill.length)
+        except OSError as exc:
+            # Its followers see no head: their clients are relayed (`Follower`).
+            logger.warning("cache: cannot write a fill's head for other workers: %s", exc)
 
     # ---- background fills ---------------------------------------------------------------
 

@@ -343,7 +343,10 @@ class Store:
         """Write the head record of the fill of `partial` (blocking): the record it will
         publish (its `length` the body's, None for an unsized one), atomically, not fsynced
         (it matters only while the fill runs)."""
-        record = {"length": length, "record": encode(meta, self.published_path(partial).name)}
+        record = {
+            "length": length,
+            "record": encode(meta, self.published_path(partial).name).decode(),
+        }
         path = partial.with_suffix(_HEAD)
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
         fd = create_exclusive(tmp)

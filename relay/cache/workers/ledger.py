@@ -88,7 +88,11 @@ class Ledger:
         """`owner`: this worker's token (its row of reservations)."""
         self.path = path
         self.owner = owner
-        self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+        # Opened on the cache's thread at startup, then used by the event loop's thread only:
+        # never by two threads at once.
+        self._db = sqlite3.connect(
+            path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)

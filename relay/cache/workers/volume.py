@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from relay.disk import remove_quietly
+
 #: statfs f_type magic numbers of file systems the cache does not trust with its locks.
 REFUSED: dict[int, str] = {
     0x6969: "nfs",
@@ -92,7 +94,8 @@ def check(directory: Path, *, f_type: int | None = None) -> None:
         raise UnfitVolume(
             f"{directory} is on {REFUSED[kind]} (statfs type {kind:#x}): {REQUIREMENT}"
         )
-    probe = directory / "volume-check.lock"
+    # A probe file of this process's own: workers starting together test at the same time.
+    probe = directory / f"volume-check.{os.getpid()}.lock"
     fd = os.open(probe, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -101,6 +104,7 @@ def check(directory: Path, *, f_type: int | None = None) -> None:
         free = _other_process_sees(probe)
     finally:
         os.close(fd)
+        remove_quietly(probe)
     if held != "held" or free != "free":
         raise UnfitVolume(
             f"{directory}: a lock taken by one process was {held!r} to another, then "
