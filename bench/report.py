@@ -188,6 +188,38 @@ def targets(rows: Sequence[Row]) -> list[str]:
     return out
 
 
+def workers_table(rows: Sequence[Row]) -> list[str]:
+    """1 KiB relayed misses with one and two worker processes, relay beside nginx, and the
+    targets: relay >= 0.15x nginx at 2 workers, and its 2-worker ratio >= its 1-worker one."""
+    by_key = {r.key: r for r in rows if not r.na and r.load}
+    pairs = [(1, "nginx", "relay"), (2, "nginx-2", "relay-2")]
+    if not all(n in by_key and r in by_key for _, n, r in pairs):
+        return []
+    out = [
+        "| workers | nginx req/s | relay req/s | relay / nginx | relay CPU % under load |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    ratios: dict[int, float] = {}
+    for workers, n, r in pairs:
+        nginx_load, relay_load = by_key[n].load, by_key[r].load
+        assert nginx_load is not None
+        assert relay_load is not None
+        ratios[workers] = relay_load.rps / nginx_load.rps if nginx_load.rps else 0.0
+        out.append(
+            f"| {workers} | {nginx_load.rps:,.0f} | {relay_load.rps:,.0f} "
+            f"| {ratios[workers]:.3f}x | {_f(by_key[r].load_cpu_pct, '.0f')} |"
+        )
+    at_two, scales = ratios[2] >= 0.15, ratios[2] >= ratios[1]
+    out += [
+        "",
+        f"- 1 KiB misses >= 0.15x nginx at 2 workers: {ratios[2]:.3f}x "
+        f"{'PASS' if at_two else 'FAIL'}",
+        f"- relay's 2-worker ratio >= its 1-worker ratio: {ratios[2]:.3f} vs {ratios[1]:.3f} "
+        f"{'PASS' if scales else 'FAIL'}",
+    ]
+    return out
+
+
 def render(rows: Sequence[Row], s: Settings, argv: Sequence[str], meta: dict[str, str]) -> str:
     lines = [
         "# relay benchmark results",
@@ -212,6 +244,9 @@ def render(rows: Sequence[Row], s: Settings, argv: Sequence[str], meta: dict[str
         *memory_table(rows, s),
         "",
     ]
+    w = workers_table(rows)
+    if w:
+        lines += ["## One and two worker processes (1 KiB relayed misses)", "", *w, ""]
     t = targets(rows)
     if t:
         lines += ["## Relay vs targets", "", *t, ""]

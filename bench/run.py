@@ -28,9 +28,11 @@ from bench.servers import (
     start_relay,
 )
 
-ROW_KEYS = ("direct", "nginx", "relay", "relay-log", "baseline")
+ROW_KEYS = ("direct", "nginx", "relay", "relay-log", "baseline", "nginx-2", "relay-2")
 # relay rows run with the access log off, as nginx does; relay-log is the relay row with it on.
 DEFAULT_ONLY = "direct,nginx,relay,relay-log"
+WORKER_ROWS = ("nginx", "relay", "nginx-2", "relay-2")
+"""The rows beside each other with one and two worker processes (--workers)."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -82,6 +84,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="SECONDS",
         help="first wait up to SECONDS for the machine to be <10%% busy (default: don't wait)",
     )
+    p.add_argument(
+        "--workers",
+        action="store_true",
+        help="also run the 2-worker rows: nginx worker_processes 2 and relay --workers 2",
+    )
     p.add_argument("--runs", type=int, default=3, help="big-file runs per row (median)")
     p.add_argument("--slow-readers", type=int, default=None, help="override N slow readers")
     p.add_argument("--load-seconds", type=int, default=None, help="override load duration")
@@ -90,6 +97,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     bad = [k for k in keys if k not in ROW_KEYS]
     if bad:
         p.error(f"unknown row(s) {bad}; choose from {','.join(ROW_KEYS)}")
+    if a.workers:
+        keys += [k for k in WORKER_ROWS if k not in keys]
     if a.baseline and "baseline" not in keys:
         keys.append("baseline")
     a.keys = keys
@@ -125,6 +134,8 @@ def _label(key: str) -> str:
         "relay": "relay",
         "relay-log": "relay, access log on",
         "baseline": "baseline relay",
+        "nginx-2": "nginx proxy, 2 workers",
+        "relay-2": "relay, 2 workers",
     }[key]
 
 
@@ -205,14 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         measure(row, f"http://127.0.0.1:{origin.server.port}", origin.path, None, s)
                         row.cmd = f"origin: {origin_desc}"
                         continue
-                    if key == "nginx":
+                    if key in ("nginx", "nginx-2"):
                         if nginx_path() is None:
                             row.na = "n/a (nginx not installed)"
                             continue
-                        proxy = start_nginx_proxy(origin.server.port, tmp, log_dir)
+                        workers = 2 if key == "nginx-2" else 1
+                        proxy = start_nginx_proxy(origin.server.port, tmp, log_dir, workers=workers)
                         row.cmd = (
-                            "nginx 1 worker, proxy_buffering off, proxy_buffers 8 64k, "
-                            "proxy_buffer_size 64k, HTTP/1.1 upstream keepalive 128"
+                            f"nginx {workers} worker(s), proxy_buffering off, proxy_buffers 8 "
+                            "64k, proxy_buffer_size 64k, HTTP/1.1 upstream keepalive 128"
                         )
                         base, prefix = f"http://127.0.0.1:{proxy.port}", ""
                     elif key == "baseline":
@@ -230,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             a.loop,
                             a.extra_relay_args,
                             access_log=key == "relay-log",
+                            workers=2 if key == "relay-2" else 1,
                         )
                         base, prefix = f"http://127.0.0.1:{proxy.port}", "/o"
                     orig = origin

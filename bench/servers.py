@@ -49,11 +49,11 @@ def nginx_path() -> str | None:
     return None
 
 
-def _nginx_common(workdir: Path) -> str:
+def _nginx_common(workdir: Path, workers: int = 1) -> str:
     user = "user root root;\n" if os.geteuid() == 0 else ""
     return f"""{user}daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {workdir}/nginx.pid;
 worker_rlimit_nofile 16384;
 events {{ worker_connections 8192; }}
@@ -131,11 +131,12 @@ def start_origin(tmp: Path, log_dir: Path, use_nginx: bool) -> Origin:
     return origin
 
 
-def start_nginx_proxy(origin_port: int, tmp: Path, log_dir: Path) -> Server:
+def start_nginx_proxy(origin_port: int, tmp: Path, log_dir: Path, *, workers: int = 1) -> Server:
+    """nginx proxying to the origin with `workers` worker processes (`worker_processes`)."""
     port = free_port()
-    workdir = tmp / "nginx-proxy"
+    workdir = tmp / f"nginx-proxy-{workers}"
     conf = (
-        _nginx_common(workdir)
+        _nginx_common(workdir, workers)
         + f"""http {{
 {_nginx_http_common(workdir)}    upstream origin {{
         server 127.0.0.1:{origin_port};
@@ -157,7 +158,7 @@ def start_nginx_proxy(origin_port: int, tmp: Path, log_dir: Path) -> Server:
 }}
 """
     )
-    server = _start_nginx("nginx-proxy", conf, workdir, port, log_dir)
+    server = _start_nginx(f"nginx-proxy-{workers}", conf, workdir, port, log_dir)
     try:
         server.wait_ready("/healthz", timeout=30)
     except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
@@ -227,8 +228,11 @@ def start_relay(
     extra_args: str,
     *,
     access_log: bool = False,
+    workers: int = 1,
 ) -> tuple[Server, str]:
     """Start ``relay serve`` routing /o/ to the origin; returns (server, command line used).
+
+    `workers` > 1 adds ``--workers N`` (a supervisor and N worker processes on one port).
 
     Tries the TOML config form (``allow_private = true``) first, then ``--route``. The access
     log is off unless asked for, as nginx's is in every bench (``RELAY_LOG_POSTURE``).
@@ -239,6 +243,8 @@ def start_relay(
     opts: list[str] = ["--log-level", "warning", *relay_log_args(access_log)]
     if loop:
         opts += ["--loop", loop]
+    if workers > 1:
+        opts += ["--workers", str(workers)]
     opts += shlex.split(extra_args)
     forms = [["--config", str(cfg)], ["--route", f"/o/={origin_url}"]]
     errors: list[str] = []

@@ -45,7 +45,14 @@ def _utc_seconds(seconds: int) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line (newlines in messages and tracebacks escaped)."""
+    """One JSON object per record, on one line (newlines in messages and tracebacks escaped).
+
+    `worker`: the index of the worker process (workers > 1), the `worker` field of every line.
+    """
+
+    def __init__(self, *, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -54,6 +61,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in out:
                 out[key] = value
@@ -164,6 +173,8 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
         # The loop a write is scheduled on; another loop schedules its own (a loop that
         # stopped before running the callback must not hold later lines back).
         self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self.worker_field = ""
+        """`, "worker": N}` with several workers: ends each line `emit_line` is given."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -175,6 +186,8 @@ class _RelayHandler(logging.StreamHandler[TextIO]):
 
     def emit_line(self, line: str) -> None:
         """Write a line made with `json_line` as `emit` writes a formatted record."""
+        if self.worker_field:
+            line = line[:-1] + self.worker_field
         with self.lock:  # type: ignore[union-attr]
             try:
                 self._queue(line + self.terminator)
@@ -229,8 +242,13 @@ def chosen_format(fmt: str, stream: TextIO) -> str:
         return "json"
 
 
-def configure_logging(level: str, fmt: str = "auto", *, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str, fmt: str = "auto", *, stream: TextIO | None = None, worker: int | None = None
+) -> None:
     """Send every log record to stderr (or `stream`), as JSON lines or as text.
+
+    `worker`: the index of this worker process (workers > 1), added to every record (the
+    `worker` field of a JSON line; `worker N` after the level in text).
 
     Idempotent: calling it again replaces relay's handler, leaving other handlers alone.
     `level` applies to diagnostic logs; access records (logger `relay.access`, INFO) are
@@ -244,7 +262,14 @@ def configure_logging(level: str, fmt: str = "auto", *, stream: TextIO | None = 
         old.close()
     handler = _RelayHandler(stream if stream is not None else sys.stderr)
     json_lines = chosen_format(fmt, handler.stream) == "json"
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    text_format = TEXT_FORMAT
+    if worker is not None:
+        # In the formatter and the handler, not a filter: a filter would turn off the access
+        # records' direct path (direct_json_handler).
+        handler.worker_field = f', "worker": {int(worker)}}}'
+        text_format = TEXT_FORMAT.replace("%(levelname)s ", f"%(levelname)s worker {worker} ")
+    formatter = JsonFormatter(worker=worker) if json_lines else logging.Formatter(text_format)
+    handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level.upper())
     uvicorn_errors = logging.getLogger("uvicorn.error")

@@ -490,7 +490,7 @@ def serve_worker(
     """One worker under the supervisor (relay/server/supervisor.py): today's server on the
     shared socket and on its peer socket; it tells the supervisor when it is up, or why it
     could not start (the supervisor prints that once)."""
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, worker=worker.index)
     server = build_server(config, worker=worker)
     server.parent = os.getppid()
     server.on_started = lambda: status.send(("up", None))
