@@ -349,8 +349,9 @@ class Cache:
             await fill.run()
         finally:
             if announce is not None:
-                announce.cancel()
-                await asyncio.gather(announce, return_exceptions=True)
+                # Not cancelled: it ends once the fill's head is ready (always set by the time
+                # `run` returns), and a head it wrote after the removal below would stay.
+                await asyncio.wait({announce})
             try:
                 await asyncio.shield(self.executor.run(self.store.remove_head, fill.partial))
             finally:

@@ -189,6 +189,10 @@ class LedgerIndex(Index):
 
     @property
     def on_disk(self) -> int:
+        """Every worker's stored versions, the directories and shared files, and the
+        versions this worker's readers hold (a scrape reads it: the index is synced first,
+        so the object count read next is every worker's too)."""
+        self.sync()
         stored, _ = self.ledger.totals()
         return stored + self.lingering + self.overhead()
 
