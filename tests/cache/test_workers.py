@@ -385,3 +385,24 @@ def test_the_package_docstring_names_each_module() -> None:
     assert workers.__doc__ is not None
     for name in ("lead", "follow", "ledger", "index", "shared", "volume"):
         assert f"`{name}`" in workers.__doc__
+
+
+def test_a_ledger_that_fails_leaves_the_worker_serving_from_its_own_index(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ledger that cannot be read or written (here: closed under the index): lookups go on
+    from the worker's own index, a reservation finds no room, one warning is logged for many
+    failures, and nothing raises."""
+    clock = ManualClock()
+    index = _index(tmp_path, "a" * 16, clock)
+    entry = _stored(index.store, "k", b"body")
+    index.add(entry)
+    index.ledger.close()
+    with caplog.at_level("WARNING"):
+        index.sync()
+        assert index.get("k") is entry
+        assert index.reserve("other", 4096) == (False, [])
+        assert index.remove("k") is entry
+        assert index.on_disk == 0
+    warnings = [r for r in caplog.records if "the ledger failed" in r.getMessage()]
+    assert len(warnings) == 1

@@ -17,6 +17,11 @@ this worker evicts or replaces in the ledger is removed by it, even one it never
 Hits are counted here and written to the ledger's LRU order at most every `TOUCH_SECONDS`
 (and before any eviction), so the order is shared to within that delay.
 
+When the ledger cannot be read or written (`LedgerError`: a full disk, a damaged file), the
+worker goes on with its own index (a warning every `WARN_EVERY` seconds): a reservation
+then finds no room (nothing more is stored), what other workers change is seen once the
+ledger answers again, and the ledger is rebuilt from the files at the server's next start.
+
 Limits (documented in docs/cache.md): versions readers of another worker hold when they are
 evicted are not counted (`lingering` is per worker: a reader's descriptor keeps the bytes on
 disk until it is done); a worker that looked an object up just before another evicted it may
@@ -28,12 +33,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from relay.cache.index import Entry, Index
 from relay.cache.store import Malformed, Meta, Store, decode
-from relay.cache.workers.ledger import TOUCH_SECONDS, Change, Ledger, Row
+from relay.cache.workers.ledger import TOUCH_SECONDS, Change, Ledger, LedgerError, Row
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds between two warnings that the ledger failed (a full disk fails every write).
+WARN_EVERY = 10.0
 
 
 class LedgerIndex(Index):
@@ -56,6 +67,7 @@ class LedgerIndex(Index):
         self._touched: dict[str, None] = {}
         """Keys hit since the last `flush`, least recent first (at most one per entry)."""
         self._flushed = monotonic()
+        self._warned: float | None = None
         self.remove_files: Callable[[Entry], None] = lambda entry: None
         """Removes a version's files (the cache's `remove_files`): for versions this worker
         removes from the ledger without holding them in its index."""
@@ -72,6 +84,9 @@ class LedgerIndex(Index):
         """Apply what other workers changed since the last call."""
         if self._touched and self._monotonic() - self._flushed > TOUCH_SECONDS:
             self.flush()
+        self._quietly("sync", self._sync, None)
+
+    def _sync(self) -> None:
         if not self.ledger.changed():
             return
         changes = self.ledger.changes(self.seq)
@@ -152,7 +167,9 @@ class LedgerIndex(Index):
 
     def add(self, entry: Entry) -> Entry | None:
         replaced = super().add(entry)
-        old = self.ledger.stored(self.row_of(entry), self._mine)
+        old = self._quietly(
+            "store", lambda: self.ledger.stored(self.row_of(entry), self._mine), None
+        )
         if old is not None and (replaced is None or self._relative(replaced.data) != old.data):
             self.remove_files(_unloaded(old, self.store))
         return replaced
@@ -160,20 +177,22 @@ class LedgerIndex(Index):
     def remove(self, key: str) -> Entry | None:
         entry = super().remove(key)
         if entry is not None and not entry.foreign:
-            self.ledger.removed(key, self._relative(entry.data))
+            data = self._relative(entry.data)
+            self._quietly("remove", lambda: self.ledger.removed(key, data), False)
         return entry
 
     def recount(self, entry: Entry, cost: int) -> None:
         super().recount(entry, cost)
         if self.peek(entry.key) is entry:
-            self.ledger.recount(entry.key, self._relative(entry.data), cost)
+            data = self._relative(entry.data)
+            self._quietly("recount", lambda: self.ledger.recount(entry.key, data, cost), None)
 
     def flush(self) -> None:
         """Write the hits counted since the last flush to the ledger's LRU order."""
         touched, self._touched = self._touched, {}
         self._flushed = self._monotonic()
         if touched:
-            self.ledger.touch(touched)
+            self._quietly("touch", lambda: self.ledger.touch(touched), None)
 
     # ---- the budget, every worker's ---------------------------------------------------------
 
@@ -185,7 +204,7 @@ class LedgerIndex(Index):
     def reserved(self, value: int) -> None:
         if value != self._mine:
             self._mine = value
-            self.ledger.set_reserved(value)
+            self._quietly("reserve", lambda: self.ledger.set_reserved(value), None)
 
     @property
     def on_disk(self) -> int:
@@ -193,29 +212,51 @@ class LedgerIndex(Index):
         versions this worker's readers hold (a scrape reads it: the index is synced first,
         so the object count read next is every worker's too)."""
         self.sync()
-        stored, _ = self.ledger.totals()
+        stored, _ = self._totals()
         return stored + self.lingering + self.overhead()
 
     @property
     def used(self) -> int:
-        stored, reserved = self.ledger.totals()
+        stored, reserved = self._totals()
         return stored + reserved + self.lingering + self.overhead()
+
+    def _totals(self) -> tuple[int, int]:
+        """Every worker's (stored, reserved); this worker's own when the ledger fails."""
+        return self._quietly("read", self.ledger.totals, (self.stored, self._mine))
 
     def victims(self, needed: int, keep: str | None = None) -> list[Entry]:
         """Evict (in the ledger) least recently used versions of any worker until `needed`
         more bytes fit; the versions evicted, to be removed by the caller (`Cache._evict`)."""
         self.flush()
-        rows = self.ledger.evict(self._limit() - needed, keep)
+        limit = self._limit() - needed
+        none: list[Row] = []
+        rows = self._quietly("evict", lambda: self.ledger.evict(limit, keep), none)
         return [self._victim(row) for row in rows]
 
     def reserve(self, key: str, more: int) -> tuple[bool, list[Entry]]:
         """Reserve `more` bytes for a fill of `key`, evicting least recently used versions
         of any worker in the same ledger transaction; whether it fits, and the evicted."""
         self.flush()
-        ok, rows = self.ledger.reserve(more, self._mine, self._limit(), key)
+        limit = self._limit()
+        failed: tuple[bool, list[Row]] = (False, [])
+        ok, rows = self._quietly(
+            "reserve", lambda: self.ledger.reserve(more, self._mine, limit, key), failed
+        )
         if ok:
             self._mine += more
         return ok, [self._victim(row) for row in rows]
+
+    def _quietly(self, what: str, call: Callable[[], T], default: T) -> T:
+        """`call()`, or `default` when the ledger fails (a warning, at most every
+        `WARN_EVERY` seconds)."""
+        try:
+            return call()
+        except LedgerError as exc:
+            now = self._monotonic()
+            if self._warned is None or now - self._warned >= WARN_EVERY:
+                self._warned = now
+                logger.warning("cache: the ledger failed (%s): %s", what, exc.strerror)
+            return default
 
     def _limit(self) -> int:
         return self.max_bytes - self.overhead() - self.lingering

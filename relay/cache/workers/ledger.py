@@ -26,17 +26,40 @@ the files are the truth, the ledger an index of them.
 
 from __future__ import annotations
 
+import errno
+import functools
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 #: Changes kept in the log: a worker further behind than this reloads every row.
 KEEP_CHANGES = 10_000
 #: Seconds a worker keeps its hits before writing them to the LRU order.
 TOUCH_SECONDS = 1.0
 #: Seconds a writer waits for another's transaction (each is short) before failing.
-BUSY_SECONDS = 10.0
+BUSY_SECONDS = 5.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class LedgerError(OSError):
+    """The ledger could not be read or written (a full disk, a damaged file, a writer that
+    held it longer than `BUSY_SECONDS`): the one error every method raises."""
+
+
+def _translated(method: Callable[P, T]) -> Callable[P, T]:
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise LedgerError(errno.EIO, f"cache ledger: {exc}") from exc
+
+    return call
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -84,6 +107,7 @@ class Change:
 
 
 class Ledger:
+    @_translated
     def __init__(self, path: Path, owner: str) -> None:
         """`owner`: this worker's token (its row of reservations)."""
         self.path = path
@@ -98,6 +122,7 @@ class Ledger:
         self._db.executescript(_SCHEMA)
         self._version = -1
 
+    @_translated
     def close(self) -> None:
         self._db.close()
 
@@ -107,6 +132,7 @@ class Ledger:
 
     # ---- reading --------------------------------------------------------------------------
 
+    @_translated
     def changed(self) -> bool:
         """Whether another connection wrote since the last call (a cheap check: no table
         is read)."""
@@ -115,9 +141,11 @@ class Ledger:
         self._version = version
         return changed
 
+    @_translated
     def last_change(self) -> int:
         return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
 
+    @_translated
     def changes(self, after: int) -> list[Change] | None:
         """The changes after `after`, the last of each key only, in order; None when some
         were pruned (reload `rows`). A key whose last change is this worker's own is in its
@@ -136,6 +164,7 @@ class Ledger:
             last[key] = Change(seq, key, data, bool(stored), owner == self.owner)
         return list(last.values())
 
+    @_translated
     def rows(self) -> tuple[list[Row], int]:
         """Every stored version, least recently used first, and the last change they
         include."""
@@ -146,6 +175,7 @@ class Ledger:
             last = self.last_change()
         return [Row(k, d, c, bool(v)) for k, d, c, v in rows], last
 
+    @_translated
     def totals(self) -> tuple[int, int]:
         """(bytes of the stored versions, bytes reserved by fills in flight), all workers."""
         with self._read():
@@ -155,6 +185,7 @@ class Ledger:
             ]
         return int(stored), int(reserved)
 
+    @_translated
     def row(self, key: str) -> Row | None:
         found = self._db.execute(
             "SELECT key, data, cost, verified FROM objects WHERE key = ?", (key,)
@@ -163,6 +194,7 @@ class Ledger:
 
     # ---- writing ----------------------------------------------------------------------------
 
+    @_translated
     def rebuild(self, rows: Iterable[Row]) -> None:
         """Start over from the files (the first process to open the cache): the rows given,
         least recently used first; no change log, no reservation."""
@@ -182,19 +214,23 @@ class Ledger:
             # The log starts after the rebuilt rows (a joining worker reads them as rows).
             self._db.execute("DELETE FROM sqlite_sequence WHERE name = 'changes'")
 
+    @_translated
     def forget_owners(self, owners: Iterable[str]) -> None:
         """Drop the reservations of workers that are gone."""
         with self._write():
             self._db.executemany("DELETE FROM reserved WHERE owner = ?", [(o,) for o in owners])
 
+    @_translated
     def owners(self) -> list[str]:
         return [o for (o,) in self._db.execute("SELECT owner FROM reserved").fetchall()]
 
+    @_translated
     def set_reserved(self, amount: int) -> None:
         """This worker's fills in flight now reserve `amount` bytes."""
         with self._write():
             self._set_reserved(amount)
 
+    @_translated
     def stored(self, row: Row, reserved: int) -> Row | None:
         """A version is stored (replacing the key's row, returned if it is another version's);
         this worker's reservations become `reserved`."""
@@ -204,6 +240,7 @@ class Ledger:
             self._set_reserved(reserved)
         return old if old is not None and old.data != row.data else None
 
+    @_translated
     def removed(self, key: str, data: str) -> bool:
         """The version `data` of `key` left the index (evicted, purged, dropped, replaced);
         False when the ledger no longer held it (another worker removed or replaced it)."""
@@ -211,6 +248,7 @@ class Ledger:
             removed = self._remove(key, data)
         return removed
 
+    @_translated
     def recount(self, key: str, data: str, cost: int) -> None:
         """A stored version's record was rewritten: it now costs `cost`."""
         with self._write():
@@ -219,12 +257,14 @@ class Ledger:
                 self._db.execute("UPDATE objects SET cost = ? WHERE key = ?", (cost, key))
                 self._db.execute("UPDATE totals SET stored = stored + ?", (cost - old.cost,))
 
+    @_translated
     def verified(self, key: str, data: str) -> None:
         with self._write():
             self._db.execute(
                 "UPDATE objects SET verified = 1 WHERE key = ? AND data = ?", (key, data)
             )
 
+    @_translated
     def touch(self, keys: Iterable[str]) -> None:
         """These keys were used, in this order (most recent last)."""
         with self._write():
@@ -233,6 +273,7 @@ class Ledger:
                 self._db.execute("UPDATE objects SET used = ? WHERE key = ?", (last, key))
             self._db.execute("UPDATE totals SET clock = ?", (last,))
 
+    @_translated
     def reserve(
         self, more: int, reserved: int, limit: int, keep: str | None
     ) -> tuple[bool, list[Row]]:
@@ -250,6 +291,7 @@ class Ledger:
             self._set_reserved(reserved + more)
         return True, victims
 
+    @_translated
     def evict(self, limit: int, keep: str | None = None) -> list[Row]:
         """Evict least recently used versions until what is stored and reserved fits in
         `limit` (after a version was stored); the rows evicted."""

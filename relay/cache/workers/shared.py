@@ -27,7 +27,7 @@ from pathlib import Path
 
 from relay.cache.workers import volume
 from relay.cache.workers.lead import Locks
-from relay.cache.workers.ledger import Ledger
+from relay.cache.workers.ledger import Ledger, LedgerError
 from relay.disk import remove_quietly
 
 _OWNER = re.compile(r"[0-9a-f]{16}")
@@ -70,13 +70,26 @@ class Shared:
             self._mine = os.open(self._owners / f"{self.owner}.lock", _FLAGS, 0o600)
             fcntl.flock(self._mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.locks.prepare()
-            self._ledger = Ledger(self.directory / "ledger.sqlite", self.owner)
+            self._ledger = self._open_ledger()
             if self.first:
                 self.locks.clear()
             self._forget_dead_owners()
         except BaseException:
             self.close()
             raise
+
+    def _open_ledger(self) -> Ledger:
+        """The ledger; the first opener starts a damaged one afresh (it rebuilds it from the
+        files anyway), another worker refuses to start (`LedgerError`)."""
+        path = self.directory / "ledger.sqlite"
+        try:
+            return Ledger(path, self.owner)
+        except LedgerError:
+            if not self.first:
+                raise
+        for name in ("", "-wal", "-shm"):
+            remove_quietly(path.with_name(path.name + name))
+        return Ledger(path, self.owner)
 
     def joined(self) -> None:
         """The first opener's cleanup is done: others may open the cache (the exclusive lock
