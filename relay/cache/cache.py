@@ -633,7 +633,7 @@ async def open_cache(
             measure = shared.overhead
             index = LedgerIndex(
                 config.cache_max_bytes,
-                lambda: measure(store.objects),
+                lambda: measure(store.objects, clock.monotonic()),
                 shared.ledger,
                 store,
                 clock.monotonic,

@@ -31,6 +31,8 @@ from relay.cache.workers.ledger import Ledger, LedgerError
 from relay.disk import remove_quietly
 
 _OWNER = re.compile(r"[0-9a-f]{16}")
+#: Seconds a measure of the directories and shared files is used for.
+MEASURE_EVERY = 1.0
 _FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -46,6 +48,7 @@ class Shared:
         self._users: int | None = None
         self._mine: int | None = None
         self._ledger: Ledger | None = None
+        self._measured: tuple[float, int] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -135,10 +138,19 @@ class Shared:
             os.close(fd)
         return False
 
-    def overhead(self, objects: Path) -> int:
-        """What the cache's directories and the workers' shared files take on disk, measured
-        now (every worker sees the same): cache_dir, objects/ and its buckets, workers/ and
-        its files. Blocking, a few hundred `stat`s."""
+    def overhead(self, objects: Path, now: float) -> int:
+        """What the cache's directories and the workers' shared files take on disk (every
+        worker sees the same): cache_dir, objects/ and its buckets, workers/ and its files.
+        Measured at most every `MEASURE_EVERY` seconds (`now`: the monotonic clock): a few
+        hundred `stat`s, on the loop, and directories change size only every hundred-odd
+        entries."""
+        if self._measured is not None and now - self._measured[0] < MEASURE_EVERY:
+            return self._measured[1]
+        total = self._measure(objects)
+        self._measured = (now, total)
+        return total
+
+    def _measure(self, objects: Path) -> int:
         total = 0
         for directory in (self.root, objects, self.directory):
             total += _blocks(directory)
