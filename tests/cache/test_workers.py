@@ -390,14 +390,16 @@ def test_the_package_docstring_names_each_module() -> None:
 def test_a_ledger_that_fails_leaves_the_worker_serving_from_its_own_index(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A ledger that cannot be read or written (here: closed under the index): lookups go on
+    """A ledger that cannot be read or written (its database closed under the index): lookups go on
     from the worker's own index, a reservation finds no room, one warning is logged for many
     failures, and nothing raises."""
     clock = ManualClock()
     index = _index(tmp_path, "a" * 16, clock)
     entry = _stored(index.store, "k", b"body")
     index.add(entry)
-    index.ledger.close()
+    index.ledger._db.close()  # every SQLite call fails from now on, as on a full disk
+    other = Ledger(tmp_path / "ledger.sqlite", "b" * 16)
+    other.stored(Row("x", "00/x.data", 1), reserved=0)  # a change to look for
     with caplog.at_level("WARNING"):
         index.sync()
         assert index.get("k") is entry
@@ -406,3 +408,4 @@ def test_a_ledger_that_fails_leaves_the_worker_serving_from_its_own_index(
         assert index.on_disk == 0
     warnings = [r for r in caplog.records if "the ledger failed" in r.getMessage()]
     assert len(warnings) == 1
+    other.close()
