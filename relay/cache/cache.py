@@ -637,6 +637,7 @@ async def open_cache(
                 shared.ledger,
                 store,
                 clock.monotonic,
+                lambda: measure(store.objects),
             )
         else:
             index = Index(config.cache_max_bytes, lambda: store.directory_bytes)

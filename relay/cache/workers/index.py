@@ -55,12 +55,17 @@ class LedgerIndex(Index):
         ledger: Ledger,
         store: Store,
         monotonic: Callable[[], float],
+        measured: Callable[[], int] | None = None,
     ) -> None:
+        """`overhead`: the shared directories and files as the budget counts them (measured
+        at most every second); `measured`: the same measured now (for `on_disk`, what a
+        scrape reports)."""
         self.ledger = ledger
         self._mine = 0
         """What this worker's fills in flight reserved (the ledger holds every worker's)."""
         super().__init__(max_bytes, overhead)
         self.store = store
+        self._measured = measured or overhead
         self._monotonic = monotonic
         self.seq = 0
         """The last ledger change this index holds."""
@@ -213,7 +218,7 @@ class LedgerIndex(Index):
         so the object count read next is every worker's too)."""
         self.sync()
         stored, _ = self._totals()
-        return stored + self.lingering + self.overhead()
+        return stored + self.lingering + self._measured()
 
     @property
     def used(self) -> int:

@@ -124,6 +124,9 @@ class Ledger:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # The WAL counts against the budget: checkpointed every ~400 KiB, kept under 1 MiB.
+        self._db.execute("PRAGMA wal_autocheckpoint=100")
+        self._db.execute("PRAGMA journal_size_limit=1048576")
         self._db.executescript(_SCHEMA)
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         self._count_fd = os.open(self._count_path(), flags, 0o600)

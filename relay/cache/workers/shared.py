@@ -138,12 +138,15 @@ class Shared:
             os.close(fd)
         return False
 
-    def overhead(self, objects: Path, now: float) -> int:
+    def overhead(self, objects: Path, now: float | None = None) -> int:
         """What the cache's directories and the workers' shared files take on disk (every
         worker sees the same): cache_dir, objects/ and its buckets, workers/ and its files.
-        Measured at most every `MEASURE_EVERY` seconds (`now`: the monotonic clock): a few
-        hundred `stat`s, on the loop, and directories change size only every hundred-odd
-        entries."""
+        Measured at most every `MEASURE_EVERY` seconds (`now`: the monotonic clock) for the
+        budget: a few hundred `stat`s on the loop, and directories change size only every
+        hundred-odd entries; measured now without `now` (a scrape: every worker reports the
+        same)."""
+        if now is None:
+            return self._measure(objects)
         if self._measured is not None and now - self._measured[0] < MEASURE_EVERY:
             return self._measured[1]
         total = self._measure(objects)
