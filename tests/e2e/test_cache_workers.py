@@ -311,6 +311,13 @@ def test_a_worker_killed_mid_fill_aborts_the_other_workers_readers_and_restarts_
     assert again.status_code == 200
     assert hashlib.sha256(again.content).hexdigest() == expected_sha256(4 * MiB)
     assert _gets(origin, "v=704") == 2
+    # The killed leader's partial file and head were removed by the next leader of the key.
+    leftovers = [
+        p.name
+        for p in (workers.cache / "objects").rglob("*.*")
+        if p.suffix in (".partial", ".head")
+    ]
+    assert leftovers == []
     # The supervisor restarted the killed worker: it serves what was stored as hits.
     assert wait_until(lambda: workers.up(0), timeout=30)
     for index in (0, 1):
