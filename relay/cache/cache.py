@@ -45,7 +45,7 @@ from relay.cache.executor import DiskExecutor, Ordered
 from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
 from relay.cache.index import Entry, Index
 from relay.cache.integrity import Scrub, Verifier, has_known_digest
-from relay.cache.key import VARIANT_MARK, path_of, variant_key
+from relay.cache.key import VARIANT_MARK, digest, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
 from relay.cache.store import Meta, Store
@@ -230,7 +230,7 @@ class Cache:
         the lock keeps changing hands (the fill then runs on its own, as with one worker)."""
         assert self.shared is not None
         locks = self.shared.locks
-        name = self.store.partial_of(fill.key, "0" * 16).name.split(".")[0]
+        name = digest(fill.key)
         for _ in range(3):
             lead = locks.lead(name, self.store.version_of(fill.partial))
             if lead is not None:
@@ -620,10 +620,11 @@ async def open_cache(
             if shared is not None:
                 await executor.run(shared.open)
             store.prepare()
+            seq = 0
             if shared is None or shared.first:
                 loaded = await executor.run(store.load)
             else:
-                loaded = await executor.run(_from_ledger, shared, store)
+                loaded, seq = await executor.run(_from_ledger, shared, store)
         except UnfitVolume as exc:
             raise StartupError(f"cache_dir {config.cache_dir!r}: {exc}") from None
         except OSError as exc:
@@ -642,7 +643,7 @@ async def open_cache(
         else:
             index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
         async with _serving(
-            config, upstream, store, index, clock, executor, loaded, shared
+            config, upstream, store, index, clock, executor, loaded, shared, seq
         ) as cache:
             yield cache
     finally:
@@ -653,17 +654,20 @@ async def open_cache(
                 shared.close()
 
 
-def _from_ledger(shared: Shared, store: Store) -> list[tuple[Path, Meta, int]]:
+def _from_ledger(shared: Shared, store: Store) -> tuple[list[tuple[Path, Meta, int]], int]:
     """The stored versions the ledger records, their records read (a worker joining others:
-    nothing on disk is cleaned up, a fill of another worker may be writing)."""
+    nothing on disk is cleaned up, a fill of another worker may be writing), and the last
+    ledger change they include. The write counter is read first: a change committed after
+    the rows were read moves it again, and the index applies it at its first lookup."""
     loaded: list[tuple[Path, Meta, int]] = []
-    rows, _ = shared.ledger.rows()
+    shared.ledger.changed()
+    rows, seq = shared.ledger.rows()
     for row in rows:
         data = store.objects / row.data
         meta = store.read_published(data.with_suffix(".partial"))
         if meta is not None and meta.key == row.key:
             loaded.append((data, meta, row.cost))
-    return loaded
+    return loaded, seq
 
 
 @contextlib.asynccontextmanager
@@ -676,7 +680,9 @@ async def _serving(
     executor: DiskExecutor,
     loaded: list[tuple[Path, Meta, int]],
     shared: Shared | None = None,
+    seq: int = 0,
 ) -> AsyncIterator[Cache]:
+    """`seq`: a worker joining others, the last ledger change `loaded` includes."""
     first = shared is None or shared.first
     ledger_index = index if isinstance(index, LedgerIndex) else None
     rows: list[Row] = []
@@ -692,11 +698,13 @@ async def _serving(
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
     if ledger_index is not None and shared is not None:
+        ledger_index.seq = seq
         if shared.first:
+            # Alone on the cache until `joined`: no change can come in between.
             shared.ledger.rebuild(rows)
+            ledger_index.seq = shared.ledger.last_change()
+            shared.ledger.changed()
             shared.joined()
-        ledger_index.seq = shared.ledger.last_change()
-        ledger_index.ledger.changed()
     cache = Cache(config, upstream, store, index, clock, executor, shared)
     upstream.make_room = cache.make_room
     cache.slices.load(index)

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relay.cache.fill import Fill, FillAbandoned
+from relay.cache.key import digest
 from relay.cache.store import Meta
 from relay.cache.workers.lead import Locks
 
@@ -85,7 +86,7 @@ class Follower(Fill):
         self._locks = locks
         self.version = version
         self.partial = self._store.partial_of(self.key, version)
-        self._lock_name = self.partial.name.split(".")[0]
+        self._lock_name = digest(self.key)
         self._sleep = sleep
         self._backoff = Backoff()
 
