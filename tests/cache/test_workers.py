@@ -409,3 +409,51 @@ def test_a_ledger_that_fails_leaves_the_worker_serving_from_its_own_index(
     warnings = [r for r in caplog.records if "the ledger failed" in r.getMessage()]
     assert len(warnings) == 1
     other.close()
+
+
+async def test_a_worker_joining_learns_what_was_stored_while_it_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 1 joins while worker 0 stores an object right after worker 1 read the ledger's
+    rows: worker 1's first lookup finds it (the change is after its snapshot, and the write
+    counter moved after worker 1 read it)."""
+    upstream = _Gated()
+    config = Config(
+        routes=(Route(prefix="/o/", upstream="http://up.test/"),),
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=1 << 20,
+        max_connections=2,
+        workers=2,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(transport=httpx.MockTransport(upstream.handler))
+        )
+        zero = await stack.enter_async_context(
+            open_cache(
+                config, Upstream(client, config), worker=WorkerInfo(count=2, run_dir=tmp_path)
+            )
+        )
+        assert zero is not None
+        assert zero.ledger_index is not None
+        index = zero.ledger_index
+        rows = Ledger.rows
+
+        def rows_then_a_store(ledger: Ledger) -> tuple[list[Row], int]:
+            found = rows(ledger)
+            monkeypatch.setattr(Ledger, "rows", rows)
+            index.add(_stored(zero.store, "late", b"late"))  # committed after the snapshot
+            return found
+
+        monkeypatch.setattr(Ledger, "rows", rows_then_a_store)
+        one = await stack.enter_async_context(
+            open_cache(
+                config,
+                Upstream(client, config),
+                worker=WorkerInfo(index=1, count=2, run_dir=tmp_path),
+            )
+        )
+        assert one is not None
+        assert one.ledger_index is not None
+        one.ledger_index.sync()
+        assert one.index.peek("late") is not None
