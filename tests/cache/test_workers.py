@@ -18,8 +18,7 @@ import pytest
 from relay.cache import workers
 from relay.cache.cache import Cache, open_cache
 from relay.cache.clock import ManualClock
-from relay.cache.index import Entry
-from relay.cache.store import Meta, Store
+from relay.cache.store import Store
 from relay.cache.workers import ledger as ledger_module
 from relay.cache.workers import volume
 from relay.cache.workers.follow import Backoff, Follower
@@ -28,6 +27,7 @@ from relay.cache.workers.lead import Locks
 from relay.cache.workers.ledger import Ledger, Row
 from relay.config import Config, Route, WorkerInfo
 from relay.net.upstream import Upstream
+from tests.cache.test_store import _fill
 
 # ---- the fill lock -----------------------------------------------------------------------------
 
@@ -161,24 +161,6 @@ def test_a_worker_too_far_behind_reloads_every_row(
 # ---- two indexes on one ledger -----------------------------------------------------------------
 
 
-def _meta(key: str, length: int) -> Meta:
-    return Meta(key=key, url=f"http://up.test/{key}", headers=[], length=length,
-                stored_at=1.0, initial_age=0.0, lifetime=60.0, complete=True)  # fmt: skip
-
-
-def _stored(store: Store, key: str, body: bytes) -> Entry:
-    """A version published on disk as a fill would (its files), not yet in any index."""
-    partial = store.partial_path(key)
-    fd = store.open_partial(partial)
-    try:
-        os.write(fd, body)
-    finally:
-        os.close(fd)
-    meta = _meta(key, len(body))
-    data = store.publish(partial, meta)
-    return Entry(key, data, meta, store.cost(meta, data))
-
-
 def _index(tmp_path: Path, owner: str, clock: ManualClock, max_bytes: int = 1 << 20) -> LedgerIndex:
     store = Store(tmp_path)
     store.prepare()
@@ -193,7 +175,7 @@ def test_an_index_learns_what_another_worker_stored_replaced_and_removed(tmp_pat
     a, b = _index(tmp_path, "a" * 16, clock), _index(tmp_path, "b" * 16, clock)
     removed: list[Path] = []
     b.remove_files = lambda entry: removed.append(entry.data)
-    first = _stored(a.store, "k", b"one")
+    first = _fill(a.store, "k", b"one")
     a.add(first)
     b.sync()
     seen = b.peek("k")
@@ -201,7 +183,7 @@ def test_an_index_learns_what_another_worker_stored_replaced_and_removed(tmp_pat
     assert seen.data == first.data
     assert seen.meta.length == 3
     b.pin(seen)  # a reader in B
-    second = _stored(a.store, "k", b"two!")
+    second = _fill(a.store, "k", b"two!")
     assert a.add(second) is first
     b.sync()
     now = b.peek("k")
@@ -217,13 +199,13 @@ def test_an_index_learns_what_another_worker_stored_replaced_and_removed(tmp_pat
     assert a.ledger.totals() == (0, 0)
 
 
-def test_an_eviction_by_one_worker_removes_what_the_other_stored(tmp_path: Path) -> None:
+def test_an_eviction_by_one_worker_removes_what_the_other_fill(tmp_path: Path) -> None:
     """B stores, A needs room: A evicts B's version in the ledger and gets it to remove (even
     though A never loaded it); B's index drops it at its next sync, without removing files."""
     clock = ManualClock()
     a = _index(tmp_path, "a" * 16, clock, max_bytes=3 * 4096 + 1)
     b = _index(tmp_path, "b" * 16, clock, max_bytes=3 * 4096 + 1)
-    entry = _stored(b.store, "old", b"x" * 100)
+    entry = _fill(b.store, "old", b"x" * 100)
     b.add(entry)
     fits, victims = a.reserve("new", 2 * 4096)
     assert fits
@@ -239,7 +221,7 @@ def test_hits_reach_the_shared_order_after_a_second_or_before_an_eviction(tmp_pa
     a = _index(tmp_path, "a" * 16, clock, max_bytes=3 * 8192)
     b = _index(tmp_path, "b" * 16, clock, max_bytes=3 * 8192)
     for key in ("p", "q"):
-        a.add(_stored(a.store, key, b"x" * 10))
+        a.add(_fill(a.store, key, b"x" * 10))
     b.sync()
     assert b.get("p") is not None  # B reads p: q is now the least recently used
     clock.advance(ledger_module.TOUCH_SECONDS + 0.1)
@@ -294,15 +276,19 @@ class _Gated:
         return httpx.Response(200, headers=headers, stream=Body())
 
 
-@contextlib.asynccontextmanager
-async def _two_workers(tmp_path: Path, upstream: _Gated) -> AsyncIterator[tuple[Cache, Cache]]:
-    config = Config(
+def _config(tmp_path: Path) -> Config:
+    return Config(
         routes=(Route(prefix="/o/", upstream="http://up.test/"),),
         cache_dir=str(tmp_path / "cache"),
         cache_max_bytes=1 << 20,
         max_connections=2,
         workers=2,
     )
+
+
+@contextlib.asynccontextmanager
+async def _two_workers(tmp_path: Path, upstream: _Gated) -> AsyncIterator[tuple[Cache, Cache]]:
+    config = _config(tmp_path)
     async with contextlib.AsyncExitStack() as stack:
         caches = []
         for index in (0, 1):
@@ -395,7 +381,7 @@ def test_a_ledger_that_fails_leaves_the_worker_serving_from_its_own_index(
     failures, and nothing raises."""
     clock = ManualClock()
     index = _index(tmp_path, "a" * 16, clock)
-    entry = _stored(index.store, "k", b"body")
+    entry = _fill(index.store, "k", b"body")
     index.add(entry)
     index.ledger._db.close()  # every SQLite call fails from now on, as on a full disk
     other = Ledger(tmp_path / "ledger.sqlite", "b" * 16)
@@ -418,13 +404,7 @@ async def test_a_worker_joining_learns_what_was_stored_while_it_loaded(
     rows: worker 1's first lookup finds it (the change is after its snapshot, and the write
     counter moved after worker 1 read it)."""
     upstream = _Gated()
-    config = Config(
-        routes=(Route(prefix="/o/", upstream="http://up.test/"),),
-        cache_dir=str(tmp_path / "cache"),
-        cache_max_bytes=1 << 20,
-        max_connections=2,
-        workers=2,
-    )
+    config = _config(tmp_path)
     async with contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(
             httpx.AsyncClient(transport=httpx.MockTransport(upstream.handler))
@@ -442,7 +422,7 @@ async def test_a_worker_joining_learns_what_was_stored_while_it_loaded(
         def rows_then_a_store(ledger: Ledger) -> tuple[list[Row], int]:
             found = rows(ledger)
             monkeypatch.setattr(Ledger, "rows", rows)
-            index.add(_stored(zero.store, "late", b"late"))  # committed after the snapshot
+            index.add(_fill(zero.store, "late", b"late"))  # committed after the snapshot
             return found
 
         monkeypatch.setattr(Ledger, "rows", rows_then_a_store)
