@@ -465,10 +465,16 @@ class Cache:
     def _stored(self, fill: Fill, meta: Meta) -> None:
         """A fill published a new version: it replaces the stored one in the index (whose
         files go once no reader holds them), its cost on disk replaces the reservation."""
-        self.index.reserved -= fill.reserved
-        fill.reserved = 0
+        released, fill.reserved = fill.reserved, 0
         data = self.store.published_path(fill.partial)
-        replaced = self.index.add(Entry(fill.key, data, meta, self.store.cost(meta, data)))
+        entry = Entry(fill.key, data, meta, self.store.cost(meta, data))
+        if self.ledger_index is not None:
+            # The version and the end of its reservation in one ledger transaction: another
+            # worker never sees the bytes counted twice, nor not at all.
+            replaced = self.ledger_index.published(entry, released)
+        else:
+            self.index.reserved -= released
+            replaced = self.index.add(entry)
         if replaced is not None:
             self._retire(replaced)
         for victim in self.index.victims(0, keep=fill.key):

@@ -342,7 +342,12 @@ async def test_a_fill_is_followed_from_its_first_byte_and_ends_when_its_leader_p
         assert upstream.asked == ["/o/f"]  # one upstream request for both workers
         lead.release()
         follower.release()
-        assert one.lookup("/o/f", "") is not None
+        stored = one.lookup("/o/f", "")
+        assert stored is not None
+        # One budget: the object is counted once, its reservation gone, the same for both.
+        assert zero.index.used == one.index.used
+        assert one.ledger_index is not None
+        assert one.ledger_index.ledger.totals() == (stored.cost, 0)
 
 
 async def test_a_fill_whose_leader_gives_up_fails_its_followers(tmp_path: Path) -> None:

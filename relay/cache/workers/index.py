@@ -179,6 +179,12 @@ class LedgerIndex(Index):
             self.remove_files(_unloaded(old, self.store))
         return replaced
 
+    def published(self, entry: Entry, released: int) -> Entry | None:
+        """A fill published `entry`, the end of its `released` bytes of reservation: both
+        written in the one ledger transaction of `add`."""
+        self._mine -= released
+        return self.add(entry)
+
     def remove(self, key: str) -> Entry | None:
         entry = super().remove(key)
         if entry is not None and not entry.foreign:
