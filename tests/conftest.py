@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from relay.cache.clock import Clock
 from tests.harness import (
     INVARIANTS,
     InvariantViolation,
@@ -91,8 +92,9 @@ def make_relay(origin: Origin) -> Iterator[Callable[..., RelayThread]]:
     """Start relays in front of the test origin; all are stopped at teardown."""
     started: list[RelayThread] = []
 
-    def start(**overrides: Any) -> RelayThread:
-        relay = RelayThread(relay_config(origin.url, **overrides)).start()
+    def start(*, clock: Clock | None = None, **overrides: Any) -> RelayThread:
+        """`clock`: the time the relay's cache reads (see `RelayThread`)."""
+        relay = RelayThread(relay_config(origin.url, **overrides), clock=clock).start()
         started.append(relay)
         return relay
 

@@ -406,9 +406,10 @@ BAD_HEADS: dict[str, tuple[bytes, bytes]] = {
 }
 
 
-def _std_headers(headers: Headers, keep_alive: bool) -> Headers:
+def _std_headers(headers: Headers, keep_alive: bool, now: float) -> Headers:
+    """`headers` with Date (stamped `now`), Server and, unless kept alive, Connection: close."""
     out = list(headers)
-    out.append(("Date", email.utils.formatdate(usegmt=True)))
+    out.append(("Date", email.utils.formatdate(now, usegmt=True)))
     out.append(("Server", _SERVER))
     if not keep_alive:
         out.append(("Connection", "close"))
@@ -532,10 +533,13 @@ class _Core:
         stats: _Stats,
         idle_timeout: float | None = None,
         tls: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.stats = stats
         self.idle_timeout = idle_timeout
         self.tls = tls
+        self.clock = clock
+        """Seconds since the epoch, read for every Date and a changing Last-Modified."""
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = False
@@ -616,7 +620,8 @@ class _Core:
             except _BadRequest as exc:
                 body = f"{exc}\n".encode()
                 headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-                writer.write(_head_bytes(exc.status, _std_headers(headers, False)) + body)
+                head = _std_headers(headers, False, self.clock())
+                writer.write(_head_bytes(exc.status, head) + body)
                 return "close"
             if req is None:
                 return "abort"
@@ -817,7 +822,7 @@ class _Core:
                 hdrs.insert(0, ("Content-Type", content_type))
             if not any(n.lower() == "content-length" for n, _ in hdrs):
                 hdrs.append(("Content-Length", str(len(body))))
-        data = _head_bytes(status, _std_headers(hdrs, req.keep_alive))
+        data = _head_bytes(status, _std_headers(hdrs, req.keep_alive, self.clock()))
         if req.method != "HEAD" and not no_body:
             data += body
         writer.write(data)
@@ -972,7 +977,7 @@ class _Core:
         etag_changes = _q_flag(req, "etag_changes")
         if etag_changes:
             version = next(self._etag_counter)
-            lm_ts = int(time.time())
+            lm_ts = int(self.clock())
             last_modified = email.utils.formatdate(lm_ts, usegmt=True)
         gzip_param = _q_flag(req, "gzip")
         use_gzip = gzip_param and size <= GZIP_MAX and _accepts_gzip(req)
@@ -1098,7 +1103,7 @@ class _Core:
         if cut is not None or chunked_die is not None:
             force_close = True
         keep = req.keep_alive and not force_close
-        head = _head_bytes(status, _std_headers(headers, keep))
+        head = _head_bytes(status, _std_headers(headers, keep, self.clock()))
         if http10:
             head = b"HTTP/1.0" + head[len(b"HTTP/1.1") :]
         writer.write(head)
@@ -1192,8 +1197,14 @@ class Origin(LoopbackServer):
         record: bool = True,
         idle_timeout: float | None = None,
         tls: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """`tls`: a server-side context; the origin then speaks https."""
+        """`tls`: a server-side context; the origin then speaks https. `clock`: the time
+        its Date headers (and `etag_changes`' Last-Modified) are stamped with; settable
+        later (`monkeypatch.setattr(origin, "clock", manual.now)`: the session shares one
+        origin), so a test moving a relay's `ManualClock` moves the origin's time with it
+        instead of sleeping."""
+        self.clock = clock
         self.host = host
         self._tls = tls
         self.port = port
@@ -1268,7 +1279,7 @@ class Origin(LoopbackServer):
     async def _main(self) -> None:
         try:
             self._stop_event = asyncio.Event()
-            core = _Core(self._stats, self._idle_timeout, self._tls)
+            core = _Core(self._stats, self._idle_timeout, self._tls, lambda: self.clock())
             self.port = await core.start(self.host, self.port)
         except BaseException as exc:
             self._error = exc

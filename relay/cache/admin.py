@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from relay.cache.admission import fill_request, key_variant
-from relay.cache.cache import Cache
+from relay.cache.cache import Cache, FillOrder
 from relay.cache.fill import Fill
 from relay.cache.hub import HubFile, hub_key_of_purge
 from relay.cache.key import base_key
@@ -188,7 +188,9 @@ async def prefetch(request: Request) -> Response:
             return JSONResponse({"state": "cached"}, headers=_NO_STORE)
         return _prefetching(
             cache.background_fill(
-                hub_file.key, "identity", hub_file.fill_request(), route, sha256=hub_file.sha256
+                FillOrder(
+                    hub_file.key, "identity", hub_file.fill_request(), route, sha256=hub_file.sha256
+                )
             )
         )
     base = base_key(route.prefix, raw_path, query)
@@ -196,7 +198,9 @@ async def prefetch(request: Request) -> Response:
     if cache.lookup(base, variant) is not None:
         return JSONResponse({"state": "cached"}, headers=_NO_STORE)
     return _prefetching(
-        cache.background_fill(base, variant, fill_request(upstream, target, variant=variant), route)
+        cache.background_fill(
+            FillOrder(base, variant, fill_request(upstream, target, variant=variant), route)
+        )
     )
 
 

@@ -21,10 +21,8 @@ work never takes capacity from clients:
 A stopped fill publishes nothing, as after `cache_fill_idle_timeout`; fills are only stopped
 before their body is complete.
 
-With several workers on one `cache_dir` (`relay.cache.workers`): a miss's fill runs in the one
-worker that takes the key's fill lock, the others follow it (`Follower`); the index is a
-`LedgerIndex`, synced with the other workers' changes at each lookup, and the budget, the
-reservations and the eviction order are the ledger's.
+With several workers (`relay.cache.workers`): misses are led or followed (`Leading`), the index
+is a `LedgerIndex`, synced at each lookup; the budget and the eviction order are the ledger's.
 """
 
 from __future__ import annotations
@@ -35,26 +33,24 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from relay.cache.bounded import Passes
 from relay.cache.clock import SYSTEM_CLOCK, Clock
 from relay.cache.executor import DiskExecutor, Ordered
-from relay.cache.fill import TOO_LARGE, VARY_LEARNED, Fill
+from relay.cache.fill import Fill
 from relay.cache.index import Entry, Index
 from relay.cache.integrity import Scrub, Verifier, has_known_digest
-from relay.cache.key import VARIANT_MARK, digest, path_of, variant_key
+from relay.cache.key import VARIANT_MARK, path_of, variant_key
 from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
+from relay.cache.storable import TOO_LARGE, VARY_LEARNED
 from relay.cache.store import Meta, Store
-from relay.cache.workers.follow import Follower
 from relay.cache.workers.index import LedgerIndex
 from relay.cache.workers.lead import Lead
-from relay.cache.workers.ledger import Row
+from relay.cache.workers.leading import Leading
 from relay.cache.workers.shared import Shared
-from relay.cache.workers.volume import UnfitVolume
 from relay.config import SINGLE_PROCESS, Config, Route, WorkerInfo
 from relay.errors import StartupError
 from relay.net.presets import is_immutable
@@ -71,6 +67,21 @@ PASS_SECONDS = 30.0
 #: How long an object found larger than `cache_max_object_bytes` is relayed without a fill
 #: (its size changes only with a new version; its ranges cost no slice fetch meanwhile).
 TOO_LARGE_PASS_SECONDS = 600.0
+
+
+@dataclass(slots=True, eq=False)
+class FillOrder:
+    """What a fill of a whole object is to fetch (`Cache.fill`, `Cache.background_fill`)."""
+
+    base: str
+    variant: str
+    request: httpx.Request
+    """Built from the key alone (`relay.cache.plan.Asked.fill_request`)."""
+    route: Route
+    revalidating: Entry | None = None
+    """The stored object the fill revalidates (its request is then made conditional)."""
+    sha256: str | None = None
+    """The digest the body must have to be stored (a content-addressed object)."""
 
 
 @dataclass(slots=True)
@@ -146,9 +157,10 @@ class Cache:
         """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
         self.scrub = Scrub(self, self.verifier, rate=config.cache_verify_rate)
         """The background verification: at startup, and an operator's scrub."""
+        self.leading = Leading(shared.locks, store, self.executor) if shared else None
         if self.ledger_index is not None:
             self.ledger_index.remove_files = self.remove_files
-            self.ledger_index.learned = self._learned
+            self.ledger_index.learned = self.slices.learned
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -160,15 +172,13 @@ class Cache:
         return base
 
     def lookup(self, base: str, variant: str) -> Entry | None:
-        if self.ledger_index is not None:
-            self.ledger_index.sync()
+        self.sync()
         return self.index.get(self.storage_key(base, variant))
 
-    def _learned(self, entry: Entry) -> None:
-        """A version another worker stored: the hints a stored version gives (as at load)."""
-        if entry.meta.vary == "accept-encoding":
-            self.index.vary[entry.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
-        self.slices.learned(entry)
+    def sync(self) -> None:
+        """With several workers: learn what the others stored, replaced, evicted, purged."""
+        if self.ledger_index is not None:
+            self.ledger_index.sync()
 
     def passing(self, key: str) -> bool:
         return self.passes.active(key)
@@ -195,58 +205,25 @@ class Cache:
 
     # ---- fills --------------------------------------------------------------------------
 
-    def fill(
-        self,
-        base: str,
-        variant: str,
-        request: httpx.Request,
-        route: Route,
-        revalidating: Entry | None = None,
-        sha256: str | None = None,
-    ) -> Fill:
-        """The fill of this key in flight, or a new one (started as a tracked task); `sha256`:
-        the digest the body must have to be stored (a content-addressed object)."""
-        key = self.storage_key(base, variant)
+    def fill(self, order: FillOrder) -> Fill:
+        """The fill of the order's key in flight, or a new one (started as a tracked task)."""
+        key = self.storage_key(order.base, order.variant)
         current = self.fills.get(key)
         if current is not None and not current.finished:
             return current
+        route, revalidating = order.route, order.revalidating
         if revalidating is not None:
-            request.headers.update(conditional_headers(revalidating.meta.headers))
+            order.request.headers.update(conditional_headers(revalidating.meta.headers))
             self.stats.revalidations += 1
-        fill = self.new_fill(key, variant, request, route, revalidating)
-        lead: Lead | None = None
-        if self.shared is not None and revalidating is None:
-            lead, leader = self._lead(fill)
-            if leader is not None:
-                fill = self._follower(fill, leader, request, route)
-        fill.sha256 = sha256
-        fill.immutable = is_immutable(route, path_of(base, route.prefix))
-        self.start(fill, base, lead)
+        fill = self.new_fill(key, order.variant, order.request, route, revalidating)
+        leading = self.leading if revalidating is None else None  # only misses are led
+        lead, leader = leading.take(fill) if leading is not None else (None, None)
+        if leading is not None and leader is not None:
+            fill = leading.follower(self, fill, leader, order.request, route)
+        fill.sha256 = order.sha256
+        fill.immutable = is_immutable(route, path_of(order.base, route.prefix))
+        self.start(fill, order.base, lead)
         return fill
-
-    def _lead(self, fill: Fill) -> tuple[Lead | None, str | None]:
-        """With several workers: take the key's fill lock for `fill` (its lead), or find the
-        version of the fill another worker runs (to follow); (None, None) in the rare case
-        the lock keeps changing hands (the fill then runs on its own, as with one worker)."""
-        assert self.shared is not None
-        locks = self.shared.locks
-        name = digest(fill.key)
-        for _ in range(3):
-            lead = locks.lead(name, self.store.version_of(fill.partial))
-            if lead is not None:
-                return lead, None
-            leader = locks.leader(name)
-            if leader is not None:
-                return None, leader
-        return None, None
-
-    def _follower(self, fill: Fill, version: str, request: httpx.Request, route: Route) -> Fill:
-        assert self.shared is not None
-        return Follower(
-            locks=self.shared.locks,
-            version=version,
-            **self._fill_arguments(fill.key, fill.variant, request, route, None),
-        )
 
     def new_fill(
         self,
@@ -256,42 +233,18 @@ class Cache:
         route: Route,
         revalidating: Entry | None,
     ) -> Fill:
-        return Fill(**self._fill_arguments(key, variant, request, route, revalidating))
-
-    def _fill_arguments(
-        self,
-        key: str,
-        variant: str,
-        request: httpx.Request,
-        route: Route,
-        revalidating: Entry | None,
-    ) -> dict[str, Any]:
-        return dict(
+        return Fill(
+            self,
             key=key,
             variant=variant,
-            store=self.store,
             request=request,
             route=route,
-            upstream=self.upstream,
             revalidating=revalidating.meta if revalidating is not None else None,
-            resume_attempts=self.config.resume_attempts,
-            max_object_bytes=self.max_object_bytes,
-            idle_timeout=self.config.cache_fill_idle_timeout,
-            reserve=self._reserve,
-            on_stored=self._stored,
-            on_refreshed=self._refreshed,
-            on_replaced=self._replaced,
-            count_upstream_bytes=self._count_upstream,
-            clock=self.clock,
-            executor=self.executor,
-            disk=self.disk,
-            on_clientless=self._lost_clients,
-            routes=self.routes,
         )
 
     def start(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
-        """Run the fill as a tracked task; `base`: its object's base key; `lead`: the key's
-        fill lock it holds (several workers), released when it is over."""
+        """Run the fill as a tracked task; `base`: its object's base key; `lead`: its key's
+        fill lock (several workers)."""
         self.fills[fill.key] = fill
         task = asyncio.create_task(self._run(fill, base, lead), name=f"cache fill {fill.key[:80]}")
         fill.task = task
@@ -300,10 +253,8 @@ class Cache:
 
     async def _run(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
         try:
-            if lead is None:
-                await fill.run()
-            else:
-                await self._lead_fill(fill, lead)
+            leading = self.leading
+            await (fill.run() if lead is None or leading is None else leading.run(fill, lead))
         finally:
             if self.fills.get(fill.key) is fill:
                 del self.fills[fill.key]
@@ -311,7 +262,7 @@ class Cache:
                 self.slices.finished(fill)
             self.index.reserved -= fill.reserved
             fill.reserved = 0
-            self.stats.coalesced += fill.coalesced
+            self.stats.coalesced += fill.clients.coalesced
             if fill.failed is not None and fill.failed != "cancelled":
                 self.stats.fills_failed += 1
             if fill.digest_mismatch:
@@ -334,63 +285,18 @@ class Cache:
                 if fill.revalidating is not None and (fill.upstream_status or 0) < 500:
                     self.drop(fill.key)
 
-    async def _lead_fill(self, fill: Fill, lead: Lead) -> None:
-        """Run `fill` holding its key's fill lock: what a leader that died left of its fill
-        is removed first; the fill's head is written for other workers to follow as soon as
-        it is known (`_announce`); the lock is released once the fill is over (published, or
-        its partial file removed), its head removed first."""
-        assert self.shared is not None
-        locks = self.shared.locks
-        announce: asyncio.Task[None] | None = None
-        try:
-            if lead.previous is not None:
-                await self.executor.run(self.store.remove_leftovers, fill.key, lead.previous)
-            announce = asyncio.create_task(self._announce(fill), name="cache fill head")
-            await fill.run()
-        finally:
-            if announce is not None:
-                # Not cancelled: it ends once the fill's head is ready (always set by the time
-                # `run` returns), and a head it wrote after the removal below would stay.
-                await asyncio.wait({announce})
-            try:
-                await asyncio.shield(self.executor.run(self.store.remove_head, fill.partial))
-            finally:
-                locks.release(lead)
-
-    async def _announce(self, fill: Fill) -> None:
-        """Write the head of `fill` for the workers following it, once it is known, if its
-        body is to be stored (an answer not stored is not followed: see `Follower`)."""
-        await fill.headers_ready.wait()
-        if fill.read_fd is None or fill.meta is None or fill.passthrough is not None:
-            return
-        if fill.finished or fill.purged:
-            return
-        try:
-            await self.executor.run(self.store.write_head, fill.partial, fill.meta, fill.length)
-        except OSError as exc:
-            # Its followers see no head: their clients are relayed (`Follower`).
-            logger.warning("cache: cannot write a fill's head for other workers: %s", exc)
-
     # ---- background fills ---------------------------------------------------------------
 
-    def background_fill(
-        self,
-        base: str,
-        variant: str,
-        request: httpx.Request,
-        route: Route,
-        revalidating: Entry | None = None,
-        sha256: str | None = None,
-    ) -> Fill | None:
-        """The fill of this key in flight, or a new one started with no client (a prefetch,
-        a revalidation nobody waits for) if there is room for one; None if not (or if the
-        fill of this key is being stopped)."""
-        current = self.fills.get(self.storage_key(base, variant))
+    def background_fill(self, order: FillOrder) -> Fill | None:
+        """The fill of the order's key in flight, or a new one started with no client (a
+        prefetch, a revalidation nobody waits for) if there is room for one; None if not (or
+        if the fill of this key is being stopped)."""
+        current = self.fills.get(self.storage_key(order.base, order.variant))
         if current is not None and not current.finished:
             return current if current.going else None
         if not self.room_for_background():
             return None
-        return self.fill(base, variant, request, route, revalidating, sha256)
+        return self.fill(order)
 
     def room_for_background(self) -> bool:
         return self.background_fills() < self.background_limit
@@ -399,7 +305,7 @@ class Cache:
         """Fills running with no client waiting."""
         return sum(1 for fill in self.fills.values() if fill.background)
 
-    def _lost_clients(self, fill: Fill) -> None:
+    def fill_lost_clients(self, fill: Fill) -> None:
         """The last client of `fill` is gone: it runs on as background work if there is room,
         else it stops."""
         if not fill.stoppable:
@@ -414,17 +320,19 @@ class Cache:
         candidates = [f for f in self.fills.values() if f.background and f.using_upstream]
         if not candidates:
             return False
-        self._stop(min(candidates, key=lambda f: f.idle_since), "its connection went to a client")
+        self._stop(
+            min(candidates, key=lambda f: f.clients.idle_since), "its connection went to a client"
+        )
         return True
 
     def _stop(self, fill: Fill, reason: str) -> None:
         fill.stop(reason)
         self.stats.background_stopped += 1
 
-    def _count_upstream(self, size: int) -> None:
+    def count_upstream(self, size: int) -> None:
         self.stats.bytes_from_upstream += size
 
-    def _reserve(self, fill: Fill, size: int) -> bool:
+    def reserve(self, fill: Fill, size: int) -> bool:
         """Make room for `size` more bytes of a fill (beyond those it has written), evicting
         least recently used objects: what they take on disk, its record included."""
         length = fill.written + size
@@ -462,15 +370,14 @@ class Cache:
         self.stats.evictions += 1
         logger.info("cache: evicted %s (%d bytes)", entry.meta.url, entry.size)
 
-    def _stored(self, fill: Fill, meta: Meta) -> None:
+    def fill_stored(self, fill: Fill, meta: Meta) -> None:
         """A fill published a new version: it replaces the stored one in the index (whose
         files go once no reader holds them), its cost on disk replaces the reservation."""
         released, fill.reserved = fill.reserved, 0
         data = self.store.published_path(fill.partial)
         entry = Entry(fill.key, data, meta, self.store.cost(meta, data))
         if self.ledger_index is not None:
-            # The version and the end of its reservation in one ledger transaction: another
-            # worker never sees the bytes counted twice, nor not at all.
+            # The version and the end of its reservation: one ledger transaction.
             replaced = self.ledger_index.published(entry, released)
         else:
             self.index.reserved -= released
@@ -482,7 +389,7 @@ class Cache:
         if fill.object_key:
             self.slices.stored(fill, meta)
 
-    def _replaced(self, fill: Fill) -> None:
+    def fill_replaced(self, fill: Fill) -> None:
         """The stored response `fill` revalidates may not be used any more (the upstream
         answered with another version, or its 304 named another one or forbade sharing it):
         dropped at once, so no request is answered from it meanwhile."""
@@ -493,7 +400,7 @@ class Cache:
         if entry is not None and entry.meta is fill.revalidating:
             self.drop(fill.key)
 
-    def _refreshed(self, fill: Fill, meta: Meta) -> None:
+    def fill_refreshed(self, fill: Fill, meta: Meta) -> None:
         """A 304 refreshed the stored response `fill` revalidated: its entry takes `meta`,
         unless it is gone (purged or evicted: that stands) or another version now."""
         entry = self.index.get(fill.key)
@@ -551,8 +458,7 @@ class Cache:
         def covered(key: str) -> bool:
             return key == base or key.startswith(base + "\x00")
 
-        if self.ledger_index is not None:
-            self.ledger_index.sync()  # what other workers stored is purged too
+        self.sync()  # what other workers stored is purged too
         count = int(self.drop(base))
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
@@ -567,8 +473,7 @@ class Cache:
         """Drop every object whose key starts with `prefix` (a route prefix + path prefix),
         and what is being filled under it; how many objects and fills that was."""
         count = 0
-        if self.ledger_index is not None:
-            self.ledger_index.sync()  # what other workers stored is purged too
+        self.sync()  # what other workers stored is purged too
         for key in self.index.keys_with_prefix(prefix):
             count += self.drop(key)
         count += self._purge_fills(lambda key: key.startswith(prefix))
@@ -630,22 +535,12 @@ async def open_cache(
             if shared is None or shared.first:
                 loaded = await executor.run(store.load)
             else:
-                loaded, seq = await executor.run(_from_ledger, shared, store)
-        except UnfitVolume as exc:
-            raise StartupError(f"cache_dir {config.cache_dir!r}: {exc}") from None
-        except OSError as exc:
+                loaded, seq = await executor.run(shared.load, store)
+        except OSError as exc:  # UnfitVolume included
             raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
         index: Index
         if shared is not None:
-            measure = shared.overhead
-            index = LedgerIndex(
-                config.cache_max_bytes,
-                lambda: measure(store.objects, clock.monotonic()),
-                shared.ledger,
-                store,
-                clock.monotonic,
-                lambda: measure(store.objects),
-            )
+            index = shared.index(config.cache_max_bytes, store, clock.monotonic)
         else:
             index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
         async with _serving(
@@ -658,22 +553,6 @@ async def open_cache(
         finally:
             if shared is not None:
                 shared.close()
-
-
-def _from_ledger(shared: Shared, store: Store) -> tuple[list[tuple[Path, Meta, int]], int]:
-    """The stored versions the ledger records, their records read (a worker joining others:
-    nothing on disk is cleaned up, a fill of another worker may be writing), and the last
-    ledger change they include. The write counter is read first: a change committed after
-    the rows were read moves it again, and the index applies it at its first lookup."""
-    loaded: list[tuple[Path, Meta, int]] = []
-    shared.ledger.changed()
-    rows, seq = shared.ledger.rows()
-    for row in rows:
-        data = store.objects / row.data
-        meta = store.read_published(data.with_suffix(".partial"))
-        if meta is not None and meta.key == row.key:
-            loaded.append((data, meta, row.cost))
-    return loaded, seq
 
 
 @contextlib.asynccontextmanager
@@ -691,26 +570,15 @@ async def _serving(
     """`seq`: a worker joining others, the last ledger change `loaded` includes."""
     first = shared is None or shared.first
     ledger_index = index if isinstance(index, LedgerIndex) else None
-    rows: list[Row] = []
     for data, meta, cost in loaded:
         entry = Entry(meta.key, data, meta, cost)
         # Bytes with a known digest are not trusted before they are hashed again.
         entry.verified = not has_known_digest(entry)
-        if ledger_index is None:
-            index.add(entry)
-        else:
-            ledger_index.load(entry)
-            rows.append(ledger_index.row_of(entry))
+        (index.add if ledger_index is None else ledger_index.load)(entry)
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
     if ledger_index is not None and shared is not None:
-        ledger_index.seq = seq
-        if shared.first:
-            # Alone on the cache until `joined`: no change can come in between.
-            shared.ledger.rebuild(rows)
-            ledger_index.seq = shared.ledger.last_change()
-            shared.ledger.changed()
-            shared.joined()
+        shared.loaded(ledger_index, seq)
     cache = Cache(config, upstream, store, index, clock, executor, shared)
     upstream.make_room = cache.make_room
     cache.slices.load(index)
@@ -719,8 +587,7 @@ async def _serving(
     logger.info(
         "cache: %d objects, %d bytes on disk in %s", len(index), index.on_disk, config.cache_dir
     )
-    # With several workers, the first to open the cache verifies what it loaded; the others
-    # check an unverified object when they answer from it.
+    # Several workers: the first verifies; the others check an object they answer from.
     if first and config.cache_verify_on_start and any(not e.verified for e in index.entries()):
         cache.scrub.start("startup")
     try:

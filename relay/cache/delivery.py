@@ -1,4 +1,5 @@
-"""The way out of a cached answer: its head, its body pumps, its error answers, its abort.
+"""The way out of a cached answer: its body pumps, after its head (built by `relay.cache.heads`);
+its error answers; its abort.
 
 A complete object (a hit, a range of one, a stored slice) of more than `INLINE_READ` bytes goes
 out zero-copy when the server offers the ASGI Zero Copy Send extension (relay's own protocol
@@ -13,8 +14,8 @@ verified yet (`relay.cache.integrity`) is never sent zero-copy: a whole answer f
 reads it, hashing each chunk in the read's own job, and sends its last chunk only if the
 digest matches; an answer from an object found corrupt meanwhile aborts.
 
-Every head is built by `head` (from the stored headers, or the hit path's `Parsed` encoding of
-them); every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`.
+Every pump sizes its chunks with one `_ChunkSize` paced by `ReadPacer`, and sends each read
+chunk through `_send_chunk`.
 
 A client is cut by the rules relayed streams follow: one that stops reading for `send_timeout`
 (each send waits at most that), and, with `min_send_rate`, one that reads too slowly: every
@@ -34,20 +35,19 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 import httpx
 
 from relay.cache import plan
 from relay.cache.fill import Fill
+from relay.cache.heads import head
 from relay.cache.index import Entry
 from relay.cache.plan import Plan
-from relay.cache.policy import Answer, answer, current_age, freshness
-from relay.cache.store import Meta, Store
+from relay.cache.policy import Answer, answer, current_age
+from relay.cache.store import Meta
 from relay.errors import TransferAborted, UpstreamError, error_response
 from relay.proxy.exchange import Exchange
-from relay.proxy.headers import BODYLESS_STATUSES
 from relay.proxy.pacing import ReadPacer
 from relay.proxy.send_watch import SendWatchdog
 from relay.types import WAIT_FOR_CLIENT, ZERO_COPY_SEND, RawHeaders, Send
@@ -66,100 +66,6 @@ FAST_CHUNK = 1024 * 1024
 # Reads up to this size are made on the loop: a thread hop costs more than reading a few KiB
 # of a recently written file, and small objects are most of a hit rate.
 INLINE_READ = 16 * 1024
-# Headers a 304 carries from the stored response (RFC 9110 15.4.5).
-_NOT_MODIFIED_HEADERS = frozenset(
-    {"cache-control", "content-location", "etag", "expires", "vary", "last-modified", "via"}
-)
-
-
-# ---- heads ----------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Parsed:
-    """What every hit of one stored response needs, derived once from its Meta (kept on the
-    index Entry; a refreshed or replaced Meta is parsed again)."""
-
-    meta: Meta
-    headers: httpx.Headers
-    must_revalidate: bool
-    head: RawHeaders
-    """The stored headers encoded for a 200 or 206 (Accept-Ranges added where it belongs);
-    Content-Range, Content-Length, Age and Cache-Status are added per answer."""
-    data: str
-    """The object's data file."""
-
-
-def parsed(entry: Entry) -> Parsed:
-    """The entry's `Parsed` (made again when its meta was replaced)."""
-    kept = entry.parsed
-    meta = entry.meta
-    if isinstance(kept, Parsed) and kept.meta is meta:
-        return kept
-    headers = httpx.Headers(meta.headers)
-    made = Parsed(
-        meta,
-        headers,
-        freshness(headers, 0.0, meta.lifetime).must_revalidate,
-        _whole_head(meta),
-        os.fspath(Store.data_path(entry)),
-    )
-    entry.parsed = made
-    return made
-
-
-def _whole_head(meta: Meta) -> RawHeaders:
-    head = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in meta.headers]
-    if meta.status != 200:
-        return head  # a fill's answer that is not stored, as the upstream said it
-    if (meta.complete or meta.validator is not None) and not any(
-        n == b"accept-ranges" for n, _ in head
-    ):
-        head.append((b"accept-ranges", b"bytes"))
-    return head
-
-
-def head(
-    meta: Meta,
-    reply: Answer,
-    *,
-    total: int,
-    age: float,
-    status: str,
-    whole: RawHeaders | None = None,
-    adapt: Callable[[RawHeaders], RawHeaders] | None = None,
-) -> RawHeaders:
-    """The head of an answer from a stored (or filling) response: its headers for `reply`
-    (a 304 keeps only what RFC 9110 15.4.5 lists; a 416 drops the representation's type),
-    then Content-Range / Content-Length of the reply, `adapt`, Age and Cache-Status.
-    `whole`: the stored headers already encoded for a 200/206 (`Parsed.head`). A fill's
-    answer that is not stored keeps its own status (`meta.status`) and headers."""
-    code = reply.status
-    if code == 200 or code == 206 or code == meta.status:
-        headers = whole.copy() if whole is not None else _whole_head(meta)
-        if code == 206 and code != meta.status:
-            headers.append(
-                (b"content-range", f"bytes {reply.start}-{reply.stop - 1}/{total}".encode())
-            )
-        if reply.stop >= 0 and code not in BODYLESS_STATUSES:
-            headers.append((b"content-length", str(reply.stop - reply.start).encode()))
-    elif code == 416:
-        headers = [
-            (n, v) for n, v in _whole_head(meta) if n not in (b"content-type", b"content-encoding")
-        ]
-        headers.append((b"content-range", f"bytes */{total}".encode()))
-        headers.append((b"content-length", b"0"))
-    else:
-        headers = [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in meta.headers
-            if name.lower() in _NOT_MODIFIED_HEADERS
-        ]
-    if adapt is not None:
-        headers = adapt(headers)
-    headers.append((b"age", str(int(age)).encode()))
-    headers.append((b"cache-status", status.encode()))
-    return headers
 
 
 def _stored(report: Plan) -> Plan:
@@ -349,7 +255,7 @@ class Delivery:
             return False
         self.answered(report.outcome)
         self.upstream(fill)
-        fill.attach()
+        fill.clients.attach()
         try:
             length = fill.length
             if meta.status != 200:  # an answer not stored: relayed as the upstream said
@@ -369,7 +275,7 @@ class Delivery:
             else:
                 await self.end()
         finally:
-            fill.detach()
+            fill.clients.detach()
         return True
 
     # ---- body pumps -----------------------------------------------------------------------
@@ -394,7 +300,6 @@ class Delivery:
             # writing the head, then a sendfile.
             await self.send_file(fd, start, stop, end=end, entry=entry)
             return
-        send = self._send
         loop = asyncio.get_running_loop()
         position = start
         sent = 0
@@ -426,7 +331,7 @@ class Delivery:
                     if fill.written <= position:
                         if fill.complete and stop < 0:
                             continue
-                        if fill.overflowed and stop < 0:
+                        if fill.overflow is not None and stop < 0:
                             # Too large to store: the rest comes from the upstream.
                             sent += await self._rest(fill, position, watch)
                             relayed = True
@@ -455,17 +360,8 @@ class Delivery:
                 sent += len(chunk)
                 if fill is None:
                     stats.bytes_from_cache += len(chunk)
-                now = loop.time()
-                pacer.sent(len(chunk), now)
-                if watch is not None:
-                    watch.sent += len(chunk)
-                    watch.sending_since = now
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                async with asyncio.timeout(self._send_timeout):
-                    await send(WAIT_FOR_CLIENT)
-                if watch is not None:
-                    watch.sending_since = None
-                    watch.client_wait += loop.time() - now
+                pacer.sent(len(chunk), loop.time())
+                await self._send_chunk(chunk, loop, watch)
         except TimeoutError:
             self.client_stopped()
         finally:
@@ -476,7 +372,7 @@ class Delivery:
             if not fill.complete:
                 self.abort(f"cache fill failed: {fill.failed}")
         if end:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.end()
 
     def _judge(self, entry: Entry, digest: HASH) -> None:
         """The whole object was read and hashed: verified, or dropped and the transfer
@@ -495,10 +391,11 @@ class Delivery:
         reader's own (Range + If-Range); aborted when neither can be had. Bytes sent, counted
         by the answer's rate watchdog as the pump's own (waiting on the upstream is not
         waiting for the client)."""
-        rest = fill.take_rest() or await fill.continue_at(position)
+        hand_over = fill.overflow
+        assert hand_over is not None
+        rest = hand_over.take() or await hand_over.continue_at(position)
         if rest is None:
             self.abort("too large to store, and the body cannot be continued from the upstream")
-        send = self._send
         loop = asyncio.get_running_loop()
         stats = self._cache.stats
         sent = 0
@@ -506,21 +403,28 @@ class Delivery:
             async for chunk in rest.chunks:
                 sent += len(chunk)
                 stats.bytes_from_upstream += len(chunk)
-                now = loop.time()
-                if watch is not None:
-                    watch.sent += len(chunk)
-                    watch.sending_since = now
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                async with asyncio.timeout(self._send_timeout):
-                    await send(WAIT_FOR_CLIENT)
-                if watch is not None:
-                    watch.sending_since = None
-                    watch.client_wait += loop.time() - now
+                await self._send_chunk(chunk, loop, watch)
         except httpx.HTTPError as exc:
             self.abort(f"upstream body failed: {exc}")
         finally:
             await asyncio.shield(rest.aclose())
         return sent
+
+    async def _send_chunk(
+        self, chunk: bytes, loop: asyncio.AbstractEventLoop, watch: SendWatchdog | None
+    ) -> None:
+        """Send one chunk of the body and wait until the client took it (at most
+        `send_timeout`: TimeoutError), the wait counted by the answer's rate watchdog."""
+        now = loop.time()
+        if watch is not None:
+            watch.sent += len(chunk)
+            watch.sending_since = now
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        async with asyncio.timeout(self._send_timeout):
+            await self._send(WAIT_FOR_CLIENT)
+        if watch is not None:
+            watch.sending_since = None
+            watch.client_wait += loop.time() - now
 
     async def send_file(
         self, fd: int, start: int, stop: int, *, end: bool, entry: Entry | None = None
@@ -561,7 +465,7 @@ class Delivery:
         finally:
             self.exchange.bytes_sent += position - start
         if end:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.end()
 
     # ---- cutting the client ---------------------------------------------------------------
 

@@ -17,9 +17,11 @@ import httpx
 from starlette.responses import Response
 
 from relay.cache import plan
-from relay.cache.cache import Cache
-from relay.cache.delivery import INLINE_READ, Delivery, head, parsed
-from relay.cache.fill import Fill, Holds
+from relay.cache.cache import Cache, FillOrder
+from relay.cache.delivery import INLINE_READ, Delivery
+from relay.cache.fill import Fill
+from relay.cache.heads import head, parsed
+from relay.cache.holds import Holds
 from relay.cache.index import Entry
 from relay.cache.plan import Step
 from relay.cache.policy import Answer, answer
@@ -243,9 +245,7 @@ class CachedResponse(Response):
             if stored.step is Step.STALE_WHILE_REVALIDATE:
                 # Nobody waits for this revalidation: not started when fills without a client
                 # are at their limit (the next request tries again).
-                cache.background_fill(
-                    asked.base, asked.variant, asked.fill_request(), asked.route, entry
-                )
+                cache.background_fill(self._order(entry))
                 await out.from_entry(entry, stored)
                 return None
             assert stored.stored is not None
@@ -256,11 +256,7 @@ class CachedResponse(Response):
             # streaming the object is).
             pinned = out.open(entry)
             try:
-                fill = await self._holds.take(
-                    lambda: cache.fill(
-                        asked.base, asked.variant, asked.fill_request(), asked.route, entry
-                    )
-                )
+                fill = await self._holds.take(lambda: cache.fill(self._order(entry)))
                 await fill.headers_ready.wait()
                 then = plan.after_revalidation(
                     stored.stored,
@@ -303,16 +299,15 @@ class CachedResponse(Response):
             )
         if absent.step is Step.PASS:
             return self._fallback()
-        fill = await self._holds.take(
-            lambda: cache.fill(
-                asked.base,
-                asked.variant,
-                asked.fill_request(),
-                asked.route,
-                sha256=asked.sha256,
-            )
-        )
+        fill = await self._holds.take(lambda: cache.fill(self._order(sha256=asked.sha256)))
         return await self._from_fill(out, fill, absent)
+
+    def _order(self, revalidating: Entry | None = None, sha256: str | None = None) -> FillOrder:
+        """The fill of what this request asked for, with a request built from its key."""
+        asked = self._asked
+        return FillOrder(
+            asked.base, asked.variant, asked.fill_request(), asked.route, revalidating, sha256
+        )
 
     def _whole_from_start(self, entry: Entry) -> bool:
         """Whether the answer from `entry` is its whole body from byte 0 (a GET's 200)."""

@@ -15,7 +15,8 @@ import httpx
 
 from relay.cache import plan
 from relay.cache.delivery import Delivery
-from relay.cache.fill import Fill, Holds
+from relay.cache.fill import Fill
+from relay.cache.holds import Holds
 from relay.cache.index import Entry
 from relay.cache.policy import answer
 from relay.cache.store import Meta
@@ -335,11 +336,11 @@ class SlicedAnswer:
             self._out.abort("a slice went away")
         fill = source if isinstance(source, Fill) and not source.published else None
         if fill is not None:
-            fill.attach()
+            fill.clients.attach()
         try:
             entry = source if isinstance(source, Entry) else None
             await self._out.stream(fd, start, stop, fill, end=False, entry=entry)
         finally:
             if fill is not None:
-                fill.detach()
+                fill.clients.detach()
             os.close(fd)

@@ -223,7 +223,7 @@ async def test_an_overflowed_fill_hands_its_response_to_its_reader(tmp_path: Pat
         await _written(fill, 3)
         body.gates[0].set()
         await _over(fill)
-        assert fill.overflowed
+        assert fill.overflow is not None
         assert not fill.published
         assert not fill.using_upstream
         assert body.closes == 0  # the reader's now, still being read
@@ -248,7 +248,7 @@ async def test_an_overflowed_fill_closes_the_rest_nobody_takes(tmp_path: Path) -
         body.gates[0].set()
         body.gates[1].set()
         await _over(fill)
-        assert fill.overflowed
+        assert fill.overflow is not None
         assert not fill.published
         assert not fill.using_upstream
         assert body.closes == 1

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 
 from relay import Config, Route, create_app
-from relay.cache.cache import Cache
+from relay.cache.cache import Cache, FillOrder
 from relay.cache.clock import ManualClock
-from relay.cache.fill import TOO_LARGE
 from relay.cache.key import base_key
+from relay.cache.storable import TOO_LARGE
 from tests.asgi import lifespan_state
 
 ROUTE = Route(prefix="/o/", upstream="http://upstream.test/")
@@ -46,7 +46,7 @@ def _origin(count: int, size: int, *, sized: bool) -> httpx.MockTransport:
 
 async def _fill(cache: Cache, path: str) -> None:
     request = httpx.Request("GET", "http://upstream.test" + path)
-    cache.fill(base_key("/o/", b"/o" + path.encode(), b""), "identity", request, ROUTE)
+    cache.fill(FillOrder(base_key("/o/", b"/o" + path.encode(), b""), "identity", request, ROUTE))
     while cache.tasks:
         for task in list(cache.tasks):
             await task
@@ -85,7 +85,7 @@ async def test_an_unsized_body_without_room_is_not_called_too_large(tmp_path: Pa
     async with lifespan_state(app) as state:
         cache: Cache = state["cache"]
         request = httpx.Request("GET", "http://upstream.test/f")
-        fill = cache.fill(base_key("/o/", b"/o/f", b""), "identity", request, ROUTE)
+        fill = cache.fill(FillOrder(base_key("/o/", b"/o/f", b""), "identity", request, ROUTE))
         fill.prefetch = True  # no client: runs to its end
         while cache.tasks:
             for task in list(cache.tasks):

@@ -77,7 +77,7 @@ class Relay:
 
     def holders(self, path: str) -> int:
         fill = self.cache.fills.get(base_key("/o/", path.encode(), b""))
-        return fill.holders if fill is not None else 0
+        return fill.clients.holders if fill is not None else 0
 
 
 @contextlib.asynccontextmanager

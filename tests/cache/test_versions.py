@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from relay import Config, Route, create_app
-from relay.cache.cache import Cache
+from relay.cache.cache import Cache, FillOrder
 from relay.cache.clock import ManualClock
 from relay.cache.key import base_key
 from tests.asgi import Client, http_scope, lifespan_state
@@ -164,16 +164,16 @@ async def test_a_fill_is_finished_only_once_its_files_are_released(tmp_path: Pat
     app = _app(tmp_path, _origin(answers), clock)
     async with lifespan_state(app) as state:
         cache: Cache = state["cache"]
-        first = cache.fill(BASE, "identity", _request(), ROUTE)
+        first = cache.fill(FillOrder(BASE, "identity", _request(), ROUTE))
         await cut.closing.wait()  # failed; closing its response
         assert first.failed is not None
         assert cache.fill_in_flight(BASE, "identity") is first
-        assert cache.fill(BASE, "identity", _request(), ROUTE) is first
+        assert cache.fill(FillOrder(BASE, "identity", _request(), ROUTE)) is first
         release.set()
         await _settle(cache)
         assert first.finished
         assert not first.partial.exists()
-        second = cache.fill(BASE, "identity", _request(), ROUTE)
+        second = cache.fill(FillOrder(BASE, "identity", _request(), ROUTE))
         assert second is not first
         await _settle(cache)
         assert second.published
@@ -193,7 +193,7 @@ async def test_a_finished_fill_never_removes_another_fills_partial_file(tmp_path
     app = _app(tmp_path, _origin(answers), clock)
     async with lifespan_state(app) as state:
         cache: Cache = state["cache"]
-        first = cache.fill(BASE, "identity", _request(), ROUTE)
+        first = cache.fill(FillOrder(BASE, "identity", _request(), ROUTE))
         await cut.closing.wait()
         second = cache.new_fill(BASE, "identity", _request(), ROUTE, None)
         cache.start(second, BASE)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from relay.cache import workers
-from relay.cache.cache import Cache, open_cache
+from relay.cache.cache import Cache, FillOrder, open_cache
 from relay.cache.clock import ManualClock
 from relay.cache.store import Store
 from relay.cache.workers import ledger as ledger_module
@@ -304,8 +304,11 @@ async def _two_workers(tmp_path: Path, upstream: _Gated) -> AsyncIterator[tuple[
         yield caches[0], caches[1]
 
 
-def _request(cache: Cache, path: str) -> httpx.Request:
-    return cache.upstream.build_request("GET", f"http://up.test{path}", [], cache.config.routes[0])
+def _order(cache: Cache, path: str) -> FillOrder:
+    """A miss's fill of `path` (its base key is the path itself)."""
+    route = cache.config.routes[0]
+    request = cache.upstream.build_request("GET", f"http://up.test{path}", [], route)
+    return FillOrder(base=path, variant="", request=request, route=route)
 
 
 async def _wait(predicate: Callable[[], bool]) -> None:
@@ -322,12 +325,12 @@ async def test_a_fill_is_followed_from_its_first_byte_and_ends_when_its_leader_p
     record, once worker 0 published; its index then holds the object."""
     upstream = _Gated()
     async with _two_workers(tmp_path, upstream) as (zero, one):
-        lead = zero.fill("/o/f", "", _request(zero, "/o/f"), zero.config.routes[0])
-        lead.hold()
+        lead = zero.fill(_order(zero, "/o/f"))
+        lead.clients.hold()
         await lead.headers_ready.wait()
-        follower = one.fill("/o/f", "", _request(one, "/o/f"), one.config.routes[0])
+        follower = one.fill(_order(one, "/o/f"))
         assert isinstance(follower, Follower)
-        follower.hold()
+        follower.clients.hold()
         await asyncio.wait_for(follower.headers_ready.wait(), 10)
         assert follower.meta is not None
         assert follower.length == 6
@@ -340,8 +343,8 @@ async def test_a_fill_is_followed_from_its_first_byte_and_ends_when_its_leader_p
         assert follower.read_fd is not None
         assert os.pread(follower.read_fd, 6, 0) == b"abcdef"
         assert upstream.asked == ["/o/f"]  # one upstream request for both workers
-        lead.release()
-        follower.release()
+        lead.clients.release()
+        follower.clients.release()
         stored = one.lookup("/o/f", "")
         assert stored is not None
         # One budget: the object is counted once, its reservation gone, the same for both.
@@ -355,11 +358,11 @@ async def test_a_fill_whose_leader_gives_up_fails_its_followers(tmp_path: Path) 
     dying would end it): the follower fails (its readers abort), nothing is stored."""
     upstream = _Gated()
     async with _two_workers(tmp_path, upstream) as (zero, one):
-        lead = zero.fill("/o/g", "", _request(zero, "/o/g"), zero.config.routes[0])
+        lead = zero.fill(_order(zero, "/o/g"))
         await lead.headers_ready.wait()
-        follower = one.fill("/o/g", "", _request(one, "/o/g"), one.config.routes[0])
+        follower = one.fill(_order(one, "/o/g"))
         assert isinstance(follower, Follower)
-        follower.hold()
+        follower.clients.hold()
         await asyncio.wait_for(_wait(lambda: follower.written == 3), 10)
         assert lead.task is not None
         lead.stop("test")
@@ -367,14 +370,14 @@ async def test_a_fill_whose_leader_gives_up_fails_its_followers(tmp_path: Path) 
         assert not follower.complete
         assert follower.failed is not None
         assert "unpublished" in follower.failed
-        follower.release()
+        follower.clients.release()
         assert one.lookup("/o/g", "") is None
         assert zero.lookup("/o/g", "") is None
 
 
 def test_the_package_docstring_names_each_module() -> None:
     assert workers.__doc__ is not None
-    for name in ("lead", "follow", "ledger", "index", "shared", "volume"):
+    for name in ("lead", "follow", "leading", "ledger", "index", "shared", "volume"):
         assert f"`{name}`" in workers.__doc__
 
 

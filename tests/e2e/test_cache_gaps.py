@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relay.cache.clock import ManualClock
 from tests.e2e.caching import MakeRelay, aria2c, caching_relay
 from tests.e2e.caching import cache_metrics as _cache_metrics
 from tests.e2e.caching import data_files as _data_files
@@ -81,12 +82,14 @@ SWR = 'relay; hit; fwd=stale; detail="stale-while-revalidate"'
 
 
 def test_cache_stale_while_revalidate_one_conditional_then_fresh(
-    origin: Origin, cached: Callable[..., RelayThread]
+    origin: Origin, cached: Callable[..., RelayThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stale within stale-while-revalidate: ten concurrent clients are all answered from the
     cache while the one conditional request is held at the origin; after the 304 the entry
-    is fresh again."""
-    relay = cached()
+    is fresh again. Time moves on one clock, the relay's and the origin's."""
+    clock = ManualClock(now=time.time())
+    monkeypatch.setattr(origin, "clock", clock.now)  # the origin is the session's
+    relay = cached(clock=clock)
     origin.set_version("swr304", 5)
     origin.close_gate("swr304")
     size = 64 * 1024
@@ -95,7 +98,7 @@ def test_cache_stale_while_revalidate_one_conditional_then_fresh(
     assert first.headers["cache-status"] == "relay; fwd=miss"
     assert _sha(first) == _versioned(size, 5)
     _settled(relay)
-    time.sleep(2.05)  # max-age=2 has passed whatever the Date's rounding: stale
+    clock.advance(2.05)  # max-age=2 has passed whatever the Date's rounding: stale
     origin.reset_stats()
     statuses: list[str] = []
 

@@ -98,3 +98,19 @@ def test_a_purge_removes_files_on_the_cache_threads(
     again = httpx.get(relay.url + paths[0])
     assert again.headers["cache-status"] == "relay; fwd=miss"
     settled(relay)
+
+
+def test_a_fill_makes_its_directory_and_opens_its_file_on_the_cache_threads(
+    make_relay: MakeRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miss's fill creates its bucket directory and opens its partial file (to write, and
+    for its readers) on the cache's threads, like its writes."""
+    relay = caching_relay(make_relay, tmp_path)()
+    mkdirs = Threads(monkeypatch, "mkdir", lambda *a: "objects" in str(a[0]))
+    opens = Threads(monkeypatch, "open", lambda *a: str(a[0]).endswith(".partial"))
+    path = "/o/gen/4k?v=70"
+    response = httpx.get(relay.url + path)
+    assert response.content == body_bytes(4 * KiB)
+    settled(relay)
+    assert opens.off_the_loop(), opens.seen
+    assert mkdirs.off_the_loop(), mkdirs.seen

@@ -30,12 +30,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from relay.cache.fill import Fill, FillAbandoned
+import httpx
+
+from relay.cache.fill import Fill, FillAbandoned, Owner
 from relay.cache.key import digest
 from relay.cache.store import Meta
 from relay.cache.workers.lead import Locks
+from relay.config import Route
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +78,19 @@ class Follower(Fill):
 
     def __init__(
         self,
+        owner: Owner,
         *,
+        key: str,
+        variant: str,
+        request: httpx.Request,
+        route: Route,
         locks: Locks,
         version: str,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        **fill: Any,
     ) -> None:
-        super().__init__(**fill)
+        super().__init__(
+            owner, key=key, variant=variant, request=request, route=route, revalidating=None
+        )
         self._locks = locks
         self.version = version
         self.partial = self._store.partial_of(self.key, version)
@@ -115,7 +123,7 @@ class Follower(Fill):
             self.failed = str(exc) or type(exc).__name__
             logger.warning("cache: following a fill failed: %s (%s)", exc, self._request.url.path)
         finally:
-            if not self._has_clients:
+            if not self.clients.any:
                 self._close_reader()  # else the last client's release closes it
             self.finished = True
             self.headers_ready.set()
@@ -123,7 +131,7 @@ class Follower(Fill):
 
     async def _follow(self) -> None:
         store = self._store
-        run = self._executor.run
+        run = self._owner.executor.run
         while True:
             head = await run(store.read_head, self.partial)
             if head is not None:
@@ -160,11 +168,11 @@ class Follower(Fill):
     async def _published_already(self) -> None:
         """The leader ended before its head was seen: its stored object, if it stored one,
         answers as a finished fill; else the clients are relayed (no `meta`)."""
-        meta = await self._executor.run(self._store.read_published, self.partial)
+        meta = await self._owner.executor.run(self._store.read_published, self.partial)
         if meta is None:
             raise LeaderGone("the fill followed in another worker stored nothing")
         try:
-            fd = await self._executor.run(_open, self._store.published_path(self.partial))
+            fd = await self._owner.executor.run(_open, self._store.published_path(self.partial))
         except FileNotFoundError:
             raise LeaderGone("the object filled in another worker is gone already") from None
         self.read_fd = fd
@@ -186,7 +194,7 @@ class Follower(Fill):
         self.complete = self.published = True
 
     def _idle(self) -> None:
-        if not self._has_clients:
+        if not self.clients.any:
             raise FillAbandoned("no client left")
 
 

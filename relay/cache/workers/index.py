@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from relay.cache.index import Entry, Index
+from relay.cache.key import VARIANT_MARK
 from relay.cache.store import Malformed, Meta, Store, decode
 from relay.cache.workers.ledger import TOUCH_SECONDS, Change, Ledger, LedgerError, Row
 
@@ -116,8 +117,7 @@ class LedgerIndex(Index):
                 return
             if current is not None:
                 self._forget(current)
-            super().add(entry)
-            self.learned(entry)
+            self._learn(entry)
         elif current is not None and current.data.name == Path(change.data).name:
             self._forget(current)
 
@@ -132,8 +132,15 @@ class LedgerIndex(Index):
             if self.peek(row.key) is None:
                 loaded = self._entry(row)
                 if loaded is not None:
-                    super().add(loaded)
-                    self.learned(loaded)
+                    self._learn(loaded)
+
+    def _learn(self, entry: Entry) -> None:
+        """Hold a version another worker stored, with the hints a stored version gives (as
+        at load): its Vary, and `learned` (the cache's slices)."""
+        super().add(entry)
+        if entry.meta.vary == "accept-encoding":
+            self.vary[entry.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
+        self.learned(entry)
 
     def _forget(self, entry: Entry) -> None:
         """`entry` left the ledger by another worker's hand: out of this index; its files

@@ -23,9 +23,12 @@ import fcntl
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
+from relay.cache.store import Meta, Store
 from relay.cache.workers import volume
+from relay.cache.workers.index import LedgerIndex
 from relay.cache.workers.lead import Locks
 from relay.cache.workers.ledger import Ledger, LedgerError
 from relay.disk import remove_quietly
@@ -93,6 +96,45 @@ class Shared:
         for name in ("", "-wal", "-shm"):
             remove_quietly(path.with_name(path.name + name))
         return Ledger(path, self.owner)
+
+    def load(self, store: Store) -> tuple[list[tuple[Path, Meta, int]], int]:
+        """A worker joining others: the stored versions the ledger records, their records
+        read (nothing on disk is cleaned up: a fill of another worker may be writing), and
+        the last ledger change they include (blocking). The write counter is read first: a
+        change committed after the rows were read moves it again, and the index applies it
+        at its first lookup."""
+        loaded: list[tuple[Path, Meta, int]] = []
+        self.ledger.changed()
+        rows, seq = self.ledger.rows()
+        for row in rows:
+            data = store.objects / row.data
+            meta = store.read_published(data.with_suffix(".partial"))
+            if meta is not None and meta.key == row.key:
+                loaded.append((data, meta, row.cost))
+        return loaded, seq
+
+    def index(self, max_bytes: int, store: Store, monotonic: Callable[[], float]) -> LedgerIndex:
+        """This worker's index, kept in step with the ledger."""
+        return LedgerIndex(
+            max_bytes,
+            lambda: self.overhead(store.objects, monotonic()),
+            self.ledger,
+            store,
+            monotonic,
+            lambda: self.overhead(store.objects),
+        )
+
+    def loaded(self, index: LedgerIndex, seq: int) -> None:
+        """`index` holds what was loaded (`seq`: a joining worker's last change loaded). The
+        first opener rebuilds the ledger from it, alone on the cache until `joined` (no
+        change can come in between), then lets the others in."""
+        index.seq = seq
+        if not self.first:
+            return
+        self.ledger.rebuild(index.row_of(entry) for entry in index.entries())
+        index.seq = self.ledger.last_change()
+        self.ledger.changed()
+        self.joined()
 
     def joined(self) -> None:
         """The first opener's cleanup is done: others may open the cache (the exclusive lock

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import subprocess
@@ -69,9 +70,12 @@ else:
 """
 
 
-class UnfitVolume(Exception):
-    """The cache's volume does not provide what workers sharing it need (the message says
+class UnfitVolume(OSError):
+    """The cache's volume does not provide what workers sharing it need (`strerror` says
     what and why)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EOPNOTSUPP, message)
 
 
 def file_system_type(path: Path) -> int | None:

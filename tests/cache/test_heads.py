@@ -1,11 +1,11 @@
-"""relay.cache.delivery: the hit path's per-entry parse, made once per stored response and never
+"""relay.cache.heads: the hit path's per-entry parse, made once per stored response and never
 outliving it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from relay.cache.delivery import head, parsed
+from relay.cache.heads import head, parsed
 from relay.cache.index import Entry
 from relay.cache.policy import Answer
 from relay.cache.store import Meta
