@@ -109,11 +109,8 @@ class Follower(Fill):
                 raise FillAbandoned(self.stopping)
             await self._follow()
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.stopping is None or (task is not None and task.uncancel() > 0):
-                self.failed = "cancelled"
+            if not self.stopped_by_cache():
                 raise
-            self.failed = self.stopping
         except FillAbandoned as exc:
             self.failed = str(exc)
         except LeaderGone as exc:
