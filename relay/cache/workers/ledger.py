@@ -16,9 +16,9 @@ it was used; one SQLite database in WAL mode (`workers/ledger.sqlite`).
   microsecond, where asking SQLite's `data_version` cost ten), so an object stored, evicted,
   purged or replaced by one worker is seen by all at their next lookup. Old changes are pruned
   (`KEEP_CHANGES`); a worker that fell further behind reloads every row (`rows`).
-- LRU order: hits are counted in memory by each worker and written in batches (`touch`, at
-  most every `TOUCH_SECONDS` and before each eviction), so the order is shared to within
-  that delay.
+- LRU order: hits are counted in memory by each worker and written in batches (`touch`: at
+  its first lookup `TOUCH_SECONDS` or more after the last batch, before each eviction it
+  makes, and when it stops), so the order is shared to within about that delay.
 
 Every method is one short transaction on a connection used by one thread (the worker's event
 loop): a few tens of microseconds, no fsync (WAL with `synchronous=NORMAL` fsyncs at
