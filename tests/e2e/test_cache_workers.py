@@ -324,3 +324,31 @@ def test_a_worker_killed_mid_fill_aborts_the_other_workers_readers_and_restarts_
         assert hit.headers["cache-status"].startswith("relay; hit"), hit.headers
     assert workers.get(0, path).headers["cache-status"].startswith("relay; hit")
     assert _gets(origin, stored) == 1
+
+
+def test_a_purge_reaches_the_fills_running_in_every_worker(
+    workers: Workers, origin: Origin
+) -> None:
+    """Each worker fills an object (the origin holds both bodies); one purge of both through
+    the public port (whichever worker takes it, the other's fill is in the other worker, so
+    the purge must be passed on) reaches both fills: their clients still get the whole
+    bodies, nothing is stored, and the next requests fetch them again."""
+    origin.close_gate("pp")
+    paths = [f"/o/gen/2m?v={710 + index}&pause_after=512k&gate=pp" for index in (0, 1)]
+    readers = [Reader(workers, index, path) for index, path in enumerate(paths)]
+    try:
+        assert origin.wait_for(lambda o: all(_gets(o, p) == 1 for p in paths), timeout=20)
+        assert wait_until(lambda: all(r.received > 0 for r in readers), timeout=30)
+        purged = httpx.post(
+            f"{workers.url}/cache/purge", json={"prefix": "/o/gen/"}, headers=ADMIN, timeout=30
+        )
+        assert purged.json() == {"purged": 2}
+    finally:
+        origin.open_gate("pp")
+    for reader in readers:
+        reader.join()
+        assert reader.complete
+        assert reader.digest == expected_sha256(2 * MiB)
+    for index, path in enumerate(paths):
+        assert workers.get(1 - index, path).headers["cache-status"] == "relay; fwd=miss"
+        assert _gets(origin, path) == 2
