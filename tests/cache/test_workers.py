@@ -258,9 +258,10 @@ class _Gated:
     """The upstream: a 6-byte storable body per path, its last 3 bytes sent once `gate` is
     set; the paths asked for, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_control: str = "max-age=600") -> None:
         self.gate = asyncio.Event()
         self.asked: list[str] = []
+        self.cache_control = cache_control
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.asked.append(request.url.path)
@@ -272,7 +273,7 @@ class _Gated:
                 await gate.wait()
                 yield b"def"
 
-        headers = {"Content-Length": "6", "ETag": '"e"', "Cache-Control": "max-age=600"}
+        headers = {"Content-Length": "6", "ETag": '"e"', "Cache-Control": self.cache_control}
         return httpx.Response(200, headers=headers, stream=Body())
 
 
@@ -445,3 +446,26 @@ async def test_a_worker_joining_learns_what_was_stored_while_it_loaded(
         assert one.ledger_index is not None
         one.ledger_index.sync()
         assert one.index.peek("late") is not None
+
+
+async def test_a_fill_whose_answer_is_not_stored_is_not_followed(tmp_path: Path) -> None:
+    """The leader's answer may not be stored (`no-store`): it writes no head, and the
+    follower ends with no answer once the leader is over, so its clients are relayed each on
+    their own (`meta` None); nothing is stored."""
+    upstream = _Gated(cache_control="no-store")
+    async with _two_workers(tmp_path, upstream) as (zero, one):
+        lead = zero.fill(_order(zero, "/o/n"))
+        lead.clients.hold()
+        await lead.headers_ready.wait()
+        follower = one.fill(_order(one, "/o/n"))
+        assert isinstance(follower, Follower)
+        follower.clients.hold()
+        upstream.gate.set()
+        await asyncio.wait_for(follower.wait_finished(), 10)
+        assert follower.meta is None
+        assert follower.failed is not None
+        assert "stored nothing" in follower.failed
+        assert follower.headers_ready.is_set()
+        lead.clients.release()
+        follower.clients.release()
+        assert one.lookup("/o/n", "") is None
