@@ -18,6 +18,7 @@ import pytest
 from relay.cache import workers
 from relay.cache.cache import Cache, FillOrder, open_cache
 from relay.cache.clock import ManualClock
+from relay.cache.fill import Fill
 from relay.cache.store import Store
 from relay.cache.workers import ledger as ledger_module
 from relay.cache.workers import volume
@@ -318,6 +319,21 @@ async def _wait(predicate: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _lead_and_follow(
+    zero: Cache, one: Cache, path: str, *, lead_held: bool
+) -> tuple[Fill, Follower]:
+    """Worker 0 fills `path` (held by a client if `lead_held`), then worker 1 asks for it
+    once its head is known: worker 1's fill is a follower, held by a client."""
+    lead = zero.fill(_order(zero, path))
+    if lead_held:
+        lead.clients.hold()
+    await lead.headers_ready.wait()
+    follower = one.fill(_order(one, path))
+    assert isinstance(follower, Follower)
+    follower.clients.hold()
+    return lead, follower
+
+
 async def test_a_fill_is_followed_from_its_first_byte_and_ends_when_its_leader_publishes(
     tmp_path: Path,
 ) -> None:
@@ -326,12 +342,7 @@ async def test_a_fill_is_followed_from_its_first_byte_and_ends_when_its_leader_p
     record, once worker 0 published; its index then holds the object."""
     upstream = _Gated()
     async with _two_workers(tmp_path, upstream) as (zero, one):
-        lead = zero.fill(_order(zero, "/o/f"))
-        lead.clients.hold()
-        await lead.headers_ready.wait()
-        follower = one.fill(_order(one, "/o/f"))
-        assert isinstance(follower, Follower)
-        follower.clients.hold()
+        lead, follower = await _lead_and_follow(zero, one, "/o/f", lead_held=True)
         await asyncio.wait_for(follower.headers_ready.wait(), 10)
         assert follower.meta is not None
         assert follower.length == 6
@@ -359,11 +370,7 @@ async def test_a_fill_whose_leader_gives_up_fails_its_followers(tmp_path: Path) 
     dying would end it): the follower fails (its readers abort), nothing is stored."""
     upstream = _Gated()
     async with _two_workers(tmp_path, upstream) as (zero, one):
-        lead = zero.fill(_order(zero, "/o/g"))
-        await lead.headers_ready.wait()
-        follower = one.fill(_order(one, "/o/g"))
-        assert isinstance(follower, Follower)
-        follower.clients.hold()
+        lead, follower = await _lead_and_follow(zero, one, "/o/g", lead_held=False)
         await asyncio.wait_for(_wait(lambda: follower.written == 3), 10)
         assert lead.task is not None
         lead.stop("test")
@@ -454,12 +461,7 @@ async def test_a_fill_whose_answer_is_not_stored_is_not_followed(tmp_path: Path)
     their own (`meta` None); nothing is stored."""
     upstream = _Gated(cache_control="no-store")
     async with _two_workers(tmp_path, upstream) as (zero, one):
-        lead = zero.fill(_order(zero, "/o/n"))
-        lead.clients.hold()
-        await lead.headers_ready.wait()
-        follower = one.fill(_order(one, "/o/n"))
-        assert isinstance(follower, Follower)
-        follower.clients.hold()
+        lead, follower = await _lead_and_follow(zero, one, "/o/n", lead_held=True)
         upstream.gate.set()
         await asyncio.wait_for(follower.wait_finished(), 10)
         assert follower.meta is None
