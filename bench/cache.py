@@ -9,7 +9,11 @@ scenarios, so that relay's uncached figures are not bounded by the Python origin
 
 * ``nginx``: nginx with ``proxy_cache`` + ``proxy_cache_lock`` + ``sendfile``;
 * ``relay``: relay without a cache (the reference for what the cache must beat);
-* ``relay-cache``: relay with ``--cache-dir`` / ``--cache-max-bytes``.
+* ``relay-cache``: relay with ``--cache-dir`` / ``--cache-max-bytes``;
+* ``nginx-2``, ``relay-cache-2``: the same caches with two worker processes (nginx
+  ``worker_processes 2``, relay ``--workers 2``: one cache shared by both workers). Each is
+  compared with the nginx of its own worker count; the cold scenario's 16 clients reach both
+  relay workers (the kernel spreads the connections), so it measures coalescing across them.
 
 Logging posture: nginx runs with ``access_log off``, and so do the relay sides
 (``--access-log false``): like for like. Not to hide what relay's access log costs, each relay
@@ -65,19 +69,37 @@ from bench.servers import (
 )
 from tests.origin import Origin, expected_sha256
 
-SIDES = ("nginx", "relay", "relay-cache")
+SIDES = ("nginx", "relay", "relay-cache", "nginx-2", "relay-cache-2")
 LABELS = {
     "nginx": "nginx proxy_cache",
     "relay": "relay (no cache)",
     "relay-cache": "relay --cache-dir",
+    "nginx-2": "nginx proxy_cache, 2 workers",
+    "relay-cache-2": "relay --cache-dir --workers 2",
 }
+WORKERS = {"nginx-2": 2, "relay-cache-2": 2}
+"""Worker processes of each side (1 when not listed)."""
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 COLD_SIZE = 64 * MIB
 COLD_CLIENTS = 16
 COLD_RATE = 40_000_000  # origin bytes/s for the cold scenario (tests.origin ``slow``)
 CACHE_MAX_BYTES = 8 * GIB  # both caches' budget; the run stores ~1.1 GiB per side
-HIT_MARK = {"nginx": ("x-cache-status", "HIT"), "relay-cache": ("cache-status", "relay; hit")}
+HIT_MARK = {
+    "nginx": ("x-cache-status", "HIT"),
+    "relay-cache": ("cache-status", "relay; hit"),
+    "nginx-2": ("x-cache-status", "HIT"),
+    "relay-cache-2": ("cache-status", "relay; hit"),
+}
+
+
+def nginx_of(key: str) -> str:
+    """The nginx side a side is compared with: the one with as many workers."""
+    return "nginx-2" if WORKERS.get(key, 1) == 2 else "nginx"
+
+
+def is_nginx(key: str) -> bool:
+    return key.startswith("nginx")
 
 
 class SideError(RuntimeError):
@@ -155,16 +177,19 @@ def start_upstreams(origin: Origin, tmp: Path, log_dir: Path) -> Upstreams:
     return Upstreams(origin, f"http://127.0.0.1:{port}/", False, server)
 
 
-def start_nginx_cache(up: Upstreams, tmp: Path, log_dir: Path) -> tuple[Server, str]:
-    """nginx as a caching reverse proxy: proxy_cache + proxy_cache_lock + sendfile."""
+def start_nginx_cache(
+    up: Upstreams, tmp: Path, log_dir: Path, workers: int = 1
+) -> tuple[Server, str]:
+    """nginx as a caching reverse proxy: proxy_cache + proxy_cache_lock + sendfile, with
+    `workers` worker processes."""
     if nginx_path() is None:
         raise SideError("nginx is not installed (apt-get install -y nginx)")
     port = free_port()
-    workdir = tmp / "nginx-cache"
+    workdir = tmp / f"nginx-cache-{workers}"
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     conf = (
-        _nginx_common(workdir)
+        _nginx_common(workdir, workers)
         + f"""http {{
 {_nginx_http_common(workdir)}    sendfile on;
     tcp_nopush on;
@@ -190,7 +215,7 @@ def start_nginx_cache(up: Upstreams, tmp: Path, log_dir: Path) -> tuple[Server, 
 }}
 """
     )
-    server = _start_nginx("nginx-cache", conf, workdir, port, log_dir)
+    server = _start_nginx(f"nginx-cache-{workers}", conf, workdir, port, log_dir)
     try:
         server.wait_ready("/healthz", timeout=30)
     except BaseException:  # also an interrupt (SIGTERM, Ctrl-C) while it starts
@@ -207,8 +232,11 @@ def start_relay_side(
     extra_args: str,
     *,
     access_log: bool = False,
+    workers: int = 1,
 ) -> tuple[Server, str]:
     name = ("relay-cache" if cache_dir else "relay") + ("-log" if access_log else "")
+    if workers > 1:
+        name += f"-{workers}"
     cfg = tmp / f"{name}.toml"
     cfg.write_text(
         "".join(
@@ -222,6 +250,8 @@ def start_relay_side(
     )
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir), "--cache-max-bytes", str(CACHE_MAX_BYTES)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     argv += shlex.split(extra_args)
     server = start_server(name, argv, port, log_dir, cwd=REPO)
     try:
@@ -327,9 +357,9 @@ def interleaved_hits(sides: Sequence[Side], path: str, size: int, runs: int) -> 
                 continue
             side.hit_gbps.append(res.gbps)
             got[side.key] = res.gbps
-        base = got.get("nginx")
         for side in order:
-            if side.key != "nginx" and base and side.key in got:
+            base = got.get(nginx_of(side.key))
+            if not is_nginx(side.key) and base and side.key in got:
                 side.hit_ratios.append(got[side.key] / base)
     if cache_side is not None and before and cache_side.server is not None:
         try:
@@ -477,7 +507,8 @@ def _x(v: float | None) -> str:
 
 def table(sides: Sequence[Side]) -> list[str]:
     cols = [s.label for s in sides]
-    nginx_hit = next((s.hit_median for s in sides if s.key == "nginx"), None)
+    hit_of = {s.key: s.hit_median for s in sides}
+    rps_of = {s.key: s.rps for s in sides}
     rows: list[tuple[str, list[str]]] = [
         ("warm hit, GB/s (median, interleaved)", [_f(s.hit_median, ".2f") for s in sides]),
         (
@@ -488,17 +519,24 @@ def table(sides: Sequence[Side]) -> list[str]:
             ],
         ),
         (
-            "warm hit, x nginx: median of per-round ratios",
-            ["-" if s.key == "nginx" else _x(s.hit_ratio) for s in sides],
+            "warm hit, x nginx (same workers): median of per-round ratios",
+            ["-" if is_nginx(s.key) else _x(s.hit_ratio) for s in sides],
         ),
         (
-            "warm hit, x nginx: ratio of medians",
-            ["-" if s.key == "nginx" else _ratio(s.hit_median, nginx_hit) for s in sides],
+            "warm hit, x nginx (same workers): ratio of medians",
+            [
+                "-" if is_nginx(s.key) else _ratio(s.hit_median, hit_of.get(nginx_of(s.key)))
+                for s in sides
+            ],
         ),
         ("1 KiB hits, req/s (wrk -c64)", [_f(s.rps, ".0f") for s in sides]),
         (
+            "1 KiB hits, x nginx (same workers)",
+            ["-" if is_nginx(s.key) else _ratio(s.rps, rps_of.get(nginx_of(s.key))) for s in sides],
+        ),
+        (
             "1 KiB hits, req/s, relay's access log on",
-            ["(off)" if s.key == "nginx" else _f(s.rps_logged, ".0f") for s in sides],
+            ["(off)" if is_nginx(s.key) else _f(s.rps_logged, ".0f") for s in sides],
         ),
         (
             f"cold {COLD_CLIENTS}x 64 MiB: origin bytes (x object)",
@@ -552,6 +590,26 @@ def targets(by: dict[str, Side]) -> list[str]:
         f"{_f(tt, '.3f')} s → "
         + mark(None if ob is None or tt is None else ob <= 1.1 * COLD_SIZE and tt < 0.1),
     ]
+    n2, c2 = by.get("nginx-2"), by.get("relay-cache-2")
+    if n2 is None and c2 is None:
+        return lines
+    rps_c2, rps_n2 = (c2.rps if c2 else None), (n2.rps if n2 else None)
+    one = rps_c / rps_n if rps_c and rps_n else None
+    two = rps_c2 / rps_n2 if rps_c2 and rps_n2 else None
+    hit2 = c2.hit_ratio if c2 else None
+    ob2 = c2.cold_origin_bytes if c2 else None
+    lines += [
+        f"- 2 workers, 1 KiB hits ≥ 0.3x nginx with 2 workers: {_x(two)} → "
+        + mark(None if two is None else two >= 0.3),
+        f"- 2 workers scale at least as nginx does (1 KiB hits, ratio to nginx at 2 workers ≥ "
+        f"at 1): {_x(two)} vs {_x(one)} → "
+        + mark(None if one is None or two is None else two >= one),
+        f"- 2 workers, hit throughput ratio to nginx at 2 workers ≥ at 1: {_x(hit2)} vs "
+        f"{_x(hit)} → " + mark(None if hit is None or hit2 is None else hit2 >= hit),
+        f"- 2 workers, cold origin bytes ≤ 1.1x the object (coalesced across workers): "
+        f"{_ratio(float(ob2) if ob2 is not None else None, float(COLD_SIZE))} → "
+        + mark(None if ob2 is None else ob2 <= 1.1 * COLD_SIZE),
+    ]
     return lines
 
 
@@ -573,7 +631,7 @@ def render(
         "",
         *table(sides),
         "",
-        "## Targets (relay --cache-dir)",
+        "## Targets (relay --cache-dir, with 1 and 2 workers)",
         "",
         *targets({s.key: s for s in sides}),
         "",
@@ -684,8 +742,9 @@ def _side(side: Side) -> Iterator[None]:
 
 
 def start_side(side: Side, up: Upstreams, tmp: Path, log_dir: Path, a: argparse.Namespace) -> None:
-    if side.key == "nginx":
-        side.server, side.command = start_nginx_cache(up, tmp, log_dir)
+    workers = WORKERS.get(side.key, 1)
+    if is_nginx(side.key):
+        side.server, side.command = start_nginx_cache(up, tmp, log_dir, workers)
     elif side.key == "relay":
         side.server, side.command = start_relay_side(up, tmp, log_dir, None, a.extra_relay_args)
     else:
@@ -693,7 +752,7 @@ def start_side(side: Side, up: Upstreams, tmp: Path, log_dir: Path, a: argparse.
         if not ok:
             raise SideError(why)
         side.server, side.command = start_relay_side(
-            up, tmp, log_dir, tmp / "relay-cache", a.extra_relay_args
+            up, tmp, log_dir, tmp / side.key, a.extra_relay_args, workers=workers
         )
 
 
@@ -713,7 +772,7 @@ def run_side(
             ("cold", lambda: cold_clients(side, up.origin, cold_path, tmp)),
             ("slow", lambda: slow_on_hits(side, big_path, big_size, s)),
         ]
-        if side.key != "nginx":
+        if not is_nginx(side.key) and WORKERS.get(side.key, 1) == 1:
             steps.insert(
                 1,
                 (

@@ -51,6 +51,8 @@ Any path: ``/p/<k=v&k2=v2>/<path>`` serves ``<path>`` with those parameters (bef
 query's): a base URL that carries faults, e.g. one mirror of several that dies mid-body;
 ``answer=<code>`` answers that status with a short body, ``gen=<size>`` serves
 ``/gen/<size>`` for any path below (a digest-named path: ``.../blobs/sha256:<hex>``).
+``pause_after=<n>`` with ``gate=<name>``: the body stops after (at least) ``n`` bytes while
+the gate is closed, so a test sees what clients got of a body still being fetched.
 ``hold=<name>`` makes the request wait, after being recorded, while ``Origin.close_gate(name)``
 holds it (before its response head), so a test knows every client arrived while that one
 upstream request was pending.
@@ -1140,7 +1142,14 @@ class _Core:
         sent = 0
         write = writer.write
         drain = writer.drain
+        pause_after = _q_size(req, "pause_after")
+        written = 0
         for piece in pieces:
+            if pause_after is not None and written >= pause_after:
+                pause_after = None
+                await drain()
+                await self._held(req.param("gate") or "")
+            written += len(piece)
             # Counted before the write: the socket send inside it lets a client thread read
             # the bytes (and a test read the count) before the next line of this thread runs.
             self.stats.body_bytes += len(piece)

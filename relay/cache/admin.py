@@ -16,6 +16,11 @@
   (`<hf route>/<repo>/resolve/<rev>/<file>`) is asked of the Hub first and stored under its
   sha256 (the prefetch carries no client credential: a gated file is refused by the Hub).
 
+With several workers a purge reaches every one: the worker asked drops the objects from the
+shared ledger (every worker's index follows it at its next lookup), and asks each other worker
+over its peer socket (`relay.net.peers`) to purge what it is filling; `purged` sums them all.
+A prefetch runs in the worker asked; a client of another worker follows its fill.
+
 Prefetch is the cache's own endpoint rather than a downloads job: a job writes a file under
 `data_dir`, while warming the cache is exactly a fill, with its coalescing, budget and checks.
 """
@@ -23,6 +28,7 @@ Prefetch is the cache's own endpoint rather than a downloads job: a job writes a
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -34,12 +40,15 @@ from relay.cache.cache import Cache, FillOrder
 from relay.cache.fill import Fill
 from relay.cache.hub import HubFile, hub_key_of_purge
 from relay.cache.key import base_key
-from relay.config import Config
+from relay.config import SINGLE_PROCESS, Config, WorkerInfo
 from relay.credentials import AdminAuth
 from relay.errors import ClientError, UpstreamError
+from relay.net.peers import ask_peers, is_peer_request
 from relay.net.presets import is_hub_file
 from relay.net.routing import RouteTable
 from relay.proxy.headers import shared_request_headers
+
+logger = logging.getLogger(__name__)
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -103,7 +112,7 @@ async def purge_one(request: Request) -> Response:
     key = hub_key_of_purge(target.route, target.rest) or base_key(
         target.route.prefix, raw_path, query
     )
-    purged = cache.purge_key(key)
+    purged = cache.purge_key(key) + await _peers_purged(request, cache.config)
     return JSONResponse({"purged": purged}, 200 if purged else 404, headers=_NO_STORE)
 
 
@@ -112,7 +121,35 @@ async def purge_prefix(request: Request) -> Response:
     raw_path, query = _split(await _json_field(request, "prefix"))
     target = RouteTable(cache.config.routes).resolve(raw_path, query)
     purged = cache.purge_prefix(base_key(target.route.prefix, raw_path, b""))
+    purged += await _peers_purged(request, cache.config)
     return JSONResponse({"purged": purged}, headers=_NO_STORE)
+
+
+async def _peers_purged(request: Request, config: Config) -> int:
+    """With several workers: the same purge asked of every other worker (unless this is such
+    a request), for what each is filling; what they purged. A peer that does not answer gets
+    a warning line: what it stored is purged already (the ledger), what it fills is not."""
+    worker = getattr(request.app.state, "worker", SINGLE_PROCESS)
+    if not isinstance(worker, WorkerInfo) or not worker.shared or is_peer_request(request.scope):
+        return 0
+    query = request.url.query
+    path = request.url.path + (f"?{query}" if query else "")
+    credential = request.headers.get(config.admin_header)
+    headers = {config.admin_header: credential} if credential is not None else {}
+    answers = await ask_peers(
+        worker, request.method, path, headers=headers, content=await request.body()
+    )
+    purged = 0
+    for answer in answers:
+        if answer.response is None:
+            logger.warning("cache: purge not passed to worker %d: %s", answer.index, answer.error)
+            continue
+        try:
+            count = answer.response.json().get("purged", 0)
+        except ValueError:
+            count = 0
+        purged += count if isinstance(count, int) else 0
+    return purged
 
 
 async def scrub(request: Request) -> Response:

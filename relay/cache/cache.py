@@ -20,6 +20,9 @@ work never takes capacity from clients:
   as Varnish's background fetches do on a backend at its `max_connections`).
 A stopped fill publishes nothing, as after `cache_fill_idle_timeout`; fills are only stopped
 before their body is complete.
+
+With several workers (`relay.cache.workers`): misses are led or followed (`Leading`), the index
+is a `LedgerIndex`, synced at each lookup; the budget and the eviction order are the ledger's.
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ from relay.cache.policy import conditional_headers
 from relay.cache.slices import Slices
 from relay.cache.storable import TOO_LARGE, VARY_LEARNED
 from relay.cache.store import Meta, Store
-from relay.config import Config, Route
+from relay.cache.workers.index import LedgerIndex
+from relay.cache.workers.lead import Lead
+from relay.cache.workers.leading import Leading
+from relay.cache.workers.shared import Shared
+from relay.config import SINGLE_PROCESS, Config, Route, WorkerInfo
 from relay.errors import StartupError
 from relay.net.presets import is_immutable, revalidated
 from relay.net.routing import RouteTable
@@ -119,8 +126,12 @@ class Cache:
         index: Index,
         clock: Clock = SYSTEM_CLOCK,
         executor: DiskExecutor | None = None,
+        shared: Shared | None = None,
     ) -> None:
         self.config = config
+        self.shared = shared
+        """With several workers: this worker's part in the shared cache (`relay.cache.workers`)."""
+        self.ledger_index = index if isinstance(index, LedgerIndex) else None
         self.clock = clock
         self.upstream = upstream
         self.store = store
@@ -146,6 +157,10 @@ class Cache:
         """Checks of stored objects against their known digest (`relay.cache.integrity`)."""
         self.scrub = Scrub(self, self.verifier, rate=config.cache_verify_rate)
         """The background verification: at startup, and an operator's scrub."""
+        self.leading = Leading(shared.locks, store, self.executor) if shared else None
+        if self.ledger_index is not None:
+            self.ledger_index.remove_files = self.remove_files
+            self.ledger_index.learned = self.slices.learned
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -157,7 +172,13 @@ class Cache:
         return base
 
     def lookup(self, base: str, variant: str) -> Entry | None:
+        self.sync()
         return self.index.get(self.storage_key(base, variant))
+
+    def sync(self) -> None:
+        """With several workers: learn what the others stored, replaced, evicted, purged."""
+        if self.ledger_index is not None:
+            self.ledger_index.sync()
 
     def passing(self, key: str) -> bool:
         return self.passes.active(key)
@@ -195,10 +216,14 @@ class Cache:
             order.request.headers.update(conditional_headers(revalidating.meta.headers))
             self.stats.revalidations += 1
         fill = self.new_fill(key, order.variant, order.request, route, revalidating)
+        leading = self.leading if revalidating is None else None  # only misses are led
+        lead, leader = leading.take(fill) if leading is not None else (None, None)
+        if leading is not None and leader is not None:
+            fill = leading.follower(self, fill, leader, order.request, route)
         fill.sha256 = order.sha256
         fill.immutable = is_immutable(route, path_of(order.base, route.prefix))
         fill.revalidate = revalidated(route, path_of(order.base, route.prefix))
-        self.start(fill, order.base)
+        self.start(fill, order.base, lead)
         return fill
 
     def new_fill(
@@ -218,17 +243,19 @@ class Cache:
             revalidating=revalidating.meta if revalidating is not None else None,
         )
 
-    def start(self, fill: Fill, base: str) -> None:
-        """Run the fill as a tracked task; `base`: its object's base key."""
+    def start(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
+        """Run the fill as a tracked task; `base`: its object's base key; `lead`: its key's
+        fill lock (several workers)."""
         self.fills[fill.key] = fill
-        task = asyncio.create_task(self._run(fill, base), name=f"cache fill {fill.key[:80]}")
+        task = asyncio.create_task(self._run(fill, base, lead), name=f"cache fill {fill.key[:80]}")
         fill.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, fill: Fill, base: str) -> None:
+    async def _run(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
         try:
-            await fill.run()
+            leading = self.leading
+            await (fill.run() if lead is None or leading is None else leading.run(fill, lead))
         finally:
             if self.fills.get(fill.key) is fill:
                 del self.fills[fill.key]
@@ -315,6 +342,14 @@ class Cache:
         more = self.store.reservation(length) - fill.reserved
         if more <= 0:
             return True
+        if self.ledger_index is not None:
+            # Every worker's budget, in one ledger transaction (relay.cache.workers.index).
+            fits, victims = self.ledger_index.reserve(fill.key, more)
+            for victim in victims:
+                self._evict(victim)
+            if fits:
+                fill.reserved += more
+            return fits
         for victim in self.index.victims(more, keep=fill.key):
             self._evict(victim)
         if self.index.used + more > self.index.max_bytes:
@@ -329,7 +364,8 @@ class Cache:
             self.remove_files(entry)
 
     def _evict(self, entry: Entry) -> None:
-        self.index.remove(entry.key)
+        if self.index.peek(entry.key) is entry:
+            self.index.remove(entry.key)
         self._retire(entry)
         self.slices.evicted(entry.key)
         self.stats.evictions += 1
@@ -338,10 +374,15 @@ class Cache:
     def fill_stored(self, fill: Fill, meta: Meta) -> None:
         """A fill published a new version: it replaces the stored one in the index (whose
         files go once no reader holds them), its cost on disk replaces the reservation."""
-        self.index.reserved -= fill.reserved
-        fill.reserved = 0
+        released, fill.reserved = fill.reserved, 0
         data = self.store.published_path(fill.partial)
-        replaced = self.index.add(Entry(fill.key, data, meta, self.store.cost(meta, data)))
+        entry = Entry(fill.key, data, meta, self.store.cost(meta, data))
+        if self.ledger_index is not None:
+            # The version and the end of its reservation: one ledger transaction.
+            replaced = self.ledger_index.published(entry, released)
+        else:
+            self.index.reserved -= released
+            replaced = self.index.add(entry)
         if replaced is not None:
             self._retire(replaced)
         for victim in self.index.victims(0, keep=fill.key):
@@ -418,6 +459,7 @@ class Cache:
         def covered(key: str) -> bool:
             return key == base or key.startswith(base + "\x00")
 
+        self.sync()  # what other workers stored is purged too
         count = int(self.drop(base))
         for key in self.index.keys_with_prefix(base + "\x00"):
             count += self.drop(key)
@@ -432,6 +474,7 @@ class Cache:
         """Drop every object whose key starts with `prefix` (a route prefix + path prefix),
         and what is being filled under it; how many objects and fills that was."""
         count = 0
+        self.sync()  # what other workers stored is purged too
         for key in self.index.keys_with_prefix(prefix):
             count += self.drop(key)
         count += self._purge_fills(lambda key: key.startswith(prefix))
@@ -469,26 +512,48 @@ class Cache:
 
 @contextlib.asynccontextmanager
 async def open_cache(
-    config: Config, upstream: Upstream, clock: Clock = SYSTEM_CLOCK
+    config: Config,
+    upstream: Upstream,
+    clock: Clock = SYSTEM_CLOCK,
+    worker: WorkerInfo = SINGLE_PROCESS,
 ) -> AsyncIterator[Cache | None]:
     """The cache for the app's lifespan (None when cache_dir is not set); its fills are
-    cancelled and awaited when the app stops. `clock`: the time every cache decision reads."""
+    cancelled and awaited when the app stops. `clock`: the time every cache decision reads;
+    `worker`: with several, the cache is shared with the other workers (`relay.cache.workers`)."""
     if not config.cache_dir:
         yield None
         return
-    store = Store(Path(config.cache_dir))
-    index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
+    root = Path(config.cache_dir)
+    store = Store(root)
     executor = DiskExecutor()
+    shared = Shared(root) if worker.shared else None
     try:
         try:
+            if shared is not None:
+                await executor.run(shared.open)
             store.prepare()
-            loaded = await executor.run(store.load)
-        except OSError as exc:
+            seq = 0
+            if shared is None or shared.first:
+                loaded = await executor.run(store.load)
+            else:
+                loaded, seq = await executor.run(shared.load, store)
+        except OSError as exc:  # UnfitVolume included
             raise StartupError(f"cache_dir {config.cache_dir!r}: {exc.strerror}") from None
-        async with _serving(config, upstream, store, index, clock, executor, loaded) as cache:
+        index: Index
+        if shared is not None:
+            index = shared.index(config.cache_max_bytes, store, clock.monotonic)
+        else:
+            index = Index(config.cache_max_bytes, lambda: store.directory_bytes)
+        async with _serving(
+            config, upstream, store, index, clock, executor, loaded, shared, seq
+        ) as cache:
             yield cache
     finally:
-        await asyncio.to_thread(executor.shutdown)
+        try:
+            await asyncio.to_thread(executor.shutdown)
+        finally:
+            if shared is not None:
+                shared.close()
 
 
 @contextlib.asynccontextmanager
@@ -500,15 +565,22 @@ async def _serving(
     clock: Clock,
     executor: DiskExecutor,
     loaded: list[tuple[Path, Meta, int]],
+    shared: Shared | None = None,
+    seq: int = 0,
 ) -> AsyncIterator[Cache]:
+    """`seq`: a worker joining others, the last ledger change `loaded` includes."""
+    first = shared is None or shared.first
+    ledger_index = index if isinstance(index, LedgerIndex) else None
     for data, meta, cost in loaded:
         entry = Entry(meta.key, data, meta, cost)
         # Bytes with a known digest are not trusted before they are hashed again.
         entry.verified = not has_known_digest(entry)
-        index.add(entry)
+        (index.add if ledger_index is None else ledger_index.load)(entry)
         if meta.vary == "accept-encoding":
             index.vary[meta.key.rsplit(VARIANT_MARK, 1)[0]] = "accept-encoding"
-    cache = Cache(config, upstream, store, index, clock, executor)
+    if ledger_index is not None and shared is not None:
+        shared.loaded(ledger_index, seq)
+    cache = Cache(config, upstream, store, index, clock, executor, shared)
     upstream.make_room = cache.make_room
     cache.slices.load(index)
     for victim in index.victims(0):
@@ -516,10 +588,13 @@ async def _serving(
     logger.info(
         "cache: %d objects, %d bytes on disk in %s", len(index), index.on_disk, config.cache_dir
     )
-    if config.cache_verify_on_start and any(not e.verified for e in index.entries()):
+    # Several workers: the first verifies; the others check an object they answer from.
+    if first and config.cache_verify_on_start and any(not e.verified for e in index.entries()):
         cache.scrub.start("startup")
     try:
         yield cache
     finally:
         upstream.make_room = None
         await cache.close()
+        if ledger_index is not None:
+            ledger_index.flush()

@@ -243,11 +243,8 @@ class Fill(SharedFill):
             await self._close_response()
             await self._publish(fd, response.headers)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.stopping is None or (task is not None and task.uncancel() > 0):
-                self.failed = "cancelled"
+            if not self.stopped_by_cache():
                 raise
-            self.failed = self.stopping
             logger.info("cache fill stopped: %s (%s)", self.stopping, self._request.url.path)
         except FillAbandoned as exc:
             self.failed = str(exc)

@@ -182,6 +182,17 @@ class SharedFill:
         """No client waits for this fill, and the cache may still stop it."""
         return not self.clients.any and self.stoppable
 
+    def stopped_by_cache(self) -> bool:
+        """The task running the fill was cancelled (ask in its `except CancelledError`): True
+        when by the cache's `stop` (the fill ends as stopped, `failed` says why), else False
+        (`failed` is "cancelled"; the caller re-raises)."""
+        task = asyncio.current_task()
+        if self.stopping is None or (task is not None and task.uncancel() > 0):
+            self.failed = "cancelled"
+            return False
+        self.failed = self.stopping
+        return True
+
     def stop(self, reason: str) -> None:
         """Stop a fill no client waits for: its upstream response is closed and nothing is
         published, as after the idle timeout. The cache calls this only while `stoppable`."""

@@ -40,6 +40,9 @@ class Entry:
     (`relay.cache.integrity`); no answer takes its bytes as they are."""
     corrupt: bool = False
     """Its bytes were found not to match its digest: dropped, and answers reading it abort."""
+    foreign: bool = field(default=False, compare=False)
+    """With several workers: it left this index because another worker removed it from the
+    ledger; that worker removes its files, this one never does."""
 
     @property
     def size(self) -> int:
@@ -130,7 +133,7 @@ class Index:
         """A reader is done with `entry`: True when its files are to be removed now (it was
         retired and this was its last reader)."""
         entry.pins -= 1
-        if entry.pins or not entry.retired:
+        if entry.pins or not entry.retired or entry.foreign:
             return False
         self.lingering -= entry.cost
         return True
@@ -141,6 +144,8 @@ class Index:
         if entry.retired:
             return False
         entry.retired = True
+        if entry.foreign:
+            return False
         if entry.pins:
             self.lingering += entry.cost
             return False

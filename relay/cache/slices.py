@@ -60,6 +60,14 @@ class Slices:
 
     # ---- lookups ------------------------------------------------------------------------
 
+    def learned(self, entry: Entry) -> None:
+        """Another worker stored `entry` (several workers): its object's hint, as `load`."""
+        if SLICE_MARK in entry.key:
+            storage = entry.key.rsplit(SLICE_MARK, 1)[0]
+            self.sliced.add(storage)
+            if not entry.verified:
+                self.unverified.add(storage)
+
     def has(self, base: str, variant: str) -> bool:
         return self._cache.storage_key(base, variant) in self.sliced
 

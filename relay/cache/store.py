@@ -6,6 +6,9 @@ no directory of its own:
     <sha256 of key>.<version>.meta     its record: the schema version, the data file's name,
                                        the `Meta` (JSON)
     <sha256 of key>.<version>.partial  a fill being written (becomes `.data` when published)
+    <sha256 of key>.<version>.head     with several workers: the record a fill will publish,
+                                       written as soon as its head is known, for the workers
+                                       that follow it (`relay.cache.workers.follow`)
 
 This module alone knows the layout and the record's schema: every other module asks the
 `Store` for a fill's partial file, to publish it, to rewrite stored versions' meta or to
@@ -64,7 +67,8 @@ SCHEMA = 2
 _DATA = ".data"
 _META = ".meta"
 _PARTIAL = ".partial"
-_NAME = re.compile(r"([0-9a-f]{64})\.([0-9a-f]{16})(\.data|\.meta|\.partial)")
+_HEAD = ".head"
+_NAME = re.compile(r"([0-9a-f]{64})\.([0-9a-f]{16})(\.data|\.meta|\.partial|\.head)")
 _BUCKET = re.compile(r"[0-9a-f]{2}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -323,6 +327,82 @@ class Store:
         """The data file a fill's partial file becomes when published."""
         return partial.with_suffix(_DATA)
 
+    @staticmethod
+    def version_of(partial: Path) -> str:
+        """The version name of a fill's partial file (shared by its head and published
+        files)."""
+        return partial.name.split(".")[1]
+
+    def partial_of(self, key: str, version: str) -> Path:
+        """The partial file of the fill of `key` whose version is `version`."""
+        return self.directory_of(key) / f"{digest(key)}.{version}{_PARTIAL}"
+
+    # ---- a fill followed by other workers ----------------------------------------------------
+
+    def write_head(self, partial: Path, meta: Meta, length: int | None) -> None:
+        """Write the head record of the fill of `partial` (blocking): the record it will
+        publish (its `length` the body's, None for an unsized one), atomically, not fsynced
+        (it matters only while the fill runs)."""
+        record = {
+            "length": length,
+            "record": encode(meta, self.published_path(partial).name).decode(),
+        }
+        path = partial.with_suffix(_HEAD)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = create_exclusive(tmp)
+        try:
+            try:
+                view = memoryview(json.dumps(record, separators=(",", ":")).encode())
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+
+    def read_head(self, partial: Path) -> tuple[Meta, int | None] | None:
+        """The head record of the fill of `partial` (blocking): its meta and body length
+        (None: unsized); None when there is none (yet, or any more) or it does not parse."""
+        try:
+            raw = partial.with_suffix(_HEAD).read_bytes()
+        except OSError:
+            return None
+        try:
+            record = json.loads(raw)
+            length = record["length"]
+            meta = decode(record["record"].encode(), self.published_path(partial).name)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return None
+        if length is not None and (type(length) is not int or not 0 <= length <= MAX_LENGTH):
+            return None
+        return meta, length
+
+    def remove_leftovers(self, key: str, version: str) -> None:
+        """Remove what a fill of `key` killed mid-way left (blocking): its partial file and
+        head, and its data file if its record was never written."""
+        partial = self.partial_of(key, version)
+        remove_quietly(partial)
+        remove_quietly(partial.with_suffix(_HEAD))
+        data = self.published_path(partial)
+        if not data.with_suffix(_META).exists():
+            remove_quietly(data)
+
+    def remove_head(self, partial: Path) -> None:
+        remove_quietly(partial.with_suffix(_HEAD))
+
+    def read_published(self, partial: Path) -> Meta | None:
+        """The record the fill of `partial` published, if it did and it is still there
+        (blocking)."""
+        data = self.published_path(partial)
+        try:
+            raw = data.with_suffix(_META).read_bytes()
+            meta = decode(raw, data.name)
+        except (OSError, Malformed):
+            return None
+        return meta if meta.complete else None
+
     def open_partial(self, path: Path) -> int:
         """A descriptor to write a fill's partial file, created exclusively (never a file
         someone else opened, never through a symlink); its bucket is made if needed."""
@@ -437,8 +517,10 @@ class Store:
             if stat.S_ISDIR(st.st_mode):
                 older += 1
                 remove_tree(path)
-            elif match is None or match.group(3) == _PARTIAL or not stat.S_ISREG(st.st_mode):
-                remove_quietly(path)  # a fill's partial file, a temporary file, a stranger
+            elif (
+                match is None or match.group(3) in (_PARTIAL, _HEAD) or not stat.S_ISREG(st.st_mode)
+            ):
+                remove_quietly(path)  # a fill's partial file or head, a temporary file, a stranger
             else:
                 names[path.name] = st
         for name in sorted(names):

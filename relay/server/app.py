@@ -255,7 +255,7 @@ def create_app(
             try:
                 async with (
                     open_downloads(config, upstream, routes, shared=worker.shared) as downloads,
-                    open_cache(config, upstream, clock or SYSTEM_CLOCK) as cache,
+                    open_cache(config, upstream, clock or SYSTEM_CLOCK, worker) as cache,
                 ):
                     if cache is not None:
                         metrics.watch_cache(cache)
