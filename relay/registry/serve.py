@@ -185,17 +185,19 @@ class RegistryResponse(Response):
     async def _tag(self, method: str) -> Response:
         request = self._request
         accept = self._accept()
-        if self._cache is None:
+        cache = self._cache
+        if cache is None:
             return self._relay(method, adapt=manifest_head(None), accept=accept)
         route = self._route
         tags = self._tags
         key = tags.key(route, request.name, request.reference, accept)
-        entry = tags.get(key)
+        entry = tags.get(cache, key)
         if entry is not None and tags.ttl(entry, route) > 0:
             self._status = cache_status(hit=True, ttl=tags.ttl(entry, route))
             self._counted("hit")
             return await self._tagged(method, entry)
         ru = self._relaying.upstream
+        asked_at = tags.now()
         try:
             response = await ru.open("HEAD", request, ru.headers(accept=accept))
         except UpstreamError as exc:
@@ -208,7 +210,7 @@ class RegistryResponse(Response):
                 await asyncio.shield(response.aclose())
                 return await self._stale(method, entry, status)
             if status == 404:
-                tags.drop(key)
+                tags.drop(cache, key)
             raise await refusal(response, request)
         await asyncio.shield(response.aclose())
         digest = response.headers.get("docker-content-digest", "").strip()
@@ -227,7 +229,8 @@ class RegistryResponse(Response):
             self._status = cache_status(hit=False, fwd="stale", fwd_status=304)
             self._counted("revalidated")
         media_type = response.headers.get("content-type", "")
-        entry = tags.set(key, digest, media_type, int(length))
+        answer = TagEntry(digest, media_type, int(length), asked_at)
+        entry = await tags.set(cache, key, route, str(response.request.url), answer)
         return await self._tagged(method, entry)
 
     async def _stale(self, method: str, entry: TagEntry, status: int) -> Response:
