@@ -124,6 +124,34 @@ def test_a_stored_tag_pulls_with_the_registry_stopped(
     assert digest_of(blob.content) == layer
 
 
+def test_a_stored_tag_pulls_after_a_restart_with_the_registry_stopped(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    """The tag's answer is stored in the cache: a relay restarted on the same cache_dir
+    answers it (stale, saying so) while the registry is down, and its blob from the cache."""
+    manifest, layer = registry.add_image("library/app", "1", LAYER)
+    with _relay(registry, tmp_path, tag_max_age=0.0) as relay:
+        first = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        assert first.status_code == 200
+        httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    registry.registry.__exit__(None, None, None)
+    with _relay(registry, tmp_path, tag_max_age=0.0) as relay:
+        tag = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        head = httpx.head(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        blob = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert tag.status_code == 200
+    assert tag.headers["cache-status"].endswith(
+        'fwd=stale; fwd-status=502; detail="stale-if-error"'
+    )
+    assert tag.content == first.content
+    assert tag.headers["docker-content-digest"] == manifest
+    assert head.headers["docker-content-digest"] == manifest
+    assert head.headers["content-length"] == str(len(first.content))
+    assert digest_of(blob.content) == layer
+
+
 def test_client_credentials_never_reach_the_upstream(
     registry: FakeRegistry, tmp_path: Path
 ) -> None:
