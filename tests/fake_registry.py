@@ -32,6 +32,10 @@ class FakeRegistry(LoopbackServer):
         self.tampered: dict[str, bytes] = {}
         self.cut_once: set[str] = set()
         """Digests whose next storage GET sends half the body, then closes."""
+        self.tampered_ranges: dict[str, bytes] = {}
+        """Digests whose ranges are served from these bytes instead of the blob's."""
+        self.validators = True
+        """Whether object storage sends an ETag and `Accept-Ranges` (many send neither)."""
         self.status: int | None = None
         """Answer every manifest request with this status."""
         self.issued: set[str] = set()
@@ -100,12 +104,11 @@ class FakeRegistry(LoopbackServer):
         body = self.tampered.get(digest, self.blobs.get(digest))
         if body is None:
             return Answer(404, b"no such key\n")
-        etag = {
-            "ETag": f'"{digest[7:23]}"',
-            "Content-Type": "application/octet-stream",
-            "Accept-Ranges": "bytes",
-        }
+        etag = {"Content-Type": "application/octet-stream"}
+        if self.validators:
+            etag |= {"ETag": f'"{digest[7:23]}"', "Accept-Ranges": "bytes"}
         if "range" in headers:
+            body = self.tampered_ranges.get(digest, body)
             start = int(headers["range"].removeprefix("bytes=").split("-")[0])
             return Answer(
                 206,

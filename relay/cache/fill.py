@@ -480,7 +480,9 @@ class Fill(SharedFill):
                 break
             except httpx.HTTPError as exc:
                 if plan is None and self._owner.config.resume_attempts:
-                    plan = Continuation.for_response(first)
+                    # A whole object named by its digest, verified before it completes.
+                    pinned = self.sha256 if self.slice is None else None
+                    plan = Continuation.for_response(first, pinned=pinned)
                 if plan is None or not retries.fail():
                     raise TransferAborted(f"upstream body failed: {exc}") from exc
                 response = await self._resume(plan, response.request, retries)

@@ -45,12 +45,15 @@ class BodyResumer:
         route: Route,
         attempts: int,
         exchange: Exchange,
+        pinned: str | None = None,
     ) -> None:
+        """`pinned`: the SHA-256 the caller checks before the body ends (a body continued
+        without a validator: `relay.http.continuation`)."""
         self._upstream = upstream
         self._route = route
         self._attempts = attempts
         self._exchange = exchange
-        self._plan = Continuation.for_response(first) if attempts else None
+        self._plan = Continuation.for_response(first, pinned=pinned) if attempts else None
         self._retries = Retries(attempts, STREAM_BACKOFF)
 
     async def resume(

@@ -280,6 +280,7 @@ class RelayResponse(Response):
                             self._route,
                             0 if rewritten else self._resume_attempts,
                             self._exchange,
+                            pinned=self._sha256 if check is not None else None,
                         )
                     response = self._response = await resumer.resume(response, sent, exc)
         finally:

@@ -54,6 +54,16 @@ def _relay(
     return running_relay(config)
 
 
+def _storage_gets(registry: FakeRegistry, digest: str) -> list[dict[str, str]]:
+    """The headers of object storage's GETs of one blob."""
+    storage = registry.storage
+    return [
+        headers
+        for (method, path, _), headers in zip(storage.requests, storage.headers, strict=True)
+        if method == "GET" and digest in path
+    ]
+
+
 def test_concurrent_cold_pulls_cost_the_upstream_one_fetch_per_blob(
     registry: FakeRegistry, tmp_path: Path
 ) -> None:
@@ -86,6 +96,43 @@ def test_a_layer_cut_mid_body_is_resumed(registry: FakeRegistry, tmp_path: Path)
     assert digest_of(blob.content) == layer
     assert again.headers["cache-status"].startswith("relay; hit")
     assert any(r.startswith("bytes=") for r in registry.storage.ranges)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_layer_without_validators_cut_mid_body_is_resumed_by_its_digest(
+    registry: FakeRegistry, tmp_path: Path, cache: bool
+) -> None:
+    """Object storage sends no ETag nor Accept-Ranges: the layer, named by its digest, is
+    resumed all the same (Range, no If-Range), byte-exact."""
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    registry.validators = False
+    registry.cut_once.add(layer)
+    with _relay(registry, tmp_path, cache=cache) as relay:
+        blob = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert blob.status_code == 200
+    assert blob.content == LAYER
+    gets = _storage_gets(registry, layer)
+    assert len(gets) == 2
+    assert gets[1]["range"].startswith("bytes=")
+    assert "if-range" not in gets[1]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_tampered_bytes_after_a_resume_never_reach_a_client_as_complete(
+    registry: FakeRegistry, tmp_path: Path, cache: bool
+) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    registry.validators = False
+    registry.cut_once.add(layer)
+    registry.tampered_ranges[layer] = LAYER[:-1] + b"!"
+    with _relay(registry, tmp_path, cache=cache) as relay:
+        with pytest.raises(httpx.TransportError):  # reset or cut: never complete
+            httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    ranges = [h.get("range") for h in _storage_gets(registry, layer)]
+    assert ranges[0] is None
+    assert (ranges[1] or "").startswith("bytes=")  # resumed, then found not to match its digest
 
 
 def test_a_tampered_layer_never_reaches_a_client_as_complete(
