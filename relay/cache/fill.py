@@ -20,6 +20,10 @@ first client that takes it (`claim`); one the file cannot hold is kept open for 
 that takes it (`take_response`). Readers read through `read_fd`, which stays open until the
 fill is over and its last client gone, whatever becomes of the file's name. A purged fill
 (`purged`) finishes serving its readers but publishes nothing.
+
+A fill's request may carry a way to authorize it again (`REAUTHORIZE`, set by whoever built it
+with a credential that can expire: a registry's token): a 401 to it, or to one of its resumes,
+is then answered by one retry with the new credential, never more per request.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import httpx
@@ -54,6 +59,13 @@ if TYPE_CHECKING:
     pass
 
 logger = logging.getLogger(__name__)
+
+
+#: Request extension: `Reauthorize`, how to retry the request once after a 401 (see the module).
+REAUTHORIZE = "relay.reauthorize"
+Reauthorize = Callable[[httpx.Request, httpx.Response], Awaitable["httpx.Request | None"]]
+"""(the request sent, its 401) -> the request to retry with a new credential, or None when
+there is none to be had (the 401 then stands); raises UpstreamError when getting one failed."""
 
 
 class FillAbandoned(Exception):
@@ -283,10 +295,32 @@ class Fill(SharedFill):
         sent_at = self._clock.monotonic()
         try:
             response = await self._upstream.open(request, self._route, background=self.background)
+            reauthorize: Reauthorize | None = request.extensions.get(REAUTHORIZE)
+            if response.status_code == 401 and reauthorize is not None:
+                response = await self._authorized(request, response, reauthorize)
         finally:
             self._opening = False
         self._ttfb = self._clock.monotonic() - sent_at
         return response
+
+    async def _authorized(
+        self, request: httpx.Request, refused: httpx.Response, reauthorize: Reauthorize
+    ) -> httpx.Response:
+        """The answer to `request` sent again with a new credential after its 401 (once), or
+        the 401 itself when there is none to be had."""
+        try:
+            retry = await reauthorize(request, refused)
+        except UpstreamError as exc:
+            logger.warning("cache fill: cannot authorize again after a 401: %s", exc.reason)
+            return refused
+        except BaseException:
+            await asyncio.shield(refused.aclose())
+            raise
+        if retry is None:
+            return refused
+        await asyncio.shield(refused.aclose())
+        logger.info("cache fill: 401 with an expired credential, retried once with a new one")
+        return await self._upstream.open(retry, self._route, background=self.background)
 
     async def _close_response(self) -> None:
         """Close the upstream response the fill holds, if any (shielded: a close must finish
@@ -510,6 +544,8 @@ class Fill(SharedFill):
                 resume_request_headers(plan, failed, self.written),
                 self._route,
             )
+            if REAUTHORIZE in failed.extensions:
+                request.extensions[REAUTHORIZE] = failed.extensions[REAUTHORIZE]
             try:
                 response = self._response = await self._open(request)
             except UpstreamError as exc:
@@ -565,4 +601,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["DigestMismatch", "Fill", "FillAbandoned"]
+__all__ = ["REAUTHORIZE", "DigestMismatch", "Fill", "FillAbandoned", "Reauthorize"]

@@ -32,6 +32,7 @@ import httpx
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
+from relay.cache.fill import REAUTHORIZE
 from relay.cache.policy import cache_status
 from relay.cache.serve import CachedResponse
 from relay.config import Route
@@ -156,8 +157,25 @@ class RegistryResponse(Response):
         ru = self._relaying.upstream
         headers = ru.headers(accept=accept)
 
+        async def reauthorize(sent: httpx.Request, refused: httpx.Response) -> httpx.Request | None:
+            """A slice or a resume whose token expired meanwhile: a new one (the registry's
+            own 401 only: a redirect's host never gets the token)."""
+            if refused.request.url.netloc != sent.url.netloc:
+                return None
+            fresh = await auth.after_401(route, refused, request.scope)
+            kept = [(n, v) for n, v in sent.headers.multi_items() if n.lower() != "authorization"]
+            retry = ru.upstream.build_request(
+                sent.method, sent.url, [*kept, ("authorization", fresh)], route
+            )
+            retry.extensions[REAUTHORIZE] = reauthorize
+            return retry
+
         def fill_request() -> httpx.Request:
-            return ru.build("GET", request, headers, authorization, path=path)
+            # Each slice's request carries the newest token kept, as long as it is.
+            current = auth.known(route, request.scope) or authorization
+            built = ru.build("GET", request, headers, current, path=path)
+            built.extensions[REAUTHORIZE] = reauthorize
+            return built
 
         def fallback(opened: httpx.Response | None = None) -> Response:
             return self._relay(

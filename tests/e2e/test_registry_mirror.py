@@ -135,6 +135,29 @@ def test_tampered_bytes_after_a_resume_never_reach_a_client_as_complete(
     assert (ranges[1] or "").startswith("bytes=")  # resumed, then found not to match its digest
 
 
+def test_a_slice_whose_token_expired_is_fetched_with_a_new_one_and_stored(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    """A long answer's later slice meets a 401 (the registry no longer takes relay's token):
+    relay gets a new token, retries that slice once, and stores it (not relayed instead)."""
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    url = f"/v2/library/app/blobs/{layer}"
+    with _relay(registry, tmp_path) as relay, httpx.Client(base_url=relay.url) as client:
+        first = client.get(url, headers={"range": "bytes=0-999"})
+        tokens = set(registry.issued)
+        registry.issued.clear()  # expired upstream
+        later = client.get(url, headers={"range": f"bytes={3 * MiB}-{3 * MiB + 999}"})
+        again = client.get(url, headers={"range": f"bytes={3 * MiB}-{3 * MiB + 999}"})
+        relay.check_invariants()
+    assert first.content == LAYER[:1000]
+    assert later.status_code == 206
+    assert later.content == LAYER[3 * MiB : 3 * MiB + 1000]
+    assert later.headers["cache-status"] == "relay; fwd=miss"
+    assert again.headers["cache-status"].startswith("relay; hit")
+    assert registry.issued - tokens  # a new token
+    assert registry.storage_gets(layer) == 2  # one per slice: none relayed
+
+
 def test_a_tampered_layer_never_reaches_a_client_as_complete(
     registry: FakeRegistry, tmp_path: Path
 ) -> None:

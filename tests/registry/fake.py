@@ -54,7 +54,11 @@ class FakeRegistry:
     """digest -> the next whole GET of the blob is cut (a read error) after about this
     many bytes (whole chunks)."""
     accept_ranges: bool = True
-    """Whether blob answers say `Accept-Ranges: bytes` (they never carry an ETag)."""
+    """Whether blob answers say `Accept-Ranges: bytes`."""
+    etag: bool = False
+    """Whether blob answers carry the digest as a strong ETag (as distribution's do)."""
+    minted: int = 0
+    """Tokens the realm issued (each named by its count: tok-1, tok-2...)."""
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -174,7 +178,8 @@ class FakeRegistry:
         return None
 
     def _token(self, request: httpx.Request) -> httpx.Response:
-        token = f"tok-{len(self.issued) + 1}"
+        self.minted += 1
+        token = f"tok-{self.minted}"
         self.issued.add(token)
         return httpx.Response(200, json={"token": token, "expires_in": self.expires_in})
 
@@ -204,6 +209,8 @@ class FakeRegistry:
         headers = {"content-type": "application/octet-stream", "x-amz-request-id": "r1"}
         if self.accept_ranges:
             headers["accept-ranges"] = "bytes"
+        if self.etag:
+            headers["etag"] = f'"{digest}"'
         asked = request.headers.get("range", "").removeprefix("bytes=")
         if asked:
             body = self.tampered_ranges.get(digest, body)
