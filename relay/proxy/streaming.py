@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from relay.config import Config
 from relay.errors import TransferAborted, UpstreamError, error_response
-from relay.http.continuation import content_length
+from relay.http.continuation import content_length, whole_range_total
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable, Target
 from relay.net.transports import POOL_WAIT, READ_PACE
@@ -78,9 +78,10 @@ class RelayResponse(Response):
         sha256: str | None = None,
         adapt: Callable[[RawHeaders], RawHeaders] | None = None,
     ) -> None:
-        """`sha256`: a 200's body must have this digest: its last chunk is held until the
-        digest is checked, and a mismatch aborts the transfer (a registry's blob relayed
-        without the cache). `adapt`: applied to the response head's headers."""
+        """`sha256`: a whole body (a 200, or a 206 of every byte) must have this digest: its
+        last chunk is held until the digest is checked, and a mismatch aborts the transfer (a
+        registry's blob relayed without the cache); a part of the body cannot be checked.
+        `adapt`: applied to the response head's headers."""
         # Response.__init__ would render a body; this response streams one instead. Nothing of
         # Starlette reads a response it did not build but calls it (its ASGI `__call__`,
         # overridden here), so none of Response's own attributes are needed.
@@ -244,7 +245,10 @@ class RelayResponse(Response):
         clock = asyncio.get_running_loop().time
         watchdog = self._watchdog
         measuring = watchdog.min_rate > 0
-        check = Sha256Check(self._sha256) if self._sha256 and response.status_code == 200 else None
+        whole = response.status_code == 200 or (
+            response.status_code == 206 and whole_range_total(response.headers) is not None
+        )
+        check = Sha256Check(self._sha256) if self._sha256 and whole else None
         try:
             while True:
                 pace = response.extensions.get(READ_PACE)

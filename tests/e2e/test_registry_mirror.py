@@ -158,6 +158,21 @@ def test_a_slice_whose_token_expired_is_fetched_with_a_new_one_and_stored(
     assert registry.storage_gets(layer) == 2  # one per slice: none relayed
 
 
+def test_without_the_cache_a_tampered_layer_asked_as_a_whole_range_is_aborted(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    url = f"/v2/library/app/blobs/{layer}"
+    with _relay(registry, tmp_path, cache=False) as relay:
+        whole = httpx.get(relay.url + url, headers={"range": "bytes=0-"}, timeout=60)
+        registry.tampered[layer] = LAYER[:-1] + b"!"
+        with pytest.raises(httpx.TransportError):  # reset or cut: never complete
+            httpx.get(relay.url + url, headers={"range": "bytes=0-"}, timeout=60)
+        relay.check_invariants()
+    assert whole.status_code == 206
+    assert whole.content == LAYER
+
+
 def test_a_tampered_layer_never_reaches_a_client_as_complete(
     registry: FakeRegistry, tmp_path: Path
 ) -> None:

@@ -73,3 +73,24 @@ async def test_tampered_bytes_after_a_resume_abort_the_transfer(
     assert ranges[0] is None
     assert len(ranges) == 2
     assert (ranges[1] or "").startswith(f"bytes={CUT}-")
+
+
+@pytest.mark.parametrize("asked", ["bytes=0-", f"bytes=0-{len(LAYER) - 1}"])
+async def test_without_the_cache_a_range_of_the_whole_blob_is_verified(
+    tmp_path: Path, asked: str
+) -> None:
+    """A relayed 206 holding every byte of the blob is checked against its digest like a
+    200 (a part of it cannot be, and is relayed as it comes)."""
+    registry = FakeRegistry()
+    layer = registry.add_blob(LAYER)
+    mirror = _mirror(tmp_path, registry, cached=False)
+    async with mirror.running():
+        whole = await mirror.get("/v2/library/a/blobs/" + layer, range=asked)
+        assert whole.status == 206
+        assert whole.completed
+        assert whole.body == LAYER
+        registry.tampered[layer] = LAYER[:-1] + b"\x00"
+        with pytest.raises(TransferAborted):
+            await mirror.get("/v2/library/a/blobs/" + layer, range=asked)
+        part = await mirror.get("/v2/library/a/blobs/" + layer, range="bytes=0-999")
+        assert part.body == LAYER[:1000]
