@@ -1,5 +1,6 @@
 """Answering one registry request: blobs and manifests by digest through the cache (keyed by
-the digest alone), tags through the tag map and a HEAD, tag lists and referrers relayed.
+the digest alone), tags through their records in the cache and a HEAD, tag lists and
+referrers relayed.
 
 - Blob `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>`: with the cache, a content-addressed object
   (`blob_key`: the digest, not the repository or route) answered by `CachedResponse`: one
@@ -13,7 +14,7 @@ the digest alone), tags through the tag map and a HEAD, tag lists and referrers 
   every blob is relayed verified.
 - Manifest by digest: the same, under `manifest_key` (its own Content-Type kept).
 - Manifest by tag: `relay.registry.tags`. A fresh tag answers from the manifest stored by its
-  digest (a HEAD from the tag map alone); a stale or unknown one is checked with a HEAD
+  digest (a HEAD from the tag's record alone); a stale or unknown one is checked with a HEAD
   upstream first. The answer's Cache-Status is the tag's (RFC 9211): `hit; ttl=` (fresh),
   `fwd=stale; fwd-status=304` (checked: same digest), `fwd=stale` (moved), `fwd=miss` (new),
   `hit; fwd=stale; fwd-status=<status>; detail="stale-if-error"` (the HEAD failed, 429 or
@@ -259,7 +260,7 @@ class RegistryResponse(Response):
         return await self._tagged(method, entry)
 
     async def _tagged(self, method: str, entry: TagEntry) -> Response:
-        """The manifest a tag names: a HEAD from what the tag map says, a GET from the
+        """The manifest a tag names: a HEAD from what the tag's record says, a GET from the
         manifest stored by digest (fetched by digest if it is not)."""
         if method == "HEAD":
             return _manifest_head(entry)
