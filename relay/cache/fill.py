@@ -19,11 +19,8 @@ clients waiting on a 503 cost the upstream one request; one meant for one client
 first client that takes it (`claim`); one the file cannot hold is kept open for the first GET
 that takes it (`take_response`). Readers read through `read_fd`, which stays open until the
 fill is over and its last client gone, whatever becomes of the file's name. A purged fill
-(`purged`) finishes serving its readers but publishes nothing.
-
-A fill's request may carry a way to authorize it again (`REAUTHORIZE`, set by whoever built it
-with a credential that can expire: a registry's token): a 401 to it, or to one of its resumes,
-is then answered by one retry with the new credential, never more per request.
+(`purged`) finishes serving its readers but publishes nothing. A request that can be authorized
+again is, once, after a 401 (`relay.cache.reauthorize`).
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import httpx
@@ -45,6 +41,7 @@ from relay.cache.index import Entry
 from relay.cache.overflow import HandOver, Overflow, Rest
 from relay.cache.partial import open_partial, publish, write_at
 from relay.cache.policy import freshens, vary_of
+from relay.cache.reauthorize import carry_over, open_authorized
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import TransferAborted, UpstreamError
@@ -59,13 +56,6 @@ if TYPE_CHECKING:
     pass
 
 logger = logging.getLogger(__name__)
-
-
-#: Request extension: `Reauthorize`, how to retry the request once after a 401 (see the module).
-REAUTHORIZE = "relay.reauthorize"
-Reauthorize = Callable[[httpx.Request, httpx.Response], Awaitable["httpx.Request | None"]]
-"""(the request sent, its 401) -> the request to retry with a new credential, or None when
-there is none to be had (the 401 then stands); raises UpstreamError when getting one failed."""
 
 
 class FillAbandoned(Exception):
@@ -294,33 +284,13 @@ class Fill(SharedFill):
         self._opening = True
         sent_at = self._clock.monotonic()
         try:
-            response = await self._upstream.open(request, self._route, background=self.background)
-            reauthorize: Reauthorize | None = request.extensions.get(REAUTHORIZE)
-            if response.status_code == 401 and reauthorize is not None:
-                response = await self._authorized(request, response, reauthorize)
+            response = await open_authorized(
+                self._upstream, request, self._route, background=self.background
+            )
         finally:
             self._opening = False
         self._ttfb = self._clock.monotonic() - sent_at
         return response
-
-    async def _authorized(
-        self, request: httpx.Request, refused: httpx.Response, reauthorize: Reauthorize
-    ) -> httpx.Response:
-        """The answer to `request` sent again with a new credential after its 401 (once), or
-        the 401 itself when there is none to be had."""
-        try:
-            retry = await reauthorize(request, refused)
-        except UpstreamError as exc:
-            logger.warning("cache fill: cannot authorize again after a 401: %s", exc.reason)
-            return refused
-        except BaseException:
-            await asyncio.shield(refused.aclose())
-            raise
-        if retry is None:
-            return refused
-        await asyncio.shield(refused.aclose())
-        logger.info("cache fill: 401 with an expired credential, retried once with a new one")
-        return await self._upstream.open(retry, self._route, background=self.background)
 
     async def _close_response(self) -> None:
         """Close the upstream response the fill holds, if any (shielded: a close must finish
@@ -544,8 +514,7 @@ class Fill(SharedFill):
                 resume_request_headers(plan, failed, self.written),
                 self._route,
             )
-            if REAUTHORIZE in failed.extensions:
-                request.extensions[REAUTHORIZE] = failed.extensions[REAUTHORIZE]
+            carry_over(failed, request)
             try:
                 response = self._response = await self._open(request)
             except UpstreamError as exc:
@@ -601,4 +570,4 @@ class DigestMismatch(OSError):
     """The completed body does not match the digest the upstream announced."""
 
 
-__all__ = ["REAUTHORIZE", "DigestMismatch", "Fill", "FillAbandoned", "Reauthorize"]
+__all__ = ["DigestMismatch", "Fill", "FillAbandoned"]

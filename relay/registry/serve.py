@@ -33,8 +33,8 @@ import httpx
 from starlette.responses import Response
 
 from relay.cache.cache import Cache
-from relay.cache.fill import REAUTHORIZE
 from relay.cache.policy import cache_status
+from relay.cache.reauthorize import REAUTHORIZE
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.errors import RelayError, UpstreamError
