@@ -30,13 +30,19 @@ def _blob_gets(registry: FakeRegistry) -> list[dict[str, str]]:
     ]
 
 
+def _cut_blob() -> tuple[FakeRegistry, str]:
+    """A registry whose blob (no ETag, no Accept-Ranges) is cut at `CUT` once; its digest."""
+    registry = FakeRegistry(accept_ranges=False)
+    layer = registry.add_blob(LAYER)
+    registry.cut_once[layer] = CUT
+    return registry, layer
+
+
 @pytest.mark.parametrize("cached", [True, False])
 async def test_a_blob_without_validator_cut_mid_body_is_resumed_byte_exact(
     tmp_path: Path, cached: bool
 ) -> None:
-    registry = FakeRegistry(accept_ranges=False)
-    layer = registry.add_blob(LAYER)
-    registry.cut_once[layer] = CUT
+    registry, layer = _cut_blob()
     mirror = _mirror(tmp_path, registry, cached)
     async with mirror.running():
         client = await mirror.get("/v2/library/a/blobs/" + layer)
@@ -57,9 +63,7 @@ async def test_a_blob_without_validator_cut_mid_body_is_resumed_byte_exact(
 async def test_tampered_bytes_after_a_resume_abort_the_transfer(
     tmp_path: Path, cached: bool
 ) -> None:
-    registry = FakeRegistry(accept_ranges=False)
-    layer = registry.add_blob(LAYER)
-    registry.cut_once[layer] = CUT
+    registry, layer = _cut_blob()
     registry.tampered_ranges[layer] = LAYER[:-1] + b"\x00"
     mirror = _mirror(tmp_path, registry, cached)
     async with mirror.running():
