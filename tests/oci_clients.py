@@ -16,6 +16,20 @@ containerd's content store refuses a blob whose digest differs.
   (containerd then sends `?ns=registry.test`). Returns the pulled top-level digest.
 
 A failed client raises `ClientFailed` with the end of its output.
+
+What it takes to run them here without touching the machine (found by trying; Debian 12's
+skopeo 1.9, podman 4.3, containerd 1.6): every containers/image path through the environment
+(`HOME`, `XDG_*`, `TMPDIR`, `CONTAINERS_REGISTRIES_CONF`, `CONTAINERS_CONF` and
+`REGISTRY_AUTH_FILE`, the last two files must exist) plus `--policy` for skopeo (podman reads
+/etc/containers/policy.json, read-only); podman's `--root`, `--runroot` (under 50 characters,
+else it refuses), `--tmpdir`, vfs, `--cgroup-manager cgroupfs --events-backend none`; an
+`insecure = true` mirror is tried with TLS first, so a plain-http server must answer a
+ClientHello at once (uvicorn answers 400; tests/oci_fault_proxy.py closes). skopeo copies to an
+OCI layout compress uncompressed layers unless `--dest-oci-accept-uncompressed-layers` (the
+digests would change). containerd: its own `root`, `state`, gRPC and ttrpc sockets, debug and
+metrics off, the CRI, opt, btrfs, zfs, devmapper, aufs and tracing plugins off; `ctr images
+pull --snapshotter native` unpacks with bind mounts (root with CAP_SYS_ADMIN, as here and in
+CI).
 """
 
 from __future__ import annotations

@@ -140,12 +140,16 @@ def oci_registry(
     oci_layout: OciLayoutFixture, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Registry]:
     _skip_without_registry()
-    with Registry(tmp_path_factory.mktemp("oci-registry")) as registry:
-        for tag in ("v1", "v2"):
-            push_layout(
-                oci_layout.layout.path, tag, registry.host, "small", workdir=oci_layout.workdir
-            )
-        yield registry
+    root = tmp_path_factory.mktemp("oci-registry")
+    try:
+        with Registry(root) as registry:
+            for tag in ("v1", "v2"):
+                push_layout(
+                    oci_layout.layout.path, tag, registry.host, "small", workdir=oci_layout.workdir
+                )
+            yield registry
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the big image: 256 MiB
 
 
 @pytest.fixture(scope="session")
