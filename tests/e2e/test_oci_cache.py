@@ -242,21 +242,3 @@ def test_blobs_are_shared_across_repositories_and_ranges_answered_from_what_is_h
         )
         assert manifest.status_code == 200
     assert fault_proxy.count("GET", "/blobs/" + layer.digest) == 1
-
-
-@needs("docker-registry", "skopeo")
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/registry/tags.py keeps the tag map in memory: after a restart each tag is "
-    "checked upstream again, so with the upstream down a stored tag answers 502 (manifests "
-    "and blobs by digest are still served)",
-)
-def test_a_stored_tag_still_pulls_after_a_relay_restart_with_the_upstream_down(
-    oci_layout: OciLayoutFixture, fault_proxy: FaultProxy, oci_tmp: Path
-) -> None:
-    cache, amd64 = oci_tmp / "cache", oci_layout.v1.manifests["amd64"].digest
-    with oci_relay(fault_proxy.url, cache) as relay:
-        assert skopeo_copy(_ref(relay.port, "small:v1"), oci_tmp / "a", workdir=oci_tmp) == amd64
-    fault_proxy.stop()
-    with oci_relay(fault_proxy.url, cache) as relay:
-        assert skopeo_copy(_ref(relay.port, "small:v1"), oci_tmp / "b", workdir=oci_tmp) == amd64
