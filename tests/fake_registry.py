@@ -32,9 +32,15 @@ class FakeRegistry(LoopbackServer):
         self.tampered: dict[str, bytes] = {}
         self.cut_once: set[str] = set()
         """Digests whose next storage GET sends half the body, then closes."""
+        self.tampered_ranges: dict[str, bytes] = {}
+        """Digests whose ranges are served from these bytes instead of the blob's."""
+        self.validators = True
+        """Whether object storage sends an ETag and `Accept-Ranges` (many send neither)."""
         self.status: int | None = None
         """Answer every manifest request with this status."""
         self.issued: set[str] = set()
+        self.minted = 0
+        """Tokens the realm issued (named by their count: tok-1, tok-2...)."""
         self._lock = threading.Lock()
         self.registry = Site(self._registry)
         self.realm = Site(self._realm)
@@ -64,7 +70,8 @@ class FakeRegistry(LoopbackServer):
 
     def _realm(self, method: str, path: str, headers: dict[str, str]) -> Answer:
         with self._lock:
-            token = f"tok-{len(self.issued) + 1}"
+            self.minted += 1
+            token = f"tok-{self.minted}"
             self.issued.add(token)
         return Answer(200, json.dumps({"token": token, "expires_in": 300}).encode())
 
@@ -100,17 +107,17 @@ class FakeRegistry(LoopbackServer):
         body = self.tampered.get(digest, self.blobs.get(digest))
         if body is None:
             return Answer(404, b"no such key\n")
-        etag = {
-            "ETag": f'"{digest[7:23]}"',
-            "Content-Type": "application/octet-stream",
-            "Accept-Ranges": "bytes",
-        }
+        etag = {"Content-Type": "application/octet-stream"}
+        if self.validators:
+            etag |= {"ETag": f'"{digest[7:23]}"', "Accept-Ranges": "bytes"}
         if "range" in headers:
-            start = int(headers["range"].removeprefix("bytes=").split("-")[0])
+            body = self.tampered_ranges.get(digest, body)
+            first, _, last = headers["range"].removeprefix("bytes=").partition("-")
+            start, end = int(first), min(int(last or len(body) - 1), len(body) - 1)
             return Answer(
                 206,
-                body[start:],
-                {**etag, "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+                body[start : end + 1],
+                {**etag, "Content-Range": f"bytes {start}-{end}/{len(body)}"},
             )
         if method == "GET" and digest in self.cut_once:
             self.cut_once.discard(digest)

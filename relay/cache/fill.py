@@ -19,7 +19,8 @@ clients waiting on a 503 cost the upstream one request; one meant for one client
 first client that takes it (`claim`); one the file cannot hold is kept open for the first GET
 that takes it (`take_response`). Readers read through `read_fd`, which stays open until the
 fill is over and its last client gone, whatever becomes of the file's name. A purged fill
-(`purged`) finishes serving its readers but publishes nothing.
+(`purged`) finishes serving its readers but publishes nothing. A request that can be authorized
+again is, once, after a 401 (`relay.cache.reauthorize`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from relay.cache.index import Entry
 from relay.cache.overflow import HandOver, Overflow, Rest
 from relay.cache.partial import open_partial, publish, write_at
 from relay.cache.policy import freshens, vary_of
+from relay.cache.reauthorize import carry_over, open_authorized
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import TransferAborted, UpstreamError
@@ -285,7 +287,9 @@ class Fill(SharedFill):
         self._opening = True
         sent_at = self._clock.monotonic()
         try:
-            response = await self._upstream.open(request, self._route, background=self.background)
+            response = await open_authorized(
+                self._upstream, request, self._route, background=self.background
+            )
         finally:
             self._opening = False
         self._ttfb = self._clock.monotonic() - sent_at
@@ -490,7 +494,9 @@ class Fill(SharedFill):
                 break
             except httpx.HTTPError as exc:
                 if plan is None and self._owner.config.resume_attempts:
-                    plan = Continuation.for_response(first)
+                    # A whole object named by its digest, verified before it completes.
+                    pinned = self.sha256 if self.slice is None else None
+                    plan = Continuation.for_response(first, pinned=pinned)
                     if self.slice is None and first.status_code == 200:
                         url, headers = first.request.url, first.headers
                         self._pinned = pinned_sha256(self._route, url.path, headers, self.sha256)
@@ -522,6 +528,7 @@ class Fill(SharedFill):
                 self._route,
             )
             mark_continuation(request, self._pinned)
+            carry_over(failed, request)
             try:
                 response = self._response = await self._open(request)
             except UpstreamError as exc:

@@ -41,14 +41,14 @@ async def open_partial(executor: DiskExecutor, store: Store, path: Path) -> tupl
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
-        await _outlast(job)
+        await outlast(job)
         if not job.cancelled() and job.exception() is None:
             for fd in job.result():
                 os.close(fd)
         raise
 
 
-async def _outlast(job: asyncio.Future[T]) -> None:
+async def outlast(job: asyncio.Future[T]) -> None:
     """Wait until a job the caller was cancelled from is over (a thread cannot be stopped);
     its exception, if any, is retrieved: the cancellation is what the caller sees."""
     while not job.done():
@@ -81,5 +81,5 @@ async def write_at(executor: DiskExecutor, fd: int, data: bytes, offset: int, di
     try:
         await asyncio.shield(write)
     except asyncio.CancelledError:
-        await _outlast(write)
+        await outlast(write)
         raise

@@ -26,6 +26,14 @@ verifies over the whole body before its last byte goes out (the mid-body switch)
 then start at N, end where the first response would have and give the same total, and any
 digest it announces must be the pinned one; its validator is not compared.
 
+Pinned by a digest on the same source (`Continuation.pinned`): a body named by its SHA-256 (a
+registry blob, a manifest by digest, a Hub file by its sha256) is the same representation
+wherever its bytes come from, as long as the caller verifies that digest over the whole body
+before its last byte goes out (a mismatch aborts, never a spliced body). Registries, and object
+storage behind their redirects, often send neither a strong validator nor `Accept-Ranges`: such
+a body is continued all the same, by its known length, with `Range: bytes=N-` and no If-Range
+(there is no validator to send), under the same 206 rules and the same digest rule as a switch.
+
 Every failed attempt (a body cut, a resume request that fails to connect or times out, a
 transient status in `RETRY_STATUSES`) counts against one budget, with `Backoff` between them.
 """
@@ -190,31 +198,48 @@ class Continuation:
     """What a body's first response promised, against which every continuation is judged."""
 
     validator: str
-    """The first response's strong validator, sent as If-Range."""
+    """The first response's strong validator, sent as If-Range ("" when the body is pinned
+    by a digest and the response gave none)."""
     start: int = 0
     """Offset of the first body byte of the first response (a client's own Range)."""
     end: int | None = None
     """Offset of the last body byte expected (inclusive); None: to the end of the object."""
     total: int | None = None
     """The representation's complete length, if known."""
+    pinned: str | None = None
+    """The SHA-256 (hex) naming the body, which the caller verifies over the whole body
+    before its last byte goes out (see the module)."""
 
     @classmethod
-    def for_response(cls, response: httpx.Response) -> Continuation | None:
-        """The continuation of a first response's body; None when it cannot be continued."""
+    def for_response(
+        cls, response: httpx.Response, *, pinned: str | None = None
+    ) -> Continuation | None:
+        """The continuation of a first response's body; None when it cannot be continued.
+        `pinned`: the digest the caller verifies the body against (see the module)."""
         if response.request.method != "GET":
             return None
         validator = validator_for(response.headers)
+        if validator is None and pinned:
+            validator = ""  # continued by its digest and known length alone
         if validator is None:
             return None
         if response.status_code == 200:
             total = content_length(response.headers)
+            if not validator and not total:
+                return None  # pinned, but not where it ends
             end = total - 1 if total else None
-            return cls(validator=validator, start=0, end=end, total=total)
+            return cls(validator=validator, start=0, end=end, total=total, pinned=pinned)
         if response.status_code == 206:
             parsed = parse_content_range(response.headers.get("content-range"))
-            if parsed is None:
+            if parsed is None or (not validator and parsed.total is None):
                 return None  # multipart/byteranges or malformed: not resumable
-            return cls(validator=validator, start=parsed.start, end=parsed.end, total=parsed.total)
+            return cls(
+                validator=validator,
+                start=parsed.start,
+                end=parsed.end,
+                total=parsed.total,
+                pinned=pinned,
+            )
         return None
 
     def range_header(self, have: int) -> str:
@@ -222,7 +247,10 @@ class Continuation:
         return f"bytes={self.start + have}-{end}"
 
     def request_headers(self, have: int) -> list[tuple[str, str]]:
-        """What to ask for next, after `have` body bytes: Range and If-Range."""
+        """What to ask for next, after `have` body bytes: Range and If-Range (none without a
+        validator: a body pinned by its digest)."""
+        if not self.validator:
+            return [("range", self.range_header(have))]
         return [("range", self.range_header(have)), ("if-range", self.validator)]
 
     def judge(
@@ -273,14 +301,9 @@ class Continuation:
         if pinned is not None:
             if not pinned:
                 return Verdict(Next.CHANGED, "another mirror, and no digest pins the body")
-            if self.total is None:
-                return Verdict(Next.CHANGED, "another mirror, and the length is not known")
-            try:
-                announced = upstream_sha256(headers)
-            except DigestConflict:
-                announced = "conflicting"
-            if announced not in (None, pinned):
-                return Verdict(Next.CHANGED, "another mirror announces another digest")
+            changed = self._pin_change(headers, pinned)
+            if changed is not None:
+                return Verdict(Next.CHANGED, f"another mirror: {changed}")
             return Verdict(Next.APPEND, total=parsed.total)
         changed = self._validator_change(headers)
         if changed is not None:
@@ -289,6 +312,8 @@ class Continuation:
 
     def _validator_change(self, headers: httpx.Headers) -> str | None:
         """Why the 206 is not known to be the same version, or None when it is."""
+        if not self.validator:
+            return self._pin_change(headers, self.pinned or "")
         if is_strong_etag(self.validator):
             name, value = "ETag", headers.get("etag", "").strip()
         else:
@@ -297,6 +322,20 @@ class Continuation:
             return f"resume answered without the {name} it was asked for"
         if value != self.validator:
             return "validator changed"
+        return None
+
+    def _pin_change(self, headers: httpx.Headers, pinned: str) -> str | None:
+        """A body pinned by its digest (and no comparable validator): a 206 announcing another
+        digest is another body; one announcing none or this one continues it (the caller
+        verifies the whole)."""
+        if self.total is None:
+            return "the length of a pinned body is not known"
+        try:
+            announced = upstream_sha256(headers)
+        except DigestConflict:
+            return "resume announces conflicting digests"
+        if announced is not None and announced != pinned:
+            return "resume announces another digest"
         return None
 
     def _judge_416(self, headers: httpx.Headers, offset: int) -> Verdict:

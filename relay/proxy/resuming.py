@@ -47,14 +47,15 @@ class BodyResumer:
         exchange: Exchange,
         pinned: str | None = None,
     ) -> None:
-        """`pinned`: the SHA-256 the caller checks before the body ends; with it, the body
-        may continue from another of the route's mirrors."""
+        """`pinned`: the SHA-256 the caller checks before the body ends: the body may then be
+        continued without a validator (`relay.http.continuation`), and from another of the
+        route's mirrors."""
         self._upstream = upstream
         self._pinned = pinned
         self._route = route
         self._attempts = attempts
         self._exchange = exchange
-        self._plan = Continuation.for_response(first) if attempts else None
+        self._plan = Continuation.for_response(first, pinned=pinned) if attempts else None
         self._retries = Retries(attempts, STREAM_BACKOFF)
 
     async def resume(

@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from relay.config import Config
 from relay.errors import TransferAborted, UpstreamError, error_response
-from relay.http.continuation import content_length
+from relay.http.continuation import content_length, whole_range_total
 from relay.net.mirrors import pinned_sha256
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable, Target
@@ -79,9 +79,10 @@ class RelayResponse(Response):
         sha256: str | None = None,
         adapt: Callable[[RawHeaders], RawHeaders] | None = None,
     ) -> None:
-        """`sha256`: a 200's body must have this digest: its last chunk is held until the
-        digest is checked, and a mismatch aborts the transfer (a registry's blob relayed
-        without the cache). `adapt`: applied to the response head's headers."""
+        """`sha256`: a whole body (a 200, or a 206 of every byte) must have this digest: its
+        last chunk is held until the digest is checked, and a mismatch aborts the transfer (a
+        registry's blob relayed without the cache); a part of the body cannot be checked.
+        `adapt`: applied to the response head's headers."""
         # Response.__init__ would render a body; this response streams one instead. Nothing of
         # Starlette reads a response it did not build but calls it (its ASGI `__call__`,
         # overridden here), so none of Response's own attributes are needed.
@@ -245,13 +246,17 @@ class RelayResponse(Response):
         clock = asyncio.get_running_loop().time
         watchdog = self._watchdog
         measuring = watchdog.min_rate > 0
-        # A whole body whose identity a digest pins may be continued from another mirror
-        # (`pinned_sha256`): checked like a digest the caller gave, its last chunk held.
+        # A whole body (a 200, or a 206 of every byte) named by a digest is checked before
+        # its last chunk goes out; one whose identity a digest pins (`pinned_sha256`) may also
+        # be continued from another mirror.
+        whole = response.status_code == 200 or (
+            response.status_code == 206 and whole_range_total(response.headers) is not None
+        )
         pinned = None
         if length is not None and response.status_code == 200 and self._resume_attempts:
             path = response.request.url.path
             pinned = pinned_sha256(self._route, path, response.headers, self._sha256)
-        expected = pinned or (self._sha256 if response.status_code == 200 else None)
+        expected = pinned or (self._sha256 if whole else None)
         check = Sha256Check(expected) if expected else None
         try:
             while True:
@@ -288,7 +293,7 @@ class RelayResponse(Response):
                             self._route,
                             0 if rewritten else self._resume_attempts,
                             self._exchange,
-                            pinned,
+                            pinned=expected if check is not None else None,
                         )
                     response = self._response = await resumer.resume(response, sent, exc)
         finally:

@@ -9,10 +9,11 @@ one upstream registry. The pieces, each in its module:
 - `errors`: the registry's JSON error form, relay's errors mapped onto its codes;
 - `auth`: the upstream token dance done by relay (tokens per route and scope, bounded);
 - `upstream`: relay's own requests to a registry, and its non-200 answers mapped;
-- `tags`: tag -> digest, with a freshness per route, revalidated by HEAD;
+- `tags`: tag -> digest, a record in the cache (it survives a restart), with a freshness per
+  route, revalidated by HEAD;
 - `heads`: the exact response heads (digest, type, length);
 - `serve`: blobs and manifests by digest through the cache (content-addressed: keyed by the
-  digest alone), tags via the tag map, listings relayed; `relayed`: what the cache does not
+  digest alone), tags via their records, listings relayed; `relayed`: what the cache does not
   take, relayed with the body checked against its digest;
 - `endpoint`: the `/v2/` endpoint (client authentication, routing, `GET /v2/`).
 

@@ -121,6 +121,6 @@ class RegistryRelay(Response):
             client=relaying.client,
             config=relaying.config,
             opened=opened,
-            sha256=self._sha256,  # checked on a whole body (a 200) only
+            sha256=self._sha256,  # checked on a whole body (a 200, a 206 of it all) only
             adapt=self._adapt,
         )

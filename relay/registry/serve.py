@@ -1,5 +1,6 @@
 """Answering one registry request: blobs and manifests by digest through the cache (keyed by
-the digest alone), tags through the tag map and a HEAD, tag lists and referrers relayed.
+the digest alone), tags through their records in the cache and a HEAD, tag lists and
+referrers relayed.
 
 - Blob `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>`: with the cache, a content-addressed object
   (`blob_key`: the digest, not the repository or route) answered by `CachedResponse`: one
@@ -13,7 +14,7 @@ the digest alone), tags through the tag map and a HEAD, tag lists and referrers 
   every blob is relayed verified.
 - Manifest by digest: the same, under `manifest_key` (its own Content-Type kept).
 - Manifest by tag: `relay.registry.tags`. A fresh tag answers from the manifest stored by its
-  digest (a HEAD from the tag map alone); a stale or unknown one is checked with a HEAD
+  digest (a HEAD from the tag's record alone); a stale or unknown one is checked with a HEAD
   upstream first. The answer's Cache-Status is the tag's (RFC 9211): `hit; ttl=` (fresh),
   `fwd=stale; fwd-status=304` (checked: same digest), `fwd=stale` (moved), `fwd=miss` (new),
   `hit; fwd=stale; fwd-status=<status>; detail="stale-if-error"` (the HEAD failed, 429 or
@@ -33,6 +34,7 @@ from starlette.responses import Response
 
 from relay.cache.cache import Cache
 from relay.cache.policy import cache_status
+from relay.cache.reauthorize import REAUTHORIZE
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.errors import RelayError, UpstreamError
@@ -156,8 +158,25 @@ class RegistryResponse(Response):
         ru = self._relaying.upstream
         headers = ru.headers(accept=accept)
 
+        async def reauthorize(sent: httpx.Request, refused: httpx.Response) -> httpx.Request | None:
+            """A slice or a resume whose token expired meanwhile: a new one (the registry's
+            own 401 only: a redirect's host never gets the token)."""
+            if refused.request.url.netloc != sent.url.netloc:
+                return None
+            fresh = await auth.after_401(route, refused, request.scope)
+            kept = [(n, v) for n, v in sent.headers.multi_items() if n.lower() != "authorization"]
+            retry = ru.upstream.build_request(
+                sent.method, sent.url, [*kept, ("authorization", fresh)], route
+            )
+            retry.extensions[REAUTHORIZE] = reauthorize
+            return retry
+
         def fill_request() -> httpx.Request:
-            return ru.build("GET", request, headers, authorization, path=path)
+            # Each slice's request carries the newest token kept, as long as it is.
+            current = auth.known(route, request.scope) or authorization
+            built = ru.build("GET", request, headers, current, path=path)
+            built.extensions[REAUTHORIZE] = reauthorize
+            return built
 
         def fallback(opened: httpx.Response | None = None) -> Response:
             return self._relay(
@@ -185,17 +204,19 @@ class RegistryResponse(Response):
     async def _tag(self, method: str) -> Response:
         request = self._request
         accept = self._accept()
-        if self._cache is None:
+        cache = self._cache
+        if cache is None:
             return self._relay(method, adapt=manifest_head(None), accept=accept)
         route = self._route
         tags = self._tags
         key = tags.key(route, request.name, request.reference, accept)
-        entry = tags.get(key)
+        entry = tags.get(cache, key)
         if entry is not None and tags.ttl(entry, route) > 0:
             self._status = cache_status(hit=True, ttl=tags.ttl(entry, route))
             self._counted("hit")
             return await self._tagged(method, entry)
         ru = self._relaying.upstream
+        asked_at = tags.now()
         try:
             response = await ru.open("HEAD", request, ru.headers(accept=accept))
         except UpstreamError as exc:
@@ -208,7 +229,7 @@ class RegistryResponse(Response):
                 await asyncio.shield(response.aclose())
                 return await self._stale(method, entry, status)
             if status == 404:
-                tags.drop(key)
+                tags.drop(cache, key)
             raise await refusal(response, request)
         await asyncio.shield(response.aclose())
         digest = response.headers.get("docker-content-digest", "").strip()
@@ -227,7 +248,8 @@ class RegistryResponse(Response):
             self._status = cache_status(hit=False, fwd="stale", fwd_status=304)
             self._counted("revalidated")
         media_type = response.headers.get("content-type", "")
-        entry = tags.set(key, digest, media_type, int(length))
+        answer = TagEntry(digest, media_type, int(length), asked_at)
+        entry = await tags.set(cache, key, route, str(response.request.url), answer)
         return await self._tagged(method, entry)
 
     async def _stale(self, method: str, entry: TagEntry, status: int) -> Response:
@@ -238,7 +260,7 @@ class RegistryResponse(Response):
         return await self._tagged(method, entry)
 
     async def _tagged(self, method: str, entry: TagEntry) -> Response:
-        """The manifest a tag names: a HEAD from what the tag map says, a GET from the
+        """The manifest a tag names: a HEAD from what the tag's record says, a GET from the
         manifest stored by digest (fetched by digest if it is not)."""
         if method == "HEAD":
             return _manifest_head(entry)

@@ -57,6 +57,14 @@ def route(*bases: str, **keys: object) -> Route:
     return Route(prefix="/m/", upstreams=mirrors, allow_private=True, **keys)  # type: ignore[arg-type]
 
 
+def _resumed_at_most(range_header: str | None, cut: int) -> bool:
+    """A continuation's Range asks from a byte at most where the first mirror cut the body
+    (the bytes relay had when the cut was seen: the transport may drop what it buffered
+    with the error), to the body's end."""
+    start, _, end = (range_header or "").removeprefix("bytes=").partition("-")
+    return start.isdigit() and 0 < int(start) <= cut and end == str(MiB - 1)
+
+
 def asked(origin: Origin, tag: str) -> list[str | None]:
     """The Range of each request `origin` got for the test's `tag` (None: no Range)."""
     return [r.header("range") for r in origin.requests if tag in r.target]
@@ -265,7 +273,8 @@ def test_a_pinned_body_continues_from_the_next_mirror_byte_exact(
     else:  # pragma: no cover - curl is in the test image
         assert get(url) == (True, 200, SHA_1M, MiB)
     assert asked(origin, tag) == [None]
-    assert asked(second, tag) == [f"bytes=300000-{MiB - 1}"]
+    (resumed,) = asked(second, tag)
+    assert _resumed_at_most(resumed, 300000)
     assert if_ranges(second, tag) == [None]  # another mirror's validator means nothing
     assert relay.settled()
     if cached:  # stored under the route's key: a hit, nothing asked again
@@ -294,7 +303,7 @@ def test_a_pinned_body_continued_with_other_bytes_is_aborted(
         else:  # pragma: no cover
             assert not get(url)[0]
         assert len(asked(origin, tag)) == attempt
-        assert asked(second, tag)[-1] == f"bytes=300000-{MiB - 1}"
+        assert _resumed_at_most(asked(second, tag)[-1], 300000)
         assert relay.settled()
 
 
@@ -313,7 +322,8 @@ def test_an_unpinned_body_resumes_from_its_own_mirror_only(
         )
     )
     assert get(f"{relay.url}/m/gen/{MiB}?t={tag}") == (True, 200, SHA_1M, MiB)
-    assert asked(origin, tag) == [None, f"bytes=300000-{MiB - 1}"]
+    first, resumed = asked(origin, tag)
+    assert first is None and _resumed_at_most(resumed, 300000)
     assert asked(second, tag) == []
     assert relay.settled()
 

@@ -54,6 +54,16 @@ def _relay(
     return running_relay(config)
 
 
+def _storage_gets(registry: FakeRegistry, digest: str) -> list[dict[str, str]]:
+    """The headers of object storage's GETs of one blob."""
+    storage = registry.storage
+    return [
+        headers
+        for (method, path, _), headers in zip(storage.requests, storage.headers, strict=True)
+        if method == "GET" and digest in path
+    ]
+
+
 def test_concurrent_cold_pulls_cost_the_upstream_one_fetch_per_blob(
     registry: FakeRegistry, tmp_path: Path
 ) -> None:
@@ -86,6 +96,81 @@ def test_a_layer_cut_mid_body_is_resumed(registry: FakeRegistry, tmp_path: Path)
     assert digest_of(blob.content) == layer
     assert again.headers["cache-status"].startswith("relay; hit")
     assert any(r.startswith("bytes=") for r in registry.storage.ranges)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_layer_without_validators_cut_mid_body_is_resumed_by_its_digest(
+    registry: FakeRegistry, tmp_path: Path, cache: bool
+) -> None:
+    """Object storage sends no ETag nor Accept-Ranges: the layer, named by its digest, is
+    resumed all the same (Range, no If-Range), byte-exact."""
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    registry.validators = False
+    registry.cut_once.add(layer)
+    with _relay(registry, tmp_path, cache=cache) as relay:
+        blob = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert blob.status_code == 200
+    assert blob.content == LAYER
+    gets = _storage_gets(registry, layer)
+    assert len(gets) == 2
+    assert gets[1]["range"].startswith("bytes=")
+    assert "if-range" not in gets[1]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_tampered_bytes_after_a_resume_never_reach_a_client_as_complete(
+    registry: FakeRegistry, tmp_path: Path, cache: bool
+) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    registry.validators = False
+    registry.cut_once.add(layer)
+    registry.tampered_ranges[layer] = LAYER[:-1] + b"!"
+    with _relay(registry, tmp_path, cache=cache) as relay:
+        with pytest.raises(httpx.TransportError):  # reset or cut: never complete
+            httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    ranges = [h.get("range") for h in _storage_gets(registry, layer)]
+    assert ranges[0] is None
+    assert (ranges[1] or "").startswith("bytes=")  # resumed, then found not to match its digest
+
+
+def test_a_slice_whose_token_expired_is_fetched_with_a_new_one_and_stored(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    """A long answer's later slice meets a 401 (the registry no longer takes relay's token):
+    relay gets a new token, retries that slice once, and stores it (not relayed instead)."""
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    url = f"/v2/library/app/blobs/{layer}"
+    with _relay(registry, tmp_path) as relay, httpx.Client(base_url=relay.url) as client:
+        first = client.get(url, headers={"range": "bytes=0-999"})
+        tokens = set(registry.issued)
+        registry.issued.clear()  # expired upstream
+        later = client.get(url, headers={"range": f"bytes={3 * MiB}-{3 * MiB + 999}"})
+        again = client.get(url, headers={"range": f"bytes={3 * MiB}-{3 * MiB + 999}"})
+        relay.check_invariants()
+    assert first.content == LAYER[:1000]
+    assert later.status_code == 206
+    assert later.content == LAYER[3 * MiB : 3 * MiB + 1000]
+    assert later.headers["cache-status"] == "relay; fwd=miss"
+    assert again.headers["cache-status"].startswith("relay; hit")
+    assert registry.issued - tokens  # a new token
+    assert registry.storage_gets(layer) == 2  # one per slice: none relayed
+
+
+def test_without_the_cache_a_tampered_layer_asked_as_a_whole_range_is_aborted(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    _, layer = registry.add_image("library/app", "1", LAYER)
+    url = f"/v2/library/app/blobs/{layer}"
+    with _relay(registry, tmp_path, cache=False) as relay:
+        whole = httpx.get(relay.url + url, headers={"range": "bytes=0-"}, timeout=60)
+        registry.tampered[layer] = LAYER[:-1] + b"!"
+        with pytest.raises(httpx.TransportError):  # reset or cut: never complete
+            httpx.get(relay.url + url, headers={"range": "bytes=0-"}, timeout=60)
+        relay.check_invariants()
+    assert whole.status_code == 206
+    assert whole.content == LAYER
 
 
 def test_a_tampered_layer_never_reaches_a_client_as_complete(
@@ -121,6 +206,34 @@ def test_a_stored_tag_pulls_with_the_registry_stopped(
     assert "stale-if-error" in stopped.headers["cache-status"]
     assert stopped.content == first.content
     assert stopped.headers["docker-content-digest"] == manifest
+    assert digest_of(blob.content) == layer
+
+
+def test_a_stored_tag_pulls_after_a_restart_with_the_registry_stopped(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    """The tag's answer is stored in the cache: a relay restarted on the same cache_dir
+    answers it (stale, saying so) while the registry is down, and its blob from the cache."""
+    manifest, layer = registry.add_image("library/app", "1", LAYER)
+    with _relay(registry, tmp_path, tag_max_age=0.0) as relay:
+        first = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        assert first.status_code == 200
+        httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    registry.registry.__exit__(None, None, None)
+    with _relay(registry, tmp_path, tag_max_age=0.0) as relay:
+        tag = httpx.get(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        head = httpx.head(f"{relay.url}/v2/library/app/manifests/1", headers=ACCEPT)
+        blob = httpx.get(f"{relay.url}/v2/library/app/blobs/{layer}", timeout=60)
+        relay.check_invariants()
+    assert tag.status_code == 200
+    assert tag.headers["cache-status"].endswith(
+        'fwd=stale; fwd-status=502; detail="stale-if-error"'
+    )
+    assert tag.content == first.content
+    assert tag.headers["docker-content-digest"] == manifest
+    assert head.headers["docker-content-digest"] == manifest
+    assert head.headers["content-length"] == str(len(first.content))
     assert digest_of(blob.content) == layer
 
 

@@ -383,3 +383,66 @@ async def test_stream_resume_statuses_spend_resume_attempts_then_abort() -> None
         await _relay(upstream, resume_attempts=2)
     assert len(upstream.ranges) == 3
     assert all(body.closed for body in upstream.bodies)
+
+
+# ---- a body pinned by its digest ----------------------------------------------------------------
+
+PIN = "ab" * 32
+PINNED = Continuation(validator="", total=100, end=99, pinned=PIN)
+_SHA256_B64 = "q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s="  # base64 of bytes.fromhex(PIN)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (h(content_range="bytes 40-99/100"), Next.APPEND),
+        (h(content_range="bytes 40-99/100", etag='"anything"'), Next.APPEND),
+        (h(content_range="bytes 40-99/100", repr_digest=f"sha-256=:{_SHA256_B64}:"), Next.APPEND),
+        (
+            h(content_range="bytes 40-99/100", repr_digest="sha-256=:" + "A" * 43 + "=:"),
+            Next.CHANGED,
+        ),
+        (h(content_range="bytes 40-99/101"), Next.CHANGED),
+        (h(content_range="bytes 41-99/100"), Next.BAD_RANGE),
+    ],
+)
+def test_a_body_pinned_by_its_digest_continues_without_a_validator(
+    headers: httpx.Headers, expected: Next
+) -> None:
+    """If the body is named by a SHA-256 the caller verifies, a 206 at the offset with the
+    same total continues it whatever its validator; one announcing another digest does not."""
+    assert PINNED.judge(206, headers, 40).next is expected
+
+
+def test_a_pinned_plan_asks_for_the_rest_without_if_range() -> None:
+    assert PINNED.request_headers(40) == [("range", "bytes=40-99")]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "pinned", "expected"),
+    [
+        # no validator, no Accept-Ranges: continued by the digest and the length
+        (200, {"content-length": "100"}, PIN, PINNED),
+        (200, {"content-length": "100"}, None, None),
+        (200, {}, PIN, None),  # pinned, but where it ends is not known
+        (
+            206,
+            {"content-range": "bytes 10-19/100"},
+            PIN,
+            Continuation(validator="", start=10, end=19, total=100, pinned=PIN),
+        ),
+        (206, {"content-range": "bytes 10-19/*"}, PIN, None),
+        # a strong validator stays what a continuation is judged by
+        (
+            200,
+            {"content-length": "100", "etag": ETAG, "accept-ranges": "bytes"},
+            PIN,
+            Continuation(validator=ETAG, end=99, total=100, pinned=PIN),
+        ),
+    ],
+)
+def test_which_first_responses_a_pin_makes_continuable(
+    status: int, headers: dict[str, str], pinned: str | None, expected: object
+) -> None:
+    plan = Continuation.for_response(response(status, **headers), pinned=pinned)
+    assert plan == expected

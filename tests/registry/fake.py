@@ -22,12 +22,16 @@ def digest_of(body: bytes) -> str:
 
 
 class _Chunks(httpx.AsyncByteStream):
-    def __init__(self, body: bytes, size: int = 65536) -> None:
+    def __init__(self, body: bytes, size: int = 65536, cut_after: int | None = None) -> None:
         self._body = body
         self._size = size
+        self._cut_after = cut_after
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        cut = self._cut_after
         for start in range(0, len(self._body), self._size):
+            if cut is not None and start >= cut:
+                raise httpx.ReadError("connection reset by the fake registry")
             yield self._body[start : start + self._size]
 
 
@@ -44,6 +48,17 @@ class FakeRegistry:
     """Answer every manifest request with this status (429, 503...)."""
     tampered: dict[str, bytes] = field(default_factory=dict)
     """digest -> the bytes served instead of the blob's own."""
+    tampered_ranges: dict[str, bytes] = field(default_factory=dict)
+    """digest -> the bytes a range of the blob is served from instead of its own."""
+    cut_once: dict[str, int] = field(default_factory=dict)
+    """digest -> the next whole GET of the blob is cut (a read error) after about this
+    many bytes (whole chunks)."""
+    accept_ranges: bool = True
+    """Whether blob answers say `Accept-Ranges: bytes`."""
+    etag: bool = False
+    """Whether blob answers carry the digest as a strong ETag (as distribution's do)."""
+    minted: int = 0
+    """Tokens the realm issued (each named by its count: tok-1, tok-2...)."""
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -163,7 +178,8 @@ class FakeRegistry:
         return None
 
     def _token(self, request: httpx.Request) -> httpx.Response:
-        token = f"tok-{len(self.issued) + 1}"
+        self.minted += 1
+        token = f"tok-{self.minted}"
         self.issued.add(token)
         return httpx.Response(200, json={"token": token, "expires_in": self.expires_in})
 
@@ -190,13 +206,14 @@ class FakeRegistry:
         if digest not in self.blobs:
             return _error(404, "BLOB_UNKNOWN")
         body = self.tampered.get(digest, self.blobs[digest])
-        headers = {
-            "content-type": "application/octet-stream",
-            "x-amz-request-id": "r1",
-            "accept-ranges": "bytes",
-        }
+        headers = {"content-type": "application/octet-stream", "x-amz-request-id": "r1"}
+        if self.accept_ranges:
+            headers["accept-ranges"] = "bytes"
+        if self.etag:
+            headers["etag"] = f'"{digest}"'
         asked = request.headers.get("range", "").removeprefix("bytes=")
         if asked:
+            body = self.tampered_ranges.get(digest, body)
             first, _, last = asked.partition("-")
             start, stop = int(first), min(int(last) + 1 if last else len(body), len(body))
             headers["content-range"] = f"bytes {start}-{stop - 1}/{len(body)}"
@@ -205,7 +222,8 @@ class FakeRegistry:
         headers["content-length"] = str(len(body))
         if request.method == "HEAD":
             return httpx.Response(200, headers=headers)
-        return httpx.Response(200, headers=headers, stream=_Chunks(body))
+        cut = self.cut_once.pop(digest, None)
+        return httpx.Response(200, headers=headers, stream=_Chunks(body, cut_after=cut))
 
 
 def _error(status: int, code: str, headers: dict[str, str] | None = None) -> httpx.Response:
