@@ -5,8 +5,10 @@ over an `httpx.MockTransport` origin."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from relay import Config, Route, create_app
 from relay.cache.cache import Cache
 from relay.cache.clock import ManualClock
+from relay.config import Mirror
 from relay.errors import TransferAborted
 from tests.asgi import Client, http_scope, lifespan_state
 
@@ -33,6 +36,20 @@ class _Body(httpx.AsyncByteStream):
 PATH = f"/debian/dists/stable/main/binary-amd64/by-hash/SHA256/{NAME}"
 
 
+@asynccontextmanager
+async def _relay(
+    tmp_path: Path, mirrors: list[str], handler: Callable[[httpx.Request], httpx.Response]
+) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    """relay's app with a debian route over `mirrors` (its app and lifespan state)."""
+    route = Route(
+        prefix="/debian/", upstreams=tuple(Mirror(url=u) for u in mirrors), preset="debian"
+    )
+    config = Config(routes=(route,), cache_dir=str(tmp_path), cache_max_bytes=1 << 24)
+    app = create_app(config, transport=httpx.MockTransport(handler), clock=ManualClock())
+    async with lifespan_state(app) as state:
+        yield app, state
+
+
 @pytest.mark.parametrize("upstreams", [1, 2])
 async def test_a_by_hash_file_with_other_bytes_is_aborted_and_never_stored(
     tmp_path: Path, upstreams: int
@@ -50,10 +67,7 @@ async def test_a_by_hash_file_with_other_bytes_is_aborted_and_never_stored(
         return httpx.Response(200, headers={"content-length": str(len(wrong))}, stream=_Body(wrong))
 
     mirrors = ["http://first.test/debian/", "http://second.test/debian/"][-upstreams:]
-    route = Route(prefix="/debian/", upstreams=tuple(mirrors), preset="debian")
-    config = Config(routes=(route,), cache_dir=str(tmp_path), cache_max_bytes=1 << 24)
-    app = create_app(config, transport=httpx.MockTransport(handler), clock=ManualClock())
-    async with lifespan_state(app) as state:
+    async with _relay(tmp_path, mirrors, handler) as (app, state):
         cache: Cache = state["cache"]
         for _ in range(2):
             client = Client()
@@ -72,10 +86,7 @@ async def test_a_by_hash_file_with_its_own_bytes_is_stored_verified(tmp_path: Pa
         seen.append(request)
         return httpx.Response(200, headers={"content-length": str(len(BODY))}, stream=_Body(BODY))
 
-    route = Route(prefix="/debian/", upstream="http://first.test/debian/", preset="debian")
-    config = Config(routes=(route,), cache_dir=str(tmp_path), cache_max_bytes=1 << 24)
-    app = create_app(config, transport=httpx.MockTransport(handler), clock=ManualClock())
-    async with lifespan_state(app) as state:
+    async with _relay(tmp_path, ["http://first.test/debian/"], handler) as (app, state):
         cache: Cache = state["cache"]
         for _ in range(2):
             client = Client()
