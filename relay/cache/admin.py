@@ -90,7 +90,7 @@ class _NotFound(ClientError):
 async def _json_field(request: Request, name: str) -> str:
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays or objects
         raise ClientError("body must be JSON") from None
     value = body.get(name) if isinstance(body, dict) else None
     if not isinstance(value, str) or not value.startswith("/"):

@@ -49,7 +49,7 @@ from relay.cache.storable import TOO_LARGE, VARY_LEARNED
 from relay.cache.store import Meta, Store
 from relay.cache.workers.index import LedgerIndex
 from relay.cache.workers.lead import Lead
-from relay.cache.workers.leading import Leading
+from relay.cache.workers.leading import Leading, release_when_done
 from relay.cache.workers.shared import Shared
 from relay.config import SINGLE_PROCESS, Config, Route, WorkerInfo
 from relay.errors import StartupError
@@ -244,13 +244,13 @@ class Cache:
         )
 
     def start(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
-        """Run the fill as a tracked task; `base`: its object's base key; `lead`: its key's
-        fill lock (several workers)."""
+        """Run the fill as a tracked task (`base`: its object's key; `lead`: its fill lock)."""
         self.fills[fill.key] = fill
         task = asyncio.create_task(self._run(fill, base, lead), name=f"cache fill {fill.key[:80]}")
         fill.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        release_when_done(task, self.leading, lead)
 
     async def _run(self, fill: Fill, base: str, lead: Lead | None = None) -> None:
         try:

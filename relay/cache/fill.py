@@ -48,7 +48,7 @@ from relay.errors import TransferAborted, UpstreamError
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.resume import mark_continuation, resume_request_headers
-from relay.net.mirrors import pinned_sha256
+from relay.net.mirrors import named_sha256, pinned_sha256
 from relay.net.presets import linked_sha256
 from relay.net.routing import RouteTable
 from relay.net.upstream import Upstream
@@ -548,8 +548,10 @@ class Fill(SharedFill):
     async def _publish(self, fd: int, headers: httpx.Headers) -> None:
         assert self.meta is not None
         whole = self.slice is None
+        # A digest the path names (Debian by-hash) before any the upstream announces.
+        named = self.sha256 or named_sha256(self._route, self._request.url.path)
         expected = (
-            (self.sha256 or upstream_sha256(headers) or linked_sha256(headers) or self._pinned)
+            (named or upstream_sha256(headers) or linked_sha256(headers) or self._pinned)
             if whole
             else None
         )

@@ -12,8 +12,9 @@ Failures are sorted here: dropped, reset, refused or timed out is worth another 
 (`AttemptFailed`); too many redirects is an HTTP error; anything else ends the run.
 
 Mirrors (`--mirror URL`, the same file elsewhere) follow a route's rules (`relay.net.mirrors`):
-before the first byte the next URL is asked on 404/410, or with `--failover any` also on a
-connect error, timeout, 5xx or 429; a continuation goes to the URL that sent the first bytes,
+the user's Authorization and Cookie (`-H`) go to URL's origin only; before the first byte the
+next URL is asked on 404/410, or with `--failover any` also on a connect error, timeout, 5xx
+or 429; a continuation goes to the URL that sent the first bytes,
 or, when a sha256 pins the file (`--sha256`, or one the server announced: both checked before
 FILE is written) and the failover is "any", to the next URLs first, without If-Range.
 """
@@ -29,10 +30,15 @@ from relay.fetch.errors import HTTPStatusError, TransferFailed
 from relay.http.continuation import CONTINUATION, SWITCHED_FROM
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.net.mirrors import failed_status, falls_through
+from relay.net.redirects import same_origin
 from relay.transfer import describe
 from relay.transfer.errors import AttemptFailed
 
 MAX_REDIRECTS = 10
+
+# The user's headers that are for URL's origin only: a mirror elsewhere is asked without them,
+# as httpx asks a redirect's other origin.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 # Dropped, reset, refused, timed out, short or malformed body: worth another try.
 _TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -55,6 +61,8 @@ class BlockingOpener:
         self._client = client
         self._urls = [url, *mirrors]
         self._headers = {"Accept-Encoding": "identity", **dict(headers)}
+        first = httpx.URL(url)
+        self._foreign = [not same_origin(httpx.URL(u), first) for u in self._urls]
         self._failover = failover
         self._pinned = sha256
         self._current = 0  # the URL whose answer the bytes had came from
@@ -73,6 +81,8 @@ class BlockingOpener:
             headers = self._headers | dict(extra)
             if continues and index != self._current:
                 headers = {k: v for k, v in headers.items() if k.lower() != "if-range"}
+            if self._foreign[index]:
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
             request = self._client.build_request("GET", self._urls[index], headers=headers)
             if continues:
                 request.extensions[CONTINUATION] = self._pinned or ""

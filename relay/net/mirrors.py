@@ -82,6 +82,13 @@ def path_sha256(path: str) -> str | None:
     return None
 
 
+def named_sha256(route: Route, path: str) -> str | None:
+    """The SHA-256 a path below `route` names its bytes by, where the route's preset makes
+    that a promise (a Debian `by-hash/SHA256/<hex>` file): a cache fill of it is stored
+    only once its bytes match, whichever mirror sent them."""
+    return path_sha256(path) if route.preset == "debian" else None
+
+
 def pinned_sha256(
     route: Route, path: str, headers: httpx.Headers, known: str | None = None
 ) -> str | None:
@@ -273,6 +280,7 @@ __all__ = [
     "error_falls_through",
     "failed_status",
     "falls_through",
+    "named_sha256",
     "path_sha256",
     "pinned_sha256",
 ]

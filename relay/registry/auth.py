@@ -294,7 +294,7 @@ async def _bounded(response: httpx.Response) -> bytes:
 def _token_of(body: bytes) -> tuple[str, float]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
         raise UpstreamUnavailable("the registry's token answer is not JSON") from None
     if not isinstance(data, dict):
         raise UpstreamUnavailable("the registry's token answer is not a JSON object")

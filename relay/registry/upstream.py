@@ -155,7 +155,7 @@ async def _error_code(response: httpx.Response) -> str | None:
                 return None
         errors = json.loads(body).get("errors")
         code = errors[0].get("code") if isinstance(errors, list) and errors else None
-    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError, RecursionError):
         return None
     return code if isinstance(code, str) else None
 

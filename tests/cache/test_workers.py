@@ -19,6 +19,7 @@ from relay.cache import workers
 from relay.cache.cache import Cache, FillOrder, open_cache
 from relay.cache.clock import ManualClock
 from relay.cache.fill import Fill
+from relay.cache.key import digest
 from relay.cache.store import Store
 from relay.cache.workers import ledger as ledger_module
 from relay.cache.workers import volume
@@ -471,3 +472,63 @@ async def test_a_fill_whose_answer_is_not_stored_is_not_followed(tmp_path: Path)
         lead.clients.release()
         follower.clients.release()
         assert one.lookup("/o/n", "") is None
+
+
+def test_a_fill_lock_released_twice_closes_its_descriptor_once(tmp_path: Path) -> None:
+    """A second release (the task's own `finally`, then its done-callback) does nothing: its
+    descriptor number may already belong to another file."""
+    locks = Locks(tmp_path)
+    locks.prepare()
+    lead = locks.lead("r" * 64, "a" * 16)
+    assert lead is not None
+    locks.release(lead)
+    other = os.open(tmp_path / "other", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        if other == lead.fd:  # the number was reused: a second close would close this file
+            locks.release(lead)
+            os.fstat(other)  # still open
+        else:
+            locks.release(lead)
+    finally:
+        os.close(other)
+    assert locks.free("r" * 64)
+
+
+async def test_a_fill_lock_that_cannot_be_taken_fills_on_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No lock file to be had (disk full, out of descriptors): the fill runs unled, as with
+    one worker, and answers; never an OSError out of `Cache.fill` (a 500)."""
+    upstream = _Gated()
+    upstream.gate.set()
+    async with _two_workers(tmp_path, upstream) as (zero, _one):
+
+        def no_lock(*_: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        assert zero.leading is not None
+        monkeypatch.setattr(zero.leading.locks, "lead", no_lock)
+        fill = zero.fill(_order(zero, "/o/nolock"))
+        await asyncio.wait_for(fill.wait_finished(), 10)
+        assert fill.failed is None
+        assert upstream.asked == ["/o/nolock"]
+
+
+async def test_a_fill_task_cancelled_before_its_first_step_releases_its_lock(
+    tmp_path: Path,
+) -> None:
+    """A fill cancelled before its task ever ran (its `finally` never runs) still gives its
+    key's lock back: the other worker can lead that key."""
+    upstream = _Gated()
+    async with _two_workers(tmp_path, upstream) as (zero, one):
+        fill = zero.fill(_order(zero, "/o/early"))
+        assert fill.task is not None
+        fill.task.cancel()  # before the loop ran it once
+        with contextlib.suppress(asyncio.CancelledError):
+            await fill.task
+        assert one.leading is not None
+        assert one.leading.locks.free(digest(fill.key))
+        upstream.gate.set()
+        again = one.fill(_order(one, "/o/early"))
+        assert not isinstance(again, Follower)  # worker 1 leads: nobody holds the key
+        await asyncio.wait_for(again.wait_finished(), 10)

@@ -421,6 +421,19 @@ def test_cache_purge_needs_the_admin_credential(
     assert _status(relay, path).headers["cache-status"] == "relay; fwd=miss"
 
 
+@pytest.mark.parametrize("body", [b"not json", b"[" * 5000, b"{" * 10 + b"}" * 10])
+def test_cache_purge_with_a_body_that_is_not_json_is_a_400(
+    cached: Callable[..., RelayThread], body: bytes
+) -> None:
+    """Not JSON, or nested deeper than the parser goes: a clear 400, never a 500."""
+    relay = cached(admin_token="sesame")
+    purge = httpx.post(
+        f"{relay.url}/cache/purge", content=body, headers={"x-relay-admin-token": "sesame"}
+    )
+    assert purge.status_code == 400
+    assert "JSON" in purge.text
+
+
 def test_cache_prefetch_warms_an_object(origin: Origin, cached: Callable[..., RelayThread]) -> None:
     relay = cached(admin_token="sesame")
     origin.reset_stats()

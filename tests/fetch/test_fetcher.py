@@ -701,3 +701,33 @@ def test_fetch_mirror_options_ask_the_next_url(origin: Origin, out: Path, key: s
     out.unlink()
     # The default policy (not-found) answers the 503.
     assert run(first, "-o", str(out), "--retries", "0", "--mirror", mirror) == 3
+
+
+def test_fetch_mirror_on_another_origin_gets_no_user_credential(out: Path) -> None:
+    """`-H Authorization: ...` is for URL's origin: a `--mirror` elsewhere is asked without it
+    (and without Cookie), as a redirect to another origin would be; a mirror on the same
+    origin keeps it."""
+    body = b"x" * 4096
+    seen_headers: dict[str, httpx.Headers] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen_headers[f"{request.url.host}{request.url.path}"] = request.headers
+        if request.url.path == "/missing":
+            return httpx.Response(404, stream=_DroppingStream(b"", None))
+        headers = {"Content-Length": str(len(body))}
+        return httpx.Response(200, headers=headers, stream=_DroppingStream(body, None))
+
+    opts = FetchOptions(
+        url="http://first.test/missing",
+        output=str(out),
+        retry_delay=0,
+        headers=(("Authorization", "Bearer secret"), ("Cookie", "s=1"), ("X-Kept", "yes")),
+        mirrors=("http://first.test/missing", "http://other.test/file"),
+    )
+    fetch(opts, Reporter(io.StringIO()), transport=httpx.MockTransport(handler))
+    assert out.read_bytes() == body
+    first, other = seen_headers["first.test/missing"], seen_headers["other.test/file"]
+    assert (first["authorization"], first["cookie"]) == ("Bearer secret", "s=1")
+    assert "authorization" not in other
+    assert "cookie" not in other
+    assert other["x-kept"] == "yes"

@@ -45,6 +45,8 @@ class Lead:
     previous: str | None
     """The version a former leader wrote and never cleared (it died): its leftovers are
     this leader's to remove."""
+    released: bool = False
+    """Released already: a second release does nothing (its descriptor may be another's)."""
 
 
 class Locks:
@@ -86,7 +88,10 @@ class Locks:
 
     def release(self, lead: Lead) -> None:
         """The fill is over, its files published or removed: the lock file goes, then the
-        lock (closing the file releases it)."""
+        lock (closing the file releases it). Once only: later calls do nothing."""
+        if lead.released:
+            return
+        lead.released = True
         try:
             os.ftruncate(lead.fd, 0)
             remove_quietly(self.path(lead.name))

@@ -38,13 +38,18 @@ class Leading:
         another worker runs (to follow); (None, None) in the rare case the lock keeps
         changing hands (the fill then runs on its own, as with one worker)."""
         name = digest(fill.key)
-        for _ in range(3):
-            lead = self.locks.lead(name, self._store.version_of(fill.partial))
-            if lead is not None:
-                return lead, None
-            leader = self.locks.leader(name)
-            if leader is not None:
-                return None, leader
+        try:
+            for _ in range(3):
+                lead = self.locks.lead(name, self._store.version_of(fill.partial))
+                if lead is not None:
+                    return lead, None
+                leader = self.locks.leader(name)
+                if leader is not None:
+                    return None, leader
+        except OSError as exc:
+            # No lock file to be had (disk full, no descriptors, a lock file that keeps being
+            # replaced): the fill runs on its own, as with one worker, never a 500.
+            logger.warning("cache: cannot take a fill lock, filling without it: %s", exc)
         return None, None
 
     def follower(
@@ -61,6 +66,12 @@ class Leading:
             version=version,
         )
 
+    def release_on(self, task: asyncio.Task[None], lead: Lead) -> None:
+        """Release `lead` when `task` is done, whatever happened: a task cancelled before its
+        first step never runs its `finally` (`run`'s release comes first; this one is then a
+        no-op)."""
+        task.add_done_callback(lambda _: self.locks.release(lead))
+
     async def run(self, fill: Fill, lead: Lead) -> None:
         """Run `fill` holding its key's fill lock (see the module's docstring)."""
         announce: asyncio.Task[None] | None = None
@@ -70,11 +81,17 @@ class Leading:
             announce = asyncio.create_task(self._announce(fill), name="cache fill head")
             await fill.run()
         finally:
-            if announce is not None:
-                # Not cancelled: it ends once the fill's head is ready (always set by the time
-                # `run` returns), and a head it wrote after the removal below would stay.
-                await asyncio.wait({announce})
             try:
+                if announce is not None:
+                    # Not cancelled: it ends once the fill's head is ready (always set by the
+                    # time `run` returns), and a head it wrote after the removal below would
+                    # stay. Cancelled again while waiting: it is cancelled too (a head it left
+                    # is the next leader's leftover), and the lock is released all the same.
+                    try:
+                        await asyncio.wait({announce})
+                    except asyncio.CancelledError:
+                        announce.cancel()
+                        raise
                 await asyncio.shield(self._executor.run(self._store.remove_head, fill.partial))
             finally:
                 self.locks.release(lead)
@@ -95,3 +112,9 @@ class Leading:
 
 
 __all__ = ["Leading"]
+
+
+def release_when_done(task: asyncio.Task[None], leading: Leading | None, lead: Lead | None) -> None:
+    """`Leading.release_on` for a fill that took a lead (several workers); nothing otherwise."""
+    if leading is not None and lead is not None:
+        leading.release_on(task, lead)
