@@ -277,6 +277,11 @@ async def test_clients_waiting_on_a_revalidation_are_answered_after_their_entry_
         waiting = [asyncio.create_task(get("/o/f")) for _ in range(3)]
         await asyncio.wait_for(asked.wait(), 10)
         cache = state["cache"]
+        # Every client has joined the revalidation before its entry goes (a client still on
+        # the cache's threads when the purge comes would be a miss of its own).
+        fill = cache.fill_in_flight(base_key("/o/", b"/o/f", b""), "identity")
+        assert fill is not None
+        await asyncio.wait_for(_until(lambda: fill.clients.holders == 3), 10)
         if dropped_by == "purge":
             assert cache.purge_key(base_key("/o/", b"/o/f", b"")) == 1
         else:
@@ -289,6 +294,12 @@ async def test_clients_waiting_on_a_revalidation_are_answered_after_their_entry_
         again = await get("/o/f")
         assert (again.body, _status(again)) == (V1, "relay; fwd=miss")
         assert "if-none-match" not in seen[-1].headers
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop (and the cache's threads) until `predicate()`."""
+    while not predicate():
+        await asyncio.sleep(0.001)
 
 
 # ---- conditional requests answered from slices and fills -------------------------------------

@@ -98,13 +98,19 @@ def test_second_relay_on_a_data_dir_in_use_refuses_to_start(origin: Origin, tmp_
     config = relay_config(origin.url, data_dir=str(tmp_path))
     tag = marker()
     size = 4 * MiB
+    gate = f"dd-{tag}"
+    origin.close_gate(gate)  # A's job stays running (its body held after 1 MiB) while B tries
     with running_relay(config) as a:
-        job = post(a, path=f"/o/gen/{size}?slow=8m&m={tag}", name="shared").json()
+        path = f"/o/gen/{size}?pause_after=1m&gate={gate}&m={tag}"
+        job = post(a, path=path, name="shared").json()
         wait_for(a, job["id"], lambda j: j["bytes_done"] > 0)
-        error = failed_start(config)
-        assert str(error).startswith(f"data_dir {tmp_path.resolve()} is in use")
-        assert f"(pid {os.getpid()})" in str(error)
-        assert partials(tmp_path) == [f"{job['id']}.partial"]  # B did not take it over
+        try:
+            error = failed_start(config)
+            assert str(error).startswith(f"data_dir {tmp_path.resolve()} is in use")
+            assert f"(pid {os.getpid()})" in str(error)
+            assert partials(tmp_path) == [f"{job['id']}.partial"]  # B did not take it over
+        finally:
+            origin.open_gate(gate)
         done = wait_done(a, job["id"])
         assert done["state"] == "completed", done
         # B sent nothing upstream: A's single request fetched the whole object.
