@@ -75,6 +75,8 @@ PREFIXES = [
     b"/o",
     b"//o/",
     b"/B/",
+    b"/v2/",
+    b"/r/v2/",
 ]
 SEGMENTS = [
     b"gen",
@@ -251,6 +253,27 @@ USEFUL = [
 ]
 
 
+_DIGEST = b"sha256:" + b"ab" * 32
+REGISTRY = [
+    b"",
+    b"library/x/manifests/latest",
+    b"library/x/manifests/latest?ns=fuzz.test",
+    b"x/manifests/" + _DIGEST + b"?ns=evil.example",
+    b"x/blobs/" + _DIGEST,
+    b"x/blobs/sha512:" + b"ab" * 64,
+    b"x/blobs/sha256:AB",
+    b"r/x/manifests/v1",
+    b"X/Y/manifests/latest",
+    b"a/../b/manifests/latest",
+    b"a%2fb/manifests/latest",
+    b"x/tags/list?n=999999999999&last=%00",
+    b"x/referrers/" + _DIGEST,
+    b"x/blobs/uploads/",
+    b"_catalog",
+    b"x/manifests/" + b"t" * 300,
+]
+
+
 def _target(draw: st.DrawFn) -> bytes:
     if draw(st.integers(1, 12)) == 1:
         return draw(
@@ -266,6 +289,8 @@ def _target(draw: st.DrawFn) -> bytes:
             )
         )
     prefix = _mostly(draw, st.sampled_from([b"/o/", b"/b/", b"/c/"]), st.sampled_from(PREFIXES), 4)
+    if prefix in (b"/v2/", b"/r/v2/"):  # the registry mirror: names, references, ns=
+        return prefix + draw(st.sampled_from(REGISTRY))
     if draw(st.booleans()):
         return prefix + draw(st.sampled_from(USEFUL))
     target = prefix + b"/".join(draw(st.lists(st.sampled_from(SEGMENTS), max_size=4)))
@@ -275,10 +300,15 @@ def _target(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
-def requests(draw: st.DrawFn, *, secret: bytes) -> RequestInput:
-    """A request head (and maybe a body) as raw bytes."""
+def requests(draw: st.DrawFn, *, secret: bytes, registry: bool = False) -> RequestInput:
+    """A request head (and maybe a body) as raw bytes; `registry`: its target is always one of
+    the registry mirror's (`/v2/...`, `/r/v2/...`)."""
     method = _mostly(draw, st.sampled_from([b"GET", b"GET", b"HEAD"]), st.sampled_from(METHODS), 6)
-    target = _target(draw)
+    if registry:
+        prefix = draw(st.sampled_from([b"/v2/", b"/r/v2/"]))
+        target = prefix + draw(st.sampled_from(REGISTRY))
+    else:
+        target = _target(draw)
     version = _mostly(draw, st.just(b"HTTP/1.1"), st.sampled_from(VERSIONS), 8)
     headers: list[tuple[bytes, bytes]] = []
     hosts = _mostly(draw, st.just(b"\x01"), st.sampled_from([b"", b"\x02"]), 8)[0:1]

@@ -31,7 +31,7 @@ SIGNING_KEY = "fuzz-signing-key-c4a1e3"
 SECRETS = (b"fuzz-route-credential-5e1f0c", CLIENT_SECRET.encode(), SIGNING_KEY.encode())
 
 # Route prefix -> the path the origin must stay under.
-BASES = {b"/o/": b"/", b"/b/": b"/base/", b"/c/": b"/cbase/"}
+BASES = {b"/o/": b"/", b"/b/": b"/base/", b"/c/": b"/cbase/", b"/r/": b"/v2/", b"/v2/": b"/v2/"}
 
 # Input classes that fail today, keyed to the finding being fixed on another branch. They are
 # not sent (RELAY_FUZZ_KNOWN=1 sends them); the lead removes an entry once its fix is merged.
@@ -62,6 +62,16 @@ def fuzz_relay(fuzz_origin: Origin) -> Iterator[RelayThread]:
             upstream=fuzz_origin.url + "/cbase/",
             allow_private=True,
             credential=CREDENTIAL,
+        ),
+        # A registry mirror (`preset = "oci"`): `/v2/...` and `/r/v2/...` reach relay/registry.
+        Route(
+            prefix="/r/",
+            upstream=fuzz_origin.url + "/",
+            preset="oci",
+            allow_private=True,
+            registry_hosts=("fuzz.test",),
+            registry_default=True,
+            redirect_hosts=("127.0.0.1",),
         ),
     )
     config = relay_config(
@@ -173,4 +183,14 @@ def check(relay: RelayThread, origin: Origin, request: RequestInput) -> None:
 @given(request=requests(secret=CLIENT_SECRET.encode()))
 def test_fuzz_requests(fuzz_relay: RelayThread, fuzz_origin: Origin, request: RequestInput) -> None:
     """Generated request heads sent as raw bytes."""
+    check(fuzz_relay, fuzz_origin, request)
+
+
+@settings(max_examples=scaled(0.3))
+@given(request=requests(secret=CLIENT_SECRET.encode(), registry=True))
+def test_fuzz_registry_requests(
+    fuzz_relay: RelayThread, fuzz_origin: Origin, request: RequestInput
+) -> None:
+    """Generated request heads whose targets are the registry mirror's (names, references,
+    digests, `ns=`), against an upstream that does not speak the registry API."""
     check(fuzz_relay, fuzz_origin, request)
