@@ -240,8 +240,9 @@ class Upstream:
             authorizer is None
             or response.status_code != 401
             or response.request.url.netloc != request.url.netloc
+            or not str(request.url).startswith(route.upstreams[index].url)
         ):
-            return response
+            return response  # a credential is renewed for (and sent to) its own mirror only
         try:
             value = await authorizer.renew(index, response)
         finally:
