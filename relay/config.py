@@ -68,16 +68,28 @@ class Mirror:
     url: str
     auth_env: str = ""
     auth_file: str = ""
+    username_env: str = ""
+    """oci: the registry user name for this mirror alone (with `password_env`)."""
+    password_env: str = ""
     credential: str = field(default="", repr=False, compare=False)
     """The resolved credential; never logged."""
+    registry_credential: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    """oci: the resolved (user name, password) of username_env/password_env; never logged."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", _normalise_upstream(self.url))
         if self.auth_env and self.auth_file:
             raise ConfigError(f"mirror {self.url}: give auth_env or auth_file, not both")
+        if bool(self.username_env) != bool(self.password_env):
+            raise ConfigError(
+                f"mirror {self.url}: give both username_env and password_env, or neither"
+            )
 
     def describe(self) -> dict[str, str]:
-        return {"url": self.url, "auth_env": self.auth_env, "auth_file": self.auth_file}
+        out = {"url": self.url, "auth_env": self.auth_env, "auth_file": self.auth_file}
+        if self.username_env:
+            out |= {"username_env": self.username_env, "password_env": self.password_env}
+        return out
 
     @property
     def host(self) -> str:
@@ -113,12 +125,15 @@ class Route:
         "several base URLs serving the same files (mirrors), tried in order",
         'Instead of `upstream`. Each item is a URL or a table `{ url = "...", auth_env = '
         '"..." }` (or `auth_file`) whose credential goes to that mirror alone; the route\'s '
-        "own `auth_env`/`auth_file` are then not accepted. When the next mirror is asked: "
+        "own `auth_env`/`auth_file` are then not accepted (an oci route's mirrors are "
+        "registries: `{ url, username_env, password_env }`, each with its own token realm). "
+        "When the next mirror is asked: "
         "`failover`; mirrors that keep failing rest: `max_fails`, `fail_timeout` "
         "([mirrors](mirrors.md#several-mirrors-per-route)). On the command line and in the "
         'environment: `PREFIX=URL1,URL2` (`failover = "not-found"`) or `PREFIX=URL1|URL2` '
         '(`failover = "any"`), as in Go\'s GOPROXY.',
-        kind="list of URLs or `{ url, auth_env, auth_file }` tables",
+        kind="list of URLs or `{ url, auth_env, auth_file }` tables (oci: `{ url, "
+        "username_env, password_env }`)",
     )
     failover: str = _key(
         "not-found",
@@ -218,7 +233,8 @@ class Route:
         "",
         "oci: environment variable holding the registry user name",
         "With `password_env`: sent (Basic) to the registry's token realm, or to the registry "
-        "when it asks for Basic. Without them relay pulls anonymously.",
+        "when it asks for Basic. Without them relay pulls anonymously. With several "
+        "`upstreams`, each registry's are given in its own table.",
     )
     password_env: str = _key(
         "", "oci: environment variable holding the registry password or access token"
@@ -259,6 +275,8 @@ class Route:
             raise ConfigError(f"{where}: preset must be one of {', '.join(_PRESETS[1:])}")
         if self.preset == "oci":
             self._check_oci(where)
+        elif self.username_env or any(m.username_env for m in self.upstreams):
+            raise ConfigError(f"{where}: username_env/password_env are for preset = 'oci'")
         if self.preset == "hf" and self.redirects != "follow":
             # huggingface_hub follows same-host redirects while reading a file's metadata: a
             # passed redirect to relay's CDN route would lose X-Repo-Commit and X-Linked-*.
@@ -326,6 +344,18 @@ class Route:
                 'upstreams = [{ url = "...", auth_env = "..." }, ...] (a credential is sent '
                 "to its own mirror only)"
             )
+        route_login = (self.username_env, self.password_env)
+        if first.username_env:
+            if any(route_login) and route_login != (first.username_env, first.password_env):
+                raise ConfigError(f"{where}: the first mirror's user name is given twice")
+            object.__setattr__(self, "username_env", first.username_env)
+            object.__setattr__(self, "password_env", first.password_env)
+        elif len(items) > 1 and any(route_login):
+            raise ConfigError(
+                f"{where}: with several upstreams, give each registry its own user name: "
+                'upstreams = [{ url = "...", username_env = "...", password_env = "..." }, '
+                "...] (a registry's credentials go to its own token realm only)"
+            )
         object.__setattr__(self, "upstreams", items)
         object.__setattr__(self, "upstream", first.url)
 
@@ -345,9 +375,15 @@ class Route:
         if self.prefix == "/v2/" or self.prefix.startswith("/v2/"):
             raise ConfigError(f"{where}: an oci route's prefix cannot be under /v2/")
         object.__setattr__(self, "redirects", "follow")
+        for mirror in self.upstreams:
+            if mirror.auth_env or mirror.auth_file:
+                raise ConfigError(
+                    f"{where}: an oci mirror takes username_env/password_env, not auth_env "
+                    "or auth_file (relay fetches each registry's tokens itself)"
+                )
+            if urlsplit(mirror.url).path != "/":
+                raise ConfigError(f"{where}: an oci upstream is a registry's base URL (no path)")
         parts = urlsplit(self.upstream)
-        if parts.path != "/":
-            raise ConfigError(f"{where}: an oci upstream is a registry's base URL (no path)")
         hosts = tuple(h.lower() for h in self.registry_hosts) or (parts.netloc,)
         for host in hosts:
             if not _REGISTRY_HOST_RE.match(host):
@@ -359,18 +395,17 @@ class Route:
         mirror's, and each other mirror's own), or an oci route's user name and password
         (username_env/password_env), at startup, never at import."""
         where = f"route {self.prefix}"
-        if self.username_env:
-            user, password = environ.get(self.username_env), environ.get(self.password_env)
-            for name, value in ((self.username_env, user), (self.password_env, password)):
-                if not value:
-                    raise ConfigError(f"{where}: {name} is not set")
-                if any(c in value for c in "\r\n\x00") or not value.isascii():
-                    raise ConfigError(f"{where}: {name} must be one line of ASCII")
-            assert user is not None
-            assert password is not None
-            if ":" in user:
-                raise ConfigError(f"{where}: {self.username_env}: a user name cannot hold ':'")
-            return dataclasses.replace(self, registry_credential=(user, password))
+        if self.preset == "oci":
+            logins = [
+                _login(m.username_env, m.password_env, environ, f"{where} mirror {i}")
+                for i, m in enumerate(self.upstreams, 1)
+            ]
+            logins[0] = _login(self.username_env, self.password_env, environ, where)
+            upstreams = tuple(
+                dataclasses.replace(m, registry_credential=login)
+                for m, login in zip(self.upstreams, logins, strict=True)
+            )
+            return dataclasses.replace(self, registry_credential=logins[0], upstreams=upstreams)
         mirrors = [self.upstreams[0]]
         for i, mirror in enumerate(self.upstreams[1:], 2):
             value = _credential(mirror.auth_env, mirror.auth_file, environ, f"{where} mirror {i}")
@@ -380,6 +415,10 @@ class Route:
             route = dataclasses.replace(route, upstreams=tuple(mirrors))
         value = _credential(self.auth_env, self.auth_file, environ, where)
         return route if value is None else dataclasses.replace(route, credential=value)
+
+    def mirror_login(self, index: int) -> tuple[str, str] | None:
+        """oci: the (user name, password) relay uses at mirror `index`'s registry."""
+        return self.registry_credential if index == 0 else self.upstreams[index].registry_credential
 
     def mirror_credential(self, index: int) -> str:
         """The credential sent to mirror `index` ("": none)."""
@@ -1160,7 +1199,26 @@ def _route_from_table(table: dict[str, Any], where: str) -> Route:
     return Route(**values)
 
 
-_MIRROR_KEYS = frozenset({"url", "auth_env", "auth_file"})
+_MIRROR_KEYS = frozenset({"url", "auth_env", "auth_file", "username_env", "password_env"})
+
+
+def _login(
+    username_env: str, password_env: str, environ: Mapping[str, str], where: str
+) -> tuple[str, str] | None:
+    """oci: the (user name, password) named by username_env/password_env, None for none."""
+    if not username_env:
+        return None
+    user, password = environ.get(username_env), environ.get(password_env)
+    for name, value in ((username_env, user), (password_env, password)):
+        if not value:
+            raise ConfigError(f"{where}: {name} is not set")
+        if any(c in value for c in "\r\n\x00") or not value.isascii():
+            raise ConfigError(f"{where}: {name} must be one line of ASCII")
+    assert user is not None
+    assert password is not None
+    if ":" in user:
+        raise ConfigError(f"{where}: {username_env}: a user name cannot hold ':'")
+    return user, password
 
 
 def _mirrors_from_toml(value: Any, where: str) -> tuple[Mirror, ...]:

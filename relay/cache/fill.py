@@ -19,8 +19,9 @@ clients waiting on a 503 cost the upstream one request; one meant for one client
 first client that takes it (`claim`); one the file cannot hold is kept open for the first GET
 that takes it (`take_response`). Readers read through `read_fd`, which stays open until the
 fill is over and its last client gone, whatever becomes of the file's name. A purged fill
-(`purged`) finishes serving its readers but publishes nothing. A request that can be authorized
-again is, once, after a 401 (`relay.cache.reauthorize`).
+(`purged`) finishes serving its readers but publishes nothing. A request whose credential
+expires while the fill runs (a registry's token) is authorized again, once per request, after a
+401 (`relay.http.authorize`, done by `Upstream.open`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from relay.cache.index import Entry
 from relay.cache.overflow import HandOver, Overflow, Rest
 from relay.cache.partial import open_partial, publish, write_at
 from relay.cache.policy import freshens, vary_of
-from relay.cache.reauthorize import carry_over, open_authorized
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import TransferAborted, UpstreamError
@@ -287,9 +287,7 @@ class Fill(SharedFill):
         self._opening = True
         sent_at = self._clock.monotonic()
         try:
-            response = await open_authorized(
-                self._upstream, request, self._route, background=self.background
-            )
+            response = await self._upstream.open(request, self._route, background=self.background)
         finally:
             self._opening = False
         self._ttfb = self._clock.monotonic() - sent_at
@@ -527,8 +525,7 @@ class Fill(SharedFill):
                 resume_request_headers(plan, failed, self.written),
                 self._route,
             )
-            mark_continuation(request, self._pinned)
-            carry_over(failed, request)
+            mark_continuation(request, self._pinned, failed)
             try:
                 response = self._response = await self._open(request)
             except UpstreamError as exc:

@@ -116,7 +116,7 @@ class HandOver:
             resume_request_headers(plan, self._request, position),
             self._route,
         )
-        mark_continuation(request, None)  # another mirror's bytes are never joined here
+        mark_continuation(request, None, self._request)  # never another mirror's bytes
         try:
             response = await self._upstream.open(request, self._route)
         except UpstreamError:

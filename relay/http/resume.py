@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import httpx
 
+from relay.http.authorize import AUTHORIZER
 from relay.http.continuation import CONTINUATION, Continuation
 
 # The plan a stream resumes by: what its first response promised.
@@ -35,8 +36,13 @@ def resume_request_headers(
     return headers + plan.request_headers(sent)
 
 
-def mark_continuation(request: httpx.Request, pinned: str | None) -> httpx.Request:
+def mark_continuation(
+    request: httpx.Request, pinned: str | None, continues: httpx.Request | None = None
+) -> httpx.Request:
     """Mark `request` as continuing a body (`CONTINUATION`): it stays on the mirror that sent
-    the first bytes unless `pinned`, the SHA-256 the caller verifies before the body ends."""
+    the first bytes unless `pinned`, the SHA-256 the caller verifies before the body ends.
+    It is authorized as `continues`, the request it continues, was (`relay.http.authorize`)."""
     request.extensions[CONTINUATION] = pinned or ""
+    if continues is not None and AUTHORIZER in continues.extensions:
+        request.extensions[AUTHORIZER] = continues.extensions[AUTHORIZER]
     return request

@@ -15,6 +15,7 @@ import httpx
 from relay import __version__
 from relay.config import Config, Route
 from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from relay.http.authorize import AUTHORIZER, authorizer_of, with_credential
 from relay.http.continuation import CONTINUATION, SWITCHED_FROM
 from relay.net.httpx_compat import with_path_and_query
 from relay.net.mirrors import (
@@ -153,6 +154,7 @@ class Upstream:
         *,
         follow: bool = True,
         background: bool = False,
+        alone: bool = False,
     ) -> httpx.Response:
         """Send the request and return once headers arrived; the caller must close the body.
 
@@ -168,11 +170,18 @@ class Upstream:
         and the route's failover is "any": then the next mirrors are asked first, without
         If-Range (validators are not comparable across mirrors), and an answer from another
         mirror is marked `SWITCHED_FROM` (the caller verifies the digest before the body ends).
+        `alone`: this URL only, never another mirror (a registry's token realm, its probe).
+
+        A request marked with an `Authorizer` (`relay.http.authorize`) carries each mirror's
+        own credential, and a 401 from the mirror is answered by one retry with a new one.
         """
         mirrors = self.mirrors.of(route)
-        current = mirrors.index_of(str(request.url)) if mirrors.several else None
+        current = mirrors.index_of(str(request.url)) if mirrors.several and not alone else None
         if current is None:
-            return await self._open_one(request, route, follow=follow, background=background)
+            index = mirrors.index_of(str(request.url)) if mirrors.several else 0
+            return await self._open_authorized(
+                request, route, index or 0, follow=follow, background=background
+            )
         continuation = request.extensions.get(CONTINUATION)
         if continuation is None:
             attempts = mirrors.order(current)
@@ -205,10 +214,48 @@ class Upstream:
         credential = route.mirror_credential(index)
         if credential:
             headers.append((route.auth_header, credential))
+        authorizer = authorizer_of(request)
+        if authorizer is not None:  # that mirror's own token, never the other's
+            headers = with_credential(headers, authorizer.known(index))
         moved = self.build_request(request.method, target, headers, route)
-        if CONTINUATION in request.extensions:
-            moved.extensions[CONTINUATION] = request.extensions[CONTINUATION]
+        for mark in (CONTINUATION, AUTHORIZER):
+            if mark in request.extensions:
+                moved.extensions[mark] = request.extensions[mark]
         return moved
+
+    async def _open_authorized(
+        self,
+        request: httpx.Request,
+        route: Route,
+        index: int,
+        *,
+        follow: bool,
+        background: bool,
+    ) -> httpx.Response:
+        """`_open_one`; for a request with an `Authorizer` answered 401 by its mirror (not by
+        a redirect's host), one retry with the credential renewed for that mirror."""
+        response = await self._open_one(request, route, follow=follow, background=background)
+        authorizer = authorizer_of(request)
+        if (
+            authorizer is None
+            or response.status_code != 401
+            or response.request.url.netloc != request.url.netloc
+            or not str(request.url).startswith(route.upstreams[index].url)
+        ):
+            return response  # a credential is renewed for (and sent to) its own mirror only
+        try:
+            value = await authorizer.renew(index, response)
+        finally:
+            await asyncio.shield(response.aclose())
+        headers = with_credential(request.headers.multi_items(), value)
+        retry = self.build_request(
+            request.method, request.url, [(n, v) for n, v in headers if n != "host"], route
+        )
+        for mark in (CONTINUATION, AUTHORIZER):
+            if mark in request.extensions:
+                retry.extensions[mark] = request.extensions[mark]
+        logger.info("upstream answered 401: asked again once with a new credential")
+        return await self._open_one(retry, route, follow=follow, background=background)
 
     async def _open_one(
         self,
@@ -385,8 +432,8 @@ class _MirrorOpen:
         if attempt.index != self._current:
             request = self._upstream.for_mirror(request, self._route, self._current, attempt.index)
         try:
-            response = await self._upstream._open_one(
-                request, self._route, follow=follow, background=background
+            response = await self._upstream._open_authorized(
+                request, self._route, attempt.index, follow=follow, background=background
             )
         except UpstreamError as exc:
             return exc

@@ -101,7 +101,7 @@ class BodyResumer:
                 resume_request_headers(plan, failed.request, sent),
                 self._route,
             )
-            mark_continuation(request, self._pinned)
+            mark_continuation(request, self._pinned, failed.request)
             try:
                 response = await self._upstream.open(request, self._route)
             except UpstreamError as exc:

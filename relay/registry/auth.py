@@ -1,21 +1,26 @@
-"""The upstream side of registry auth: relay does the token dance itself, per route.
+"""The upstream side of registry auth: relay does the token dance itself, per registry.
 
 A registry that wants a token answers 401 with `WWW-Authenticate: Bearer realm=...,
 service=..., scope=...`. relay then asks the realm for a token (`GET realm?service=&scope=`,
-anonymous, or with the route's `username_env`/`password_env` as Basic), keeps it per (route,
-scope) until shortly before its `expires_in` (60 s when not given, as the spec says), and
-retries the request once with it. A registry that asks for Basic gets the route's configured
-credentials, or relay answers 502 naming the cause.
+anonymous, or with the registry's `username_env`/`password_env` as Basic), keeps it per
+(route, mirror, scope) until shortly before its `expires_in` (60 s when not given, as the spec
+says), and retries the request once with it (`Upstream.open`, by the request's `Authorizer`:
+`relay.http.authorize`). A registry that asks for Basic gets its configured credentials, or
+relay answers 502 naming the cause.
 
-The route's challenge is learned from any 401 (or, before a request whose answer is shared by
+Each of a route's mirrors (`upstreams`: a registry and its copies) is its own registry here:
+its own challenge, realm, credentials and tokens; a token is only ever sent to the registry
+whose realm issued it.
+
+A registry's challenge is learned from any 401 (or, before a request whose answer is shared by
 many clients and must carry its token from the start, a blob's cache fill, by asking
 `GET /v2/` once: no rate limit counts it), so later requests carry a token from the first try.
 
 Safety:
-- the realm is accepted only on the registry's own host or the route's `redirect_hosts`, over
+- the realm is accepted only on that registry's own host or the route's `redirect_hosts`, over
   https (http only with `allow_private`, for loopback tests), without user information: a
   registry cannot make relay send its credentials (or its traffic) anywhere else;
-- a client's own `Authorization` never reaches an upstream: tokens are relay's, per route;
+- a client's own `Authorization` never reaches an upstream: tokens are relay's, per registry;
 - the token map is keyed by client input (the repository in the scope): bounded, least
   recently used first (`MAX_TOKENS`); concurrent requests for one scope share one fetch.
 """
@@ -37,12 +42,13 @@ from relay.cache.bounded import Lru
 from relay.cache.clock import Clock
 from relay.config import Route
 from relay.errors import UpstreamError, UpstreamUnavailable
+from relay.http.authorize import Authorizer
 from relay.net.redirects import host_allowed
-from relay.net.upstream import USER_AGENT, VIA, Upstream
+from relay.net.upstream import MIRROR_INDEX, USER_AGENT, VIA, Upstream
 
 logger = logging.getLogger(__name__)
 
-#: Tokens kept (per route and scope); the least recently stored go first.
+#: Tokens kept (per route, mirror and scope); the least recently stored go first.
 MAX_TOKENS = 4096
 #: Largest token answer read from a realm.
 MAX_TOKEN_ANSWER = 64 * 1024
@@ -96,14 +102,16 @@ _UNKNOWN = Challenge("unknown")
 
 
 class RegistryAuth:
-    """Authorization values for upstream registry requests, per route (see the module)."""
+    """Authorization values for upstream registry requests, per route and mirror (see the
+    module)."""
 
     def __init__(self, upstream: Upstream, clock: Clock) -> None:
         self._upstream = upstream
         self._clock = clock
-        self._challenges: dict[str, Challenge | None] = {}  # per route; None: anonymous works
-        self._tokens: Lru[tuple[str, str], tuple[str, float]] = Lru(MAX_TOKENS)
-        self._fetching: dict[tuple[str, str], asyncio.Future[str]] = {}
+        # Per (route, mirror); None: anonymous works. Bounded by the configuration.
+        self._challenges: dict[tuple[str, int], Challenge | None] = {}
+        self._tokens: Lru[tuple[str, int, str], tuple[str, float]] = Lru(MAX_TOKENS)
+        self._fetching: dict[tuple[str, int, str], asyncio.Future[str]] = {}
         self._probes: dict[str, asyncio.Future[Challenge | None]] = {}
         self.token_fetches: dict[tuple[str, str], int] = {}
         """(route prefix, "ok" | "failed") -> token requests made to realms."""
@@ -111,12 +119,16 @@ class RegistryAuth:
 
     # ---- before a request --------------------------------------------------------------
 
+    def authorizer(self, route: Route, scope: str) -> Authorizer:
+        """What renews a request's token, for whichever of the route's mirrors it goes to."""
+        return _ScopeAuthorizer(self, route, scope)
+
     async def authorization(self, route: Route, scope: str, *, probe: bool = False) -> str | None:
-        """The Authorization value for a request of `scope` on `route`: a token (kept or
-        fetched now) when the route is known to want one, its Basic credentials when it asks
-        for those, None while it is anonymous or not known yet (with `probe`: ask `/v2/`
-        first). Raises UpstreamError."""
-        challenge = self._challenges.get(route.prefix, _UNKNOWN)
+        """The Authorization value for a request of `scope` on `route`'s first mirror: a
+        token (kept or fetched now) when it is known to want one, its Basic credentials when
+        it asks for those, None while it is anonymous or not known yet (with `probe`: ask
+        `/v2/` first). Raises UpstreamError."""
+        challenge = self._challenges.get((route.prefix, 0), _UNKNOWN)
         if challenge is _UNKNOWN:
             if not probe:
                 return None
@@ -124,44 +136,47 @@ class RegistryAuth:
         if challenge is None or challenge is _UNKNOWN:
             return None
         if challenge.scheme == "basic":
-            return _basic(route)
-        return await self._token(route, challenge, scope)
+            return _basic(route, 0)
+        return await self._token(route, challenge, scope, 0)
 
-    def known(self, route: Route, scope: str) -> str | None:
-        """A kept, unexpired Authorization for `scope` (no I/O): an anonymous route's None."""
-        kept = self._tokens.get((route.prefix, scope))
+    def known(self, route: Route, scope: str, mirror: int = 0) -> str | None:
+        """A kept, unexpired Authorization for `scope` at `mirror` (no I/O): an anonymous
+        registry's None."""
+        kept = self._tokens.get((route.prefix, mirror, scope))
         if kept is not None and kept[1] > self._clock.monotonic():
             return kept[0]
-        challenge = self._challenges.get(route.prefix)
-        if challenge is not None and challenge.scheme == "basic" and route.registry_credential:
-            return _basic(route)
+        challenge = self._challenges.get((route.prefix, mirror))
+        if challenge is not None and challenge.scheme == "basic" and route.mirror_login(mirror):
+            return _basic(route, mirror)
         return None
 
     # ---- after a 401 ---------------------------------------------------------------------
 
-    async def after_401(self, route: Route, response: httpx.Response, scope: str) -> str:
-        """The Authorization to retry with once the upstream answered `response` (a 401):
-        its challenge learned, a new token fetched. Raises UpstreamError saying why not."""
+    async def after_401(
+        self, route: Route, response: httpx.Response, scope: str, mirror: int = 0
+    ) -> str:
+        """The Authorization to retry with once `mirror` answered `response` (a 401): its
+        challenge learned, a new token fetched. Raises UpstreamError saying why not."""
         challenge = parse_challenge(response.headers.get("www-authenticate"))
         if challenge is None:
             raise UpstreamUnavailable("upstream answered 401 without a Bearer or Basic challenge")
-        self._challenges[route.prefix] = Challenge(
+        self._challenges[(route.prefix, mirror)] = Challenge(
             challenge.scheme, challenge.realm, challenge.service
         )
         if challenge.scheme == "basic":
-            return _basic(route)
-        self._tokens.pop((route.prefix, scope), None)
-        return await self._token(route, challenge, scope, fresh=True)
+            return _basic(route, mirror)
+        self._tokens.pop((route.prefix, mirror, scope), None)
+        return await self._token(route, challenge, scope, mirror, fresh=True)
 
     # ---- tokens --------------------------------------------------------------------------
 
     async def _token(
-        self, route: Route, challenge: Challenge, scope: str, *, fresh: bool = False
+        self, route: Route, challenge: Challenge, scope: str, mirror: int, *, fresh: bool = False
     ) -> str:
-        key = (route.prefix, scope)
+        key = (route.prefix, mirror, scope)
         while True:
             if not fresh:
-                kept = self.known(route, scope)
+                kept = self.known(route, scope, mirror)
                 if kept is not None:
                     return kept
             fetching = self._fetching.get(key)
@@ -175,7 +190,9 @@ class RegistryAuth:
         future.add_done_callback(_retrieved)
         self._fetching[key] = future
         try:
-            value, expires_in = await self._fetch(route, challenge, challenge.scope or scope)
+            value, expires_in = await self._fetch(
+                route, challenge, challenge.scope or scope, mirror
+            )
         except asyncio.CancelledError:
             future.set_exception(_Abandoned())
             raise
@@ -189,17 +206,19 @@ class RegistryAuth:
         future.set_result(value)
         return value
 
-    async def _fetch(self, route: Route, challenge: Challenge, scope: str) -> tuple[str, float]:
-        url = realm_url(route, challenge.realm)
+    async def _fetch(
+        self, route: Route, challenge: Challenge, scope: str, mirror: int
+    ) -> tuple[str, float]:
+        url = realm_url(route, challenge.realm, mirror)
         params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
         headers = [("accept", "application/json"), *_IDENTITY]
-        if route.registry_credential is not None:
-            headers.append(("authorization", _basic(route)))
+        if route.mirror_login(mirror) is not None:
+            headers.append(("authorization", _basic(route, mirror)))
         upstream = self._upstream
         request = upstream.build_request("GET", url.copy_merge_params(params), headers, route)
         outcome = "failed"
         try:
-            response = await upstream.open(request, route, follow=False)
+            response = await upstream.open(request, route, follow=False, alone=True)
             try:
                 if response.status_code != 200:
                     raise UpstreamUnavailable(
@@ -216,7 +235,9 @@ class RegistryAuth:
             self.token_fetches[counter] = self.token_fetches.get(counter, 0) + 1
 
     async def _probe(self, route: Route) -> Challenge | None:
-        """Ask `GET /v2/` whether the registry wants a token (once per route at a time)."""
+        """Ask `GET /v2/` whether the route's registry wants a token (once per route at a
+        time): the first mirror's challenge, or what the mirror that answered instead wants
+        (learned for that mirror; None returned: the first mirror is still unknown)."""
         probing = self._probes.get(route.prefix)
         if probing is not None:
             return await asyncio.shield(probing)
@@ -236,8 +257,11 @@ class RegistryAuth:
                 )
             finally:
                 await asyncio.shield(response.aclose())
+            mirror = response.extensions.get(MIRROR_INDEX, 0)
             if response.status_code == 200 or challenge is not None:
-                self._challenges[route.prefix] = challenge
+                self._challenges[(route.prefix, mirror)] = challenge
+            if mirror != 0:
+                challenge = None  # another mirror answered: the first one is still unknown
             future.set_result(challenge)
             return challenge
         except asyncio.CancelledError:
@@ -250,14 +274,15 @@ class RegistryAuth:
             del self._probes[route.prefix]
 
 
-def realm_url(route: Route, realm: str) -> httpx.URL:
-    """The realm as a URL relay may ask; UpstreamUnavailable when the route does not allow
-    it (another host than the registry's or `redirect_hosts`, not https, user information)."""
+def realm_url(route: Route, realm: str, mirror: int = 0) -> httpx.URL:
+    """The realm as a URL relay may ask for `mirror`'s tokens; UpstreamUnavailable when the
+    route does not allow it (another host than that registry's or `redirect_hosts`, not
+    https, user information)."""
     try:
         url = httpx.URL(realm)
     except (httpx.InvalidURL, ValueError, UnicodeError):
         raise UpstreamUnavailable("the registry's token realm is not a URL") from None
-    registry = httpx.URL(route.upstream)
+    registry = httpx.URL(route.upstreams[mirror].url)
     if url.scheme != "https" and not (url.scheme == "http" and route.allow_private):
         raise UpstreamUnavailable("the registry's token realm is not https")
     if url.userinfo:
@@ -270,12 +295,26 @@ def realm_url(route: Route, realm: str) -> httpx.URL:
     return url
 
 
-def _basic(route: Route) -> str:
-    if route.registry_credential is None:
+class _ScopeAuthorizer:
+    """The `Authorizer` of one route's requests of one scope (`relay.http.authorize`)."""
+
+    def __init__(self, auth: RegistryAuth, route: Route, scope: str) -> None:
+        self._auth, self._route, self._scope = auth, route, scope
+
+    def known(self, mirror: int) -> str | None:
+        return self._auth.known(self._route, self._scope, mirror)
+
+    async def renew(self, mirror: int, refused: httpx.Response) -> str:
+        return await self._auth.after_401(self._route, refused, self._scope, mirror)
+
+
+def _basic(route: Route, mirror: int) -> str:
+    login = route.mirror_login(mirror)
+    if login is None:
         raise UpstreamUnavailable(
             "the registry asks for Basic credentials: set username_env and password_env"
         )
-    user, password = route.registry_credential
+    user, password = login
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 

@@ -34,7 +34,6 @@ from starlette.responses import Response
 
 from relay.cache.cache import Cache
 from relay.cache.policy import cache_status
-from relay.cache.reauthorize import REAUTHORIZE
 from relay.cache.serve import CachedResponse
 from relay.config import Route
 from relay.errors import RelayError, UpstreamError
@@ -158,25 +157,11 @@ class RegistryResponse(Response):
         ru = self._relaying.upstream
         headers = ru.headers(accept=accept)
 
-        async def reauthorize(sent: httpx.Request, refused: httpx.Response) -> httpx.Request | None:
-            """A slice or a resume whose token expired meanwhile: a new one (the registry's
-            own 401 only: a redirect's host never gets the token)."""
-            if refused.request.url.netloc != sent.url.netloc:
-                return None
-            fresh = await auth.after_401(route, refused, request.scope)
-            kept = [(n, v) for n, v in sent.headers.multi_items() if n.lower() != "authorization"]
-            retry = ru.upstream.build_request(
-                sent.method, sent.url, [*kept, ("authorization", fresh)], route
-            )
-            retry.extensions[REAUTHORIZE] = reauthorize
-            return retry
-
         def fill_request() -> httpx.Request:
-            # Each slice's request carries the newest token kept, as long as it is.
+            # Each slice's request carries the newest token kept, as long as it is; a 401
+            # is answered by a new one (the request's Authorizer, in Upstream.open).
             current = auth.known(route, request.scope) or authorization
-            built = ru.build("GET", request, headers, current, path=path)
-            built.extensions[REAUTHORIZE] = reauthorize
-            return built
+            return ru.build("GET", request, headers, current, path=path)
 
         def fallback(opened: httpx.Response | None = None) -> Response:
             return self._relay(

@@ -1,5 +1,6 @@
-"""Requests to an upstream registry: relay's own headers, its tokens, one retry after a 401,
-and the registry's non-200 answers turned into relay's.
+"""Requests to an upstream registry: relay's own headers, its tokens (each request marked with
+its `Authorizer`: one retry after a 401, each mirror's own token), and the registry's non-200
+answers turned into relay's.
 
 What goes upstream is built from the request's key, never from the client's headers: relay's
 identity, `Accept-Encoding: identity` (bytes are relayed and hashed as the registry stores
@@ -18,6 +19,7 @@ import httpx
 
 from relay.config import Route
 from relay.errors import UpstreamError, UpstreamUnavailable
+from relay.http.authorize import mark_authorized
 from relay.net.upstream import USER_AGENT, VIA, Upstream
 from relay.registry.auth import RegistryAuth
 from relay.registry.errors import RegistryError
@@ -73,7 +75,8 @@ class RegistryUpstream:
         assert route is not None
         if authorization:
             headers = [*headers, ("authorization", authorization)]
-        return self.upstream.build_request(method, self.url(request, path), headers, route)
+        built = self.upstream.build_request(method, self.url(request, path), headers, route)
+        return mark_authorized(built, self.auth.authorizer(route, request.scope))
 
     async def open(
         self,
@@ -84,29 +87,11 @@ class RegistryUpstream:
         path: str | None = None,
     ) -> httpx.Response:
         """The upstream's answer (headers read; the caller closes it), with the token dance
-        done: a 401 is answered once with a new token. Raises UpstreamError."""
+        done: a 401 from a registry is answered once with a new token of its own
+        (`Upstream.open`). Raises UpstreamError."""
         route = request.route
         assert route is not None
         authorization = await self.auth.authorization(route, request.scope)
-        response = await self._send(method, request, headers, authorization, path)
-        if response.status_code != 401:
-            return response
-        try:
-            authorization = await self.auth.after_401(route, response, request.scope)
-        finally:
-            await asyncio.shield(response.aclose())
-        return await self._send(method, request, headers, authorization, path)
-
-    async def _send(
-        self,
-        method: str,
-        request: RegistryRequest,
-        headers: list[tuple[str, str]],
-        authorization: str | None,
-        path: str | None,
-    ) -> httpx.Response:
-        route = request.route
-        assert route is not None
         built = self.build(method, request, headers, authorization, path=path)
         return await self.upstream.open(built, route)
 

@@ -59,6 +59,10 @@ class FakeRegistry:
     """Whether blob answers carry the digest as a strong ETag (as distribution's do)."""
     minted: int = 0
     """Tokens the realm issued (each named by its count: tok-1, tok-2...)."""
+    token_prefix: str = "tok"
+    """What this registry's tokens start with (two registries' tokens told apart)."""
+    down: bool = False
+    """Refuse every connection (registry, realm and storage alike)."""
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -129,8 +133,14 @@ class FakeRegistry:
             response.status_code, headers=response.headers, stream=_Chunks(response.content)
         )
 
+    def serves(self, host: str) -> bool:
+        """Whether requests to `host` are this registry's (its own, its realm's, storage's)."""
+        return host in (self.host, httpx.URL(self.realm).host, self.storage)
+
     def _answer(self, request: httpx.Request) -> httpx.Response:
         self.seen.append(request)
+        if self.down:
+            raise httpx.ConnectError("connection refused by the fake registry", request=request)
         if request.url.host == "auth.test" or request.url.path == "/token":
             return self._token(request)
         if self.storage and request.url.host == self.storage:
@@ -179,7 +189,7 @@ class FakeRegistry:
 
     def _token(self, request: httpx.Request) -> httpx.Response:
         self.minted += 1
-        token = f"tok-{self.minted}"
+        token = f"{self.token_prefix}-{self.minted}"
         self.issued.add(token)
         return httpx.Response(200, json={"token": token, "expires_in": self.expires_in})
 

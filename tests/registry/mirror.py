@@ -35,7 +35,10 @@ class Mirror:
 
     def _handle(self, request: Any) -> Any:
         host = request.url.host
-        registry = self.registries.get(host) or next(iter(self.registries.values()))
+        registry = self.registries.get(host) or next(
+            (r for r in self.registries.values() if r.serves(host)),
+            next(iter(self.registries.values())),
+        )
         return registry.handle(request)
 
     @contextlib.asynccontextmanager

@@ -1,0 +1,243 @@
+"""An oci route with several registries (`upstreams`: a registry and its copies), each its own
+registry to relay: its own challenge, realm, credentials and tokens. A token goes only to the
+registry whose realm issued it; a registry that is down passes the pull on to the next; a blob
+cut on one registry is finished from another, from the byte it had, and verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relay import Config, Route
+from relay.config import Mirror as RouteMirror
+from relay.errors import ConfigError, TransferAborted
+from tests.registry.fake import FakeRegistry, digest_of
+from tests.registry.mirror import Mirror, cached_config
+
+LAYER = bytes(range(256)) * 1024  # 256 KiB: four chunks of the fake's 64 KiB
+CUT = 128 * 1024
+
+
+def _registries(**b_keys: Any) -> tuple[FakeRegistry, FakeRegistry]:
+    a = FakeRegistry(host="registry-a.test", realm="https://auth-a.test/token", token_prefix="a")
+    b = FakeRegistry(
+        host="registry-b.test", realm="https://auth-b.test/token", token_prefix="b", **b_keys
+    )
+    return a, b
+
+
+def _route(*upstreams: str | RouteMirror, **keys: Any) -> Route:
+    keys.setdefault("failover", "any")
+    return Route(
+        prefix="/hub/",
+        upstreams=tuple(
+            m if isinstance(m, RouteMirror) else RouteMirror(url=m)
+            for m in upstreams or ("https://registry-a.test/", "https://registry-b.test/")
+        ),
+        preset="oci",
+        registry_default=True,
+        redirect_hosts=("auth-a.test", "auth-b.test"),
+        **keys,
+    )
+
+
+def _mirror(
+    tmp_path: Path, a: FakeRegistry, b: FakeRegistry, *, cached: bool = True, **keys: Any
+) -> Mirror:
+    route = _route(**keys)
+    return Mirror(cached_config(tmp_path, route) if cached else Config(routes=(route,)), a, b)
+
+
+def _tokens_sent(registry: FakeRegistry) -> set[str]:
+    return {
+        r.headers["authorization"].removeprefix("Bearer ")
+        for r in registry.seen
+        if "authorization" in r.headers and r.headers["authorization"].startswith("Bearer ")
+    }
+
+
+def _same_image(a: FakeRegistry, b: FakeRegistry) -> tuple[str, str]:
+    manifest, layer = a.add_image("library/alpine", "3", LAYER)
+    assert b.add_image("library/alpine", "3", LAYER) == (manifest, layer)
+    return manifest, layer
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_registry_down_passes_the_pull_to_the_next_with_its_own_token(
+    tmp_path: Path, cached: bool
+) -> None:
+    a, b = _registries()
+    manifest, layer = _same_image(a, b)
+    a.down = True
+    mirror = _mirror(tmp_path, a, b, cached=cached, max_fails=0)  # a never rests
+    async with mirror.running():
+        for path in (
+            f"/v2/library/alpine/manifests/{manifest}",
+            f"/v2/library/alpine/blobs/{layer}",
+        ):
+            client = await mirror.get(path)
+            assert client.status == 200, client.body
+            assert client.completed
+        assert digest_of(client.body) == layer
+        tag = await mirror.get("/v2/library/alpine/manifests/3")
+        assert tag.status == 200
+        assert tag.headers[b"docker-content-digest"] == manifest.encode()
+        a.down = False  # back: the next pull is its own again, with its own token
+        other = a.add_blob(b"another layer")
+        assert (await mirror.get(f"/v2/library/alpine/blobs/{other}")).status == 200
+    assert _tokens_sent(b)
+    assert all(t.startswith("b-") for t in _tokens_sent(b))
+    assert _tokens_sent(a)
+    assert all(t.startswith("a-") for t in _tokens_sent(a))
+    assert a.requests(host="auth-b.test") == []
+    assert b.requests(host="auth-a.test") == []
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_blob_cut_on_one_registry_is_finished_from_the_next_and_verified(
+    tmp_path: Path, cached: bool
+) -> None:
+    a, b = _registries()
+    _, layer = _same_image(a, b)
+    a.cut_once[layer] = CUT
+    mirror = _mirror(tmp_path, a, b, cached=cached)
+    async with mirror.running():
+        client = await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+        assert client.status == 200
+        assert client.completed
+        assert client.body == LAYER
+        if cached:
+            again = await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+            assert again.headers[b"cache-status"].startswith(b"relay; hit")
+    (rest,) = [r for r in b.requests("GET", part="/blobs/") if "authorization" in r.headers]
+    assert rest.headers["range"].startswith(f"bytes={CUT}-")
+    assert "if-range" not in rest.headers
+    assert rest.headers["authorization"].startswith("Bearer b-")  # its own token, not a's
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_wrong_bytes_from_the_next_registry_abort_the_pull(
+    tmp_path: Path, cached: bool
+) -> None:
+    a, b = _registries()
+    _, layer = _same_image(a, b)
+    a.cut_once[layer] = CUT
+    b.tampered_ranges[layer] = LAYER[:-1] + b"\x00"
+    mirror = _mirror(tmp_path, a, b, cached=cached)
+    async with mirror.running():
+        with pytest.raises(TransferAborted):
+            await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+        cache = mirror.state.get("cache")
+        if cache is not None:
+            assert cache.index.entries() == []
+            assert cache.stats.digest_mismatches == 1
+
+
+async def test_each_registry_gets_its_own_credentials_only(tmp_path: Path) -> None:
+    """Registry b wants Basic with its own account; a is anonymous: a never sees it."""
+    a, b = _registries(auth="basic")
+    _, layer = _same_image(a, b)
+    a.auth = ""
+    a.down = True
+    route = _route(
+        "https://registry-a.test/",
+        RouteMirror(url="https://registry-b.test/", username_env="B_USER", password_env="B_PASS"),
+        max_fails=0,
+    )
+    config = cached_config(tmp_path, route.resolve_credential({"B_USER": "user", "B_PASS": "pass"}))
+    mirror = Mirror(config, a, b)
+    async with mirror.running():
+        client = await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+        assert client.status == 200
+        assert client.body == LAYER
+        a.down = False
+        other = a.add_blob(b"another layer")
+        assert (await mirror.get(f"/v2/library/alpine/blobs/{other}")).status == 200
+    assert all("authorization" not in r.headers for r in a.seen)
+    assert any(r.headers.get("authorization") == "Basic dXNlcjpwYXNz" for r in b.seen)
+
+
+async def test_a_token_never_follows_the_request_to_another_registry() -> None:
+    """Unit: a request built for registry a with a's token, moved to registry b, carries b's
+    kept token (or none), never a's."""
+    from relay.http.authorize import AUTHORIZER
+    from relay.net.upstream import Upstream
+
+    class Kept:
+        def known(self, mirror: int) -> str | None:
+            return None if mirror == 1 else "Bearer a-1"
+
+        async def renew(self, mirror: int, refused: httpx.Response) -> str:
+            raise AssertionError("not asked")
+
+    route = _route()
+    upstream = Upstream(httpx.AsyncClient(), Config(routes=(route,)))
+    request = upstream.build_request(
+        "GET",
+        "https://registry-a.test/v2/x/blobs/sha256:0",
+        [("authorization", "Bearer a-1")],
+        route,
+    )
+    request.extensions[AUTHORIZER] = Kept()
+    moved = upstream.for_mirror(request, route, 0, 1)
+    assert "authorization" not in moved.headers
+    assert moved.extensions[AUTHORIZER] is request.extensions[AUTHORIZER]
+    back = upstream.for_mirror(moved, route, 1, 0)
+    assert back.headers["authorization"] == "Bearer a-1"
+
+
+@pytest.mark.parametrize(
+    ("keys", "cause"),
+    [
+        (
+            {
+                "upstreams": ("https://a.test/", "https://b.test/"),
+                "username_env": "U",
+                "password_env": "P",
+            },
+            "give each registry its own user name",
+        ),
+        (
+            {"upstreams": ("https://a.test/", RouteMirror(url="https://b.test/", auth_env="X"))},
+            "username_env/password_env, not auth_env",
+        ),
+        ({"upstreams": ("https://a.test/", "https://b.test/v2/")}, "no path"),
+    ],
+)
+def test_oci_mirror_settings_are_checked(keys: dict[str, Any], cause: str) -> None:
+    with pytest.raises(ConfigError, match=cause):
+        Route(prefix="/hub/", preset="oci", **keys)
+
+
+def test_a_mirrors_login_needs_both_names() -> None:
+    with pytest.raises(ConfigError, match="both username_env and password_env"):
+        RouteMirror(url="https://b.test/", username_env="U")
+
+
+def test_registry_logins_are_for_oci_routes_only() -> None:
+    with pytest.raises(ConfigError, match="for preset = 'oci'"):
+        Route(
+            prefix="/p/",
+            upstreams=(
+                RouteMirror(url="https://a.test/"),
+                RouteMirror(url="https://b.test/", username_env="U", password_env="P"),
+            ),
+        )
+
+
+def test_the_first_registrys_login_is_the_routes() -> None:
+    route = Route(
+        prefix="/hub/",
+        preset="oci",
+        upstreams=(
+            RouteMirror(url="https://a.test/", username_env="AU", password_env="AP"),
+            RouteMirror(url="https://b.test/", username_env="BU", password_env="BP"),
+        ),
+    ).resolve_credential({"AU": "a", "AP": "1", "BU": "b", "BP": "2"})
+    assert route.mirror_login(0) == ("a", "1")
+    assert route.mirror_login(1) == ("b", "2")
+    assert "'1'" not in repr(route.describe())
+    assert "'2'" not in repr(route.describe())
