@@ -75,11 +75,6 @@ def anchors(page: Path) -> set[str]:
     return slugs | set(ANCHOR.findall(text))
 
 
-# Linked before they exist: deploy/observability/ is being built on its own branch. Skipped
-# only while missing; once there, checked like every other link (then drop the entry).
-PENDING = {"../deploy/observability/"}
-
-
 @pytest.mark.parametrize(
     "page", sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]), ids=lambda p: p.name
 )
@@ -91,9 +86,8 @@ def test_relative_links_reach_a_file_and_an_anchor(page: Path) -> None:
             continue  # https:, mailto:
         path, _, fragment = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if not linked.exists():
-            if target not in PENDING:
-                broken.append(target)
-        elif fragment and linked.suffix == ".md" and fragment not in anchors(linked):
+        if not linked.exists() or (
+            fragment and linked.suffix == ".md" and fragment not in anchors(linked)
+        ):
             broken.append(target)
     assert broken == [], f"{page.relative_to(ROOT)}: broken links"

@@ -4,6 +4,11 @@ job; then fsync and publish (`Store.publish`) in one job ordered with the other 
 object's files. A job cancelled meanwhile is waited out: a thread cannot be stopped, and a
 descriptor closed under a write in flight could be reused by another file by the time the write
 runs.
+
+Not `relay.transfer.PartialFile` (downloads to disk and `relay fetch`): a fill's file is read
+by its clients while it is written (each reader follows the written length), lives in the
+cache's store with its metadata, and is published by the store's rules; a transfer's file has
+one writer and no reader until it is verified and renamed.
 """
 
 from __future__ import annotations

@@ -301,6 +301,7 @@ def create_app(
     app.state.readiness = readiness
     app.state.mirrors = mirrors
     metrics.watch_mirrors(mirrors)
+    metrics.watch_readiness(lambda: readiness.ready)
     app.state.worker = worker
     app.state.startup_error = None
     app.state.limiter = relay.limiter

@@ -179,6 +179,8 @@ class Metrics:
         self._register_live(self._downloads)
         self._mirrors = _Mirrors()
         self._register_live(self._mirrors)
+        self._ready = _Ready()
+        self._register_live(self._ready)
         self._registry = _RegistryCollector()
         self._register_live(self._registry)
         self._register_live(ProcessCollector(registry=None))
@@ -263,6 +265,10 @@ class Metrics:
         run at once (`limit`: max_downloads)."""
         self._downloads.source = source
         self._downloads.limit = limit
+
+    def watch_readiness(self, ready: Callable[[], bool]) -> None:
+        """Report `relay_ready` (what /readyz answers: 1 ready, 0 not) at every scrape."""
+        self._ready.source = ready
 
     def watch_mirrors(self, board: MirrorBoard) -> None:
         """Report the passive health of every mirror of the routes that have several."""
@@ -361,6 +367,24 @@ class _Mirrors(Collector):
                 failures.add_metric(labels, health.failures)
                 passed.add_metric(labels, health.fall_throughs)
         yield from (up, failures, passed)
+
+
+class _Ready(Collector):
+    """`relay_ready`: 1 while /readyz answers ready, 0 while it answers 503 (starting,
+    draining, workers not all up). Nothing is exported until a source is set."""
+
+    NAME = "relay_ready"
+    HELP = "1 while relay answers /readyz as ready, 0 while not (starting, draining, workers down)."
+
+    def __init__(self) -> None:
+        self.source: Callable[[], bool] | None = None
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.source is not None:
+            yield GaugeMetricFamily(self.NAME, self.HELP, value=1 if self.source() else 0)
 
 
 class _ByState(Collector):

@@ -10,7 +10,8 @@ multiprocess files, and the values read at scrape time gathered from every worke
   asks every peer for its own values (`relay.net.peers`, as JSON) and adds them to its own.
   Summed, except the families in `SERVER_WIDE` (a value every worker reports for the whole
   server: the largest is taken), the process start time (the earliest) and a mirror's
-  `relay_upstream_mirror_up` (the smallest: each worker keeps its own passive health). A
+  `relay_upstream_mirror_up` and `relay_ready` (the smallest: each worker keeps its own
+  passive health, and reports its own readiness). A
   peer that does not answer in time is left out of that scrape (its gauges only;
   `relay_scrape_peers_missing` says how many).
 """
@@ -37,9 +38,10 @@ SERVER_WIDE = frozenset(
 )
 """Families each worker reports for the whole server (the same limit, one shared store)."""
 EARLIEST = frozenset({"process_start_time_seconds"})
-LEAST = frozenset({"relay_upstream_mirror_up"})
+LEAST = frozenset({"relay_upstream_mirror_up", "relay_ready"})
 """Families whose smallest value speaks for the server: each worker keeps its own passive
-health, and a mirror counts as up only while no worker rests it."""
+health, and a mirror counts as up only while no worker rests it; the server is ready only
+while every worker answers ready."""
 
 Family = dict[str, Any]
 """A metric family as JSON: name, documentation, type, unit, samples [[name, labels, value]]."""

@@ -63,17 +63,23 @@ async def test_one_batch_per_loop_iteration_after_earlier_jobs(executor: DiskExe
     """Items added in one loop iteration are one job, run after the jobs asked for on their
     keys before; a later job on one of those keys runs after the batch."""
     ordered = Ordered(executor)
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
     calls: list[Any] = []
-    ordered.submit(["x"], gate.wait, 10)
+
+    def first() -> None:
+        started.set()
+        gate.wait(10)
+        calls.append("x first")
+
+    ordered.submit(["x"], first)
     for key in ("x", "y", "z"):
         ordered.add(calls.append, key, key)
     later = ordered.submit(["y"], calls.append, "later y")
-    await asyncio.sleep(0)
-    assert calls == []  # the batch waits for x's first job
+    await asyncio.to_thread(started.wait, 10)
     gate.set()
     await later
-    assert calls == [["x", "y", "z"], "later y"]
+    # The batch ran after x's first job had ended, and y's later job after the batch.
+    assert calls == ["x first", ["x", "y", "z"], "later y"]
     await ordered.drain()
 
 

@@ -129,11 +129,14 @@ def test_sigterm_drains_then_aborts_and_exits_zero(relay_process: RelayProcess) 
         short_stream = short.send(
             short.build_request("GET", f"{base}/o/gen/1m?slow=2000000"), stream=True
         )
+        assert "\nrelay_ready 1.0\n" in httpx.get(f"{base}/metrics", timeout=5).text
         relay_process.proc.send_signal(signal.SIGTERM)
         ready = wait_until(
             lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 503, timeout=5
         )
         assert ready, "readyz did not turn 503 after SIGTERM"
+        # The gauge the RelayNotReady alert watches says the same.
+        assert "\nrelay_ready 0.0\n" in httpx.get(f"{base}/metrics", timeout=5).text
         # Within the shutdown delay, new requests are still served.
         assert httpx.get(f"{base}/o/gen/10", timeout=5).status_code == 200
         # A download that fits in the drain window completes intact.

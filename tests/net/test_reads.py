@@ -16,6 +16,7 @@ import trustme
 from relay.net.transports import ALLOW_PRIVATE, READ_PACE
 from relay.net.transports.aiohttp_transport import AiohttpTransport
 from relay.net.transports.reads import LARGE_READ, SMALL_READ, SizedReads
+from tests.loopback import LoopbackServer
 from tests.origin import Origin, expected_sha256
 
 BODY = bytes(range(256)) * (4 * 1024 * 16)  # 4 MiB
@@ -69,6 +70,7 @@ def certs() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
+@pytest.mark.e2e  # a server on loopback (tests/conftest.py)
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 @pytest.mark.parametrize("small", [False, True], ids=["large", "small"])
@@ -89,6 +91,7 @@ def test_reads_are_capped_and_bytes_unchanged(
 
         served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx if tls else None)
+        LoopbackServer.started()
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         transport, recorder = await loop.create_connection(

@@ -84,6 +84,7 @@ def test_scrape_time_values_are_summed_except_server_wide_ones() -> None:
         _family("relay_cache_hits", "counter", ("relay_cache_hits_total", {}, 10)),
         _family("process_start_time_seconds", "gauge", ("process_start_time_seconds", {}, 50)),
         _family("relay_upstream_mirror_up", "gauge", ("relay_upstream_mirror_up", _M, 1)),
+        _family("relay_ready", "gauge", ("relay_ready", {}, 1)),
     ]
     other = [
         _family("relay_active_streams", "gauge", ("relay_active_streams", {"route": "/o/"}, 2)),
@@ -91,6 +92,7 @@ def test_scrape_time_values_are_summed_except_server_wide_ones() -> None:
         _family("relay_cache_hits", "counter", ("relay_cache_hits_total", {}, 5)),
         _family("process_start_time_seconds", "gauge", ("process_start_time_seconds", {}, 40)),
         _family("relay_upstream_mirror_up", "gauge", ("relay_upstream_mirror_up", _M, 0)),
+        _family("relay_ready", "gauge", ("relay_ready", {}, 0)),
     ]
     merged = {
         m.name: [(s.name, s.labels, s.value) for s in m.samples] for m in merge([worker, other])
@@ -102,4 +104,6 @@ def test_scrape_time_values_are_summed_except_server_wide_ones() -> None:
         "process_start_time_seconds": [("process_start_time_seconds", {}, 40)],
         # each worker keeps its own passive health: up only while no worker rests the mirror
         "relay_upstream_mirror_up": [("relay_upstream_mirror_up", _M, 0)],
+        # ready only while every worker is
+        "relay_ready": [("relay_ready", {}, 0)],
     }

@@ -20,6 +20,9 @@ from relay.server.run import RelayHttpToolsProtocol
 from relay.server.uvicorn_compat import RequestResponseCycle
 from relay.types import ZERO_COPY_SEND, Message, Receive, Scope, Send
 from tests.harness import wait_until
+from tests.loopback import LoopbackServer
+
+pytestmark = pytest.mark.e2e  # a real uvicorn on loopback
 
 DATA = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4: larger than one socket write
 
@@ -88,6 +91,7 @@ def serving(
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, ws="none")
+    LoopbackServer.started()  # tests/conftest.py: a test serving this way is e2e
     server = uvicorn.Server(config)
 
     def run() -> None:
