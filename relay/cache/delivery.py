@@ -154,6 +154,7 @@ class Delivery:
         exchange = self.exchange
         if exchange.upstream_status is None:
             exchange.upstream_status = fill.upstream_status
+            exchange.upstream_mirror = fill.upstream_mirror
             exchange.upstream_ttfb = fill.claim_ttfb()
 
     # ---- heads ----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from relay.http.resume import mark_continuation, resume_request_headers
 from relay.net.mirrors import named_sha256, pinned_sha256
 from relay.net.presets import linked_sha256
 from relay.net.routing import RouteTable
-from relay.net.upstream import Upstream
+from relay.net.upstream import Upstream, mirror_place
 
 if TYPE_CHECKING:
     pass
@@ -119,6 +119,7 @@ class Fill(SharedFill):
         self.error: UpstreamError | None = None
         """The upstream could not be reached: answered as a relayed request would be."""
         self.upstream_status: int | None = None
+        self.upstream_mirror: int | None = None  # the answering mirror's place (from 1)
         self._ttfb: float | None = None
         """Seconds from sending the upstream request to its response headers, until a
         request answered from this fill reports it (`claim_ttfb`)."""
@@ -304,6 +305,7 @@ class Fill(SharedFill):
         """Whether the response's body is to be written (stored, or to answer the fill's
         clients); if not, records why and closes it, or keeps it for `take_response`."""
         status = self.upstream_status = response.status_code
+        self.upstream_mirror = mirror_place(response)
         received = self._clock.now()
         if status == 304 and self.revalidating is not None and not self.superseded:
             return await self._not_modified(response, received)

@@ -349,6 +349,14 @@ def _monotonic() -> float:
 # Response extension: the index (in the route's `upstreams`) of the mirror that answered.
 MIRROR_INDEX = "relay.mirror"
 
+
+def mirror_place(response: httpx.Response) -> int | None:
+    """The place in its route's `upstreams` (from 1, as in the metrics' `mirror` label) of
+    the mirror that sent `response`; None on a route with one upstream."""
+    index: int | None = response.extensions.get(MIRROR_INDEX)
+    return None if index is None else index + 1
+
+
 _Outcome = httpx.Response | UpstreamError
 
 

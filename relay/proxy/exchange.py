@@ -18,6 +18,9 @@ class Exchange:
     route: str = "-"
     """The matched route prefix, or "-" (health, metrics, 404...)."""
     upstream_status: int | None = None
+    upstream_mirror: int | None = None
+    """On a route with several mirrors: the place in `upstreams` (from 1) of the mirror whose
+    response answered (the one that sent its head); None otherwise."""
     upstream_ttfb: float | None = None
     """Seconds from sending the upstream request to its response headers."""
     pool_wait: float | None = None

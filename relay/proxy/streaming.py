@@ -31,7 +31,7 @@ from relay.net.mirrors import pinned_sha256
 from relay.net.redirects import REDIRECT_STATUSES, rewrite_location_headers
 from relay.net.routing import RouteTable, Target
 from relay.net.transports import POOL_WAIT, READ_PACE
-from relay.net.upstream import Upstream
+from relay.net.upstream import Upstream, mirror_place
 from relay.proxy.admission import StreamLimiter
 from relay.proxy.exchange import Exchange, exchange_of
 from relay.proxy.headers import BODYLESS_STATUSES, downstream_response_headers
@@ -223,6 +223,7 @@ class RelayResponse(Response):
             exchange.upstream_ttfb = time.monotonic() - sent_at
         exchange.pool_wait = request.extensions.get(POOL_WAIT)
         status = self.status_code = exchange.upstream_status = response.status_code
+        exchange.upstream_mirror = mirror_place(response)
         headers = downstream_response_headers(response.headers.raw, status)
         if status in REDIRECT_STATUSES:
             headers = rewrite_location_headers(headers, response.request.url, self._routes)

@@ -178,6 +178,7 @@ class ObserveMiddleware:
             "bytes": body_bytes,
             "duration_ms": round(duration * 1000, 3),
             "upstream_status": exchange.upstream_status,
+            "upstream_mirror": exchange.upstream_mirror,
             "upstream_ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
             "pool_wait_ms": None if pool_wait is None else round(pool_wait * 1000, 3),
             "range": range_header,

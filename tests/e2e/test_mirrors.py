@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import socket
 import time
 import uuid
@@ -25,7 +26,7 @@ from relay.config import Mirror, Route
 from relay.fetch.errors import VerifyFailed
 from relay.fetch.fetcher import FetchOptions, Reporter, fetch
 from tests.downloads.test_api import file_sha256, post, wait_done
-from tests.harness import CURL, RelayThread, curl, relay_config, sha256_stream
+from tests.harness import CURL, RelayThread, curl, relay_config, sha256_stream, wait_until
 from tests.origin import Origin, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -351,6 +352,37 @@ def test_the_cache_key_does_not_depend_on_the_mirror_that_answered(
     assert second_answer.headers["cache-status"].startswith("relay; hit")
     assert second_answer.content == first.content
     assert len(asked(origin, tag)) == len(asked(second, tag)) == 1
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["relayed", "cached"])
+def test_the_access_line_names_the_mirror_that_answered(
+    make_relay: Callable[..., RelayThread],
+    origin: Origin,
+    second: Origin,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    cached: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.access")
+    cache = {"cache_dir": str(tmp_path / "cache"), "cache_max_bytes": 64 * MiB} if cached else {}
+    relay = make_relay(routes=(route(base(origin, "answer=404"), base(second)),), **cache)
+    lone = make_relay(routes=(Route(prefix="/m/", upstream=base(second), allow_private=True),))
+    for server, expected in ((relay, 2), (lone, None)):
+        request_id = f"mirror-{uuid.uuid4().hex}"
+        answer = httpx.get(
+            f"{server.url}/m/gen/4096?t={request_id}", headers={"x-request-id": request_id}
+        )
+        assert answer.status_code == 200
+
+        def lines(request_id: str = request_id) -> list[object]:
+            return [
+                r
+                for r in caplog.records
+                if r.name == "relay.access" and getattr(r, "request_id", None) == request_id
+            ]
+
+        assert wait_until(lambda: len(lines()) == 1)
+        assert vars(lines()[0])["upstream_mirror"] == expected  # its place in upstreams
 
 
 # ---- downloads to disk and relay fetch ----------------------------------------------------------
