@@ -198,7 +198,7 @@ async def test_a_token_never_follows_the_request_to_another_registry() -> None:
                 "username_env": "U",
                 "password_env": "P",
             },
-            "give each registry its own user name",
+            "give each mirror its own user name",
         ),
         (
             {"upstreams": ("https://a.test/", RouteMirror(url="https://b.test/", auth_env="X"))},
