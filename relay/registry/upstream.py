@@ -62,6 +62,18 @@ class RegistryUpstream:
             out.append(("accept", accept))
         return out + (extra or [])
 
+    async def authorization(self, route: Route, scope: str, *, probe: bool = False) -> str | None:
+        """The first registry's Authorization for a request (`RegistryAuth.authorization`).
+        With several registries, one whose token cannot be had now (its realm down) is asked
+        without one: its 401, which cannot be renewed either, is that registry's failure, and
+        the route's failover takes the request on (not a 502 before the next is asked)."""
+        try:
+            return await self.auth.authorization(route, scope, probe=probe)
+        except UpstreamError:
+            if len(route.upstreams) < 2:
+                raise
+            return None
+
     def build(
         self,
         method: str,
@@ -91,7 +103,7 @@ class RegistryUpstream:
         (`Upstream.open`). Raises UpstreamError."""
         route = request.route
         assert route is not None
-        authorization = await self.auth.authorization(route, request.scope)
+        authorization = await self.authorization(route, request.scope)
         built = self.build(method, request, headers, authorization, path=path)
         return await self.upstream.open(built, route)
 

@@ -241,3 +241,28 @@ def test_the_first_registrys_login_is_the_routes() -> None:
     assert route.mirror_login(1) == ("b", "2")
     assert "'1'" not in repr(route.describe())
     assert "'2'" not in repr(route.describe())
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_registry_whose_realm_fails_passes_the_pull_to_the_next(
+    tmp_path: Path, cached: bool
+) -> None:
+    """Registry a is known to want a token (a first pull learned its challenge); then a and
+    its realm go down: a pull needing a new token is finished by b, not answered 502 before
+    b is asked."""
+    a, b = _registries()
+    _same_image(a, b)
+    other = LAYER[::-1]
+    _, layer = a.add_image("library/busybox", "1", other)
+    assert b.add_image("library/busybox", "1", other)[1] == layer
+    mirror = _mirror(tmp_path, a, b, cached=cached, max_fails=0)
+    async with mirror.running():
+        first = await mirror.get("/v2/library/alpine/manifests/3")
+        assert first.status == 200
+        assert _tokens_sent(a)
+        a.down = True  # its realm too: a new scope's token cannot be had from it
+        client = await mirror.get(f"/v2/library/busybox/blobs/{layer}")
+        assert client.status == 200, client.body
+        assert client.completed
+        assert client.body == other
+    assert all(t.startswith("b-") for t in _tokens_sent(b))
