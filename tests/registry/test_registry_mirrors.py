@@ -266,3 +266,69 @@ async def test_a_registry_whose_realm_fails_passes_the_pull_to_the_next(
         assert client.completed
         assert client.body == other
     assert all(t.startswith("b-") for t in _tokens_sent(b))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_registry_cannot_name_another_registrys_own_host_realm(
+    tmp_path: Path, cached: bool
+) -> None:
+    """Registry b names registry a's realm (on a's own host, as ghcr.io's and quay.io's
+    are, not in redirect_hosts): b's account never goes to a, and a token a's realm issued
+    never goes to b: b's pull fails (502)."""
+    a, b = _registries()
+    a.realm = "https://registry-a.test/token"
+    b.realm = "https://registry-a.test/token"  # lying: a's realm, not its own
+    _, layer = _same_image(a, b)
+    a.down = True
+    route = _route(
+        "https://registry-a.test/",
+        RouteMirror(url="https://registry-b.test/", username_env="B_USER", password_env="B_PASS"),
+        max_fails=0,
+    )
+    settings = {"B_USER": "user", "B_PASS": "pass"}
+    route = route.resolve_credential(settings)
+    config = cached_config(tmp_path, route) if cached else Config(routes=(route,))
+    async with Mirror(config, a, b).running() as mirror:
+        a.down = False
+        mirror.registries = {"registry-b.test": b, "registry-a.test": a}
+        a_blob = a.add_blob(b"only a has this")
+        assert (await mirror.get(f"/v2/library/alpine/blobs/{a_blob}")).status == 200
+        a.down = True  # b answers now, naming a's realm
+        client = await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+        assert client.status == 502
+    assert all(r.headers.get("authorization") != "Basic dXNlcjpwYXNz" for r in a.seen)
+    assert not any(t.startswith("a-") for t in _tokens_sent(b))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("kind", ["blob", "manifest"])
+async def test_other_bytes_for_a_digest_from_the_next_registry_are_refused(
+    tmp_path: Path, cached: bool, kind: str
+) -> None:
+    """Registry a is down; b answers 200 to a digest with other bytes (a lying copy): the
+    pull is aborted and nothing is stored."""
+    a, b = _registries()
+    manifest, layer = _same_image(a, b)
+    digest = layer if kind == "blob" else manifest
+    if kind == "blob":
+        b.tampered[layer] = LAYER[:-1] + b"\x00"
+    else:
+        media_type, body = b.manifests[manifest]
+        b.manifests[manifest] = (
+            media_type,
+            body.replace(b'"schemaVersion": 2', b'"schemaVersion": 3'),
+        )
+        assert b.manifests[manifest][1] != body
+    a.down = True
+    mirror = _mirror(tmp_path, a, b, cached=cached, max_fails=0)
+    path = f"/v2/library/alpine/{kind}s/{digest}"
+    async with mirror.running():
+        try:
+            client = await mirror.get(path)
+        except TransferAborted:
+            pass
+        else:
+            assert client.status >= 500 or not client.completed, client.status
+        cache = mirror.state.get("cache")
+        if cache is not None:
+            assert cache.index.entries() == []
