@@ -338,7 +338,7 @@ class Route:
                 raise ConfigError(f"{where}: the first mirror's credential is given twice")
             object.__setattr__(self, "auth_env", first.auth_env)
             object.__setattr__(self, "auth_file", first.auth_file)
-        elif len(items) > 1 and any(route_auth):
+        elif len(items) > 1 and any(route_auth) and self.preset != "oci":  # oci: refused below
             raise ConfigError(
                 f"{where}: with several upstreams, give each mirror its own credential: "
                 'upstreams = [{ url = "...", auth_env = "..." }, ...] (a credential is sent '

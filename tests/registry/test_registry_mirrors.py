@@ -205,6 +205,11 @@ async def test_a_token_never_follows_the_request_to_another_registry() -> None:
             "username_env/password_env, not auth_env",
         ),
         ({"upstreams": ("https://a.test/", "https://b.test/v2/")}, "no path"),
+        (
+            # not told to give each mirror its own auth_env, which an oci route refuses next
+            {"upstreams": ("https://a.test/", "https://b.test/"), "auth_env": "X"},
+            "takes username_env/password_env, not auth_env",
+        ),
     ],
 )
 def test_oci_mirror_settings_are_checked(keys: dict[str, Any], cause: str) -> None:
