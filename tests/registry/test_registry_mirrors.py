@@ -337,3 +337,101 @@ async def test_other_bytes_for_a_digest_from_the_next_registry_are_refused(
         cache = mirror.state.get("cache")
         if cache is not None:
             assert cache.index.entries() == []
+
+
+class _NeverIssued(set[str]):
+    """A registry that takes none of the tokens its realm issues: 401 with a fresh
+    challenge every time."""
+
+    def add(self, element: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("failover", ["any", "not-found"])
+async def test_a_registry_that_always_answers_401_is_asked_once_again_per_request(
+    tmp_path: Path, cached: bool, failover: str
+) -> None:
+    """Each request sent to a registry that refuses every token gets one retry with a new
+    token, never more; a 401 does not pass the pull on (it is not a failure), and the
+    client gets an answer."""
+    a, b = _registries()
+    manifest, layer = _same_image(a, b)
+    a.issued = _NeverIssued()
+    mirror = _mirror(tmp_path, a, b, cached=cached, failover=failover)
+    async with mirror.running():
+        for path in (
+            f"/v2/library/alpine/manifests/{manifest}",
+            f"/v2/library/alpine/blobs/{layer}",
+            "/v2/library/alpine/manifests/3",
+        ):
+            a.seen.clear()
+            client = await mirror.get(path)
+            assert client.status == 404, client.body  # relay's answer for a standing 401
+            asked = [r for r in a.seen if r.url.host == "registry-a.test" and r.url.path != "/v2/"]
+            # One request and its retry; with the cache, a blob's fill, then the same again
+            # for its client when the fill's answer is a 401 (as with one registry).
+            assert len(asked) in ((2, 4) if cached else (2,)), [str(r.url) for r in asked]
+    assert b.seen == []
+
+
+@pytest.mark.parametrize("failure", ["raises", "cancelled"])
+async def test_a_401_is_closed_when_its_renewal_fails(failure: str) -> None:
+    """The 401 whose token is being renewed is closed on every path: the renewal raising
+    UpstreamError, or the request cancelled meanwhile."""
+    import asyncio
+
+    from relay.errors import UpstreamError, UpstreamUnavailable
+    from relay.http.authorize import mark_authorized
+    from relay.net.upstream import Upstream
+
+    closed: list[bool] = []
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield b"{}"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    renewing = asyncio.Event()
+
+    class Refusing:
+        def known(self, mirror: int) -> str | None:
+            return None
+
+        async def renew(self, mirror: int, refused: httpx.Response) -> str:
+            renewing.set()
+            if failure == "raises":
+                raise UpstreamUnavailable("the realm is down")
+            await asyncio.Event().wait()
+            raise AssertionError("not reached")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, headers={"www-authenticate": "Bearer x"}, stream=Body())
+
+    route = _route()
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    upstream = Upstream(client, Config(routes=(route,)))
+    for url in ("https://registry-a.test/v2/x/blobs/sha256:0", "https://elsewhere.test/x"):
+        closed.clear()
+        renewing.clear()
+        request = upstream.build_request("GET", url, [], route)
+        mark_authorized(request, Refusing())
+        task = asyncio.ensure_future(upstream.open(request, route, background=True))
+        if url.startswith("https://elsewhere"):  # not a mirror's: answered as it is
+            response = await task
+            assert response.status_code == 401
+            await response.aclose()
+            assert closed
+            continue
+        await renewing.wait()
+        if failure == "cancelled":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(UpstreamError):
+                await task
+        assert closed == [True] * len(closed)
+        assert closed
