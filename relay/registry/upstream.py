@@ -20,6 +20,7 @@ import httpx
 from relay.config import Route
 from relay.errors import UpstreamError, UpstreamUnavailable
 from relay.http.authorize import mark_authorized
+from relay.net.mirrors import error_counts
 from relay.net.upstream import USER_AGENT, VIA, Upstream
 from relay.registry.auth import RegistryAuth
 from relay.registry.errors import RegistryError
@@ -64,14 +65,17 @@ class RegistryUpstream:
 
     async def authorization(self, route: Route, scope: str, *, probe: bool = False) -> str | None:
         """The first registry's Authorization for a request (`RegistryAuth.authorization`).
-        With several registries, one whose token cannot be had now (its realm down) is asked
-        without one: its 401, which cannot be renewed either, is that registry's failure, and
-        the route's failover takes the request on (not a 502 before the next is asked)."""
+        With several registries, a failure to get the first one's token (its realm down) is
+        that registry's failure (it rests as any failing mirror does), and the request goes
+        out without a token: the route's failover takes it on (not a 502 before the next
+        registry is asked), past the first while it rests (one wait for a hanging realm)."""
         try:
             return await self.auth.authorization(route, scope, probe=probe)
-        except UpstreamError:
+        except UpstreamError as exc:
             if len(route.upstreams) < 2:
                 raise
+            if error_counts(exc):
+                self.upstream.mirrors.of(route).failed(0, f"token realm: {exc.reason}")
             return None
 
     def build(

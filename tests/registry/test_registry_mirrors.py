@@ -435,3 +435,33 @@ async def test_a_401_is_closed_when_its_renewal_fails(failure: str) -> None:
                 await task
         assert closed == [True] * len(closed)
         assert closed
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_realm_that_times_out_is_waited_for_once_per_pull(
+    tmp_path: Path, cached: bool
+) -> None:
+    """Registry a's realm stops answering (a timeout) once its challenge is known: the pull
+    goes on to b after one wait for it, not two (the token asked for before the request,
+    then again after a's 401), and a rests as any failing mirror does."""
+    a, b = _registries()
+    _same_image(a, b)
+    other = LAYER[::-1]
+    _, layer = a.add_image("library/busybox", "1", other)
+    b.add_image("library/busybox", "1", other)
+    answer = a.handle
+
+    def hanging(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth-a.test" and "busybox" in request.url.params.get("scope", ""):
+            a.seen.append(request)
+            raise httpx.ReadTimeout("the realm does not answer", request=request)
+        return answer(request)
+
+    a.handle = hanging  # type: ignore[method-assign]
+    mirror = _mirror(tmp_path, a, b, cached=cached)
+    async with mirror.running():
+        assert (await mirror.get("/v2/library/alpine/manifests/3")).status == 200
+        client = await mirror.get(f"/v2/library/busybox/blobs/{layer}")
+        assert client.status == 200, client.body
+        assert client.body == other
+        assert len(a.requests(host="auth-a.test", part="/token")) == 2  # alpine's, busybox's
