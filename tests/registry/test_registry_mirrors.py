@@ -465,3 +465,26 @@ async def test_a_realm_that_times_out_is_waited_for_once_per_pull(
         assert client.status == 200, client.body
         assert client.body == other
         assert len(a.requests(host="auth-a.test", part="/token")) == 2  # alpine's, busybox's
+
+
+async def test_a_registry_naming_anothers_realm_never_gets_the_others_account(
+    tmp_path: Path,
+) -> None:
+    """redirect_hosts are the route's: registry b may name registry a's realm there (b's own
+    account, here none, goes with it), but a's account goes only with a's own requests."""
+    a, b = _registries()
+    b.realm = "https://auth-a.test/token"
+    _, layer = _same_image(a, b)
+    a.down = True
+    route = _route(
+        RouteMirror(url="https://registry-a.test/", username_env="A_USER", password_env="A_PASS"),
+        "https://registry-b.test/",
+        max_fails=0,
+    ).resolve_credential({"A_USER": "user", "A_PASS": "pass"})
+    async with Mirror(cached_config(tmp_path, route), a, b).running() as mirror:
+        mirror.registries = {"registry-b.test": b, "auth-a.test": b, "registry-a.test": a}
+        client = await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+        assert client.status == 200  # b's token, from a's realm: anonymous
+    realm = b.requests(host="auth-a.test")
+    assert realm
+    assert all("authorization" not in r.headers for r in realm)
