@@ -18,7 +18,7 @@ import json
 import httpx
 
 from relay.config import Route
-from relay.errors import UpstreamError, UpstreamUnavailable
+from relay.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from relay.http.authorize import mark_authorized
 from relay.net.mirrors import error_counts
 from relay.net.upstream import USER_AGENT, VIA, Upstream
@@ -72,8 +72,8 @@ class RegistryUpstream:
         try:
             return await self.auth.authorization(route, scope, probe=probe)
         except UpstreamError as exc:
-            if len(route.upstreams) < 2:
-                raise
+            if len(route.upstreams) < 2 or isinstance(exc, UpstreamRefused):
+                raise  # a refusal of this scope is an answer, not the registry's outage
             if error_counts(exc):
                 self.upstream.mirrors.of(route).failed(0, f"token realm: {exc.reason}")
             return None

@@ -488,3 +488,38 @@ async def test_a_registry_naming_anothers_realm_never_gets_the_others_account(
     realm = b.requests(host="auth-a.test")
     assert realm
     assert all("authorization" not in r.headers for r in realm)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_a_realm_refusing_one_clients_scope_does_not_rest_the_registry(
+    tmp_path: Path, cached: bool
+) -> None:
+    """Each realm refuses (403) a token for a repository relay's account may not pull: that
+    is an answer about the client's name, not the registry's health. A client asking for it
+    again and again does not make the registries rest (the route answering 503 to all)."""
+    a, b = _registries()
+    _, layer = _same_image(a, b)
+
+    def refusing(registry: FakeRegistry) -> None:
+        answer = registry.handle
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/token" and "private" in request.url.params.get("scope", ""):
+                registry.seen.append(request)
+                return httpx.Response(403, json={"details": "access denied"})
+            return answer(request)
+
+        registry.handle = handle  # type: ignore[method-assign]
+
+    refusing(a)
+    refusing(b)
+    mirror = _mirror(tmp_path, a, b, cached=cached)  # max_fails = 1
+    async with mirror.running():
+        assert (await mirror.get("/v2/library/alpine/manifests/3")).status == 200
+        for _ in range(3):
+            refused = await mirror.get(f"/v2/library/private/blobs/{layer}")
+            assert 400 <= refused.status < 600
+        client = await mirror.get(f"/v2/library/alpine/blobs/{layer}")
+        assert client.status == 200, client.body
+        assert client.body == LAYER
+        assert a.requests(host="registry-a.test", part="/alpine/blobs/")  # a did not rest
