@@ -333,7 +333,10 @@ class Route:
             raise ConfigError(f"{where}: upstreams lists a URL twice")
         first = items[0]
         several = len(items) > 1
-        self._lift(where, first, ("auth_env", "auth_file"), several, "credential", "auth_env")
+        oci = self.preset == "oci"  # an oci route's auth_env is refused in _check_oci
+        self._lift(
+            where, first, ("auth_env", "auth_file"), several and not oci, "credential", "auth_env"
+        )
         self._lift(
             where, first, ("username_env", "password_env"), several, "user name", "username_env"
         )
