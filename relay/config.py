@@ -332,32 +332,36 @@ class Route:
         if len(set(urls)) != len(urls):
             raise ConfigError(f"{where}: upstreams lists a URL twice")
         first = items[0]
-        route_auth = (self.auth_env, self.auth_file)
-        if first.auth_env or first.auth_file:
-            if any(route_auth) and route_auth != (first.auth_env, first.auth_file):
-                raise ConfigError(f"{where}: the first mirror's credential is given twice")
-            object.__setattr__(self, "auth_env", first.auth_env)
-            object.__setattr__(self, "auth_file", first.auth_file)
-        elif len(items) > 1 and any(route_auth):
-            raise ConfigError(
-                f"{where}: with several upstreams, give each mirror its own credential: "
-                'upstreams = [{ url = "...", auth_env = "..." }, ...] (a credential is sent '
-                "to its own mirror only)"
-            )
-        route_login = (self.username_env, self.password_env)
-        if first.username_env:
-            if any(route_login) and route_login != (first.username_env, first.password_env):
-                raise ConfigError(f"{where}: the first mirror's user name is given twice")
-            object.__setattr__(self, "username_env", first.username_env)
-            object.__setattr__(self, "password_env", first.password_env)
-        elif len(items) > 1 and any(route_login):
-            raise ConfigError(
-                f"{where}: with several upstreams, give each registry its own user name: "
-                'upstreams = [{ url = "...", username_env = "...", password_env = "..." }, '
-                "...] (a registry's credentials go to its own token realm only)"
-            )
+        several = len(items) > 1
+        oci = self.preset == "oci"  # an oci route's auth_env is refused in _check_oci
+        self._lift(
+            where, first, ("auth_env", "auth_file"), several and not oci, "credential", "auth_env"
+        )
+        self._lift(
+            where, first, ("username_env", "password_env"), several, "user name", "username_env"
+        )
         object.__setattr__(self, "upstreams", items)
         object.__setattr__(self, "upstream", first.url)
+
+    def _lift(
+        self, where: str, first: Mirror, names: tuple[str, str], several: bool, what: str, key: str
+    ) -> None:
+        """The first mirror's pair of settings `names` (a credential's, a registry account's)
+        becomes the route's own; with several mirrors, the route's own pair alone is refused:
+        each mirror names its own (a credential goes to its own mirror only)."""
+        mine = tuple(getattr(self, n) for n in names)
+        theirs = tuple(getattr(first, n) for n in names)
+        if any(theirs):
+            if any(mine) and mine != theirs:
+                raise ConfigError(f"{where}: the first mirror's {what} is given twice")
+            for name, value in zip(names, theirs, strict=True):
+                object.__setattr__(self, name, value)
+        elif several and any(mine):
+            raise ConfigError(
+                f"{where}: with several upstreams, give each mirror its own {what}: "
+                f'upstreams = [{{ url = "...", {key} = "..." }}, ...] (a credential is sent '
+                "to its own mirror only)"
+            )
 
     def _check_oci(self, where: str) -> None:
         """An oci route: always follows redirects (to redirect_hosts only: blobs live in

@@ -13,6 +13,8 @@
     ├── Overloaded             503 + Retry-After: max_streams reached; answered at once
     ├── UpstreamError          5xx: upstream trouble before the response started
     │   ├── UpstreamUnavailable  502: refused, reset, DNS failure, bad framing
+    │   │   └── UpstreamRefused  502: an answer refusing this request's name (a registry
+    │   │                        realm's 4xx for a scope): not a failure of the upstream
     │   ├── PoolExhausted        503 + Retry-After: no free upstream connection in time
     │   ├── UpstreamTimeout      504: no response headers in time
     │   └── MirrorsDown          503 + Retry-After: every mirror of the route is resting
@@ -114,6 +116,10 @@ class UpstreamError(RelayError):
 
 
 class UpstreamUnavailable(UpstreamError):
+    status_code = 502
+
+
+class UpstreamRefused(UpstreamUnavailable):
     status_code = 502
 
 

@@ -10,7 +10,8 @@ Registered as a plugin in tests/conftest.py, so every test can ask for:
   uncompressed 256 MiB layer (written streaming; only tests that ask for it pay for it).
 - `oci_token_world` (session): a `TokenIssuer` and a token-auth registry trusting it, holding
   `small:v1` (pushed with the issuer's user `pusher`).
-- `fault_proxy` (per test): a `FaultProxy` in front of `oci_registry`, fresh counts.
+- `fault_proxy` (per test): a `FaultProxy` in front of `oci_registry`, fresh counts;
+  `token_proxy`, one in front of `oci_token_world`'s registry (its issuer's counts reset).
 - `oci_tmp`: a per-test directory for client state (outside the worktree).
 
 `oci_relay(upstream, cache_dir)` starts a relay (tests/harness.py `RelayThread`) with one
@@ -192,6 +193,14 @@ def oci_token_world(
         )
         issuer.reset()
         yield TokenWorld(issuer, registry)
+
+
+@pytest.fixture
+def token_proxy(oci_token_world: TokenWorld) -> Iterator[FaultProxy]:
+    """A `FaultProxy` in front of the token-auth registry, fresh counts (its issuer's too)."""
+    oci_token_world.issuer.reset()
+    with FaultProxy(oci_token_world.registry.url) as proxy:
+        yield proxy
 
 
 @pytest.fixture

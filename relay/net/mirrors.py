@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import httpx
 
 from relay.config import Mirror, Route
-from relay.errors import MirrorsDown, PoolExhausted, UpstreamError
+from relay.errors import MirrorsDown, PoolExhausted, UpstreamError, UpstreamRefused
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.net.presets import linked_sha256
 
@@ -57,13 +57,15 @@ def falls_through(policy: str, status: int) -> bool:
 
 def error_falls_through(policy: str, error: UpstreamError) -> bool:
     """Whether a failure to get an answer (refused, reset, timed out) moves to the next
-    mirror. A full pool is relay's own state, not the mirror's: never."""
-    return policy == "any" and not isinstance(error, PoolExhausted)
+    mirror. A full pool is relay's own state, not the mirror's: never; nor a refusal of the
+    request itself (as a 403 does not)."""
+    return policy == "any" and not isinstance(error, PoolExhausted | UpstreamRefused)
 
 
 def error_counts(error: UpstreamError) -> bool:
-    """Whether a failure to get an answer counts against the mirror's health."""
-    return not isinstance(error, PoolExhausted | MirrorsDown)
+    """Whether a failure to get an answer counts against the mirror's health: not relay's
+    own state, nor an answer about the request's name (one client's input)."""
+    return not isinstance(error, PoolExhausted | MirrorsDown | UpstreamRefused)
 
 
 # Paths that name their bytes by SHA-256: an OCI blob, a Debian by-hash file.

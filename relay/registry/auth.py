@@ -41,7 +41,7 @@ import httpx
 from relay.cache.bounded import Lru
 from relay.cache.clock import Clock
 from relay.config import Route
-from relay.errors import UpstreamError, UpstreamUnavailable
+from relay.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from relay.http.authorize import Authorizer
 from relay.net.redirects import host_allowed
 from relay.net.upstream import MIRROR_INDEX, USER_AGENT, VIA, Upstream
@@ -220,10 +220,12 @@ class RegistryAuth:
         try:
             response = await upstream.open(request, route, follow=False, alone=True)
             try:
-                if response.status_code != 200:
-                    raise UpstreamUnavailable(
-                        f"the registry's token realm answered {response.status_code}"
-                    )
+                status = response.status_code
+                if status != 200:
+                    # A 4xx refuses this scope (the client's name), not the registry's health.
+                    refused = 400 <= status < 500 and status != 429
+                    error = UpstreamRefused if refused else UpstreamUnavailable
+                    raise error(f"the registry's token realm answered {status}")
                 body = await _bounded(response)
             finally:
                 await asyncio.shield(response.aclose())

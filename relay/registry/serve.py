@@ -148,13 +148,13 @@ class RegistryResponse(Response):
             return self._relay(method, adapt=adapt, accept=accept, sha256=sha256, path=path)
         key = key_of(sha256)
         route = self._route
-        auth = self._relaying.upstream.auth
+        ru = self._relaying.upstream
+        auth = ru.auth
         if cache.lookup(key, "identity") is None and cache.fill_in_flight(key, "identity") is None:
             # A fill serves every client: it must carry relay's token from its first try.
-            authorization = await auth.authorization(route, request.scope, probe=True)
+            authorization = await ru.authorization(route, request.scope, probe=True)
         else:
             authorization = auth.known(route, request.scope)
-        ru = self._relaying.upstream
         headers = ru.headers(accept=accept)
 
         def fill_request() -> httpx.Request:

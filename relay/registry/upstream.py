@@ -18,8 +18,9 @@ import json
 import httpx
 
 from relay.config import Route
-from relay.errors import UpstreamError, UpstreamUnavailable
+from relay.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from relay.http.authorize import mark_authorized
+from relay.net.mirrors import error_counts
 from relay.net.upstream import USER_AGENT, VIA, Upstream
 from relay.registry.auth import RegistryAuth
 from relay.registry.errors import RegistryError
@@ -62,6 +63,21 @@ class RegistryUpstream:
             out.append(("accept", accept))
         return out + (extra or [])
 
+    async def authorization(self, route: Route, scope: str, *, probe: bool = False) -> str | None:
+        """The first registry's Authorization for a request (`RegistryAuth.authorization`).
+        With several registries, a failure to get the first one's token (its realm down) is
+        that registry's failure (it rests as any failing mirror does), and the request goes
+        out without a token: the route's failover takes it on (not a 502 before the next
+        registry is asked), past the first while it rests (one wait for a hanging realm)."""
+        try:
+            return await self.auth.authorization(route, scope, probe=probe)
+        except UpstreamError as exc:
+            if len(route.upstreams) < 2 or isinstance(exc, UpstreamRefused):
+                raise  # a refusal of this scope is an answer, not the registry's outage
+            if error_counts(exc):
+                self.upstream.mirrors.of(route).failed(0, f"token realm: {exc.reason}")
+            return None
+
     def build(
         self,
         method: str,
@@ -91,7 +107,7 @@ class RegistryUpstream:
         (`Upstream.open`). Raises UpstreamError."""
         route = request.route
         assert route is not None
-        authorization = await self.auth.authorization(route, request.scope)
+        authorization = await self.authorization(route, request.scope)
         built = self.build(method, request, headers, authorization, path=path)
         return await self.upstream.open(built, route)
 

@@ -5,7 +5,6 @@ never reach an upstream (tests/oci_world.py; issue 17)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,13 +22,6 @@ CLIENT_BASIC = "Basic " + base64.b64encode(f"{CLIENT_USER}:{CLIENT_SECRET}".enco
 CLIENT_BEARER = "Bearer client-token-9c1e"
 ENVIRON = {"OCI_USER": PULLER[0], "OCI_PASSWORD": PULLER[1]}
 PULLER_BASIC = "Basic " + base64.b64encode(f"{PULLER[0]}:{PULLER[1]}".encode()).decode()
-
-
-@pytest.fixture
-def token_proxy(oci_token_world: TokenWorld) -> Iterator[FaultProxy]:
-    oci_token_world.issuer.reset()
-    with FaultProxy(oci_token_world.registry.url) as proxy:
-        yield proxy
 
 
 def _client_requests(relay_url: str, manifest_digest: str, blob_digest: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.e2e
 
 ENVIRON = {"B_USER": PULLER[0], "B_PASSWORD": PULLER[1]}
 PULLER_BASIC = "Basic " + base64.b64encode(f"{PULLER[0]}:{PULLER[1]}".encode()).decode()
-
-
-@pytest.fixture
-def token_proxy(oci_token_world: TokenWorld) -> Iterator[FaultProxy]:
-    oci_token_world.issuer.reset()
-    with FaultProxy(oci_token_world.registry.url) as proxy:
-        yield proxy
 
 
 def _mirrors(first: str, second: str) -> dict[str, Any]:
