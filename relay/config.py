@@ -522,7 +522,10 @@ def _normalise_upstream(url: str) -> str:
         path += "/"
     if not _UPSTREAM_PATH_RE.match(path) or any(seg in (".", "..") for seg in path.split("/")):
         raise ConfigError(f"route upstream {shown!r}: path has characters or segments not allowed")
-    return f"{parts.scheme}://{parts.netloc.lower()}{path}"
+    netloc = parts.netloc.lower()
+    if port == {"http": 80, "https": 443}[parts.scheme]:
+        netloc = netloc.rpartition(":")[0]  # one spelling per origin: a.test, not a.test:443
+    return f"{parts.scheme}://{netloc}{path}"
 
 
 GROUPS = (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main
-from relay.config import Config, Route, masked
+from relay.config import Config, Mirror, Route, masked
 from relay.errors import ConfigError
 
 
@@ -105,6 +105,16 @@ def test_route_normalisation() -> None:
     route = Route.parse("/gh=https://GitHub.com")
     assert route.prefix == "/gh/"
     assert route.upstream == "https://github.com/"
+    # One spelling per origin: a default port is dropped, so one mirror is not listed twice.
+    assert Route.parse("/a=https://a.test:443/x").upstream == "https://a.test/x/"
+    loopback = Route(prefix="/a/", upstream="http://[::1]:80", allow_private=True)
+    assert loopback.upstream == "http://[::1]/"
+    assert Route.parse("/a=http://a.test:443").upstream == "http://a.test:443/"
+    with pytest.raises(ConfigError, match="lists a URL twice"):
+        Route(
+            prefix="/m/",
+            upstreams=(Mirror(url="https://a.test/"), Mirror(url="https://A.test:443/")),
+        )
 
 
 def test_serve_without_routes_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:

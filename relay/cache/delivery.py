@@ -196,15 +196,6 @@ class Delivery:
 
     # ---- whole answers --------------------------------------------------------------------
 
-    async def from_entry(self, entry: Entry, report: Plan) -> None:
-        """Answer from a stored object (its ranges and conditionals included)."""
-        fd = self.open(entry)
-        try:
-            await self.from_file(fd, entry.meta, report, entry=entry)
-        finally:
-            if fd is not None:
-                os.close(fd)
-
     def open(self, entry: Entry) -> int | None:
         """A descriptor of the stored object's data (None if it is gone): whoever holds it
         answers from these bytes whatever happens to the entry meanwhile (files are unlinked

@@ -38,6 +38,10 @@ from relay.types import RESET_KEY, ZERO_COPY_SEND, RawHeaders, Receive, Scope, S
 _SHAPING = ("range", "if-none-match", "if-modified-since")
 
 
+# A stored object's plans that answer from its bytes at once.
+_FROM_STORED = frozenset({Step.HIT, Step.STALE_WHILE_REVALIDATE})
+
+
 class CachedResponse(Response):
     """Answers a GET or HEAD of a cached route. `fallback` builds the relayed response used
     when the cache does not take the request (not storable, a cold range, HEAD of a miss)."""
@@ -188,11 +192,11 @@ class CachedResponse(Response):
                     finally:
                         os.close(fd)
                 if len(body) != want:
-                    # Gone or cut short by an outside hand (eviction and purge run on this
-                    # loop): say so rather than guess.
-                    cache.index.remove(entry.key)
-                    await out.error(503, "cached object unavailable, retry")
-                    return True
+                    # Gone (another worker evicted or purged it, or an outside hand removed
+                    # it): nothing was sent; the lookup that follows finds a miss.
+                    if cache.index.peek(entry.key) is entry:
+                        cache.index.remove(entry.key)
+                    return False
         # What Delivery.answered does, inline on the busiest path: a fresh hit (its
         # Cache-Status is plan.fresh_hit's) is logged and counted as a hit.
         exchange = self._exchange
@@ -236,18 +240,28 @@ class CachedResponse(Response):
             and not await cache.verifier.entry(entry)
         ):
             entry = None
+        stored = None
         if entry is not None:
             now = cache.clock.now()
             stored = plan.for_stored(entry.meta, now, content_addressed=asked.sha256 is not None)
-            if stored.step is Step.HIT:
-                await out.from_entry(entry, stored)
+        if entry is not None and stored is not None and stored.step in _FROM_STORED:
+            fd = out.open(entry)
+            if fd is None:
+                # Gone between the lookup and here (another worker evicted or purged it, or
+                # an outside hand removed it; out.open dropped it): nothing was sent, so it
+                # is answered as the miss it now is, never as a short or foreign body.
+                entry = None
+            else:
+                try:
+                    if stored.step is Step.STALE_WHILE_REVALIDATE:
+                        # Nobody waits for this revalidation: not started when fills
+                        # without a client are at their limit (the next request tries again).
+                        cache.background_fill(self._order(entry))
+                    await out.from_file(fd, entry.meta, stored, entry=entry)
+                finally:
+                    os.close(fd)
                 return None
-            if stored.step is Step.STALE_WHILE_REVALIDATE:
-                # Nobody waits for this revalidation: not started when fills without a client
-                # are at their limit (the next request tries again).
-                cache.background_fill(self._order(entry))
-                await out.from_entry(entry, stored)
-                return None
+        if entry is not None and stored is not None:
             assert stored.stored is not None
             # The stored bytes this request asked about, held while it waits: if the
             # upstream confirms them (or fails and allows them stale), they answer it,

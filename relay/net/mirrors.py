@@ -219,6 +219,10 @@ class RouteMirrors:
             indices = awake
         return [Attempt(i, self.route.upstreams[i].url) for i in indices]
 
+    def skipped(self, index: int) -> bool:
+        """Whether mirror `index` is passed over now (resting, under "any")."""
+        return self.several and self.policy == "any" and self.health[index].resting(self._clock())
+
     def failed(self, index: int, cause: str) -> None:
         if self.several:
             self.health[index].failed(self._clock(), cause)

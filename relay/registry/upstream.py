@@ -68,7 +68,11 @@ class RegistryUpstream:
         With several registries, a failure to get the first one's token (its realm down) is
         that registry's failure (it rests as any failing mirror does), and the request goes
         out without a token: the route's failover takes it on (not a 502 before the next
-        registry is asked), past the first while it rests (one wait for a hanging realm)."""
+        registry is asked), past the first while it rests (one wait for a hanging realm).
+        While the first registry is passed over (resting), nothing is asked for it: no probe,
+        no token (the next registry's token is put on the request as it moves there)."""
+        if self.upstream.mirrors.of(route).skipped(0):
+            return None
         try:
             return await self.auth.authorization(route, scope, probe=probe)
         except UpstreamError as exc:

@@ -523,3 +523,23 @@ async def test_a_realm_refusing_one_clients_scope_does_not_rest_the_registry(
         assert client.status == 200, client.body
         assert client.body == LAYER
         assert a.requests(host="registry-a.test", part="/alpine/blobs/")  # a did not rest
+
+
+async def test_while_the_first_registry_rests_nothing_is_asked_for_it(tmp_path: Path) -> None:
+    """Registry a is down and resting: each cold blob goes to b with b's token, and neither a
+    nor b's `/v2/` is probed again for a's sake on every fill."""
+    a, b = _registries()
+    blobs = [bytes([n]) * 4096 for n in range(4)]
+    for body in blobs:
+        a.add_blob(body)
+        b.add_blob(body)
+    a.down = True
+    mirror = _mirror(tmp_path, a, b, fail_timeout=600)
+    async with mirror.running():
+        for body in blobs:
+            client = await mirror.get(f"/v2/library/alpine/blobs/{digest_of(body)}")
+            assert client.status == 200
+            assert client.body == body
+    assert len(a.seen) == 1  # the first fill's probe found it down; then it rested
+    assert len([r for r in b.seen if r.url.path == "/v2/"]) <= 1
+    assert len(b.requests(host="auth-b.test")) == 1  # one token for the scope, kept

@@ -24,8 +24,8 @@ ledger answers again, and the ledger is rebuilt from the files at the server's n
 
 Limits (documented in docs/cache.md): versions readers of another worker hold when they are
 evicted are not counted (`lingering` is per worker: a reader's descriptor keeps the bytes on
-disk until it is done); a worker that looked an object up just before another evicted it may
-answer `503 cached object unavailable, retry` if the file is gone before it opens it.
+disk until it is done); a worker that looked an object up just before another evicted it
+answers that request as a miss if the file is gone before it opens it (`relay.cache.serve`).
 """
 
 from __future__ import annotations
