@@ -106,10 +106,10 @@ def cached_response(
         return None
     parsed_headers = httpx.Headers(client_headers)
     base = base_key(route.prefix, raw_path, query)
-    variant = key_variant(route, parsed_headers.get("accept-encoding"))
+    variant = key_variant(route, _value(parsed_headers, "accept-encoding"))
     index = caches_as_index(route, target.rest)
     # An index page is keyed by its negotiated form, and its fill asks for exactly that form.
-    accept = index_accept(route, parsed_headers.get("accept")) if index else ""
+    accept = index_accept(route, _value(parsed_headers, "accept")) if index else ""
     cached = functools.partial(
         CachedResponse,
         cache,
@@ -136,3 +136,10 @@ def cached_response(
             fallback=relayed,
         )
     return cached()
+
+
+def _value(headers: httpx.Headers, name: str) -> str | None:
+    """`headers.get(name)` (several fields joined with ", "), without the KeyError that
+    `get` raises and catches inside when the header is absent."""
+    values = headers.get_list(name)
+    return ", ".join(values) if values else None

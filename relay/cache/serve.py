@@ -35,7 +35,7 @@ from relay.proxy.streaming import Relayed
 from relay.types import RESET_KEY, ZERO_COPY_SEND, RawHeaders, Receive, Scope, Send
 
 # Client headers that make a stored 200 answer something other than the whole object.
-_SHAPING = ("range", "if-none-match", "if-modified-since")
+_SHAPING = frozenset({b"range", b"if-none-match", b"if-modified-since"})
 
 
 # A stored object's plans that answer from its bytes at once.
@@ -172,7 +172,9 @@ class CachedResponse(Response):
             return False
         client_headers = asked.client_headers
         length = meta.length
-        if any(name in client_headers for name in _SHAPING):
+        # One pass over the names: `name in headers` for each would raise and catch a
+        # KeyError per absent header (most requests carry none of them).
+        if any(name.lower() in _SHAPING for name, _ in client_headers.raw):
             reply = answer(client_headers, hit.headers, length)
         else:
             reply = Answer(200, 0, length)

@@ -288,11 +288,19 @@ def create_app(
         middleware=[
             Middleware(QuietStartupErrors),
             Middleware(ObserveMiddleware, metrics=metrics, access_log=config.access_log),
-            Middleware(
-                ClientAuthMiddleware,
-                auth=auth,
-                # The registry API authenticates its clients itself, in its own error form.
-                skip=registry.claims if registry is not None else None,
+            # Without client authentication configured, not a layer every request passes.
+            *(
+                [
+                    Middleware(
+                        ClientAuthMiddleware,
+                        auth=auth,
+                        # The registry API authenticates its clients itself, in its own
+                        # error form.
+                        skip=registry.claims if registry is not None else None,
+                    )
+                ]
+                if auth.enabled
+                else []
             ),
             Middleware(RelayFirst, relay=relay, own_routes=own_routes, registry=registry),
         ],

@@ -55,7 +55,9 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
       forward proxies; relay is not one, so they get 400 before any routing.
     - One limit on the request head (request line plus headers, and a header count): 431.
     - A header-read timeout from the first byte of a request (or from the connection, for the
-      first one) to the end of its headers: a slowloris client gets 408 and is closed.
+      first one) to the end of its headers: a slowloris client gets 408 and is closed. One
+      timer per connection, re-armed from the deadline when it fires, instead of a timer per
+      request (arming and cancelling one cost ~1.5 us of every small request).
     - RFC 9112 framing rules llhttp leaves to the server (3.2, 6.1): HTTP/1.1 without Host,
       more than one Host, and Transfer-Encoding on HTTP/1.0 get 400.
     - GET and HEAD carry no body on relay: one declared (Content-Length > 0 or
@@ -79,6 +81,7 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         self._rejected: tuple[int, str] | None = None
         self._rejected_why: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_deadline: float | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._reset_framing()
         super().connection_made(transport)
@@ -94,7 +97,10 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        self._head_deadline = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._disarm_body_timer()
         super().connection_lost(exc)
 
@@ -105,16 +111,30 @@ class RelayHttpToolsProtocol(HttpToolsProtocol):
         self._body_bytes = 0
 
     def _arm_head_timer(self) -> None:
+        if self._head_deadline is not None:
+            return  # a head is already being read: its deadline stands
+        self._head_deadline = self.loop.time() + self.header_timeout
         if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_check)
 
     def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        # The timer stays scheduled: when it fires with no head being read it just ends, and
+        # a request begun meanwhile has it re-armed for what is left of its own deadline.
+        self._head_deadline = None
+
+    def _head_check(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        left = deadline - self.loop.time()
+        if left > 0:
+            self._head_timer = self.loop.call_later(left, self._head_check)
+            return
+        self._head_deadline = None
+        self._head_timed_out()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         busy = self.cycle is not None and not self.cycle.response_complete
         if self.transport.is_closing() or busy:
             return
