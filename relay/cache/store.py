@@ -407,12 +407,15 @@ class Store:
         """A descriptor to write a fill's partial file, created exclusively (never a file
         someone else opened, never through a symlink); its bucket is made if needed."""
         bucket = path.parent
-        for _ in range(3):  # the bucket may be removed (left empty) between mkdir and open
+        for _ in range(5):  # the bucket may be removed (left empty) by a purge meanwhile
             try:
                 bucket.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                continue  # removed between mkdir's EEXIST and its is_dir check: again
+            try:
                 fd = create_exclusive(path)
             except FileNotFoundError:
-                continue
+                continue  # removed between mkdir and the open: again
             self._measure(bucket)
             return fd
         raise FileNotFoundError(errno.ENOENT, "bucket directory keeps vanishing", str(bucket))

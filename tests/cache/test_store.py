@@ -237,3 +237,31 @@ async def test_sha256_of_files_joins_them_in_order(tmp_path: Path) -> None:
         assert await sha256_of_files([tmp_path / "a", tmp_path / "gone"], executor) is None
     finally:
         executor.shutdown()
+
+
+def test_a_bucket_removed_under_the_mkdir_of_a_new_fill_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge removes a bucket it left empty while a new fill makes it: `mkdir(exist_ok=True)`
+    then raises FileExistsError (EEXIST, then the directory gone by its own check). The fill
+    makes the bucket again instead of failing (seen as a flaky purge test under load)."""
+    store = Store(tmp_path)
+    store.prepare()
+    path = store.partial_path("k")
+    real_mkdir = Path.mkdir
+    raced: list[Path] = []
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == path.parent and not raced:
+            raced.append(self)
+            raise FileExistsError(17, "File exists", str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    fd = store.open_partial(path)
+    try:
+        assert raced == [path.parent]
+        assert os.fstat(fd).st_size == 0
+        assert path.exists()
+    finally:
+        os.close(fd)
