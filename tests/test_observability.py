@@ -20,7 +20,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.config import Mirror, Route
 from tests.harness import RelayThread
+from tests.origin import Origin
 
 OBSERVABILITY = Path(__file__).resolve().parents[1] / "deploy" / "observability"
 
@@ -183,12 +185,18 @@ def test_rule_expressions_read_every_alert_of_the_kit() -> None:
 
 @pytest.mark.e2e
 def test_every_metric_the_dashboard_and_alerts_name_is_exported(
-    make_relay: Callable[..., RelayThread], tmp_path: Path
+    make_relay: Callable[..., RelayThread], origin: Origin, tmp_path: Path
 ) -> None:
     """Against a real relay's /metrics: every metric name (and selector label) used by a
     dashboard query or an alert expression. A query naming a metric relay does not export, or
     a label its series lack, is reported: the check is run on such queries too."""
+    mirrored = Route(  # a route with several mirrors: its series are exported too
+        prefix="/m/",
+        upstreams=(Mirror(url=f"{origin.url}/p/x=1/"), Mirror(url=f"{origin.url}/p/x=2/")),
+        allow_private=True,
+    )
     relay = make_relay(
+        routes=(Route(prefix="/o/", upstream=f"{origin.url}/", allow_private=True), mirrored),
         cache_dir=str(tmp_path / "cache"),
         cache_max_bytes=64 * 1024 * 1024,
         data_dir=str(tmp_path / "data"),
