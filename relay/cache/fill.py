@@ -45,6 +45,7 @@ from relay.cache.policy import freshens, vary_of
 from relay.cache.store import Meta, Store
 from relay.config import Config, Route
 from relay.errors import TransferAborted, UpstreamError
+from relay.http.authorize import authorized_as
 from relay.http.continuation import STREAM_BACKOFF, Continuation, Next, Retries
 from relay.http.digests import DigestConflict, upstream_sha256
 from relay.http.resume import mark_continuation, resume_request_headers
@@ -416,7 +417,8 @@ class Fill(SharedFill):
             for name, value in self._request.headers.multi_items()
             if name.lower() not in ("if-none-match", "if-modified-since", "if-range")
         ]
-        return self._upstream.build_request("GET", self._request.url, headers, self._route)
+        request = self._upstream.build_request("GET", self._request.url, headers, self._route)
+        return authorized_as(request, self._request)  # a registry's token renewed as before
 
     async def _keep_open(self, rules: httpx.Headers) -> None:
         """An answer not stored that the file cannot hold from its head on: the open response

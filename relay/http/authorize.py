@@ -42,6 +42,14 @@ def mark_authorized(request: httpx.Request, authorizer: Authorizer) -> httpx.Req
     return request
 
 
+def authorized_as(request: httpx.Request, source: httpx.Request) -> httpx.Request:
+    """`request`, made from `source` (a retry, a continuation, its copy for another mirror,
+    its unconditional form), marked to be authorized as `source` is."""
+    if AUTHORIZER in source.extensions:
+        request.extensions[AUTHORIZER] = source.extensions[AUTHORIZER]
+    return request
+
+
 def authorizer_of(request: httpx.Request) -> Authorizer | None:
     authorizer: Authorizer | None = request.extensions.get(AUTHORIZER)
     return authorizer
@@ -53,4 +61,11 @@ def with_credential(headers: list[tuple[str, str]], value: str | None) -> list[t
     return kept if value is None else [*kept, (HEADER, value)]
 
 
-__all__ = ["AUTHORIZER", "Authorizer", "authorizer_of", "mark_authorized", "with_credential"]
+__all__ = [
+    "AUTHORIZER",
+    "Authorizer",
+    "authorized_as",
+    "authorizer_of",
+    "mark_authorized",
+    "with_credential",
+]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import httpx
 
-from relay.http.authorize import AUTHORIZER
+from relay.http.authorize import authorized_as
 from relay.http.continuation import CONTINUATION, Continuation
 
 # The plan a stream resumes by: what its first response promised.
@@ -43,6 +43,4 @@ def mark_continuation(
     the first bytes unless `pinned`, the SHA-256 the caller verifies before the body ends.
     It is authorized as `continues`, the request it continues, was (`relay.http.authorize`)."""
     request.extensions[CONTINUATION] = pinned or ""
-    if continues is not None and AUTHORIZER in continues.extensions:
-        request.extensions[AUTHORIZER] = continues.extensions[AUTHORIZER]
-    return request
+    return request if continues is None else authorized_as(request, continues)

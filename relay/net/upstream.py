@@ -15,7 +15,7 @@ import httpx
 from relay import __version__
 from relay.config import Config, Route
 from relay.errors import PoolExhausted, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from relay.http.authorize import AUTHORIZER, authorizer_of, with_credential
+from relay.http.authorize import authorized_as, authorizer_of, with_credential
 from relay.http.continuation import CONTINUATION, SWITCHED_FROM
 from relay.net.httpx_compat import with_path_and_query
 from relay.net.mirrors import (
@@ -176,11 +176,10 @@ class Upstream:
         own credential, and a 401 from the mirror is answered by one retry with a new one.
         """
         mirrors = self.mirrors.of(route)
-        current = mirrors.index_of(str(request.url)) if mirrors.several and not alone else None
-        if current is None:
-            index = mirrors.index_of(str(request.url)) if mirrors.several else 0
+        current = mirrors.index_of(str(request.url)) if mirrors.several else None
+        if current is None or alone:
             return await self._open_authorized(
-                request, route, index or 0, follow=follow, background=background
+                request, route, current or 0, follow=follow, background=background
             )
         continuation = request.extensions.get(CONTINUATION)
         if continuation is None:
@@ -217,11 +216,7 @@ class Upstream:
         authorizer = authorizer_of(request)
         if authorizer is not None:  # that mirror's own token, never the other's
             headers = with_credential(headers, authorizer.known(index))
-        moved = self.build_request(request.method, target, headers, route)
-        for mark in (CONTINUATION, AUTHORIZER):
-            if mark in request.extensions:
-                moved.extensions[mark] = request.extensions[mark]
-        return moved
+        return _derived(self.build_request(request.method, target, headers, route), request)
 
     async def _open_authorized(
         self,
@@ -251,9 +246,7 @@ class Upstream:
         retry = self.build_request(
             request.method, request.url, [(n, v) for n, v in headers if n != "host"], route
         )
-        for mark in (CONTINUATION, AUTHORIZER):
-            if mark in request.extensions:
-                retry.extensions[mark] = request.extensions[mark]
+        _derived(retry, request)
         logger.info("upstream answered 401: asked again once with a new credential")
         return await self._open_one(retry, route, follow=follow, background=background)
 
@@ -340,6 +333,13 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization
 def _safe_url(url: httpx.URL) -> str:
     """The URL without its query, which may carry signatures or tokens."""
     return str(url.copy_with(query=None))
+
+
+def _derived(request: httpx.Request, source: httpx.Request) -> httpx.Request:
+    """`request`, made from `source`, with its marks: a continuation's, its authorizer."""
+    if CONTINUATION in source.extensions:
+        request.extensions[CONTINUATION] = source.extensions[CONTINUATION]
+    return authorized_as(request, source)
 
 
 def _monotonic() -> float:
